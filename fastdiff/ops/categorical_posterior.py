@@ -46,4 +46,4 @@ def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t
     fn = _dispatch.resolve("categorical_posterior", backend, x0_logits.device, None)
     if fn is None:
         return _categorical_posterior(process, x0_logits, xt, tt, ss, temperature)
-    return fn(process, x0_logits, x_t, t, s, temperature)
+    return fn(process, x0_logits, xt, tt, ss, temperature)

@@ -58,4 +58,4 @@ def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=N
     fn = _dispatch.resolve("posterior_sample", backend, x0_logits.device, None)
     if fn is None:
         return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature)
-    return fn(process, x0_logits, x_t, t, s, seed=seed, offset=offset, temperature=temperature)
+    return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature)
