@@ -1,5 +1,12 @@
 """Triton kernels for fastdiff's ops, installed as ``fastdiff.kernels``.
 
-Empty until the Triton kernels land (they register themselves with :mod:`fastdiff.ops._dispatch`
-by exporting functions named after the ops). Importing this package must not require a GPU.
+Each op file holds its kernels, launcher (``_<op>_fwd``), ``torch.library`` custom op and the entry point
+named after the op, which :mod:`fastdiff.ops._dispatch` looks up (``backend="triton"``). The entry
+points receive arguments already checked by the public op. Kernels run on CUDA tensors, or on CPU
+tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before ``triton`` is imported).
+Importing this package needs ``triton`` but no GPU.
 """
+
+from .nearest_embedding import nearest_embedding
+
+__all__ = ["nearest_embedding"]
