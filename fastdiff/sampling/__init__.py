@@ -1,0 +1,120 @@
+"""Batched multi-step sampling: fastdiff as the sampling backend of somebody else's denoiser.
+
+``sample(model, process, shape=(B, L), steps=K, strategy=..., seed=0, **options) -> SampleOutput``
+
+The model is any callable ``model(x_t, t, **cond)`` (see :mod:`fastdiff.sampling._adapters` for the
+protocol, :func:`as_denoiser` and the Hugging Face adapter). Each step is one network call and one
+fused op from :mod:`fastdiff.ops` on the fastest available backend (``backend=`` picks one;
+``backend="reference"`` is the PyTorch reference exactly). Runs are deterministic for a seed.
+
+Discrete strategies (``process`` from :mod:`fastdiff.discrete`):
+
+* ``"ancestral"``: D3PM ancestral sampling, ``x_s ~ p(x_s | x_t)`` over an evenly spaced grid of
+  ``steps`` transitions from T to 0 (skip posterior). ``cache=True`` (absorbing, models that ignore
+  ``t``) skips the network for every sequence whose input did not change, as MDLM does.
+* ``"confidence"``: LLaDA low-confidence remasking (Nie et al. 2025): predict all masked tokens, keep
+  the ``k`` most confident (``tokens_per_step=k``, or LLaDA's even split of the masked count over
+  ``steps``); ``remasking="random"`` picks them at random.
+* ``"threshold"``: Fast-dLLM parallel decoding (Wu et al. 2025): keep every prediction whose
+  probability exceeds ``threshold`` (at least one per step, and enough to finish within ``steps``).
+* ``"remask"``: ReMDM (Wang et al. 2025): the ancestral step plus remasking of decoded tokens with
+  probability ``σ_t`` (``eta``, ``remask_schedule="rescale"|"cap"``, ``remask_window=(lo, hi)``).
+
+Continuous strategies (``process`` a :class:`~fastdiff.continuous.GaussianDiffusion`; needs
+``embedding=(V, D)``): ``"ddpm"`` and ``"ddim"`` (``eta``), ``clamp="never"|"every"|"last"`` (the
+clamping trick through :func:`fastdiff.ops.nearest_embedding`), ``self_condition=True`` (the model
+receives its previous x0 estimate as ``x_self_cond=``), ``classifier_grad=fn(x_t, t) -> ∇ log p(y|x_t)``
+with ``classifier_scale``; the result is rounded to the nearest embedding's token.
+
+Common options: ``temperature``, ``top_k``, ``top_p``, ``cond`` / ``uncond`` (keyword tensors for the
+model) and ``guidance_scale`` (classifier-free guidance ``uncond + s·(cond - uncond)``, both passes in
+one batch; with fixed prompt positions and no ``uncond``, the unconditional pass masks the prompt),
+``fixed`` + ``x_init`` (positions that hold given tokens and are never noised: prompts, infilling),
+``lengths`` + ``pad_id`` (variable lengths; the model gets ``attention_mask`` if it accepts one),
+``block_size`` (semi-autoregressive blocks, ``steps`` per block, earlier blocks as clean context;
+``kv_cache=True`` for block-causal models, see :class:`BlockCausalDenoiser`), ``eos_id`` (a sequence
+stops at its first EOS: later positions become ``pad_id``, and with blocks it is not evaluated any
+more), ``progress`` (tqdm bar), ``trajectory`` (keep the tokens after every step), ``backend``,
+``device``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+import torch
+
+from ._adapters import Denoiser, HFMaskedLM, as_denoiser, unwrap_output
+from ._continuous import run_continuous
+from ._discrete import run_discrete
+from ._engine import _Run, num_transfer
+from ._options import CONTINUOUS_STRATEGIES, DISCRETE_STRATEGIES, STRATEGIES, Options, SampleOutput, \
+    check_shape, check_static, step_grid
+
+__all__ = [
+    "sample",
+    "Sampler",
+    "SampleOutput",
+    "Denoiser",
+    "HFMaskedLM",
+    "BlockCausalDenoiser",
+    "as_denoiser",
+    "unwrap_output",
+    "step_grid",
+    "num_transfer",
+    "STRATEGIES",
+    "DISCRETE_STRATEGIES",
+    "CONTINUOUS_STRATEGIES",
+]
+
+
+class BlockCausalDenoiser(Protocol):
+    """What ``kv_cache=True`` needs: a model whose attention is block-causal (a block sees earlier
+    blocks and itself), so the keys/values of finished blocks never change and can be cached exactly.
+
+    * ``new_cache(batch_size) -> cache``
+    * ``__call__(x_block, t, *, cache, start, **cond) -> (B, block, V)``: logits of the block at
+      positions ``start:start + block`` given the cached earlier blocks;
+    * ``extend_cache(cache, x_block, start) -> cache``: append the finished (clean) block.
+
+    It must equal the same model run on ``x[:, :start + block]`` without a cache (the uncached path).
+    """
+
+    def new_cache(self, batch_size: int) -> object: ...
+
+    def extend_cache(self, cache: object, x_block: torch.Tensor, start: int) -> object: ...
+
+
+class Sampler:
+    """Holds a process, a strategy, ``steps`` and options for repeated :meth:`sample` calls."""
+
+    def __init__(self, process, *, steps: int, strategy: str = "ancestral", **options):
+        self.process = process
+        self.strategy = strategy
+        self.options = Options.from_kwargs(options)
+        self.steps = check_static(process, strategy, steps, self.options)
+
+    def sample(self, model, *, shape: tuple[int, int], seed: int = 0, **overrides) -> SampleOutput:
+        o = self.options.replace(**overrides) if overrides else self.options
+        if overrides:
+            check_static(self.process, self.strategy, self.steps, o)
+        B, L = check_shape(shape)
+        den = as_denoiser(model)
+        run = _Run(den, self.process, self.strategy, self.steps, (B, L), seed, o)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if run.continuous:
+                tokens, x = run_continuous(run)
+            else:
+                tokens, x = run_discrete(run), None
+        return SampleOutput(tokens=tokens, stats=run.finish_stats(t0, tokens), x=x, trajectory=run.trajectory)
+
+    def __repr__(self) -> str:
+        return f"Sampler({self.process!r}, strategy={self.strategy!r}, steps={self.steps})"
+
+
+def sample(model, process, *, shape: tuple[int, int], steps: int, strategy: str = "ancestral",
+           seed: int = 0, **options) -> SampleOutput:
+    """Generate ``shape = (B, L)`` token sequences from ``model`` under ``process`` (see the module doc)."""
+    return Sampler(process, steps=steps, strategy=strategy, **options).sample(model, shape=shape, seed=seed)

@@ -1,0 +1,114 @@
+"""Denoiser protocol and adapters: plain callables, ``nn.Module``s, Hugging Face models.
+
+A denoiser is called as ``model(x_t, t, **cond) -> output`` with ``x_t: (B, L)`` int64 (discrete) or
+``(B, L, D)`` float (continuous) and ``t: (B,)`` int64. The output is x0 logits ``(B, L, V)`` for a
+discrete process and the parameterised tensor (x0 / eps / mean) for a continuous one. Tuples (first
+element) and objects with a ``.logits`` attribute (Hugging Face ``ModelOutput``) are unwrapped.
+
+Every adapter carries two flags the sampler reads:
+
+* ``uses_time``: False for models that ignore ``t`` (masked LMs). Only such models may be cached
+  (MDLM's trick: an unchanged input gives an unchanged output, so the network is skipped).
+* ``accepts_attention_mask``: the sampler passes ``attention_mask=(B, L) bool`` (True = real token)
+  when sequences have different lengths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def unwrap_output(out: object) -> torch.Tensor:
+    """The tensor inside a model's output (tensor, tuple/list, or an object with ``.logits``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model: expected a tensor output (or a tuple / an object with .logits), got {type(out).__name__}")
+
+
+class Denoiser:
+    """Adapter for ``fn(x_t, t, **cond)`` (any callable, including an ``nn.Module``).
+
+    Parameters
+    ----------
+    fn : the model.
+    uses_time : False if ``fn`` ignores ``t`` (enables caching).
+    time_kwarg : pass the step as this keyword (``fn(x_t, **{time_kwarg: t}, **cond)``) instead of
+        positionally; ``None`` with ``uses_time=False`` calls ``fn(x_t, **cond)``.
+    accepts_attention_mask : the model takes ``attention_mask=(B, L)``.
+    """
+
+    def __init__(self, fn: Callable, *, uses_time: bool = True, time_kwarg: str | None = None,
+                 accepts_attention_mask: bool = False, pass_time: bool = True):
+        if not callable(fn):
+            raise TypeError(f"model: expected a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.uses_time = bool(uses_time)
+        self.time_kwarg = time_kwarg
+        self.accepts_attention_mask = bool(accepts_attention_mask)
+        self.pass_time = bool(pass_time)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if not self.pass_time:
+            return unwrap_output(self.fn(x_t, **cond))
+        if self.time_kwarg is not None:
+            return unwrap_output(self.fn(x_t, **{self.time_kwarg: t}, **cond))
+        return unwrap_output(self.fn(x_t, t, **cond))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.fn).__name__}, uses_time={self.uses_time})"
+
+
+class HFMaskedLM(Denoiser):
+    """A Hugging Face masked LM (``AutoModelForMaskedLM``-style) as an absorbing-diffusion denoiser.
+
+    The model sees ``input_ids = x_t`` (masked positions hold the process's ``mask_id``, which should be
+    the tokenizer's ``[MASK]`` id) and returns ``.logits (B, L, V)`` read as x0 logits, as DiffusionBERT
+    does. A plain MLM ignores the step (``uses_time=False``, so the MDLM cache applies); a model
+    fine-tuned with a time input takes it through ``time_kwarg`` (e.g. ``"timestep"``).
+    """
+
+    def __init__(self, model: Callable, *, time_kwarg: str | None = None):
+        super().__init__(model, uses_time=time_kwarg is not None, time_kwarg=time_kwarg,
+                         accepts_attention_mask=True)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        kw = dict(cond)
+        mask = kw.pop("attention_mask", None)
+        if mask is not None:
+            kw["attention_mask"] = mask.to(torch.int64)
+        if self.time_kwarg is not None:
+            kw[self.time_kwarg] = t
+        return unwrap_output(self.fn(input_ids=x_t, **kw))
+
+
+def _looks_like_hf(model: object) -> bool:
+    cfg = getattr(model, "config", None)
+    return cfg is not None and hasattr(cfg, "vocab_size") and hasattr(model, "get_input_embeddings")
+
+
+def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str | None = None) -> Denoiser:
+    """Wrap ``model`` in the adapter the sampler calls.
+
+    * a :class:`Denoiser` is returned as is;
+    * a Hugging Face model (it has ``.config.vocab_size`` and ``get_input_embeddings``) becomes
+      :class:`HFMaskedLM` (the step goes through ``time_kwarg`` if given, else it is not passed);
+    * any other callable is called ``model(x_t, t, **cond)`` (or with ``t`` as ``time_kwarg``).
+      ``uses_time`` defaults to True, or to the model's own ``uses_time`` attribute.
+    """
+    if isinstance(model, Denoiser):
+        return model
+    if _looks_like_hf(model):
+        return HFMaskedLM(model, time_kwarg=time_kwarg)
+    if not callable(model):
+        raise TypeError(f"model: expected a callable denoiser, got {type(model).__name__}")
+    if uses_time is None:
+        uses_time = bool(getattr(model, "uses_time", True))
+    accepts = bool(getattr(model, "accepts_attention_mask", False))
+    return Denoiser(model, uses_time=uses_time, time_kwarg=time_kwarg, accepts_attention_mask=accepts)

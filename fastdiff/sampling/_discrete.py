@@ -1,0 +1,246 @@
+"""Discrete strategies: ancestral D3PM/MDLM (with the MDLM cache), LLaDA low-confidence remasking,
+Fast-dLLM threshold decoding and ReMDM remasking, block by block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from .. import random as _random
+from ..discrete import Absorbing
+from ..schedules import Schedule
+from ._engine import _Run, num_transfer
+from ._options import step_grid
+
+
+def prior_tokens(run: _Run) -> torch.Tensor:
+    """``x_T`` drawn from the process's prior by the inverse CDF with counter-based uniforms."""
+    p = run.process.prior_probs((), run.device).to(torch.float64)
+    c = torch.cumsum(p, 0)
+    u = _random.uniform((run.B, run.L), seed=run.seed, offset=run.next_offset(), device=run.device)
+    idx = torch.searchsorted(c, (u * c[-1]).reshape(-1), right=True).reshape(run.B, run.L)
+    last_pos = int((p > 0).nonzero().max())
+    return idx.clamp_max(last_pos)
+
+
+class _Logits:
+    """Network outputs for one block: the MDLM per-sequence cache, the EOS-finished rows, the KV path."""
+
+    def __init__(self, run: _Run, a: int, b: int):
+        self.run, self.a, self.b = run, a, b
+        self.ctx_end = b if run.o.block_context == "prefix" else run.L
+        self.buf: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Logits of the block's positions ``(B, b - a, V)``."""
+        run, a, b = self.run, self.a, self.b
+        if run.o.kv_cache:
+            out = run.evaluate(x[:, a:b], t, extra={"cache": run._kv, "start": a},
+                               ctx_fixed=run.prompt[:, a:b])
+            return out
+        x_ctx = x[:, : self.ctx_end]
+        need = ~run.finished
+        if run.o.cache and self.last is not None:
+            need = need & (x_ctx != self.last).any(dim=1)
+        if bool(need.all()):
+            out = run.evaluate(x_ctx, t)
+            self.buf = out
+        else:
+            rows = need.nonzero().squeeze(1)
+            if self.buf is None:
+                V = run.vocab_size
+                self.buf = torch.zeros(run.B, x_ctx.shape[1], V, device=x.device)
+            if rows.numel():
+                out = run.evaluate(x_ctx.index_select(0, rows), t, rows=rows)
+                if out.dtype != self.buf.dtype:
+                    self.buf = self.buf.to(out.dtype)
+                self.buf.index_copy_(0, rows, out)
+        if run.o.cache:
+            self.last = x_ctx.clone()
+        return self.buf[:, a:b]
+
+
+def _restore(run: _Run, x: torch.Tensor, a: int, b: int, new: torch.Tensor) -> None:
+    frozen = run.fixed[:, a:b]
+    x[:, a:b] = torch.where(frozen, run.values[:, a:b], new)
+
+
+def _two_stage(run: _Run, lr: torch.Tensor, xr: torch.Tensor, p_unmask: float) -> torch.Tensor:
+    """Absorbing step with a filtered (top-k / top-p) x0 draw: a masked position is unmasked with
+    probability ``p_unmask`` to a token drawn by :func:`fastdiff.ops.sample_categorical`. With SUBS and a
+    scalar schedule this is exactly the posterior of the filtered x0 distribution."""
+    o, mask_id = run.o, run.process.mask_id
+    lr[..., mask_id] = float("-inf")
+    u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), device=xr.device)
+    tok = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), temperature=o.temperature,
+                                 top_k=o.top_k, top_p=o.top_p, backend=o.backend)
+    return torch.where((xr == mask_id) & (u < p_unmask), tok, xr)
+
+
+def _ab(process, t: int) -> float:
+    return float(process.schedule.alpha_bar[t])
+
+
+def _ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+    o, process = run.o, run.process
+    grid = step_grid(process.T, run.steps)
+    for t, s in zip(grid[:-1], grid[1:]):
+        lr = logits(x, t)
+        xr = x[:, a:b]
+        if o.top_k is not None or o.top_p is not None:
+            a_t, a_s = _ab(process, t), _ab(process, s)
+            new = _two_stage(run, lr, xr, (a_s - a_t) / (1 - a_t) if a_t < 1 else 0.0)
+        else:
+            new = ops.posterior_sample(process, lr, xr, t, s, seed=run.seed, offset=run.next_offset(),
+                                       temperature=o.temperature, backend=o.backend)
+        _restore(run, x, a, b, new)
+        run.after_step(x, bar)
+
+
+def _remask_sigma(run: _Run, t: int, s: int) -> float:
+    """ReMDM's remasking probability ``σ_t`` (Wang et al. 2025, §3): ``σ_max = min(1, (1-α_s)/α_t)``;
+    "rescale": ``η·σ_max``; "cap": ``min(η, σ_max)``; zero outside ``remask_window`` (fractions of T)."""
+    o, process = run.o, run.process
+    a_t, a_s = _ab(process, t), _ab(process, s)
+    if a_t <= 0:
+        return 0.0
+    if o.remask_window is not None:
+        lo, hi = o.remask_window
+        if not (lo * process.T <= t <= hi * process.T):
+            return 0.0
+    smax = min(1.0, (1.0 - a_s) / a_t)
+    return o.eta * smax if o.remask_schedule == "rescale" else min(o.eta, smax)
+
+
+def _remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+    o, process = run.o, run.process
+    mask_id = process.mask_id
+    grid = step_grid(process.T, run.steps)
+    for t, s in zip(grid[:-1], grid[1:]):
+        lr = logits(x, t)
+        xr = x[:, a:b]
+        a_t, a_s = _ab(process, t), _ab(process, s)
+        sigma = _remask_sigma(run, t, s)
+        # Masked rows: q(z_s | z_t = m, x) puts (α_s - (1-σ)α_t)/(1-α_t) on x and the rest on the mask,
+        # i.e. the absorbing posterior of a two-point schedule with α_s' = α_s + σ·α_t.
+        a_s_eff = min(1.0, max(a_t, a_s + sigma * a_t))
+        if o.top_k is not None or o.top_p is not None:
+            new = _two_stage(run, lr, xr, (a_s_eff - a_t) / (1 - a_t) if a_t < 1 else 0.0)
+        else:
+            two = Absorbing(process.vocab_size, mask_id,
+                            Schedule(torch.tensor([1.0, a_s_eff, a_t], dtype=torch.float64), "remdm-step"))
+            new = ops.posterior_sample(two, lr, xr, 2, 1, seed=run.seed, offset=run.next_offset(),
+                                       temperature=o.temperature, backend=o.backend)
+        # Unmasked rows: remasked with probability σ.
+        u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), device=x.device)
+        remask = (xr != mask_id) & (u < sigma)
+        new = torch.where(remask, torch.full_like(new, mask_id), new)
+        _restore(run, x, a, b, new)
+        run.after_step(x, bar)
+
+
+def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+    """LLaDA (Nie et al. 2025, Alg. 5) low-confidence / random remasking, and Fast-dLLM (Wu et al.
+    2025) threshold decoding: predict every masked token, keep the most confident ones."""
+    o, process = run.o, run.process
+    mask_id, T = process.mask_id, process.T
+    masked0 = (x[:, a:b] == mask_id) & ~run.fixed[:, a:b]
+    n0 = masked0.sum(1)
+    if o.tokens_per_step is not None:
+        n_steps = max(1, math.ceil(int(n0.max()) / o.tokens_per_step)) if n0.numel() else 1
+        schedule = None
+    else:
+        n_steps = run.steps
+        schedule = num_transfer(n0, n_steps)
+    for k in range(n_steps):
+        xr = x[:, a:b]
+        masked = (xr == mask_id) & ~run.fixed[:, a:b]
+        remaining = masked.sum(1)
+        if not bool(remaining.any()):
+            break
+        t = max(1, min(T, round(T * (n_steps - k) / n_steps)))
+        lr = logits(x, t)
+        lr[..., mask_id] = float("-inf")  # SUBS: never predict the mask
+        if o.temperature == 0:
+            x0 = lr.argmax(-1)
+        else:
+            x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), temperature=o.temperature,
+                                        top_k=o.top_k, top_p=o.top_p, backend=o.backend)
+        if o.remasking == "random" and run.strategy == "confidence":
+            conf = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), device=x.device)
+        else:  # log p(x0) under softmax(logits)
+            conf = (lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float()
+                    - torch.logsumexp(lr.float(), dim=-1))
+        conf = torch.where(masked, conf.to(torch.float64), torch.full_like(conf, float("-inf"), dtype=torch.float64))
+        if o.tokens_per_step is not None:
+            num = remaining.clamp_max(o.tokens_per_step)
+        elif run.strategy == "confidence":
+            num = schedule[:, k]
+        else:  # threshold: everything above it, at least enough to finish in the steps left, at least one
+            above = (masked & (conf > math.log(o.threshold) if o.threshold > 0 else masked)).sum(1)
+            need = -(-remaining // (n_steps - k))
+            num = torch.maximum(above, need).clamp_min(1)
+        num = torch.minimum(num, remaining)
+        order = torch.sort(conf, dim=1, descending=True, stable=True).indices  # ties: lower position first
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(xr.shape[1], device=x.device).expand_as(order))
+        sel = masked & (rank < num[:, None])
+        _restore(run, x, a, b, torch.where(sel, x0, xr))
+        run.after_step(x, bar)
+
+
+BLOCK_FNS = {
+    "ancestral": _ancestral_block,
+    "remask": _remask_block,
+    "confidence": _confidence_block,
+    "threshold": _confidence_block,
+}
+
+
+def run_discrete(run: _Run) -> torch.Tensor:
+    o = run.o
+    x = prior_tokens(run)
+    x = torch.where(run.fixed, run.values, x)
+    run.finished = torch.zeros(run.B, dtype=torch.bool, device=run.device)
+    run._stopped = run.finished
+    if o.kv_cache:
+        run._kv = run.model.fn.new_cache(run.B)
+    blocks = run.blocks()
+    per_block = run.steps if run.strategy != "threshold" or o.tokens_per_step is None else None
+    bar = run.progress(len(blocks) * per_block if per_block else None)
+    try:
+        for a, b in blocks:
+            if bool(run.finished.all()):
+                break
+            BLOCK_FNS[run.strategy](run, x, a, b, _Logits(run, a, b), bar)
+            if o.kv_cache:
+                run._kv = run.model.fn.extend_cache(run._kv, x[:, a:b], a)
+            if o.eos_id is not None and b < run.L:
+                hit = (x[:, a:b] == o.eos_id).any(1) & ~run.finished
+                if bool(hit.any()):
+                    pad = o.pad_id if o.pad_id is not None else o.eos_id
+                    rest = torch.zeros_like(run.fixed)
+                    rest[:, b:] = hit[:, None]
+                    run.fixed |= rest
+                    run.values = torch.where(rest, torch.full_like(run.values, pad), run.values)
+                    x[:, b:] = torch.where(hit[:, None], torch.full_like(x[:, b:], pad), x[:, b:])
+                    run.finished = run.finished | hit
+    finally:
+        if bar is not None:
+            bar.close()
+    if o.eos_id is not None:
+        x = _cut_at_eos(run, x)
+    return x
+
+
+def _cut_at_eos(run: _Run, x: torch.Tensor) -> torch.Tensor:
+    """Positions after a sequence's first generated EOS become ``pad_id`` (default ``eos_id``)."""
+    o = run.o
+    pad = o.pad_id if o.pad_id is not None else o.eos_id
+    is_eos = (x == o.eos_id) & ~run.prompt
+    after = (torch.cumsum(is_eos.to(torch.int64), 1) - is_eos.to(torch.int64)) > 0
+    after &= ~run.prompt
+    run._stopped = is_eos.any(1)
+    return torch.where(after, torch.full_like(x, pad), x)
