@@ -8,5 +8,6 @@ Importing this package needs ``triton`` but no GPU.
 """
 
 from .nearest_embedding import nearest_embedding
+from .rounding_loss import rounding_loss
 
-__all__ = ["nearest_embedding"]
+__all__ = ["nearest_embedding", "rounding_loss"]
