@@ -1,0 +1,262 @@
+"""``categorical_posterior`` and ``posterior_sample`` in Triton: one program per row of the lowered
+:class:`~fastdiff.ops._plan.PosteriorPlan`, online normalisation, the reference's counter-based draw.
+
+Per row (``KIND``: 0 absorbing, 1 absorbing with a per-token schedule, 2 uniform, 3 matrix):
+
+1. one pass over the logits in ``BLOCK`` tiles keeps the online max ``m`` and ``S = Σ exp(y - m)``
+   (``y = logits / temperature``, mask column excluded for absorbing), plus, per-token,
+   ``S1t = Σ e_i (1 - A_t(i))`` and ``S1s = Σ e_i (1 - A_s(i))`` with the same rescaling;
+2. the row total ``Z = Σ_j w_j`` in closed form (absorbing ``1 - a_t`` resp. ``S1t / S``; uniform
+   ``(1 - r)/V + r·f2(x_t)``, one extra load), or by a pass (matrix);
+3. categorical_posterior writes ``w / Z`` tile by tile; posterior_sample scans the tiles with the
+   float64 uniform ``u`` of Philox counter ``(row, offset)`` and stops at the first tile where the
+   running float64 CDF exceeds ``u·Z`` (``min{j : cumsum(w)_j > u·Z}``; if rounding leaves none, the
+   last positive-weight category), so it never writes probabilities.
+
+``exp`` runs in float32 for 16/32-bit logits (float64 for float64 logits); every weight, sum and the
+CDF are float64. A kernel draw differs from the reference only when ``u·Z`` lies within rounding of
+a cumulative boundary. Absorbing rows with ``x_t ≠ mask`` (or ``Z = 0``) keep ``x_t`` and never
+read their logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdiff.ops._plan import posterior_plan
+
+from . import _common
+
+_KINDS = {"absorbing": 0, "uniform": 2, "matrix": 3}  # 1: absorbing with a per-token schedule
+
+
+@triton.jit
+def _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+                  abt_ptr, abs_ptr, fact_ptr, q_ptr, V,
+                  KIND: tl.constexpr, WDT: tl.constexpr, BLOCK_I: tl.constexpr):
+    """float64 posterior weights ``w_j`` of one tile (0 outside the row), from the row's ``m``, ``S``."""
+    if KIND == 3:
+        q = tl.zeros(offs.shape, tl.float64)
+        for i0 in range(0, V, BLOCK_I):
+            ri = i0 + tl.arange(0, BLOCK_I)
+            i_ok = ri < V
+            yi = tl.load(base + ri, mask=i_ok, other=float("-inf")).to(WDT) * inv_temp
+            pi = tl.where(i_ok, tl.exp(yi - m), 0.0).to(tl.float64) / S
+            qt = tl.load(q_ptr + ri[:, None] * V + offs[None, :], mask=i_ok[:, None] & ok[None, :], other=0.0)
+            q += tl.sum(pi[:, None] * qt, axis=0)
+        w = tl.load(fact_ptr + offs, mask=ok, other=0.0) * q
+    else:
+        y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) * inv_temp
+        if KIND <= 1:
+            y = tl.where(offs == mask_id, float("-inf"), y)
+        p = tl.where(y == float("-inf"), 0.0, tl.exp(y - m)).to(tl.float64) / S
+        if KIND == 0:
+            w = tl.where(offs == mask_id, w_mask, (a_s - a_t) * p)
+        elif KIND == 1:
+            At = tl.load(abt_ptr + offs, mask=ok, other=0.0)
+            As = tl.load(abs_ptr + offs, mask=ok, other=0.0)
+            w = tl.where(offs == mask_id, w_mask, (As - At) * p)
+        else:
+            f1 = (1.0 - r) / V + tl.where(offs == xt, r, 0.0)
+            w = f1 * (a_s * p + (1.0 - a_s) / V)
+    return tl.where(ok, w, 0.0)
+
+
+@triton.jit
+def _posterior_fwd_kernel(
+    logits_ptr, stride_l, xt_ptr, t_ptr, s_ptr, at_ptr, as_ptr, ab_ptr, fact_ptr, qbar_ptr, pair_ptr,
+    probs_ptr, tok_ptr,
+    V, mask_id, inv_temp, seed_lo, seed_hi, off_lo, off_hi,
+    KIND: tl.constexpr, SAMPLE: tl.constexpr, WDT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    xt = tl.load(xt_ptr + row)
+    base = logits_ptr + row * stride_l
+    lanes = tl.arange(0, BLOCK)
+    a_t = 0.0
+    a_s = 0.0
+    r = 0.0
+    abt_ptr = ab_ptr
+    abs_ptr = ab_ptr
+    fact_row = fact_ptr
+    q_ptr = qbar_ptr
+    if KIND == 0 or KIND == 2:
+        a_t = tl.load(at_ptr + row)
+        a_s = tl.load(as_ptr + row)
+    if KIND == 1:
+        abt_ptr = ab_ptr + tl.load(t_ptr + row) * V
+        abs_ptr = ab_ptr + tl.load(s_ptr + row) * V
+    if KIND == 2:
+        r = tl.where(a_s > 0, a_t / a_s, 0.0)
+    if KIND == 3:
+        fact_row = fact_ptr + row * V
+        q_ptr = qbar_ptr + tl.load(pair_ptr + row) * V * V
+
+    keep = xt < 0  # False, as a runtime scalar
+    if KIND <= 1:
+        keep = xt != mask_id
+    m = tl.full((), float("-inf"), WDT)
+    S = tl.zeros((), tl.float64)
+    S1t = tl.zeros((), tl.float64)
+    S1s = tl.zeros((), tl.float64)
+    if not keep:
+        # pass 1: online max and normaliser (and the per-token sums)
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + lanes
+            ok = offs < V
+            y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) * inv_temp
+            if KIND <= 1:
+                y = tl.where(offs == mask_id, float("-inf"), y)
+            m_new = tl.maximum(m, tl.max(y, axis=0))
+            scale = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new)).to(tl.float64)
+            e = tl.where(y == float("-inf"), 0.0, tl.exp(y - m_new)).to(tl.float64)
+            S = S * scale + tl.sum(e, axis=0)
+            if KIND == 1:
+                At = tl.load(abt_ptr + offs, mask=ok, other=0.0)
+                As = tl.load(abs_ptr + offs, mask=ok, other=0.0)
+                S1t = S1t * scale + tl.sum(e * (1.0 - At), axis=0)
+                S1s = S1s * scale + tl.sum(e * (1.0 - As), axis=0)
+            m = m_new
+        keep = S <= 0.0
+    S = tl.where(S > 0.0, S, 1.0)
+    # the row total Z and the mask column's weight
+    w_mask = tl.zeros((), tl.float64)
+    Z = tl.zeros((), tl.float64) + 1.0
+    if KIND == 0:
+        w_mask = 1.0 - a_s
+        Z = (a_s - a_t) + w_mask
+    if KIND == 1:
+        w_mask = S1s / S
+        Z = S1t / S
+    if KIND == 2:
+        yx = tl.load(base + xt).to(WDT) * inv_temp
+        f2x = a_s * (tl.exp(yx - m).to(tl.float64) / S) + (1.0 - a_s) / V
+        Z = (1.0 - r) / V + r * f2x
+    if KIND == 3:
+        Z = tl.zeros((), tl.float64)
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + lanes
+            w = _tile_weights(base, offs, offs < V, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+                              abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
+            Z += tl.sum(w, axis=0)
+    if KIND <= 1:
+        keep = keep | (Z <= 0.0)
+
+    if SAMPLE:
+        tok = xt
+        if not keep:
+            target = _common.row_uniform(row, seed_lo, seed_hi, off_lo, off_hi) * Z
+            acc = tl.zeros((), tl.float64)
+            found = xt * 0 - 1
+            last = xt * 0 - 1
+            v0 = 0
+            while (v0 < V) & (found < 0):
+                offs = v0 + lanes
+                ok = offs < V
+                w = _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+                                  abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
+                c = acc + tl.cumsum(w, axis=0)
+                first = tl.min(tl.where(ok & (c > target), offs, V), axis=0).to(tl.int64)
+                found = tl.where(first < V, first, found)
+                last = tl.maximum(last, tl.max(tl.where(ok & (w > 0.0), offs, -1), axis=0).to(tl.int64))
+                acc = tl.max(c, axis=0)
+                v0 += BLOCK
+            tok = tl.where(found >= 0, found, last)
+        tl.store(tok_ptr + row, tok)
+    else:
+        out_row = probs_ptr + row * V
+        out_dt = probs_ptr.dtype.element_ty
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + lanes
+            ok = offs < V
+            if keep:
+                prob = tl.where(offs == xt, 1.0, 0.0)
+            else:
+                w = _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+                                  abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
+                prob = w / Z
+            tl.store(out_row + offs, prob.to(out_dt), mask=ok)
+
+
+def _blocks(V: int, kind: int) -> tuple[int, int]:
+    if kind == 3:
+        return _common.next_pow2(V, 16, 128), 32
+    return _common.next_pow2(V, 16, 512 if _common.interpret() else 4096), 32
+
+
+def _posterior_fwd(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                   a_t: torch.Tensor | None, a_s: torch.Tensor | None, ab_table: torch.Tensor | None,
+                   fact1: torch.Tensor | None, qbar: torch.Tensor | None, pair: torch.Tensor | None,
+                   kind: str, mask_id: int, temperature: float, sample: bool,
+                   seed_lo: int, seed_hi: int, off_lo: int, off_hi: int) -> torch.Tensor:
+    """Launcher on a lowered plan's arrays: ``logits: (N, V)`` with unit column stride -> probabilities
+    ``(N, V)`` (float32; float64 for float64 logits) or, with ``sample``, tokens ``(N,)`` int64."""
+    N, V = logits.shape
+    dev = logits.device
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    probs = logits.new_empty((0,) if sample else (N, V), dtype=out_dtype)
+    tokens = torch.empty(N if sample else 0, dtype=torch.int64, device=dev)
+    if N == 0:
+        return tokens if sample else probs
+    k = _KINDS[kind] if not (kind == "absorbing" and ab_table is not None) else 1
+    dummy = torch.zeros(1, dtype=torch.float64, device=dev)
+    BLOCK, BLOCK_I = _blocks(V, k)
+    _posterior_fwd_kernel[(N,)](
+        logits, logits.stride(0), x_t, t, s,
+        a_t if a_t is not None else dummy, a_s if a_s is not None else dummy,
+        ab_table if ab_table is not None else dummy, fact1 if fact1 is not None else dummy,
+        qbar if qbar is not None else dummy, pair if pair is not None else x_t,
+        probs if not sample else dummy, tokens if sample else x_t,
+        V, mask_id, 1.0 / temperature, seed_lo, seed_hi, off_lo, off_hi,
+        KIND=k, SAMPLE=sample, WDT=tl.float64 if logits.dtype == torch.float64 else tl.float32,
+        BLOCK=BLOCK, BLOCK_I=BLOCK_I, num_warps=8 if BLOCK >= 2048 else 4,
+    )
+    return tokens if sample else probs
+
+
+def _register_custom_op():
+    @torch.library.custom_op("fastdiff_triton::posterior", mutates_args=())
+    def posterior_op(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                     a_t: torch.Tensor | None, a_s: torch.Tensor | None, ab_table: torch.Tensor | None,
+                     fact1: torch.Tensor | None, qbar: torch.Tensor | None, pair: torch.Tensor | None,
+                     kind: str, mask_id: int, temperature: float, sample: bool,
+                     seed_lo: int, seed_hi: int, off_lo: int, off_hi: int) -> torch.Tensor:
+        return _posterior_fwd(logits, x_t, t, s, a_t, a_s, ab_table, fact1, qbar, pair, kind, mask_id,
+                              temperature, sample, seed_lo, seed_hi, off_lo, off_hi)
+
+    @posterior_op.register_fake
+    def _(logits, x_t, t, s, a_t, a_s, ab_table, fact1, qbar, pair, kind, mask_id, temperature, sample,
+          seed_lo, seed_hi, off_lo, off_hi):
+        if sample:
+            return x_t.new_empty(x_t.shape, dtype=torch.int64)
+        return logits.new_empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64
+                                else torch.float32)
+
+    return posterior_op
+
+
+posterior_op = _register_custom_op()
+
+
+def _run(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0):
+    plan = posterior_plan(process, x0_logits, x_t, tt, ss, temperature)
+    s_lo, s_hi = _common.split_seed(seed)
+    o_lo, o_hi = _common.split_seed(offset)
+    args = (plan.logits, plan.x_t, plan.t, plan.s, plan.a_t, plan.a_s, plan.ab_table, plan.fact1, plan.qbar_s,
+            plan.pair, plan.kind, plan.mask_id, plan.temperature, sample, s_lo, s_hi, o_lo, o_hi)
+    fn = posterior_op if _common.custom_ops_enabled() else _posterior_fwd
+    return fn(*args)
+
+
+def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, ss: torch.Tensor,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """Triton backend of :func:`fastdiff.ops.categorical_posterior` (arguments already checked)."""
+    return _run(process, x0_logits, x_t, tt, ss, temperature, False).reshape(x0_logits.shape)
+
+
+def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, ss: torch.Tensor, *,
+                     seed: int, offset: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """Triton backend of :func:`fastdiff.ops.posterior_sample` (arguments already checked)."""
+    return _run(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset).reshape(x_t.shape)
