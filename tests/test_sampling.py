@@ -522,3 +522,23 @@ def test_strategy_process_mismatch():
     with pytest.raises(ValueError, match="embedding"):
         sample(lambda x, t: x, continuous.GaussianDiffusion(schedules.sqrt(20)), shape=(2, 4), steps=2,
                strategy="ddim")
+
+
+def test_cuda_graph_needs_cuda():
+    p = discrete.Absorbing(20, 19, schedules.cosine(50))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        sample(RecordingModel(20), p, shape=(2, 4), steps=2, cuda_graph=True, device="cpu")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        sample(RecordingModel(20), p, shape=(2, 4), steps=2, cuda_graph=True, cache=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_equals_eager_on_gpu():
+    from fastdiff._demo import TinyDenoiser
+    p = discrete.Absorbing(64, 63, schedules.cosine(100))
+    m = TinyDenoiser(64).cuda().eval()
+    kw = dict(shape=(8, 32), steps=10, seed=3, device="cuda")
+    for strategy in ("ancestral", "confidence"):
+        a = sample(m, p, strategy=strategy, **kw)
+        b = sample(m, p, strategy=strategy, cuda_graph=True, **kw)
+        assert torch.equal(a.tokens, b.tokens), strategy

@@ -34,7 +34,8 @@ one batch; with fixed prompt positions and no ``uncond``, the unconditional pass
 ``block_size`` (semi-autoregressive blocks, ``steps`` per block, earlier blocks as clean context;
 ``kv_cache=True`` for block-causal models, see :class:`BlockCausalDenoiser`), ``eos_id`` (a sequence
 stops at its first EOS: later positions become ``pad_id``, and with blocks it is not evaluated any
-more), ``progress`` (tqdm bar), ``trajectory`` (keep the tokens after every step), ``backend``,
+more), ``cuda_graph`` (replay the network's forward as a CUDA graph per input shape; CUDA only),
+``progress`` (tqdm bar), ``trajectory`` (keep the tokens after every step), ``backend``,
 ``device``.
 """
 
@@ -45,7 +46,7 @@ from typing import Protocol
 
 import torch
 
-from ._adapters import Denoiser, HFMaskedLM, as_denoiser, unwrap_output
+from ._adapters import CUDAGraphed, Denoiser, HFMaskedLM, as_denoiser, unwrap_output
 from ._continuous import run_continuous
 from ._discrete import run_discrete
 from ._engine import _Run, num_transfer
@@ -58,6 +59,7 @@ __all__ = [
     "SampleOutput",
     "Denoiser",
     "HFMaskedLM",
+    "CUDAGraphed",
     "BlockCausalDenoiser",
     "as_denoiser",
     "unwrap_output",
@@ -101,6 +103,8 @@ class Sampler:
             check_static(self.process, self.strategy, self.steps, o)
         B, L = check_shape(shape)
         den = as_denoiser(model)
+        if o.cuda_graph:
+            den = CUDAGraphed(den)
         run = _Run(den, self.process, self.strategy, self.steps, (B, L), seed, o)
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -111,6 +111,8 @@ class _Run:
                                      f"got {tuple(v.shape)}")
         if o.cond is not None and o.uncond is not None and set(o.cond) != set(o.uncond):
             raise ValueError(f"uncond: keys {sorted(o.uncond)} differ from cond's {sorted(o.cond)}")
+        if o.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: CUDA graphs need a CUDA device, the batch is on {self.device}")
         if o.kv_cache and o.guidance_scale != 1.0:
             raise ValueError("guidance_scale: classifier-free guidance doubles the batch, which the KV cache "
                              "of a block-causal model does not hold; use kv_cache=False")

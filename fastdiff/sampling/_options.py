@@ -61,6 +61,7 @@ class Options:
     classifier_grad: object = None
     classifier_scale: float = 1.0
     backend: str = "auto"
+    cuda_graph: bool = False
     progress: bool = False
     trajectory: bool = False
     device: torch.device | str | None = None
@@ -135,6 +136,9 @@ def check_static(process: object, strategy: str, steps: object, o: Options) -> i
         raise ValueError("kv_cache: the KV-cache path needs block_size (semi-autoregressive blocks)")
     if o.kv_cache and o.cache:
         raise ValueError("cache: the MDLM cache and kv_cache cannot be combined")
+    if o.cuda_graph and (o.cache or o.kv_cache or o.eos_id is not None and o.block_size is not None):
+        raise ValueError("cuda_graph: graphs replay fixed shapes; they do not combine with cache, kv_cache or "
+                         "EOS-stopping blocks (all of which change the batch between steps)")
     if o.cache and (strategy != "ancestral" or kind != "absorbing"):
         raise ValueError("cache: MDLM caching applies to strategy='ancestral' with an absorbing process "
                          "(other strategies change the input or draw differently every step)")
