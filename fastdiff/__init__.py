@@ -2,13 +2,13 @@
 
 Layers, each importing only those before it::
 
-    random, _checks, _backends -> ops -> schedules -> discrete / continuous -> timesteps -> cli
+    random, _checks, _backends -> ops -> schedules -> discrete / continuous -> timesteps -> sampling -> cli
 
 Every op in :mod:`fastdiff.ops` has a pure-PyTorch reference; kernels (C++, Triton, CUDA) plug in as
 backends when they are built, and ``import fastdiff`` works without any of them.
 """
 
-from . import continuous, discrete, ops, random, schedules, timesteps
+from . import continuous, discrete, ops, random, sampling, schedules, timesteps
 from ._backends import available as available_backends
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "discrete",
     "ops",
     "random",
+    "sampling",
     "schedules",
     "timesteps",
     "available_backends",

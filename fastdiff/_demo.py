@@ -1,5 +1,5 @@
-"""The main job before models ship: every op once, and short reference sampling loops on a tiny
-randomly initialised denoiser, with timings. ``python -m fastdiff`` / ``fastdiff``."""
+"""The main job before models ship: every op once, and short runs of :mod:`fastdiff.sampling` on a
+tiny randomly initialised denoiser, with timings. ``python -m fastdiff`` / ``fastdiff``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from . import _backends, continuous, discrete, ops, schedules
+from . import _backends, continuous, discrete, ops, sampling, schedules
 
 
 class TinyDenoiser(nn.Module):
@@ -40,46 +40,6 @@ class TinyDenoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         h = self.inp(x_t) + self.pos[: x_t.shape[1]] + self.step_embedding(t)[:, None]
         return self.out(self.body(h))
-
-
-def step_grid(T: int, steps: int) -> list[int]:
-    """A decreasing integer grid ``T = t_K > ... > t_0 = 0`` with ``steps`` transitions."""
-    grid = torch.linspace(T, 0, steps + 1).round().long().tolist()
-    out = [grid[0]]
-    for g in grid[1:]:
-        if g < out[-1]:
-            out.append(g)
-    return out
-
-
-@torch.no_grad()
-def sample_discrete(model: Callable, process: discrete.DiscreteProcess, batch: int, length: int,
-                    steps: int, seed: int = 0, backend: str = "auto") -> tuple[torch.Tensor, int]:
-    """Ancestral D3PM/MDLM sampling over a step grid with the fused ``posterior_sample`` op."""
-    x = process.sample_prior((batch, length))
-    grid = step_grid(process.T, steps)
-    calls = 0
-    for k, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
-        logits = model(x, torch.full((batch,), t, dtype=torch.int64))
-        calls += 1
-        x = ops.posterior_sample(process, logits, x, t, s, seed=seed, offset=k, backend=backend)
-    return x, calls
-
-
-@torch.no_grad()
-def sample_continuous(model: Callable, diffusion: continuous.GaussianDiffusion, weight: torch.Tensor,
-                      batch: int, length: int, steps: int, seed: int = 0, clamp: str = "last",
-                      backend: str = "auto") -> torch.Tensor:
-    """DDIM (eta = 0) over a step grid with the clamping trick, then rounding to tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, length, weight.shape[1], generator=gen)
-    snap = continuous.clamp_hook(weight, backend=backend)
-    grid = step_grid(diffusion.T, steps)
-    for t, s in zip(grid[:-1], grid[1:]):
-        out = model(x, torch.full((batch,), t, dtype=torch.int64))
-        use = clamp == "every" or (clamp == "last" and s == 0)
-        x = diffusion.ddim_step(out, x, t, s, eta=0.0, denoised_fn=snap if use else None)
-    return ops.nearest_embedding(x, weight, backend=backend)[0]
 
 
 def _time(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -130,11 +90,11 @@ def run(seed: int = 0, quick: bool = False, print_fn: Callable[[str], None] = pr
     B, L, Vs, steps = (4, 32, 512, 16) if quick else (8, 64, 1000, 32)
     model = TinyDenoiser(Vs).eval()
     proc = discrete.Absorbing(Vs, Vs - 1, schedules.mutual_info(1000))
-    t0 = time.perf_counter()
-    toks, calls = sample_discrete(model, proc, B, L, steps, seed=seed)
-    dt = time.perf_counter() - t0
+    out = sampling.sample(model, proc, shape=(B, L), steps=steps, seed=seed)
+    toks, calls, dt = out.tokens, out.stats["network_calls"], out.stats["time_s"]
     left = int((toks == proc.mask_id).sum())
-    results["sampling"]["discrete"] = {"seconds": dt, "tokens_per_s": B * L / dt, "network_calls": calls}
+    results["sampling"]["discrete"] = {"seconds": dt, "tokens_per_s": B * L / dt, "network_calls": calls,
+                                       "overhead_fraction": out.stats["overhead_fraction"]}
     print_fn(f"discrete absorbing sampling: B={B} L={L} V={Vs} {steps} steps of a T=1000 model: "
              f"{dt * 1e3:.0f} ms, {B * L / dt:,.0f} tokens/s, {calls} network calls, {left} masks left")
     print_fn(f"  sample 0 token ids: {toks[0, :16].tolist()} ...")
@@ -143,9 +103,9 @@ def run(seed: int = 0, quick: bool = False, print_fn: Callable[[str], None] = pr
     emb = torch.randn(Vs, Dc)
     cmodel = TinyDenoiser(Vs, dim=Dc).eval()
     diff = continuous.GaussianDiffusion(schedules.sqrt(1000), parameterization="x0")
-    t0 = time.perf_counter()
-    ctoks = sample_continuous(cmodel, diff, emb, B, L, steps, seed=seed)
-    dt = time.perf_counter() - t0
+    cout = sampling.sample(cmodel, diff, shape=(B, L), steps=steps, strategy="ddim", embedding=emb,
+                           clamp="last", seed=seed)
+    ctoks, dt = cout.tokens, cout.stats["time_s"]
     results["sampling"]["continuous"] = {"seconds": dt, "tokens_per_s": B * L / dt}
     print_fn(f"continuous DDIM sampling + clamp + rounding: B={B} L={L} D={Dc} V={Vs} {steps} steps: "
              f"{dt * 1e3:.0f} ms, {B * L / dt:,.0f} tokens/s")
