@@ -28,7 +28,8 @@ def _extensions():
         print("fastdiff: FASTDIFF_SKIP_EXT set, building pure Python", file=sys.stderr)
         return [], {}
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # The CUDA module: kernels in csrc/cuda/*.cu, the torch binding in csrc/cuda/binding.cpp.
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if not cpp_sources and not cu_sources:
         return [], {}
     try:
@@ -50,11 +51,16 @@ def _extensions():
         os.environ.get("FASTDIFF_BUILD_CUDA") is None and shutil.which("nvcc") and torch.version.cuda
     )
     if cu_sources and want_cuda:
-        archs = os.environ.get("FASTDIFF_CUDA_ARCHS", "80;90").split(";")
+        if not torch.version.cuda:
+            raise RuntimeError("fastdiff: FASTDIFF_BUILD_CUDA=1 needs a CUDA build of torch "
+                               f"(this torch {torch.__version__} is CPU-only)")
+        archs = [a.strip() for a in os.environ.get("FASTDIFF_CUDA_ARCHS", "80;90").replace(",", ";").split(";")]
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+        # No -std here: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
         exts.append(CUDAExtension(
-            "fastdiff._C_cuda", cu_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]},
+            "fastdiff._C_cuda", [*cu_sources, os.path.join("csrc", "cuda", "binding.cpp")],
+            include_dirs=[os.path.join(HERE, "csrc", "cuda")],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
         ))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

@@ -39,11 +39,12 @@ def cpp() -> Backend:
 
 @functools.lru_cache(maxsize=None)
 def cuda() -> Backend:
-    """The CUDA extension ``fastdiff._C_cuda`` (built when nvcc and a CUDA build of torch are present)."""
+    """The CUDA backend: ``fastdiff._cuda``, the op wrappers around the extension ``fastdiff._C_cuda``
+    (built when nvcc and a CUDA build of torch are present, or with FASTDIFF_BUILD_CUDA=1)."""
     if not torch.cuda.is_available():
         return Backend("cuda", None, "no CUDA device is visible to torch (torch.cuda.is_available() is False)")
     try:
-        mod = importlib.import_module("fastdiff._C_cuda")
+        mod = importlib.import_module("fastdiff._cuda")
     except ImportError as e:
         return Backend("cuda", None, f"the CUDA extension fastdiff._C_cuda is not built ({e}); build it with "
                                      f"FASTDIFF_BUILD_CUDA=1 {REINSTALL}")

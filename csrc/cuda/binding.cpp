@@ -1,0 +1,274 @@
+// Python binding of the CUDA kernels: fastdiff._C_cuda. Checks, allocates and launches; the math lives
+// in the .cu files (launchers.h). Compiled by the host compiler only in a CUDA build of the extension;
+// CI checks its syntax against the torch headers (tests/test_cuda_compile.py).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "launchers.h"
+
+namespace fastdiff {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, name, ": expected a floating dtype (float32/float64/float16/bfloat16), got ",
+                              t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check_cuda(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, ": expected device ", like.device(), ", got ", t.device());
+}
+
+void check_rows(const Tensor& t, const char* name, int64_t cols) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == cols, name, ": expected shape (rows, ", cols, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name, ": the last dimension must be contiguous");
+  // Read-only inputs: any row stride >= 0 is fine (0 broadcasts one row, as expand() gives).
+  TORCH_CHECK_VALUE(t.stride(0) >= 0, name, ": negative row stride");
+}
+
+void check_vec(const Tensor& t, const char* name, int64_t n, at::ScalarType st, const Tensor& like) {
+  check_cuda(t, name, like);
+  TORCH_CHECK_TYPE(t.scalar_type() == st, name, ": expected dtype ", st, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.is_contiguous(), name, ": expected a contiguous (", n,
+                    ",) tensor, got ", t.sizes());
+}
+
+Tensor require_f64(const OptTensor& t, const char* name, const Tensor& like, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK_VALUE(t.has_value() && t->defined(), name, ": required for this process kind");
+  check_cuda(*t, name, like);
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kDouble, name, ": expected float64, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->is_contiguous() && t->sizes() == at::IntArrayRef(shape), name, ": expected a contiguous ",
+                    at::IntArrayRef(shape), " tensor, got ", t->sizes());
+  return *t;
+}
+
+void check_launch(cudaError_t e, const char* op) {
+  TORCH_CHECK(e == cudaSuccess, op, ": CUDA error: ", cudaGetErrorString(e));
+}
+
+cudaStream_t stream_of(const Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+int num_sms(const Tensor& t) {
+  int n = 0;
+  check_launch(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, t.device().index()), "device query");
+  return n;
+}
+
+// ---- nearest_embedding ---------------------------------------------------------------------------
+Tensor nearest_embedding(const Tensor& x, const Tensor& weight, bool cosine) {
+  check_cuda(x, "x", x);
+  check_cuda(weight, "weight", x);
+  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "weight: dtype ", weight.scalar_type(), " differs from x's ",
+                   x.scalar_type());
+  const DType dt = dtype_of(x, "x");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) >= 1, "weight: expected shape (V, D) with V >= 1");
+  const int64_t D = weight.size(1);
+  check_rows(x, "x", D);
+  check_rows(weight, "weight", D);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), V = weight.size(0);
+  Tensor idx = at::empty({N}, x.options().dtype(at::kLong));
+  if (N == 0) return idx;
+  const int sms = num_sms(x);
+  Tensor ws = at::empty({static_cast<int64_t>(nearest_embedding_workspace_bytes(N, V, dt, sms))},
+                        x.options().dtype(at::kByte));
+  check_launch(nearest_embedding_launch(x.data_ptr(), N > 1 ? x.stride(0) : D, weight.data_ptr(),
+                                        V > 1 ? weight.stride(0) : D, N, V, D, dt, cosine, idx.data_ptr<int64_t>(),
+                                        ws.data_ptr(), sms, stream_of(x)),
+               "nearest_embedding");
+  return idx;
+}
+
+// ---- rounding_loss -------------------------------------------------------------------------------
+// x: (N, D), weight: (V, D), bias: (V,) all float32 or all float64 (the caller upcasts half types);
+// target: (N,) int64. Returns the per-row losses and, when asked, the gradients of
+// sum_r scale * row_scale[r] * loss_r with respect to x, weight and bias. Rows are processed in chunks of
+// max(1, chunk_elements / V) rows: the only logits buffer is one chunk.
+std::tuple<Tensor, OptTensor, OptTensor, OptTensor> rounding_loss(
+    const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& target, int64_t ignore_index,
+    double scale, const OptTensor& row_scale, bool need_gx, bool need_gw, bool need_gb, int64_t chunk_elements) {
+  check_cuda(x, "x", x);
+  check_cuda(weight, "weight", x);
+  const DType dt = dtype_of(x, "x");
+  TORCH_CHECK_TYPE(dt == DType::kFloat32 || dt == DType::kFloat64, "x: expected float32 or float64, got ",
+                   x.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight: dtype differs from x's");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "x: expected a contiguous (N, D) tensor");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+                    "weight: expected a contiguous (V, D) tensor matching x's D");
+  const int64_t N = x.size(0), V = weight.size(0);
+  check_vec(target, "target", N, at::kLong, x);
+  if (bias.has_value() && bias->defined()) check_vec(*bias, "bias", V, x.scalar_type(), x);
+  if (row_scale.has_value() && row_scale->defined()) check_vec(*row_scale, "row_scale", N, x.scalar_type(), x);
+  TORCH_CHECK_VALUE(chunk_elements >= 1, "chunk_elements: must be positive");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool grad = need_gx || need_gw || need_gb;
+  Tensor loss = at::empty({N}, x.options());
+  OptTensor gx, gw, gb;
+  if (need_gx) gx = at::empty_like(x);
+  if (need_gw) gw = at::zeros_like(weight);
+  if (need_gb) gb = at::zeros({V}, x.options());
+  const int64_t rows = std::max<int64_t>(1, chunk_elements / std::max<int64_t>(1, V));
+  const Tensor wt = weight.t();
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t r = std::min(rows, N - r0);
+    const Tensor xc = x.narrow(0, r0, r);
+    Tensor logits = has_bias ? at::addmm(*bias, xc, wt) : at::mm(xc, wt);  // (r, V), contiguous
+    const void* rs = (row_scale.has_value() && row_scale->defined())
+                         ? static_cast<const char*>(row_scale->data_ptr()) + r0 * row_scale->element_size()
+                         : nullptr;
+    check_launch(rounding_loss_epilogue_launch(logits.data_ptr(), V, r, V, dt, target.data_ptr<int64_t>() + r0,
+                                               ignore_index,
+                                               static_cast<char*>(loss.data_ptr()) + r0 * loss.element_size(), grad,
+                                               scale, rs, stream_of(x)),
+                 "rounding_loss");
+    if (need_gx) {
+      Tensor dst = gx->narrow(0, r0, r);
+      at::mm_out(dst, logits, weight);
+    }
+    if (need_gw) gw->addmm_(logits.t(), xc);
+    if (need_gb) gb->add_(logits.sum(0));
+  }
+  return {loss, gx, gw, gb};
+}
+
+// ---- posterior ops -------------------------------------------------------------------------------
+PosteriorArgs posterior_args(int64_t kind, const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s,
+                             double temperature, int64_t mask_id, const OptTensor& a_t, const OptTensor& a_s,
+                             const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
+                             const OptTensor& pair) {
+  check_cuda(logits, "x0_logits", logits);
+  PosteriorArgs a{};
+  a.dtype = dtype_of(logits, "x0_logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, "x0_logits: expected shape (N, V)");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_rows(logits, "x0_logits", V);
+  check_vec(x_t, "x_t", N, at::kLong, logits);
+  check_vec(t, "t", N, at::kLong, logits);
+  check_vec(s, "s", N, at::kLong, logits);
+  TORCH_CHECK_VALUE(temperature > 0.0, "temperature: must be positive, got ", temperature);
+  a.logits = logits.data_ptr();
+  a.ld = N > 1 ? logits.stride(0) : V;
+  a.N = N;
+  a.V = V;
+  a.x_t = x_t.data_ptr<int64_t>();
+  a.t = t.data_ptr<int64_t>();
+  a.s = s.data_ptr<int64_t>();
+  a.temperature = temperature;
+  a.mask_id = mask_id;
+  if (kind == 0) {
+    a.kind = PosteriorKind::kAbsorbing;
+    TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < V, "mask_id: must lie in [0, ", V, "), got ", mask_id);
+    if (ab_table.has_value() && ab_table->defined()) {
+      TORCH_CHECK_VALUE(ab_table->dim() == 2, "ab_table: expected shape (T+1, V)");
+      const Tensor tab = require_f64(ab_table, "ab_table", logits, {ab_table->size(0), V});
+      a.ab_table = tab.data_ptr<double>();
+      a.ab_rows = tab.size(0);
+    } else {
+      a.a_t = require_f64(a_t, "a_t", logits, {N}).data_ptr<double>();
+      a.a_s = require_f64(a_s, "a_s", logits, {N}).data_ptr<double>();
+    }
+  } else if (kind == 1) {
+    a.kind = PosteriorKind::kUniform;
+    a.a_t = require_f64(a_t, "a_t", logits, {N}).data_ptr<double>();
+    a.a_s = require_f64(a_s, "a_s", logits, {N}).data_ptr<double>();
+  } else if (kind == 2) {
+    a.kind = PosteriorKind::kMatrix;
+    a.fact1 = require_f64(fact1, "fact1", logits, {N, V}).data_ptr<double>();
+    TORCH_CHECK_VALUE(qbar_s.has_value() && qbar_s->defined() && qbar_s->dim() == 3, "qbar_s: expected shape (P, V, V)");
+    a.qbar_s = require_f64(qbar_s, "qbar_s", logits, {qbar_s->size(0), V, V}).data_ptr<double>();
+    a.qbar_count = qbar_s->size(0);
+    TORCH_CHECK_VALUE(pair.has_value() && pair->defined(), "pair: required for matrix processes");
+    check_vec(*pair, "pair", N, at::kLong, logits);
+    a.pair = pair->data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK_VALUE(false, "kind: expected 0 (absorbing), 1 (uniform) or 2 (matrix), got ", kind);
+  }
+  return a;
+}
+
+Tensor categorical_posterior(int64_t kind, const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s,
+                             double temperature, int64_t mask_id, const OptTensor& a_t, const OptTensor& a_s,
+                             const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
+                             const OptTensor& pair) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const PosteriorArgs a = posterior_args(kind, logits, x_t, t, s, temperature, mask_id, a_t, a_s, ab_table, fact1,
+                                         qbar_s, pair);
+  const bool f64 = a.dtype == DType::kFloat64;
+  Tensor out = at::empty({a.N, a.V}, logits.options().dtype(f64 ? at::kDouble : at::kFloat));
+  check_launch(categorical_posterior_launch(a, out.data_ptr(), f64 ? DType::kFloat64 : DType::kFloat32,
+                                            stream_of(logits)),
+               "categorical_posterior");
+  return out;
+}
+
+Tensor posterior_sample(int64_t kind, const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s,
+                        double temperature, int64_t mask_id, const OptTensor& a_t, const OptTensor& a_s,
+                        const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
+                        const OptTensor& pair, uint64_t seed, uint64_t offset) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const PosteriorArgs a = posterior_args(kind, logits, x_t, t, s, temperature, mask_id, a_t, a_s, ab_table, fact1,
+                                         qbar_s, pair);
+  Tensor out = at::empty({a.N}, logits.options().dtype(at::kLong));
+  check_launch(posterior_sample_launch(a, seed, offset, out.data_ptr<int64_t>(), stream_of(logits)),
+               "posterior_sample");
+  return out;
+}
+
+// ---- sample_categorical --------------------------------------------------------------------------
+Tensor sample_categorical(const Tensor& logits, double temperature, int64_t top_k, double top_p, uint64_t seed,
+                          uint64_t offset) {
+  check_cuda(logits, "logits", logits);
+  const DType dt = dtype_of(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, "logits: expected shape (N, V)");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_rows(logits, "logits", V);
+  TORCH_CHECK_VALUE(temperature >= 0.0, "temperature: must be non-negative, got ", temperature);
+  TORCH_CHECK_VALUE(top_p > 0.0, "top_p: must be positive, got ", top_p);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  Tensor out = at::empty({N}, logits.options().dtype(at::kLong));
+  check_launch(sample_categorical_launch(logits.data_ptr(), N > 1 ? logits.stride(0) : V, N, V, dt, temperature,
+                                         top_k, top_p, seed, offset, out.data_ptr<int64_t>(), stream_of(logits)),
+               "sample_categorical");
+  return out;
+}
+
+}  // namespace
+}  // namespace fastdiff
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace fastdiff;
+  m.doc() = "fastdiff CUDA kernels (called through fastdiff._cuda)";
+  m.def("nearest_embedding", &nearest_embedding, py::arg("x"), py::arg("weight"), py::arg("cosine"));
+  m.def("rounding_loss", &rounding_loss, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("target"),
+        py::arg("ignore_index"), py::arg("scale"), py::arg("row_scale"), py::arg("need_gx"), py::arg("need_gw"),
+        py::arg("need_gb"), py::arg("chunk_elements"));
+  m.def("categorical_posterior", &categorical_posterior, py::arg("kind"), py::arg("logits"), py::arg("x_t"),
+        py::arg("t"), py::arg("s"), py::arg("temperature"), py::arg("mask_id"), py::arg("a_t"), py::arg("a_s"),
+        py::arg("ab_table"), py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"));
+  m.def("posterior_sample", &posterior_sample, py::arg("kind"), py::arg("logits"), py::arg("x_t"), py::arg("t"),
+        py::arg("s"), py::arg("temperature"), py::arg("mask_id"), py::arg("a_t"), py::arg("a_s"), py::arg("ab_table"),
+        py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"), py::arg("seed"), py::arg("offset"));
+  m.def("sample_categorical", &sample_categorical, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
+        py::arg("top_p"), py::arg("seed"), py::arg("offset"));
+}
