@@ -29,9 +29,10 @@ class Backend:
 
 @functools.lru_cache(maxsize=None)
 def cpp() -> Backend:
-    """The C++ CPU extension ``fastdiff._C`` (built by setup.py unless FASTDIFF_SKIP_EXT=1)."""
+    """The C++ CPU backend: ``fastdiff._cpp``, the op wrappers around the extension ``fastdiff._C``
+    (built by setup.py unless FASTDIFF_SKIP_EXT=1)."""
     try:
-        mod = importlib.import_module("fastdiff._C")
+        mod = importlib.import_module("fastdiff._cpp")
     except ImportError as e:
         return Backend("cpp", None, f"the C++ extension fastdiff._C is not built ({e}); build it with: {REINSTALL}")
     return Backend("cpp", mod, "")

@@ -1,0 +1,273 @@
+// Embedding-side CPU kernels: nearest_embedding (the clamp) and the chunked fused rounding loss.
+//
+// Both compute score tiles with the BLAS behind at::mm_out (MKL / OpenBLAS) into a buffer that is
+// reused, and consume each tile with one fused vector pass, so no N x V matrix ever exists.
+#include "cpu_common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace fastdiff {
+namespace {
+
+// ---- nearest_embedding: fused "norm add + arg-min" pass over one row of a score tile ---------------
+// s[i] <- bias[i] - 2 s[i] (l2) or -s[i] (cosine, bias == nullptr), exactly the reference's
+// `(x @ w.T).mul_(-2).add_(bias)` / `-(x @ w.T)` (-2 s is exact, so one rounding either way); returns
+// the minimum. The caller then finds its first index, so ties go to the lowest index.
+FASTDIFF_CLONES float score_min_f32(float* s, const float* bias, int64_t n) {
+  float m = kInfF;
+  if (bias != nullptr) {
+#pragma omp simd reduction(min : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = bias[i] + -2.0f * s[i];
+      s[i] = v;
+      m = v < m ? v : m;
+    }
+  } else {
+#pragma omp simd reduction(min : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = -s[i];
+      s[i] = v;
+      m = v < m ? v : m;
+    }
+  }
+  return m;
+}
+
+FASTDIFF_CLONES double score_min_f64(double* s, const double* bias, int64_t n) {
+  double m = kInf;
+  if (bias != nullptr) {
+#pragma omp simd reduction(min : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = bias[i] + -2.0 * s[i];
+      s[i] = v;
+      m = v < m ? v : m;
+    }
+  } else {
+#pragma omp simd reduction(min : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = -s[i];
+      s[i] = v;
+      m = v < m ? v : m;
+    }
+  }
+  return m;
+}
+
+inline float score_min(float* s, const float* bias, int64_t n) { return score_min_f32(s, bias, n); }
+inline double score_min(double* s, const double* bias, int64_t n) { return score_min_f64(s, bias, n); }
+
+template <typename C>
+void nearest_blocks(const at::Tensor& flat, const at::Tensor& w, const at::Tensor& bias, int64_t RB, int64_t VT,
+                    int64_t* out_idx) {
+  const int64_t N = flat.size(0), V = w.size(0);
+  const C* bias_p = bias.defined() ? bias.data_ptr<C>() : nullptr;
+  const int64_t nblocks = (N + RB - 1) / RB;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor tile = at::empty({RB * VT}, flat.options());
+    C* tile_p = tile.data_ptr<C>();
+    std::vector<C> best(RB);
+    std::vector<int64_t> arg(RB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * RB, rn = std::min(RB, N - r0);
+      const at::Tensor xb = flat.narrow(0, r0, rn);
+      std::fill(best.begin(), best.end(), static_cast<C>(kInf));
+      std::fill(arg.begin(), arg.end(), 0);
+      for (int64_t v0 = 0; v0 < V; v0 += VT) {
+        const int64_t vn = std::min(VT, V - v0);
+        at::Tensor scores = tile.narrow(0, 0, rn * vn).view({rn, vn});
+        at::mm_out(scores, xb, w.narrow(0, v0, vn).t());
+        for (int64_t r = 0; r < rn; ++r) {
+          C* s = tile_p + r * vn;
+          const C m = score_min(s, bias_p == nullptr ? nullptr : bias_p + v0, vn);
+          if (m < best[r]) {  // strict: an earlier tile keeps a tie
+            int64_t j = 0;
+            while (j + 1 < vn && !(s[j] == m)) ++j;
+            best[r] = m;
+            arg[r] = v0 + j;
+          }
+        }
+      }
+      std::copy(arg.begin(), arg.begin() + rn, out_idx + r0);
+    }
+  });
+}
+
+// ---- rounding_loss: one row of a logits chunk -> loss, and dz = scale * (softmax - onehot) in place --
+template <typename C>
+inline C exp_c(C v);
+template <>
+inline float exp_c<float>(float v) {
+  return exp_f32(v);
+}
+template <>
+inline double exp_c<double>(double v) {
+  return std::exp(v);
+}
+
+FASTDIFF_CLONES float row_max_f32(const float* z, int64_t n) {
+  float m = -kInfF;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+  return m;
+}
+
+FASTDIFF_CLONES double row_max_f64(const double* z, int64_t n) {
+  double m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = z[i] > m ? z[i] : m;
+  return m;
+}
+
+FASTDIFF_CLONES double sum_exp_f32(const float* z, int64_t n, float m) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(exp_f32(z[i] - m));
+  return s;
+}
+
+FASTDIFF_CLONES void scaled_exp_f32(float* z, int64_t n, float m, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) z[i] = exp_f32(z[i] - m) * scale;
+}
+
+FASTDIFF_CLONES void add_bias_f32(float* z, const float* b, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) z[i] += b[i];
+}
+
+inline float row_max(const float* z, int64_t n) { return row_max_f32(z, n); }
+inline double row_max(const double* z, int64_t n) { return row_max_f64(z, n); }
+inline double sum_exp(const float* z, int64_t n, float m) { return sum_exp_f32(z, n, m); }
+inline double sum_exp(const double* z, int64_t n, double m) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(z[i] - m);
+  return s;
+}
+inline void scaled_exp(float* z, int64_t n, float m, float scale) { scaled_exp_f32(z, n, m, scale); }
+inline void scaled_exp(double* z, int64_t n, double m, double scale) {
+  for (int64_t i = 0; i < n; ++i) z[i] = std::exp(z[i] - m) * scale;
+}
+inline void add_bias(float* z, const float* b, int64_t n) { add_bias_f32(z, b, n); }
+inline void add_bias(double* z, const double* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) z[i] += b[i];
+}
+
+template <typename C>
+void loss_rows(C* z, int64_t rn, int64_t V, const C* bias, const int64_t* target, int64_t ignore_index,
+               const C* scale, bool scalar_scale, bool need_grad, C* loss) {
+  at::parallel_for(0, rn, 1, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      C* zr = z + r * V;
+      if (bias != nullptr) add_bias(zr, bias, V);
+      const int64_t tgt = target[r];
+      if (tgt == ignore_index) {
+        loss[r] = 0;
+        if (need_grad) std::fill(zr, zr + V, static_cast<C>(0));
+        continue;
+      }
+      const C m = row_max(zr, V);
+      const double s = sum_exp(zr, V, m);
+      const double lse = static_cast<double>(m) + std::log(s);
+      loss[r] = static_cast<C>(lse - static_cast<double>(zr[tgt]));
+      if (need_grad) {
+        const C sc = scalar_scale ? scale[0] : scale[r];
+        scaled_exp(zr, V, m, static_cast<C>(static_cast<double>(sc) / s));
+        zr[tgt] -= sc;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> nearest_embedding(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::string& metric, int64_t block_rows,
+                                                     int64_t block_cols) {
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "nearest_embedding: shapes");
+  TORCH_CHECK(metric == "l2" || metric == "cosine", "nearest_embedding: metric");
+  TORCH_CHECK(block_rows >= 1 && block_cols >= 1, "nearest_embedding: block sizes");
+  const int64_t D = x.size(-1);
+  const auto cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor flat = x.reshape({-1, D}).to(cdt).contiguous();
+  at::Tensor w = weight.to(cdt);
+  at::Tensor bias;
+  if (metric == "cosine") {
+    w = w / w.norm(2, {1}, true).clamp_min(1e-12);
+  } else {
+    bias = (w * w).sum(1).contiguous();
+  }
+  w = w.contiguous();
+  const int64_t N = flat.size(0);
+  at::Tensor idx = at::empty({N}, x.options().dtype(at::kLong));
+  if (N > 0) {
+    const int64_t RB = std::min(block_rows, N), VT = std::min(block_cols, w.size(0));
+    if (cdt == at::kDouble) {
+      nearest_blocks<double>(flat, w, bias, RB, VT, idx.data_ptr<int64_t>());
+    } else {
+      nearest_blocks<float>(flat, w, bias, RB, VT, idx.data_ptr<int64_t>());
+    }
+  }
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  std::vector<int64_t> snapped_shape(x.sizes().begin(), x.sizes().end());
+  idx = idx.reshape(lead);
+  at::Tensor snapped = weight.index_select(0, idx.reshape({-1})).reshape(snapped_shape);
+  return {idx, snapped};
+}
+
+std::vector<at::Tensor> rounding_loss_chunked(const at::Tensor& x, const at::Tensor& weight,
+                                              const c10::optional<at::Tensor>& bias, const at::Tensor& target,
+                                              int64_t ignore_index, const at::Tensor& row_scale, bool need_grad,
+                                              int64_t chunk_rows) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "rounding_loss: shapes");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "rounding_loss: x and weight must share a float32/float64 compute dtype");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && target.is_contiguous(), "rounding_loss: layout");
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.numel() == x.size(0), "rounding_loss: target");
+  TORCH_CHECK(row_scale.scalar_type() == x.scalar_type() && row_scale.is_contiguous() &&
+                  (row_scale.numel() == 1 || row_scale.numel() == x.size(0)),
+              "rounding_loss: row_scale");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->is_contiguous() && bias->numel() == weight.size(0),
+                "rounding_loss: bias");
+  }
+  TORCH_CHECK(chunk_rows >= 1, "rounding_loss: chunk_rows");
+  const int64_t N = x.size(0), V = weight.size(0), D = x.size(1);
+  const auto opt = x.options();
+  at::Tensor loss = at::empty({N}, opt);
+  at::Tensor gx, gw, gb;
+  if (need_grad) {
+    gx = at::empty({N, D}, opt);
+    gw = at::zeros({V, D}, opt);
+    gb = has_bias ? at::zeros({V}, opt) : at::Tensor();
+  }
+  if (N == 0) return {loss, gx, gw, gb};
+  const int64_t R = std::min(chunk_rows, N);
+  at::Tensor buf = at::empty({R * V}, opt);
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  for (int64_t r0 = 0; r0 < N; r0 += R) {
+    const int64_t rn = std::min(R, N - r0);
+    const at::Tensor xc = x.narrow(0, r0, rn);
+    at::Tensor z = buf.narrow(0, 0, rn * V).view({rn, V});
+    at::mm_out(z, xc, weight.t());
+    const bool scalar_scale = row_scale.numel() == 1;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rounding_loss_rows", [&] {
+      loss_rows<scalar_t>(z.data_ptr<scalar_t>(), rn, V, has_bias ? bias->data_ptr<scalar_t>() : nullptr,
+                          tgt + r0, ignore_index,
+                          row_scale.data_ptr<scalar_t>() + (scalar_scale ? 0 : r0), scalar_scale, need_grad,
+                          loss.data_ptr<scalar_t>() + r0);
+    });
+    if (need_grad) {
+      at::Tensor gxc = gx.narrow(0, r0, rn);
+      at::mm_out(gxc, z, weight);
+      gw.addmm_(z.t(), xc);
+      if (has_bias) gb.add_(z.sum(0));
+    }
+  }
+  return {loss, gx, gw, gb};
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,661 @@
+// Logit-side CPU kernels: categorical_posterior / posterior_sample (the three row formulas of
+// fastdiff/ops/_plan.py) and sample_categorical (temperature, top-k, top-p), plus the module binding.
+//
+// One row at a time (rows in parallel): a max pass, then a pass that sums the row's exp weights per
+// chunk of CH categories (the row is cache-resident by then), then the inverse-CDF draw: the chunk
+// sums locate the chunk where the cumulative weight crosses u * W, and only that chunk is walked
+// element by element with float64 weights, as the reference computes them. No (N, V) buffer exists.
+//
+// Precision: float64 logits, and rows of at most kExactV categories, are computed in float64
+// throughout (exp from libm). Wider float32/float16/bfloat16 rows sum their weights with a vectorised
+// float32 exp (about 1 ulp) accumulated in float64; the crossing chunk is then walked in float64, so a
+// draw can differ from the reference's only where u * W lies within about 1e-7 of a CDF boundary.
+#include "cpu_common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <queue>
+#include <utility>
+
+namespace fastdiff {
+namespace {
+
+constexpr int64_t CH = 256;          // categories per CDF chunk
+constexpr int64_t kExactV = 2048;    // rows this narrow are computed in float64 whatever their dtype
+constexpr int kBuckets = 1024;       // top-p histogram: float32 bit patterns >> 20 of weights <= 1
+
+// Status of the in-kernel value check, ordered as check_finite_above reports them.
+constexpr int kOk = 0, kAllNegInf = 1, kPosInf = 2, kNaN = 3;
+
+// ---- vector primitives --------------------------------------------------------------------------------
+FASTDIFF_CLONES float vmax_f32(const float* x, int64_t n, int* nan) {
+  float m = -kInfF;
+  int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    bad |= (x[i] != x[i]);
+    m = x[i] > m ? x[i] : m;
+  }
+  *nan |= bad;
+  return m;
+}
+
+FASTDIFF_CLONES double esum_f32(const float* x, int64_t n, float M, float inv_t, float thr) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_f32((x[i] - M) * inv_t);
+    s += x[i] >= thr ? static_cast<double>(e) : 0.0;
+  }
+  return s;
+}
+
+FASTDIFF_CLONES void eprobs_f32(const float* x, int64_t n, float M, float inv_t, float thr, float ca, float cb,
+                                float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_f32((x[i] - M) * inv_t);
+    out[i] = (x[i] >= thr ? e : 0.0f) * ca + cb;
+  }
+}
+
+double vmax_f64(const double* x, int64_t n, int* nan) {
+  double m = -kInf;
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bad |= (x[i] != x[i]);
+    m = x[i] > m ? x[i] : m;
+  }
+  *nan |= bad;
+  return m;
+}
+
+inline float vmax(const float* x, int64_t n, int* nan) { return vmax_f32(x, n, nan); }
+inline double vmax(const double* x, int64_t n, int* nan) { return vmax_f64(x, n, nan); }
+
+// Weight of one category exactly as the reference computes it: exp(x/temp - max/temp) in float64.
+inline double ew(double x, double temp, double zM) { return std::exp(x / temp - zM); }
+
+// One weight in the row's working precision (float32 exp on the fast path).
+inline double ewc(float x, float M, double temp, double) {
+  return static_cast<double>(exp_f32((x - M) * static_cast<float>(1.0 / temp)));
+}
+inline double ewc(double x, double, double temp, double zM) { return ew(x, temp, zM); }
+
+// Sum of the weights of x[0, n) with x >= thr (thr = -inf: all).
+inline double esum(const float* x, int64_t n, float M, double temp, float thr) {
+  return esum_f32(x, n, M, static_cast<float>(1.0 / temp), thr);
+}
+inline double esum(const double* x, int64_t n, double M, double temp, double thr) {
+  const double zM = M / temp;
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += x[i] >= thr ? ew(x[i], temp, zM) : 0.0;
+  return s;
+}
+
+// ---- one row ------------------------------------------------------------------------------------------
+// The weights of every "affine" row (absorbing with a scalar schedule, uniform, plain sampling):
+//   w_j = a * e_j * [j != skip] * [x_j >= thr] + b + [j == spike] * spike_val,  e_j = exp((x_j - M) / temp)
+template <typename C>
+struct AffineRow {
+  const C* x;
+  int64_t V;
+  C M;
+  double temp;
+  C thr;
+  int64_t skip, spike;
+  double a, b, spike_val;
+
+  double weight(int64_t j) const {
+    double w = b;
+    if (j != skip && x[j] >= thr) w += a * ew(static_cast<double>(x[j]), temp, static_cast<double>(M) / temp);
+    if (j == spike) w += spike_val;
+    return w;
+  }
+
+  // Chunk sums of e over [lo, hi) minus the skipped category; returns Z = their total.
+  double chunk_e(double* E) const {
+    double Z = 0.0;
+    for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
+      const int64_t hi = std::min(V, lo + CH);
+      double s;
+      if (skip >= lo && skip < hi) {
+        s = esum(x + lo, skip - lo, M, temp, thr) + esum(x + skip + 1, hi - skip - 1, M, temp, thr);
+      } else {
+        s = esum(x + lo, hi - lo, M, temp, thr);
+      }
+      E[c] = s;
+      Z += s;
+    }
+    return Z;
+  }
+
+  // E -> chunk weights in place; returns W.
+  double chunk_w(double* E) const {
+    double W = 0.0;
+    for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
+      const int64_t hi = std::min(V, lo + CH);
+      double w = a * E[c] + b * static_cast<double>(hi - lo);
+      if (spike >= lo && spike < hi) w += spike_val;
+      E[c] = w;
+      W += w;
+    }
+    return W;
+  }
+
+  // min{j : cumsum(w)_j > u * W}, chunk sums first, the crossing chunk in float64; else the last
+  // positive-weight category.
+  int64_t draw(const double* Wc, double W, double u) const {
+    const double target = u * W;
+    double cum = 0.0;
+    for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
+      const int64_t hi = std::min(V, lo + CH);
+      if (cum + Wc[c] * (1.0 + 1e-5) + 1e-12 * W >= target) {
+        for (int64_t j = lo; j < hi; ++j) {
+          cum += weight(j);
+          if (cum > target) return j;
+        }
+      } else {
+        cum += Wc[c];
+      }
+    }
+    for (int64_t j = V - 1; j > 0; --j) {
+      if (weight(j) > 0.0) return j;
+    }
+    return 0;
+  }
+
+  template <typename O>
+  void write(O* out, double W) const {
+    const double ca = a / W, cb = b / W;
+    if constexpr (std::is_same<C, float>::value && std::is_same<O, float>::value) {
+      eprobs_f32(x, V, M, static_cast<float>(1.0 / temp), thr, static_cast<float>(ca), static_cast<float>(cb), out);
+    } else {
+      const double zM = static_cast<double>(M) / temp;
+      for (int64_t j = 0; j < V; ++j) {
+        const double e = x[j] >= thr ? ew(static_cast<double>(x[j]), temp, zM) : 0.0;
+        out[j] = static_cast<O>(e * ca + cb);
+      }
+    }
+    if (skip >= 0) out[skip] = static_cast<O>(cb);
+    if (spike >= 0) out[spike] = static_cast<O>(weight(spike) / W);
+  }
+};
+
+// Inverse CDF over an explicit float64 weight vector (the generic rows: per-token absorbing, matrix).
+int64_t draw_dense(const double* w, int64_t V, double u) {
+  double Z = 0.0;
+  for (int64_t j = 0; j < V; ++j) Z += w[j];
+  const double target = u * Z;
+  double cum = 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    cum += w[j];
+    if (cum > target) return j;
+  }
+  for (int64_t j = V - 1; j > 0; --j) {
+    if (w[j] > 0.0) return j;
+  }
+  return 0;
+}
+
+// Row loading: float32 rows are read in place when the fast path applies; everything else is converted
+// into the thread's buffer (float for the fast path, double for the exact one).
+template <typename T, typename C>
+const C* load_row(const T* src, int64_t V, std::vector<C>& buf) {
+  if constexpr (std::is_same<T, C>::value) {
+    return src;
+  } else {
+    buf.resize(V);
+    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<C>(static_cast<float>(src[j]));
+    return buf.data();
+  }
+}
+
+// ---- posterior ----------------------------------------------------------------------------------------
+enum Kind { kAbsorbing = 0, kAbsorbingPerToken = 1, kUniform = 2, kMatrix = 3 };
+
+struct PostArgs {
+  Kind kind;
+  int64_t V, N, row_stride, mask;
+  const int64_t *xt, *t, *s, *pair;
+  const double *a_t, *a_s, *ab, *fact1, *qbar;
+  double temp;
+  bool sample, check;
+  uint64_t seed, offset;
+};
+
+template <typename C>
+int check_row(const C* x, int64_t V) {
+  int nan = 0;
+  const C m = vmax(x, V, &nan);
+  if (nan) return kNaN;
+  if (m == static_cast<C>(kInf)) return kPosInf;
+  if (m == static_cast<C>(-kInf)) return kAllNegInf;
+  return kOk;
+}
+
+// One posterior row; returns the drawn token (sample) or writes probabilities to out (O*).
+template <typename C, typename O>
+int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vector<double>& dbuf,
+                      std::vector<double>& chunks) {
+  const int64_t V = A.V, xt = A.xt[r];
+  auto keep = [&]() -> int64_t {
+    if (!A.sample) {
+      std::fill(out, out + V, static_cast<O>(0));
+      out[xt] = static_cast<O>(1);
+    }
+    return xt;
+  };
+  const double temp = A.temp;
+  if (A.kind == kAbsorbing || A.kind == kUniform) {
+    const bool absorbing = A.kind == kAbsorbing;
+    const int64_t skip = absorbing ? A.mask : -1;
+    int nan = 0;
+    C M;
+    if (absorbing) {
+      const C m1 = vmax(x, skip, &nan), m2 = vmax(x + skip + 1, V - skip - 1, &nan);
+      M = std::max(m1, m2);
+    } else {
+      M = vmax(x, V, &nan);
+    }
+    if (M == static_cast<C>(-kInf)) return keep();  // absorbing: only the mask logit is finite
+    AffineRow<C> row{x, V, M, temp, static_cast<C>(-kInf), skip, -1, 0.0, 0.0, 0.0};
+    const int64_t nch = (V + CH - 1) / CH;
+    chunks.resize(nch);
+    const double Z = row.chunk_e(chunks.data());
+    const double a_t = A.a_t[r], a_s = A.a_s[r];
+    if (absorbing) {
+      row.a = (a_s - a_t) / Z;
+      row.spike = A.mask;
+      row.spike_val = 1.0 - a_s;
+    } else {
+      const double rr = a_s > 0 ? a_t / a_s : 0.0, Vd = static_cast<double>(V);
+      row.a = (1.0 - rr) / Vd * a_s / Z;
+      row.b = (1.0 - rr) / Vd * (1.0 - a_s) / Vd;
+      row.spike = xt;
+      // spike_val is r * f2(x_t); weight(x_t) adds the affine part on top.
+      row.spike_val = rr * (a_s * ew(static_cast<double>(x[xt]), temp, static_cast<double>(M) / temp) / Z +
+                            (1.0 - a_s) / Vd);
+    }
+    const double W = row.chunk_w(chunks.data());
+    if (absorbing && !(W > 0.0)) return keep();
+    if (A.sample) return row.draw(chunks.data(), W, row_uniform(A.seed, A.offset, static_cast<uint64_t>(r)));
+    row.write(out, W);
+    return 0;
+  }
+  // Generic rows in float64: w (V) in dbuf.
+  dbuf.resize(V);
+  double* w = dbuf.data();
+  int nan = 0;
+  C M;
+  if (A.kind == kAbsorbingPerToken) {
+    const C m1 = vmax(x, A.mask, &nan), m2 = vmax(x + A.mask + 1, V - A.mask - 1, &nan);
+    M = std::max(m1, m2);
+    if (M == static_cast<C>(-kInf)) return keep();
+  } else {
+    M = vmax(x, V, &nan);
+  }
+  const double zM = static_cast<double>(M) / temp;
+  double Z = 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double e = (A.kind == kAbsorbingPerToken && j == A.mask) ? 0.0 : ew(static_cast<double>(x[j]), temp, zM);
+    w[j] = e;
+    Z += e;
+  }
+  if (A.kind == kAbsorbingPerToken) {
+    const double* At = A.ab + A.t[r] * V;
+    const double* As = A.ab + A.s[r] * V;
+    double wm = 0.0;
+    for (int64_t j = 0; j < V; ++j) {
+      const double p = w[j] / Z;
+      wm += p * (1.0 - As[j]);
+      w[j] = (As[j] - At[j]) * p;
+    }
+    w[A.mask] = wm;
+    double W = 0.0;
+    for (int64_t j = 0; j < V; ++j) W += w[j];
+    if (!(W > 0.0)) return keep();
+    if (A.sample) return draw_dense(w, V, row_uniform(A.seed, A.offset, static_cast<uint64_t>(r)));
+    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<O>(w[j] / W);
+    return 0;
+  }
+  // matrix: w_j = fact1[r, j] * sum_i p_i qbar[pair[r], i, j]
+  std::vector<double> g(V, 0.0);
+  const double* Q = A.qbar + A.pair[r] * V * V;
+  for (int64_t i = 0; i < V; ++i) {
+    const double p = w[i] / Z;
+    if (p == 0.0) continue;
+    const double* qi = Q + i * V;
+    for (int64_t j = 0; j < V; ++j) g[j] += p * qi[j];
+  }
+  const double* f1 = A.fact1 + r * V;
+  double W = 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    w[j] = f1[j] * g[j];
+    W += w[j];
+  }
+  if (A.sample) return draw_dense(w, V, row_uniform(A.seed, A.offset, static_cast<uint64_t>(r)));
+  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<O>(w[j] / W);
+  return 0;
+}
+
+template <typename T, typename C, typename O>
+void posterior_rows(const PostArgs& A, const T* logits, O* probs, int64_t* tokens, int* status) {
+  const int64_t V = A.V;
+  std::atomic<int> worst{kOk};
+  at::parallel_for(0, A.N, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<C> buf;
+    std::vector<double> dbuf, chunks;
+    int local = kOk;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* src = logits + r * A.row_stride;
+      const bool carried = (A.kind == kAbsorbing || A.kind == kAbsorbingPerToken) && A.xt[r] != A.mask;
+      if (carried) {  // the row is only read for the value check
+        if (A.check) {
+          const C* x = load_row<T, C>(src, V, buf);
+          local = std::max(local, check_row(x, V));
+        }
+        if (A.sample) {
+          tokens[r] = A.xt[r];
+        } else {
+          O* out = probs + r * V;
+          std::fill(out, out + V, static_cast<O>(0));
+          out[A.xt[r]] = static_cast<O>(1);
+        }
+        continue;
+      }
+      const C* x = load_row<T, C>(src, V, buf);
+      if (A.check) {
+        const int st = check_row(x, V);
+        local = std::max(local, st);
+        if (st != kOk) {
+          if (A.sample) tokens[r] = A.xt[r];
+          continue;
+        }
+      }
+      const int64_t tok = posterior_row<C, O>(A, r, x, A.sample ? nullptr : probs + r * V, dbuf, chunks);
+      if (A.sample) tokens[r] = tok;
+    }
+    int cur = worst.load();
+    while (local > cur && !worst.compare_exchange_weak(cur, local)) {
+    }
+  });
+  *status = worst.load();
+}
+
+// ---- sample_categorical -------------------------------------------------------------------------------
+template <typename C>
+C kth_largest(const C* x, int64_t V, int64_t k) {
+  std::priority_queue<C, std::vector<C>, std::greater<C>> heap;
+  for (int64_t j = 0; j < V; ++j) {
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.push(x[j]);
+    } else if (x[j] > heap.top()) {
+      heap.pop();
+      heap.push(x[j]);
+    }
+  }
+  return heap.top();
+}
+
+// Smallest logit kept by top-p among x >= thr: v is kept iff the mass of categories strictly more
+// probable than v is below top_p (ties, as in the reference, are equal float64 weights). A histogram
+// keyed by the weight's float32 bit pattern (monotone in the weight, 8 buckets per octave) finds the
+// bucket where the mass crosses top_p * S; only that bucket is sorted.
+inline int weight_bucket(double e) {
+  const float f = static_cast<float>(e);
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const int b = static_cast<int>(bits >> 20);
+  return b < kBuckets ? b : kBuckets - 1;
+}
+
+template <typename C>
+C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, std::vector<double>& mass,
+                  std::vector<C>& xmin, std::vector<std::pair<double, C>>& pairs) {
+  mass.assign(kBuckets, 0.0);
+  xmin.assign(kBuckets, static_cast<C>(kInf));
+  const double zM = static_cast<double>(M) / temp;
+  double S = 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    if (!(x[j] >= thr)) continue;
+    const double e = ewc(x[j], M, temp, zM);
+    if (e == 0.0) continue;
+    const int b = weight_bucket(e);
+    mass[b] += e;
+    xmin[b] = std::min(xmin[b], x[j]);
+    S += e;
+  }
+  const double P = top_p * S;
+  double G = 0.0;
+  C last_min = static_cast<C>(kInf);
+  int bstar = -1;
+  for (int b = kBuckets - 1; b >= 0; --b) {  // most probable first
+    if (mass[b] == 0.0) continue;
+    if (G + mass[b] > P) {
+      bstar = b;
+      break;
+    }
+    G += mass[b];
+    last_min = std::min(last_min, xmin[b]);
+  }
+  if (bstar < 0) return thr;
+  pairs.clear();
+  for (int64_t j = 0; j < V; ++j) {
+    if (!(x[j] >= thr)) continue;
+    const double e = ewc(x[j], M, temp, zM);
+    if (e == 0.0 || weight_bucket(e) != bstar) continue;
+    pairs.emplace_back(e, x[j]);
+  }
+  std::sort(pairs.begin(), pairs.end(), [](const auto& p, const auto& q) { return p.first > q.first; });
+  C kept = last_min;
+  for (size_t i = 0; i < pairs.size();) {
+    if (!(G < P)) break;
+    size_t k = i;
+    double gm = 0.0;
+    while (k < pairs.size() && pairs[k].first == pairs[i].first) {
+      kept = std::min(kept, pairs[k].second);
+      gm += pairs[k++].first;
+    }
+    G += gm;
+    i = k;
+  }
+  return kept;
+}
+
+template <typename T, typename C>
+void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint64_t seed, uint64_t offset,
+                 double temp, int64_t top_k, double top_p, int64_t* tokens) {
+  at::parallel_for(0, N, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<C> buf, xmin;
+    std::vector<double> chunks, mass;
+    std::vector<std::pair<double, C>> pairs;
+    for (int64_t r = r0; r < r1; ++r) {
+      const C* x = load_row<T, C>(logits + r * row_stride, V, buf);
+      int nan = 0;
+      const C M = vmax(x, V, &nan);
+      if (temp == 0.0) {  // greedy: the first maximum
+        int64_t j = 0;
+        while (j + 1 < V && !(x[j] == M)) ++j;
+        tokens[r] = j;
+        continue;
+      }
+      C thr = static_cast<C>(-kInf);
+      if (top_k > 0 && top_k < V) thr = kth_largest(x, V, top_k);
+      if (top_p < 1.0) thr = top_p_threshold(x, V, M, temp, thr, top_p, mass, xmin, pairs);
+      AffineRow<C> row{x, V, M, temp, thr, -1, -1, 1.0, 0.0, 0.0};
+      chunks.resize((V + CH - 1) / CH);
+      row.chunk_e(chunks.data());
+      const double W = row.chunk_w(chunks.data());
+      tokens[r] = row.draw(chunks.data(), W, row_uniform(seed, offset, static_cast<uint64_t>(r)));
+    }
+  });
+}
+
+template <typename F>
+void dispatch_logits(const at::Tensor& logits, bool exact, F&& f) {
+  const auto st = logits.scalar_type();
+  if (st == at::kDouble) {
+    f(logits.data_ptr<double>(), double{});
+  } else if (st == at::kFloat) {
+    if (exact) {
+      f(logits.data_ptr<float>(), double{});
+    } else {
+      f(logits.data_ptr<float>(), float{});
+    }
+  } else if (st == at::kHalf) {
+    if (exact) {
+      f(logits.data_ptr<at::Half>(), double{});
+    } else {
+      f(logits.data_ptr<at::Half>(), float{});
+    }
+  } else if (st == at::kBFloat16) {
+    if (exact) {
+      f(logits.data_ptr<at::BFloat16>(), double{});
+    } else {
+      f(logits.data_ptr<at::BFloat16>(), float{});
+    }
+  } else {
+    TORCH_CHECK(false, "logits: unsupported dtype ", st);
+  }
+}
+
+const double* opt_ptr(const c10::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->numel() >= numel, "posterior: ", name);
+  static const double kEmpty = 0.0;  // an empty table (no rows) is present but has no storage
+  return t->numel() == 0 ? &kEmpty : t->data_ptr<double>();
+}
+
+}  // namespace
+
+at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at::Tensor& x_t,
+                     const at::Tensor& t, const at::Tensor& s, double temperature, int64_t mask_id,
+                     const c10::optional<at::Tensor>& a_t, const c10::optional<at::Tensor>& a_s,
+                     const c10::optional<at::Tensor>& ab_table, const c10::optional<at::Tensor>& fact1,
+                     const c10::optional<at::Tensor>& qbar_s, const c10::optional<at::Tensor>& pair, bool sample,
+                     uint64_t seed, uint64_t offset, bool check_values) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "posterior: logits must be (N, V) with unit stride");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  for (const at::Tensor* v : {&x_t, &t, &s}) {
+    TORCH_CHECK(v->scalar_type() == at::kLong && v->is_contiguous() && v->numel() == N, "posterior: index arrays");
+  }
+  TORCH_CHECK(temperature > 0, "posterior: temperature");
+  PostArgs A{};
+  A.V = V;
+  A.N = N;
+  A.row_stride = logits.stride(0);
+  A.mask = mask_id;
+  A.xt = x_t.data_ptr<int64_t>();
+  A.t = t.data_ptr<int64_t>();
+  A.s = s.data_ptr<int64_t>();
+  A.temp = temperature;
+  A.sample = sample;
+  A.check = check_values;
+  A.seed = seed;
+  A.offset = offset;
+  A.a_t = opt_ptr(a_t, N, "a_t");
+  A.a_s = opt_ptr(a_s, N, "a_s");
+  A.ab = opt_ptr(ab_table, V, "ab_table");
+  A.fact1 = opt_ptr(fact1, N * V, "fact1");
+  A.qbar = opt_ptr(qbar_s, 0, "qbar_s");
+  A.pair = nullptr;
+  if (kind == "absorbing") {
+    TORCH_CHECK(mask_id >= 0 && mask_id < V, "posterior: mask_id");
+    A.kind = A.ab != nullptr ? kAbsorbingPerToken : kAbsorbing;
+    TORCH_CHECK(A.ab != nullptr || (A.a_t != nullptr && A.a_s != nullptr), "posterior: absorbing schedule");
+    if (A.ab != nullptr) {
+      const int64_t rows = ab_table->size(0);
+      TORCH_CHECK(ab_table->dim() == 2 && ab_table->size(1) == V, "posterior: ab_table");
+      if (N > 0) {
+        TORCH_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < rows && s.min().item<int64_t>() >= 0 &&
+                        s.max().item<int64_t>() < rows,
+                    "posterior: steps outside ab_table");
+      }
+    }
+  } else if (kind == "uniform") {
+    A.kind = kUniform;
+    TORCH_CHECK(A.a_t != nullptr && A.a_s != nullptr, "posterior: uniform schedule");
+  } else if (kind == "matrix") {
+    A.kind = kMatrix;
+    TORCH_CHECK(A.fact1 != nullptr && A.qbar != nullptr && pair.has_value(), "posterior: matrix tables");
+    TORCH_CHECK(pair->scalar_type() == at::kLong && pair->is_contiguous() && pair->numel() == N, "posterior: pair");
+    TORCH_CHECK(qbar_s->dim() == 3 && qbar_s->size(1) == V && qbar_s->size(2) == V, "posterior: qbar_s");
+    A.pair = pair->data_ptr<int64_t>();
+    if (N > 0) {
+      TORCH_CHECK(pair->min().item<int64_t>() >= 0 && pair->max().item<int64_t>() < qbar_s->size(0),
+                  "posterior: pair index");
+    }
+  } else {
+    TORCH_CHECK(false, "posterior: unknown kind ", kind);
+  }
+  if (N > 0) {
+    TORCH_CHECK(x_t.min().item<int64_t>() >= 0 && x_t.max().item<int64_t>() < V, "posterior: x_t out of range");
+  }
+  const bool exact = logits.scalar_type() == at::kDouble || V <= kExactV;
+  const auto out_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor tokens = at::empty({sample ? N : 0}, x_t.options());
+  at::Tensor probs = at::empty({sample ? 0 : N, V}, logits.options().dtype(out_dtype));
+  int status = kOk;
+  dispatch_logits(logits, exact, [&](auto* ptr, auto ctag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(ptr)>>;
+    using C = decltype(ctag);
+    if (out_dtype == at::kDouble) {
+      posterior_rows<T, C, double>(A, ptr, sample ? nullptr : probs.data_ptr<double>(),
+                                   sample ? tokens.data_ptr<int64_t>() : nullptr, &status);
+    } else {
+      posterior_rows<T, C, float>(A, ptr, sample ? nullptr : probs.data_ptr<float>(),
+                                  sample ? tokens.data_ptr<int64_t>() : nullptr, &status);
+    }
+  });
+  // The in-kernel value check (check_values): the same ValueError as check_finite_above, raised
+  // before any result is returned.
+  if (status != kOk) {
+    const char* what = status == kNaN ? "contains NaN"
+                       : status == kPosInf ? "contains +inf"
+                                           : "a row has every logit at -inf (no category can be drawn)";
+    TORCH_CHECK_VALUE(false, "x0_logits: ", what);
+  }
+  return sample ? tokens : probs;
+}
+
+at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t offset, double temperature,
+                              int64_t top_k, double top_p) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "sample_categorical: logits must be (N, V), unit stride");
+  TORCH_CHECK(temperature >= 0 && top_p > 0 && top_p <= 1, "sample_categorical: temperature / top_p");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V >= 1 || N == 0, "sample_categorical: empty vocabulary");
+  at::Tensor tokens = at::empty({N}, logits.options().dtype(at::kLong));
+  if (N == 0) return tokens;
+  const bool exact = logits.scalar_type() == at::kDouble || V <= kExactV;
+  dispatch_logits(logits, exact, [&](auto* ptr, auto ctag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(ptr)>>;
+    using C = decltype(ctag);
+    sample_rows<T, C>(ptr, N, V, logits.stride(0), seed, offset, temperature, top_k, top_p,
+                      tokens.data_ptr<int64_t>());
+  });
+  return tokens;
+}
+
+}  // namespace fastdiff
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdiff C++ CPU kernels (called through fastdiff._cpp, which holds the op signatures)";
+  m.def("nearest_embedding", &fastdiff::nearest_embedding, "argmin_v score(x, w_v) and the snapped rows",
+        py::arg("x"), py::arg("weight"), py::arg("metric"), py::arg("block_rows"), py::arg("block_cols"));
+  m.def("rounding_loss_chunked", &fastdiff::rounding_loss_chunked,
+        "per-row cross-entropy of x.W^T + b and (optionally) its gradients, in row chunks", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("target"), py::arg("ignore_index"), py::arg("row_scale"),
+        py::arg("need_grad"), py::arg("chunk_rows"));
+  m.def("posterior", &fastdiff::posterior, "posterior probabilities or draws of a PosteriorPlan", py::arg("kind"),
+        py::arg("logits"), py::arg("x_t"), py::arg("t"), py::arg("s"), py::arg("temperature"), py::arg("mask_id"),
+        py::arg("a_t"), py::arg("a_s"), py::arg("ab_table"), py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"),
+        py::arg("sample"), py::arg("seed"), py::arg("offset"), py::arg("check_values"));
+  m.def("sample_categorical", &fastdiff::sample_categorical, "temperature / top-k / top-p draws", py::arg("logits"),
+        py::arg("seed"), py::arg("offset"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"));
+  m.def("row_uniform", &fastdiff::row_uniform, "the float64 uniform of Philox counter (row, offset)",
+        py::arg("seed"), py::arg("offset"), py::arg("row"));
+}

@@ -1,0 +1,133 @@
+"""The C++ CPU backend: op-level wrappers around the compiled ``fastdiff._C`` (``csrc/*.cpp``).
+
+Importing this module imports ``fastdiff._C``; an ImportError here means the extension is not built
+(``_backends.cpp()`` turns it into the reason). The functions below have the signatures the dispatcher
+calls (:mod:`fastdiff.ops._dispatch`) and receive arguments the public ops have already checked.
+
+* ``nearest_embedding``: row blocks of ``BLOCK_ROWS`` vectors against vocabulary tiles of
+  ``BLOCK_COLS`` rows; each tile's scores come from one BLAS GEMM into a per-thread buffer and are
+  reduced by one fused "add |w|², arg-min" pass, so the largest score buffer is
+  ``threads × BLOCK_ROWS × BLOCK_COLS``.
+* ``rounding_loss``: :class:`RoundingLossFn`, chunks of rows whose ``(rows, V)`` logits buffer is reused;
+  the gradient is computed in the forward pass (mean / sum) and only scaled by the backward; for
+  ``reduction="none"`` the backward recomputes the chunks with the per-row output gradient.
+* ``categorical_posterior`` / ``posterior_sample``: the rows of a :class:`~fastdiff.ops._plan.PosteriorPlan`.
+* ``sample_categorical``: temperature, top-k and top-p with the reference's tie-inclusive sets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+from .ops._plan import posterior_plan
+
+BLOCK_ROWS = 128  # nearest_embedding: vectors per row block
+BLOCK_COLS = 1024  # nearest_embedding: vocabulary rows per score tile (128 × 1024 fp32 = 512 KiB)
+LOSS_CHUNK_ELEMENTS = 1 << 22  # rounding_loss: logits elements per chunk (16 MiB in float32)
+# The posterior kernels check logits for NaN / +inf / all -inf rows themselves (same ValueError as
+# ops._common.check_finite_above) when the public op leaves the check to the kernel.
+CHECKS_VALUES = True
+
+__all__ = ["nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample", "sample_categorical",
+           "RoundingLossFn"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices (...) int64, snapped (..., D) weight dtype)``; see :func:`fastdiff.ops.nearest_embedding_ref`."""
+    return _C.nearest_embedding(x, weight, metric, BLOCK_ROWS, BLOCK_COLS)
+
+
+def _loss_chunk_rows(V: int) -> int:
+    return max(1, LOSS_CHUNK_ELEMENTS // max(1, V))
+
+
+class RoundingLossFn(torch.autograd.Function):
+    """Fused linear cross-entropy: loss of ``softmax(x·Wᵀ + b)`` at ``target`` with the gradient computed
+    chunk by chunk in the forward pass (no ``N × V`` logits kept)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, reduction, ignore_index):
+        cdt = _compute_dtype(x.dtype)
+        D = x.shape[-1]
+        x2 = x.detach().reshape(-1, D).to(cdt).contiguous()
+        w2 = weight.detach().to(cdt).contiguous()
+        b2 = None if bias is None else bias.detach().to(cdt).contiguous()
+        t1 = target.reshape(-1).to(torch.int64).contiguous()
+        valid = int((t1 != ignore_index).sum())
+        want_grad = any(ctx.needs_input_grad[:3])
+        if reduction == "mean":
+            scale = torch.tensor([1.0 / valid if valid else float("inf")], dtype=cdt)
+        else:
+            scale = torch.ones(1, dtype=cdt)
+        in_forward = want_grad and reduction != "none"
+        loss_rows, gx, gw, gb = _C.rounding_loss_chunked(x2, w2, b2, t1, ignore_index, scale, in_forward,
+                                                         _loss_chunk_rows(w2.shape[0]))
+        ctx.reduction = reduction
+        ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if reduction == "none":
+            if want_grad:
+                ctx.save_for_backward(x2, w2, b2, t1)
+            ctx.ignore_index = ignore_index
+            return loss_rows.reshape(target.shape)
+        if in_forward:
+            ctx.save_for_backward(gx, gw, gb)
+        total = loss_rows.sum(dtype=torch.float64)
+        if reduction == "mean":
+            total = total / valid if valid else total * float("nan")
+        return total.to(cdt)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
+        if ctx.reduction == "none":
+            x2, w2, b2, t1 = ctx.saved_tensors
+            scale = grad_out.reshape(-1).to(x2.dtype).contiguous()
+            _, gx, gw, gb = _C.rounding_loss_chunked(x2, w2, b2, t1, ctx.ignore_index, scale, True,
+                                                     _loss_chunk_rows(w2.shape[0]))
+        else:
+            gx, gw, gb = ctx.saved_tensors
+            g = grad_out.to(gx.dtype)
+            gx, gw = gx * g, gw * g
+            gb = None if gb is None else gb * g
+        gx = gx.reshape(x_shape).to(x_dtype) if ctx.needs_input_grad[0] else None
+        gw = gw.to(w_dtype) if ctx.needs_input_grad[1] else None
+        gb = gb.to(b_dtype) if (b_dtype is not None and ctx.needs_input_grad[2]) else None
+        return gx, gw, gb, None, None, None
+
+
+def rounding_loss(x, weight, target, bias, reduction, ignore_index) -> torch.Tensor:
+    """Differentiable in ``x``, ``weight`` and ``bias``; see :func:`fastdiff.ops.rounding_loss_ref`."""
+    return RoundingLossFn.apply(x, weight, bias, target, reduction, int(ignore_index))
+
+
+def _posterior(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0):
+    plan = posterior_plan(process, x0_logits, x_t, tt, ss, temperature)
+    return _C.posterior(plan.kind, plan.logits, plan.x_t, plan.t, plan.s, plan.temperature, plan.mask_id,
+                        plan.a_t, plan.a_s, plan.ab_table, plan.fact1, plan.qbar_s, plan.pair, sample, seed, offset,
+                        CHECKS_VALUES)
+
+
+def categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torch.Tensor:
+    """``(..., V)`` float32 (float64 for float64 logits); see :func:`fastdiff.ops.categorical_posterior_ref`."""
+    return _posterior(process, x0_logits, x_t, tt, ss, temperature, False).reshape(x0_logits.shape)
+
+
+def posterior_sample(process, x0_logits, x_t, tt, ss, *, seed, offset, temperature) -> torch.Tensor:
+    """int64 ``(...)``; see :func:`fastdiff.ops.posterior_sample_ref`."""
+    return _posterior(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset).reshape(x_t.shape)
+
+
+def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p) -> torch.Tensor:
+    """int64 ``(...)``; see :func:`fastdiff.ops.sample_categorical_ref`."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    out = _C.sample_categorical(flat, seed, offset, float(temperature), 0 if top_k is None else int(top_k),
+                                1.0 if top_p is None else float(top_p))
+    return out.reshape(logits.shape[:-1])
