@@ -77,6 +77,7 @@ struct PosteriorRow {
   double m = 0.0, S = 1.0;                        // max of z over the row, sum of exp(z - m)
   double a_t = 0.0, a_s = 0.0, r = 0.0, c0 = 0.0;  // scalar schedules; uniform's r and (1 - r)/V
   double w_mask = 0.0;                             // absorbing: the mask column's weight
+  double A = 0.0;                                  // per-token absorbing: sum_{j != mask} e_j (A_s - A_t)_j
   const double* At = nullptr;                      // per-token alpha_bar rows
   const double* As = nullptr;
   const double* f1 = nullptr;                      // matrix: fact1 row, qbar_s[pair]
@@ -145,7 +146,7 @@ __device__ bool posterior_row_setup(PosteriorRow<T>& R, int64_t row, double* p_s
   }
   R.S = block_sum(S, sm.red);
   if (R.At) {
-    A = block_sum(A, sm.red);
+    R.A = block_sum(A, sm.red);
     B = block_sum(B, sm.red);
   }
   if (absorbing) {
@@ -165,13 +166,8 @@ __device__ bool posterior_row_setup(PosteriorRow<T>& R, int64_t row, double* p_s
 template <typename T>
 __device__ double posterior_total(const PosteriorRow<T>& R, RowScratch& sm) {
   switch (R.a.kind) {
-    case PosteriorKind::kAbsorbing: {
-      if (!R.At) return (R.a_s - R.a_t) + R.w_mask;
-      double acc = 0.0;  // sum_j (A_s - A_t)_j p_j + w_mask, in one pass of block sums
-      for (int64_t j = threadIdx.x; j < R.V; j += blockDim.x)
-        if (j != R.a.mask_id) acc += R.weight(j);
-      return block_sum(acc, sm.red) + R.w_mask;
-    }
+    case PosteriorKind::kAbsorbing:  // sum_{j != mask} (A_s - A_t)_j p_j + w_mask
+      return R.At ? R.A / R.S + R.w_mask : (R.a_s - R.a_t) + R.w_mask;
     case PosteriorKind::kUniform:
       return R.c0 + R.r * (R.a_s * R.p(R.xt) + (1.0 - R.a_s) / static_cast<double>(R.V));
     case PosteriorKind::kMatrix: {
