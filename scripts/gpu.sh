@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Build, test and benchmark every GPU path of fastdiff in one command, on a machine with an NVIDIA GPU.
+#
+#   bash scripts/gpu.sh                 # from the repository root (or anywhere: it cd's there)
+#
+# Needs: nvcc, a CUDA build of torch, pytest, pytest-benchmark, scipy, hypothesis (and triton for the
+# Triton paths) already installed: nothing is downloaded, so it runs on machines without internet.
+# Steps:
+#   1. report the machine (GPU, driver, torch / CUDA / Triton versions);
+#   2. build the extensions in place (fastdiff._C and fastdiff._C_cuda) with FASTDIFF_BUILD_CUDA=1
+#      for this GPU's architecture (override with FASTDIFF_CUDA_ARCHS="80;90");
+#   3. run the GPU tests: pytest tests -k "cuda or triton or dispatch" (FASTDIFF_GPU_ALL_TESTS=1: all tests);
+#   4. run the benchmarks on the GPU: pytest benchmarks --benchmark-only, saved as
+#      benchmarks/results/<gpu-name>.json, with everything this script prints in benchmarks/results/<gpu-name>.txt.
+# Environment: PYTHON (default python3), FASTDIFF_BENCH_SMALL=1 (benchmarks at 1/8 size),
+# FASTDIFF_GPU_OUT=DIR (also copy the .json and .txt there), MAX_JOBS (parallel compiles, default nproc).
+# Exit status: non-zero if the build, the tests or the benchmarks failed (later steps still run after a
+# test failure, so one run on a borrowed GPU yields as much as it can).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)"; then
+  echo "gpu.sh: needs a CUDA build of torch that sees a GPU ($PY: $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())' 2>&1))" >&2
+  exit 2
+fi
+GPU_NAME="$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")"
+RESULTS="$ROOT/benchmarks/results"
+mkdir -p "$RESULTS"
+LOG="$RESULTS/$GPU_NAME.txt"
+JSON="$RESULTS/$GPU_NAME.json"
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+TEE_PID=$!
+
+status=0
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S) UTC)"; }
+
+step "machine"
+git -C "$ROOT" log -1 --format='commit %H %s' 2>/dev/null || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+nvcc --version | tail -2
+"$PY" - <<'PY'
+import torch
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), {p.name}, sm_{p.major}{p.minor}, "
+      f"{p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed (the Triton paths will be skipped by the tests and benchmarks)")
+PY
+
+step "build (FASTDIFF_BUILD_CUDA=1, in place)"
+ARCH="$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(0); print(f'{a}{b}')")"
+export FASTDIFF_CUDA_ARCHS="${FASTDIFF_CUDA_ARCHS:-$ARCH}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+t0=$(date +%s)
+if FASTDIFF_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace; then
+  echo "build: ok in $(( $(date +%s) - t0 )) s (archs $FASTDIFF_CUDA_ARCHS)"
+else
+  echo "build: FAILED after $(( $(date +%s) - t0 )) s"; exit 3
+fi
+"$PY" - <<'PY' || status=1
+import fastdiff
+for name, be in fastdiff.available_backends().items():
+    print(f"backend {name:9s}: {'ok' if be.available else 'unavailable: ' + be.reason}")
+assert fastdiff.available_backends()["cuda"].available, "the CUDA backend did not load after the build"
+PY
+
+step "GPU tests"
+if [ "${FASTDIFF_GPU_ALL_TESTS:-0}" = "1" ]; then sel=(); else sel=(-k "cuda or triton or dispatch"); fi
+"$PY" -m pytest tests "${sel[@]}" -q -ra -p no:cacheprovider || { echo "tests: FAILED"; status=1; }
+
+step "benchmarks"
+"$PY" -m pytest benchmarks --benchmark-only --benchmark-json "$JSON" -q -p no:cacheprovider \
+  --benchmark-columns=min,median,max,rounds --benchmark-sort=name || { echo "benchmarks: FAILED"; status=1; }
+
+step "done: status $status; log $LOG, benchmarks $JSON"
+exec 1>&- 2>&-
+wait "$TEE_PID" 2>/dev/null  # the log is complete once tee has exited
+if [ -n "${FASTDIFF_GPU_OUT:-}" ]; then
+  mkdir -p "$FASTDIFF_GPU_OUT" && cp -f "$LOG" "$JSON" "$FASTDIFF_GPU_OUT"/ 2>/dev/null
+fi
+exit $status
