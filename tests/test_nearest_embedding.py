@@ -106,7 +106,7 @@ def test_snapped_is_the_clamping_trick():
     (torch.full((3, 4), float("nan")), torch.randn(5, 4), {}, ValueError, "x"),
     (torch.randn(3, 4), torch.full((5, 4), float("inf")), {}, ValueError, "weight"),
     (torch.randn(3, 4), torch.randn(5, 4), {"metric": "dot"}, ValueError, "metric"),
-    (torch.randn(3, 4), torch.randn(5, 4), {"backend": "cpp"}, RuntimeError, "cpp"),
+    (torch.randn(3, 4), torch.randn(5, 4), {"backend": "cuda"}, RuntimeError, "cuda"),
 ])
 def test_bad_input(x, w, kw, err, match):
     with pytest.raises(err, match=match):
