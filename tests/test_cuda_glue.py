@@ -116,10 +116,14 @@ def glue(monkeypatch):
     fake = FakeCudaModule()
     monkeypatch.setitem(sys.modules, "fastdiff._C_cuda", fake)
     monkeypatch.setattr(fastdiff, "_C_cuda", fake, raising=False)
+    # Import a fresh glue module over the fake; monkeypatch puts back any real one afterwards.
     monkeypatch.delitem(sys.modules, "fastdiff._cuda", raising=False)
+    monkeypatch.delattr(fastdiff, "_cuda", raising=False)
     mod = importlib.import_module("fastdiff._cuda")
     yield mod, fake
     sys.modules.pop("fastdiff._cuda", None)
+    if getattr(fastdiff, "_cuda", None) is mod:
+        delattr(fastdiff, "_cuda")
 
 
 def test_glue_exports_what_the_dispatcher_calls(glue):
