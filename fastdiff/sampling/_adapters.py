@@ -3,7 +3,9 @@
 A denoiser is called as ``model(x_t, t, **cond) -> output`` with ``x_t: (B, L)`` int64 (discrete) or
 ``(B, L, D)`` float (continuous) and ``t: (B,)`` int64. The output is x0 logits ``(B, L, V)`` for a
 discrete process and the parameterised tensor (x0 / eps / mean) for a continuous one. Tuples (first
-element) and objects with a ``.logits`` attribute (Hugging Face ``ModelOutput``) are unwrapped.
+element) and objects with a ``.logits`` attribute (Hugging Face ``ModelOutput``) are unwrapped. The
+sampler owns the returned tensor and may modify it in place (guidance is combined into it, the mask
+column is set to ``-inf``), so a model must return a fresh tensor, not a buffer it keeps.
 
 Every adapter carries two flags the sampler reads:
 
