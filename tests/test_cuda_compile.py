@@ -129,6 +129,9 @@ def _assert_ok(compiled, name: str) -> None:
 def test_sources_exist():
     names = {p.name for p in CUDA_SRC.glob("*.cu")}
     assert {"embedding.cu", "sampling.cu"} <= names, names
+    setup_py = (ROOT / "setup.py").read_text()  # what setup.py's CUDA build compiles
+    assert '"csrc", "cuda", "*.cu"' in setup_py and '"binding.cpp"' in setup_py
+    assert (CUDA_SRC / "binding.cpp").is_file()
 
 
 @pytest.mark.parametrize("name", ["embedding.cu", "sampling.cu"])
