@@ -10,5 +10,7 @@ Importing this package needs ``triton`` but no GPU.
 from .nearest_embedding import nearest_embedding
 from .posterior import categorical_posterior, posterior_sample
 from .rounding_loss import rounding_loss
+from .sample_categorical import sample_categorical
 
-__all__ = ["nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample"]
+__all__ = ["nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample",
+           "sample_categorical"]

@@ -10,6 +10,7 @@ config changes only the order of float32 sums inside a tile, never the tie rule 
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -18,6 +19,9 @@ import triton.language as tl
 # Programs per SM that a split-over-V launch aims for (GEMM kernels split the vocabulary across
 # programs when there are too few row tiles to fill the GPU).
 _TARGET_WAVES = 2
+# Row tile of the per-row kernels under the interpreter: small, so that CPU tests with V of a few
+# hundred already cross tile boundaries (online max, CDF carried across tiles, early exit).
+INTERPRET_BLOCK = 128
 
 
 def interpret() -> bool:
@@ -58,6 +62,12 @@ def upcast_for_dot(dtype: torch.dtype) -> bool:
     """Triton 3.8's interpreter computes bf16 ``tl.dot`` wrongly (numpy has no bf16); there the tiles
     are upcast to float32 first, which gives the same products (bf16 x bf16 is exact in float32)."""
     return interpret() and dtype == torch.bfloat16
+
+
+def f64_bits(value: float) -> int:
+    """A float passed to a kernel as its float64 bit pattern (Triton passes Python floats as float32);
+    the kernel recovers it with ``.to(tl.float64, bitcast=True)``."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def split_seed(seed: int) -> tuple[int, int]:

@@ -33,7 +33,7 @@ _KINDS = {"absorbing": 0, "uniform": 2, "matrix": 3}  # 1: absorbing with a per-
 
 
 @triton.jit
-def _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+def _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w_mask,
                   abt_ptr, abs_ptr, fact_ptr, q_ptr, V,
                   KIND: tl.constexpr, WDT: tl.constexpr, BLOCK_I: tl.constexpr):
     """float64 posterior weights ``w_j`` of one tile (0 outside the row), from the row's ``m``, ``S``."""
@@ -42,13 +42,13 @@ def _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_ma
         for i0 in range(0, V, BLOCK_I):
             ri = i0 + tl.arange(0, BLOCK_I)
             i_ok = ri < V
-            yi = tl.load(base + ri, mask=i_ok, other=float("-inf")).to(WDT) * inv_temp
+            yi = tl.load(base + ri, mask=i_ok, other=float("-inf")).to(WDT) / temperature
             pi = tl.where(i_ok, tl.exp(yi - m), 0.0).to(tl.float64) / S
             qt = tl.load(q_ptr + ri[:, None] * V + offs[None, :], mask=i_ok[:, None] & ok[None, :], other=0.0)
             q += tl.sum(pi[:, None] * qt, axis=0)
         w = tl.load(fact_ptr + offs, mask=ok, other=0.0) * q
     else:
-        y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) * inv_temp
+        y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) / temperature
         if KIND <= 1:
             y = tl.where(offs == mask_id, float("-inf"), y)
         p = tl.where(y == float("-inf"), 0.0, tl.exp(y - m)).to(tl.float64) / S
@@ -64,14 +64,15 @@ def _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_ma
     return tl.where(ok, w, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["temperature_bits", "mask_id", "seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _posterior_fwd_kernel(
     logits_ptr, stride_l, xt_ptr, t_ptr, s_ptr, at_ptr, as_ptr, ab_ptr, fact_ptr, qbar_ptr, pair_ptr,
     probs_ptr, tok_ptr,
-    V, mask_id, inv_temp, seed_lo, seed_hi, off_lo, off_hi,
+    V, mask_id, temperature_bits, seed_lo, seed_hi, off_lo, off_hi,
     KIND: tl.constexpr, SAMPLE: tl.constexpr, WDT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True).to(WDT)
     xt = tl.load(xt_ptr + row)
     base = logits_ptr + row * stride_l
     lanes = tl.arange(0, BLOCK)
@@ -106,7 +107,7 @@ def _posterior_fwd_kernel(
         for v0 in range(0, V, BLOCK):
             offs = v0 + lanes
             ok = offs < V
-            y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) * inv_temp
+            y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) / temperature
             if KIND <= 1:
                 y = tl.where(offs == mask_id, float("-inf"), y)
             m_new = tl.maximum(m, tl.max(y, axis=0))
@@ -131,14 +132,14 @@ def _posterior_fwd_kernel(
         w_mask = S1s / S
         Z = S1t / S
     if KIND == 2:
-        yx = tl.load(base + xt).to(WDT) * inv_temp
+        yx = tl.load(base + xt).to(WDT) / temperature
         f2x = a_s * (tl.exp(yx - m).to(tl.float64) / S) + (1.0 - a_s) / V
         Z = (1.0 - r) / V + r * f2x
     if KIND == 3:
         Z = tl.zeros((), tl.float64)
         for v0 in range(0, V, BLOCK):
             offs = v0 + lanes
-            w = _tile_weights(base, offs, offs < V, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+            w = _tile_weights(base, offs, offs < V, m, S, temperature, xt, mask_id, a_t, a_s, r, w_mask,
                               abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
             Z += tl.sum(w, axis=0)
     if KIND <= 1:
@@ -155,7 +156,7 @@ def _posterior_fwd_kernel(
             while (v0 < V) & (found < 0):
                 offs = v0 + lanes
                 ok = offs < V
-                w = _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+                w = _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w_mask,
                                   abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
                 c = acc + tl.cumsum(w, axis=0)
                 first = tl.min(tl.where(ok & (c > target), offs, V), axis=0).to(tl.int64)
@@ -174,7 +175,7 @@ def _posterior_fwd_kernel(
             if keep:
                 prob = tl.where(offs == xt, 1.0, 0.0)
             else:
-                w = _tile_weights(base, offs, ok, m, S, inv_temp, xt, mask_id, a_t, a_s, r, w_mask,
+                w = _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w_mask,
                                   abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
                 prob = w / Z
             tl.store(out_row + offs, prob.to(out_dt), mask=ok)
@@ -183,7 +184,7 @@ def _posterior_fwd_kernel(
 def _blocks(V: int, kind: int) -> tuple[int, int]:
     if kind == 3:
         return _common.next_pow2(V, 16, 128), 32
-    return _common.next_pow2(V, 16, 512 if _common.interpret() else 4096), 32
+    return _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096), 32
 
 
 def _posterior_fwd(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
@@ -209,7 +210,7 @@ def _posterior_fwd(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: 
         ab_table if ab_table is not None else dummy, fact1 if fact1 is not None else dummy,
         qbar if qbar is not None else dummy, pair if pair is not None else x_t,
         probs if not sample else dummy, tokens if sample else x_t,
-        V, mask_id, 1.0 / temperature, seed_lo, seed_hi, off_lo, off_hi,
+        V, mask_id, _common.f64_bits(temperature), seed_lo, seed_hi, off_lo, off_hi,
         KIND=k, SAMPLE=sample, WDT=tl.float64 if logits.dtype == torch.float64 else tl.float32,
         BLOCK=BLOCK, BLOCK_I=BLOCK_I, num_warps=8 if BLOCK >= 2048 else 4,
     )

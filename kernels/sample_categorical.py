@@ -1,0 +1,224 @@
+"""``sample_categorical`` in Triton: one program per row; temperature, tie-inclusive top-k / top-p by
+exact threshold bisection, and the reference's counter-based inverse-CDF draw.
+
+Per row, in ``BLOCK`` tiles (``y = logits / temperature``, ``w = exp(y - max y)``):
+
+* greedy (``temperature == 0``): one pass, ``tl.argmax`` per tile (first index) and a strict ``>``
+  across tiles, i.e. the lowest index among equal maxima, as ``torch.argmax``;
+* top-k keeps ``v`` iff fewer than ``k`` logits are strictly larger. The k-th largest logit is found
+  by bisection over the order-preserving integer image of the float logits (``key``): the largest
+  key ``τ`` with ``#{key >= τ} >= k`` *is* the k-th largest value, exactly. Each counting pass also
+  finds the present keys next to the midpoint and snaps the interval to them, so the search ends
+  after about ``log2(V)`` passes on spread-out logits (at most 32, 64 for float64). Kept:
+  ``key >= τ``, so ties are kept whole;
+* top-p keeps ``v`` iff the mass of categories strictly more probable than ``v`` is below ``p``
+  (after top-k). The mass above ``x``, ``M(x) = Σ_{w > x} w / Σ w``, is non-increasing in ``x``, so
+  the kept set is ``{w >= x*}`` with ``x*`` the smallest float64 (by its bit pattern) with
+  ``M(x*) < p``: found by bisection over the bits of non-negative doubles, snapped to present
+  weights as above (at most 62 passes);
+* the draw: ``min{j : cumsum(w)_j > u·Σ w}`` over the kept weights, float64 CDF, ``u`` the float64
+  uniform of Philox counter ``(row, offset)``, stopping at the first tile that crosses; if rounding
+  leaves none, the last positive-weight category.
+
+Weights are float32 ``exp`` for 16/32-bit logits without top-p, float64 otherwise (top-p compares
+masses, which should not depend on float32 rounding); sums and the CDF are always float64. The top-k
+set is exact (integer keys of the logits, whose order equals the reference's float64 ``z`` order);
+the top-p set and the drawn token equal the reference's except within rounding of a boundary.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+
+@triton.jit
+def _order_key(x, KEY: tl.constexpr, SIGN_OFF: tl.constexpr):
+    """Integer with the same order as the float ``x`` (``-0.0`` mapped to ``+0.0`` first)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(KEY, bitcast=True)
+    return tl.where(b < 0, b ^ SIGN_OFF, b)
+
+
+@triton.jit(do_not_specialize=["temperature_bits", "top_k", "top_p_bits", "seed_lo", "seed_hi", "off_lo", "off_hi"])
+def _sample_categorical_fwd_kernel(
+    logits_ptr, stride_l, tok_ptr, V, temperature_bits, top_k, top_p_bits, seed_lo, seed_hi, off_lo, off_hi,
+    GREEDY: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
+    XDT: tl.constexpr, WDT: tl.constexpr, KEY: tl.constexpr, SIGN_OFF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride_l
+    lanes = tl.arange(0, BLOCK)
+    temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True).to(WDT)
+    top_p = top_p_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    if GREEDY:
+        best = tl.full((), float("-inf"), XDT)
+        arg = row * 0
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + lanes
+            x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(XDT)
+            tmax = tl.max(x, axis=0)
+            targ = tl.argmax(x, axis=0, tie_break_left=True).to(tl.int64) + v0
+            arg = tl.where(tmax > best, targ, arg)
+            best = tl.maximum(best, tmax)
+        tl.store(tok_ptr + row, arg)
+    else:
+        # pass 1: max of y; key range for top-k
+        m = tl.full((), float("-inf"), WDT)
+        k_lo = tl.full((), 0, KEY)
+        k_hi = tl.full((), 0, KEY)
+        if HAS_TOPK:
+            k_lo = tl.full((), SIGN_OFF, KEY)
+            k_hi = -k_lo - 1
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + lanes
+            ok = offs < V
+            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+            m = tl.maximum(m, tl.max(x.to(WDT) / temperature, axis=0))
+            if HAS_TOPK:
+                key = _order_key(x, KEY, SIGN_OFF)
+                k_lo = tl.minimum(k_lo, tl.min(tl.where(ok, key, SIGN_OFF), axis=0))
+                k_hi = tl.maximum(k_hi, tl.max(tl.where(ok, key, -SIGN_OFF - 1), axis=0))
+        # top-k: the largest key tau with #{key >= tau} >= k (the k-th largest logit)
+        if HAS_TOPK:
+            while k_lo < k_hi:
+                mid = (k_lo >> 1) + (k_hi >> 1) + (k_lo & k_hi & 1) + ((k_lo ^ k_hi) & 1)
+                cnt = tl.zeros((), tl.int64)
+                up = k_hi  # the smallest present key >= mid
+                down = k_lo  # the largest present key < mid
+                for v0 in range(0, V, BLOCK):
+                    offs = v0 + lanes
+                    ok = offs < V
+                    x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+                    key = _order_key(x, KEY, SIGN_OFF)
+                    ge = ok & (key >= mid)
+                    cnt += tl.sum(ge.to(tl.int64), axis=0)
+                    up = tl.minimum(up, tl.min(tl.where(ge, key, k_hi), axis=0))
+                    down = tl.maximum(down, tl.max(tl.where(ok & (key < mid), key, k_lo), axis=0))
+                # the count is constant between present keys: snap to them (ends in ~log2(V) steps)
+                k_lo = tl.where(cnt >= top_k, up, k_lo)
+                k_hi = tl.where(cnt >= top_k, k_hi, down)
+        # top-p: the smallest x (bits of a non-negative double) with mass(w > x) < p · W
+        p_lo = tl.zeros((), tl.int64)
+        if HAS_TOPP:
+            W = tl.zeros((), tl.float64)
+            for v0 in range(0, V, BLOCK):
+                offs = v0 + lanes
+                ok = offs < V
+                x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+                w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
+                if HAS_TOPK:
+                    w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+                W += tl.sum(w, axis=0)
+            p_hi = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)  # max w = exp(0) = 1
+            while p_lo < p_hi:
+                mid = (p_lo >> 1) + (p_hi >> 1) + (p_lo & p_hi & 1)
+                above = tl.zeros((), tl.float64)
+                up = p_hi  # the smallest present key > mid
+                down = p_lo  # the largest present key <= mid
+                for v0 in range(0, V, BLOCK):
+                    offs = v0 + lanes
+                    ok = offs < V
+                    x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+                    w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
+                    if HAS_TOPK:
+                        w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+                    key = w.to(tl.int64, bitcast=True)
+                    gt = ok & (key > mid)
+                    above += tl.sum(tl.where(gt, w, 0.0), axis=0)
+                    up = tl.minimum(up, tl.min(tl.where(gt, key, p_hi), axis=0))
+                    down = tl.maximum(down, tl.max(tl.where(ok & (key <= mid), key, p_lo), axis=0))
+                # M(x) is constant between present weights: snap to them
+                small = above / W < top_p
+                p_hi = tl.where(small, down, p_hi)
+                p_lo = tl.where(small, p_lo, up)
+        # the kept total, then the scan
+        Wf = tl.zeros((), tl.float64)
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + lanes
+            ok = offs < V
+            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+            w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
+            if HAS_TOPK:
+                w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+            if HAS_TOPP:
+                w = tl.where(w.to(tl.int64, bitcast=True) >= p_lo, w, 0.0)
+            Wf += tl.sum(w, axis=0)
+        target = _common.row_uniform(row, seed_lo, seed_hi, off_lo, off_hi) * Wf
+        acc = tl.zeros((), tl.float64)
+        found = row * 0 - 1
+        last = row * 0 - 1
+        v0 = 0
+        while (v0 < V) & (found < 0):
+            offs = v0 + lanes
+            ok = offs < V
+            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+            w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
+            if HAS_TOPK:
+                w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+            if HAS_TOPP:
+                w = tl.where(w.to(tl.int64, bitcast=True) >= p_lo, w, 0.0)
+            c = acc + tl.cumsum(w, axis=0)
+            first = tl.min(tl.where(ok & (c > target), offs, V), axis=0).to(tl.int64)
+            found = tl.where(first < V, first, found)
+            last = tl.maximum(last, tl.max(tl.where(ok & (w > 0.0), offs, -1), axis=0).to(tl.int64))
+            acc = tl.max(c, axis=0)
+            v0 += BLOCK
+        tl.store(tok_ptr + row, tl.where(found >= 0, found, last))
+
+
+def _sample_categorical_fwd(logits: torch.Tensor, seed_lo: int, seed_hi: int, off_lo: int, off_hi: int,
+                            temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Launcher: ``logits: (N, V)`` with unit column stride -> tokens ``(N,)`` int64. ``top_k = 0`` and
+    ``top_p = 1.0`` mean no filter."""
+    N, V = logits.shape
+    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
+    if N == 0:
+        return tokens
+    f64 = logits.dtype == torch.float64
+    has_topk = 0 < top_k < V
+    has_topp = top_p < 1.0
+    BLOCK = _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096)
+    _sample_categorical_fwd_kernel[(N,)](
+        logits, logits.stride(0), tokens, V, _common.f64_bits(temperature), int(top_k), _common.f64_bits(top_p),
+        seed_lo, seed_hi, off_lo, off_hi,
+        GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
+        XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
+        KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
+        BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4,
+    )
+    return tokens
+
+
+def _register_custom_op():
+    @torch.library.custom_op("fastdiff_triton::sample_categorical", mutates_args=())
+    def sample_categorical_op(logits: torch.Tensor, seed_lo: int, seed_hi: int, off_lo: int, off_hi: int,
+                              temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+        return _sample_categorical_fwd(logits, seed_lo, seed_hi, off_lo, off_hi, temperature, top_k, top_p)
+
+    @sample_categorical_op.register_fake
+    def _(logits, seed_lo, seed_hi, off_lo, off_hi, temperature, top_k, top_p):
+        return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+    return sample_categorical_op
+
+
+sample_categorical_op = _register_custom_op()
+
+
+def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Triton backend of :func:`fastdiff.ops.sample_categorical` (arguments already checked)."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    s_lo, s_hi = _common.split_seed(seed)
+    o_lo, o_hi = _common.split_seed(offset)
+    args = (flat, s_lo, s_hi, o_lo, o_hi, float(temperature), 0 if top_k is None else int(top_k),
+            1.0 if top_p is None else float(top_p))
+    fn = sample_categorical_op if _common.custom_ops_enabled() else _sample_categorical_fwd
+    return fn(*args).reshape(logits.shape[:-1])
