@@ -44,7 +44,7 @@ def _extensions():
     if cpp_sources:
         exts.append(CppExtension(
             "fastdiff._C", cpp_sources,
-            extra_compile_args={"cxx": ["-O3", "-g0", "-std=c++20", *omp]},
+            extra_compile_args={"cxx": ["-O3", "-g0", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", *omp]},
             extra_link_args=omp,
         ))
     want_cuda = _truthy("FASTDIFF_BUILD_CUDA") or (

@@ -55,7 +55,8 @@ inline float exp_f32(float x) {
   const bool under = x < -87.3f;
   float xc = x < -87.3f ? -87.3f : x;
   xc = xc > 88.3f ? 88.3f : xc;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  // round-to-nearest by the 1.5 * 2^23 trick (std::floor is a libm call unless -ffast-math)
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float y = 1.9875691500e-4f;

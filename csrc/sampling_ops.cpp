@@ -43,14 +43,17 @@ FASTDIFF_CLONES float vmax_f32(const float* x, int64_t n, int* nan) {
   return m;
 }
 
+// float32 lanes suffice for one chunk (at most CH / lanes additions each, relative error below
+// 1e-6); chunks are combined in float64. The draw walks a chunk in float64 whenever the chunk sum is
+// within 1e-5 of the target, so these errors never move a draw, only the total W (by ~1e-7).
 FASTDIFF_CLONES double esum_f32(const float* x, int64_t n, float M, float inv_t, float thr) {
-  double s = 0.0;
+  float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) {
     const float e = exp_f32((x[i] - M) * inv_t);
-    s += x[i] >= thr ? static_cast<double>(e) : 0.0;
+    s += x[i] >= thr ? e : 0.0f;
   }
-  return s;
+  return static_cast<double>(s);
 }
 
 FASTDIFF_CLONES void eprobs_f32(const float* x, int64_t n, float M, float inv_t, float thr, float ca, float cb,
@@ -153,7 +156,7 @@ struct AffineRow {
     double cum = 0.0;
     for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
       const int64_t hi = std::min(V, lo + CH);
-      if (cum + Wc[c] * (1.0 + 1e-5) + 1e-12 * W >= target) {
+      if (cum + Wc[c] * (1.0 + 1e-5) + 1e-6 * W >= target) {
         for (int64_t j = lo; j < hi; ++j) {
           cum += weight(j);
           if (cum > target) return j;
@@ -184,6 +187,80 @@ struct AffineRow {
     if (spike >= 0) out[spike] = static_cast<O>(weight(spike) / W);
   }
 };
+
+// One pass over a row: the maximum M over j != skip, the chunk sums E[c] of e_j = exp((x_j - M) / temp)
+// (j != skip), their total Z, and the value check (NaN, +inf, every logit -inf) over the whole row.
+// float rows: each chunk's max and exp-sum are taken while the chunk is in L1 (one read from memory),
+// relative to the chunk's own max, and rescaled to M in float64 at the end.
+struct RowStats {
+  double Z;
+  int status;
+};
+
+template <typename C>
+inline RowStats finish_stats(C M, C m_skip, int nan, double Z) {
+  int status = kOk;
+  const C m_all = std::max(M, m_skip);
+  if (nan) {
+    status = kNaN;
+  } else if (m_all == static_cast<C>(kInf)) {
+    status = kPosInf;
+  } else if (m_all == static_cast<C>(-kInf)) {
+    status = kAllNegInf;
+  }
+  return {Z, status};
+}
+
+inline RowStats row_stats(const float* x, int64_t V, int64_t skip, double temp, float* M_out, double* E,
+                          std::vector<float>& mc) {
+  const float inv_t = static_cast<float>(1.0 / temp);
+  const int64_t nch = (V + CH - 1) / CH;
+  mc.resize(nch);
+  int nan = 0;
+  float M = -kInfF;
+  for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
+    const int64_t hi = std::min(V, lo + CH);
+    float m;
+    double sc = 0.0;
+    if (skip >= lo && skip < hi) {
+      m = std::max(vmax_f32(x + lo, skip - lo, &nan), vmax_f32(x + skip + 1, hi - skip - 1, &nan));
+      if (m > -kInfF) {
+        sc = esum_f32(x + lo, skip - lo, m, inv_t, -kInfF) + esum_f32(x + skip + 1, hi - skip - 1, m, inv_t, -kInfF);
+      }
+    } else {
+      m = vmax_f32(x + lo, hi - lo, &nan);
+      if (m > -kInfF) sc = esum_f32(x + lo, hi - lo, m, inv_t, -kInfF);
+    }
+    mc[c] = m;
+    E[c] = sc;
+    M = std::max(M, m);
+  }
+  double Z = 0.0;
+  for (int64_t c = 0; c < nch; ++c) {
+    E[c] = mc[c] > -kInfF ? E[c] * std::exp((static_cast<double>(mc[c]) - static_cast<double>(M)) / temp) : 0.0;
+    Z += E[c];
+  }
+  *M_out = M;
+  return finish_stats<float>(M, skip >= 0 ? x[skip] : -kInfF, nan, Z);
+}
+
+inline RowStats row_stats(const double* x, int64_t V, int64_t skip, double temp, double* M_out, double* E,
+                          std::vector<double>&) {
+  int nan = 0;
+  double M;
+  if (skip >= 0) {
+    M = std::max(vmax_f64(x, skip, &nan), vmax_f64(x + skip + 1, V - skip - 1, &nan));
+  } else {
+    M = vmax_f64(x, V, &nan);
+  }
+  double Z = 0.0;
+  if (M > -kInf && M < kInf && !nan) {
+    AffineRow<double> row{x, V, M, temp, -kInf, skip, -1, 1.0, 0.0, 0.0};
+    Z = row.chunk_e(E);
+  }
+  *M_out = M;
+  return finish_stats<double>(M, skip >= 0 ? x[skip] : -kInf, nan, Z);
+}
 
 // Inverse CDF over an explicit float64 weight vector (the generic rows: per-token absorbing, matrix).
 int64_t draw_dense(const double* w, int64_t V, double u) {
@@ -240,7 +317,7 @@ int check_row(const C* x, int64_t V) {
 // One posterior row; returns the drawn token (sample) or writes probabilities to out (O*).
 template <typename C, typename O>
 int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vector<double>& dbuf,
-                      std::vector<double>& chunks) {
+                      std::vector<double>& chunks, std::vector<C>& cmax, int* status) {
   const int64_t V = A.V, xt = A.xt[r];
   auto keep = [&]() -> int64_t {
     if (!A.sample) {
@@ -253,19 +330,14 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
   if (A.kind == kAbsorbing || A.kind == kUniform) {
     const bool absorbing = A.kind == kAbsorbing;
     const int64_t skip = absorbing ? A.mask : -1;
-    int nan = 0;
     C M;
-    if (absorbing) {
-      const C m1 = vmax(x, skip, &nan), m2 = vmax(x + skip + 1, V - skip - 1, &nan);
-      M = std::max(m1, m2);
-    } else {
-      M = vmax(x, V, &nan);
-    }
+    chunks.resize((V + CH - 1) / CH);
+    const RowStats st = row_stats(x, V, skip, temp, &M, chunks.data(), cmax);
+    *status = st.status;
+    if (st.status != kOk) return xt;
     if (M == static_cast<C>(-kInf)) return keep();  // absorbing: only the mask logit is finite
     AffineRow<C> row{x, V, M, temp, static_cast<C>(-kInf), skip, -1, 0.0, 0.0, 0.0};
-    const int64_t nch = (V + CH - 1) / CH;
-    chunks.resize(nch);
-    const double Z = row.chunk_e(chunks.data());
+    const double Z = st.Z;
     const double a_t = A.a_t[r], a_s = A.a_s[r];
     if (absorbing) {
       row.a = (a_s - a_t) / Z;
@@ -287,6 +359,8 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
     return 0;
   }
   // Generic rows in float64: w (V) in dbuf.
+  *status = check_row(x, V);
+  if (*status != kOk) return xt;
   dbuf.resize(V);
   double* w = dbuf.data();
   int nan = 0;
@@ -347,7 +421,7 @@ void posterior_rows(const PostArgs& A, const T* logits, O* probs, int64_t* token
   const int64_t V = A.V;
   std::atomic<int> worst{kOk};
   at::parallel_for(0, A.N, 4, [&](int64_t r0, int64_t r1) {
-    std::vector<C> buf;
+    std::vector<C> buf, cmax;
     std::vector<double> dbuf, chunks;
     int local = kOk;
     for (int64_t r = r0; r < r1; ++r) {
@@ -368,15 +442,9 @@ void posterior_rows(const PostArgs& A, const T* logits, O* probs, int64_t* token
         continue;
       }
       const C* x = load_row<T, C>(src, V, buf);
-      if (A.check) {
-        const int st = check_row(x, V);
-        local = std::max(local, st);
-        if (st != kOk) {
-          if (A.sample) tokens[r] = A.xt[r];
-          continue;
-        }
-      }
-      const int64_t tok = posterior_row<C, O>(A, r, x, A.sample ? nullptr : probs + r * V, dbuf, chunks);
+      int st = kOk;
+      const int64_t tok = posterior_row<C, O>(A, r, x, A.sample ? nullptr : probs + r * V, dbuf, chunks, cmax, &st);
+      local = std::max(local, st);
       if (A.sample) tokens[r] = tok;
     }
     int cur = worst.load();
@@ -470,13 +538,20 @@ template <typename T, typename C>
 void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint64_t seed, uint64_t offset,
                  double temp, int64_t top_k, double top_p, int64_t* tokens) {
   at::parallel_for(0, N, 4, [&](int64_t r0, int64_t r1) {
-    std::vector<C> buf, xmin;
+    std::vector<C> buf, xmin, cmax;
     std::vector<double> chunks, mass;
     std::vector<std::pair<double, C>> pairs;
     for (int64_t r = r0; r < r1; ++r) {
       const C* x = load_row<T, C>(logits + r * row_stride, V, buf);
-      int nan = 0;
-      const C M = vmax(x, V, &nan);
+      chunks.resize((V + CH - 1) / CH);
+      const bool filtered = (top_k > 0 && top_k < V) || top_p < 1.0;
+      C M;
+      if (temp == 0.0 || filtered) {
+        int nan = 0;
+        M = vmax(x, V, &nan);
+      } else {  // plain: max and chunk sums in one pass
+        row_stats(x, V, -1, temp, &M, chunks.data(), cmax);
+      }
       if (temp == 0.0) {  // greedy: the first maximum
         int64_t j = 0;
         while (j + 1 < V && !(x[j] == M)) ++j;
@@ -487,8 +562,7 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
       if (top_k > 0 && top_k < V) thr = kth_largest(x, V, top_k);
       if (top_p < 1.0) thr = top_p_threshold(x, V, M, temp, thr, top_p, mass, xmin, pairs);
       AffineRow<C> row{x, V, M, temp, thr, -1, -1, 1.0, 0.0, 0.0};
-      chunks.resize((V + CH - 1) / CH);
-      row.chunk_e(chunks.data());
+      if (filtered) row.chunk_e(chunks.data());
       const double W = row.chunk_w(chunks.data());
       tokens[r] = row.draw(chunks.data(), W, row_uniform(seed, offset, static_cast<uint64_t>(r)));
     }

@@ -25,8 +25,9 @@ from .ops._plan import posterior_plan
 BLOCK_ROWS = 128  # nearest_embedding: vectors per row block
 BLOCK_COLS = 1024  # nearest_embedding: vocabulary rows per score tile (128 × 1024 fp32 = 512 KiB)
 LOSS_CHUNK_ELEMENTS = 1 << 22  # rounding_loss: logits elements per chunk (16 MiB in float32)
-# The posterior kernels check logits for NaN / +inf / all -inf rows themselves (same ValueError as
-# ops._common.check_finite_above) when the public op leaves the check to the kernel.
+# The posterior kernels check the logits for NaN / +inf / all -inf rows during their own pass and raise
+# ops._common.check_finite_above's ValueError before returning, so the public ops skip that extra read
+# pass for them (the ``checks_values`` attribute below).
 CHECKS_VALUES = True
 
 __all__ = ["nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample", "sample_categorical",
@@ -120,6 +121,10 @@ def categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torch
 def posterior_sample(process, x0_logits, x_t, tt, ss, *, seed, offset, temperature) -> torch.Tensor:
     """int64 ``(...)``; see :func:`fastdiff.ops.posterior_sample_ref`."""
     return _posterior(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset).reshape(x_t.shape)
+
+
+categorical_posterior.checks_values = CHECKS_VALUES
+posterior_sample.checks_values = CHECKS_VALUES
 
 
 def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p) -> torch.Tensor:

@@ -342,8 +342,9 @@ def test_posterior_bad_values_rejected_by_op_and_by_kernel(bad, match):
     else:
         logits[3, 2] = bad
     for op in (ops.categorical_posterior, lambda *a, **k: ops.posterior_sample(*a, seed=0, **k)):
-        with pytest.raises(ValueError, match="x0_logits.*" + match):
-            op(process, logits, xt, t, s, backend="cpp")
+        for backend in ("cpp", "reference"):  # the kernel checks in its pass; the reference path before
+            with pytest.raises(ValueError, match="x0_logits.*" + match):
+                op(process, logits, xt, t, s, backend=backend)
     # the kernel's own check, bypassing the public one
     with pytest.raises(ValueError, match="x0_logits.*" + match):
         _cpp.posterior_sample(process, logits, xt, t, s, seed=0, offset=0, temperature=1.0)

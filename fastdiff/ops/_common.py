@@ -33,9 +33,10 @@ def check_x_weight(x: object, weight: object) -> None:
 
 
 def check_logits(name: str, logits: object, vocab_size: int | None = None,
-                 like: torch.Tensor | None = None) -> torch.Tensor:
+                 like: torch.Tensor | None = None, values: bool = True) -> torch.Tensor:
     """Floating ``(..., V)`` logits with no NaN or +inf (-inf masks a category). ``like``: a tensor
-    whose shape must equal the leading shape and whose device must match, checked before any value."""
+    whose shape must equal the leading shape and whose device must match, checked before any value.
+    ``values=False`` checks everything but the values (see :func:`check_values_unless_kernel_does`)."""
     logits = _checks.floating(name, logits)
     if logits.ndim < 1:
         raise ValueError(f"{name}: expected shape (..., V), got a scalar")
@@ -51,8 +52,17 @@ def check_logits(name: str, logits: object, vocab_size: int | None = None,
             )
         if logits.device != like.device:
             raise ValueError(f"{name}: expected device {like.device} (as x_t), got {logits.device}")
-    check_finite_above(name, logits)
+    if values:
+        check_finite_above(name, logits)
     return logits
+
+
+def check_values_unless_kernel_does(name: str, logits: torch.Tensor, fn) -> None:
+    """:func:`check_finite_above` before ``fn`` runs, unless ``fn`` is a kernel that makes the same
+    check itself (attribute ``checks_values``): it then raises the same ValueError before returning
+    anything, and the extra read pass over the logits is saved."""
+    if not getattr(fn, "checks_values", False):
+        check_finite_above(name, logits)
 
 
 def check_finite_above(name: str, logits: torch.Tensor) -> torch.Tensor:
@@ -85,14 +95,15 @@ def check_process(process: object) -> object:
     return process
 
 
-def check_posterior_args(process, x0_logits, x_t, t, s, temperature):
+def check_posterior_args(process, x0_logits, x_t, t, s, temperature, values: bool = True):
     """Validate the common arguments of categorical_posterior / posterior_sample.
 
     Returns ``(x_t int64, t (...) int64, s (...) int64)`` with t and s expanded to ``x_t.shape``.
+    ``values=False`` leaves the NaN / +inf check of ``x0_logits`` to the caller.
     """
     check_process(process)
     V = process.vocab_size
-    check_logits("x0_logits", x0_logits, V, like=_checks.integer("x_t", x_t))
+    check_logits("x0_logits", x0_logits, V, like=_checks.integer("x_t", x_t), values=values)
     x_t = _checks.token_ids("x_t", x_t, V).to(torch.int64)
     check_temperature(temperature)
     tt, ss = _checks.step_pair(t, s, process.T, x_t.device)

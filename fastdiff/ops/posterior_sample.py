@@ -7,7 +7,7 @@ import torch
 
 from .. import random as _random
 from . import _dispatch
-from ._common import check_posterior_args, draw_from_weights, rows_per_chunk
+from ._common import check_posterior_args, check_values_unless_kernel_does, draw_from_weights, rows_per_chunk
 
 _dispatch.register("posterior_sample", "cpp", "posterior_sample")
 _dispatch.register("posterior_sample", "cuda", "posterior_sample")
@@ -52,10 +52,11 @@ def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature
 def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *, seed: int,
                      offset: int = 0, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
     """:func:`posterior_sample_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
-    xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature)
+    xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
     _random._check_seed(seed)
     _random._check_offset(offset)
     fn = _dispatch.resolve("posterior_sample", backend, x0_logits.device, None)
+    check_values_unless_kernel_does("x0_logits", x0_logits, fn)
     if fn is None:
         return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature)
     return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature)
