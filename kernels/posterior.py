@@ -111,8 +111,9 @@ def _posterior_fwd_kernel(
             if KIND <= 1:
                 y = tl.where(offs == mask_id, float("-inf"), y)
             m_new = tl.maximum(m, tl.max(y, axis=0))
-            scale = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new)).to(tl.float64)
-            e = tl.where(y == float("-inf"), 0.0, tl.exp(y - m_new)).to(tl.float64)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no NaN from -inf - -inf
+            scale = tl.exp(m - m_ref).to(tl.float64)
+            e = tl.exp(y - m_ref).to(tl.float64)
             S = S * scale + tl.sum(e, axis=0)
             if KIND == 1:
                 At = tl.load(abt_ptr + offs, mask=ok, other=0.0)
