@@ -2,7 +2,8 @@
 
 The C++ CPU module ``fastdiff._C`` is built from ``csrc/*.cpp`` when there are sources there and
 ``FASTDIFF_SKIP_EXT`` is not set; the CUDA module ``fastdiff._C_cuda`` from ``csrc/*.cu`` when
-``FASTDIFF_BUILD_CUDA=1`` (or nvcc and a CUDA build of torch are found). torch must already be
+``FASTDIFF_BUILD_CUDA=1`` (or nvcc and a CUDA build of torch are found); ``FASTDIFF_SANITIZE=address``
+builds the C++ module with AddressSanitizer (see csrc/README.md). torch must already be
 installed: build with ``pip install -e . --no-build-isolation``. ``MAX_JOBS`` limits parallel compiles.
 Without sources or a compiler the package installs as pure Python and falls back to the references.
 """
@@ -42,10 +43,15 @@ def _extensions():
     exts = []
     omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     if cpp_sources:
+        # -fno-trapping-math / -fno-math-errno (as torch itself is built) let GCC vectorise the exp loops.
+        # FASTDIFF_SANITIZE=address builds an AddressSanitizer module for csrc/README.md's check.
+        san = os.environ.get("FASTDIFF_SANITIZE", "").strip()
+        san_flags = [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-g"] if san else ["-g0"]
         exts.append(CppExtension(
             "fastdiff._C", cpp_sources,
-            extra_compile_args={"cxx": ["-O3", "-g0", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", *omp]},
-            extra_link_args=omp,
+            extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math",
+                                        *san_flags, *omp]},
+            extra_link_args=[*omp, *([f"-fsanitize={san}"] if san else [])],
         ))
     want_cuda = _truthy("FASTDIFF_BUILD_CUDA") or (
         os.environ.get("FASTDIFF_BUILD_CUDA") is None and shutil.which("nvcc") and torch.version.cuda

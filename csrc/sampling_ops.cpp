@@ -23,7 +23,7 @@
 namespace fastdiff {
 namespace {
 
-constexpr int64_t CH = 256;          // categories per CDF chunk
+constexpr int64_t CH = 512;          // categories per CDF chunk
 constexpr int64_t kExactV = 2048;    // rows this narrow are computed in float64 whatever their dtype
 constexpr int kBuckets = 1024;       // top-p histogram: float32 bit patterns >> 20 of weights <= 1
 
@@ -53,6 +53,13 @@ FASTDIFF_CLONES double esum_f32(const float* x, int64_t n, float M, float inv_t,
     const float e = exp_f32((x[i] - M) * inv_t);
     s += x[i] >= thr ? e : 0.0f;
   }
+  return static_cast<double>(s);
+}
+
+FASTDIFF_CLONES double esum_all_f32(const float* x, int64_t n, float M, float inv_t) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp_f32((x[i] - M) * inv_t);
   return static_cast<double>(s);
 }
 
@@ -220,16 +227,18 @@ inline RowStats row_stats(const float* x, int64_t V, int64_t skip, double temp, 
   float M = -kInfF;
   for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
     const int64_t hi = std::min(V, lo + CH);
+    // Ask for the chunk after next while this one is computed, so memory and exp overlap.
+    for (int64_t p = lo + 2 * CH; p < std::min(V, lo + 3 * CH); p += 16) __builtin_prefetch(x + p, 0, 3);
     float m;
     double sc = 0.0;
     if (skip >= lo && skip < hi) {
       m = std::max(vmax_f32(x + lo, skip - lo, &nan), vmax_f32(x + skip + 1, hi - skip - 1, &nan));
       if (m > -kInfF) {
-        sc = esum_f32(x + lo, skip - lo, m, inv_t, -kInfF) + esum_f32(x + skip + 1, hi - skip - 1, m, inv_t, -kInfF);
+        sc = esum_all_f32(x + lo, skip - lo, m, inv_t) + esum_all_f32(x + skip + 1, hi - skip - 1, m, inv_t);
       }
     } else {
       m = vmax_f32(x + lo, hi - lo, &nan);
-      if (m > -kInfF) sc = esum_f32(x + lo, hi - lo, m, inv_t, -kInfF);
+      if (m > -kInfF) sc = esum_all_f32(x + lo, hi - lo, m, inv_t);
     }
     mc[c] = m;
     E[c] = sc;
