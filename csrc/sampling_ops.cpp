@@ -464,18 +464,27 @@ void posterior_rows(const PostArgs& A, const T* logits, O* probs, int64_t* token
 }
 
 // ---- sample_categorical -------------------------------------------------------------------------------
+// Top-k threshold as a logit: the reference ranks d_j = x_j / temp - max / temp in float64 (values that
+// round to the same d tie) and keeps d_j >= the k-th largest d (ties kept). d is monotone in x, so the
+// kept set is {x_j >= the smallest logit whose d reaches that value}.
 template <typename C>
-C kth_largest(const C* x, int64_t V, int64_t k) {
-  std::priority_queue<C, std::vector<C>, std::greater<C>> heap;
+C top_k_threshold(const C* x, int64_t V, int64_t k, double temp, double zM) {
+  std::priority_queue<double, std::vector<double>, std::greater<double>> heap;
   for (int64_t j = 0; j < V; ++j) {
+    const double d = static_cast<double>(x[j]) / temp - zM;
     if (static_cast<int64_t>(heap.size()) < k) {
-      heap.push(x[j]);
-    } else if (x[j] > heap.top()) {
+      heap.push(d);
+    } else if (d > heap.top()) {
       heap.pop();
-      heap.push(x[j]);
+      heap.push(d);
     }
   }
-  return heap.top();
+  const double kth = heap.top();
+  C thr = static_cast<C>(kInf);
+  for (int64_t j = 0; j < V; ++j) {
+    if (static_cast<double>(x[j]) / temp - zM >= kth) thr = std::min(thr, x[j]);
+  }
+  return thr;
 }
 
 // Smallest logit kept by top-p among x >= thr: v is kept iff the mass of categories strictly more
@@ -568,7 +577,7 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
         continue;
       }
       C thr = static_cast<C>(-kInf);
-      if (top_k > 0 && top_k < V) thr = kth_largest(x, V, top_k);
+      if (top_k > 0 && top_k < V) thr = top_k_threshold(x, V, top_k, temp, static_cast<double>(M) / temp);
       if (top_p < 1.0) thr = top_p_threshold(x, V, M, temp, thr, top_p, mass, xmin, pairs);
       AffineRow<C> row{x, V, M, temp, thr, -1, -1, 1.0, 0.0, 0.0};
       if (filtered) row.chunk_e(chunks.data());
