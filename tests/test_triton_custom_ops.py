@@ -1,0 +1,169 @@
+"""The Triton entry points as ``torch.library`` custom ops: ``opcheck`` (schema, fake tensors, autograd
+registration, AOT dispatch with dynamic shapes), tracing by ``torch.compile`` with ``fullgraph=True``,
+and the ``FASTDIFF_TRITON_CUSTOM_OP=0`` switch that bypasses the dispatcher.
+
+The ops are registered for every device, so on a CPU machine they run (and are checked) in Triton's
+interpreter on CPU tensors at tiny shapes; on a GPU the same checks run on CUDA tensors. Checking on
+CPU is what lets CI catch a wrong fake (shape/dtype) or schema without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from fastdiff import _backends, ops
+from fastdiff import discrete as D
+from fastdiff import schedules as S
+from fastdiff.ops._plan import posterior_plan
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="optional backend: triton is not installed (pip install 'fastdiff[triton]')")
+
+GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if GPU else "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    old = os.environ.get("TRITON_INTERPRET")
+    if not GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    _backends.triton.cache_clear()
+    be = _backends.triton()
+    assert be.available, be.reason
+    yield be.module
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+    _backends.triton.cache_clear()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_opcheck_nearest_embedding(kernels):
+    from fastdiff.kernels.nearest_embedding import nearest_embedding_op
+
+    g = _gen(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 3, 8, generator=g).to(DEV, dtype)
+        w = torch.randn(11, 8, generator=g).to(DEV, dtype)
+        for metric in ("l2", "cosine"):
+            torch.library.opcheck(nearest_embedding_op, (x, w, metric))
+
+
+def test_opcheck_rounding_loss(kernels):
+    from fastdiff.kernels.rounding_loss import rounding_loss_bwd_op, rounding_loss_fwd_op
+
+    g = _gen(1)
+    x = torch.randn(6, 8, generator=g).to(DEV)
+    w = torch.randn(13, 8, generator=g).to(DEV)
+    b = torch.randn(13, generator=g).to(DEV)
+    target = torch.tensor([0, 3, -100, 12, 5, 5], device=DEV)
+    for bias in (None, b):
+        torch.library.opcheck(rounding_loss_fwd_op, (x, w, target, bias, -100))
+        _, lse = rounding_loss_fwd_op(x, w, target, bias, -100)
+        gvec = torch.rand(6, generator=g).to(DEV) * (target != -100)
+        torch.library.opcheck(rounding_loss_bwd_op, (x, w, target, bias, lse, gvec, True, True, bias is not None))
+        torch.library.opcheck(rounding_loss_bwd_op, (x, w, target, bias, lse, gvec, True, False, False))
+
+
+def _plan_args(process, V, sample):
+    g = _gen(V)
+    logits = torch.randn(2, 3, V, generator=g).to(DEV)
+    xt = torch.randint(0, V, (2, 3), generator=g).to(DEV)
+    if process.kind == "absorbing":
+        xt[:, ::2] = process.mask_id
+    t = torch.tensor([[9], [5]], device=DEV).expand(2, 3)
+    s = torch.tensor([[4], [0]], device=DEV).expand(2, 3)
+    p = posterior_plan(process, logits, xt, t, s, 0.9)
+    return (p.logits, p.x_t, p.t, p.s, p.a_t, p.a_s, p.ab_table, p.fact1, p.qbar_s, p.pair, p.kind, p.mask_id,
+            p.temperature, sample, 7, 1, 3, 0)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_opcheck_posterior(kernels, sample):
+    from fastdiff.kernels.posterior import posterior_op
+
+    V, T = 7, 10
+    for process in (D.Absorbing(V, V - 1, S.mutual_info(T)),
+                    D.Absorbing(V, 0, S.spindle(T, torch.linspace(0, 1, V))),
+                    D.Uniform(V, S.cosine(T)),
+                    D.GaussianBand(V, S.cosine(T), bandwidth=2)):
+        torch.library.opcheck(posterior_op, _plan_args(process, V, sample))
+
+
+def test_opcheck_sample_categorical(kernels):
+    from fastdiff.kernels.sample_categorical import sample_categorical_op
+
+    logits = torch.randn(4, 9, generator=_gen(2)).to(DEV)
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 3, 0.8)):
+        torch.library.opcheck(sample_categorical_op, (logits, 5, 0, 1, 0, temperature, top_k, top_p))
+
+
+def test_torch_compile_traces_the_entry_points(kernels):
+    """fullgraph=True: the custom ops (and the autograd.Function around the loss ops) trace without a
+    graph break; aot_eager runs the traced graph, which calls the real kernels."""
+    g = _gen(3)
+    x = torch.randn(5, 8, generator=g).to(DEV)
+    w = torch.randn(11, 8, generator=g).to(DEV)
+    logits = torch.randn(4, 9, generator=g).to(DEV)
+    target = torch.tensor([1, 0, 10, 3, 3], device=DEV)
+
+    def step(x, w, logits, target):
+        idx, snapped = kernels.nearest_embedding(x, w, "l2")
+        tok = kernels.sample_categorical(logits, seed=3, offset=1, temperature=0.8, top_k=4, top_p=0.9)
+        loss = kernels.rounding_loss(x, w, target, None, "mean", -100)
+        return idx, snapped, tok, loss
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x, w, logits, target), step(x, w, logits, target)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    xg = x.clone().requires_grad_()
+    loss = torch.compile(lambda a: kernels.rounding_loss(a, w, target, None, "sum", -100),
+                         backend="aot_eager", fullgraph=True)(xg)
+    (gx,) = torch.autograd.grad(loss, [xg])
+    ref = ops.rounding_loss(xg, w, target, reduction="sum", backend="reference")
+    torch.testing.assert_close(gx, torch.autograd.grad(ref, [xg])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_switch_bypasses_the_custom_ops(kernels, monkeypatch):
+    """With FASTDIFF_TRITON_CUSTOM_OP=0 the entry points call the launchers directly, same results."""
+    # the package re-exports functions under the submodules' names: import the modules by path
+    ne_mod, post_mod, rl_mod, sc_mod = (importlib.import_module(f"fastdiff.kernels.{m}") for m in
+                                        ("nearest_embedding", "posterior", "rounding_loss", "sample_categorical"))
+
+    g = _gen(4)
+    x, w = torch.randn(5, 8, generator=g).to(DEV), torch.randn(11, 8, generator=g).to(DEV)
+    logits = torch.randn(4, 9, generator=g).to(DEV)
+    target = torch.tensor([1, 0, 10, 3, 3], device=DEV)
+    process = D.Uniform(9, S.cosine(10))
+    xt = torch.randint(0, 9, (4,), generator=g).to(DEV)
+    tt, ss = torch.full((4,), 6, device=DEV), torch.full((4,), 2, device=DEV)
+
+    def run():
+        xr = x.clone().requires_grad_()
+        loss = kernels.rounding_loss(xr, w, target, None, "mean", -100)
+        return (*kernels.nearest_embedding(x, w, "cosine"), kernels.sample_categorical(logits, seed=1),
+                kernels.posterior_sample(process, logits, xt, tt, ss, seed=2),
+                kernels.categorical_posterior(process, logits, xt, tt, ss), loss,
+                torch.autograd.grad(loss, [xr])[0])
+
+    via_ops = run()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("custom op called with FASTDIFF_TRITON_CUSTOM_OP=0")
+
+    monkeypatch.setenv("FASTDIFF_TRITON_CUSTOM_OP", "0")
+    for mod, name in ((ne_mod, "nearest_embedding_op"), (sc_mod, "sample_categorical_op"),
+                      (post_mod, "posterior_op"), (rl_mod, "rounding_loss_fwd_op"), (rl_mod, "rounding_loss_bwd_op")):
+        monkeypatch.setattr(mod, name, boom)
+    for a, b in zip(run(), via_ops):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
