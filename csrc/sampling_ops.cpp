@@ -89,12 +89,6 @@ inline double vmax(const double* x, int64_t n, int* nan) { return vmax_f64(x, n,
 // Weight of one category exactly as the reference computes it: exp(x/temp - max/temp) in float64.
 inline double ew(double x, double temp, double zM) { return std::exp(x / temp - zM); }
 
-// One weight in the row's working precision (float32 exp on the fast path).
-inline double ewc(float x, float M, double temp, double) {
-  return static_cast<double>(exp_f32((x - M) * static_cast<float>(1.0 / temp)));
-}
-inline double ewc(double x, double, double temp, double zM) { return ew(x, temp, zM); }
-
 // Sum of the weights of x[0, n) with x >= thr (thr = -inf: all).
 inline double esum(const float* x, int64_t n, float M, double temp, float thr) {
   return esum_f32(x, n, M, static_cast<float>(1.0 / temp), thr);
@@ -469,20 +463,34 @@ void posterior_rows(const PostArgs& A, const T* logits, O* probs, int64_t* token
 // kept set is {x_j >= the smallest logit whose d reaches that value}.
 template <typename C>
 C top_k_threshold(const C* x, int64_t V, int64_t k, double temp, double zM) {
-  std::priority_queue<double, std::vector<double>, std::greater<double>> heap;
-  for (int64_t j = 0; j < V; ++j) {
-    const double d = static_cast<double>(x[j]) / temp - zM;
-    if (static_cast<int64_t>(heap.size()) < k) {
-      heap.push(d);
-    } else if (d > heap.top()) {
-      heap.pop();
-      heap.push(d);
+  // The k largest raw logits (min-heap); a block of 64 whose max cannot enter is skipped.
+  std::priority_queue<C, std::vector<C>, std::greater<C>> heap;
+  int64_t j = 0;
+  for (; j < V && static_cast<int64_t>(heap.size()) < k; ++j) heap.push(x[j]);
+  constexpr int64_t B = 64;
+  int nan = 0;
+  for (; j < V; j += B) {
+    const int64_t n = std::min(B, V - j);
+    if (!(vmax(x + j, n, &nan) > heap.top())) continue;
+    for (int64_t i = j; i < j + n; ++i) {
+      if (x[i] > heap.top()) {
+        heap.pop();
+        heap.push(x[i]);
+      }
     }
   }
-  const double kth = heap.top();
-  C thr = static_cast<C>(kInf);
-  for (int64_t j = 0; j < V; ++j) {
-    if (static_cast<double>(x[j]) / temp - zM >= kth) thr = std::min(thr, x[j]);
+  // d is monotone in x, so the k-th largest d is d(kx); smaller logits whose d rounds to it tie. They
+  // lie within 2^-40 (relative) of kx: only those are evaluated.
+  const C kx = heap.top();
+  if (!(kx > static_cast<C>(-kInf))) return kx;
+  const double kd = static_cast<double>(kx) / temp - zM;
+  const double lo = static_cast<double>(kx) -
+                    std::ldexp(std::max(std::fabs(static_cast<double>(kx)), std::fabs(zM * temp)), -40) - 1e-300;
+  C thr = kx;
+  for (int64_t i = 0; i < V; ++i) {
+    if (x[i] < kx && static_cast<double>(x[i]) >= lo && static_cast<double>(x[i]) / temp - zM >= kd) {
+      thr = std::min(thr, x[i]);
+    }
   }
   return thr;
 }
@@ -501,14 +509,20 @@ inline int weight_bucket(double e) {
 
 template <typename C>
 C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, std::vector<double>& mass,
-                  std::vector<C>& xmin, std::vector<std::pair<double, C>>& pairs) {
+                  std::vector<C>& xmin, std::vector<std::pair<double, C>>& pairs, std::vector<C>& ebuf) {
   mass.assign(kBuckets, 0.0);
   xmin.assign(kBuckets, static_cast<C>(kInf));
   const double zM = static_cast<double>(M) / temp;
+  ebuf.resize(V);
+  C* ev = ebuf.data();
+  if constexpr (std::is_same<C, float>::value) {
+    eprobs_f32(x, V, M, static_cast<float>(1.0 / temp), thr, 1.0f, 0.0f, ev);
+  } else {
+    for (int64_t j = 0; j < V; ++j) ev[j] = x[j] >= thr ? ew(x[j], temp, zM) : 0.0;
+  }
   double S = 0.0;
   for (int64_t j = 0; j < V; ++j) {
-    if (!(x[j] >= thr)) continue;
-    const double e = ewc(x[j], M, temp, zM);
+    const double e = static_cast<double>(ev[j]);
     if (e == 0.0) continue;
     const int b = weight_bucket(e);
     mass[b] += e;
@@ -531,8 +545,7 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
   if (bstar < 0) return thr;
   pairs.clear();
   for (int64_t j = 0; j < V; ++j) {
-    if (!(x[j] >= thr)) continue;
-    const double e = ewc(x[j], M, temp, zM);
+    const double e = static_cast<double>(ev[j]);
     if (e == 0.0 || weight_bucket(e) != bstar) continue;
     pairs.emplace_back(e, x[j]);
   }
@@ -556,7 +569,7 @@ template <typename T, typename C>
 void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint64_t seed, uint64_t offset,
                  double temp, int64_t top_k, double top_p, int64_t* tokens) {
   at::parallel_for(0, N, 4, [&](int64_t r0, int64_t r1) {
-    std::vector<C> buf, xmin, cmax;
+    std::vector<C> buf, xmin, cmax, ebuf;
     std::vector<double> chunks, mass;
     std::vector<std::pair<double, C>> pairs;
     for (int64_t r = r0; r < r1; ++r) {
@@ -578,7 +591,7 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
       }
       C thr = static_cast<C>(-kInf);
       if (top_k > 0 && top_k < V) thr = top_k_threshold(x, V, top_k, temp, static_cast<double>(M) / temp);
-      if (top_p < 1.0) thr = top_p_threshold(x, V, M, temp, thr, top_p, mass, xmin, pairs);
+      if (top_p < 1.0) thr = top_p_threshold(x, V, M, temp, thr, top_p, mass, xmin, pairs, ebuf);
       AffineRow<C> row{x, V, M, temp, thr, -1, -1, 1.0, 0.0, 0.0};
       if (filtered) row.chunk_e(chunks.data());
       const double W = row.chunk_w(chunks.data());

@@ -134,7 +134,12 @@ def test_nearest_embedding_fuzz(N, V, Dm, metric, seed, rows, cols):
         idx, _ = ops.nearest_embedding(x, w, metric, **CPP)
     finally:
         _cpp.BLOCK_ROWS, _cpp.BLOCK_COLS = old
-    assert torch.equal(idx, ops.nearest_embedding_ref(x, w, metric)[0])
+    ref = ops.nearest_embedding_ref(x, w, metric)[0]
+    # Duplicated rows score equally up to the BLAS kernel's rounding, which may differ between a tile
+    # of 70 columns and one of 1: a different index is allowed only at a float64 near-tie.
+    sc = _scores64(x, w, metric)
+    got, want = sc.gather(1, idx[:, None]).squeeze(1), sc.gather(1, ref[:, None]).squeeze(1)
+    assert bool(((idx == ref) | ((got - want).abs() <= 1e-12 * (1 + want.abs()))).all())
 
 
 # --------------------------------------------------------------------------------------------------
