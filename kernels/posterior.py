@@ -38,7 +38,7 @@ def _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w
                   KIND: tl.constexpr, WDT: tl.constexpr, BLOCK_I: tl.constexpr):
     """float64 posterior weights ``w_j`` of one tile (0 outside the row), from the row's ``m``, ``S``."""
     if KIND == 3:
-        q = tl.zeros(offs.shape, tl.float64)
+        q = tl.zeros_like(offs).to(tl.float64)
         for i0 in range(0, V, BLOCK_I):
             ri = i0 + tl.arange(0, BLOCK_I)
             i_ok = ri < V
@@ -153,7 +153,7 @@ def _posterior_fwd_kernel(
             acc = tl.zeros((), tl.float64)
             found = xt * 0 - 1
             last = xt * 0 - 1
-            v0 = 0
+            v0 = tl.zeros((), tl.int32)  # loop-carried: a tensor, like the others
             while (v0 < V) & (found < 0):
                 offs = v0 + lanes
                 ok = offs < V
@@ -174,7 +174,7 @@ def _posterior_fwd_kernel(
             offs = v0 + lanes
             ok = offs < V
             if keep:
-                prob = tl.where(offs == xt, 1.0, 0.0)
+                prob = tl.where(offs == xt, 1.0, 0.0).to(tl.float64)  # both branches: one type
             else:
                 w = _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w_mask,
                                   abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)

@@ -151,7 +151,7 @@ def _sample_categorical_fwd_kernel(
         acc = tl.zeros((), tl.float64)
         found = row * 0 - 1
         last = row * 0 - 1
-        v0 = 0
+        v0 = tl.zeros((), tl.int32)  # loop-carried: a tensor, like the others
         while (v0 < V) & (found < 0):
             offs = v0 + lanes
             ok = offs < V
