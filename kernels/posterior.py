@@ -11,7 +11,9 @@ Per row (``KIND``: 0 absorbing, 1 absorbing with a per-token schedule, 2 uniform
 3. categorical_posterior writes ``w / Z`` tile by tile; posterior_sample scans the tiles with the
    float64 uniform ``u`` of Philox counter ``(row, offset)`` and stops at the first tile where the
    running float64 CDF exceeds ``u·Z`` (``min{j : cumsum(w)_j > u·Z}``; if rounding leaves none, the
-   last positive-weight category), so it never writes probabilities.
+   last positive-weight category), so it never writes probabilities. Absorbing rows also keep the
+   mass before the mask column from pass 1, so a draw that lands on the mask (the likely outcome
+   early in sampling) needs no second pass at all.
 
 ``exp`` runs in float32 for 16/32-bit logits (float64 for float64 logits); every weight, sum and the
 CDF are float64. A kernel draw differs from the reference only when ``u·Z`` lies within rounding of
@@ -102,6 +104,7 @@ def _posterior_fwd_kernel(
     S = tl.zeros((), tl.float64)
     S1t = tl.zeros((), tl.float64)
     S1s = tl.zeros((), tl.float64)
+    Sb = tl.zeros((), tl.float64)  # absorbing: the x0 mass before the mask column (unnormalised)
     if not keep:
         # pass 1: online max and normaliser (and the per-token sums)
         for v0 in range(0, V, BLOCK):
@@ -115,23 +118,29 @@ def _posterior_fwd_kernel(
             scale = tl.exp(m - m_ref).to(tl.float64)
             e = tl.exp(y - m_ref).to(tl.float64)
             S = S * scale + tl.sum(e, axis=0)
+            if KIND == 0:
+                Sb = Sb * scale + tl.sum(tl.where(offs < mask_id, e, 0.0), axis=0)
             if KIND == 1:
                 At = tl.load(abt_ptr + offs, mask=ok, other=0.0)
                 As = tl.load(abs_ptr + offs, mask=ok, other=0.0)
                 S1t = S1t * scale + tl.sum(e * (1.0 - At), axis=0)
                 S1s = S1s * scale + tl.sum(e * (1.0 - As), axis=0)
+                Sb = Sb * scale + tl.sum(tl.where(offs < mask_id, e * (As - At), 0.0), axis=0)
             m = m_new
         keep = S <= 0.0
     S = tl.where(S > 0.0, S, 1.0)
     # the row total Z and the mask column's weight
     w_mask = tl.zeros((), tl.float64)
+    before = tl.zeros((), tl.float64)  # absorbing: Σ_{j < mask} w_j
     Z = tl.zeros((), tl.float64) + 1.0
     if KIND == 0:
         w_mask = 1.0 - a_s
         Z = (a_s - a_t) + w_mask
+        before = (a_s - a_t) * (Sb / S)
     if KIND == 1:
         w_mask = S1s / S
         Z = S1t / S
+        before = Sb / S
     if KIND == 2:
         yx = tl.load(base + xt).to(WDT) / temperature
         f2x = a_s * (tl.exp(yx - m).to(tl.float64) / S) + (1.0 - a_s) / V
@@ -152,6 +161,9 @@ def _posterior_fwd_kernel(
             target = _common.row_uniform(row, seed_lo, seed_hi, off_lo, off_hi) * Z
             acc = tl.zeros((), tl.float64)
             found = xt * 0 - 1
+            if KIND <= 1:  # the draw lands on the mask column: known from pass 1, no scan
+                on_mask = (w_mask > 0.0) & (target >= before) & (target < before + w_mask)
+                found = tl.where(on_mask, found * 0 + mask_id, found)
             last = xt * 0 - 1
             v0 = tl.zeros((), tl.int32)  # loop-carried: a tensor, like the others
             while (v0 < V) & (found < 0):
