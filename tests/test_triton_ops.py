@@ -18,6 +18,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastdiff import _backends, ops
 from fastdiff import discrete as D
@@ -476,3 +478,62 @@ def test_gpu_sampling_frequencies_over_a_million_draws():
     obs = [counts[b.numpy()].sum() for b in bins]
     exp = [p[b.numpy()].sum() * n for b in bins]
     assert stats.chisquare(obs, exp).pvalue > 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzzing against the reference: -inf, ±0 and tied logits, any seed / offset, filters, every dtype
+# --------------------------------------------------------------------------------------------------
+FUZZ = settings(max_examples=12, deadline=None)
+FUZZ_DTYPES = st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16])
+
+
+@st.composite
+def _logit_rows(draw, max_rows=3, sizes=(1, 2, 3, 8, 17, 150)):
+    n, V = draw(st.integers(1, max_rows)), draw(st.sampled_from(sizes))
+    cell = st.one_of(st.floats(-30, 30), st.just(float("-inf")), st.sampled_from([0.0, -0.0, 1.0, 2.5]))
+    x = torch.tensor(draw(st.lists(cell, min_size=n * V, max_size=n * V)), dtype=torch.float64).reshape(n, V)
+    x[:, draw(st.integers(0, V - 1))] = draw(st.floats(-5, 5))  # a finite logit in every row
+    return x
+
+
+@FUZZ
+@given(x=_logit_rows(), dtype=FUZZ_DTYPES, seed=st.integers(0, 2**64 - 1), offset=st.integers(0, 2**40),
+       temperature=st.sampled_from([0.0, 0.05, 1.0, 3.0]), top_k=st.sampled_from([None, 1, 2, 7, 300]),
+       top_p=st.sampled_from([None, 0.05, 0.5, 0.99]))
+def test_fuzz_sample_categorical(x, dtype, seed, offset, temperature, top_k, top_p):
+    x = x.to(DEV, dtype)
+    kw = dict(seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert torch.equal(ops.sample_categorical(x, backend="triton", **kw),
+                       ops.sample_categorical(x, backend="reference", **kw))
+
+
+@FUZZ
+@given(data=st.data(), dtype=FUZZ_DTYPES, seed=st.integers(0, 2**64 - 1),
+       temperature=st.sampled_from([0.3, 1.0, 2.0]))
+def test_fuzz_posterior(data, dtype, seed, temperature):
+    V = data.draw(st.sampled_from([2, 3, 9, 140]))
+    Tn = data.draw(st.sampled_from([3, 20]))
+    mask = data.draw(st.integers(0, V - 1))
+    kinds = ["absorbing", "spindle", "uniform"] + (["band"] if V <= 9 else [])
+    kind = data.draw(st.sampled_from(kinds))
+    process = {"absorbing": lambda: D.Absorbing(V, mask, S.mutual_info(Tn)),
+               "spindle": lambda: D.Absorbing(V, mask, S.spindle(Tn, torch.linspace(0, 1, V))),
+               "uniform": lambda: D.Uniform(V, S.cosine(Tn)),
+               "band": lambda: D.GaussianBand(V, S.cosine(Tn), bandwidth=1)}[kind]()
+    x = data.draw(_logit_rows(max_rows=4, sizes=(V,)))
+    if process.kind == "absorbing":
+        x[:, (mask + 1) % V] = 0.5  # some x0 mass off the (ignored) mask column
+    n = x.shape[0]
+    xt = torch.tensor(data.draw(st.lists(st.integers(0, V - 1), min_size=n, max_size=n)))
+    if process.kind == "absorbing":
+        xt[::2] = mask
+    t = data.draw(st.integers(1, Tn))
+    s = data.draw(st.integers(0, t - 1))
+    x, xt = x.to(DEV, dtype), xt.to(DEV)
+    probs = ops.categorical_posterior(process, x, xt, t, s, temperature, backend="triton")
+    ref = ops.categorical_posterior(process, x, xt, t, s, temperature, backend="reference")
+    assert_close(probs, ref, atol=1e-12 if dtype == torch.float64 else 1e-6)
+    kw = dict(seed=seed, offset=7, temperature=temperature)
+    _check_draws(ops.posterior_sample(process, x, xt, t, s, backend="triton", **kw),
+                 ops.posterior_sample(process, x, xt, t, s, backend="reference", **kw),
+                 ref.double(), R.row_uniforms(seed, 7, n))
