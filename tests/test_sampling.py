@@ -542,3 +542,27 @@ def test_cuda_graph_replay_equals_eager_on_gpu():
         a = sample(m, p, strategy=strategy, **kw)
         b = sample(m, p, strategy=strategy, cuda_graph=True, **kw)
         assert torch.equal(a.tokens, b.tokens), strategy
+
+
+def test_hf_like_model_with_uses_time_needs_a_time_keyword():
+    class FakeHF:
+        class config:
+            vocab_size = 8
+
+        def get_input_embeddings(self):
+            return None
+
+        def __call__(self, input_ids, **kw):
+            return torch.zeros(input_ids.shape + (8,))
+
+    with pytest.raises(ValueError, match="time_kwarg"):
+        as_denoiser(FakeHF(), uses_time=True)
+    assert as_denoiser(FakeHF()).uses_time is False
+    assert as_denoiser(FakeHF(), time_kwarg="timestep").uses_time is True
+
+
+def test_chunked_logsumexp_equals_torch():
+    from fastdiff.sampling._discrete import _logsumexp
+    z = torch.randn(3, 50, 1000, dtype=torch.float64)
+    z[0, 0, :500] = float("-inf")
+    torch.testing.assert_close(_logsumexp(z, block=4096).double(), torch.logsumexp(z, -1), rtol=1e-5, atol=1e-5)

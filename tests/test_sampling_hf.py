@@ -248,9 +248,12 @@ def test_cache_same_tokens_fewer_evaluations(bert, process):
         cached = sample(bert, process, cache=True, **kw)
     assert torch.equal(cached.tokens, plain.tokens)
     assert plain.stats["sequences_evaluated"] == B * steps
-    # MDLM: step k + 1 evaluates exactly the rows whose input changed at step k (all rows at the first step).
+    # MDLM: step k + 1 evaluates the rows whose input changed at step k (all rows at the first step) ...
     states = [torch.full((B, L), MASK)] + plain.trajectory[:-1]  # the input of each step
     changed = [B] + [int((states[k] != states[k - 1]).any(1).sum()) for k in range(1, steps)]
+    # ... except that when more than half the rows changed the whole batch is evaluated (cheaper than
+    # copying most rows into the kept logits).
+    changed = [B if 2 * n > B else n for n in changed]
     assert [c["input_ids"].shape[0] for c in rec.calls] == [n for n in changed if n]
     assert cached.stats["sequences_evaluated"] == sum(changed) < B * steps
     assert cached.stats["network_calls"] == sum(1 for n in changed if n)

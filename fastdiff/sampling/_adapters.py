@@ -107,6 +107,9 @@ def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str
     if isinstance(model, Denoiser):
         return model
     if _looks_like_hf(model):
+        if uses_time and time_kwarg is None:
+            raise ValueError("uses_time: a Hugging Face model receives the step only through time_kwarg=...; "
+                             "give time_kwarg, or leave uses_time unset for a plain masked LM")
         return HFMaskedLM(model, time_kwarg=time_kwarg)
     if not callable(model):
         raise TypeError(f"model: expected a callable denoiser, got {type(model).__name__}")

@@ -45,6 +45,11 @@ class _Logits:
         need = ~run.finished
         if run.o.cache and self.last is not None:
             need = need & (x_ctx != self.last).any(dim=1)
+            # Copying the new rows into the kept logits costs about one write pass over them; when most
+            # rows changed, evaluating the whole batch is cheaper than that copy (and gives the same
+            # values for a model that ignores t).
+            if 2 * int(need.sum()) > run.B:
+                need = ~run.finished
         if bool(need.all()):
             out = run.evaluate(x_ctx, t)
             self.buf = out
@@ -78,6 +83,21 @@ def _two_stage(run: _Run, lr: torch.Tensor, xr: torch.Tensor, p_unmask: float) -
     tok = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), temperature=o.temperature,
                                  top_k=o.top_k, top_p=o.top_p, backend=o.backend)
     return torch.where((xr == mask_id) & (u < p_unmask), tok, xr)
+
+
+def _logsumexp(z: torch.Tensor, block: int = 1 << 18) -> torch.Tensor:
+    """``logsumexp(z, -1)`` in float32 over row blocks of about 1 MiB, so the temporaries stay in cache
+    (``torch.logsumexp`` on the whole ``(B, L, V)`` tensor is several read passes slower)."""
+    V = z.shape[-1]
+    flat = z.reshape(-1, V)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=z.device)
+    step = max(1, block // V)
+    for r in range(0, flat.shape[0], step):
+        c = flat[r:r + step].float()
+        m = c.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        out[r:r + step] = (c - m).exp_().sum(-1).log_() + m.squeeze(-1)
+    return out.reshape(z.shape[:-1])
 
 
 def _ab(process, t: int) -> float:
@@ -172,8 +192,7 @@ def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logit
         if o.remasking == "random" and run.strategy == "confidence":
             conf = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), device=x.device)
         else:  # log p(x0) under softmax(logits)
-            conf = (lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float()
-                    - torch.logsumexp(lr.float(), dim=-1))
+            conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
         conf = torch.where(masked, conf.to(torch.float64), torch.full_like(conf, float("-inf"), dtype=torch.float64))
         if o.tokens_per_step is not None:
             num = remaining.clamp_max(o.tokens_per_step)
