@@ -566,3 +566,21 @@ def test_chunked_logsumexp_equals_torch():
     z = torch.randn(3, 50, 1000, dtype=torch.float64)
     z[0, 0, :500] = float("-inf")
     torch.testing.assert_close(_logsumexp(z, block=4096).double(), torch.logsumexp(z, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("clamp", ["never", "last"])
+def test_continuous_blocks_round_each_block_and_use_it_as_clean_context(clamp):
+    emb = _emb()
+    target = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    diff = continuous.GaussianDiffusion(schedules.sqrt(50), parameterization="x0")
+    seen = []
+
+    def oracle(x, t):
+        seen.append(x.clone())
+        return emb[target[:, : x.shape[1]]].to(x.dtype)
+
+    out = sample(oracle, diff, shape=(2, 5), steps=3, strategy="ddpm", embedding=emb, clamp=clamp, block_size=2)
+    assert torch.equal(out.tokens, target)
+    assert out.stats["tokens_generated"] == 10 and out.stats["network_calls"] == 9
+    # the second block's calls see the first block as its clean embeddings
+    torch.testing.assert_close(seen[3][:, :2], emb[target[:, :2]])

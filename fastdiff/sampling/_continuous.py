@@ -36,9 +36,10 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     o, diff = run.o, run.process
     emb = o.embedding.detach().to(run.device)
     B, L, D = run.B, run.L, emb.shape[1]
+    known, vals = run.fixed.clone(), run.values.clone()  # positions whose token is decided, and the tokens
     x = _random.randn((B, L, D), seed=run.seed, offset=run.next_offset(), dtype=emb.dtype, device=run.device)
-    clean = torch.nn.functional.embedding(run.values, emb)
-    frozen = run.fixed.unsqueeze(-1)
+    clean = torch.nn.functional.embedding(vals, emb)
+    frozen = known.unsqueeze(-1)
     x = torch.where(frozen, clean, x)
     grid = step_grid(diff.T, run.steps)
     blocks = run.blocks()
@@ -47,6 +48,7 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         for a, b in blocks:
             ctx_end = b if o.block_context == "prefix" else L
             prev_x0 = torch.zeros(B, ctx_end, D, dtype=emb.dtype, device=run.device) if o.self_condition else None
+            final_idx = None
             for t, s in zip(grid[:-1], grid[1:]):
                 x_ctx = x[:, :ctx_end]
                 extra = {o.self_cond_kwarg: prev_x0} if o.self_condition else None
@@ -57,26 +59,34 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
                 if o.self_condition:
                     prev_x0 = x0.detach()
                 if o.clamp == "every" or (o.clamp == "last" and s == 0):
-                    x0 = ops.nearest_embedding(x0, emb.to(x0.dtype), o.metric, backend=o.backend)[1]
+                    idx, x0 = ops.nearest_embedding(x0, emb.to(x0.dtype), o.metric, backend=o.backend)
+                    if s == 0:  # the step to 0 returns x0 itself, so these are the block's tokens
+                        final_idx = idx[:, a:b]
                 x_s = _step(run, x0, x_ctx, t, s)
                 x[:, a:b] = torch.where(frozen[:, a:b], clean[:, a:b], x_s[:, a:b])
-                run.after_step(_tokens(run, x, emb) if run.trajectory is not None else x, bar)
-            if b < L:  # the finished block becomes clean context: round it and use the embeddings
+                run.after_step(_round(run, x, emb, known, vals) if run.trajectory is not None else x, bar)
+            tok = final_idx
+            if tok is None and b < L:  # the finished block becomes clean context: round it
                 tok = ops.nearest_embedding(x[:, a:b], emb, o.metric, backend=o.backend)[0]
-                run.values[:, a:b] = torch.where(run.fixed[:, a:b], run.values[:, a:b], tok)
-                run.fixed[:, a:b] = True
-                clean = torch.nn.functional.embedding(run.values, emb)
-                frozen = run.fixed.unsqueeze(-1)
-                x = torch.where(frozen, clean, x)
+            if tok is not None:
+                vals[:, a:b] = torch.where(known[:, a:b], vals[:, a:b], tok)
+                known[:, a:b] = True
+                if b < L:
+                    clean = torch.nn.functional.embedding(vals, emb)
+                    frozen = known.unsqueeze(-1)
+                    x = torch.where(frozen, clean, x)
     finally:
         if bar is not None:
             bar.close()
-    return _tokens(run, x, emb), x
+    if bool(known.all()):  # every token is decided (clamped last steps, fixed positions)
+        return vals, x
+    return _round(run, x, emb, known, vals), x
 
 
-def _tokens(run: _Run, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def _round(run: _Run, x: torch.Tensor, emb: torch.Tensor, known: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Rounding: the nearest embedding's token wherever the token is not decided yet."""
     tok = ops.nearest_embedding(x, emb.to(x.dtype), run.o.metric, backend=run.o.backend)[0]
-    return torch.where(run.fixed, run.values, tok)
+    return torch.where(known, vals, tok)
 
 
 def _step(run: _Run, x0: torch.Tensor, x_t: torch.Tensor, t: int, s: int) -> torch.Tensor:
