@@ -177,7 +177,9 @@ def _posterior_fwd_kernel(
                 last = tl.maximum(last, tl.max(tl.where(ok & (w > 0.0), offs, -1), axis=0).to(tl.int64))
                 acc = tl.max(c, axis=0)
                 v0 += BLOCK
-            tok = tl.where(found >= 0, found, last)
+            # no crossing: the last positive-weight category; none at all (an impossible x_t, Z = 0):
+            # V - 1, as the reference's fallback gives
+            tok = tl.where(found >= 0, found, tl.where(last >= 0, last, V - 1))
         tl.store(tok_ptr + row, tok)
     else:
         out_row = probs_ptr + row * V

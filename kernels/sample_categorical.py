@@ -167,7 +167,7 @@ def _sample_categorical_fwd_kernel(
             last = tl.maximum(last, tl.max(tl.where(ok & (w > 0.0), offs, -1), axis=0).to(tl.int64))
             acc = tl.max(c, axis=0)
             v0 += BLOCK
-        tl.store(tok_ptr + row, tl.where(found >= 0, found, last))
+        tl.store(tok_ptr + row, tl.where(found >= 0, found, tl.where(last >= 0, last, V - 1)))
 
 
 def _sample_categorical_fwd(logits: torch.Tensor, seed_lo: int, seed_hi: int, off_lo: int, off_hi: int,
