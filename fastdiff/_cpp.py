@@ -18,6 +18,7 @@ calls (:mod:`fastdiff.ops._dispatch`) and receive arguments the public ops have 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _C
 from .ops._plan import posterior_plan
@@ -84,6 +85,7 @@ class RoundingLossFn(torch.autograd.Function):
         return total.to(cdt)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
         if ctx.reduction == "none":

@@ -234,6 +234,35 @@ def test_rounding_loss_fuzz(N, V, Dm, seed, reduction, bias, chunk):
         assert_close(a, c, atol=1e-11, rtol=1e-9)
 
 
+@pytest.mark.parametrize("op,change,err,match", [
+    ("nearest", dict(x=torch.randn(3, 5)), ValueError, "x"),
+    ("nearest", dict(weight=torch.randn(0, 4)), ValueError, "weight"),
+    ("nearest", dict(weight=torch.randn(6, 4).double()), TypeError, "weight"),
+    ("nearest", dict(x=torch.full((3, 4), float("inf"))), ValueError, "x"),
+    ("nearest", dict(metric="dot"), ValueError, "metric"),
+    ("loss", dict(target=torch.tensor([0, 1, 6])), ValueError, "target"),
+    ("loss", dict(target=torch.tensor([0.0, 1.0, 2.0])), TypeError, "target"),
+    ("loss", dict(bias=torch.randn(5)), ValueError, "bias"),
+    ("loss", dict(weight=torch.full((6, 4), float("nan"))), ValueError, "weight"),
+    ("loss", dict(reduction="avg"), ValueError, "reduction"),
+])
+def test_embedding_ops_reject_bad_input_before_the_kernel(op, change, err, match):
+    args = dict(x=torch.randn(3, 4), weight=torch.randn(6, 4))
+    args.update({"metric": "l2"} if op == "nearest" else {"target": torch.tensor([0, 1, 5])})
+    args.update(change)
+    fn = ops.nearest_embedding if op == "nearest" else ops.rounding_loss
+    with pytest.raises(err, match=match):
+        fn(**args, backend="cpp")
+
+
+def test_rounding_loss_has_no_second_derivative():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(ops.rounding_loss(x, w, torch.tensor([0, 1, 5]), **CPP), (x,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):  # never silently 0
+        gx.sum().backward()
+
+
 # --------------------------------------------------------------------------------------------------
 # categorical_posterior / posterior_sample
 # --------------------------------------------------------------------------------------------------
