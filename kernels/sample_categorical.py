@@ -73,11 +73,17 @@ def _sample_categorical_fwd_kernel(
         if HAS_TOPK:
             k_lo = tl.full((), SIGN_OFF, KEY)
             k_hi = -k_lo - 1
+        Wf = tl.zeros((), tl.float64)  # without filters: the total, kept online (no extra pass)
         for v0 in range(0, V, BLOCK):
             offs = v0 + lanes
             ok = offs < V
             x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-            m = tl.maximum(m, tl.max(x.to(WDT) / temperature, axis=0))
+            y = x.to(WDT) / temperature
+            m_new = tl.maximum(m, tl.max(y, axis=0))
+            if not (HAS_TOPK or HAS_TOPP):
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
+                Wf = Wf * tl.exp(m - m_ref).to(tl.float64) + tl.sum(tl.exp(y - m_ref).to(tl.float64), axis=0)
+            m = m_new
             if HAS_TOPK:
                 key = _order_key(x, KEY, SIGN_OFF)
                 k_lo = tl.minimum(k_lo, tl.min(tl.where(ok, key, SIGN_OFF), axis=0))
@@ -135,18 +141,18 @@ def _sample_categorical_fwd_kernel(
                 small = above / W < top_p
                 p_hi = tl.where(small, down, p_hi)
                 p_lo = tl.where(small, p_lo, up)
-        # the kept total, then the scan
-        Wf = tl.zeros((), tl.float64)
-        for v0 in range(0, V, BLOCK):
-            offs = v0 + lanes
-            ok = offs < V
-            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-            w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
-            if HAS_TOPK:
-                w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
-            if HAS_TOPP:
-                w = tl.where(w.to(tl.int64, bitcast=True) >= p_lo, w, 0.0)
-            Wf += tl.sum(w, axis=0)
+        # the kept total (filters only), then the scan
+        if HAS_TOPK or HAS_TOPP:
+            for v0 in range(0, V, BLOCK):
+                offs = v0 + lanes
+                ok = offs < V
+                x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+                w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
+                if HAS_TOPK:
+                    w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+                if HAS_TOPP:
+                    w = tl.where(w.to(tl.int64, bitcast=True) >= p_lo, w, 0.0)
+                Wf += tl.sum(w, axis=0)
         target = _common.row_uniform(row, seed_lo, seed_hi, off_lo, off_hi) * Wf
         acc = tl.zeros((), tl.float64)
         found = row * 0 - 1

@@ -353,6 +353,23 @@ def test_sample_categorical_equals_reference(dtype, kw):
         _check_sample(_sample_logits(N, V, dtype, seed=V), kw)
 
 
+def test_leading_tiles_of_minus_inf():
+    """Rows whose first row tiles (128 wide in the interpreter) are all -inf: the online max and sums
+    start from -inf without producing NaN."""
+    logits = torch.full((3, 300), float("-inf"), device=DEV)
+    logits[:, 260:] = torch.randn(3, 40, generator=_gen(8)).to(DEV)
+    logits[2, 299] = 50.0
+    for kw in FILTERS:
+        _check_sample(logits, kw)
+    process = D.Uniform(300, S.cosine(T))
+    xt = torch.tensor([0, 270, 299], device=DEV)
+    ref = ops.categorical_posterior(process, logits, xt, 20, 10, backend="reference")
+    assert_close(ops.categorical_posterior(process, logits, xt, 20, 10, backend="triton"), ref, atol=1e-6)
+    _check_draws(ops.posterior_sample(process, logits, xt, 20, 10, seed=3, backend="triton"),
+                 ops.posterior_sample(process, logits, xt, 20, 10, seed=3, backend="reference"),
+                 ref.double(), R.row_uniforms(3, 0, 3))
+
+
 def test_sample_categorical_ties_views_and_empty():
     logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]], device=DEV).expand(40, 5)
     out = ops.sample_categorical(logits, seed=0, top_k=2, backend="triton")
