@@ -166,10 +166,10 @@ struct AffineRow {
         cum += Wc[c];
       }
     }
-    for (int64_t j = V - 1; j > 0; --j) {
+    for (int64_t j = V - 1; j >= 0; --j) {
       if (weight(j) > 0.0) return j;
     }
-    return 0;
+    return V - 1;  // no positive weight (an undefined posterior): the reference's fallback index
   }
 
   template <typename O>
@@ -275,10 +275,10 @@ int64_t draw_dense(const double* w, int64_t V, double u) {
     cum += w[j];
     if (cum > target) return j;
   }
-  for (int64_t j = V - 1; j > 0; --j) {
+  for (int64_t j = V - 1; j >= 0; --j) {
     if (w[j] > 0.0) return j;
   }
-  return 0;
+  return V - 1;  // no positive weight (an undefined posterior): the reference's fallback index
 }
 
 // Row loading: float32 rows are read in place when the fast path applies; everything else is converted
