@@ -209,6 +209,11 @@ def test_rounding_loss_edge_shapes_and_partial_grads():
     (gx,) = torch.autograd.grad(loss.sum(), [x])
     (rx,) = torch.autograd.grad(ref.sum(), [x])
     assert_close(gx, rx, atol=1e-12)
+    # the backward is not itself differentiable: asking for a second derivative raises
+    loss = ops.rounding_loss(x, w, target, backend="triton")
+    (gx,) = torch.autograd.grad(loss, [x], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), [x])
     # N = 0
     x0 = torch.zeros(0, 6, dtype=torch.float64, device=DEV)
     t0 = torch.zeros(0, dtype=torch.int64, device=DEV)
