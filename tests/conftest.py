@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (its standard library, tl.zeros and friends,
+# is decorated then). Other imports (transformers pulls in torch's Triton kernels) may import it before
+# the Triton tests' fixtures run, so on a machine without a GPU set it before anything else: the Triton
+# kernels then run in the CPU interpreter wherever a test asks for backend="triton".
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
