@@ -26,9 +26,8 @@ namespace fastdiff {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr float kInfF = std::numeric_limits<float>::infinity();
 
-// Philox4x32-10 (Random123 / Triton convention) and the float64 open-interval uniform of
-// fastdiff.random.row_uniforms: words 0 and 1 of Philox(seed; row, offset).
-inline double row_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
+// Philox4x32-10 (Random123 / Triton convention): the four words of counter (row, offset) under key seed.
+inline void philox4x32(uint64_t seed, uint64_t offset, uint64_t row, uint32_t w[4]) {
   uint32_t c0 = static_cast<uint32_t>(row), c1 = static_cast<uint32_t>(row >> 32);
   uint32_t c2 = static_cast<uint32_t>(offset), c3 = static_cast<uint32_t>(offset >> 32);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
@@ -44,7 +43,17 @@ inline double row_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  const uint64_t k = (static_cast<uint64_t>(c0 >> 6) << 26) + (c1 >> 6);
+  w[0] = c0;
+  w[1] = c1;
+  w[2] = c2;
+  w[3] = c3;
+}
+
+// The float64 open-interval uniform of fastdiff.random.row_uniforms: words 0 and 1 of Philox(seed; row, offset).
+inline double row_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
+  uint32_t w[4];
+  philox4x32(seed, offset, row, w);
+  const uint64_t k = (static_cast<uint64_t>(w[0] >> 6) << 26) + (w[1] >> 6);
   return (static_cast<double>(k) + 0.5) * 0x1p-52;
 }
 
@@ -91,5 +100,7 @@ at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at
 
 at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t offset, double temperature,
                               int64_t top_k, double top_p);
+
+at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n);
 
 }  // namespace fastdiff

@@ -745,6 +745,23 @@ at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t 
   return tokens;
 }
 
+// The four Philox words of counters (i, offset), i = 0..n-1, as int64 (n, 4): what fastdiff.random's
+// uniform / randn build their floats from (the floating-point part stays in PyTorch, so the results are
+// the same bits with or without this function).
+at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n) {
+  TORCH_CHECK(n >= 0, "philox_words: n must be >= 0, got ", n);
+  at::Tensor out = at::empty({n, 4}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+    uint32_t w[4];
+    for (int64_t i = b; i < e; ++i) {
+      philox4x32(seed, offset, static_cast<uint64_t>(i), w);
+      for (int j = 0; j < 4; ++j) o[4 * i + j] = static_cast<int64_t>(w[j]);
+    }
+  });
+  return out;
+}
+
 }  // namespace fastdiff
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -761,6 +778,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sample"), py::arg("seed"), py::arg("offset"), py::arg("check_values"));
   m.def("sample_categorical", &fastdiff::sample_categorical, "temperature / top-k / top-p draws", py::arg("logits"),
         py::arg("seed"), py::arg("offset"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"));
+  m.def("philox_words", &fastdiff::philox_words, "Philox4x32-10 words of counters (0..n-1, offset), int64 (n, 4)",
+        py::arg("seed"), py::arg("offset"), py::arg("n"));
   m.def("row_uniform", &fastdiff::row_uniform, "the float64 uniform of Philox counter (row, offset)",
         py::arg("seed"), py::arg("offset"), py::arg("row"));
 }

@@ -130,3 +130,15 @@ def test_matches_triton_randint4x_convention():
     res = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_native_philox_words_equal_the_pytorch_rounds():
+    """uniform/randn take their words from the C++ extension when it is built: the same integers."""
+    native = R._native_words()
+    if native is None:
+        pytest.skip("the C++ extension is not built (FASTDIFF_SKIP_EXT)")
+    for seed, offset, n in [(0, 0, 1), (2**64 - 1, 2**64 - 1, 1000), (12345, 2**40 + 3, 4097)]:
+        got = native(seed, offset, n)
+        idx = torch.arange(n, dtype=torch.int64)
+        want = R.philox4x32(seed, idx & 0xFFFFFFFF, idx >> 32, offset & 0xFFFFFFFF, offset >> 32)
+        assert torch.equal(got, torch.stack(want, 1))
