@@ -175,7 +175,6 @@ def confidence_distribution(den: ExactDenoiser, steps: int, start: dict[tuple, f
     candidate for every masked position from its x0 marginal, ranks masked positions by the
     probability of their candidate (ties: lower position first) and commits the top ``n_k``, with
     ``n_k`` LLaDA's even split of the initial masked count over the steps."""
-    V = den.joint.V
     dist = dict(start)
     L = den.joint.L
     n0 = sum(1 for j in range(L) if not fixed[j])
