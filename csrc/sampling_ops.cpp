@@ -567,21 +567,30 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
 
 template <typename T, typename C>
 void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint64_t seed, uint64_t offset,
-                 double temp, int64_t top_k, double top_p, int64_t* tokens) {
+                 double temp, int64_t top_k, double top_p, int64_t* tokens, int* status) {
+  std::atomic<int> worst{kOk};
   at::parallel_for(0, N, 4, [&](int64_t r0, int64_t r1) {
     std::vector<C> buf, xmin, cmax, ebuf;
     std::vector<double> chunks, mass;
     std::vector<std::pair<double, C>> pairs;
+    int local = kOk;
     for (int64_t r = r0; r < r1; ++r) {
       const C* x = load_row<T, C>(logits + r * row_stride, V, buf);
       chunks.resize((V + CH - 1) / CH);
       const bool filtered = (top_k > 0 && top_k < V) || top_p < 1.0;
       C M;
+      int st = kOk;
       if (temp == 0.0 || filtered) {
         int nan = 0;
         M = vmax(x, V, &nan);
+        st = finish_stats(M, static_cast<C>(-kInf), nan, 0.0).status;
       } else {  // plain: max and chunk sums in one pass
-        row_stats(x, V, -1, temp, &M, chunks.data(), cmax);
+        st = row_stats(x, V, -1, temp, &M, chunks.data(), cmax).status;
+      }
+      if (st != kOk) {  // the in-kernel value check: reported after the loop, nothing is returned
+        local = std::max(local, st);
+        tokens[r] = 0;
+        continue;
       }
       if (temp == 0.0) {  // greedy: the first maximum
         int64_t j = 0;
@@ -597,7 +606,11 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
       const double W = row.chunk_w(chunks.data());
       tokens[r] = row.draw(chunks.data(), W, row_uniform(seed, offset, static_cast<uint64_t>(r)));
     }
+    int cur = worst.load();
+    while (local > cur && !worst.compare_exchange_weak(cur, local)) {
+    }
   });
+  *status = worst.load();
 }
 
 template <typename F>
@@ -736,12 +749,20 @@ at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t 
   at::Tensor tokens = at::empty({N}, logits.options().dtype(at::kLong));
   if (N == 0) return tokens;
   const bool exact = logits.scalar_type() == at::kDouble || V <= kExactV;
+  int status = kOk;
   dispatch_logits(logits, exact, [&](auto* ptr, auto ctag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(ptr)>>;
     using C = decltype(ctag);
     sample_rows<T, C>(ptr, N, V, logits.stride(0), seed, offset, temperature, top_k, top_p,
-                      tokens.data_ptr<int64_t>());
+                      tokens.data_ptr<int64_t>(), &status);
   });
+  // The same ValueError as ops._common.check_finite_above, so the public op skips its own read pass.
+  if (status != kOk) {
+    const char* what = status == kNaN ? "contains NaN"
+                       : status == kPosInf ? "contains +inf"
+                                           : "a row has every logit at -inf (no category can be drawn)";
+    TORCH_CHECK_VALUE(false, "logits: ", what);
+  }
   return tokens;
 }
 

@@ -27,7 +27,7 @@ BLOCK_ROWS = 128  # nearest_embedding: vectors per row block
 BLOCK_COLS = 1024  # nearest_embedding: vocabulary rows per score tile (128 × 1024 fp32 = 512 KiB)
 LOSS_CHUNK_ELEMENTS = 1 << 24  # rounding_loss: logits elements per chunk (64 MiB in float32; 512 rows at
 # V = 32768: smaller chunks leave MKL too little work per GEMM, 128 rows took 3x as long)
-# The posterior kernels check the logits for NaN / +inf / all -inf rows during their own pass and raise
+# The posterior and sample_categorical kernels check the logits for NaN / +inf / all -inf rows during their own pass and raise
 # ops._common.check_finite_above's ValueError before returning, so the public ops skip that extra read
 # pass for them (the ``checks_values`` attribute below).
 CHECKS_VALUES = True
@@ -139,3 +139,6 @@ def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p) -> to
     out = _C.sample_categorical(flat, seed, offset, float(temperature), 0 if top_k is None else int(top_k),
                                 1.0 if top_p is None else float(top_p))
     return out.reshape(logits.shape[:-1])
+
+
+sample_categorical.checks_values = CHECKS_VALUES

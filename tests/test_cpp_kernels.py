@@ -491,3 +491,20 @@ def test_sample_categorical_fuzz(n, V, data, seed, offset, temperature, top_k, t
 def _has_weight_near_tie(e: np.ndarray) -> bool:
     v = np.unique(e[e > 0])
     return bool(len(v) > 1 and (np.diff(v) <= 1e-14 * v[1:]).any())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.0), dict(top_k=3), dict(top_p=0.5)])
+@pytest.mark.parametrize("bad, match", [(float("nan"), "NaN"), (float("inf"), r"\+inf"), (None, "every logit")])
+def test_sample_categorical_kernel_checks_values_itself(kw, bad, match):
+    """The public op skips its own read pass for the cpp kernel, which must raise the same error."""
+    from fastdiff import _cpp
+    assert _cpp.sample_categorical.checks_values
+    logits = torch.randn(37, 300)
+    if bad is None:
+        logits[21] = float("-inf")
+    else:
+        logits[21, 123] = bad
+    with pytest.raises(ValueError, match=f"logits: .*{match}"):
+        ops.sample_categorical(logits, seed=1, backend="cpp", **kw)
+    with pytest.raises(ValueError, match=f"logits: .*{match}"):
+        ops.sample_categorical_ref(logits, seed=1, **kw)

@@ -7,15 +7,15 @@ import torch
 from .. import _checks
 from .. import random as _random
 from . import _dispatch
-from ._common import check_logits, check_temperature, draw_from_weights, rows_per_chunk
+from ._common import check_logits, check_temperature, check_values_unless_kernel_does, draw_from_weights, rows_per_chunk
 
 _dispatch.register("sample_categorical", "cpp", "sample_categorical")
 _dispatch.register("sample_categorical", "cuda", "sample_categorical")
 _dispatch.register("sample_categorical", "triton", "sample_categorical")
 
 
-def _check(logits, seed, offset, temperature, top_k, top_p):
-    check_logits("logits", logits)
+def _check(logits, seed, offset, temperature, top_k, top_p, values: bool = True):
+    check_logits("logits", logits, values=values)
     _random._check_seed(seed)
     _random._check_offset(offset)
     check_temperature(temperature, allow_zero=True)
@@ -92,6 +92,7 @@ def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temp
                        top_k: int | None = None, top_p: float | None = None,
                        backend: str = "auto") -> torch.Tensor:
     """:func:`sample_categorical_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
-    _check(logits, seed, offset, temperature, top_k, top_p)
+    _check(logits, seed, offset, temperature, top_k, top_p, values=False)
     fn = _dispatch.resolve("sample_categorical", backend, logits.device, _sample_categorical)
+    check_values_unless_kernel_does("logits", logits, fn)
     return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
