@@ -587,3 +587,24 @@ def test_continuous_blocks_round_each_block_and_use_it_as_clean_context(clamp):
     assert out.stats["tokens_generated"] == 10 and out.stats["network_calls"] == 9
     # the second block's calls see the first block as its clean embeddings
     torch.testing.assert_close(seen[3][:, :2], emb[target[:, :2]])
+
+
+def test_guidance_keeps_logits_that_both_halves_mask():
+    """An MDLM-style model puts -inf on the mask column in both halves: guidance must keep it -inf
+    (lerp alone would make it NaN), and the guided step equals the op on the hand-combined logits."""
+    p = discrete.Absorbing(20, 19, schedules.cosine(50))
+    m = RecordingModel(20)
+
+    def subs_model(x, t, y):
+        out = m(x, t, y=y)
+        out[..., 19] = float("-inf")
+        return out
+
+    y = torch.tensor([1.0, 2.0])
+    out = sample(subs_model, p, shape=(2, 6), steps=3, seed=0, cond={"y": y}, uncond={"y": torch.zeros(2)},
+                 guidance_scale=2.5, trajectory=True)
+    x0 = torch.full((2, 6), 19)
+    lc, lu = subs_model(x0, torch.full((2,), 50), y), subs_model(x0, torch.full((2,), 50), torch.zeros(2))
+    guided = lu + 2.5 * (lc - lu)
+    guided[..., 19] = float("-inf")
+    assert torch.equal(out.trajectory[0], ops.posterior_sample_ref(p, guided, x0, 50, 33, seed=0, offset=1))

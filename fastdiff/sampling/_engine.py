@@ -192,7 +192,12 @@ class _Run:
         out = self._call(torch.cat([x_ctx, x_u]), t, both)
         self._check_output(out, (2 * x_ctx.shape[0], Lc))
         cond_out, uncond_out = out.chunk(2)
-        return uncond_out.lerp_(cond_out, float(o.guidance_scale))
+        # A logit at -inf in both halves (e.g. the mask column of an MDLM/SUBS model) stays -inf;
+        # lerp would give -inf + s·NaN there. Any other NaN still reaches the ops' check.
+        both_masked = torch.isneginf(cond_out)
+        both_masked &= torch.isneginf(uncond_out)
+        guided = uncond_out.lerp_(cond_out, float(o.guidance_scale))
+        return guided.masked_fill_(both_masked, float("-inf"))
 
     def _check_output(self, out: torch.Tensor, bl: tuple[int, int]) -> None:
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
