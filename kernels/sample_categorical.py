@@ -43,6 +43,21 @@ def _order_key(x, KEY: tl.constexpr, SIGN_OFF: tl.constexpr):
     return tl.where(b < 0, b ^ SIGN_OFF, b)
 
 
+@triton.jit
+def _tile_weights(base, offs, V, temperature, m, k_lo, p_lo, XDT: tl.constexpr, WDT: tl.constexpr,
+                  KEY: tl.constexpr, SIGN_OFF: tl.constexpr, TOPK: tl.constexpr, TOPP: tl.constexpr):
+    """One tile's float64 weights ``exp(x / temperature - m)`` (0 outside the row), with the top-k filter
+    (``TOPK``: keys >= ``k_lo``) and the top-p filter (``TOPP``: weight bits >= ``p_lo``) applied."""
+    ok = offs < V
+    x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+    w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
+    if TOPK:
+        w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+    if TOPP:
+        w = tl.where(w.to(tl.int64, bitcast=True) >= p_lo, w, 0.0)
+    return w, ok
+
+
 @triton.jit(do_not_specialize=["temperature_bits", "top_k", "top_p_bits", "seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _sample_categorical_fwd_kernel(
     logits_ptr, stride_l, tok_ptr, V, temperature_bits, top_k, top_p_bits, seed_lo, seed_hi, off_lo, off_hi,
@@ -112,12 +127,8 @@ def _sample_categorical_fwd_kernel(
         if HAS_TOPP:
             W = tl.zeros((), tl.float64)
             for v0 in range(0, V, BLOCK):
-                offs = v0 + lanes
-                ok = offs < V
-                x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-                w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
-                if HAS_TOPK:
-                    w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+                w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
+                                      HAS_TOPK, False)
                 W += tl.sum(w, axis=0)
             p_hi = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)  # max w = exp(0) = 1
             while p_lo < p_hi:
@@ -126,12 +137,8 @@ def _sample_categorical_fwd_kernel(
                 up = p_hi  # the smallest present key > mid
                 down = p_lo  # the largest present key <= mid
                 for v0 in range(0, V, BLOCK):
-                    offs = v0 + lanes
-                    ok = offs < V
-                    x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-                    w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
-                    if HAS_TOPK:
-                        w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
+                    w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY,
+                                          SIGN_OFF, HAS_TOPK, False)
                     key = w.to(tl.int64, bitcast=True)
                     gt = ok & (key > mid)
                     above += tl.sum(tl.where(gt, w, 0.0), axis=0)
@@ -144,14 +151,8 @@ def _sample_categorical_fwd_kernel(
         # the kept total (filters only), then the scan
         if HAS_TOPK or HAS_TOPP:
             for v0 in range(0, V, BLOCK):
-                offs = v0 + lanes
-                ok = offs < V
-                x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-                w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
-                if HAS_TOPK:
-                    w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
-                if HAS_TOPP:
-                    w = tl.where(w.to(tl.int64, bitcast=True) >= p_lo, w, 0.0)
+                w, _ = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
+                                     HAS_TOPK, HAS_TOPP)
                 Wf += tl.sum(w, axis=0)
         target = _common.row_uniform(row, seed_lo, seed_hi, off_lo, off_hi) * Wf
         acc = tl.zeros((), tl.float64)
@@ -160,13 +161,8 @@ def _sample_categorical_fwd_kernel(
         v0 = tl.zeros((), tl.int32)  # loop-carried: a tensor, like the others
         while (v0 < V) & (found < 0):
             offs = v0 + lanes
-            ok = offs < V
-            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-            w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
-            if HAS_TOPK:
-                w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
-            if HAS_TOPP:
-                w = tl.where(w.to(tl.int64, bitcast=True) >= p_lo, w, 0.0)
+            w, ok = _tile_weights(base, offs, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
+                                  HAS_TOPK, HAS_TOPP)
             c = acc + tl.cumsum(w, axis=0)
             first = tl.min(tl.where(ok & (c > target), offs, V), axis=0).to(tl.int64)
             found = tl.where(first < V, first, found)
