@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import pytest
 import torch
 
-from fastdiff import _backends, ops
+from fastdiff import ops
+from tests._triton import triton_backend
 from fastdiff import discrete as D
 from fastdiff import schedules as S
 from fastdiff.ops._plan import posterior_plan
@@ -30,18 +30,7 @@ DEV = torch.device("cuda" if GPU else "cpu")
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    old = os.environ.get("TRITON_INTERPRET")
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    _backends.triton.cache_clear()
-    be = _backends.triton()
-    assert be.available, be.reason
-    yield be.module
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    _backends.triton.cache_clear()
+    yield from triton_backend()
 
 
 def _gen(seed):

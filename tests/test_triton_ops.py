@@ -13,7 +13,6 @@ boundary; such rows are counted and bounded.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdiff import _backends, ops
+from fastdiff import ops
+from tests._triton import triton_backend
 from fastdiff import discrete as D
 from fastdiff import random as R
 from fastdiff import schedules as S
@@ -40,20 +40,7 @@ T = 50
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
-    """The Triton backend: compiled on a GPU, else interpreted (the env var must precede the import of
-    ``fastdiff.kernels``, whose ``@triton.jit`` reads it). The probe is cached: cleared on both sides."""
-    old = os.environ.get("TRITON_INTERPRET")
-    if not GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    _backends.triton.cache_clear()
-    be = _backends.triton()
-    assert be.available, be.reason
-    yield be.module
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    _backends.triton.cache_clear()
+    yield from triton_backend()
 
 
 def _gen(seed: int) -> torch.Generator:
