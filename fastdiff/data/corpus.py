@@ -244,7 +244,8 @@ def _load_jsonl(path: Path) -> list[Document]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')  # noqa: TRY004 (bad file content)
+                # a ValueError: the file's content is wrong, not the type of an argument
+                raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')  # noqa: TRY004
             label = record.get("label", record.get("source", path.stem))
             docs.append(Document(" ".join(record["text"].split()), str(label), f"{path.name}:{lineno}"))
     return docs
