@@ -22,12 +22,32 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from fastdiff.data import TextTokenizer, corpus_stats, python_docs
+from fastdiff.data import TextTokenizer, attribute_chunks, corpus_stats, lm_chunks, python_docs, word_order_pairs
 from fastdiff.data.corpus import _SKIP_DIRS
 
 
+def _tasks(docs: list, tok: TextTokenizer) -> str:
+    """Sizes of the training sets that fastdiff.data builds from this corpus with this tokenizer."""
+    lines = ["| data set | train | valid |", "| --- | ---: | ---: |"]
+    for length in (64, 128):
+        n = [lm_chunks(docs, tok, length, split).shape[0] for split in ("train", "valid")]
+        lines.append(f"| `lm_chunks(length={length})` rows | {n[0]:,} | {n[1]:,} |")
+    for length in (64,):
+        for balance in (False, True):
+            cells = []
+            for split in ("train", "valid"):
+                _, y = attribute_chunks(docs, tok, length, split, balance=balance)
+                ref, lib = (int(c) for c in y.bincount(minlength=2))
+                cells.append(f"{ref:,} + {lib:,}")
+            lines.append(f"| `attribute_chunks(length={length}, balance={balance})` reference + library "
+                         f"| {cells[0]} | {cells[1]} |")
+    n = [len(word_order_pairs(docs, split)) for split in ("train", "valid")]
+    lines.append(f"| `word_order_pairs(max_words=16)` pairs | {n[0]:,} | {n[1]:,} |")
+    return "\n".join(lines)
+
+
 def _note(tok: TextTokenizer, stats: dict[str, dict[str, int]], command: str, seconds: float, size: int,
-          n_tokens: int) -> str:
+          n_tokens: int, tasks: str) -> str:
     from pydoc_data.topics import topics
 
     import tokenizers
@@ -64,6 +84,15 @@ different tokenizer (and fingerprint).
 {rows}
 
 The whole corpus encodes to {n_tokens:,} tokens ({n_tokens / stats["total"]["words"]:.2f} per word).
+
+## The data sets built from it
+
+Splits: `split_of(document name)` (5% valid) for the LM and attribute chunks, `split_of(sentence)` for
+word ordering. The attribute task is unbalanced by nature (the library has ~4x the reference text), so
+`attribute_chunks` keeps, by default, evenly spaced library chunks to match the reference count
+(`balance=True`; chance accuracy 0.5):
+
+{tasks}
 """
 
 
@@ -89,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["PYTHONPATH=. python scripts/build_tokenizer.py", *given])
     stats = corpus_stats(docs)
     n_tokens = sum(map(len, tok.encode_batch([d.text for d in docs])))
-    note = _note(tok, stats, command, seconds, path.stat().st_size, n_tokens)
+    note = _note(tok, stats, command, seconds, path.stat().st_size, n_tokens, _tasks(docs, tok))
     (args.out / "tokenizer.md").write_text(note, encoding="utf-8")
     print(f"{path}: {tok!r}, {path.stat().st_size:,} bytes, {seconds:.1f} s")
     for k, v in stats.items():

@@ -334,7 +334,10 @@ def test_real_tasks_have_enough_data(docs, tok):
     assert train.shape[1] == 128 and train.shape[0] > 2000 and 50 < valid.shape[0] < train.shape[0] // 5
     assert int(train.max()) < tok.vocab_size and int((train == tok.sep_id).sum()) > 1000
     pairs = word_order_pairs(docs, "train")
-    assert len(pairs) > 5000 and len(word_order_pairs(docs, "valid")) > 200
+    valid = word_order_pairs(docs, "valid")
+    assert len(pairs) > 5000 and len(valid) > 200
+    assert not {t for _, t in pairs} & {t for _, t in valid}  # split per sentence: no leak
+    assert len(pairs) + len(valid) == len(word_order_pairs(docs, "all"))
     for src, tgt in pairs[:500]:
         assert 4 <= len(tgt.split()) <= 16 and sorted(src.split()) == sorted(tgt.split())
 
@@ -360,6 +363,8 @@ def test_sentences_and_word_order():
     assert src.shape == (3, 5) and tgt.shape == (3, 8)
     assert tgt[1].tolist() == word.encode("Was it a dog?") + [0] * 3
     assert src[0].tolist() == word.encode("cat mat. on sat The the")[:5]
+    assert word_order_pairs(docs, "valid", max_words=6, valid_fraction=1.0) == pairs
+    assert word_order_pairs(docs, "train", max_words=6, valid_fraction=0.0) == pairs
     with pytest.raises(ValueError, match="max_words"):
         word_order_pairs(docs, max_words=2)
     with pytest.raises(ValueError, match="split"):

@@ -168,21 +168,26 @@ def word_order_source(sentence: str) -> str:
 
 def word_order_pairs(docs: Sequence[Document], split: str = "train", max_words: int = 16, min_words: int = 4,
                      valid_fraction: float = 0.05) -> list[tuple[str, str]]:
-    """Word-ordering pairs ``(source, target)`` from the ``split`` documents (Schmaltz et al. 2016).
+    """Word-ordering pairs ``(source, target)`` (Schmaltz et al. 2016).
 
-    target = a sentence from :func:`sentences`; source = :func:`word_order_source` of it. Each distinct
-    sentence appears once (first occurrence, in document order).
+    target = a sentence from :func:`sentences` of any document; source = :func:`word_order_source` of it.
+    Each distinct sentence appears once (first occurrence, in document order). The split is decided per
+    sentence, ``split_of(sentence, valid_fraction)``, not per document: docstrings repeat sentences across
+    modules ("Return the value."), and a per-document split would put ~20% of the validation sentences in
+    the training set as well.
     """
     _checks.positive_int("min_words", min_words)
     _checks.positive_int("max_words", max_words, min_words)
-    chosen = _select(docs, split, valid_fraction)
+    chosen = _select(docs, "all", valid_fraction)
+    _checks.choice("split", split, SPLITS)
     seen: set[str] = set()
     pairs = []
     for d in chosen:
         for sent in sentences(d.text, min_words, max_words):
             if sent not in seen:
                 seen.add(sent)
-                pairs.append((word_order_source(sent), sent))
+                if split == "all" or split_of(sent, valid_fraction) == split:
+                    pairs.append((word_order_source(sent), sent))
     return pairs
 
 
