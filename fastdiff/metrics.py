@@ -30,7 +30,11 @@ def ngram_counts(tokens: Sequence[object], n: int) -> Counter:
 
 
 def _sequences(name: str, texts: object) -> list[list[object]]:
-    if isinstance(texts, (str, torch.Tensor)) or not isinstance(texts, Sequence):
+    if isinstance(texts, torch.Tensor):
+        if texts.ndim != 2:
+            raise ValueError(f"{name}: a tensor must have shape (N, L), got {tuple(texts.shape)}")
+        texts = list(texts)
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(f"{name}: expected a list of strings or of token-id lists, got {type(texts).__name__}")
     if not texts:
         raise ValueError(f"{name}: empty")
@@ -50,8 +54,8 @@ def _sequences(name: str, texts: object) -> list[list[object]]:
 def distinct_n(texts: Sequence[str] | Sequence[Sequence[int]], n: int) -> float:
     """distinct-n = |distinct n-grams| / |n-grams| over the whole set (Li et al. 2016).
 
-    Strings are split on whitespace; token-id lists (or 1-D tensors) are used as they are. n-grams never
-    cross texts. Returns 0.0 when no text has ``n`` tokens.
+    ``texts``: strings (split on whitespace), token-id lists / 1-D tensors, or one ``(N, L)`` tensor (rows).
+    n-grams never cross texts. Returns 0.0 when no text has ``n`` tokens.
     """
     seqs = _sequences("texts", texts)
     _checks.positive_int("n", n)
@@ -167,6 +171,9 @@ def generative_perplexity(lm: Callable[[torch.Tensor], torch.Tensor], tokens: to
             if not isinstance(logits, torch.Tensor) or logits.shape[:2] != x.shape or logits.ndim != 3:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(f"lm: expected logits of shape ({x.shape[0]}, {x.shape[1]}, V), got {got}")
+            if int(x.max()) >= logits.shape[-1] or int(x.min()) < 0:
+                raise ValueError(f"tokens: ids must lie in [0, {logits.shape[-1]}) (the LM's vocabulary), got "
+                                 f"[{int(x.min())}, {int(x.max())}]")
             logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
             target = x[:, 1:]
             nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)

@@ -198,6 +198,8 @@ def test_default_tokenizer(tok):
     assert tok.decode(ids) == "Hello world. Bye."
     assert tok.decode(ids, skip_special=False) == "[PAD]Hello world.[SEP] Bye.[PAD]"
     assert tok.encode_batch(["a b", "c"]) == [tok.encode("a b"), tok.encode("c")]
+    # written special tokens become their ids (prompts with masks)
+    assert tok.encode("[MASK]") == [tok.mask_id] and tok.sep_id in tok.encode("a [SEP] b")
     assert tok.decode_batch(torch.tensor([tok.encode("a b") + [0]])) == ["a b"]
     with pytest.raises(ValueError, match="ids"):
         tok.decode([5000])

@@ -166,6 +166,9 @@ def test_distinct_n_known_values():
     ids = [[1, 2, 1, 2], [1, 2, 3]]
     assert distinct_n(ids, 2) == pytest.approx(3 / 5)
     assert distinct_n([torch.tensor([5, 5, 5, 5])], 1) == pytest.approx(1 / 4)
+    assert distinct_n(torch.tensor([[1, 2, 1, 2], [1, 2, 1, 3]]), 2) == 0.5  # rows: 12 21 12 | 12 21 13
+    with pytest.raises(ValueError, match="texts"):
+        distinct_n(torch.ones(2, 2, 2, dtype=torch.long), 1)
     assert distinct_n(["a", "b"], 2) == 0.0  # no bigram at all
     with pytest.raises(ValueError, match="n"):
         distinct_n(texts, 0)
@@ -244,6 +247,8 @@ def test_perplexity_bad_inputs():
         generative_perplexity(lambda x: torch.zeros(*x.shape, 3), torch.zeros(2, 4, dtype=torch.long), pad_id=0)
     with pytest.raises(ValueError, match="lm"):
         generative_perplexity(lambda x: torch.zeros(x.shape[0], 3), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens"):  # id 5 outside the LM's 3-token vocabulary
+        generative_perplexity(lambda x: torch.zeros(*x.shape, 3), torch.full((2, 4), 5))
 
 
 # ---------------------------------------------------------------------------------------------- accuracy

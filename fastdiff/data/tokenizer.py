@@ -174,7 +174,11 @@ class TextTokenizer:
         return f"TextTokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint()[:12]})"
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
+        """Token ids of ``text`` (no special tokens added).
+
+        The literal strings ``[PAD]``, ``[MASK]``, ``[SEP]``, ``[UNK]`` in ``text`` become their special ids,
+        so a prompt can spell out masked positions: ``encode("a [MASK] b")`` contains ``mask_id``.
+        """
         if not isinstance(text, str):
             raise TypeError(f"text: expected a str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
