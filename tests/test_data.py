@@ -316,6 +316,14 @@ def test_attribute_chunks_sources_and_balance():
     assert torch.equal(xb[:m], x[:m])
     keep = [(i * (n_lib // 8)) // m for i in range(m)]  # evenly spaced library chunks
     assert torch.equal(xb[m:], x[m:][keep])
+    # user labels, three classes: balanced to the smallest
+    extra = [Document("gamma " * 20, "other", f"o{i}") for i in range(3)]
+    x3, y3 = attribute_chunks(docs + extra, word, 8, split="all", attributes=("other", "reference", "library"))
+    n_other = (3 * 21 - 1) // 8
+    assert y3.tolist() == [0] * n_other + [1] * n_other + [2] * n_other
+    assert torch.equal(x3[n_other: 2 * n_other], x[[(i * m) // n_other for i in range(n_other)]])
+    with pytest.raises(ValueError, match="attributes"):
+        attribute_chunks(docs, word, 8, attributes=("library",))
     with pytest.raises(ValueError, match="docs"):
         attribute_chunks([d for d in docs if d.source == "library"], word, 8, split="all")
     with pytest.raises(ValueError, match="docs"):

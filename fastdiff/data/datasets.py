@@ -111,25 +111,30 @@ def lm_chunks(docs: Sequence[Document], tokenizer: Any, length: int, split: str 
 
 
 def attribute_chunks(docs: Sequence[Document], tokenizer: Any, length: int, split: str = "train",
-                     balance: bool = True, valid_fraction: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunks labelled by their source: label ``k`` = ``ATTRIBUTES[k]`` (``"reference"``, ``"library"``).
+                     balance: bool = True, valid_fraction: float = 0.05,
+                     attributes: Sequence[str] = ATTRIBUTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks labelled by their source: label ``k`` = ``attributes[k]`` (default ``ATTRIBUTES``:
+    ``"reference"``, ``"library"``; for users' labelled ``.jsonl`` data pass its labels).
 
     The ``split`` documents of each source are packed separately (:func:`pack`), so a chunk never mixes
-    sources. With ``balance`` (default), the larger class is subsampled to the size ``m`` of the smaller
+    sources. With ``balance`` (default), every larger class is subsampled to the size ``m`` of the smallest
     one by keeping its chunks at the evenly spaced indices ``floor(i * n / m)``, ``i = 0..m-1``
-    (deterministic; a classifier's accuracy then has chance level 0.5). Documents of other sources are
-    ignored.
+    (deterministic; a classifier's chance accuracy is then ``1 / len(attributes)``). Documents of other
+    sources are ignored.
 
     Returns
     -------
     tokens : LongTensor ``(N, length)``
-        Class 0 chunks first, then class 1.
+        Class 0 chunks first, then class 1, ...
     labels : LongTensor ``(N,)``
     """
     _checks.positive_int("length", length)
+    if isinstance(attributes, str) or not isinstance(attributes, Sequence) or len(set(attributes)) < 2 \
+            or len(set(attributes)) != len(attributes):
+        raise ValueError(f"attributes: expected at least two distinct source names, got {attributes!r}")
     chosen = _select(docs, split, valid_fraction)
     parts = []
-    for k, source in enumerate(ATTRIBUTES):
+    for source in attributes:
         texts = [d.text for d in chosen if d.source == source]
         chunks = pack(tokenizer.encode_batch(texts), length, tokenizer.sep_id) if texts else torch.empty(0, length)
         if chunks.shape[0] == 0:
