@@ -238,12 +238,13 @@ def test_train_save_load_fingerprint(tmp_path):
 
 
 def test_word_level_tokenizer():
-    texts = ["The cat sat on the mat.", "The dog sat, then it ran (fast)."] * 2
+    texts = ["The cat sat on the mat.", "The dog sat, then it ran (fast).", "The dog's cat sat..."] * 2
     word = TextTokenizer.train(texts, vocab_size=100, kind="word", min_frequency=1)
     assert word.kind == "word" and [word.id_to_token(i) for i in range(4)] == ["[PAD]", "[MASK]", "[SEP]", "[UNK]"]
     ids = word.encode("The cat ran, then the dog sat (fast).")
     assert len(ids) == 11 and word.unk_id not in ids  # words and punctuation runs
     assert word.decode(ids) == "The cat ran, then the dog sat (fast)."
+    assert word.decode(word.encode("The dog's cat sat...")) == "The dog's cat sat..."
     assert word.encode("The zebra sat.") == [word.token_to_id("The"), word.unk_id, word.token_to_id("sat"),
                                              word.token_to_id(".")]
     small = TextTokenizer.train(texts, vocab_size=6, kind="word", min_frequency=1)

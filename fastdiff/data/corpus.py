@@ -189,7 +189,8 @@ def python_docs(stdlib: str | os.PathLike | None = None) -> list[Document]:
     Parameters
     ----------
     stdlib : path, optional
-        Directory of the standard library to read (default ``sysconfig.get_paths()["stdlib"]``).
+        Directory of the standard library whose docstrings to read (default
+        ``sysconfig.get_paths()["stdlib"]``). The help topics always come from the running interpreter.
 
     Returns
     -------

@@ -6,7 +6,8 @@ Every fastdiff tokenizer has the same special tokens at the same ids: ``[PAD]=0,
 * ``"bpe"``: byte-level BPE (Sennrich et al. 2016 on bytes, as GPT-2): every string encodes without
   ``[UNK]`` and ``decode(encode(s)) == s``.
 * ``"word"``: one id per word or punctuation run (``\\w+|[^\\w\\s]+``), unknown words map to ``[UNK]``;
-  decode joins with spaces and re-attaches closing punctuation.
+  decode joins with spaces, then re-attaches closing punctuation, opening brackets and apostrophes
+  (readable, not always the original spacing).
 
 ``tokenizers`` is imported inside the functions, so ``import fastdiff.data`` stays light.
 """
@@ -41,8 +42,9 @@ PAD_ID, MASK_ID, SEP_ID, UNK_ID = 0, 1, 2, 3
 KINDS = ("bpe", "word")
 DEFAULT_TOKENIZER_PATH = Path(__file__).resolve().parent.parent / "assets" / "tokenizer.json"
 
-_DETACH = re.compile(r" ([.,;:!?)\]}'’”])")  # word kind: "word ." -> "word."
-_ATTACH = re.compile(r"([(\[{]) ")  # "( word" -> "(word"
+_DETACH = re.compile(r" ([.,;:!?)\]}”]+)")  # word kind: "word ." -> "word."
+_ATTACH = re.compile(r"([(\[{“]) ")  # "( word" -> "(word"
+_APOSTROPHE = re.compile(r"(\w) (['’]) (\w)")  # "don ' t" -> "don't"
 
 
 def _texts(name: str, texts: object) -> list[str]:
@@ -207,7 +209,7 @@ class TextTokenizer:
             ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
         text = self._tok.decode(ids, skip_special_tokens=False)
         if self.kind == "word":
-            text = _ATTACH.sub(r"\1", _DETACH.sub(r"\1", text))
+            text = _APOSTROPHE.sub(r"\1\2\3", _ATTACH.sub(r"\1", _DETACH.sub(r"\1", text)))
         return text
 
     def decode_batch(self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special: bool = True) -> list[str]:
