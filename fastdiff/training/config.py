@@ -1,0 +1,184 @@
+"""Training configuration: :class:`TrainConfig` (JSON round trip, validated) and the learning-rate
+schedule :func:`lr_factor` (linear warm-up, then cosine or constant)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import _checks, continuous, schedules
+from .process import KINDS
+
+__all__ = ["DATA_KEYS", "RESUMABLE_OVERRIDES", "TASKS", "TrainConfig", "lr_factor"]
+
+TASKS = ("lm", "attribute", "word_order")
+DATA_KEYS = {"lm": ("tokens",), "attribute": ("tokens", "labels"), "word_order": ("src", "tgt")}
+#: fields that may change when a run is resumed (everything else must match the checkpoint)
+RESUMABLE_OVERRIDES = ("max_steps", "log_every", "ckpt_every", "eval_every", "eval_batches", "out_dir",
+                       "keep_checkpoints", "device", "amp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides data, tokenizer and (optionally) a model; JSON round trip
+    through :meth:`to_dict` / :meth:`from_dict` (and :meth:`save` / :meth:`load` for files).
+
+    task : "lm" (unconditional), "attribute" (``labels``, classifier-free dropout ``cond_drop``) or
+        "word_order" (text to text: ``conditioning`` "concat" -> ``cond_tokens`` or "cross" -> encoder memory).
+    family, kind, schedule, T, schedule_kw : the process ("discrete" absorbing/uniform, or "continuous");
+        ``schedule="auto"`` is "mutual_info" for discrete and "sqrt" for continuous; "adaptive" is re-fitted
+        from the training loss every ``refit_every`` steps (SeqDiffuSeq).
+    arch, model : the model for :func:`fastdiff.models.build_model` (``model`` holds SED config overrides).
+    loss, hybrid_lambda : discrete objective, "hybrid" (``L_vlb + λ·CE``) or "mdlm".
+    parameterization, lam_round, lam_anchor, embedding_layernorm, self_condition_prob : continuous.
+    timestep_sampler : "uniform" or "loss-aware" (Nichol & Dhariwal 2021).
+    lr, betas, weight_decay, warmup_steps, lr_schedule ("cosine" | "constant"), min_lr_ratio, grad_clip
+        (0 = no clipping), ema_decay (0 = no EMA), amp ("auto": bf16 autocast on CUDA; "off"), device.
+    seq_len, src_len : sequence lengths (0: taken from the data); label_names : attribute names.
+    log_every, ckpt_every, eval_every (0 = never), eval_batches, keep_checkpoints (0 = all), out_dir.
+    """
+
+    task: str = "lm"
+    conditioning: str = "concat"
+    cond_drop: float = 0.1
+    label_names: list[str] = field(default_factory=list)
+    seq_len: int = 0
+    src_len: int = 0
+    family: str = "discrete"
+    kind: str = "absorbing"
+    schedule: str = "auto"
+    T: int = 1000
+    schedule_kw: dict[str, Any] = field(default_factory=dict)
+    refit_every: int = 100
+    timestep_sampler: str = "uniform"
+    arch: str = "sed"
+    model: dict[str, Any] = field(default_factory=dict)
+    loss: str = "hybrid"
+    hybrid_lambda: float = 0.01
+    parameterization: str = "x0"
+    lam_round: float = 1.0
+    lam_anchor: float = 0.0
+    embedding_layernorm: bool = False
+    self_condition_prob: float = 0.5
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    amp: str = "auto"
+    device: str = "auto"
+    batch_size: int = 32
+    max_steps: int = 1000
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    eval_every: int = 0
+    eval_batches: int = 4
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/fastdiff"
+
+    def __post_init__(self) -> None:
+        _checks.choice("task", self.task, TASKS)
+        _checks.choice("conditioning", self.conditioning, ("concat", "cross"))
+        _checks.real("cond_drop", self.cond_drop, 0.0, 1.0)
+        if not isinstance(self.label_names, (list, tuple)) or not all(isinstance(n, str) for n in self.label_names):
+            raise ValueError(f"label_names: expected a list of strings, got {self.label_names!r}")
+        self.label_names = list(self.label_names)
+        _checks.positive_int("seq_len", self.seq_len, 0)
+        _checks.positive_int("src_len", self.src_len, 0)
+        _checks.choice("family", self.family, ("discrete", "continuous"))
+        _checks.choice("kind", self.kind, KINDS)
+        if self.schedule == "auto":
+            self.schedule = "mutual_info" if self.family == "discrete" else "sqrt"
+        _checks.choice("schedule", self.schedule, schedules.names())
+        _checks.positive_int("T", self.T)
+        for name in ("schedule_kw", "model"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"{name}: expected a dict, got {type(getattr(self, name)).__name__}")
+        _checks.positive_int("refit_every", self.refit_every)
+        _checks.choice("timestep_sampler", self.timestep_sampler, ("uniform", "loss-aware"))
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ValueError(f"arch: expected a model architecture name, got {self.arch!r}")
+        _checks.choice("loss", self.loss, ("hybrid", "mdlm"))
+        if self.loss == "mdlm" and self.family == "discrete" and self.kind != "absorbing":
+            raise ValueError("loss: 'mdlm' needs kind='absorbing'")
+        _checks.real("hybrid_lambda", self.hybrid_lambda, 0.0)
+        _checks.choice("parameterization", self.parameterization, continuous.PARAMETERIZATIONS)
+        _checks.real("lam_round", self.lam_round, 0.0)
+        _checks.real("lam_anchor", self.lam_anchor, 0.0)
+        if not isinstance(self.embedding_layernorm, bool):
+            raise TypeError(f"embedding_layernorm: expected a bool, got {self.embedding_layernorm!r}")
+        _checks.real("self_condition_prob", self.self_condition_prob, 0.0, 1.0)
+        _checks.real("lr", self.lr, 0.0, lo_open=True)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"betas: expected two numbers, got {self.betas!r}")
+        self.betas = (_checks.real("betas", self.betas[0], 0.0, 1.0, hi_open=True),
+                      _checks.real("betas", self.betas[1], 0.0, 1.0, hi_open=True))
+        _checks.real("weight_decay", self.weight_decay, 0.0)
+        _checks.positive_int("warmup_steps", self.warmup_steps, 0)
+        _checks.choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _checks.real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _checks.real("grad_clip", self.grad_clip, 0.0)
+        _checks.real("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
+        _checks.choice("amp", self.amp, ("auto", "off"))
+        if not isinstance(self.device, str):
+            raise TypeError(f"device: expected a string, got {self.device!r}")
+        for name in ("batch_size", "max_steps", "log_every"):
+            _checks.positive_int(name, getattr(self, name))
+        _checks.positive_int("seed", self.seed, 0)
+        for name in ("ckpt_every", "eval_every", "keep_checkpoints"):
+            _checks.positive_int(name, getattr(self, name), 0)
+        _checks.positive_int("eval_batches", self.eval_batches)
+        if not isinstance(self.out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir: expected a path, got {self.out_dir!r}")
+        self.out_dir = str(self.out_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"d: expected a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"d: unknown TrainConfig fields {unknown}")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"path: no config file at {p}")
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"path: {p} is not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str = "cosine",
+              min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier of the update at 0-based ``step``: linear warm-up ``(step + 1)/warmup_steps``
+    for ``step < warmup_steps``, then 1 ("constant") or a cosine from 1 down to ``min_ratio`` at
+    ``max_steps``: ``min_ratio + (1 - min_ratio)·(1 + cos(π·p))/2``, ``p = (step - warmup)/(max_steps - warmup)``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))

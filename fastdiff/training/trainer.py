@@ -1,0 +1,530 @@
+"""Training loop for fastdiff's text diffusion models: :class:`TrainConfig` and :class:`Trainer`.
+
+Discrete (D3PM, Austin et al. 2021; MDLM, Sahoo et al. 2024): ``x_t = q_sample(x_0, t)``, the model
+predicts x0 logits, loss = the hybrid loss ``L_vlb + λ·CE`` (or MDLM's) per token, averaged per sequence
+and weighted by the timestep sampler's importance weights. Continuous (Diffusion-LM, Li et al. 2022;
+SED, Strudel et al. 2022; Difformer, Gao et al. 2022): ``x_0 = E[w]`` with the embeddings learned
+jointly, loss = MSE + ``lam_round·L_round`` + ``lam_anchor·L_anchor``; self-conditioning on half the
+steps (Chen et al. 2022). Labels are dropped to the null label with probability ``cond_drop`` for
+classifier-free guidance (Ho & Salimans 2022).
+
+Reproducibility: every random draw of step ``n`` (timesteps, noise, masks, label dropout, self-condition
+coin, dropout inside the model) comes from generators seeded by ``(seed, n)``, and the data order from
+:class:`fastdiff.data.Batches`; so ``k`` steps + save + :meth:`Trainer.resume` + ``N - k`` steps gives
+the same parameters, optimizer state and losses as ``N`` steps in one go (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _checks, continuous, discrete, schedules, timesteps
+from . import checkpoint as ckpt
+from .config import DATA_KEYS, RESUMABLE_OVERRIDES, TASKS, TrainConfig, lr_factor
+from .process import build_process, process_config, sync_schedule
+
+__all__ = ["DATA_KEYS", "EMA", "TASKS", "TrainConfig", "Trainer", "lr_factor"]
+
+LOG_FILE = "train_log.jsonl"
+
+
+class EMA:
+    """Exponential moving average of a model's parameters: after each update
+    ``ema ← decay·ema + (1 - decay)·θ`` (float32 copies; starts at the initial parameters)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = _checks.real("decay", decay, 0.0, 1.0, hi_open=True)
+        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].mul_(self.decay).add_(p.detach().float(), alpha=1.0 - self.decay)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Weights with the keys of ``model.state_dict()``: EMA values for parameters (tied aliases
+        included), the model's current buffers."""
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        out = {}
+        for k, v in model.state_dict(keep_vars=True).items():
+            name = by_id.get(id(v))
+            out[k] = self.shadow[name].to(v.dtype) if name is not None else v.detach()
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        for n in self.shadow:
+            if n not in tensors:
+                raise ValueError(f"ema: the saved EMA weights lack {n!r}")
+            self.shadow[n].copy_(tensors[n])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(self.shadow[n])
+
+
+def _seed(seed: int, step: int, stream: str) -> int:
+    digest = hashlib.sha256(f"fastdiff.train:{seed}:{step}:{stream}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check_data(name: str, data: object, task: str) -> dict[str, torch.Tensor]:
+    if not isinstance(data, dict):
+        raise TypeError(f"{name}: expected a dict of tensors, got {type(data).__name__}")
+    keys = DATA_KEYS[task]
+    if set(data) != set(keys):
+        raise ValueError(f"{name}: task {task!r} takes the keys {list(keys)}, got {sorted(data)}")
+    out = {}
+    for k in keys:
+        v = _checks.integer(f"{name}[{k!r}]", data[k])
+        if v.ndim != (1 if k == "labels" else 2):
+            raise ValueError(f"{name}[{k!r}]: expected {'(N,)' if k == 'labels' else '(N, L)'}, got {tuple(v.shape)}")
+        if v.shape[0] != data[keys[0]].shape[0]:
+            raise ValueError(f"{name}[{k!r}]: {v.shape[0]} rows, expected {data[keys[0]].shape[0]}")
+        out[k] = v.long()
+    return out
+
+
+class Trainer:
+    """Trains a diffusion model on ``train_data`` under ``config``.
+
+    Parameters
+    ----------
+    config : a :class:`TrainConfig`.
+    train_data, valid_data : dicts of integer tensors with the task's keys (:data:`DATA_KEYS`):
+        ``{"tokens": (N, L)}``, ``{"tokens": (N, L), "labels": (N,)}`` or ``{"src": (N, Ls), "tgt": (N, L)}``,
+        iterated by :class:`fastdiff.data.Batches` (resumable).
+    tokenizer : a :class:`fastdiff.data.TextTokenizer` (saved with checkpoints; gives ``vocab_size``).
+    model : a model to train instead of ``build_model(config.arch, ...)``; checkpoints need ``.arch`` and
+        ``.config_dict()``.
+
+    :meth:`step` runs one update, :meth:`fit` runs to ``max_steps`` with logging, evaluation and
+    checkpoints, :meth:`save` writes a resumable checkpoint, :meth:`resume` continues one.
+    """
+
+    def __init__(self, config: TrainConfig, train_data: dict[str, torch.Tensor],
+                 valid_data: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
+                 model: nn.Module | None = None):
+        from ..data import Batches
+
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        self.train_data = _check_data("train_data", train_data, config.task)
+        self.valid_data = None if valid_data is None else _check_data("valid_data", valid_data, config.task)
+        target = self.train_data["tgt" if config.task == "word_order" else "tokens"]
+        updates = {"seq_len": config.seq_len or int(target.shape[1])}
+        if config.task == "word_order":
+            updates["src_len"] = config.src_len or int(self.train_data["src"].shape[1])
+        self.config = cfg = dataclasses.replace(config, **updates)
+        self.device = _device(cfg.device)
+        self.tokenizer = tokenizer
+        if model is None:
+            from ..models import build_model
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                model = build_model(cfg.arch, self._model_config())
+        self.model = model.to(self.device).train()
+        self.model_config = dict(model.config_dict()) if hasattr(model, "config_dict") else dict(cfg.model)
+        V = self.model_config.get("vocab_size") or (tokenizer.vocab_size if tokenizer is not None else None)
+        if V is None:
+            raise ValueError("model: vocab_size unknown: give config.model['vocab_size'] or a tokenizer")
+        self.vocab_size = int(V)
+        for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data or {})):
+            for k in ("tokens", "tgt", "src"):
+                if k in data and data[k].numel() and not 0 <= int(data[k].min()) <= int(data[k].max()) < V:
+                    raise ValueError(f"{name}[{k!r}]: token ids must lie in [0, {V})")
+        self.num_labels = int(self.model_config.get("num_labels", 0) or 0)
+        if cfg.task == "attribute":
+            if self.num_labels < 1:
+                raise ValueError("model: the attribute task needs num_labels >= 1")
+            labels = self.train_data["labels"]
+            if int(labels.min()) < 0 or int(labels.max()) >= self.num_labels:
+                raise ValueError(f"train_data['labels']: must lie in [0, {self.num_labels})")
+        self.continuous = cfg.family == "continuous"
+        if self.continuous and not callable(getattr(model, "embedding_table", None)):
+            raise TypeError("model: continuous training needs model.embedding and model.embedding_table()")
+        self.self_condition = self.continuous and bool(self.model_config.get("self_condition", False))
+        mask_id = tokenizer.mask_id if tokenizer is not None else 1
+        self.process_config = process_config(cfg.family, schedule=cfg.schedule, T=cfg.T, vocab_size=self.vocab_size,
+                                             kind=cfg.kind, mask_id=mask_id, parameterization=cfg.parameterization,
+                                             schedule_kw=cfg.schedule_kw)
+        self.process = build_process(self.process_config)
+        self.adaptive = self.process.schedule if isinstance(self.process.schedule, schedules.AdaptiveSchedule) else None
+        self.sampler = timesteps.create(cfg.timestep_sampler, cfg.T)
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and "embed" not in n.lower() else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.batches = Batches(*self.train_data.values(), batch_size=cfg.batch_size, seed=cfg.seed)
+        self.global_step = 0
+        self.elapsed = 0.0
+        self.history: list[dict[str, Any]] = []
+        self._window: dict[str, float] = {}
+
+    # --- configuration -------------------------------------------------------------------------
+    def _model_config(self) -> dict[str, Any]:
+        """SED config from ``config.model`` plus what the task and family imply (checked for conflicts)."""
+        cfg, tok = self.config, self.tokenizer
+        mc = dict(cfg.model)
+        if tok is not None and mc.setdefault("vocab_size", tok.vocab_size) != tok.vocab_size:
+            raise ValueError(f"model: vocab_size={mc['vocab_size']} but the tokenizer has {tok.vocab_size}")
+        implied: dict[str, Any] = {"kind": cfg.family, "output": "logits" if cfg.family == "discrete" else "embedding"}
+        if cfg.family == "continuous":
+            implied["embedding_layernorm"] = cfg.embedding_layernorm
+            mc.setdefault("self_condition", True)  # SED trains with self-conditioning
+        if cfg.task == "attribute":
+            labels = self.train_data["labels"]
+            implied["num_labels"] = len(cfg.label_names) or int(labels.max()) + 1
+        if cfg.task == "word_order" and cfg.conditioning == "cross":
+            implied["cross_attention"] = True
+        for k, v in implied.items():
+            if mc.setdefault(k, v) != v:
+                raise ValueError(f"model: {k}={mc[k]!r} conflicts with the training config ({k}={v!r} implied)")
+        return mc
+
+    # --- one step ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.config.amp == "auto" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _generators(self, step: int, stream: str) -> tuple[torch.Generator, torch.Generator]:
+        seed = self.config.seed
+        cpu = torch.Generator().manual_seed(_seed(seed, step, stream + ":t"))
+        if self.device.type == "cpu":
+            return cpu, torch.Generator().manual_seed(_seed(seed, step, stream + ":x"))
+        return cpu, torch.Generator(device=self.device).manual_seed(_seed(seed, step, stream + ":x"))
+
+    def _cond(self, batch: dict[str, torch.Tensor], gen: torch.Generator, train: bool) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        if cfg.task == "attribute":
+            labels = batch["labels"]
+            if train and cfg.cond_drop > 0:
+                drop = torch.rand(labels.shape, generator=gen, device=labels.device) < cfg.cond_drop
+                labels = torch.where(drop, torch.full_like(labels, self.num_labels), labels)
+            return {"label": labels}
+        if cfg.task == "word_order":
+            src = batch["src"]
+            if cfg.conditioning == "concat":
+                return {"cond_tokens": src}
+            mask = src != (self.tokenizer.pad_id if self.tokenizer is not None else 0)
+            with self._autocast():
+                memory = self.model.encode(src, mask)
+            return {"memory": memory, "memory_mask": mask}
+        return {}
+
+    def _losses(self, batch: dict[str, torch.Tensor], step: int, train: bool
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """``(terms, per_sequence_loss (B,), t (B,))``; ``terms["loss"]`` is the objective to minimise."""
+        cfg, T = self.config, self.config.T
+        cpu_gen, gen = self._generators(step, "train" if train else "eval")
+        x0 = batch["tgt" if cfg.task == "word_order" else "tokens"]
+        B = x0.shape[0]
+        if train:
+            t, w = self.sampler.sample(B, generator=cpu_gen, device=self.device)
+        else:
+            t = torch.randint(1, T + 1, (B,), generator=cpu_gen).to(self.device)
+            w = torch.ones(B, device=self.device)
+        cond = self._cond(batch, gen, train)
+        if not self.continuous:
+            x_t = self.process.q_sample(x0, t, generator=gen)
+            with self._autocast():
+                logits = self.model(x_t, t, **cond)
+            logits = logits.float()
+            if cfg.loss == "mdlm":
+                per_tok = discrete.mdlm_loss(self.process, x0, x_t, t, logits, reduction="none")
+            else:
+                per_tok = discrete.hybrid_loss(self.process, x0, x_t, t, logits, lam=cfg.hybrid_lambda,
+                                               reduction="none")
+            per_seq = per_tok.float().mean(-1)
+            with torch.no_grad():
+                ce = -self.process.x0_log_probs(logits.detach()).gather(-1, x0.unsqueeze(-1)).mean()
+            terms = {"loss": (w * per_seq).mean(), cfg.loss: per_seq.mean().detach(), "ce": ce}
+            return terms, per_seq.detach(), t
+        emb = self.model.embedding(x0).float()  # (B, L, D), learned jointly
+        noise = torch.randn(emb.shape, generator=gen, device=self.device, dtype=emb.dtype)
+        x_t = self.process.q_sample(emb, t, noise=noise)
+        extra: dict[str, torch.Tensor] = {}
+        if self.self_condition:
+            coin = float(torch.rand((), generator=cpu_gen))  # drawn every step: a fixed RNG stream
+            zeros = torch.zeros_like(x_t)
+            extra["x_self_cond"] = zeros
+            if train and coin < cfg.self_condition_prob:  # Chen et al. 2022: estimate x0 once without grad
+                with torch.no_grad(), self._autocast():
+                    first = self.model(x_t, t, x_self_cond=zeros, **cond)
+                extra["x_self_cond"] = self.process.to_x0(first.float(), x_t, t).detach()
+        with self._autocast():
+            out = self.model(x_t, t, **extra, **cond)
+        out = out.float()
+        table = self.model.embedding_table().float()
+        mse = self.process.mse_loss(out, emb, x_t, t, noise, reduction="none").mean(-1)  # (B,)
+        per_seq = mse
+        terms: dict[str, torch.Tensor] = {"mse": mse.mean().detach()}
+        if cfg.lam_anchor > 0:
+            anchor = continuous.anchor_loss(self.process.to_x0(out, x_t, t), table, x0, reduction="none").mean(-1)
+            per_seq = per_seq + cfg.lam_anchor * anchor
+            terms["anchor"] = anchor.mean().detach()
+        loss = (w * per_seq).mean()
+        if cfg.lam_round > 0:  # L_round on x0 = E[w] does not depend on t: no importance weight
+            rnd = continuous.rounding_loss(emb, table, x0)
+            loss = loss + cfg.lam_round * rnd
+            terms["round"] = rnd.detach()
+        terms["loss"] = loss
+        return terms, per_seq.detach(), t
+
+    def step(self) -> dict[str, float]:
+        """One optimizer update; returns the loss terms, ``lr``, ``grad_norm``, ``tokens`` and ``time_s``."""
+        cfg, n = self.config, self.global_step
+        start = time.perf_counter()
+        batch = dict(zip(self.train_data, self.batches.next_batch() if len(self.train_data) > 1
+                         else (self.batches.next_batch(),)))
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        lr = cfg.lr * lr_factor(n, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(_seed(cfg.seed, n, "torch"))  # dropout inside the model
+            terms, per_seq, t = self._losses(batch, n, train=True)
+            loss = terms["loss"]
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"step {n}: the loss is {float(loss)}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if not bool(torch.isfinite(grad_norm)):
+                raise FloatingPointError(f"step {n}: the gradient norm is {float(grad_norm)}")
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        t_cpu, loss_cpu = t.cpu(), per_seq.double().cpu()
+        self.sampler.update(t_cpu, loss_cpu)
+        if self.adaptive is not None:
+            self.adaptive.record(t_cpu, loss_cpu)
+            if (n + 1) % cfg.refit_every == 0 and self.adaptive.refit():
+                sync_schedule(self.process)
+        self.global_step = n + 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - start
+        self.elapsed += dt
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        metrics.update(lr=lr, grad_norm=float(grad_norm), tokens=float(batch_tokens(batch)), time_s=dt)
+        for k, v in metrics.items():
+            self._window[k] = self._window.get(k, 0.0) + v
+        self._window["count"] = self._window.get("count", 0.0) + 1
+        return metrics
+
+    # --- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss terms (prefixed ``valid_``) over the first ``eval_batches`` batches of ``valid_data``,
+        in order, with fixed per-batch seeds, uniform t, no condition dropout or self-conditioning."""
+        from ..data import Batches
+
+        if self.valid_data is None:
+            raise ValueError("valid_data: evaluate() needs validation data")
+        n = next(iter(self.valid_data.values())).shape[0]
+        batches = Batches(*self.valid_data.values(), batch_size=min(self.config.batch_size, n), shuffle=False)
+        was_training = self.model.training
+        self.model.eval()
+        sums: dict[str, float] = {}
+        count = min(self.config.eval_batches, len(batches))
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for i in range(count):
+                    torch.manual_seed(_seed(self.config.seed, i, "eval-torch"))
+                    vals = batches.next_batch()
+                    vals = vals if isinstance(vals, tuple) else (vals,)
+                    batch = {k: v.to(self.device) for k, v in zip(self.valid_data, vals)}
+                    terms = self._losses(batch, i, train=False)[0]
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+        finally:
+            self.model.train(was_training)
+        return {f"valid_{k}": v / count for k, v in sums.items()}
+
+    # --- loop ----------------------------------------------------------------------------------
+    def _log_record(self) -> dict[str, Any]:
+        w, count = self._window, self._window.get("count", 0.0)
+        rec: dict[str, Any] = {"step": self.global_step}
+        for k, v in w.items():
+            if k not in ("count", "tokens", "time_s"):
+                rec[k] = v / count
+        rec["tokens_per_s"] = w.get("tokens", 0.0) / w["time_s"] if w.get("time_s") else 0.0
+        rec["elapsed"] = self.elapsed
+        self._window = {}
+        return rec
+
+    def _write_log(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        out = Path(self.config.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def fit(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Train until ``max_steps``: a JSONL line in ``out_dir/train_log.jsonl`` every ``log_every`` steps
+        (step, mean loss terms, lr, grad_norm, tokens_per_s, elapsed), validation every ``eval_every``,
+        a checkpoint every ``ckpt_every`` steps and at the end. Returns the records logged by this call."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        first = len(self.history)
+        last_saved = -1
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not progress, desc="train")
+        try:
+            while self.global_step < cfg.max_steps:
+                m = self.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                s = self.global_step
+                if s % cfg.log_every == 0:
+                    self._write_log(self._log_record())
+                if cfg.eval_every and s % cfg.eval_every == 0 and self.valid_data is not None:
+                    self._write_log({"step": s, **self.evaluate(), "elapsed": self.elapsed})
+                if cfg.ckpt_every and s % cfg.ckpt_every == 0:
+                    self.save()
+                    last_saved = s
+        finally:
+            bar.close()
+        if last_saved != self.global_step:
+            self.save()
+        return self.history[first:]
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _process_for_saving(self) -> dict[str, Any]:
+        cfg = dict(self.process_config)
+        if self.adaptive is not None:
+            cfg["alpha_bar"] = self.adaptive.alpha_bar.tolist()
+        return cfg
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors: dict[str, torch.Tensor] = {}
+        opt = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, st in opt["state"].items():
+            for name, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optim.{idx}.{name}"] = v
+                else:
+                    scalars.setdefault(str(idx), {})[name] = v
+        groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in opt["param_groups"]]
+        if isinstance(self.sampler, timesteps.LossAwareSampler):
+            tensors["sampler.losses"] = self.sampler._losses
+            tensors["sampler.count"] = self.sampler._count
+        if self.adaptive is not None:
+            tensors["adaptive.loss"] = self.adaptive.loss
+            tensors["adaptive.alpha_bar"] = self.adaptive.alpha_bar
+        state = {"step": self.global_step, "elapsed": self.elapsed, "data": self.batches.state_dict(),
+                 "optimizer": {"param_groups": groups, "scalars": scalars}, "window": dict(self._window),
+                 "timestep_sampler": self.config.timestep_sampler}
+        return state, tensors
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write a resumable checkpoint (default ``out_dir/step_<N>``, which also updates ``out_dir/latest``
+        and keeps the newest ``keep_checkpoints``)."""
+        default = path is None
+        out = Path(self.config.out_dir)
+        target = out / f"step_{self.global_step:08d}" if default else Path(path)
+        state, tensors = self._state()
+        ema = self.ema.state_dict(self.model) if self.ema is not None else None
+        written = ckpt.save_checkpoint(target, self.model, process=self._process_for_saving(),
+                                       train=self.config.to_dict(), tokenizer=self.tokenizer,
+                                       step=self.global_step, ema=ema, state=state, state_tensors=tensors,
+                                       update_latest=default)
+        if default and self.config.keep_checkpoints:
+            old = sorted(p for p in out.glob("step_*") if p.is_dir() and "." not in p.name)
+            for p in old[:-self.config.keep_checkpoints]:
+                if p != written:
+                    shutil.rmtree(p, ignore_errors=True)
+        return written
+
+    def _load_state(self, d: Path) -> None:
+        state, tensors = ckpt.load_resume_state(d)
+        try:
+            groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                      for g in state["optimizer"]["param_groups"]]
+            opt_state: dict[int, dict[str, Any]] = {}
+            for key, v in tensors.items():
+                if key.startswith("optim."):
+                    _, idx, name = key.split(".", 2)
+                    opt_state.setdefault(int(idx), {})[name] = v
+            for idx, vals in state["optimizer"].get("scalars", {}).items():
+                opt_state.setdefault(int(idx), {}).update(vals)
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            self.batches.load_state_dict(state["data"])
+            self.global_step = int(state["step"])
+            self.elapsed = float(state.get("elapsed", 0.0))
+            self._window = {k: float(v) for k, v in state.get("window", {}).items()}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"corrupted checkpoint: {d / ckpt.STATE_JSON}: {type(e).__name__}: {e}") from None
+        if isinstance(self.sampler, timesteps.LossAwareSampler):
+            self.sampler._losses = tensors["sampler.losses"].to(torch.float64).clone()
+            self.sampler._count = tensors["sampler.count"].to(torch.int64).clone()
+        if self.adaptive is not None:
+            self.adaptive.loss = tensors["adaptive.loss"].to(torch.float64).clone()
+            self.adaptive.alpha_bar = tensors["adaptive.alpha_bar"].to(torch.float64).clone()
+            sync_schedule(self.process)
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.load_tensors(d / ckpt.EMA_FILE))
+        log = Path(self.config.out_dir) / LOG_FILE
+        if log.is_file():  # drop lines written after this checkpoint by a run that went on and died
+            lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.global_step]
+            if len(keep) != len(lines):
+                ckpt._replace_file(log, "".join(ln + "\n" for ln in keep))
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, train_data: dict[str, torch.Tensor],
+               valid_data: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
+               **overrides: Any) -> Trainer:
+        """Continue the run saved at ``path`` (a checkpoint, or a run directory with ``latest``) at the same
+        step with the same optimizer, EMA, data position, timestep-sampler and adaptive-schedule state.
+
+        ``overrides`` may change :data:`RESUMABLE_OVERRIDES` (e.g. ``max_steps`` to train longer)."""
+        from ..models import build_model
+
+        bad = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
+        if bad:
+            raise ValueError(f"overrides: {bad} cannot change on resume; allowed: {list(RESUMABLE_OVERRIDES)}")
+        d = ckpt.resolve_checkpoint_dir(path)
+        cfg = ckpt.read_config(d)
+        config = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), **overrides)
+        tok = ckpt.load_tokenizer(d, cfg, tokenizer)
+        model = build_model(cfg["arch"], cfg["model"])
+        ckpt.load_state_dict_checked(model, ckpt.load_tensors(d / ckpt.MODEL_FILE), d / ckpt.MODEL_FILE)
+        trainer = cls(config, train_data, valid_data, tokenizer=tok, model=model)
+        trainer._load_state(d)
+        return trainer
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens in a batch (``tokens`` or ``tgt``)."""
+    x = batch.get("tokens", batch.get("tgt"))
+    return int(x.numel()) if x is not None else 0
+
