@@ -303,20 +303,19 @@ def load_tokenizer(d: Path, cfg: dict[str, Any], tokenizer: Any = None) -> Any:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", weights: str = "ema",
-                    tokenizer: Any = None) -> Checkpoint:
+                    tokenizer: Any = None, model: nn.Module | None = None) -> Checkpoint:
     """Load a checkpoint directory (or a run directory's ``latest``) for inference.
 
     Parameters
     ----------
     weights : "ema" (the EMA weights when the checkpoint kept them, else the raw ones) or "raw".
     tokenizer : check this tokenizer against the checkpoint's fingerprint and use it instead of the copy.
+    model : load the weights into this module (a custom model) instead of ``build_model(arch, config)``.
 
     Raises FileNotFoundError for a missing path or file, ValueError for a corrupted file (unparsable
     safetensors / JSON), a wrong format or version, a tokenizer fingerprint mismatch, or weights that do
     not fit the model. fp16/bf16 weights (an exported checkpoint) are upcast to float32.
     """
-    from ..models import build_model
-
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights: expected 'ema' or 'raw', got {weights!r}")
     d = resolve_checkpoint_dir(path)
@@ -324,10 +323,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     tok = load_tokenizer(d, cfg, tokenizer)
     file = d / EMA_FILE if weights == "ema" and (d / EMA_FILE).is_file() else d / MODEL_FILE
     tensors = _upcast(load_tensors(file, map_location))
-    try:
-        model = build_model(cfg["arch"], cfg["model"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint: {d / CONFIG_FILE}: cannot build the model: {e}") from None
+    if model is None:
+        from ..models import build_model
+
+        try:
+            model = build_model(cfg["arch"], cfg["model"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint: {d / CONFIG_FILE}: cannot build the model: {e}") from None
     model.to(torch.device(map_location))
     load_state_dict_checked(model, tensors, file)
     model.eval()

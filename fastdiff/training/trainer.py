@@ -236,8 +236,12 @@ class Trainer:
         return {}
 
     def _losses(self, batch: dict[str, torch.Tensor], step: int, train: bool
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """``(terms, per_sequence_loss (B,), t (B,))``; ``terms["loss"]`` is the objective to minimise."""
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(terms, per_sequence_loss (B,), difficulty (B,), t (B,))``; ``terms["loss"]`` is the objective.
+
+        ``difficulty`` is what the adaptive schedule fits to, a per-sequence loss that grows with the noise:
+        the x0 cross-entropy for discrete models (the VLB terms are not monotone in t), the MSE (+ anchor)
+        for continuous ones (SeqDiffuSeq fits its training loss)."""
         cfg, T = self.config, self.config.T
         cpu_gen, gen = self._generators(step, "train" if train else "eval")
         x0 = batch["tgt" if cfg.task == "word_order" else "tokens"]
@@ -260,9 +264,9 @@ class Trainer:
                                                reduction="none")
             per_seq = per_tok.float().mean(-1)
             with torch.no_grad():
-                ce = -self.process.x0_log_probs(logits.detach()).gather(-1, x0.unsqueeze(-1)).mean()
-            terms = {"loss": (w * per_seq).mean(), cfg.loss: per_seq.mean().detach(), "ce": ce}
-            return terms, per_seq.detach(), t
+                ce = -self.process.x0_log_probs(logits.detach()).gather(-1, x0.unsqueeze(-1)).squeeze(-1).mean(-1)
+            terms = {"loss": (w * per_seq).mean(), cfg.loss: per_seq.mean().detach(), "ce": ce.mean()}
+            return terms, per_seq.detach(), ce, t
         emb = self.model.embedding(x0).float()  # (B, L, D), learned jointly
         noise = torch.randn(emb.shape, generator=gen, device=self.device, dtype=emb.dtype)
         x_t = self.process.q_sample(emb, t, noise=noise)
@@ -292,7 +296,7 @@ class Trainer:
             loss = loss + cfg.lam_round * rnd
             terms["round"] = rnd.detach()
         terms["loss"] = loss
-        return terms, per_seq.detach(), t
+        return terms, per_seq.detach(), per_seq.detach(), t
 
     def step(self) -> dict[str, float]:
         """One optimizer update; returns the loss terms, ``lr``, ``grad_norm``, ``tokens`` and ``time_s``."""
@@ -308,7 +312,7 @@ class Trainer:
         self.model.train()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(_seed(cfg.seed, n, "torch"))  # dropout inside the model
-            terms, per_seq, t = self._losses(batch, n, train=True)
+            terms, per_seq, difficulty, t = self._losses(batch, n, train=True)
             loss = terms["loss"]
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"step {n}: the loss is {float(loss)}")
@@ -321,10 +325,10 @@ class Trainer:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        t_cpu, loss_cpu = t.cpu(), per_seq.double().cpu()
-        self.sampler.update(t_cpu, loss_cpu)
+        t_cpu = t.cpu()
+        self.sampler.update(t_cpu, per_seq.double().cpu())
         if self.adaptive is not None:
-            self.adaptive.record(t_cpu, loss_cpu)
+            self.adaptive.record(t_cpu, difficulty.double().cpu())
             if (n + 1) % cfg.refit_every == 0 and self.adaptive.refit():
                 sync_schedule(self.process)
         self.global_step = n + 1
@@ -387,18 +391,20 @@ class Trainer:
         with open(out / LOG_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def fit(self, progress: bool = True) -> list[dict[str, Any]]:
-        """Train until ``max_steps``: a JSONL line in ``out_dir/train_log.jsonl`` every ``log_every`` steps
-        (step, mean loss terms, lr, grad_norm, tokens_per_s, elapsed), validation every ``eval_every``,
-        a checkpoint every ``ckpt_every`` steps and at the end. Returns the records logged by this call."""
+    def fit(self, progress: bool = True, steps: int | None = None) -> list[dict[str, Any]]:
+        """Train until ``max_steps`` (or for at most ``steps`` more steps): a JSONL line in
+        ``out_dir/train_log.jsonl`` every ``log_every`` steps (step, mean loss terms, lr, grad_norm,
+        tokens_per_s, elapsed), validation every ``eval_every``, a checkpoint every ``ckpt_every`` steps and
+        at the end. Returns the records logged by this call."""
         from tqdm.auto import tqdm
 
         cfg = self.config
+        stop = cfg.max_steps if steps is None else min(cfg.max_steps, self.global_step + _checks.positive_int("steps", steps, 0))
         first = len(self.history)
         last_saved = -1
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not progress, desc="train")
         try:
-            while self.global_step < cfg.max_steps:
+            while self.global_step < stop:
                 m = self.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
@@ -502,13 +508,12 @@ class Trainer:
     @classmethod
     def resume(cls, path: str | os.PathLike, train_data: dict[str, torch.Tensor],
                valid_data: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
-               **overrides: Any) -> Trainer:
+               model: nn.Module | None = None, **overrides: Any) -> Trainer:
         """Continue the run saved at ``path`` (a checkpoint, or a run directory with ``latest``) at the same
         step with the same optimizer, EMA, data position, timestep-sampler and adaptive-schedule state.
 
-        ``overrides`` may change :data:`RESUMABLE_OVERRIDES` (e.g. ``max_steps`` to train longer)."""
-        from ..models import build_model
-
+        ``model``: a fresh instance of a custom model (not from :func:`fastdiff.models.build_model`) to load
+        the weights into. ``overrides`` may change :data:`RESUMABLE_OVERRIDES` (e.g. ``max_steps``)."""
         bad = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
         if bad:
             raise ValueError(f"overrides: {bad} cannot change on resume; allowed: {list(RESUMABLE_OVERRIDES)}")
@@ -516,7 +521,10 @@ class Trainer:
         cfg = ckpt.read_config(d)
         config = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), **overrides)
         tok = ckpt.load_tokenizer(d, cfg, tokenizer)
-        model = build_model(cfg["arch"], cfg["model"])
+        if model is None:
+            from ..models import build_model
+
+            model = build_model(cfg["arch"], cfg["model"])
         ckpt.load_state_dict_checked(model, ckpt.load_tensors(d / ckpt.MODEL_FILE), d / ckpt.MODEL_FILE)
         trainer = cls(config, train_data, valid_data, tokenizer=tok, model=model)
         trainer._load_state(d)
