@@ -1,0 +1,132 @@
+"""``fastdiff bench``: every op on every available backend, and the sampler on the bundled models, as one
+table. Best of ``repeat`` wall-clock runs (CUDA synchronised); ``vs ref`` is the reference backend's time
+divided by the row's (higher is faster). The pytest-benchmark suite in ``benchmarks/`` has the fuller
+version with peers and hardware floors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import _backends, discrete, ops, schedules
+
+
+def _timed(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    once()
+    return min(once() for _ in range(repeat))
+
+
+def op_cases(device: torch.device, quick: bool, seed: int = 0) -> dict[str, tuple[Callable, str, float]]:
+    """name -> (fn(backend), unit, work); work is what one call does in ``unit`` (GFLOP or GB read)."""
+    g = torch.Generator().manual_seed(seed)
+    N, D, V = (256, 64, 4096) if quick else (1024, 128, 8192)
+    x = torch.randn(N, D, generator=g).to(device)
+    w = torch.randn(V, D, generator=g).to(device)
+    tgt = torch.randint(0, V, (N,), generator=g).to(device)
+    logits = torch.randn(N, V, generator=g).to(device)
+    absorbing = discrete.Absorbing(V, V - 1, schedules.mutual_info(1000))
+    uniform = discrete.Uniform(V, schedules.cosine(1000))
+    xt_abs = torch.full((N,), V - 1, device=device)
+    xt_uni = torch.randint(0, V, (N,), generator=g).to(device)
+    gemm = 2 * N * D * V / 1e9
+    read = N * V * 4 / 1e9
+
+    def loss(backend: str) -> None:
+        xr = x.detach().requires_grad_(True)
+        wr = w.detach().requires_grad_(True)
+        ops.rounding_loss(xr, wr, tgt, backend=backend).backward()
+
+    return {
+        f"nearest_embedding l2 {N}x{D} V={V}": (lambda b: ops.nearest_embedding(x, w, backend=b), "GFLOP/s", gemm),
+        f"nearest_embedding cosine {N}x{D} V={V}":
+            (lambda b: ops.nearest_embedding(x, w, "cosine", backend=b), "GFLOP/s", gemm),
+        f"rounding_loss fwd+bwd {N}x{D} V={V}": (loss, "GFLOP/s", 3 * gemm),
+        f"posterior_sample absorbing {N}x{V}":
+            (lambda b: ops.posterior_sample(absorbing, logits, xt_abs, 500, 400, seed=seed, backend=b), "GB/s", read),
+        f"posterior_sample uniform {N}x{V}":
+            (lambda b: ops.posterior_sample(uniform, logits, xt_uni, 500, 400, seed=seed, backend=b), "GB/s", read),
+        f"sample_categorical {N}x{V}":
+            (lambda b: ops.sample_categorical(logits, seed=seed, backend=b), "GB/s", read),
+        f"sample_categorical top_p=0.9 {N}x{V}":
+            (lambda b: ops.sample_categorical(logits, seed=seed, top_p=0.9, backend=b), "GB/s", read),
+    }
+
+
+def backends_for(device: torch.device) -> list[str]:
+    avail = _backends.available()
+    names = ["reference"]
+    if device.type == "cpu":  # Triton on CPU is the interpreter: a correctness tool, not a speed one
+        names += [n for n in ("cpp",) if avail[n].available]
+    else:
+        names += [n for n in ("cuda", "triton") if avail[n].available]
+    return names
+
+
+def run(device: str | torch.device = "cpu", quick: bool = False, repeat: int = 3, seed: int = 0,
+        sampler: bool = True, print_fn: Callable[[str], None] = print) -> list[dict]:
+    """Time the ops per backend and the sampler strategies; print one table; return its rows."""
+    device = torch.device(device)
+    rows: list[dict] = []
+    for name, (fn, unit, work) in op_cases(device, quick, seed).items():
+        ref_s = None
+        for backend in backends_for(device):
+            sec = _timed(lambda fn=fn, backend=backend: fn(backend), repeat, device)
+            ref_s = sec if backend == "reference" else ref_s
+            rows.append({"kind": "op", "name": name, "backend": backend, "ms": sec * 1e3,
+                         "rate": f"{work / sec:,.1f} {unit}", "vs_ref": (ref_s / sec) if ref_s else None})
+    if sampler:
+        rows += _sampler_rows(device, quick, repeat, seed)
+    _print_table(rows, print_fn)
+    return rows
+
+
+def _sampler_rows(device: torch.device, quick: bool, repeat: int, seed: int) -> list[dict]:
+    from .pipeline import TextDiffusion
+
+    rows = []
+    B, steps = (8, 16) if quick else (32, 64)
+    plans = {"discrete": ("ancestral", "confidence", "threshold", "remask"), "continuous": ("ddpm", "ddim")}
+    for name, strategies in plans.items():
+        try:
+            td = TextDiffusion.load(name, device=device)
+        except (FileNotFoundError, ValueError) as e:
+            rows.append({"kind": "sampler", "name": f"{name} model", "backend": "-", "ms": float("nan"),
+                         "rate": f"unavailable: {e}", "vs_ref": None})
+            continue
+        for strategy in strategies:
+            ref_s = None
+            for backend in ("reference", "auto"):
+                td.backend = backend
+                gen = None
+
+                def go(td=td, strategy=strategy):
+                    nonlocal gen
+                    gen = td.generate(B, steps=steps, strategy=strategy, seed=seed)
+
+                sec = _timed(go, max(1, repeat - 1), device)
+                ref_s = sec if backend == "reference" else ref_s
+                toks = gen.tokens.numel()
+                rows.append({"kind": "sampler", "name": f"{name} {strategy} B={B} L={td.seq_len} {steps} steps",
+                             "backend": backend, "ms": sec * 1e3, "rate": f"{toks / sec:,.0f} tokens/s",
+                             "vs_ref": (ref_s / sec) if backend != "reference" else 1.0})
+    return rows
+
+
+def _print_table(rows: list[dict], print_fn: Callable[[str], None]) -> None:
+    w = max(len(r["name"]) for r in rows)
+    print_fn(f"{'benchmark':<{w}}  {'backend':<9} {'ms':>10}  {'rate':<22} {'vs ref':>7}")
+    print_fn("-" * (w + 55))
+    for r in rows:
+        vs = f"{r['vs_ref']:.2f}x" if r["vs_ref"] else ""
+        print_fn(f"{r['name']:<{w}}  {r['backend']:<9} {r['ms']:>10.2f}  {r['rate']:<22} {vs:>7}")

@@ -1,0 +1,310 @@
+"""Text in, text out: a trained checkpoint, its tokenizer and process, and :mod:`fastdiff.sampling`.
+
+``TextDiffusion.load("discrete")`` (or ``"continuous"``, or a checkpoint directory) gives an object whose
+:meth:`~TextDiffusion.generate` returns decoded strings with the sampler's statistics. It is what
+``fastdiff generate`` runs; the bundled checkpoints live in ``fastdiff/assets/`` (see
+``fastdiff/assets/README.md`` for how each was trained).
+
+Templates (prompts and infilling): a string in which ``[MASK]`` stands for one token to generate and
+``[MASK*n]`` for ``n`` of them; every other token is fixed (never noised, never changed). A template
+shorter than ``length`` is padded with generated positions at the end, so ``"The for statement"`` is a
+prompt and ``"The [MASK*3] statement is used to [MASK*6] ."`` is infilling.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import _checks, sampling
+from .continuous import GaussianDiffusion
+
+__all__ = ["BUNDLED", "Generation", "TextDiffusion", "bundled_path", "render", "resolve_checkpoint"]
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: name -> directory of the checkpoints that ship inside the package
+BUNDLED = {
+    "discrete": "discrete",
+    "continuous": "continuous",
+    "causal_lm": "causal_lm",
+    "classifier": "classifier",
+}
+_MASK_RUN = re.compile(r"\[MASK(?:\*(\d+))?\]")
+
+
+def bundled_path(name: str) -> Path:
+    """Directory of a bundled checkpoint (``discrete``, ``continuous``, ``causal_lm``, ``classifier``)."""
+    if name not in BUNDLED:
+        raise ValueError(f"checkpoint: unknown bundled checkpoint {name!r}; bundled: {sorted(BUNDLED)}")
+    path = ASSETS / BUNDLED[name]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint: the bundled checkpoint {name!r} is missing from {path} "
+                                "(a source checkout without assets? reinstall fastdiff)")
+    return path
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A bundled name or a checkpoint directory (or a training run's directory with a ``latest`` file)."""
+    if isinstance(name_or_path, str) and name_or_path in BUNDLED:
+        return bundled_path(name_or_path)
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: {str(path)!r} does not exist (bundled names: {sorted(BUNDLED)})")
+    return path
+
+
+@dataclass
+class Generation:
+    """``texts``: one string per sample; ``tokens: (N, L)``; ``stats``: summed over batches
+    (``tokens_per_s`` = generated tokens / sampling time); ``trajectory``: for each step, the rendered text
+    of every sample (``[MASK]`` shown as ``_``), when asked for."""
+
+    texts: list[str]
+    tokens: torch.Tensor
+    stats: dict
+    trajectory: list[list[str]] | None = None
+    labels: list[str | None] = field(default_factory=list)
+
+
+def render(tokens: torch.Tensor | list[int], tokenizer, mask_id: int | None = None, mask: str = "_") -> str:
+    """Decode ``tokens`` (1-D) with every ``mask_id`` position shown as ``mask``: each run of real tokens
+    is decoded on its own, so a half-denoised sequence reads as text with gaps."""
+    ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+    if mask_id is None:
+        return tokenizer.decode(ids)
+    parts: list[str] = []
+    run: list[int] = []
+    for i in ids:
+        if i == mask_id:
+            if run:
+                parts.append(tokenizer.decode(run).strip())
+                run = []
+            parts.append(mask)
+        else:
+            run.append(i)
+    if run:
+        parts.append(tokenizer.decode(run).strip())
+    return " ".join(p for p in parts if p)
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """A seed per batch, spread by a 64-bit odd multiplier so (seed, batch) pairs never collide trivially."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + index) % (2**63)
+
+
+class TextDiffusion:
+    """A loaded checkpoint ready to generate text.
+
+    Parameters
+    ----------
+    checkpoint : a :class:`fastdiff.training.Checkpoint` (``load_checkpoint``'s result).
+    device : where to run (default: the checkpoint's, i.e. CPU).
+    backend : ops backend for the sampler (``"auto"``, ``"reference"``, ``"cpp"``, ``"triton"``, ``"cuda"``).
+    """
+
+    def __init__(self, checkpoint, device: str | torch.device | None = None, backend: str = "auto"):
+        self.checkpoint = checkpoint
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = checkpoint.model.to(self.device).eval()
+        self.tokenizer = checkpoint.tokenizer
+        if self.tokenizer is None:
+            raise ValueError("checkpoint: has no tokenizer.json; text generation needs one")
+        proc = checkpoint.process
+        self.process = proc.to(self.device) if hasattr(proc, "to") and self.device.type != "cpu" else proc
+        self.backend = backend
+        self.config = checkpoint.config
+        self.continuous = isinstance(self.process, GaussianDiffusion)
+        train = self.config.get("train", {})
+        model_cfg = self.config.get("model", {})
+        self.task = train.get("task", "lm")
+        self.num_labels = int(model_cfg.get("num_labels", 0) or 0)
+        self.label_names: list[str] = list(train.get("label_names") or [str(i) for i in range(self.num_labels)])
+        self.seq_len = int(train.get("seq_len", 64))
+        self.mask_id = getattr(self.tokenizer, "mask_id", 1)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path = "discrete", device: str | torch.device | None = None,
+             backend: str = "auto", weights: str = "ema") -> TextDiffusion:
+        """Load a bundled checkpoint by name or a checkpoint directory."""
+        from .training import load_checkpoint
+
+        return cls(load_checkpoint(resolve_checkpoint(name_or_path), weights=weights), device=device,
+                   backend=backend)
+
+    # --- inputs -------------------------------------------------------------------------------------
+    def _label_id(self, label: str | int | None) -> int:
+        if label is None:
+            return self.num_labels  # the null label (unconditional), trained by condition dropout
+        if self.num_labels == 0:
+            raise ValueError("label: this checkpoint was not trained with labels")
+        if isinstance(label, str) and not label.isdigit():
+            if label not in self.label_names:
+                raise ValueError(f"label: {label!r} is not one of {self.label_names}")
+            return self.label_names.index(label)
+        idx = int(label)
+        if not 0 <= idx < self.num_labels:
+            raise ValueError(f"label: expected 0..{self.num_labels - 1} or one of {self.label_names}, got {label!r}")
+        return idx
+
+    def parse_template(self, template: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_init (L,), fixed (L,) bool)`` from a template (see the module docstring)."""
+        if not isinstance(template, str):
+            raise TypeError(f"template: expected a string, got {type(template).__name__}")
+        ids: list[int] = []
+        fixed: list[bool] = []
+        pos = 0
+        for m in _MASK_RUN.finditer(template):
+            text = template[pos:m.start()]
+            if text.strip():
+                piece = self.tokenizer.encode(text.strip() if not ids else " " + text.strip())
+                ids += piece
+                fixed += [True] * len(piece)
+            n = int(m.group(1) or 1)
+            if n < 1:
+                raise ValueError(f"template: [MASK*{n}] needs n >= 1")
+            ids += [self.mask_id] * n
+            fixed += [False] * n
+            pos = m.end()
+        text = template[pos:]
+        if text.strip():
+            piece = self.tokenizer.encode(text.strip() if not ids else " " + text.strip())
+            ids += piece
+            fixed += [True] * len(piece)
+        if len(ids) > length:
+            raise ValueError(f"template: {len(ids)} tokens do not fit in length={length}")
+        if not any(fixed):
+            raise ValueError("template: has no fixed text (only [MASK] runs); drop it for free generation")
+        pad = length - len(ids)
+        return (torch.tensor(ids + [self.mask_id] * pad, dtype=torch.long),
+                torch.tensor(fixed + [False] * pad, dtype=torch.bool))
+
+    # --- generation ---------------------------------------------------------------------------------
+    def default_strategy(self) -> str:
+        return "ddim" if self.continuous else "ancestral"
+
+    def generate(self, num_samples: int = 4, *, length: int | None = None, steps: int | None = None,
+                 strategy: str | None = None, seed: int = 0, batch_size: int | None = None,
+                 label: str | int | None = None, guidance: float = 1.0, template: str | None = None,
+                 source: str | list[str] | None = None, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, trajectory: bool = False, progress: bool = False,
+                 **options) -> Generation:
+        """Generate ``num_samples`` texts.
+
+        ``label``: an attribute name/index for label-conditioned checkpoints (default: the null label,
+        i.e. unconditional); ``guidance``: classifier-free guidance scale ``s`` in
+        ``uncond + s·(cond - uncond)`` (1 = plain conditional; > 1 needs a label); ``template``: prompt /
+        infilling (module docstring); ``source``: the input text(s) of a text-to-text checkpoint;
+        ``options``: any other :func:`fastdiff.sampling.sample` option (e.g. ``eta``, ``clamp``,
+        ``threshold``, ``block_size``).
+        """
+        n = _checks.positive_int("num_samples", num_samples)
+        L = _checks.positive_int("length", length if length is not None else self.seq_len)
+        steps = _checks.positive_int("steps", steps if steps is not None else 64)
+        bs = _checks.positive_int("batch_size", batch_size if batch_size is not None else min(n, 64))
+        strategy = strategy or self.default_strategy()
+        guidance = float(guidance)
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance: must be finite, got {guidance}")
+        lab = self._label_id(label) if self.num_labels else None
+        if label is not None and not self.num_labels:
+            raise ValueError("label: this checkpoint was not trained with labels")
+        if guidance != 1.0 and (lab is None or lab == self.num_labels):
+            raise ValueError("guidance: classifier-free guidance needs --label on a label-conditioned checkpoint")
+        sources = None
+        if self.task == "word_order":
+            if source is None:
+                raise ValueError("source: this text-to-text checkpoint needs source text(s)")
+            sources = [source] * n if isinstance(source, str) else list(source)
+            if len(sources) != n:
+                raise ValueError(f"source: got {len(sources)} texts for num_samples={n}")
+        elif source is not None:
+            raise ValueError("source: only text-to-text checkpoints take a source")
+        x_init = fixed = None
+        if template is not None:
+            x_init, fixed = self.parse_template(template, L)
+
+        texts: list[str] = []
+        toks: list[torch.Tensor] = []
+        traj: list[list[str]] | None = [] if trajectory else None
+        total = {"network_calls": 0, "time_s": 0.0, "steps": 0}
+        for b, start in enumerate(range(0, n, bs)):
+            B = min(bs, n - start)
+            opts = dict(options)
+            opts.update(temperature=temperature, top_k=top_k, top_p=top_p, backend=self.backend,
+                        device=self.device, progress=progress, trajectory=trajectory)
+            cond, uncond = self._conditions(B, lab, sources[start:start + B] if sources else None)
+            if cond:
+                opts["cond"] = cond
+            if guidance != 1.0:
+                opts["guidance_scale"] = guidance
+                opts["uncond"] = uncond
+            if x_init is not None:
+                opts["x_init"] = x_init.expand(B, L).to(self.device)
+                opts["fixed"] = fixed.expand(B, L).to(self.device)
+            if self.continuous:
+                opts.setdefault("embedding", self.model.embedding_table().detach())
+                opts.setdefault("self_condition", bool(self.config.get("model", {}).get("self_condition")))
+                for k in ("top_k", "top_p"):
+                    if opts.get(k) is None:
+                        opts.pop(k)
+                if opts.get("temperature") == 1.0:
+                    opts.pop("temperature")
+            with torch.inference_mode():
+                out = sampling.sample(self.model, self.process, shape=(B, L), steps=steps, strategy=strategy,
+                                      seed=_batch_seed(seed, b), **opts)
+            toks.append(out.tokens.cpu())
+            texts += [self.decode(row) for row in out.tokens.cpu()]
+            for k in total:
+                total[k] += out.stats.get(k, 0)
+            if traj is not None and out.trajectory is not None:
+                for i, step_tokens in enumerate(out.trajectory):
+                    rows = [render(r, self.tokenizer, None if self.continuous else self.mask_id)
+                            for r in step_tokens.cpu()]
+                    if len(traj) <= i:
+                        traj.append([])
+                    traj[i] += rows
+        tokens = torch.cat(toks)
+        total["tokens_per_s"] = tokens.numel() / total["time_s"] if total["time_s"] > 0 else float("inf")
+        total["strategy"], total["steps_per_sample"], total["length"] = strategy, steps, L
+        name = None if lab is None or lab == self.num_labels else self.label_names[lab]
+        return Generation(texts=texts, tokens=tokens, stats=total, trajectory=traj, labels=[name] * n)
+
+    def _conditions(self, B: int, lab: int | None, sources: list[str] | None) -> tuple[dict, dict]:
+        cond: dict = {}
+        uncond: dict = {}
+        if lab is not None:
+            cond["label"] = torch.full((B,), lab, dtype=torch.long, device=self.device)
+            uncond["label"] = torch.full((B,), self.num_labels, dtype=torch.long, device=self.device)
+        if sources is not None:
+            train = self.config.get("train", {})
+            src_len = int(train.get("src_len", 32))
+            src = torch.full((B, src_len), self.tokenizer.pad_id, dtype=torch.long)
+            for i, s in enumerate(sources):
+                ids = self.tokenizer.encode(s)[:src_len]
+                src[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            src = src.to(self.device)
+            if train.get("conditioning", "concat") == "cross":
+                mask = src != self.tokenizer.pad_id
+                with torch.inference_mode():
+                    cond["memory"] = self.model.encode(src, mask)
+                cond["memory_mask"] = mask
+            else:
+                cond["cond_tokens"] = src
+        return cond, uncond
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        """Text of one generated row (special tokens dropped)."""
+        return self.tokenizer.decode(tokens.tolist())
+
+    def describe(self) -> dict:
+        """What this checkpoint is, for ``fastdiff generate`` and ``fastdiff eval`` headers."""
+        m = self.config.get("model", {})
+        params = sum(p.numel() for p in self.model.parameters())
+        return {"family": "continuous" if self.continuous else "discrete", "task": self.task,
+                "process": self.config.get("process", {}), "params": params, "vocab_size": m.get("vocab_size"),
+                "labels": self.label_names if self.num_labels else [], "step": self.checkpoint.step}
+
