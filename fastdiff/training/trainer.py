@@ -210,6 +210,12 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _rng_devices(self) -> list[int]:
+        """CUDA devices whose global RNG a step reseeds (and restores afterwards)."""
+        if self.device.type != "cuda":
+            return []
+        return [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+
     def _generators(self, step: int, stream: str) -> tuple[torch.Generator, torch.Generator]:
         seed = self.config.seed
         cpu = torch.Generator().manual_seed(_seed(seed, step, stream + ":t"))
@@ -310,7 +316,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(_seed(cfg.seed, n, "torch"))  # dropout inside the model
             terms, per_seq, difficulty, t = self._losses(batch, n, train=True)
             loss = terms["loss"]
@@ -359,7 +365,7 @@ class Trainer:
         sums: dict[str, float] = {}
         count = min(self.config.eval_batches, len(batches))
         try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with torch.random.fork_rng(devices=self._rng_devices()):
                 for i in range(count):
                     torch.manual_seed(_seed(self.config.seed, i, "eval-torch"))
                     vals = batches.next_batch()
