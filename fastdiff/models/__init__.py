@@ -1,0 +1,28 @@
+"""Models: the SED denoiser (discrete and continuous, label / concatenation / cross-attention conditioning),
+the causal LM and classifier used for evaluation, and :func:`build_model` by architecture name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .attention import CrossAttention, RelativeSelfAttention, attention
+from .aux import CausalLM, TextClassifier
+from .sed import SEDConfig, SEDDenoiser
+
+__all__ = ["ARCHS", "CausalLM", "CrossAttention", "RelativeSelfAttention", "SEDConfig", "SEDDenoiser",
+           "TextClassifier", "attention", "build_model"]
+
+ARCHS = {"sed": SEDDenoiser, "causal_lm": CausalLM, "classifier": TextClassifier}
+
+
+def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
+    """A model from its architecture name and ``config_dict()``."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
+    if not isinstance(config, dict):
+        raise TypeError(f"config: expected a dict, got {type(config).__name__}")
+    if arch == "sed":
+        return SEDDenoiser(SEDConfig.from_dict(config))
+    return ARCHS[arch](**config)
