@@ -148,6 +148,8 @@ class Trainer:
         if V is None:
             raise ValueError("model: vocab_size unknown: give config.model['vocab_size'] or a tokenizer")
         self.vocab_size = int(V)
+        if tokenizer is not None and tokenizer.vocab_size != self.vocab_size:
+            raise ValueError(f"tokenizer: has {tokenizer.vocab_size} ids but the model's vocab_size is {self.vocab_size}")
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data or {})):
             for k in ("tokens", "tgt", "src"):
                 if k in data and data[k].numel() and not 0 <= int(data[k].min()) <= int(data[k].max()) < V:
