@@ -24,6 +24,15 @@ L = 12
 WORDS = [f"w{i}" for i in range(70)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and does not fight a busy machine's other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from fastdiff.data import TextTokenizer
