@@ -59,9 +59,9 @@ def _need_models() -> None:
         pytest.skip("fastdiff.models has no build_model yet")
 
 
-def _trainer(tmp_path, tokenizer, family="discrete", task="attribute", **kw) -> Trainer:
+def _trainer(tmp_path, tokenizer, family="discrete", task="attribute", dropout=0.0, **kw) -> Trainer:
     _need_models()
-    model = {"width": 32, "layers": 1, "heads": 2}
+    model = {"width": 32, "layers": 1, "heads": 2, "dropout": dropout}
     if family == "continuous":
         model["embed_dim"] = 8
     cfg = TrainConfig(task=task, family=family, T=20, batch_size=8, max_steps=20, warmup_steps=1, lr=1e-3,
@@ -162,9 +162,10 @@ def test_continuous_round_trip_with_adaptive_schedule(tmp_path, tokenizer):
 
 
 def test_resume_of_a_built_model_is_bit_exact(tmp_path, tokenizer):
-    a = _trainer(tmp_path / "a", tokenizer, timestep_sampler="loss-aware")
+    # dropout: the model's own randomness must also be replayed (the step's seeded global RNG)
+    a = _trainer(tmp_path / "a", tokenizer, timestep_sampler="loss-aware", dropout=0.3)
     ma = [a.step()["loss"] for _ in range(4)]
-    b = _trainer(tmp_path / "b", tokenizer, timestep_sampler="loss-aware")
+    b = _trainer(tmp_path / "b", tokenizer, timestep_sampler="loss-aware", dropout=0.3)
     mb = [b.step()["loss"] for _ in range(2)]
     b.save()
     tokens = b.train_data
