@@ -522,6 +522,10 @@ def kl_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
     ``p_θ`` is the posterior with ``x0_probs = softmax(x0_logits)`` (SUBS for absorbing). float32 or
     float64 (the logits' precision, at least float32); differentiable in ``x0_logits``.
     """
+    if isinstance(process, Absorbing) and not process.per_token:
+        # Closed form, O(1) per token instead of four (..., V) posteriors: under SUBS the absorbing KL is
+        # (a_{t-1} - a_t)/(1 - a_t) · (-log p_θ(x_0 | x_t)) at masked positions and 0 elsewhere (MDLM eq. 10).
+        return mdlm_loss(process, x0, x_t, t, x0_logits, reduction="none")
     x0 = process._tokens("x0", x0)
     x_t = process._tokens("x_t", x_t)
     _check_logits(process, x0_logits, x_t)
@@ -554,6 +558,8 @@ def vlb_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
     x_t = process._tokens("x_t", x_t)
     tt = _checks.expand_leading("t", _checks.steps("t", t, process.T, 1, x_t.device), x_t.shape)
     kl = kl_terms(process, x0, x_t, tt, x0_logits)
+    if isinstance(process, Absorbing) and not process.per_token:
+        return kl  # at t = 1 the closed form's weight is 1: it is the decoder NLL -log p_θ(x_0 | x_1) already
     if not bool((tt == 1).any()):
         return kl
     nll = decoder_nll(process, x0, x_t, x0_logits)
@@ -598,8 +604,8 @@ def mdlm_loss(process: Absorbing, x0, x_t, t, x0_logits, reduction: str = "mean"
     _check_logits(process, x0_logits, x_t)
     tt = process._t(_checks.steps("t", t, process.T, 1, x_t.device), x_t.shape, x_t.device)
     a_t, a_s = process._ab(tt), process._ab(tt - 1)
-    weight = ((a_s - a_t) / (1.0 - a_t).clamp_min(1e-12)).to(torch.float32)
     dtype = torch.float64 if x0_logits.dtype == torch.float64 else torch.float32
+    weight = ((a_s - a_t) / (1.0 - a_t).clamp_min(1e-12)).to(dtype)
     nll = -process.x0_log_probs(x0_logits.to(dtype)).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     loss = torch.where(x_t == process.mask_id, weight.to(dtype) * nll, torch.zeros_like(nll))
     return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
