@@ -265,14 +265,14 @@ class Trainer:
             with self._autocast():
                 logits = self.model(x_t, t, **cond)
             logits = logits.float()
+            # -log p(x0 | x_t) per token: the hybrid loss's CE term, and what the adaptive schedule fits
+            ce_tok = -self.process.x0_log_probs(logits).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
             if cfg.loss == "mdlm":
                 per_tok = discrete.mdlm_loss(self.process, x0, x_t, t, logits, reduction="none")
-            else:
-                per_tok = discrete.hybrid_loss(self.process, x0, x_t, t, logits, lam=cfg.hybrid_lambda,
-                                               reduction="none")
+            else:  # discrete.hybrid_loss, sharing the CE term: L_vlb + λ·CE (D3PM)
+                per_tok = discrete.vlb_terms(self.process, x0, x_t, t, logits) + cfg.hybrid_lambda * ce_tok
             per_seq = per_tok.float().mean(-1)
-            with torch.no_grad():
-                ce = -self.process.x0_log_probs(logits.detach()).gather(-1, x0.unsqueeze(-1)).squeeze(-1).mean(-1)
+            ce = ce_tok.detach().float().mean(-1)
             terms = {"loss": (w * per_seq).mean(), cfg.loss: per_seq.mean().detach(), "ce": ce.mean()}
             return terms, per_seq.detach(), ce, t
         emb = self.model.embedding(x0).float()  # (B, L, D), learned jointly
