@@ -373,6 +373,9 @@ class AdaptiveSchedule(Schedule):
         new = _interp(targets, xs, ys)
         new = torch.cummin(torch.cat([torch.ones(1, dtype=torch.float64), new.clamp(0, 1)]), 0).values
         self.alpha_bar = new
+        # The recorded losses belong to the old steps: carry them over to the new ones through the measured
+        # (alpha_bar -> loss) map, so the next refit does not mix the two schedules (which oscillates).
+        self.loss[1:] = _interp(new[1:], ab_sorted, loss_mono)
         return True
 
 

@@ -436,6 +436,8 @@ def test_adaptive_refit_makes_loss_linear(base):
     assert err <= gap + 1e-12
     base_dev = np.abs(base_loss - target).max()
     assert err < 0.05 * base_dev, (err, base_dev)
+    # 3) the recorded losses move with the steps: each is the measured loss at the step's new alpha_bar
+    np.testing.assert_allclose(a.loss[1:].numpy(), loss_of(new[1:]), atol=gap + 1e-12)
 
 
 def test_adaptive_refit_twice_converges():
