@@ -2,25 +2,33 @@
 
 Layers, each importing only those before it::
 
-    random, _checks, _backends -> ops -> schedules -> discrete / continuous -> timesteps -> sampling -> cli
+    random, _checks, _backends -> ops -> schedules -> discrete / continuous -> timesteps -> sampling
+    -> data, metrics, models -> training -> pipeline, evaluation -> cli
 
 Every op in :mod:`fastdiff.ops` has a pure-PyTorch reference; kernels (C++, Triton, CUDA) plug in as
-backends when they are built, and ``import fastdiff`` works without any of them.
+backends when they are built, and ``import fastdiff`` works without any of them. ``tokenizers``,
+``safetensors``, ``transformers`` and ``flash_attn`` are imported only where they are used.
 """
 
-from . import continuous, discrete, ops, random, sampling, schedules, timesteps
+from . import continuous, data, discrete, metrics, models, ops, random, sampling, schedules, timesteps, training
 from ._backends import available as available_backends
+from .pipeline import TextDiffusion
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "TextDiffusion",
+    "__version__",
+    "available_backends",
     "continuous",
+    "data",
     "discrete",
+    "metrics",
+    "models",
     "ops",
     "random",
     "sampling",
     "schedules",
     "timesteps",
-    "available_backends",
-    "__version__",
+    "training",
 ]
