@@ -69,7 +69,7 @@ def _generate(args) -> int:
                       top_p=args.top_p, trajectory=args.trajectory, progress=not args.no_progress,
                       **_sampling_options(args))
     for i, text in enumerate(gen.texts):
-        print(f"[{i}] {text}")
+        print(f"[{i}] {' '.join(text.split())}")  # one line per sample; the JSONL keeps the text as generated
     if gen.trajectory:
         print("denoising trajectory of sample 0 (_ = [MASK]):")
         every = max(1, len(gen.trajectory) // 8)
