@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json (default: the bundled one)")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
                    help="train a BPE tokenizer of this size on the data (saved in the run directory)")
+    p.add_argument("--init-embeddings", metavar="HF_DIR",
+                   help="initialise the token embeddings from a pretrained model in a local Hugging Face directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run (its newest complete checkpoint)")
     p.add_argument("--scorer", choices=("causal_lm", "classifier"), help="train an evaluation model instead")
     p.add_argument("--export", metavar="DIR", help="after training, write a small fp16 copy here (with the log)")
@@ -181,6 +183,13 @@ def run(args) -> int:
         (out_dir / "command.txt").write_text("fastdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
         cfg.save(out_dir / "train_config.json")
         trainer = Trainer(cfg, train, valid, tokenizer=tok)
+        if args.init_embeddings:
+            from .models.pretrained import init_embeddings_from_pretrained
+
+            m = trainer.model
+            table = m.embedding.embedding if getattr(m, "embedding", None) is not None else m.token_embedding
+            found = init_embeddings_from_pretrained(table, tok, args.init_embeddings)
+            print(f"embeddings: {int(found.sum())} of {tok.vocab_size} rows from {args.init_embeddings}")
         n = sum(p.numel() for p in trainer.model.parameters())
         print(f"training {cfg.family} {cfg.arch} ({n / 1e6:.2f} M parameters) on task {cfg.task}: "
               f"{next(iter(train.values())).shape[0]} training sequences, {cfg.max_steps} steps -> {out_dir}")
