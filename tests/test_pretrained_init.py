@@ -65,3 +65,16 @@ def test_errors_name_the_argument(tmp_path, hf_dir):
         init_embeddings_from_pretrained(torch.zeros(ours.vocab_size, 4), ours, hf_dir[0], proj="svd")
     with pytest.raises(ValueError, match="embedding"):
         init_embeddings_from_pretrained(torch.zeros(3, 4), ours, hf_dir[0])
+
+
+def test_train_command_initialises_embeddings(hf_dir, tmp_path, capsys):
+    from fastdiff import cli
+
+    d, _ = hf_dir
+    code = cli.main(["train", "--family", "discrete", "--task", "lm", "--steps", "1", "--seq-len", "16",
+                     "--batch-size", "2", "--width", "16", "--layers", "1", "--heads", "2", "--out",
+                     str(tmp_path / "run"), "--init-embeddings", str(d), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("embeddings:"))
+    assert int(line.split()[1]) > 0
