@@ -68,9 +68,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
 
 def position_features(L: int, n_freq: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sin(i·ω_k), cos(i·ω_k)`` for ``i < L``: two ``(L, n_freq)`` tensors, ``ω_k = 10000^(-k/n_freq)``."""
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(n_freq, device=device, dtype=torch.float32) / n_freq)
-    ang = torch.arange(L, device=device, dtype=torch.float32)[:, None] * freqs[None]
+    """``sin(i·ω_k), cos(i·ω_k)`` for ``i < L``: two ``(L, n_freq)`` tensors, ``ω_k = 10000^(-k/n_freq)``.
+
+    The angles are computed in float32 (float64 for a float64 ``dtype``) and cast to ``dtype``."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(n_freq, device=device, dtype=work) / n_freq)
+    ang = torch.arange(L, device=device, dtype=work)[:, None] * freqs[None]
     return ang.sin().to(dtype), ang.cos().to(dtype)
 
 

@@ -38,7 +38,16 @@ __all__ = ["Block", "SEDConfig", "SEDDenoiser", "timestep_embedding"]
 
 @dataclass
 class SEDConfig:
-    """Hyper-parameters of :class:`SEDDenoiser` (JSON round trip with :meth:`to_dict` / :meth:`from_dict`)."""
+    """Hyper-parameters of :class:`SEDDenoiser` (JSON round trip with :meth:`to_dict` / :meth:`from_dict`).
+
+    ``kind`` "discrete" (``x_t`` token ids) or "continuous" (``x_t`` vectors of ``embed_dim``); ``output``
+    defaults to "logits" (discrete) / "embedding" (continuous). ``rel_freqs`` = F, the number of sinusoid
+    frequencies of the Transformer-XL position vector ``R_Δ`` (2F entries; each head's q/k get 2F extra
+    dims, so the default 32 adds 64). ``num_labels`` > 0 adds a label prefix with ``num_labels`` as the
+    null label; ``cross_attention`` adds a source encoder of ``encoder_layers`` blocks; ``pad_id`` marks the
+    ``cond_tokens`` positions masked out of attention; ``attention`` picks the kernel ("auto", "sdpa",
+    "flash").
+    """
 
     vocab_size: int
     kind: str = "discrete"
@@ -134,6 +143,7 @@ class SEDDenoiser(nn.Module):
 
     arch = "sed"
     uses_time = True
+    accepts_attention_mask = True  # the sampler passes attention_mask= for variable lengths
 
     def __init__(self, config: SEDConfig | dict | None = None, **kw: Any):
         super().__init__()
