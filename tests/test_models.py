@@ -465,3 +465,63 @@ def test_models_import_nothing_heavy_and_respect_the_layers() -> None:
             for mod in mods:  # the layer order in the docs
                 parts = mod.split(".")
                 assert not (parts[0] == "fastdiff" and len(parts) > 1 and parts[1] in HIGHER), (path.name, mod)
+
+
+# --- embeddings from a local Hugging Face model ------------------------------------------------------------
+
+
+class WordTokenizer:
+    """Duck-typed tokenizer (``vocab_size``, ``decode``): specials decode to "", the rest to their string."""
+
+    def __init__(self, words: list[str]):
+        self.words = ["[PAD]", "[MASK]", "[SEP]", "[UNK]", *words]
+        self.vocab_size = len(self.words)
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.words[i] for i in ids if i >= 4)
+
+
+def test_pca_rows_are_the_principal_components_of_the_pretrained_rows(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fastdiff.models.pretrained import init_embeddings_from_pretrained
+
+    hf_words = [f"w{i:02d}" for i in range(40)]
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(reversed(hf_words))}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+        tmp_path)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16)
+    transformers.BertModel(cfg).save_pretrained(tmp_path)
+    table = transformers.BertModel.from_pretrained(tmp_path).get_input_embeddings().weight.detach().double()
+
+    ours = WordTokenizer(["w05", "w17", "w05 w30", "w39", "w00", "w22 w23 w24"])
+    pieces = {4: ["w05"], 5: ["w17"], 6: ["w05", "w30"], 7: ["w39"], 8: ["w00"], 9: ["w22", "w23", "w24"]}
+    weight = torch.randn(ours.vocab_size, 3) * 0.05
+    before = weight.clone()
+    found = init_embeddings_from_pretrained(weight, ours, tmp_path, proj="pca")
+    assert found.tolist() == [False] * 4 + [True] * 6
+    torch.testing.assert_close(weight[:4], before[:4])  # specials keep their init
+    # top-3 principal directions by an eigendecomposition of the covariance, signs aligned column by column
+    mean = table.mean(0)
+    evals, evecs = torch.linalg.eigh((table - mean).t() @ (table - mean))
+    U = evecs[:, evals.argsort(descending=True)[:3]]
+    want = torch.stack([table[[vocab[w] for w in pieces[i]]].mean(0) for i in range(4, 10)])
+    expect = (want - mean) @ U
+    got = weight[4:].double()
+    expect = expect * torch.sign((got * expect).sum(0))
+    scale = (got * expect).sum() / (expect * expect).sum()
+    torch.testing.assert_close(got, scale * expect, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(float(got.std()), float(before.std()), atol=1e-4, rtol=1e-3)  # rescaled to the init
+
+    with pytest.raises(FileNotFoundError, match="hf_dir"):
+        init_embeddings_from_pretrained(weight, ours, tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="hf_dir"):
+        init_embeddings_from_pretrained(weight, ours, tmp_path / "empty")
+    with pytest.raises(ValueError, match="embedding"):
+        init_embeddings_from_pretrained(torch.zeros(5, 3), ours, tmp_path)
