@@ -101,6 +101,12 @@ class SEDConfig:
         return cls(**d)
 
 
+def _capturing() -> bool:
+    """True while a CUDA graph is being captured (the sampler's ``cuda_graph=True``): value checks, which read
+    tensors on the host, are skipped then; shapes and dtypes are still checked."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of the diffusion step (Vaswani et al. 2017 / DDPM): ``(B,) -> (B, dim)``."""
     half = dim // 2
@@ -199,7 +205,8 @@ class SEDDenoiser(nn.Module):
         _checks.tensor(name, x)
         if x.dtype != torch.long or x.ndim != 2:
             raise TypeError(f"{name}: expected (B, L) int64 token ids, got {tuple(x.shape)} {x.dtype}")
-        _checks.token_ids(name, x, self.config.vocab_size)
+        if not _capturing():
+            _checks.token_ids(name, x, self.config.vocab_size)
         return x
 
     def encode(self, src_tokens: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,7 +223,7 @@ class SEDDenoiser(nn.Module):
     def _embed_condition(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.kind == "discrete":
             return self.token_embedding(tokens)
-        e = self.embedding(tokens)
+        e = torch.nn.functional.embedding(tokens, self.embedding.table()) if _capturing() else self.embedding(tokens)
         if self.config.self_condition:
             e = torch.cat([e, torch.zeros_like(e)], -1)
         return self.input_proj(e)
@@ -267,7 +274,8 @@ class SEDDenoiser(nn.Module):
             if label is None:
                 label = torch.full((B,), c.num_labels, dtype=torch.long, device=h.device)
             label = torch.as_tensor(label, device=h.device)
-            if label.shape != (B,) or label.is_floating_point() or int(label.min()) < 0 or int(label.max()) > c.num_labels:
+            if label.shape != (B,) or label.is_floating_point() or (
+                    not _capturing() and (int(label.min()) < 0 or int(label.max()) > c.num_labels)):
                 raise ValueError(f"label: expected ({B},) ints in [0, {c.num_labels}] ({c.num_labels} = no label)")
             prefix.append(self.label_embedding(label)[:, None])
             masks.append(None)
