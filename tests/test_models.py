@@ -305,6 +305,9 @@ def test_bad_inputs_raise_naming_the_argument() -> None:
         (ValueError, "attention", lambda: SEDConfig(vocab_size=5, attention="xformers")),
         (TypeError, "config", lambda: build_model("sed", [("vocab_size", 5)])),
         (TypeError, "tokens", lambda: CausalLM(10, width=8, heads=2)(torch.zeros(2, 3))),
+        (ValueError, "width", lambda: CausalLM(10, width=10, heads=4)),
+        (ValueError, "heads", lambda: TextClassifier(10, 2, width=8, heads=0)),
+        (ValueError, "pad_id", lambda: TextClassifier(10, 2, width=8, heads=2, pad_id=-1)),
         (ValueError, "attention_mask", lambda: TextClassifier(10, 2, width=8, heads=2)(
             torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.bool))),
     ]

@@ -124,6 +124,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, width: int, heads: int, backend: str = "auto"):
         super().__init__()
+        if width % heads:
+            raise ValueError(f"width: {width} is not divisible by heads={heads}")
         self.width, self.heads, self.head_dim, self.backend = width, heads, width // heads, backend
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)

@@ -25,7 +25,8 @@ class CausalLM(nn.Module):
         self._cfg = {"vocab_size": _checks.positive_int("vocab_size", vocab_size),
                      "width": _checks.positive_int("width", width), "layers": _checks.positive_int("layers", layers),
                      "heads": _checks.positive_int("heads", heads), "max_len": _checks.positive_int("max_len", max_len),
-                     "ff_mult": ff_mult, "rel_freqs": rel_freqs}
+                     "ff_mult": _checks.positive_int("ff_mult", ff_mult),
+                     "rel_freqs": _checks.positive_int("rel_freqs", rel_freqs)}
         self.embedding = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.embedding.weight, std=width**-0.5)
         self.blocks = nn.ModuleList(Block(width, heads, ff_mult, 0.0, rel_freqs, False, causal=True)
@@ -58,7 +59,9 @@ class TextClassifier(nn.Module):
         self._cfg = {"vocab_size": _checks.positive_int("vocab_size", vocab_size),
                      "num_labels": _checks.positive_int("num_labels", num_labels),
                      "width": _checks.positive_int("width", width), "layers": _checks.positive_int("layers", layers, 0),
-                     "heads": heads, "pad_id": pad_id, "ff_mult": ff_mult, "rel_freqs": rel_freqs}
+                     "heads": _checks.positive_int("heads", heads), "pad_id": _checks.positive_int("pad_id", pad_id, 0),
+                     "ff_mult": _checks.positive_int("ff_mult", ff_mult),
+                     "rel_freqs": _checks.positive_int("rel_freqs", rel_freqs)}
         self.embedding = nn.Embedding(vocab_size, width)
         self.blocks = nn.ModuleList(Block(width, heads, ff_mult, 0.0, rel_freqs, False) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
