@@ -7,8 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from fastdiff.data import TextTokenizer  # noqa: E402
-from fastdiff.models.pretrained import init_embeddings_from_pretrained  # noqa: E402
+from fastdiff.data import TextTokenizer
+from fastdiff.models.pretrained import init_embeddings_from_pretrained
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "a lazy cat sleeps over the warm mat",
         "the dog and the cat play in the garden"] * 3

@@ -87,7 +87,7 @@ def test_attention_backend_choice_on_cpu() -> None:
 
 def tiny(kind: str = "discrete", **kw) -> SEDDenoiser:
     torch.manual_seed(0)
-    base = dict(vocab_size=50, kind=kind, width=32, layers=2, heads=4, embed_dim=8, rel_freqs=4)
+    base = {"vocab_size": 50, "kind": kind, "width": 32, "layers": 2, "heads": 4, "embed_dim": 8, "rel_freqs": 4}
     base.update(kw)
     return SEDDenoiser(SEDConfig(**base)).eval()
 
@@ -206,8 +206,8 @@ def test_bad_inputs_name_the_argument() -> None:
 def test_sampler_runs_sed_models_deterministically() -> None:
     m = tiny(num_labels=2)
     proc = discrete.Absorbing(50, 1, schedules.mutual_info(100))
-    kw = dict(shape=(3, 10), steps=8, cond={"label": torch.tensor([0, 1, 0])},
-              uncond={"label": torch.full((3,), 2)}, guidance_scale=2.0)
+    kw = {"shape": (3, 10), "steps": 8, "cond": {"label": torch.tensor([0, 1, 0])},
+          "uncond": {"label": torch.full((3,), 2)}, "guidance_scale": 2.0}
     a = sampling.sample(m, proc, seed=3, **kw)
     b = sampling.sample(m, proc, seed=3, **kw)
     assert torch.equal(a.tokens, b.tokens) and not (a.tokens == 1).any()
