@@ -72,7 +72,8 @@ class Generation:
 
 def render(tokens: torch.Tensor | list[int], tokenizer, mask_id: int | None = None, mask: str = "_") -> str:
     """Decode ``tokens`` (1-D) with every ``mask_id`` position shown as ``mask``: each run of real tokens
-    is decoded on its own, so a half-denoised sequence reads as text with gaps."""
+    is decoded on its own (whitespace collapsed to single spaces), so a half-denoised sequence reads as one
+    line of text with gaps."""
     ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
     if mask_id is None:
         return tokenizer.decode(ids)
@@ -81,13 +82,13 @@ def render(tokens: torch.Tensor | list[int], tokenizer, mask_id: int | None = No
     for i in ids:
         if i == mask_id:
             if run:
-                parts.append(tokenizer.decode(run).strip())
+                parts.append(" ".join(tokenizer.decode(run).split()))
                 run = []
             parts.append(mask)
         else:
             run.append(i)
     if run:
-        parts.append(tokenizer.decode(run).strip())
+        parts.append(" ".join(tokenizer.decode(run).split()))
     return " ".join(p for p in parts if p)
 
 
