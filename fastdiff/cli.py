@@ -131,6 +131,8 @@ def _print_eval(res: dict) -> None:
     print(f"generated: {line}")
     if "reference" in res:
         print("real text: " + " ".join(f"{k} {v:.3f}" for k, v in res["reference"].items()))
+    if "random_tokens" in res:
+        print("random tokens: " + " ".join(f"{k} {v:.3f}" for k, v in res["random_tokens"].items()))
     if "attribute" in res:
         per = ", ".join(f"{k} {v:.3f}" for k, v in res["attribute"]["per_label"].items())
         print(f"attribute accuracy: mean {res['attribute']['mean']:.3f} ({per})")

@@ -8,7 +8,8 @@
   checkpoints: one batch per label, accuracy = how often the classifier recovers the asked label;
 * BLEU (Papineni et al. 2002) on the word-ordering task's validation pairs for text-to-text checkpoints.
 
-The same scores of real validation text are reported beside them as the reference point.
+The same scores of real validation text and of uniformly random tokens are reported beside them as the
+two ends of the scale.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def evaluate(td, *, samples: int = 64, steps: int = 64, strategy: str | None = N
     result["examples"] = gen.texts[:5]
     if reference_texts:
         result["reference"] = score_texts(reference_texts[:samples], td.tokenizer, lm=lm, length=L)
+    # the other end of the scale: uniformly random (non-special) tokens of the same length
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(4, td.tokenizer.vocab_size, (samples, L), generator=g)
+    result["random_tokens"] = score_texts([td.tokenizer.decode(r.tolist()) for r in noise], td.tokenizer, lm=lm,
+                                          length=L)
     if td.num_labels and classifier is not None:
         per: dict[str, float] = {}
         for idx, name in enumerate(td.label_names):
