@@ -10,7 +10,9 @@
 #   2. build the extensions in place (fastdiff._C and fastdiff._C_cuda) with FASTDIFF_BUILD_CUDA=1
 #      for this GPU's architecture (override with FASTDIFF_CUDA_ARCHS="80;90");
 #   3. run the GPU tests: pytest tests -k "cuda or triton or dispatch" (FASTDIFF_GPU_ALL_TESTS=1: all tests);
-#   4. run the benchmarks on the GPU: pytest benchmarks --benchmark-only, saved as
+#   4. the models on the GPU: fastdiff generate on the bundled checkpoints with every backend, a short bf16
+#      training run and its resume, and the fastdiff bench table (benchmarks/results/<gpu-name>-bench.json);
+#   5. run the benchmarks on the GPU: pytest benchmarks --benchmark-only, saved as
 #      benchmarks/results/<gpu-name>.json, with everything this script prints in benchmarks/results/<gpu-name>.txt.
 # Environment: PYTHON (default python3), FASTDIFF_BENCH_SMALL=1 (benchmarks at 1/8 size),
 # FASTDIFF_GPU_OUT=DIR (also copy the .json and .txt there), MAX_JOBS (parallel compiles, default nproc).
@@ -92,6 +94,21 @@ PY
 step "GPU tests"
 if [ "${FASTDIFF_GPU_ALL_TESTS:-0}" = "1" ]; then sel=(); else sel=(-k "cuda or triton or dispatch"); fi
 "$PY" -m pytest tests "${sel[@]}" -q -ra -p no:cacheprovider || { echo "tests: FAILED"; status=1; }
+
+step "models on the GPU: generate (bundled, every backend), a short bf16 training run with resume, bench table"
+for be in auto cuda triton reference; do
+  "$PY" -m fastdiff.cli generate --device cuda --backend "$be" -n 64 --steps 64 --no-progress --quiet \
+    | tail -1 | sed "s/^/generate backend=$be: /" || { echo "generate ($be): FAILED"; status=1; }
+done
+"$PY" -m fastdiff.cli generate -c continuous --device cuda -n 64 --steps 64 --no-progress --quiet | tail -1 \
+  || { echo "generate continuous: FAILED"; status=1; }
+TMPRUN="$(mktemp -d)"
+"$PY" -m fastdiff.cli train --device cuda --family continuous --task attribute --steps 40 --ckpt-every 20 \
+  --log-every 10 --out "$TMPRUN/run" --no-progress \
+  && "$PY" -m fastdiff.cli train --resume "$TMPRUN/run" --steps 60 --no-progress \
+  || { echo "train (cuda, bf16 autocast): FAILED"; status=1; }
+rm -rf "$TMPRUN"
+"$PY" -m fastdiff.cli bench --device cuda --json "$RESULTS/$GPU_NAME-bench.json" || { echo "bench: FAILED"; status=1; }
 
 step "benchmarks"
 "$PY" -m pytest benchmarks --benchmark-only --benchmark-json "$JSON" -q -p no:cacheprovider \
