@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command: create .venv, install the CPU torch wheel and fastdiff (building any extension),
-# then run the main job. Re-running is cheap: installed pieces are kept.
+# then run the main job (fastdiff generate on the bundled model). Re-running is cheap: installed pieces are kept.
 #   PYTHON=python3.11 ./setup.sh        pick the interpreter
 #   FASTDIFF_SKIP_EXT=1 ./setup.sh      skip the C++/CUDA build (pure Python)
 #   FASTDIFF_EXTRAS=test,triton         extras to install (default: test)
