@@ -152,3 +152,16 @@ def step_pair(t: object, s: object, T: int, device: torch.device | None = None
     if bt.numel() and bool((bs >= bt).any()):
         raise ValueError("s: every s must be smaller than its t (s < t)")
     return tt, ss
+
+
+def config_fields(name: str, cls: type, d: object) -> dict:
+    """``d`` as keyword arguments for the dataclass ``cls``: a dict whose keys are all fields of ``cls``
+    (``TypeError`` for a non-dict, ``ValueError`` naming the unknown keys)."""
+    import dataclasses
+
+    if not isinstance(d, dict):
+        raise TypeError(f"{name}: expected a dict, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{name}: unknown {cls.__name__} fields {unknown}")
+    return d

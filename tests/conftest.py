@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when it is first imported (its standard library, tl.zeros and friends,
@@ -14,6 +15,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is as fast, and two OpenMP threads that
+    fight other processes spin (x10-30). Use as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: float = 0.0,

@@ -12,7 +12,7 @@ from fastdiff import cli, evaluation
 from fastdiff.data import TextTokenizer
 from fastdiff.pipeline import BUNDLED, TextDiffusion, bundled_path, render
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

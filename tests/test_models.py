@@ -25,13 +25,7 @@ attn_mod = importlib.import_module("fastdiff.models.attention")  # the package r
 HIGHER = ("training", "data", "pipeline", "cli")  # layers above (or beside) fastdiff.models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on the shared 2-core machine: one intra-op thread is ~10x faster than two contending."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str = "discrete", **kw) -> SEDDenoiser:
@@ -554,3 +548,96 @@ def test_forward_reads_nothing_on_the_host_while_a_cuda_graph_is_captured(monkey
     monkeypatch.undo()
     for out, (*_, ref) in zip(outs, cases):
         torch.testing.assert_close(out, ref)
+
+
+# --- moved from tests/test_sed.py (unit checks of the position term and the conditioning paths) ---
+def test_position_scores_depend_only_on_offset() -> None:
+    """With the same query and key at every position the score matrix is Toeplitz (a function of i - j):
+    what relative positions promise and an absolute position embedding breaks."""
+    torch.manual_seed(0)
+    m = RelativeSelfAttention(16, 2, rel_freqs=4)
+    with torch.no_grad():
+        m.v.normal_()
+    L = 9
+    q = torch.randn(1, 2, 1, 8).expand(1, 2, L, 8)
+    k = torch.randn(1, 2, 1, 8).expand(1, 2, L, 8)
+    qx, kx = m.extended_qk(q, k)
+    S = qx @ kx.transpose(-1, -2)
+    for off in range(-L + 1, L):
+        diag = torch.diagonal(S, offset=off, dim1=-2, dim2=-1)
+        torch.testing.assert_close(diag, diag[..., :1].expand_as(diag), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(torch.diagonal(S, 1, -2, -1)[..., 0], torch.diagonal(S, 3, -2, -1)[..., 0])
+
+
+def test_discrete_sed_shapes_labels_and_condition_prefix() -> None:
+    m = tiny(num_labels=2)
+    x = torch.randint(0, 50, (3, 11))
+    t = torch.tensor([1, 500, 999])
+    out = m(x, t)
+    assert out.shape == (3, 11, 50) and torch.isfinite(out).all()
+    torch.testing.assert_close(m(x, t, label=torch.full((3,), 2)), out)  # default = the null label
+    assert not torch.allclose(m(x, t, label=torch.zeros(3, dtype=torch.long)), out)
+    assert not torch.allclose(m(x, t + 1), out)  # the step is an input
+    cond = torch.randint(3, 50, (3, 5))
+    cond[:, 3:] = 0  # PAD: masked out of attention
+    with_cond = m(x, t, cond_tokens=cond)
+    assert with_cond.shape == (3, 11, 50)  # condition positions are not returned
+    assert not torch.allclose(with_cond, out)
+    other = cond.clone()
+    other[:, 3:] = 0
+    other[0, 4] = 0
+    torch.testing.assert_close(m(x, t, cond_tokens=other), with_cond)
+    changed = cond.clone()
+    changed[:, 0] = (changed[:, 0] + 1 - 3) % 47 + 3
+    assert not torch.allclose(m(x, t, cond_tokens=changed), with_cond)
+
+
+def test_attention_mask_hides_padded_positions() -> None:
+    m = tiny()
+    x = torch.randint(0, 50, (2, 8))
+    am = torch.ones(2, 8, dtype=torch.bool)
+    am[:, 6:] = False
+    out = m(x, torch.tensor([5, 5]), attention_mask=am)
+    y = x.clone()
+    y[:, 6:] = (y[:, 6:] + 1) % 50
+    torch.testing.assert_close(m(y, torch.tensor([5, 5]), attention_mask=am)[:, :6], out[:, :6])
+
+
+def test_encoder_decoder_encodes_once() -> None:
+    m = tiny(cross_attention=True, encoder_layers=1)
+    src = torch.randint(3, 50, (2, 6))
+    src[1, 4:] = 0
+    smask = src != 0
+    x = torch.randint(0, 50, (2, 7))
+    t = torch.tensor([10, 900])
+    memory = m.encode(src, smask)
+    assert memory.shape == (2, 6, 32)
+    out = m(x, t, memory=memory, memory_mask=smask)
+    assert out.shape == (2, 7, 50)
+    src2 = src.clone()
+    src2[1, 5] = 7  # a padded source position: no effect
+    torch.testing.assert_close(m(x, t, memory=m.encode(src2, smask), memory_mask=smask), out)
+    src3 = src.clone()
+    src3[0, 0] = (src3[0, 0] + 1 - 3) % 47 + 3
+    assert not torch.allclose(m(x, t, memory=m.encode(src3, smask), memory_mask=smask)[0], out[0])
+    with pytest.raises(ValueError, match="memory"):
+        m(x, t)
+    with pytest.raises(TypeError, match="encode"):
+        tiny().encode(src)
+
+
+def test_continuous_sed_self_conditioning_and_embedding_gradient() -> None:
+    m = tiny("continuous", self_condition=True, embedding_layernorm=True).train()
+    tokens = torch.randint(0, 50, (2, 9))
+    x0 = m.embedding(tokens)
+    x_t = x0 + 0.5 * torch.randn_like(x0)
+    t = torch.tensor([100, 700])
+    out = m(x_t, t)
+    assert out.shape == (2, 9, 8)
+    torch.testing.assert_close(m(x_t, t, x_self_cond=torch.zeros_like(x_t)), out)
+    assert not torch.allclose(m(x_t, t, x_self_cond=torch.randn_like(x_t)), out)
+    table = m.embedding_table()
+    assert table.shape == (50, 8)
+    torch.testing.assert_close(table.mean(-1), torch.zeros(50), atol=1e-5, rtol=0)  # LayerNorm applied
+    (out.square().sum() + x0.sum()).backward()
+    assert m.embedding.embedding.weight.grad is not None and m.embedding.embedding.weight.grad.abs().sum() > 0

@@ -44,13 +44,7 @@ def _init(model):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 32-wide BERT runs fastest on one thread; two OpenMP threads on a busy 2-core machine spin (x30)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

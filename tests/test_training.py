@@ -17,13 +17,7 @@ from fastdiff.training import EMA, TrainConfig, Trainer, lr_factor
 V, L = 64, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and does not fight a busy machine's other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- tiny models -------------------------------------------------------------------------------------

@@ -92,13 +92,7 @@ class SEDConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SEDConfig:
-        if not isinstance(d, dict):
-            raise TypeError(f"config: expected a dict, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"config: unknown SED fields {unknown}")
-        return cls(**d)
+        return cls(**_checks.config_fields("config", cls, d))
 
 
 def _capturing() -> bool:
