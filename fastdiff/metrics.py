@@ -13,9 +13,10 @@ Imports nothing above :mod:`fastdiff.sampling` (no models, no training).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -136,6 +137,26 @@ def _device_of(model: Callable) -> torch.device | None:
     return None
 
 
+@contextlib.contextmanager
+def _evaluating(model: Callable) -> Iterator[torch.device | None]:
+    """An ``nn.Module`` in eval mode for the block (its mode restored after); yields its device."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        yield _device_of(model)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _row_batches(tokens: torch.Tensor, batch_size: int, device: torch.device | None) -> Iterator[torch.Tensor]:
+    """Consecutive ``batch_size``-row slices of ``tokens`` as int64 on ``device``."""
+    for start in range(0, tokens.shape[0], batch_size):
+        x = tokens[start: start + batch_size].long()
+        yield x if device is None else x.to(device)
+
+
 @torch.no_grad()
 def generative_perplexity(lm: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
                           pad_id: int | None = None, batch_size: int = 64) -> float:
@@ -156,17 +177,10 @@ def generative_perplexity(lm: Callable[[torch.Tensor], torch.Tensor], tokens: to
     _checks.positive_int("batch_size", batch_size)
     if pad_id is not None:
         _checks.positive_int("pad_id", pad_id, 0)
-    device = _device_of(lm)
-    was_training = isinstance(lm, torch.nn.Module) and lm.training
-    if was_training:
-        lm.eval()
-    try:
-        total_nll = 0.0
-        count = 0
-        for start in range(0, tokens.shape[0], batch_size):
-            x = tokens[start: start + batch_size].long()
-            if device is not None:
-                x = x.to(device)
+    total_nll = 0.0
+    count = 0
+    with _evaluating(lm) as device:
+        for x in _row_batches(tokens, batch_size, device):
             logits = lm(x)
             if not isinstance(logits, torch.Tensor) or logits.shape[:2] != x.shape or logits.ndim != 3:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -180,9 +194,6 @@ def generative_perplexity(lm: Callable[[torch.Tensor], torch.Tensor], tokens: to
             keep = torch.ones_like(target, dtype=torch.bool) if pad_id is None else target != pad_id
             total_nll += float(nll[keep].sum())
             count += int(keep.sum())
-    finally:
-        if was_training:
-            lm.train()
     if count == 0:
         raise ValueError("tokens: no token to predict (every target is padding)")
     return math.exp(total_nll / count)
@@ -206,23 +217,14 @@ def attribute_accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], token
     if tokens.shape[0] == 0:
         raise ValueError("tokens: no rows")
     _checks.positive_int("batch_size", batch_size)
-    device = _device_of(classifier)
-    was_training = isinstance(classifier, torch.nn.Module) and classifier.training
-    if was_training:
-        classifier.eval()
-    try:
-        correct = 0
-        for start in range(0, tokens.shape[0], batch_size):
-            x = tokens[start: start + batch_size].long()
-            if device is not None:
-                x = x.to(device)
+    correct = done = 0
+    with _evaluating(classifier) as device:
+        for x in _row_batches(tokens, batch_size, device):
             logits = classifier(x)
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(f"classifier: expected logits of shape ({x.shape[0]}, C), got {got}")
             pred = logits.argmax(-1).cpu()
-            correct += int((pred == labels[start: start + batch_size].cpu().long()).sum())
-    finally:
-        if was_training:
-            classifier.train()
+            correct += int((pred == labels[done: done + x.shape[0]].cpu().long()).sum())
+            done += x.shape[0]
     return correct / tokens.shape[0]
