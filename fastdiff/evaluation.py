@@ -33,11 +33,9 @@ def load_scorer(name_or_path: str = "causal_lm"):
 
 def encode_texts(texts: list[str], tokenizer, length: int) -> torch.Tensor:
     """``(N, length)`` token ids, truncated or padded with PAD."""
-    out = torch.full((len(texts), length), tokenizer.pad_id, dtype=torch.long)
-    for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
-        ids = ids[:length]
-        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
+    from .data import datasets
+
+    return datasets.pad(tokenizer.encode_batch(list(texts)), length, tokenizer.pad_id)
 
 
 def score_texts(texts: list[str], tokenizer, *, lm=None, length: int = 64) -> dict:

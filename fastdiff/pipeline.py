@@ -283,11 +283,9 @@ class TextDiffusion:
         if sources is not None:
             train = self.config.get("train", {})
             src_len = int(train.get("src_len", 32))
-            src = torch.full((B, src_len), self.tokenizer.pad_id, dtype=torch.long)
-            for i, s in enumerate(sources):
-                ids = self.tokenizer.encode(s)[:src_len]
-                src[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            src = src.to(self.device)
+            from .data import datasets
+
+            src = datasets.pad(self.tokenizer.encode_batch(sources), src_len, self.tokenizer.pad_id).to(self.device)
             if train.get("conditioning", "concat") == "cross":
                 mask = src != self.tokenizer.pad_id
                 with torch.inference_mode():

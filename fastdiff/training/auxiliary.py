@@ -21,17 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
+from .config import lr_factor
 
 __all__ = ["train_scorer"]
 
 KINDS = ("causal_lm", "classifier")
-
-
-def _lr(step: int, base: float, warmup: int, total: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 def _loss(kind: str, model, batch, pad_id: int) -> torch.Tensor:
@@ -98,7 +92,7 @@ def train_scorer(kind: str, model, train, valid, *, out_dir: str | Path, tokeniz
         run = 0.0
         for step in range(steps):
             for group in opt.param_groups:
-                group["lr"] = _lr(step, lr, warmup, steps)
+                group["lr"] = lr * lr_factor(step, warmup_steps=warmup, max_steps=steps)
             batch = batches.next_batch()
             loss = _loss(kind, model, batch, pad_id)
             if not torch.isfinite(loss):
