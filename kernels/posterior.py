@@ -3,8 +3,9 @@
 
 Per row (``KIND``: 0 absorbing, 1 absorbing with a per-token schedule, 2 uniform, 3 matrix):
 
-1. one pass over the logits in ``BLOCK`` tiles keeps the online max ``m`` and ``S = Σ exp(y - m)``
-   (``y = logits / temperature``, mask column excluded for absorbing), plus, per-token,
+1. one pass over the logits in ``BLOCK`` tiles keeps the online max ``m`` of the logits and
+   ``S = Σ exp((x - m) / temperature)`` (shifted before scaling, so large ``|x / T|`` loses no digits; mask
+   column excluded for absorbing), plus, per-token,
    ``S1t = Σ e_i (1 - A_t(i))`` and ``S1s = Σ e_i (1 - A_s(i))`` with the same rescaling;
 2. the row total ``Z = Σ_j w_j`` in closed form (absorbing ``1 - a_t`` resp. ``S1t / S``; uniform
    ``(1 - r)/V + r·f2(x_t)``, one extra load), or by a pass (matrix);
@@ -44,16 +45,16 @@ def _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w
         for i0 in range(0, V, BLOCK_I):
             ri = i0 + tl.arange(0, BLOCK_I)
             i_ok = ri < V
-            yi = tl.load(base + ri, mask=i_ok, other=float("-inf")).to(WDT) / temperature
-            pi = tl.where(i_ok, tl.exp(yi - m), 0.0).to(tl.float64) / S
+            xi = tl.load(base + ri, mask=i_ok, other=float("-inf")).to(WDT)
+            pi = tl.where(i_ok, tl.exp((xi - m) / temperature), 0.0).to(tl.float64) / S
             qt = tl.load(q_ptr + ri[:, None] * V + offs[None, :], mask=i_ok[:, None] & ok[None, :], other=0.0)
             q += tl.sum(pi[:, None] * qt, axis=0)
         w = tl.load(fact_ptr + offs, mask=ok, other=0.0) * q
     else:
-        y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) / temperature
+        x = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT)
         if KIND <= 1:
-            y = tl.where(offs == mask_id, float("-inf"), y)
-        p = tl.where(y == float("-inf"), 0.0, tl.exp(y - m)).to(tl.float64) / S
+            x = tl.where(offs == mask_id, float("-inf"), x)
+        p = tl.where(x == float("-inf"), 0.0, tl.exp((x - m) / temperature)).to(tl.float64) / S
         if KIND == 0:
             w = tl.where(offs == mask_id, w_mask, (a_s - a_t) * p)
         elif KIND == 1:
@@ -110,13 +111,14 @@ def _posterior_fwd_kernel(
         for v0 in range(0, V, BLOCK):
             offs = v0 + lanes
             ok = offs < V
-            y = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT) / temperature
+            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(WDT)
             if KIND <= 1:
-                y = tl.where(offs == mask_id, float("-inf"), y)
-            m_new = tl.maximum(m, tl.max(y, axis=0))
+                x = tl.where(offs == mask_id, float("-inf"), x)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no NaN from -inf - -inf
-            scale = tl.exp(m - m_ref).to(tl.float64)
-            e = tl.exp(y - m_ref).to(tl.float64)
+            # shift before scaling: (x - max)/T keeps the digits that x/T - max(x/T) loses when |x/T| is large
+            scale = tl.exp((m - m_ref) / temperature).to(tl.float64)
+            e = tl.exp((x - m_ref) / temperature).to(tl.float64)
             S = S * scale + tl.sum(e, axis=0)
             if KIND == 0:
                 Sb = Sb * scale + tl.sum(tl.where(offs < mask_id, e, 0.0), axis=0)
@@ -142,8 +144,8 @@ def _posterior_fwd_kernel(
         Z = S1t / S
         before = Sb / S
     if KIND == 2:
-        yx = tl.load(base + xt).to(WDT) / temperature
-        f2x = a_s * (tl.exp(yx - m).to(tl.float64) / S) + (1.0 - a_s) / V
+        xx = tl.load(base + xt).to(WDT)
+        f2x = a_s * (tl.exp((xx - m) / temperature).to(tl.float64) / S) + (1.0 - a_s) / V
         Z = (1.0 - r) / V + r * f2x
     if KIND == 3:
         Z = tl.zeros((), tl.float64)

@@ -1,7 +1,7 @@
 """``sample_categorical`` in Triton: one program per row; temperature, tie-inclusive top-k / top-p by
 exact threshold bisection, and the reference's counter-based inverse-CDF draw.
 
-Per row, in ``BLOCK`` tiles (``y = logits / temperature``, ``w = exp(y - max y)``):
+Per row, in ``BLOCK`` tiles (``w = exp((x - max x) / temperature)``, shifted before it is scaled):
 
 * greedy (``temperature == 0``): one pass, ``tl.argmax`` per tile (first index) and a strict ``>``
   across tiles, i.e. the lowest index among equal maxima, as ``torch.argmax``;
@@ -46,11 +46,11 @@ def _order_key(x, KEY: tl.constexpr, SIGN_OFF: tl.constexpr):
 @triton.jit
 def _tile_weights(base, offs, V, temperature, m, k_lo, p_lo, XDT: tl.constexpr, WDT: tl.constexpr,
                   KEY: tl.constexpr, SIGN_OFF: tl.constexpr, TOPK: tl.constexpr, TOPP: tl.constexpr):
-    """One tile's float64 weights ``exp(x / temperature - m)`` (0 outside the row), with the top-k filter
+    """One tile's float64 weights ``exp((x - m) / temperature)`` (0 outside the row), with the top-k filter
     (``TOPK``: keys >= ``k_lo``) and the top-p filter (``TOPP``: weight bits >= ``p_lo``) applied."""
     ok = offs < V
     x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-    w = tl.where(ok, tl.exp(x.to(WDT) / temperature - m), 0.0).to(tl.float64)
+    w = tl.where(ok, tl.exp((x.to(WDT) - m) / temperature), 0.0).to(tl.float64)
     if TOPK:
         w = tl.where(_order_key(x, KEY, SIGN_OFF) >= k_lo, w, 0.0)
     if TOPP:
@@ -93,11 +93,12 @@ def _sample_categorical_fwd_kernel(
             offs = v0 + lanes
             ok = offs < V
             x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-            y = x.to(WDT) / temperature
-            m_new = tl.maximum(m, tl.max(y, axis=0))
-            if not (HAS_TOPK or HAS_TOPP):
+            y = x.to(WDT)
+            m_new = tl.maximum(m, tl.max(y, axis=0))  # the max logit; shifting before scaling keeps the digits
+            if not (HAS_TOPK or HAS_TOPP):              # that x/T - max(x/T) loses when |x/T| is large
                 m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
-                Wf = Wf * tl.exp(m - m_ref).to(tl.float64) + tl.sum(tl.exp(y - m_ref).to(tl.float64), axis=0)
+                Wf = (Wf * tl.exp((m - m_ref) / temperature).to(tl.float64)
+                      + tl.sum(tl.exp((y - m_ref) / temperature).to(tl.float64), axis=0))
             m = m_new
             if HAS_TOPK:
                 key = _order_key(x, KEY, SIGN_OFF)
