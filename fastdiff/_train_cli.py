@@ -6,6 +6,11 @@ Python docs corpus (:func:`fastdiff.data.python_docs`) or ``--data`` files (``.t
 ``--resume RUN_DIR`` continues a run from its newest complete checkpoint (only ``max_steps``, logging and
 checkpoint intervals may change). ``--scorer causal_lm|classifier`` trains an evaluation model instead.
 ``--export DIR`` writes a small fp16 weights-only copy (what ships in ``fastdiff/assets``) with the log.
+
+Under ``torchrun --nproc-per-node N`` every process joins the group (gloo on CPU, NCCL on
+``cuda:LOCAL_RANK``) and trains its share of each global batch under DistributedDataParallel (``--parallel
+fsdp`` for FSDP2); rank 0 alone prints, logs and writes checkpoints. ``--resume`` works on any world size
+that divides the run's global batch.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ _FLAG_FIELDS = {  # flag dest -> TrainConfig field
     "seed": "seed", "out": "out_dir", "device": "device", "loss": "loss", "conditioning": "conditioning",
     "cond_drop": "cond_drop", "timestep_sampler": "timestep_sampler", "ema_decay": "ema_decay",
     "ckpt_every": "ckpt_every", "log_every": "log_every", "eval_every": "eval_every",
-    "lam_anchor": "lam_anchor",
+    "lam_anchor": "lam_anchor", "grad_accum": "grad_accum", "parallel": "parallel",
 }
 _MODEL_FLAGS = ("width", "layers", "heads", "embed_dim")
 
@@ -38,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", help="linear, cosine, sqrt, mutual_info, spindle, adaptive")
     p.add_argument("--T", type=int, help="diffusion steps of the process")
     p.add_argument("--steps", type=int, help="max_steps")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch on each process")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per update (global batch = batch x processes x this)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), help="under torchrun: DistributedDataParallel or FSDP2")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--src-len", type=int, help="source length (word_order)")
     p.add_argument("--lr", type=float)
@@ -110,13 +117,14 @@ def _docs(args):
     return corpus.load_texts(args.data) if args.data else corpus.python_docs()
 
 
-def _tokenizer(args, docs, out_dir: Path):
+def _tokenizer(args, docs, out_dir: Path, save: bool = True):
     from .data import TextTokenizer, default_tokenizer
 
-    if args.train_tokenizer:
+    if args.train_tokenizer:  # deterministic: every rank trains the same one, rank 0 saves it
         tok = TextTokenizer.train([d.text for d in docs], vocab_size=args.train_tokenizer)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tok.save(out_dir / "tokenizer.json")
+        if save:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tok.save(out_dir / "tokenizer.json")
         return tok
     if args.tokenizer:
         return TextTokenizer.load(args.tokenizer)
@@ -147,16 +155,30 @@ def task_data(task: str, docs, tok, seq_len: int, src_len: int = 0, balance: boo
 def run(args) -> int:
     if args.scorer:
         return _run_scorer(args)
+    from . import distributed
+
+    device = getattr(args, "device", None)
+    if device is None and args.resume:
+        from .training import read_config, resolve_checkpoint_dir
+
+        device = read_config(resolve_checkpoint_dir(args.resume))["train"].get("device", "auto")
+    with distributed.session(device or "auto") as ctx:
+        return _run(args, ctx)
+
+
+def _run(args, ctx) -> int:
     from .training import TrainConfig, Trainer, export_checkpoint, read_config, resolve_checkpoint_dir
 
     progress = not args.no_progress
+    main = ctx.is_main
+    say = print if main else (lambda *a, **k: None)
     if args.resume:
         ckpt_dir = resolve_checkpoint_dir(args.resume)
         cfg = TrainConfig.from_dict(read_config(ckpt_dir)["train"])
         overrides = {}
         if args.steps is not None:
             overrides["max_steps"] = args.steps
-        for dest in ("log_every", "ckpt_every", "eval_every", "device"):
+        for dest in ("log_every", "ckpt_every", "eval_every", "device", "grad_accum", "parallel"):
             if getattr(args, dest, None) is not None:
                 overrides[dest] = getattr(args, dest)
         docs = _docs(args)
@@ -165,13 +187,15 @@ def run(args) -> int:
         tok = load_tokenizer(ckpt_dir, read_config(ckpt_dir))
         train, valid, _ = task_data(cfg.task, docs, tok, cfg.seq_len, cfg.src_len, args.balance, cfg.label_names)
         trainer = Trainer.resume(ckpt_dir, train, valid, **overrides)
-        print(f"resumed {ckpt_dir} at step {trainer.global_step} of {trainer.config.max_steps}")
+        say(f"resumed {ckpt_dir} at step {trainer.global_step} of {trainer.config.max_steps}"
+            + (f" on {ctx.world_size} processes, {trainer.config.batch_size} sequences per micro-batch"
+               if ctx.distributed else ""))
     else:
         d = config_from_args(args)
         cfg = TrainConfig.from_dict(d)
         out_dir = Path(cfg.out_dir)
         docs = _docs(args)
-        tok = _tokenizer(args, docs, out_dir)
+        tok = _tokenizer(args, docs, out_dir, save=main)
         seq_len = cfg.seq_len or 64
         train, valid, names = task_data(cfg.task, docs, tok, seq_len, cfg.src_len, args.balance, cfg.label_names)
         if cfg.task == "attribute":
@@ -179,9 +203,11 @@ def run(args) -> int:
             d.setdefault("model", {})["num_labels"] = len(names)
         d["seq_len"] = seq_len
         cfg = TrainConfig.from_dict(d)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "command.txt").write_text("fastdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
-        cfg.save(out_dir / "train_config.json")
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            prefix = f"torchrun --nproc-per-node {ctx.world_size} -m fastdiff " if ctx.distributed else "fastdiff "
+            (out_dir / "command.txt").write_text(prefix + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
+            cfg.save(out_dir / "train_config.json")
         trainer = Trainer(cfg, train, valid, tokenizer=tok)
         if args.init_embeddings:
             from .models.pretrained import init_embeddings_from_pretrained
@@ -189,14 +215,16 @@ def run(args) -> int:
             m = trainer.model
             table = m.embedding.embedding if getattr(m, "embedding", None) is not None else m.token_embedding
             found = init_embeddings_from_pretrained(table, tok, args.init_embeddings)
-            print(f"embeddings: {int(found.sum())} of {tok.vocab_size} rows from {args.init_embeddings}")
+            say(f"embeddings: {int(found.sum())} of {tok.vocab_size} rows from {args.init_embeddings}")
         n = sum(p.numel() for p in trainer.model.parameters())
-        print(f"training {cfg.family} {cfg.arch} ({n / 1e6:.2f} M parameters) on task {cfg.task}: "
-              f"{next(iter(train.values())).shape[0]} training sequences, {cfg.max_steps} steps -> {out_dir}")
+        scale = (f", {ctx.world_size} processes ({ctx.backend}, {cfg.parallel}) x {cfg.batch_size} x "
+                 f"{cfg.grad_accum} = global batch {trainer.global_batch}" if ctx.distributed else "")
+        say(f"training {cfg.family} {cfg.arch} ({n / 1e6:.2f} M parameters) on task {cfg.task}: "
+            f"{next(iter(train.values())).shape[0]} training sequences, {cfg.max_steps} steps{scale} -> {out_dir}")
     trainer.fit(progress=progress)
     out_dir = Path(trainer.config.out_dir)
-    print(f"done: step {trainer.global_step}; checkpoints and train_log.jsonl in {out_dir}")
-    if args.export:
+    say(f"done: step {trainer.global_step}; checkpoints and train_log.jsonl in {out_dir}")
+    if args.export and main:
         dst = export_checkpoint(out_dir, args.export)
         for name in ("train_log.jsonl", "command.txt", "train_config.json"):
             if (out_dir / name).is_file():

@@ -14,13 +14,14 @@ from typing import Any
 from .. import _checks, continuous, schedules
 from .process import KINDS
 
-__all__ = ["DATA_KEYS", "RESUMABLE_OVERRIDES", "TASKS", "TrainConfig", "lr_factor"]
+__all__ = ["DATA_KEYS", "PARALLEL", "RESUMABLE_OVERRIDES", "TASKS", "TrainConfig", "lr_factor"]
 
 TASKS = ("lm", "attribute", "word_order")
 DATA_KEYS = {"lm": ("tokens",), "attribute": ("tokens", "labels"), "word_order": ("src", "tgt")}
 #: fields that may change when a run is resumed (everything else must match the checkpoint)
 RESUMABLE_OVERRIDES = ("max_steps", "log_every", "ckpt_every", "eval_every", "eval_batches", "out_dir",
-                       "keep_checkpoints", "device", "amp")
+                       "keep_checkpoints", "device", "amp", "grad_accum", "parallel")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -40,6 +41,11 @@ class TrainConfig:
     lr, betas, weight_decay, warmup_steps, lr_schedule ("cosine" | "constant"), min_lr_ratio, grad_clip
         (0 = no clipping), ema_decay (0 = no EMA), amp ("auto": bf16 autocast on CUDA; "off"), device.
     seq_len, src_len : sequence lengths (0: taken from the data); label_names : attribute names.
+    batch_size : sequences per micro-batch on each process; grad_accum : micro-batches per update. An
+        update sees the global batch ``batch_size × world_size × grad_accum`` (``world_size`` = processes
+        under torchrun), which a resumed run keeps whatever its world size (it re-derives ``batch_size``).
+    parallel : under torchrun, "ddp" (DistributedDataParallel, a full replica per process) or "fsdp"
+        (FSDP2 ``fully_shard``: parameters, gradients and optimizer state sharded across processes).
     log_every, ckpt_every, eval_every (0 = never), eval_batches, keep_checkpoints (0 = all), out_dir.
     """
 
@@ -76,6 +82,8 @@ class TrainConfig:
     amp: str = "auto"
     device: str = "auto"
     batch_size: int = 32
+    grad_accum: int = 1
+    parallel: str = "ddp"
     max_steps: int = 1000
     seed: int = 0
     log_every: int = 10
@@ -131,7 +139,8 @@ class TrainConfig:
         _checks.choice("amp", self.amp, ("auto", "off"))
         if not isinstance(self.device, str):
             raise TypeError(f"device: expected a string, got {self.device!r}")
-        for name in ("batch_size", "max_steps", "log_every"):
+        _checks.choice("parallel", self.parallel, PARALLEL)
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
             _checks.positive_int(name, getattr(self, name))
         _checks.positive_int("seed", self.seed, 0)
         for name in ("ckpt_every", "eval_every", "keep_checkpoints"):

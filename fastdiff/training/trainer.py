@@ -12,6 +12,16 @@ Reproducibility: every random draw of step ``n`` (timesteps, noise, masks, label
 coin, dropout inside the model) comes from generators seeded by ``(seed, n)``, and the data order from
 :class:`fastdiff.data.Batches`; so ``k`` steps + save + :meth:`Trainer.resume` + ``N - k`` steps gives
 the same parameters, optimizer state and losses as ``N`` steps in one go (bit for bit on CPU).
+
+Scale-out (under ``torchrun``, see :mod:`fastdiff.distributed`): an update sees the global batch
+``batch_size × world_size × grad_accum``; rank ``r`` takes rows ``r, r + W, ...`` of it (a distributed
+sampler over one shared permutation) in ``grad_accum`` micro-batches, and the model is wrapped in
+``DistributedDataParallel``. The step's randomness is drawn for the whole global batch and each rank
+keeps its rows, the loss is the mean over the global batch, the timestep sampler and adaptive schedule
+are fed the gathered global batch in order: so a run's losses and parameters do not depend on how the
+global batch is split over processes and micro-batches (up to float summation order; exactly when the
+model has no dropout). Rank 0 alone writes logs and checkpoints; a checkpoint resumes on any world size
+with the same global batch.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import torch
 from torch import nn
 
 from .. import _checks, continuous, discrete, schedules, timesteps
+from .. import distributed as _dist
 from . import checkpoint as ckpt
 from .config import DATA_KEYS, RESUMABLE_OVERRIDES, TASKS, TrainConfig, lr_factor
 from .process import build_process, process_config, sync_schedule
@@ -80,10 +91,13 @@ def _seed(seed: int, step: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, ctx: _dist.Context) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None and ctx.distributed:
+        dev = torch.device("cuda", ctx.local_rank % max(1, torch.cuda.device_count()))
+    return dev
 
 
 def _check_data(name: str, data: object, task: str) -> dict[str, torch.Tensor]:
@@ -134,7 +148,11 @@ class Trainer:
         if config.task == "word_order":
             updates["src_len"] = config.src_len or int(self.train_data["src"].shape[1])
         self.config = cfg = dataclasses.replace(config, **updates)
-        self.device = _device(cfg.device)
+        self.dist = _dist.context()
+        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.device = _device(cfg.device, self.dist)
+        if self.dist.backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"device: the process group uses NCCL but the device is {self.device}")
         self.tokenizer = tokenizer
         if model is None:
             from ..models import build_model
@@ -143,6 +161,7 @@ class Trainer:
                 torch.manual_seed(cfg.seed)
                 model = build_model(cfg.arch, self._model_config())
         self.model = model.to(self.device).train()
+        self.net = self._wrap()  # what the training forward calls: DDP / FSDP module, or the model
         self.model_config = dict(model.config_dict()) if hasattr(model, "config_dict") else dict(cfg.model)
         V = self.model_config.get("vocab_size") or (tokenizer.vocab_size if tokenizer is not None else None)
         if V is None:
@@ -179,7 +198,9 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.batches = Batches(*self.train_data.values(), batch_size=cfg.batch_size, seed=cfg.seed)
+        # every rank iterates the same global batches and keeps its rows (see step())
+        self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
+        self.batches = Batches(*self.train_data.values(), batch_size=self.global_batch, seed=cfg.seed)
         self.global_step = 0
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []
@@ -206,6 +227,71 @@ class Trainer:
                 raise ValueError(f"model: {k}={mc[k]!r} conflicts with the training config ({k}={v!r} implied)")
         return mc
 
+    # --- scale-out -----------------------------------------------------------------------------
+    def _wrap(self) -> nn.Module:
+        """The module the training forward runs through: ``DistributedDataParallel`` (one full replica
+        per rank; gradients all-reduced, averaged, during backward) or FSDP2 ``fully_shard`` (each
+        transformer block and the root sharded), or the model itself in a world of one."""
+        if not self.dist.distributed:
+            return self.model
+        if self.config.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in getattr(self.model, "blocks", []):
+                fully_shard(block)
+            for name in ("encoder_blocks", "encoder"):
+                sub = getattr(self.model, name, None)
+                if isinstance(sub, nn.ModuleList):
+                    for block in sub:
+                        fully_shard(block)
+            fully_shard(self.model)
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # A model may hold parameters a task never uses (the condition-segment embedding outside
+        # text-to-text, the label table without labels): DDP must not wait for their gradients.
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+
+    def _sync_context(self, last: bool):
+        """Gradient synchronisation only on the last micro-batch of an update."""
+        if self.net is self.model and not self._fsdp:
+            return contextlib.nullcontext()
+        if self._fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.net.no_sync()
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.dist.distributed and self.config.parallel == "fsdp"
+
+    def _all_finite(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is finite on every rank (one collective), so all ranks raise together."""
+        ok = torch.isfinite(x.detach()).all().to(torch.float32).reshape(1)
+        if self.dist.distributed:
+            ok = ok.to(self.device)
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        return bool(ok.item() > 0)
+
+    def _global_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's per-row values (in its row order ``r, r+W, ...``) gathered into global-batch order."""
+        if not self.dist.distributed:
+            return local
+        local = local.to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, local)
+        return torch.stack(parts, 1).reshape(-1).cpu()  # row i*W + r comes from rank r
+
+    def _global_mean(self, terms: dict[str, float]) -> dict[str, float]:
+        if not self.dist.distributed:
+            return terms
+        keys = sorted(terms)
+        v = torch.tensor([terms[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(v)
+        v = (v / self.world).tolist()
+        return dict(zip(keys, v))
+
     # --- one step ------------------------------------------------------------------------------
     def _autocast(self):
         if self.config.amp == "auto" and self.device.type == "cuda":
@@ -225,14 +311,11 @@ class Trainer:
             return cpu, torch.Generator().manual_seed(_seed(seed, step, stream + ":x"))
         return cpu, torch.Generator(device=self.device).manual_seed(_seed(seed, step, stream + ":x"))
 
-    def _cond(self, batch: dict[str, torch.Tensor], gen: torch.Generator, train: bool) -> dict[str, torch.Tensor]:
+    def _cond(self, batch: dict[str, torch.Tensor], draws: dict[str, Any], rows: torch.Tensor
+              ) -> dict[str, torch.Tensor]:
         cfg = self.config
         if cfg.task == "attribute":
-            labels = batch["labels"]
-            if train and cfg.cond_drop > 0:
-                drop = torch.rand(labels.shape, generator=gen, device=labels.device) < cfg.cond_drop
-                labels = torch.where(drop, torch.full_like(labels, self.num_labels), labels)
-            return {"label": labels}
+            return {"label": draws["labels"][rows]}
         if cfg.task == "word_order":
             src = batch["src"]
             if cfg.conditioning == "concat":
@@ -243,27 +326,54 @@ class Trainer:
             return {"memory": memory, "memory_mask": mask}
         return {}
 
-    def _losses(self, batch: dict[str, torch.Tensor], step: int, train: bool
+    def _draws(self, gbatch: dict[str, torch.Tensor], step: int, train: bool) -> dict[str, Any]:
+        """Every random draw of a step, for the whole global batch (each rank keeps its rows): ``t``,
+        importance weights ``w``, labels after condition dropout, ``x_t`` (discrete) or the Gaussian noise
+        and the self-conditioning coin (continuous)."""
+        cfg, T = self.config, self.config.T
+        cpu_gen, gen = self._generators(step, "train" if train else "eval")
+        x0 = gbatch["tgt" if cfg.task == "word_order" else "tokens"]
+        G = x0.shape[0]
+        if train:
+            t, w = self.sampler.sample(G, generator=cpu_gen, device=self.device)
+        else:
+            t = torch.randint(1, T + 1, (G,), generator=cpu_gen).to(self.device)
+            w = torch.ones(G, device=self.device)
+        d: dict[str, Any] = {"t": t, "w": w}
+        if cfg.task == "attribute":
+            labels = gbatch["labels"]
+            if train and cfg.cond_drop > 0:
+                drop = torch.rand(labels.shape, generator=gen, device=labels.device) < cfg.cond_drop
+                labels = torch.where(drop, torch.full_like(labels, self.num_labels), labels)
+            d["labels"] = labels
+        if not self.continuous:
+            d["x_t"] = self.process.q_sample(x0, t, generator=gen)
+        else:
+            table = self.model.embedding_table()
+            shape = (G, x0.shape[1], table.shape[1])
+            d["noise"] = torch.randn(shape, generator=gen, device=self.device, dtype=table.dtype)
+            if self.self_condition:
+                d["coin"] = float(torch.rand((), generator=cpu_gen))  # drawn every step: a fixed RNG stream
+        return d
+
+    def _losses(self, gbatch: dict[str, torch.Tensor], rows: torch.Tensor, draws: dict[str, Any], train: bool
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(terms, per_sequence_loss (B,), difficulty (B,), t (B,))``; ``terms["loss"]`` is the objective.
+        """Loss of the global-batch rows ``rows``: ``(terms, per_sequence_loss (b,), difficulty (b,), t (b,))``;
+        ``terms["loss"]`` is the objective (a mean over these rows).
 
         ``difficulty`` is what the adaptive schedule fits to, a per-sequence loss that grows with the noise:
         the x0 cross-entropy for discrete models (the VLB terms are not monotone in t), the MSE (+ anchor)
         for continuous ones (SeqDiffuSeq fits its training loss)."""
-        cfg, T = self.config, self.config.T
-        cpu_gen, gen = self._generators(step, "train" if train else "eval")
+        cfg = self.config
+        net = self.net if train else self.model
+        batch = {k: v[rows] for k, v in gbatch.items()}
         x0 = batch["tgt" if cfg.task == "word_order" else "tokens"]
-        B = x0.shape[0]
-        if train:
-            t, w = self.sampler.sample(B, generator=cpu_gen, device=self.device)
-        else:
-            t = torch.randint(1, T + 1, (B,), generator=cpu_gen).to(self.device)
-            w = torch.ones(B, device=self.device)
-        cond = self._cond(batch, gen, train)
+        t, w = draws["t"][rows], draws["w"][rows]
+        cond = self._cond(batch, draws, rows)
         if not self.continuous:
-            x_t = self.process.q_sample(x0, t, generator=gen)
+            x_t = draws["x_t"][rows]
             with self._autocast():
-                logits = self.model(x_t, t, **cond)
+                logits = net(x_t, t, **cond)
             logits = logits.float()
             # -log p(x0 | x_t) per token: the hybrid loss's CE term, and what the adaptive schedule fits
             ce_tok = -self.process.x0_log_probs(logits).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
@@ -275,23 +385,22 @@ class Trainer:
             ce = ce_tok.detach().float().mean(-1)
             terms = {"loss": (w * per_seq).mean(), cfg.loss: per_seq.mean().detach(), "ce": ce.mean()}
             return terms, per_seq.detach(), ce, t
-        emb = self.model.embedding(x0).float()  # (B, L, D), learned jointly
-        noise = torch.randn(emb.shape, generator=gen, device=self.device, dtype=emb.dtype)
+        emb = self.model.embedding(x0)  # (b, L, D), learned jointly
+        noise = draws["noise"][rows]
         x_t = self.process.q_sample(emb, t, noise=noise)
         extra: dict[str, torch.Tensor] = {}
         if self.self_condition:
-            coin = float(torch.rand((), generator=cpu_gen))  # drawn every step: a fixed RNG stream
             zeros = torch.zeros_like(x_t)
             extra["x_self_cond"] = zeros
-            if train and coin < cfg.self_condition_prob:  # Chen et al. 2022: estimate x0 once without grad
+            if train and draws["coin"] < cfg.self_condition_prob:  # Chen et al. 2022: estimate x0 once without grad
                 with torch.no_grad(), self._autocast():
                     first = self.model(x_t, t, x_self_cond=zeros, **cond)
                 extra["x_self_cond"] = self.process.to_x0(first.float(), x_t, t).detach()
         with self._autocast():
-            out = self.model(x_t, t, **extra, **cond)
+            out = net(x_t, t, **extra, **cond)
         out = out.float()
         table = self.model.embedding_table().float()
-        mse = self.process.mse_loss(out, emb, x_t, t, noise, reduction="none").mean(-1)  # (B,)
+        mse = self.process.mse_loss(out, emb, x_t, t, noise, reduction="none").mean(-1)  # (b,)
         per_seq = mse
         terms: dict[str, torch.Tensor] = {"mse": mse.mean().detach()}
         if cfg.lam_anchor > 0:
@@ -307,36 +416,56 @@ class Trainer:
         return terms, per_seq.detach(), per_seq.detach(), t
 
     def step(self) -> dict[str, float]:
-        """One optimizer update; returns the loss terms, ``lr``, ``grad_norm``, ``tokens`` and ``time_s``."""
+        """One optimizer update; returns the loss terms (means over the global batch), ``lr``,
+        ``grad_norm``, ``tokens`` (of the global batch) and ``time_s``."""
         cfg, n = self.config, self.global_step
         start = time.perf_counter()
-        batch = dict(zip(self.train_data, self.batches.next_batch() if len(self.train_data) > 1
-                         else (self.batches.next_batch(),)))
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        vals = self.batches.next_batch()
+        gbatch = dict(zip(self.train_data, vals if isinstance(vals, tuple) else (vals,)))
+        gbatch = {k: v.to(self.device, non_blocking=True) for k, v in gbatch.items()}
         lr = cfg.lr * lr_factor(n, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                 schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
+        G, A, b = self.global_batch, cfg.grad_accum, cfg.batch_size
+        share = torch.arange(self.rank, G, self.world, device=self.device)  # this rank's rows
+        sums: dict[str, float] = {}
+        per_seq_parts, diff_parts, t_parts = [], [], []
         with torch.random.fork_rng(devices=self._rng_devices()):
-            torch.manual_seed(_seed(cfg.seed, n, "torch"))  # dropout inside the model
-            terms, per_seq, difficulty, t = self._losses(batch, n, train=True)
-            loss = terms["loss"]
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"step {n}: the loss is {float(loss)}")
+            draws = self._draws(gbatch, n, train=True)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for m in range(A):
+                # dropout inside the model: one stream per (rank, micro-batch); "torch" alone for the first
+                stream = "torch" if (self.rank, m) == (0, 0) else f"torch:{self.rank}:{m}"
+                torch.manual_seed(_seed(cfg.seed, n, stream))
+                rows = share[m * b:(m + 1) * b]
+                with self._sync_context(last=m == A - 1):
+                    terms, per_seq, difficulty, t = self._losses(gbatch, rows, draws, train=True)
+                    loss = terms["loss"]
+                    if not self._all_finite(loss):
+                        raise FloatingPointError(f"step {n}: the loss is not finite ({float(loss)} on rank {self.rank})")
+                    (loss / A).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / A
+                per_seq_parts.append(per_seq)
+                diff_parts.append(difficulty)
+                t_parts.append(t)
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                grad_norm = grad_norm.full_tensor()
             if not bool(torch.isfinite(grad_norm)):
                 raise FloatingPointError(f"step {n}: the gradient norm is {float(grad_norm)}")
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        t_cpu = t.cpu()
-        self.sampler.update(t_cpu, per_seq.double().cpu())
+        # the timestep sampler and the adaptive schedule see the whole global batch, in its order
+        t_cpu = self._global_rows(torch.cat(t_parts)).cpu()
+        per_seq_all = self._global_rows(torch.cat(per_seq_parts).double())
+        self.sampler.update(t_cpu, per_seq_all.cpu())
         if self.adaptive is not None:
-            self.adaptive.record(t_cpu, difficulty.double().cpu())
+            self.adaptive.record(t_cpu, self._global_rows(torch.cat(diff_parts).double()).cpu())
             if (n + 1) % cfg.refit_every == 0 and self.adaptive.refit():
                 sync_schedule(self.process)
         self.global_step = n + 1
@@ -344,8 +473,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - start
         self.elapsed += dt
-        metrics = {k: float(v.detach()) for k, v in terms.items()}
-        metrics.update(lr=lr, grad_norm=float(grad_norm), tokens=float(batch_tokens(batch)), time_s=dt)
+        metrics = self._global_mean(sums)
+        metrics.update(lr=lr, grad_norm=float(grad_norm), tokens=float(batch_tokens(gbatch)), time_s=dt)
         for k, v in metrics.items():
             self._window[k] = self._window.get(k, 0.0) + v
         self._window["count"] = self._window.get("count", 0.0) + 1
@@ -373,7 +502,8 @@ class Trainer:
                     vals = batches.next_batch()
                     vals = vals if isinstance(vals, tuple) else (vals,)
                     batch = {k: v.to(self.device) for k, v in zip(self.valid_data, vals)}
-                    terms = self._losses(batch, i, train=False)[0]
+                    rows = torch.arange(next(iter(batch.values())).shape[0], device=self.device)
+                    terms = self._losses(batch, rows, self._draws(batch, i, train=False), train=False)[0]
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
         finally:
@@ -394,6 +524,8 @@ class Trainer:
 
     def _write_log(self, rec: dict[str, Any]) -> None:
         self.history.append(rec)
+        if self.rank != 0:  # rank 0 alone writes (every rank holds the same global means)
+            return
         out = Path(self.config.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / LOG_FILE, "a", encoding="utf-8") as f:
@@ -410,7 +542,8 @@ class Trainer:
         stop = cfg.max_steps if steps is None else min(cfg.max_steps, self.global_step + _checks.positive_int("steps", steps, 0))
         first = len(self.history)
         last_saved = -1
-        bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not progress, desc="train")
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not progress or self.rank != 0,
+                   desc="train")
         try:
             while self.global_step < stop:
                 m = self.step()
@@ -455,28 +588,42 @@ class Trainer:
             tensors["adaptive.loss"] = self.adaptive.loss
             tensors["adaptive.alpha_bar"] = self.adaptive.alpha_bar
         state = {"step": self.global_step, "elapsed": self.elapsed, "data": self.batches.state_dict(),
+                 "global_batch": self.global_batch, "world_size": self.world,
                  "optimizer": {"param_groups": groups, "scalars": scalars}, "window": dict(self._window),
                  "timestep_sampler": self.config.timestep_sampler}
         return state, tensors
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write a resumable checkpoint (default ``out_dir/step_<N>``, which also updates ``out_dir/latest``
-        and keeps the newest ``keep_checkpoints``)."""
+        and keeps the newest ``keep_checkpoints``). Under torchrun every rank must call it: the full state
+        is collected (FSDP) and rank 0 alone writes it, atomically; the others wait until it is complete."""
         default = path is None
         out = Path(self.config.out_dir)
         target = out / f"step_{self.global_step:08d}" if default else Path(path)
         state, tensors = self._state()
         ema = self.ema.state_dict(self.model) if self.ema is not None else None
-        written = ckpt.save_checkpoint(target, self.model, process=self._process_for_saving(),
-                                       train=self.config.to_dict(), tokenizer=self.tokenizer,
-                                       step=self.global_step, ema=ema, state=state, state_tensors=tensors,
-                                       update_latest=default)
-        if default and self.config.keep_checkpoints:
-            old = sorted(p for p in out.glob("step_*") if p.is_dir() and "." not in p.name)
-            for p in old[:-self.config.keep_checkpoints]:
-                if p != written:
-                    shutil.rmtree(p, ignore_errors=True)
+        weights = self._full_model_state()
+        written = target
+        if self.rank == 0:
+            written = ckpt.save_checkpoint(target, _Weights(self.model, weights), process=self._process_for_saving(),
+                                           train=self.config.to_dict(), tokenizer=self.tokenizer,
+                                           step=self.global_step, ema=ema, state=state, state_tensors=tensors,
+                                           update_latest=default)
+            if default and self.config.keep_checkpoints:
+                old = sorted(p for p in out.glob("step_*") if p.is_dir() and "." not in p.name)
+                for p in old[:-self.config.keep_checkpoints]:
+                    if p != written:
+                        shutil.rmtree(p, ignore_errors=True)
+        _dist.barrier()
         return written
+
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        """The model's unsharded ``state_dict`` (collective under FSDP)."""
+        if not self._fsdp:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _load_state(self, d: Path) -> None:
         state, tensors = ckpt.load_resume_state(d)
@@ -528,6 +675,7 @@ class Trainer:
         d = ckpt.resolve_checkpoint_dir(path)
         cfg = ckpt.read_config(d)
         config = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), **overrides)
+        config = _rebatch(config, ckpt.load_resume_state(d)[0], d)
         tok = ckpt.load_tokenizer(d, cfg, tokenizer)
         if model is None:
             from ..models import build_model
@@ -537,6 +685,35 @@ class Trainer:
         trainer = cls(config, train_data, valid_data, tokenizer=tok, model=model)
         trainer._load_state(d)
         return trainer
+
+
+def _rebatch(config: TrainConfig, state: dict[str, Any], d: Path) -> TrainConfig:
+    """``config`` with the per-rank ``batch_size`` that keeps the saved run's global batch on the current
+    world size and ``grad_accum`` (a run resumes on any number of processes that divides it)."""
+    saved = state.get("global_batch", (state.get("data") or {}).get("batch_size"))
+    if saved is None:
+        return config
+    world = _dist.world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    per, rem = divmod(int(saved), world * config.grad_accum)
+    if rem or per < 1:
+        raise ValueError(f"batch_size: the run in {d} trains on a global batch of {saved} sequences, which does not "
+                         f"split into {world} process(es) x grad_accum {config.grad_accum}; choose a world size and "
+                         "grad_accum whose product divides it")
+    return dataclasses.replace(config, batch_size=per)
+
+
+class _Weights:
+    """A model's identity (``arch``, ``config_dict``) with a given ``state_dict`` (the gathered FSDP one)."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
+        self._model, self._state = model, state
+        self.arch = getattr(model, "arch", None)
+
+    def config_dict(self) -> dict[str, Any]:
+        return self._model.config_dict()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
