@@ -75,10 +75,15 @@ class EMA:
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        for n in self.shadow:
+        for n, shadow in self.shadow.items():
             if n not in tensors:
                 raise ValueError(f"ema: the saved EMA weights lack {n!r}")
-            self.shadow[n].copy_(tensors[n])
+            full = tensors[n]
+            if hasattr(shadow, "device_mesh"):  # an FSDP shard: keep this rank's part of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full.to(shadow.dtype).to(shadow.device), shadow.device_mesh, shadow.placements)
+            shadow.copy_(full)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -192,9 +197,13 @@ class Trainer:
         self.adaptive = self.process.schedule if isinstance(self.process.schedule, schedules.AdaptiveSchedule) else None
         self.sampler = timesteps.create(cfg.timestep_sampler, cfg.T)
         decay, no_decay = [], []
+        names: tuple[list[str], list[str]] = ([], [])
         for n, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 and "embed" not in n.lower() else no_decay).append(p)
+                k = 0 if p.ndim >= 2 and "embed" not in n.lower() else 1
+                (decay, no_decay)[k].append(p)
+                names[k].append(n)
+        self._opt_names = names[0] + names[1]  # parameter names in the optimizer's index order
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -235,16 +244,22 @@ class Trainer:
         if not self.dist.distributed:
             return self.model
         if self.config.parallel == "fsdp":
+            # The transformer blocks (where the parameters of a large model are) are sharded; the rest
+            # (embeddings, heads) stays replicated with gradients all-reduced after backward, because the
+            # trainer also uses the embeddings outside the model's forward (continuous x0 = E[w],
+            # L_round), which a sharded root would not see.
             from torch.distributed.fsdp import fully_shard
 
-            for block in getattr(self.model, "blocks", []):
-                fully_shard(block)
-            for name in ("encoder_blocks", "encoder"):
+            self._sharded = []
+            for name in ("blocks", "encoder_blocks", "encoder"):
                 sub = getattr(self.model, name, None)
                 if isinstance(sub, nn.ModuleList):
                     for block in sub:
                         fully_shard(block)
-            fully_shard(self.model)
+                        self._sharded.append(block)
+            if not self._sharded:
+                raise ValueError(f"parallel: fsdp shards a model's transformer blocks (.blocks), and "
+                                 f"{type(self.model).__name__} has none; use parallel='ddp'")
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -258,9 +273,32 @@ class Trainer:
         if self.net is self.model and not self._fsdp:
             return contextlib.nullcontext()
         if self._fsdp:
-            self.model.set_requires_gradient_sync(last)
+            for block in self._sharded:
+                block.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.net.no_sync()
+
+    def _fsdp_clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """FSDP: average the replicated parameters' gradients over ranks (the sharded blocks' were
+        reduce-scattered in backward), then clip by the global norm as ``clip_grad_norm_`` does."""
+        plain = [p.grad for p in params if not hasattr(p.grad, "full_tensor")]
+        if plain:
+            flat = torch.cat([g.reshape(-1) for g in plain])
+            torch.distributed.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for g in plain:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in params:
+            n = torch.linalg.vector_norm(p.grad, 2)
+            sq += (n.full_tensor() if hasattr(n, "full_tensor") else n).double() ** 2
+        total = sq.sqrt().float()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.device))
+        return total
 
     @property
     def _fsdp(self) -> bool:
@@ -452,9 +490,11 @@ class Trainer:
                 diff_parts.append(difficulty)
                 t_parts.append(t)
             params = [p for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-                grad_norm = grad_norm.full_tensor()
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            if self._fsdp:
+                grad_norm = self._fsdp_clip(params, max_norm)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             if not bool(torch.isfinite(grad_norm)):
                 raise FloatingPointError(f"step {n}: the gradient norm is {float(grad_norm)}")
             self.optimizer.step()
@@ -572,7 +612,7 @@ class Trainer:
 
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         tensors: dict[str, torch.Tensor] = {}
-        opt = self.optimizer.state_dict()
+        opt = self._optimizer_state()
         scalars: dict[str, dict[str, Any]] = {}
         for idx, st in opt["state"].items():
             for name, v in st.items():
@@ -602,6 +642,8 @@ class Trainer:
         target = out / f"step_{self.global_step:08d}" if default else Path(path)
         state, tensors = self._state()
         ema = self.ema.state_dict(self.model) if self.ema is not None else None
+        if ema is not None:  # FSDP: every rank takes part in gathering each sharded tensor
+            ema = {k: _full_tensor(v) for k, v in ema.items()}
         weights = self._full_model_state()
         written = target
         if self.rank == 0:
@@ -616,6 +658,34 @@ class Trainer:
                         shutil.rmtree(p, ignore_errors=True)
         _dist.barrier()
         return written
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        """``optimizer.state_dict()`` with full (unsharded) tensors: under FSDP gathered to rank 0 (other
+        ranks get an empty dict) and re-keyed from parameter names to the optimizer's indices, so the
+        checkpoint is the same whatever the parallelism that wrote it."""
+        if not self._fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        osd = get_optimizer_state_dict(self.model, self.optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        index = {n: i for i, n in enumerate(self._opt_names)}
+        groups = [dict(g, params=[index[n] for n in g["params"]]) for g in osd.get("param_groups", [])]
+        return {"state": {index[n]: v for n, v in osd.get("state", {}).items()}, "param_groups": groups}
+
+    def _load_optimizer_state(self, sd: dict[str, Any]) -> None:
+        if not self._fsdp:
+            self.optimizer.load_state_dict(sd)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = self._opt_names
+        full = {"state": {names[int(i)]: v for i, v in sd["state"].items()},
+                "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in sd["param_groups"]]}
+        # strict=False: a parameter the task never uses (no gradient yet) has no state, as in a plain
+        # optimizer.state_dict()
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=full,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
 
     def _full_model_state(self) -> dict[str, torch.Tensor]:
         """The model's unsharded ``state_dict`` (collective under FSDP)."""
@@ -637,7 +707,7 @@ class Trainer:
                     opt_state.setdefault(int(idx), {})[name] = v
             for idx, vals in state["optimizer"].get("scalars", {}).items():
                 opt_state.setdefault(int(idx), {}).update(vals)
-            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            self._load_optimizer_state({"state": opt_state, "param_groups": groups})
             self.batches.load_state_dict(state["data"])
             self.global_step = int(state["step"])
             self.elapsed = float(state.get("elapsed", 0.0))
@@ -652,7 +722,7 @@ class Trainer:
             self.adaptive.alpha_bar = tensors["adaptive.alpha_bar"].to(torch.float64).clone()
             sync_schedule(self.process)
         if self.ema is not None:
-            self.ema.load_state_dict(ckpt.load_tensors(d / ckpt.EMA_FILE))
+            self.ema.load_state_dict(ckpt.load_tensors(d / ckpt.EMA_FILE))  # FSDP: re-sharded like the shadows
         log = Path(self.config.out_dir) / LOG_FILE
         if log.is_file():  # drop lines written after this checkpoint by a run that went on and died
             lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -700,6 +770,11 @@ def _rebatch(config: TrainConfig, state: dict[str, Any], d: Path) -> TrainConfig
                          f"split into {world} process(es) x grad_accum {config.grad_accum}; choose a world size and "
                          "grad_accum whose product divides it")
     return dataclasses.replace(config, batch_size=per)
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP shard) gathered to a plain tensor; anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class _Weights:
