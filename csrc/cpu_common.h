@@ -96,11 +96,11 @@ at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at
                      const c10::optional<at::Tensor>& a_t, const c10::optional<at::Tensor>& a_s,
                      const c10::optional<at::Tensor>& ab_table, const c10::optional<at::Tensor>& fact1,
                      const c10::optional<at::Tensor>& qbar_s, const c10::optional<at::Tensor>& pair, bool sample,
-                     uint64_t seed, uint64_t offset, bool check_values);
+                     uint64_t seed, uint64_t offset, bool check_values, uint64_t row_offset);
 
 at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t offset, double temperature,
-                              int64_t top_k, double top_p);
+                              int64_t top_k, double top_p, uint64_t row_offset);
 
-at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n);
+at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, uint64_t start);
 
 }  // namespace fastdiff

@@ -305,6 +305,7 @@ struct PostArgs {
   double temp;
   bool sample, check;
   uint64_t seed, offset;
+  uint64_t row0;  // global index of row 0: row r draws with Philox counter (row0 + r, offset)
 };
 
 template <typename C>
@@ -357,7 +358,7 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
     }
     const double W = row.chunk_w(chunks.data());
     if (absorbing && !(W > 0.0)) return keep();
-    if (A.sample) return row.draw(chunks.data(), W, row_uniform(A.seed, A.offset, static_cast<uint64_t>(r)));
+    if (A.sample) return row.draw(chunks.data(), W, row_uniform(A.seed, A.offset, A.row0 + static_cast<uint64_t>(r)));
     row.write(out, W);
     return 0;
   }
@@ -395,7 +396,7 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
     double W = 0.0;
     for (int64_t j = 0; j < V; ++j) W += w[j];
     if (!(W > 0.0)) return keep();
-    if (A.sample) return draw_dense(w, V, row_uniform(A.seed, A.offset, static_cast<uint64_t>(r)));
+    if (A.sample) return draw_dense(w, V, row_uniform(A.seed, A.offset, A.row0 + static_cast<uint64_t>(r)));
     for (int64_t j = 0; j < V; ++j) out[j] = static_cast<O>(w[j] / W);
     return 0;
   }
@@ -414,7 +415,7 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
     w[j] = f1[j] * g[j];
     W += w[j];
   }
-  if (A.sample) return draw_dense(w, V, row_uniform(A.seed, A.offset, static_cast<uint64_t>(r)));
+  if (A.sample) return draw_dense(w, V, row_uniform(A.seed, A.offset, A.row0 + static_cast<uint64_t>(r)));
   for (int64_t j = 0; j < V; ++j) out[j] = static_cast<O>(w[j] / W);
   return 0;
 }
@@ -567,7 +568,7 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
 
 template <typename T, typename C>
 void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint64_t seed, uint64_t offset,
-                 double temp, int64_t top_k, double top_p, int64_t* tokens, int* status) {
+                 uint64_t row0, double temp, int64_t top_k, double top_p, int64_t* tokens, int* status) {
   std::atomic<int> worst{kOk};
   at::parallel_for(0, N, 4, [&](int64_t r0, int64_t r1) {
     std::vector<C> buf, xmin, cmax, ebuf;
@@ -604,7 +605,7 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
       AffineRow<C> row{x, V, M, temp, thr, -1, -1, 1.0, 0.0, 0.0};
       if (filtered) row.chunk_e(chunks.data());
       const double W = row.chunk_w(chunks.data());
-      tokens[r] = row.draw(chunks.data(), W, row_uniform(seed, offset, static_cast<uint64_t>(r)));
+      tokens[r] = row.draw(chunks.data(), W, row_uniform(seed, offset, row0 + static_cast<uint64_t>(r)));
     }
     int cur = worst.load();
     while (local > cur && !worst.compare_exchange_weak(cur, local)) {
@@ -655,7 +656,7 @@ at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at
                      const c10::optional<at::Tensor>& a_t, const c10::optional<at::Tensor>& a_s,
                      const c10::optional<at::Tensor>& ab_table, const c10::optional<at::Tensor>& fact1,
                      const c10::optional<at::Tensor>& qbar_s, const c10::optional<at::Tensor>& pair, bool sample,
-                     uint64_t seed, uint64_t offset, bool check_values) {
+                     uint64_t seed, uint64_t offset, bool check_values, uint64_t row_offset) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "posterior: logits must be (N, V) with unit stride");
   const int64_t N = logits.size(0), V = logits.size(1);
   for (const at::Tensor* v : {&x_t, &t, &s}) {
@@ -675,6 +676,7 @@ at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at
   A.check = check_values;
   A.seed = seed;
   A.offset = offset;
+  A.row0 = row_offset;
   A.a_t = opt_ptr(a_t, N, "a_t");
   A.a_s = opt_ptr(a_s, N, "a_s");
   A.ab = opt_ptr(ab_table, V, "ab_table");
@@ -741,7 +743,7 @@ at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at
 }
 
 at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t offset, double temperature,
-                              int64_t top_k, double top_p) {
+                              int64_t top_k, double top_p, uint64_t row_offset) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "sample_categorical: logits must be (N, V), unit stride");
   TORCH_CHECK(temperature >= 0 && top_p > 0 && top_p <= 1, "sample_categorical: temperature / top_p");
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -753,7 +755,7 @@ at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t 
   dispatch_logits(logits, exact, [&](auto* ptr, auto ctag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(ptr)>>;
     using C = decltype(ctag);
-    sample_rows<T, C>(ptr, N, V, logits.stride(0), seed, offset, temperature, top_k, top_p,
+    sample_rows<T, C>(ptr, N, V, logits.stride(0), seed, offset, row_offset, temperature, top_k, top_p,
                       tokens.data_ptr<int64_t>(), &status);
   });
   // The same ValueError as ops._common.check_finite_above, so the public op skips its own read pass.
@@ -766,17 +768,17 @@ at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t 
   return tokens;
 }
 
-// The four Philox words of counters (i, offset), i = 0..n-1, as int64 (n, 4): what fastdiff.random's
+// The four Philox words of counters (start + i, offset), i = 0..n-1, as int64 (n, 4): what fastdiff.random's
 // uniform / randn build their floats from (the floating-point part stays in PyTorch, so the results are
 // the same bits with or without this function).
-at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n) {
+at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, uint64_t start) {
   TORCH_CHECK(n >= 0, "philox_words: n must be >= 0, got ", n);
   at::Tensor out = at::empty({n, 4}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
   at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
     uint32_t w[4];
     for (int64_t i = b; i < e; ++i) {
-      philox4x32(seed, offset, static_cast<uint64_t>(i), w);
+      philox4x32(seed, offset, start + static_cast<uint64_t>(i), w);
       for (int j = 0; j < 4; ++j) o[4 * i + j] = static_cast<int64_t>(w[j]);
     }
   });
@@ -796,11 +798,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("posterior", &fastdiff::posterior, "posterior probabilities or draws of a PosteriorPlan", py::arg("kind"),
         py::arg("logits"), py::arg("x_t"), py::arg("t"), py::arg("s"), py::arg("temperature"), py::arg("mask_id"),
         py::arg("a_t"), py::arg("a_s"), py::arg("ab_table"), py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"),
-        py::arg("sample"), py::arg("seed"), py::arg("offset"), py::arg("check_values"));
+        py::arg("sample"), py::arg("seed"), py::arg("offset"), py::arg("check_values"), py::arg("row_offset") = 0);
   m.def("sample_categorical", &fastdiff::sample_categorical, "temperature / top-k / top-p draws", py::arg("logits"),
-        py::arg("seed"), py::arg("offset"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"));
-  m.def("philox_words", &fastdiff::philox_words, "Philox4x32-10 words of counters (0..n-1, offset), int64 (n, 4)",
-        py::arg("seed"), py::arg("offset"), py::arg("n"));
+        py::arg("seed"), py::arg("offset"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("row_offset") = 0);
+  m.def("philox_words", &fastdiff::philox_words,
+        "Philox4x32-10 words of counters (start..start+n-1, offset), int64 (n, 4)", py::arg("seed"),
+        py::arg("offset"), py::arg("n"), py::arg("start") = 0);
   m.def("row_uniform", &fastdiff::row_uniform, "the float64 uniform of Philox counter (row, offset)",
         py::arg("seed"), py::arg("offset"), py::arg("row"));
 }

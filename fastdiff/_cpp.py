@@ -109,11 +109,11 @@ def rounding_loss(x, weight, target, bias, reduction, ignore_index) -> torch.Ten
     return RoundingLossFn.apply(x, weight, bias, target, reduction, int(ignore_index))
 
 
-def _posterior(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0):
+def _posterior(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0, row_offset=0):
     plan = posterior_plan(process, x0_logits, x_t, tt, ss, temperature)
     return _C.posterior(plan.kind, plan.logits, plan.x_t, plan.t, plan.s, plan.temperature, plan.mask_id,
                         plan.a_t, plan.a_s, plan.ab_table, plan.fact1, plan.qbar_s, plan.pair, sample, seed, offset,
-                        CHECKS_VALUES)
+                        CHECKS_VALUES, row_offset)
 
 
 def categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torch.Tensor:
@@ -121,23 +121,24 @@ def categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torch
     return _posterior(process, x0_logits, x_t, tt, ss, temperature, False).reshape(x0_logits.shape)
 
 
-def posterior_sample(process, x0_logits, x_t, tt, ss, *, seed, offset, temperature) -> torch.Tensor:
+def posterior_sample(process, x0_logits, x_t, tt, ss, *, seed, offset, temperature, row_offset=0) -> torch.Tensor:
     """int64 ``(...)``; see :func:`fastdiff.ops.posterior_sample_ref`."""
-    return _posterior(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset).reshape(x_t.shape)
+    return _posterior(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset,
+                      row_offset).reshape(x_t.shape)
 
 
 categorical_posterior.checks_values = CHECKS_VALUES
 posterior_sample.checks_values = CHECKS_VALUES
 
 
-def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p) -> torch.Tensor:
+def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_offset=0) -> torch.Tensor:
     """int64 ``(...)``; see :func:`fastdiff.ops.sample_categorical_ref`."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
     out = _C.sample_categorical(flat, seed, offset, float(temperature), 0 if top_k is None else int(top_k),
-                                1.0 if top_p is None else float(top_p))
+                                1.0 if top_p is None else float(top_p), row_offset)
     return out.reshape(logits.shape[:-1])
 
 

@@ -122,16 +122,16 @@ def categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torch
     return _C.categorical_posterior(*_plan_args(plan)).reshape(x0_logits.shape)
 
 
-def posterior_sample(process, x0_logits, x_t, tt, ss, *, seed, offset, temperature) -> torch.Tensor:
-    """int64 ``x_t.shape``: row ``r`` drawn with the uniform of Philox counter ``(r, offset)``."""
+def posterior_sample(process, x0_logits, x_t, tt, ss, *, seed, offset, temperature, row_offset=0) -> torch.Tensor:
+    """int64 ``x_t.shape``: row ``r`` drawn with the uniform of Philox counter ``(row_offset + r, offset)``."""
     plan = posterior_plan(process, x0_logits, x_t, tt, ss, temperature)
-    return _C.posterior_sample(*_plan_args(plan), int(seed), int(offset)).reshape(x_t.shape)
+    return _C.posterior_sample(*_plan_args(plan), int(seed), int(offset), int(row_offset)).reshape(x_t.shape)
 
 
-def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p) -> torch.Tensor:
+def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_offset=0) -> torch.Tensor:
     """int64 ``logits.shape[:-1]``; ``top_k=None`` / ``top_p=None`` switch the filters off."""
     V = logits.shape[-1]
     flat = _rows(logits, V)
     out = _C.sample_categorical(flat, float(temperature), 0 if top_k is None else int(top_k),
-                                1.0 if top_p is None else float(top_p), int(seed), int(offset))
+                                1.0 if top_p is None else float(top_p), int(seed), int(offset), int(row_offset))
     return out.reshape(logits.shape[:-1])

@@ -13,6 +13,10 @@ key conventions of Random123 and of Triton's ``tl.philox``:
 
 For ``row < 2**32`` and ``offset == 0`` this is exactly ``tl.randint4x(seed, row)``.
 
+Rows are global: an op's ``row_offset`` (and :func:`uniform` / :func:`randn`'s ``start``) numbers its first
+row, so a slice of a larger batch draws exactly what the same rows draw in the whole batch. The sampler
+uses it to key every draw by the sample's global index (sharded generation, :mod:`fastdiff.distributed`).
+
 Uniforms
 --------
 Two 32-bit words ``(w0, w1)`` make one float64 uniform on the *open* interval (0, 1) with 52 random bits:
@@ -131,26 +135,47 @@ def _check_offset(offset: int) -> int:
     return offset
 
 
-def row_uniforms(
-    seed: int, offset: int, rows: torch.Tensor | int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """The per-row uniform of a categorical draw: ``u[r]`` for the global row indices ``rows``.
+def check_row_offset(name: str, start: object, rows: int) -> int:
+    """The global index of the first of ``rows`` consecutive counter rows: an int (not a bool) with
+    ``0 <= start < 2**64`` and ``start + rows <= 2**64`` (every row a 64-bit counter half)."""
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise TypeError(f"{name}: expected an int, got {type(start).__name__}")
+    if start < 0 or start >= 2**64 or start + rows > 2**64:
+        raise ValueError(f"{name}: must satisfy 0 <= {name} and {name} + rows <= 2**64, got {start} "
+                         f"for {rows} rows")
+    return start
 
-    ``rows`` is an int64 tensor of row indices (or an int ``n`` meaning ``arange(n)``). Returns float64
-    uniforms on (0, 1) with the same shape, from words 0 and 1 of Philox(seed; row, offset).
+
+def _row_counter(rows: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counter words ``(c0, c1)`` of the 64-bit rows ``start + rows`` (``rows``: non-negative int64),
+    added in 32-bit halves with a carry so that rows past ``2**63`` do not overflow int64."""
+    lo = rows.bitwise_and(_MASK32) + (start & _MASK32)  # < 2**33
+    hi = rows.bitwise_right_shift(32) + (start >> 32) + lo.bitwise_right_shift(32)
+    return lo.bitwise_and(_MASK32), hi.bitwise_and(_MASK32)
+
+
+def row_uniforms(
+    seed: int,
+    offset: int,
+    rows: torch.Tensor | int,
+    device: torch.device | str | None = None,
+    *,
+    start: int = 0,
+) -> torch.Tensor:
+    """The per-row uniform of a categorical draw: ``u[r]`` for the global row indices ``start + rows``.
+
+    ``rows`` is a non-negative int64 tensor of row indices (or an int ``n`` meaning ``arange(n)``);
+    ``start`` (a Python int, so rows up to ``2**64 - 1`` are reachable) is added to each. Returns float64
+    uniforms on (0, 1) with the same shape, from words 0 and 1 of Philox(seed; start + row, offset).
     """
     seed = _check_seed(seed)
     offset = _check_offset(offset)
     if isinstance(rows, int):
         rows = torch.arange(rows, dtype=torch.int64, device=device)
     rows = rows.to(torch.int64)
-    w0, w1, _, _ = philox4x32(
-        seed,
-        rows.bitwise_and(_MASK32),
-        rows.bitwise_right_shift(32),
-        offset & _MASK32,
-        (offset >> 32) & _MASK32,
-    )
+    start = check_row_offset("start", start, 0)  # the rows' bound is the caller's (no device sync here)
+    c0, c1 = _row_counter(rows, start)
+    w0, w1, _, _ = philox4x32(seed, c0, c1, offset & _MASK32, (offset >> 32) & _MASK32)
     return uniform_from_words(w0, w1)
 
 
@@ -165,21 +190,16 @@ def _native_words():
     return getattr(mod, "philox_words", None)
 
 
-def _flat_words(seed: int, offset: int, n: int, device) -> tuple[torch.Tensor, ...]:
+def _flat_words(seed: int, offset: int, n: int, device, start: int = 0) -> tuple[torch.Tensor, ...]:
     seed = _check_seed(seed)
     offset = _check_offset(offset)
+    start = check_row_offset("start", start, n)
     if device is None or torch.device(device).type == "cpu":
         native = _native_words()
         if native is not None:
-            return native(seed, offset, n).unbind(1)
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    return philox4x32(
-        seed,
-        idx.bitwise_and(_MASK32),
-        idx.bitwise_right_shift(32),
-        offset & _MASK32,
-        (offset >> 32) & _MASK32,
-    )
+            return native(seed, offset, n, start).unbind(1)
+    c0, c1 = _row_counter(torch.arange(n, dtype=torch.int64, device=device), start)
+    return philox4x32(seed, c0, c1, offset & _MASK32, (offset >> 32) & _MASK32)
 
 
 def uniform(
@@ -187,11 +207,13 @@ def uniform(
     *,
     seed: int,
     offset: int = 0,
+    start: int = 0,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """float64 uniforms on (0, 1) of ``shape``; element ``i`` (C order) uses the counter of row ``i``."""
+    """float64 uniforms on (0, 1) of ``shape``; element ``i`` (C order) uses the counter of row
+    ``start + i`` (so ``uniform((n,), start=k) == uniform((k + n,))[k:]``)."""
     n = math.prod(shape)
-    w0, w1, _, _ = _flat_words(seed, offset, n, device)
+    w0, w1, _, _ = _flat_words(seed, offset, n, device, start)
     return uniform_from_words(w0, w1).reshape(shape)
 
 
@@ -200,16 +222,17 @@ def randn(
     *,
     seed: int,
     offset: int = 0,
+    start: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Standard normal noise of ``shape`` from counter-based uniforms (Box–Muller, float64 inside).
 
-    Element ``i`` (C order) uses all four words of Philox(seed; i, offset): two open-interval uniforms
-    ``u1, u2`` and ``z = sqrt(-2 log u1) * cos(2 pi u2)``.
+    Element ``i`` (C order) uses all four words of Philox(seed; start + i, offset): two open-interval
+    uniforms ``u1, u2`` and ``z = sqrt(-2 log u1) * cos(2 pi u2)``.
     """
     n = math.prod(shape)
-    w0, w1, w2, w3 = _flat_words(seed, offset, n, device)
+    w0, w1, w2, w3 = _flat_words(seed, offset, n, device, start)
     u1 = uniform_from_words(w0, w1)
     u2 = uniform_from_words(w2, w3)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)

@@ -80,6 +80,12 @@ def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
 
 
 @triton.jit
+def join64(lo, hi):
+    """The int64 ``(hi << 32) | lo`` of two 32-bit halves (a row offset from :func:`split_seed`)."""
+    return (hi.to(tl.int64) << 32) | lo.to(tl.int64)
+
+
+@triton.jit
 def row_uniform(row, seed_lo, seed_hi, off_lo, off_hi):
     """The float64 uniform of :func:`fastdiff.random.row_uniforms` for one row (int64 scalar):
     Philox4x32-10, key ``(seed_lo, seed_hi)``, counter ``(row_lo, row_hi, off_lo, off_hi)``,

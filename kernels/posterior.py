@@ -10,7 +10,7 @@ Per row (``KIND``: 0 absorbing, 1 absorbing with a per-token schedule, 2 uniform
 2. the row total ``Z = Σ_j w_j`` in closed form (absorbing ``1 - a_t`` resp. ``S1t / S``; uniform
    ``(1 - r)/V + r·f2(x_t)``, one extra load), or by a pass (matrix);
 3. categorical_posterior writes ``w / Z`` tile by tile; posterior_sample scans the tiles with the
-   float64 uniform ``u`` of Philox counter ``(row, offset)`` and stops at the first tile where the
+   float64 uniform ``u`` of Philox counter ``(row_offset + row, offset)`` and stops at the first tile where the
    running float64 CDF exceeds ``u·Z`` (``min{j : cumsum(w)_j > u·Z}``; if rounding leaves none, the
    last positive-weight category), so it never writes probabilities. Absorbing rows also keep the
    mass before the mask column from pass 1, so a draw that lands on the mask (the likely outcome
@@ -67,11 +67,12 @@ def _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w
     return tl.where(ok, w, 0.0)
 
 
-@triton.jit(do_not_specialize=["temperature_bits", "mask_id", "seed_lo", "seed_hi", "off_lo", "off_hi"])
+@triton.jit(do_not_specialize=["temperature_bits", "mask_id", "seed_lo", "seed_hi", "off_lo", "off_hi", "row_lo",
+                               "row_hi"])
 def _posterior_fwd_kernel(
     logits_ptr, stride_l, xt_ptr, t_ptr, s_ptr, at_ptr, as_ptr, ab_ptr, fact_ptr, qbar_ptr, pair_ptr,
     probs_ptr, tok_ptr,
-    V, mask_id, temperature_bits, seed_lo, seed_hi, off_lo, off_hi,
+    V, mask_id, temperature_bits, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
     KIND: tl.constexpr, SAMPLE: tl.constexpr, WDT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -160,7 +161,7 @@ def _posterior_fwd_kernel(
     if SAMPLE:
         tok = xt
         if not keep:
-            target = _common.row_uniform(row, seed_lo, seed_hi, off_lo, off_hi) * Z
+            target = _common.row_uniform(row + _common.join64(row_lo, row_hi), seed_lo, seed_hi, off_lo, off_hi) * Z
             acc = tl.zeros((), tl.float64)
             found = xt * 0 - 1
             if KIND <= 1:  # the draw lands on the mask column: known from pass 1, no scan
@@ -208,7 +209,7 @@ def _posterior_fwd(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: 
                    a_t: torch.Tensor | None, a_s: torch.Tensor | None, ab_table: torch.Tensor | None,
                    fact1: torch.Tensor | None, qbar: torch.Tensor | None, pair: torch.Tensor | None,
                    kind: str, mask_id: int, temperature: float, sample: bool,
-                   seed_lo: int, seed_hi: int, off_lo: int, off_hi: int) -> torch.Tensor:
+                   seed_lo: int, seed_hi: int, off_lo: int, off_hi: int, row_lo: int, row_hi: int) -> torch.Tensor:
     """Launcher on a lowered plan's arrays: ``logits: (N, V)`` with unit column stride -> probabilities
     ``(N, V)`` (float32; float64 for float64 logits) or, with ``sample``, tokens ``(N,)`` int64."""
     N, V = logits.shape
@@ -227,7 +228,7 @@ def _posterior_fwd(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: 
         ab_table if ab_table is not None else dummy, fact1 if fact1 is not None else dummy,
         qbar if qbar is not None else dummy, pair if pair is not None else x_t,
         probs if not sample else dummy, tokens if sample else x_t,
-        V, mask_id, _common.f64_bits(temperature), seed_lo, seed_hi, off_lo, off_hi,
+        V, mask_id, _common.f64_bits(temperature), seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
         KIND=k, SAMPLE=sample, WDT=tl.float64 if logits.dtype == torch.float64 else tl.float32,
         BLOCK=BLOCK, BLOCK_I=BLOCK_I, num_warps=8 if BLOCK >= 2048 else 4,
     )
@@ -240,13 +241,13 @@ def _register_custom_op():
                      a_t: torch.Tensor | None, a_s: torch.Tensor | None, ab_table: torch.Tensor | None,
                      fact1: torch.Tensor | None, qbar: torch.Tensor | None, pair: torch.Tensor | None,
                      kind: str, mask_id: int, temperature: float, sample: bool,
-                     seed_lo: int, seed_hi: int, off_lo: int, off_hi: int) -> torch.Tensor:
+                     seed_lo: int, seed_hi: int, off_lo: int, off_hi: int, row_lo: int, row_hi: int) -> torch.Tensor:
         return _posterior_fwd(logits, x_t, t, s, a_t, a_s, ab_table, fact1, qbar, pair, kind, mask_id,
-                              temperature, sample, seed_lo, seed_hi, off_lo, off_hi)
+                              temperature, sample, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi)
 
     @posterior_op.register_fake
     def _(logits, x_t, t, s, a_t, a_s, ab_table, fact1, qbar, pair, kind, mask_id, temperature, sample,
-          seed_lo, seed_hi, off_lo, off_hi):
+          seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi):
         if sample:
             return x_t.new_empty(x_t.shape, dtype=torch.int64)
         return logits.new_empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64
@@ -258,12 +259,13 @@ def _register_custom_op():
 posterior_op = _register_custom_op()
 
 
-def _run(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0):
+def _run(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0, row_offset=0):
     plan = posterior_plan(process, x0_logits, x_t, tt, ss, temperature)
     s_lo, s_hi = _common.split_seed(seed)
     o_lo, o_hi = _common.split_seed(offset)
+    r_lo, r_hi = _common.split_seed(row_offset)
     args = (plan.logits, plan.x_t, plan.t, plan.s, plan.a_t, plan.a_s, plan.ab_table, plan.fact1, plan.qbar_s,
-            plan.pair, plan.kind, plan.mask_id, plan.temperature, sample, s_lo, s_hi, o_lo, o_hi)
+            plan.pair, plan.kind, plan.mask_id, plan.temperature, sample, s_lo, s_hi, o_lo, o_hi, r_lo, r_hi)
     fn = posterior_op if _common.custom_ops_enabled() else _posterior_fwd
     return fn(*args)
 
@@ -275,6 +277,6 @@ def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t
 
 
 def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, ss: torch.Tensor, *,
-                     seed: int, offset: int = 0, temperature: float = 1.0) -> torch.Tensor:
+                     seed: int, offset: int = 0, temperature: float = 1.0, row_offset: int = 0) -> torch.Tensor:
     """Triton backend of :func:`fastdiff.ops.posterior_sample` (arguments already checked)."""
-    return _run(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset).reshape(x_t.shape)
+    return _run(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset, row_offset).reshape(x_t.shape)

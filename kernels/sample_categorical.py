@@ -17,7 +17,7 @@ Per row, in ``BLOCK`` tiles (``w = exp((x - max x) / temperature)``, shifted bef
   ``M(x*) < p``: found by bisection over the bits of non-negative doubles, snapped to present
   weights as above (at most 62 passes);
 * the draw: ``min{j : cumsum(w)_j > u·Σ w}`` over the kept weights, float64 CDF, ``u`` the float64
-  uniform of Philox counter ``(row, offset)``, stopping at the first tile that crosses; if rounding
+  uniform of Philox counter ``(row_offset + row, offset)``, stopping at the first tile that crosses; if rounding
   leaves none, the last positive-weight category.
 
 Weights are float32 ``exp`` for 16/32-bit logits without top-p, float64 otherwise (top-p compares
@@ -58,9 +58,11 @@ def _tile_weights(base, offs, V, temperature, m, k_lo, p_lo, XDT: tl.constexpr, 
     return w, ok
 
 
-@triton.jit(do_not_specialize=["temperature_bits", "top_k", "top_p_bits", "seed_lo", "seed_hi", "off_lo", "off_hi"])
+@triton.jit(do_not_specialize=["temperature_bits", "top_k", "top_p_bits", "seed_lo", "seed_hi", "off_lo", "off_hi",
+                               "row_lo", "row_hi"])
 def _sample_categorical_fwd_kernel(
     logits_ptr, stride_l, tok_ptr, V, temperature_bits, top_k, top_p_bits, seed_lo, seed_hi, off_lo, off_hi,
+    row_lo, row_hi,
     GREEDY: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     XDT: tl.constexpr, WDT: tl.constexpr, KEY: tl.constexpr, SIGN_OFF: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -155,7 +157,7 @@ def _sample_categorical_fwd_kernel(
                 w, _ = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
                                      HAS_TOPK, HAS_TOPP)
                 Wf += tl.sum(w, axis=0)
-        target = _common.row_uniform(row, seed_lo, seed_hi, off_lo, off_hi) * Wf
+        target = _common.row_uniform(row + _common.join64(row_lo, row_hi), seed_lo, seed_hi, off_lo, off_hi) * Wf
         acc = tl.zeros((), tl.float64)
         found = row * 0 - 1
         last = row * 0 - 1
@@ -174,7 +176,7 @@ def _sample_categorical_fwd_kernel(
 
 
 def _sample_categorical_fwd(logits: torch.Tensor, seed_lo: int, seed_hi: int, off_lo: int, off_hi: int,
-                            temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+                            row_lo: int, row_hi: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Launcher: ``logits: (N, V)`` with unit column stride -> tokens ``(N,)`` int64. ``top_k = 0`` and
     ``top_p = 1.0`` mean no filter."""
     N, V = logits.shape
@@ -187,7 +189,7 @@ def _sample_categorical_fwd(logits: torch.Tensor, seed_lo: int, seed_hi: int, of
     BLOCK = _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096)
     _sample_categorical_fwd_kernel[(N,)](
         logits, logits.stride(0), tokens, V, _common.f64_bits(temperature), int(top_k), _common.f64_bits(top_p),
-        seed_lo, seed_hi, off_lo, off_hi,
+        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
         GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
         XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
         KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
@@ -199,11 +201,12 @@ def _sample_categorical_fwd(logits: torch.Tensor, seed_lo: int, seed_hi: int, of
 def _register_custom_op():
     @torch.library.custom_op("fastdiff_triton::sample_categorical", mutates_args=())
     def sample_categorical_op(logits: torch.Tensor, seed_lo: int, seed_hi: int, off_lo: int, off_hi: int,
-                              temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-        return _sample_categorical_fwd(logits, seed_lo, seed_hi, off_lo, off_hi, temperature, top_k, top_p)
+                              row_lo: int, row_hi: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+        return _sample_categorical_fwd(logits, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, temperature, top_k,
+                                       top_p)
 
     @sample_categorical_op.register_fake
-    def _(logits, seed_lo, seed_hi, off_lo, off_hi, temperature, top_k, top_p):
+    def _(logits, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, temperature, top_k, top_p):
         return logits.new_empty(logits.shape[0], dtype=torch.int64)
 
     return sample_categorical_op
@@ -213,7 +216,7 @@ sample_categorical_op = _register_custom_op()
 
 
 def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+                       top_k: int | None = None, top_p: float | None = None, row_offset: int = 0) -> torch.Tensor:
     """Triton backend of :func:`fastdiff.ops.sample_categorical` (arguments already checked)."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
@@ -221,7 +224,8 @@ def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temp
         flat = flat.contiguous()
     s_lo, s_hi = _common.split_seed(seed)
     o_lo, o_hi = _common.split_seed(offset)
-    args = (flat, s_lo, s_hi, o_lo, o_hi, float(temperature), 0 if top_k is None else int(top_k),
+    r_lo, r_hi = _common.split_seed(row_offset)
+    args = (flat, s_lo, s_hi, o_lo, o_hi, r_lo, r_hi, float(temperature), 0 if top_k is None else int(top_k),
             1.0 if top_p is None else float(top_p))
     fn = sample_categorical_op if _common.custom_ops_enabled() else _sample_categorical_fwd
     return fn(*args).reshape(logits.shape[:-1])

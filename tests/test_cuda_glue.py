@@ -97,18 +97,19 @@ class FakeCudaModule(types.SimpleNamespace):
 
     def posterior_sample(self, *args):
         self.calls.append(("posterior_sample", *args))
-        *plan, seed, offset = args
+        *plan, seed, offset, row_offset = args
         w, keep = self._weights(*plan)
         rows = torch.arange(w.shape[0])
-        out = draw_from_weights(w, R.row_uniforms(seed, offset, rows)) if w.shape[0] else plan[2].clone()
+        out = draw_from_weights(w, R.row_uniforms(seed, offset, rows, start=row_offset)) if w.shape[0] else plan[2].clone()
         return torch.where(keep, plan[2], out)
 
     # ---- sample_categorical
-    def sample_categorical(self, logits, temperature, top_k, top_p, seed, offset):
-        self.calls.append(("sample_categorical", logits, temperature, top_k, top_p, seed, offset))
+    def sample_categorical(self, logits, temperature, top_k, top_p, seed, offset, row_offset):
+        self.calls.append(("sample_categorical", logits, temperature, top_k, top_p, seed, offset, row_offset))
         assert isinstance(top_k, int) and isinstance(top_p, float) and logits.ndim == 2
         return _sample_categorical(logits, seed=seed, offset=offset, temperature=temperature,
-                                   top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p)
+                                   top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
+                                   row_offset=row_offset)
 
 
 @pytest.fixture
@@ -229,7 +230,12 @@ def test_posterior_ops_lower_every_process(glue, dtype):
         tok = mod.posterior_sample(process, logits, xt, tt, ss, seed=5, offset=9, temperature=0.8)
         want = ops.posterior_sample_ref(process, logits, xt, t, t // 2, seed=5, offset=9, temperature=0.8)
         assert torch.equal(tok, want), name
-        assert fake.calls[-1][-2:] == (5, 9)
+        assert fake.calls[-1][-3:] == (5, 9, 0)
+        tok = mod.posterior_sample(process, logits, xt, tt, ss, seed=5, offset=9, temperature=0.8, row_offset=77)
+        want = ops.posterior_sample_ref(process, logits, xt, t, t // 2, seed=5, offset=9, temperature=0.8,
+                                        row_offset=77)
+        assert torch.equal(tok, want), name
+        assert fake.calls[-1][-3:] == (5, 9, 77)
 
 
 def test_sample_categorical_maps_options_and_reshapes(glue):
@@ -245,3 +251,6 @@ def test_sample_categorical_maps_options_and_reshapes(glue):
         assert call[3] == (0 if kw["top_k"] is None else kw["top_k"])
         assert call[4] == (1.0 if kw["top_p"] is None else kw["top_p"])
         assert call[1].stride(-1) == 1
+    out = mod.sample_categorical(logits, seed=4, offset=3, temperature=0.9, top_k=None, top_p=None, row_offset=2**40)
+    ref = ops.sample_categorical_ref(logits, seed=4, offset=3, temperature=0.9, row_offset=2**40)
+    assert torch.equal(out, ref) and fake.calls[-1][-1] == 2**40

@@ -74,7 +74,7 @@ def _plan_args(process, V, sample):
     s = torch.tensor([[4], [0]], device=DEV).expand(2, 3)
     p = posterior_plan(process, logits, xt, t, s, 0.9)
     return (p.logits, p.x_t, p.t, p.s, p.a_t, p.a_s, p.ab_table, p.fact1, p.qbar_s, p.pair, p.kind, p.mask_id,
-            p.temperature, sample, 7, 1, 3, 0)
+            p.temperature, sample, 7, 1, 3, 0, 11, 1)
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -94,7 +94,7 @@ def test_opcheck_sample_categorical(kernels):
 
     logits = torch.randn(4, 9, generator=_gen(2)).to(DEV)
     for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 3, 0.8)):
-        torch.library.opcheck(sample_categorical_op, (logits, 5, 0, 1, 0, temperature, top_k, top_p))
+        torch.library.opcheck(sample_categorical_op, (logits, 5, 0, 1, 0, 11, 1, temperature, top_k, top_p))
 
 
 def test_torch_compile_traces_the_entry_points(kernels):

@@ -224,19 +224,19 @@ Tensor categorical_posterior(int64_t kind, const Tensor& logits, const Tensor& x
 Tensor posterior_sample(int64_t kind, const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s,
                         double temperature, int64_t mask_id, const OptTensor& a_t, const OptTensor& a_s,
                         const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
-                        const OptTensor& pair, uint64_t seed, uint64_t offset) {
+                        const OptTensor& pair, uint64_t seed, uint64_t offset, uint64_t row_offset) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const PosteriorArgs a = posterior_args(kind, logits, x_t, t, s, temperature, mask_id, a_t, a_s, ab_table, fact1,
                                          qbar_s, pair);
   Tensor out = at::empty({a.N}, logits.options().dtype(at::kLong));
-  check_launch(posterior_sample_launch(a, seed, offset, out.data_ptr<int64_t>(), stream_of(logits)),
+  check_launch(posterior_sample_launch(a, seed, offset, row_offset, out.data_ptr<int64_t>(), stream_of(logits)),
                "posterior_sample");
   return out;
 }
 
 // ---- sample_categorical --------------------------------------------------------------------------
 Tensor sample_categorical(const Tensor& logits, double temperature, int64_t top_k, double top_p, uint64_t seed,
-                          uint64_t offset) {
+                          uint64_t offset, uint64_t row_offset) {
   check_cuda(logits, "logits", logits);
   const DType dt = dtype_of(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, "logits: expected shape (N, V)");
@@ -247,7 +247,8 @@ Tensor sample_categorical(const Tensor& logits, double temperature, int64_t top_
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor out = at::empty({N}, logits.options().dtype(at::kLong));
   check_launch(sample_categorical_launch(logits.data_ptr(), N > 1 ? logits.stride(0) : V, N, V, dt, temperature,
-                                         top_k, top_p, seed, offset, out.data_ptr<int64_t>(), stream_of(logits)),
+                                         top_k, top_p, seed, offset, row_offset, out.data_ptr<int64_t>(),
+                                         stream_of(logits)),
                "sample_categorical");
   return out;
 }
@@ -268,7 +269,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ab_table"), py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"));
   m.def("posterior_sample", &posterior_sample, py::arg("kind"), py::arg("logits"), py::arg("x_t"), py::arg("t"),
         py::arg("s"), py::arg("temperature"), py::arg("mask_id"), py::arg("a_t"), py::arg("a_s"), py::arg("ab_table"),
-        py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"), py::arg("seed"), py::arg("offset"));
+        py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"), py::arg("seed"), py::arg("offset"),
+        py::arg("row_offset") = 0);
   m.def("sample_categorical", &sample_categorical, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
-        py::arg("top_p"), py::arg("seed"), py::arg("offset"));
+        py::arg("top_p"), py::arg("seed"), py::arg("offset"), py::arg("row_offset") = 0);
 }

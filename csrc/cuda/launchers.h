@@ -62,16 +62,17 @@ struct PosteriorArgs {
 // probs: (N, V) contiguous, float32 or float64 (`out_dtype`): w / sum(w) per row (one-hot at x_t for an
 // absorbing row with x_t != mask_id and for a row whose weights sum to 0).
 cudaError_t categorical_posterior_launch(const PosteriorArgs& a, void* probs, DType out_dtype, cudaStream_t stream);
-// out: (N,) the inverse-CDF draw of each row with the uniform of Philox counter (row, offset).
-cudaError_t posterior_sample_launch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, int64_t* out,
+// out: (N,) the inverse-CDF draw of each row with the uniform of Philox counter (row0 + row, offset).
+cudaError_t posterior_sample_launch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* out,
                                     cudaStream_t stream);
 
 // ---- sample_categorical -------------------------------------------------------------------------
 // temperature 0: argmax (lowest index). Otherwise softmax(logits / temperature), top-k (top_k <= 0 or
 // >= V: off), top-p (top_p >= 1: off), both tie-inclusive as fastdiff.ops.filter_weights, then the
-// inverse-CDF draw. logits: (N, V) with leading dimension ld; out: (N,).
+// inverse-CDF draw with the uniform of Philox counter (row0 + row, offset). logits: (N, V) with leading
+// dimension ld; out: (N,).
 cudaError_t sample_categorical_launch(const void* logits, int64_t ld, int64_t N, int64_t V, DType dtype,
                                       double temperature, int64_t top_k, double top_p, uint64_t seed,
-                                      uint64_t offset, int64_t* out, cudaStream_t stream);
+                                      uint64_t offset, uint64_t row0, int64_t* out, cudaStream_t stream);
 
 }  // namespace fastdiff

@@ -1,7 +1,7 @@
 // Row kernels over logits: categorical_posterior / posterior_sample (the three row formulas of
 // fastdiff/ops/_plan.py) and sample_categorical (temperature, tie-inclusive top-k / top-p by a radix
 // threshold search, no sort). One block per row; every weight and CDF in float64; draws invert the CDF
-// in index order with the uniform of Philox counter (row, offset), as fastdiff/random.py.
+// in index order with the uniform of Philox counter (row0 + row, offset), as fastdiff/random.py.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -181,7 +181,7 @@ __device__ double posterior_total(const PosteriorRow<T>& R, RowScratch& sm) {
 
 template <typename T, typename O, bool kSample>
 __global__ void __launch_bounds__(kThreads)
-_posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, int64_t* __restrict__ tokens,
+_posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* __restrict__ tokens,
                   O* __restrict__ probs, bool stage_p) {
   extern __shared__ double p_stage[];
   __shared__ RowScratch sm;
@@ -214,7 +214,7 @@ _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, int64_t
         for (int64_t j = threadIdx.x; j < V; j += blockDim.x) out[j] = j == xt ? O(1) : O(0);
       }
     } else if (kSample) {
-      const double target = row_uniform(seed, offset, static_cast<uint64_t>(row)) * total;
+      const double target = row_uniform(seed, offset, row0 + static_cast<uint64_t>(row)) * total;
       const int64_t tok = cdf_draw(V, [&](int64_t j) { return R.weight(j); }, target, sm);
       if (threadIdx.x == 0) tokens[row] = tok >= 0 ? tok : xt;
     } else {
@@ -319,7 +319,8 @@ __device__ uint64_t radix_threshold(int64_t V, double target, ElemFn elem, Sampl
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 _sample_categorical_kernel(const T* __restrict__ logits, int64_t ld, int64_t N, int64_t V, double temperature,
-                           int64_t top_k, double top_p, uint64_t seed, uint64_t offset, int64_t* __restrict__ out) {
+                           int64_t top_k, double top_p, uint64_t seed, uint64_t offset, uint64_t row0,
+                           int64_t* __restrict__ out) {
   __shared__ SampleScratch sm;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const T* x = logits + row * ld;
@@ -385,7 +386,7 @@ _sample_categorical_kernel(const T* __restrict__ logits, int64_t ld, int64_t N, 
     double total = 0.0;
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) total += weight(j);
     total = block_sum(total, sm.row.red);
-    const double target = row_uniform(seed, offset, static_cast<uint64_t>(row)) * total;
+    const double target = row_uniform(seed, offset, row0 + static_cast<uint64_t>(row)) * total;
     const int64_t tok = cdf_draw(V, weight, target, sm.row);
     if (threadIdx.x == 0) out[row] = tok >= 0 ? tok : 0;
     __syncthreads();
@@ -395,7 +396,8 @@ _sample_categorical_kernel(const T* __restrict__ logits, int64_t ld, int64_t N, 
 unsigned grid_for(int64_t rows) { return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(rows, kMaxGrid))); }
 
 template <typename T, typename O, bool kSample>
-cudaError_t posterior_launch_t(const PosteriorArgs& a, uint64_t seed, uint64_t offset, int64_t* tokens, void* probs,
+cudaError_t posterior_launch_t(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* tokens,
+                               void* probs,
                                cudaStream_t stream) {
   auto kernel = _posterior_kernel<T, O, kSample>;
   size_t smem = 0;
@@ -417,60 +419,62 @@ cudaError_t posterior_launch_t(const PosteriorArgs& a, uint64_t seed, uint64_t o
       stage = true;
     }
   }
-  kernel<<<grid_for(a.N), kThreads, smem, stream>>>(a, seed, offset, tokens, static_cast<O*>(probs), stage);
+  kernel<<<grid_for(a.N), kThreads, smem, stream>>>(a, seed, offset, row0, tokens, static_cast<O*>(probs), stage);
   return last_launch_error();
 }
 
 template <bool kSample>
-cudaError_t posterior_dispatch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, int64_t* tokens, void* probs,
+cudaError_t posterior_dispatch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* tokens,
+                               void* probs,
                                DType out_dtype, cudaStream_t stream) {
   if (a.N <= 0 || a.V <= 0) return cudaSuccess;
   if (!kSample && (out_dtype == DType::kFloat64) != (a.dtype == DType::kFloat64)) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::kFloat32:
-      return posterior_launch_t<float, float, kSample>(a, seed, offset, tokens, probs, stream);
+      return posterior_launch_t<float, float, kSample>(a, seed, offset, row0, tokens, probs, stream);
     case DType::kFloat64:
-      return posterior_launch_t<double, double, kSample>(a, seed, offset, tokens, probs, stream);
+      return posterior_launch_t<double, double, kSample>(a, seed, offset, row0, tokens, probs, stream);
     case DType::kFloat16:
-      return posterior_launch_t<__half, float, kSample>(a, seed, offset, tokens, probs, stream);
+      return posterior_launch_t<__half, float, kSample>(a, seed, offset, row0, tokens, probs, stream);
     case DType::kBFloat16:
-      return posterior_launch_t<__nv_bfloat16, float, kSample>(a, seed, offset, tokens, probs, stream);
+      return posterior_launch_t<__nv_bfloat16, float, kSample>(a, seed, offset, row0, tokens, probs, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename T>
 cudaError_t sample_launch_t(const void* logits, int64_t ld, int64_t N, int64_t V, double temperature, int64_t top_k,
-                            double top_p, uint64_t seed, uint64_t offset, int64_t* out, cudaStream_t stream) {
+                            double top_p, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* out,
+                            cudaStream_t stream) {
   _sample_categorical_kernel<T><<<grid_for(N), kThreads, 0, stream>>>(static_cast<const T*>(logits), ld, N, V,
-                                                                      temperature, top_k, top_p, seed, offset, out);
+                                                                      temperature, top_k, top_p, seed, offset, row0, out);
   return last_launch_error();
 }
 
 }  // namespace
 
 cudaError_t categorical_posterior_launch(const PosteriorArgs& a, void* probs, DType out_dtype, cudaStream_t stream) {
-  return posterior_dispatch<false>(a, 0, 0, nullptr, probs, out_dtype, stream);
+  return posterior_dispatch<false>(a, 0, 0, 0, nullptr, probs, out_dtype, stream);
 }
 
-cudaError_t posterior_sample_launch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, int64_t* out,
+cudaError_t posterior_sample_launch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* out,
                                     cudaStream_t stream) {
-  return posterior_dispatch<true>(a, seed, offset, out, nullptr, DType::kFloat64, stream);
+  return posterior_dispatch<true>(a, seed, offset, row0, out, nullptr, DType::kFloat64, stream);
 }
 
 cudaError_t sample_categorical_launch(const void* logits, int64_t ld, int64_t N, int64_t V, DType dtype,
                                       double temperature, int64_t top_k, double top_p, uint64_t seed, uint64_t offset,
-                                      int64_t* out, cudaStream_t stream) {
+                                      uint64_t row0, int64_t* out, cudaStream_t stream) {
   if (N <= 0 || V <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
-      return sample_launch_t<float>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, out, stream);
+      return sample_launch_t<float>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, row0, out, stream);
     case DType::kFloat64:
-      return sample_launch_t<double>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, out, stream);
+      return sample_launch_t<double>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, row0, out, stream);
     case DType::kFloat16:
-      return sample_launch_t<__half>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, out, stream);
+      return sample_launch_t<__half>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, row0, out, stream);
     case DType::kBFloat16:
-      return sample_launch_t<__nv_bfloat16>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, out, stream);
+      return sample_launch_t<__nv_bfloat16>(logits, ld, N, V, temperature, top_k, top_p, seed, offset, row0, out, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -7,7 +7,8 @@ raises :class:`BackendUnavailableError` with the reason and the install command.
 variable ``FASTDIFF_BACKEND`` replaces "auto" (and counts as explicit). Ops take processes by duck
 typing and import nothing above :mod:`fastdiff.random`, so the process modules can use them.
 
-Randomness is counter-based: ``(seed, offset)`` fixes every draw (see :mod:`fastdiff.random`).
+Randomness is counter-based: ``(seed, offset)`` fixes every draw, keyed by the row's global index
+(``row_offset`` of the sampling ops numbers a call's first row; see :mod:`fastdiff.random`).
 """
 
 from ._dispatch import BACKENDS, BackendUnavailableError, explain

@@ -21,7 +21,7 @@ treated as ``-inf``) and unnormalised posterior weights ``w``:
 
 ``categorical_posterior`` returns ``w / Σ w`` (float32; float64 for float64 logits);
 ``posterior_sample`` draws ``min{j : cumsum(w)_j > u · Σ w}`` with ``u`` the float64 uniform of
-Philox counter ``(n, offset)`` (:func:`fastdiff.random.row_uniforms`), falling back to the last
+Philox counter ``(row_offset + n, offset)`` (:func:`fastdiff.random.row_uniforms`), falling back to the last
 positive-weight category when rounding leaves no index; accumulate ``w`` in float64.
 """
 

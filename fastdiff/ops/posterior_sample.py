@@ -15,21 +15,23 @@ _dispatch.register("posterior_sample", "triton", "posterior_sample")
 
 
 def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *,
-                         seed: int, offset: int = 0, temperature: float = 1.0) -> torch.Tensor:
+                         seed: int, offset: int = 0, temperature: float = 1.0, row_offset: int = 0) -> torch.Tensor:
     """Draw ``x_s`` from :func:`~fastdiff.ops.categorical_posterior_ref`: int64 ``(...)``.
 
     Row ``r`` (C order over ``x_t``) is drawn by inverting the posterior's CDF in index order with the
-    float64 uniform of Philox counter ``(r, offset)`` under ``seed`` (:mod:`fastdiff.random`), so the same
-    ``(seed, offset)`` gives the same tokens on every backend. For absorbing processes an unmasked token
-    is carried over (its posterior is one-hot) without evaluating the row.
+    float64 uniform of Philox counter ``(row_offset + r, offset)`` under ``seed`` (:mod:`fastdiff.random`),
+    so the same ``(seed, offset)`` gives the same tokens on every backend, and rows ``k..`` of a batch
+    give the same tokens alone with ``row_offset=k``. For absorbing processes an unmasked token is
+    carried over (its posterior is one-hot) without evaluating the row.
     """
     x_t, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature)
     _random._check_seed(seed)
     _random._check_offset(offset)
-    return _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature)
+    _random.check_row_offset("row_offset", row_offset, x_t.numel())
+    return _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature, row_offset)
 
 
-def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature) -> torch.Tensor:
+def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature, row_offset=0) -> torch.Tensor:
     """The reference's body on checked arguments (``tt``, ``ss`` expanded to ``x_t.shape``)."""
     V = process.vocab_size
     logits = x0_logits.reshape(-1, V)
@@ -44,19 +46,24 @@ def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature
         r = rows[r0:r0 + step]
         x0p = process.x0_log_probs(logits[r].to(torch.float64), temperature).exp()
         probs = process.posterior_probs(x0p, xt[r], t1[r], s1[r]).to(torch.float64)
-        u = _random.row_uniforms(seed, offset, r)
+        u = _random.row_uniforms(seed, offset, r, start=row_offset)
         out[r] = draw_from_weights(probs, u)
     return out.reshape(x_t.shape)
 
 
 def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *, seed: int,
-                     offset: int = 0, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+                     offset: int = 0, temperature: float = 1.0, row_offset: int = 0,
+                     backend: str = "auto") -> torch.Tensor:
     """:func:`posterior_sample_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
     xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
     _random._check_seed(seed)
     _random._check_offset(offset)
+    _random.check_row_offset("row_offset", row_offset, xt.numel())
     fn = _dispatch.resolve("posterior_sample", backend, x0_logits.device, None)
     check_values_unless_kernel_does("x0_logits", x0_logits, fn)
     if fn is None:
-        return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature)
+        return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature, row_offset)
+    if row_offset:
+        return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature,
+                  row_offset=row_offset)
     return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature)

@@ -14,10 +14,11 @@ _dispatch.register("sample_categorical", "cuda", "sample_categorical")
 _dispatch.register("sample_categorical", "triton", "sample_categorical")
 
 
-def _check(logits, seed, offset, temperature, top_k, top_p, values: bool = True):
+def _check(logits, seed, offset, temperature, top_k, top_p, values: bool = True, row_offset: int = 0):
     check_logits("logits", logits, values=values)
     _random._check_seed(seed)
     _random._check_offset(offset)
+    _random.check_row_offset("row_offset", row_offset, logits.numel() // max(1, logits.shape[-1]))
     check_temperature(temperature, allow_zero=True)
     if top_k is not None:
         _checks.positive_int("top_k", top_k)
@@ -59,19 +60,21 @@ def filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None) -> t
 
 
 def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
-                           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+                           top_k: int | None = None, top_p: float | None = None, row_offset: int = 0) -> torch.Tensor:
     """Draw one category per row of ``logits: (..., V)`` -> int64 ``(...)``.
 
     ``softmax(logits / temperature)``, then top-k, then top-p (both as in :func:`filter_weights`), then
-    the inverse-CDF draw with the uniform of Philox counter ``(row, offset)`` (:mod:`fastdiff.random`).
+    the inverse-CDF draw with the uniform of Philox counter ``(row_offset + row, offset)``
+    (:mod:`fastdiff.random`; ``row_offset`` numbers the first row globally, for slices of a batch).
     ``temperature = 0`` is greedy (``argmax``, lowest index on ties). Computed in float64 over row blocks.
     ``-inf`` logits are never drawn; NaN or ``+inf`` logits raise ``ValueError``.
     """
-    _check(logits, seed, offset, temperature, top_k, top_p)
-    return _sample_categorical(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
+    _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
+    return _sample_categorical(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
+                               row_offset=row_offset)
 
 
-def _sample_categorical(logits, *, seed, offset, temperature, top_k, top_p) -> torch.Tensor:
+def _sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_offset=0) -> torch.Tensor:
     """The reference's body, on arguments already checked."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
@@ -84,15 +87,18 @@ def _sample_categorical(logits, *, seed, offset, temperature, top_k, top_p) -> t
         z = flat[r0:r0 + step].to(torch.float64) / temperature
         w = filter_weights(z, top_k, top_p)
         rows = torch.arange(r0, r0 + z.shape[0], device=logits.device)
-        out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows))
+        out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows, start=row_offset))
     return out.reshape(logits.shape[:-1])
 
 
 def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None, row_offset: int = 0,
                        backend: str = "auto") -> torch.Tensor:
     """:func:`sample_categorical_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
-    _check(logits, seed, offset, temperature, top_k, top_p, values=False)
+    _check(logits, seed, offset, temperature, top_k, top_p, values=False, row_offset=row_offset)
     fn = _dispatch.resolve("sample_categorical", backend, logits.device, _sample_categorical)
     check_values_unless_kernel_does("logits", logits, fn)
+    if row_offset:
+        return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
+                  row_offset=row_offset)
     return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
