@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,21 +54,34 @@ def _device(name: str | None) -> str:
 
 
 def _generate(args) -> int:
+    from . import distributed
+
+    # Under torchrun: join the group (gloo on CPU, NCCL on cuda:LOCAL_RANK); every rank generates its
+    # slice of the samples, rank 0 prints and writes them all in global order. Alone: a world of one.
+    with distributed.session(_device(args.device)) as ctx:
+        return _generate_on(args, ctx)
+
+
+def _generate_on(args, ctx) -> int:
     from .pipeline import TextDiffusion
 
-    td = TextDiffusion.load(args.checkpoint, device=_device(args.device), backend=args.backend)
+    td = TextDiffusion.load(args.checkpoint, device=ctx.device, backend=args.backend)
     info = td.describe()
     template = args.template if args.template is not None else (f"{args.prompt} [MASK]" if args.prompt else None)
-    if not args.quiet:
+    main = ctx.is_main
+    if not args.quiet and main:
+        ranks = f", {ctx.world_size} ranks ({ctx.backend})" if ctx.distributed else ""
         print(f"fastdiff generate: {args.checkpoint} ({info['family']}, {info['task']}, "
               f"{info['params'] / 1e6:.2f} M parameters, step {info['step']}) | "
               f"{args.num_samples} samples x {args.length or td.seq_len} tokens, {args.steps} steps, "
-              f"{args.strategy or td.default_strategy()}, device {td.device}, backend {args.backend}")
+              f"{args.strategy or td.default_strategy()}, device {td.device}, backend {args.backend}{ranks}")
     gen = td.generate(args.num_samples, length=args.length, steps=args.steps, strategy=args.strategy,
                       seed=args.seed, batch_size=args.batch_size, label=args.label, guidance=args.guidance,
                       template=template, source=args.source, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, trajectory=args.trajectory, progress=not args.no_progress,
+                      top_p=args.top_p, trajectory=args.trajectory, progress=main and not args.no_progress,
                       **_sampling_options(args))
+    if not main:
+        return 0
     for i, text in enumerate(gen.texts):
         print(f"[{i}] {' '.join(text.split())}")  # one line per sample; the JSONL keeps the text as generated
     if gen.trajectory:
@@ -77,17 +91,20 @@ def _generate(args) -> int:
             if k % every == 0 or k == len(gen.trajectory) - 1:
                 print(f"  step {k + 1:>4}: {step[0]}")
     st = gen.stats
-    print(f"{gen.tokens.numel()} tokens in {st['time_s']:.2f} s: {st['tokens_per_s']:,.0f} tokens/s "
+    ranks = f" on {st['ranks']} ranks" if st.get("ranks", 1) > 1 else ""
+    print(f"{gen.tokens.numel()} tokens in {st['time_s']:.2f} s{ranks}: {st['tokens_per_s']:,.0f} tokens/s "
           f"({st['network_calls']} network calls)")
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w") as f:
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w") as f:
             for i, text in enumerate(gen.texts):
                 f.write(json.dumps({"index": i, "text": text, "tokens": gen.tokens[i].tolist(),
                                     "label": gen.labels[i] if gen.labels else None, "seed": args.seed,
                                     "checkpoint": str(args.checkpoint), "strategy": st["strategy"],
                                     "steps": args.steps}) + "\n")
+        os.replace(tmp, out)
         print(f"wrote {len(gen.texts)} samples to {out}")
     return 0
 

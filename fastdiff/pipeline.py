@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import _checks, sampling
+from . import distributed as _distributed
 from .continuous import GaussianDiffusion
 
 __all__ = ["BUNDLED", "Generation", "TextDiffusion", "bundled_path", "render", "resolve_checkpoint"]
@@ -60,14 +61,16 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 @dataclass
 class Generation:
     """``texts``: one string per sample; ``tokens: (N, L)``; ``stats``: summed over batches
-    (``tokens_per_s`` = generated tokens / sampling time); ``trajectory``: for each step, the rendered text
-    of every sample (``[MASK]`` shown as ``_``), when asked for."""
+    (``tokens_per_s`` = generated tokens / sampling time; across ranks the time is the slowest rank's);
+    ``trajectory``: for each step, the rendered text of every sample (``[MASK]`` shown as ``_``), when
+    asked for; ``start``: the global index of the first sample (non-zero only for a ``shard``)."""
 
     texts: list[str]
     tokens: torch.Tensor
     stats: dict
     trajectory: list[list[str]] | None = None
     labels: list[str | None] = field(default_factory=list)
+    start: int = 0
 
 
 def render(tokens: torch.Tensor | list[int], tokenizer, mask_id: int | None = None, mask: str = "_") -> str:
@@ -90,11 +93,6 @@ def render(tokens: torch.Tensor | list[int], tokenizer, mask_id: int | None = No
     if run:
         parts.append(" ".join(tokenizer.decode(run).split()))
     return " ".join(p for p in parts if p)
-
-
-def _batch_seed(seed: int, index: int) -> int:
-    """A seed per batch, spread by a 64-bit odd multiplier so (seed, batch) pairs never collide trivially."""
-    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + index) % (2**63)
 
 
 class TextDiffusion:
@@ -192,7 +190,7 @@ class TextDiffusion:
                  label: str | int | None = None, guidance: float = 1.0, template: str | None = None,
                  source: str | list[str] | None = None, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, trajectory: bool = False, progress: bool = False,
-                 **options) -> Generation:
+                 shard: tuple[int, int] | None = None, distributed: bool = True, **options) -> Generation:
         """Generate ``num_samples`` texts.
 
         ``label``: an attribute name/index for label-conditioned checkpoints (default: the null label,
@@ -201,6 +199,15 @@ class TextDiffusion:
         infilling (module docstring); ``source``: the input text(s) of a text-to-text checkpoint;
         ``options``: any other :func:`fastdiff.sampling.sample` option (e.g. ``eta``, ``clamp``,
         ``threshold``, ``block_size``).
+
+        Randomness is keyed by ``seed`` and each sample's global index ``0 .. num_samples-1`` (the sampler's
+        ``sample_offset``), so a sample does not depend on ``batch_size`` or on how many processes share
+        the work. Under ``torchrun`` (a :mod:`torch.distributed` group initialised, e.g. by
+        :func:`fastdiff.distributed.init`) and ``distributed=True``, every rank generates its contiguous
+        slice (:func:`fastdiff.distributed.shard_range`) and the slices are gathered in rank order: every
+        rank returns all ``num_samples`` samples in global order, the same as one process would. ``shard=
+        (rank, world_size)`` generates only that slice, without any communication (``Generation.start``
+        is its first global index).
         """
         n = _checks.positive_int("num_samples", num_samples)
         L = _checks.positive_int("length", length if length is not None else self.seq_len)
@@ -228,15 +235,17 @@ class TextDiffusion:
         if template is not None:
             x_init, fixed = self.parse_template(template, L)
 
+        r, w, gather = self._shard(shard, distributed)
+        lo, hi = _distributed.shard_range(n, r, w)
         texts: list[str] = []
-        toks: list[torch.Tensor] = []
+        toks: list[torch.Tensor] = [torch.empty(0, L, dtype=torch.long)]
         traj: list[list[str]] | None = [] if trajectory else None
         total = {"network_calls": 0, "time_s": 0.0, "steps": 0}
-        for b, start in enumerate(range(0, n, bs)):
-            B = min(bs, n - start)
+        for start in range(lo, hi, bs):
+            B = min(bs, hi - start)
             opts = dict(options)
             opts.update(temperature=temperature, top_k=top_k, top_p=top_p, backend=self.backend,
-                        device=self.device, progress=progress, trajectory=trajectory)
+                        device=self.device, progress=progress, trajectory=trajectory, sample_offset=start)
             cond, uncond = self._conditions(B, lab, sources[start:start + B] if sources else None)
             if cond:
                 opts["cond"] = cond
@@ -256,7 +265,7 @@ class TextDiffusion:
                     opts.pop("temperature")
             with torch.inference_mode():
                 out = sampling.sample(self.model, self.process, shape=(B, L), steps=steps, strategy=strategy,
-                                      seed=_batch_seed(seed, b), **opts)
+                                      seed=seed, **opts)
             toks.append(out.tokens.cpu())
             texts += [self.decode(row) for row in out.tokens.cpu()]
             for k in total:
@@ -269,10 +278,40 @@ class TextDiffusion:
                         traj.append([])
                     traj[i] += rows
         tokens = torch.cat(toks)
+        total["ranks"] = 1
+        if gather:  # every rank's slice, in rank order = global sample order
+            parts = _distributed.all_gather_objects((texts, tokens, traj, total))
+            texts = [t for p in parts for t in p[0]]
+            tokens = torch.cat([p[1] for p in parts])
+            if traj is not None:
+                steps_seen = max(len(p[2]) for p in parts)
+                traj = [[row for p in parts if i < len(p[2]) for row in p[2][i]] for i in range(steps_seen)]
+            total = {"network_calls": sum(p[3]["network_calls"] for p in parts),
+                     "steps": sum(p[3]["steps"] for p in parts),
+                     "time_s": max(p[3]["time_s"] for p in parts),  # the ranks run side by side
+                     "ranks": len(parts)}
+            lo = 0
         total["tokens_per_s"] = tokens.numel() / total["time_s"] if total["time_s"] > 0 else float("inf")
         total["strategy"], total["steps_per_sample"], total["length"] = strategy, steps, L
         name = None if lab is None or lab == self.num_labels else self.label_names[lab]
-        return Generation(texts=texts, tokens=tokens, stats=total, trajectory=traj, labels=[name] * n)
+        return Generation(texts=texts, tokens=tokens, stats=total, trajectory=traj, labels=[name] * len(texts),
+                          start=lo)
+
+    @staticmethod
+    def _shard(shard: tuple[int, int] | None, distributed: bool) -> tuple[int, int, bool]:
+        """``(rank, world_size, gather)`` for :meth:`generate`."""
+        if shard is not None:
+            if not isinstance(shard, (tuple, list)) or len(shard) != 2:
+                raise TypeError(f"shard: expected (rank, world_size), got {shard!r}")
+            r, w = shard
+            _distributed.shard_range(0, r, w)  # checks rank and world_size
+            return int(r), int(w), False
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed: expected a bool, got {type(distributed).__name__}")
+        ctx = _distributed.context()
+        if distributed and ctx.distributed:
+            return ctx.rank, ctx.world_size, True
+        return 0, 1, False
 
     def _conditions(self, B: int, lab: int | None, sources: list[str] | None) -> tuple[dict, dict]:
         cond: dict = {}

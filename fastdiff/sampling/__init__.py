@@ -36,7 +36,10 @@ one batch; with fixed prompt positions and no ``uncond``, the unconditional pass
 stops at its first EOS: later positions become ``pad_id``, and with blocks it is not evaluated any
 more), ``cuda_graph`` (replay the network's forward as a CUDA graph per input shape; CUDA only),
 ``progress`` (tqdm bar), ``trajectory`` (keep the tokens after every step), ``backend``,
-``device``.
+``device``, ``sample_offset`` (the global index of the batch's first sample: every draw is keyed by
+the sample's global index, so a batch of ``B`` samples at ``sample_offset=k`` gives exactly rows
+``k .. k+B-1`` of one run over all of them, whatever the batching or the number of ranks; see
+:mod:`fastdiff.distributed`).
 """
 
 from __future__ import annotations

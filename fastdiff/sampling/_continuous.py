@@ -37,7 +37,8 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     emb = o.embedding.detach().to(run.device)
     B, L, D = run.B, run.L, emb.shape[1]
     known, vals = run.fixed.clone(), run.values.clone()  # positions whose token is decided, and the tokens
-    x = _random.randn((B, L, D), seed=run.seed, offset=run.next_offset(), dtype=emb.dtype, device=run.device)
+    x = _random.randn((B, L, D), seed=run.seed, offset=run.next_offset(), start=run.row_offset((B, L, D)),
+                      dtype=emb.dtype, device=run.device)
     clean = torch.nn.functional.embedding(vals, emb)
     frozen = known.unsqueeze(-1)
     x = torch.where(frozen, clean, x)
@@ -110,5 +111,5 @@ def _step(run: _Run, x0: torch.Tensor, x_t: torch.Tensor, t: int, s: int) -> tor
 
 
 def _noise(run: _Run, like: torch.Tensor) -> torch.Tensor:
-    return _random.randn(tuple(like.shape), seed=run.seed, offset=run.next_offset(), dtype=like.dtype,
-                         device=like.device)
+    return _random.randn(tuple(like.shape), seed=run.seed, offset=run.next_offset(),
+                         start=run.row_offset(like.shape), dtype=like.dtype, device=like.device)

@@ -19,7 +19,8 @@ def prior_tokens(run: _Run) -> torch.Tensor:
     """``x_T`` drawn from the process's prior by the inverse CDF with counter-based uniforms."""
     p = run.process.prior_probs((), run.device).to(torch.float64)
     c = torch.cumsum(p, 0)
-    u = _random.uniform((run.B, run.L), seed=run.seed, offset=run.next_offset(), device=run.device)
+    u = _random.uniform((run.B, run.L), seed=run.seed, offset=run.next_offset(), start=run.row_offset((run.B, run.L)),
+                        device=run.device)
     idx = torch.searchsorted(c, (u * c[-1]).reshape(-1), right=True).reshape(run.B, run.L)
     last_pos = int((p > 0).nonzero().max())
     return idx.clamp_max(last_pos)
@@ -79,9 +80,10 @@ def _two_stage(run: _Run, lr: torch.Tensor, xr: torch.Tensor, p_unmask: float) -
     scalar schedule this is exactly the posterior of the filtered x0 distribution."""
     o, mask_id = run.o, run.process.mask_id
     lr[..., mask_id] = float("-inf")
-    u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), device=xr.device)
-    tok = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), temperature=o.temperature,
-                                 top_k=o.top_k, top_p=o.top_p, backend=o.backend)
+    rows = run.row_offset(xr.shape)
+    u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), start=rows, device=xr.device)
+    tok = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), row_offset=rows,
+                                 temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, backend=o.backend)
     return torch.where((xr == mask_id) & (u < p_unmask), tok, xr)
 
 
@@ -115,7 +117,8 @@ def _ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits
             new = _two_stage(run, lr, xr, (a_s - a_t) / (1 - a_t) if a_t < 1 else 0.0)
         else:
             new = ops.posterior_sample(process, lr, xr, t, s, seed=run.seed, offset=run.next_offset(),
-                                       temperature=o.temperature, backend=o.backend)
+                                       row_offset=run.row_offset(xr.shape), temperature=o.temperature,
+                                       backend=o.backend)
         _restore(run, x, a, b, new)
         run.after_step(x, bar)
 
@@ -153,9 +156,11 @@ def _remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
             two = Absorbing(process.vocab_size, mask_id,
                             Schedule(torch.tensor([1.0, a_s_eff, a_t], dtype=torch.float64), "remdm-step"))
             new = ops.posterior_sample(two, lr, xr, 2, 1, seed=run.seed, offset=run.next_offset(),
-                                       temperature=o.temperature, backend=o.backend)
+                                       row_offset=run.row_offset(xr.shape), temperature=o.temperature,
+                                       backend=o.backend)
         # Unmasked rows: remasked with probability σ.
-        u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), device=x.device)
+        u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(),
+                            start=run.row_offset(xr.shape), device=x.device)
         remask = (xr != mask_id) & (u < sigma)
         new = torch.where(remask, torch.full_like(new, mask_id), new)
         _restore(run, x, a, b, new)
@@ -187,10 +192,11 @@ def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logit
         if o.temperature == 0:
             x0 = lr.argmax(-1)
         else:
-            x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), temperature=o.temperature,
-                                        top_k=o.top_k, top_p=o.top_p, backend=o.backend)
+            x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), row_offset=run.row_offset(xr.shape),
+                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, backend=o.backend)
         if o.remasking == "random" and run.strategy == "confidence":
-            conf = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), device=x.device)
+            conf = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(),
+                                   start=run.row_offset(xr.shape), device=x.device)
         else:  # log p(x0) under softmax(logits)
             conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
         conf = torch.where(masked, conf.to(torch.float64), torch.full_like(conf, float("-inf"), dtype=torch.float64))

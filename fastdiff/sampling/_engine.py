@@ -8,7 +8,10 @@ or the continuous step), so no ``(B, L, V)`` temporary is built in Python beside
 
 Randomness: op call number ``k`` of the run draws with counter offset ``k`` under ``seed`` (rows in C
 order over the ``(B, block)`` region), and the continuous noise likewise, so a run is a pure function
-of the seed and the inputs.
+of the seed and the inputs. Rows are numbered globally: with ``sample_offset = s0`` the batch holds
+samples ``s0 .. s0 + B - 1`` of a larger run, and row ``r`` of a draw over ``(B, n)`` uses counter row
+``s0·n + r``, so a sample's draws depend on its global index only, never on how the run was split into
+batches or ranks (:mod:`fastdiff.distributed`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class _Run:
         self.model, self.process, self.strategy, self.steps, self.o = model, process, strategy, steps, o
         self.B, self.L = shape
         self.seed = _random._check_seed(seed)
+        self.sample_offset = _checks.positive_int("sample_offset", o.sample_offset, 0)
         self.continuous = is_continuous(process)
         self.device = torch.device(o.device) if o.device is not None else self._guess_device()
         self.draws = 0  # op-call counter: the Philox offset of the next draw
@@ -215,6 +219,14 @@ class _Run:
     def blocks(self) -> list[tuple[int, int]]:
         bs = self.o.block_size or self.L
         return [(a, min(a + bs, self.L)) for a in range(0, self.L, bs)]
+
+    def row_offset(self, shape: tuple[int, ...] | torch.Size) -> int:
+        """Global counter row of the first element of a draw over ``shape = (B, ...)``: every sample owns
+        ``prod(shape[1:])`` consecutive rows, numbered from its global index (``sample_offset + b``)."""
+        per = 1
+        for d in tuple(shape)[1:]:
+            per *= int(d)
+        return self.sample_offset * per
 
     def next_offset(self) -> int:
         k = self.draws

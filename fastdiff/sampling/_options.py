@@ -65,6 +65,7 @@ class Options:
     progress: bool = False
     trajectory: bool = False
     device: torch.device | str | None = None
+    sample_offset: int = 0
     extra: dict = field(default_factory=dict)
 
     @classmethod
