@@ -260,3 +260,21 @@ def test_torchrun_fsdp_equals_one_rank_and_resumes_from_a_checkpoint(tmp_path, c
     _torchrun(2, "train", "--resume", str(fsdp / "step_00000002"), "--data", str(corpus), "--no-progress")
     assert [r["step"] for r in _jsonl(fsdp / "train_log.jsonl")] == [1, 2, 3, 4]
     _assert_same_run(one, fsdp)
+
+
+def test_eight_way_shards_and_empty_shards_give_the_same_samples(disc) -> None:
+    kw = {"length": 10, "steps": 4, "seed": 21}
+    for n in (5, 13):  # 5 samples over 8 ranks: three ranks get none
+        whole = disc.generate(n, **kw).tokens
+        parts = [disc.generate(n, shard=(r, 8), **kw) for r in range(8)]
+        assert sum(p.tokens.shape[0] == 0 for p in parts) == (3 if n == 5 else 0)
+        assert torch.equal(torch.cat([p.tokens for p in parts]), whole)
+
+
+def test_torchrun_eight_ranks_on_five_samples(tmp_path) -> None:
+    """More ranks than samples: the idle ranks still take part in the gather; one file, in order."""
+    gen = ["generate", "-n", "5", "--length", "12", "--steps", "4", "--seed", "2", "--no-progress", "--device", "cpu"]
+    one, eight = tmp_path / "one.jsonl", tmp_path / "eight.jsonl"
+    _fastdiff(*gen, "-o", str(one))
+    _torchrun(8, *gen, "-o", str(eight))
+    assert [r["tokens"] for r in _jsonl(one)] == [r["tokens"] for r in _jsonl(eight)]
