@@ -62,7 +62,7 @@ def test_posterior_sample_slice_with_row_offset_equals_the_whole_batch(backend, 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("opts", [{}, {"top_k": 5}, {"top_p": 0.8}, {"temperature": 0.0}])
-@pytest.mark.parametrize("V", [11, 500])
+@pytest.mark.parametrize("V", [11, 150])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_sample_categorical_slice_with_row_offset_equals_the_whole_batch(backend, opts, V, dtype) -> None:
     g = torch.Generator().manual_seed(V)
