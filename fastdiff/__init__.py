@@ -2,15 +2,31 @@
 
 Layers, each importing only those before it::
 
-    random, _checks, _backends -> ops -> schedules -> discrete / continuous -> timesteps -> sampling
-    -> data, metrics, models -> training -> pipeline, evaluation -> cli
+    random, _checks, _backends, distributed -> ops -> schedules -> discrete / continuous -> timesteps
+    -> sampling -> data, metrics, models -> training -> pipeline, evaluation -> cli
+
+``distributed`` is the scale-out layer on ``torch.distributed`` (torchrun): sharded generation and
+DDP / FSDP training use it; outside torchrun it is a world of one process.
 
 Every op in :mod:`fastdiff.ops` has a pure-PyTorch reference; kernels (C++, Triton, CUDA) plug in as
 backends when they are built, and ``import fastdiff`` works without any of them. ``tokenizers``,
 ``safetensors``, ``transformers`` and ``flash_attn`` are imported only where they are used.
 """
 
-from . import continuous, data, discrete, metrics, models, ops, random, sampling, schedules, timesteps, training
+from . import (
+    continuous,
+    data,
+    discrete,
+    distributed,
+    metrics,
+    models,
+    ops,
+    random,
+    sampling,
+    schedules,
+    timesteps,
+    training,
+)
 from ._backends import available as available_backends
 from .pipeline import TextDiffusion
 
@@ -23,6 +39,7 @@ __all__ = [
     "continuous",
     "data",
     "discrete",
+    "distributed",
     "metrics",
     "models",
     "ops",
