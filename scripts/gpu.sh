@@ -12,7 +12,9 @@
 #   3. run the GPU tests: pytest tests -k "cuda or triton or dispatch" (FASTDIFF_GPU_ALL_TESTS=1: all tests);
 #   4. the models on the GPU: fastdiff generate on the bundled checkpoints with every backend, a short bf16
 #      training run and its resume, and the fastdiff bench table (benchmarks/results/<gpu-name>-bench.json);
-#   5. run the benchmarks on the GPU: pytest benchmarks --benchmark-only, saved as
+#   5. scale-out: scripts/scaleout_bench.py over all GPUs with NCCL (benchmarks/results/<gpu-name>-scaleout.json)
+#      when there are two or more, else a one-process torchrun launch and the gloo tests;
+#   6. run the benchmarks on the GPU: pytest benchmarks --benchmark-only, saved as
 #      benchmarks/results/<gpu-name>.json, with everything this script prints in benchmarks/results/<gpu-name>.txt.
 # Environment: PYTHON (default python3), FASTDIFF_BENCH_SMALL=1 (benchmarks at 1/8 size),
 # FASTDIFF_GPU_OUT=DIR (also copy the .json and .txt there), MAX_JOBS (parallel compiles, default nproc).
@@ -109,6 +111,19 @@ TMPRUN="$(mktemp -d)"
   || { echo "train (cuda, bf16 autocast): FAILED"; status=1; }
 rm -rf "$TMPRUN"
 "$PY" -m fastdiff.cli bench --device cuda --json "$RESULTS/$GPU_NAME-bench.json" || { echo "bench: FAILED"; status=1; }
+
+step "scale-out: torchrun over the GPUs (NCCL), 1 vs N processes"
+NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
+if [ "$NGPU" -ge 2 ]; then
+  "$PY" scripts/scaleout_bench.py --device cuda --nproc "$NGPU" --samples 1024 --global-batch 64 \
+    --json "$RESULTS/$GPU_NAME-scaleout.json" || { echo "scale-out: FAILED"; status=1; }
+else
+  # NCCL takes one GPU per process: with a single GPU, run the launch path with one process (no group)
+  # and the gloo scale-out tests on the CPU.
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m fastdiff generate --device cuda -n 64 \
+    --no-progress --quiet | tail -1 || { echo "torchrun generate: FAILED"; status=1; }
+  "$PY" -m pytest tests/test_distributed.py -q -p no:cacheprovider || { echo "scale-out tests: FAILED"; status=1; }
+fi
 
 step "benchmarks"
 "$PY" -m pytest benchmarks --benchmark-only --benchmark-json "$JSON" -q -p no:cacheprovider \
