@@ -63,7 +63,5 @@ def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=N
     check_values_unless_kernel_does("x0_logits", x0_logits, fn)
     if fn is None:
         return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature, row_offset)
-    if row_offset:
-        return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature,
-                  row_offset=row_offset)
-    return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature)
+    return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature,
+              row_offset=row_offset)

@@ -98,7 +98,5 @@ def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temp
     _check(logits, seed, offset, temperature, top_k, top_p, values=False, row_offset=row_offset)
     fn = _dispatch.resolve("sample_categorical", backend, logits.device, _sample_categorical)
     check_values_unless_kernel_does("logits", logits, fn)
-    if row_offset:
-        return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
-                  row_offset=row_offset)
-    return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
+    return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
+              row_offset=row_offset)
