@@ -16,6 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+if not __name__.startswith("fastdiff.kernels."):  # see kernels/__init__.py
+    raise ImportError(f"fastdiff's Triton kernels load as fastdiff.kernels, not as {__name__!r}: a second copy "
+                      "would re-register (and so free) the torch.library custom ops of the first")
+
 # Programs per SM that a split-over-V launch aims for (GEMM kernels split the vocabulary across
 # programs when there are too few row tiles to fill the GPU).
 _TARGET_WAVES = 2

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +160,36 @@ def test_switch_bypasses_the_custom_ops(kernels, monkeypatch):
         monkeypatch.setattr(mod, name, boom)
     for a, b in zip(run(), via_ops):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_top_level_kernels_import_leaves_the_custom_ops_alone(tmp_path):
+    """transformers probes ``import kernels`` (Hugging Face's package); from a checkout's root that finds
+    this repository's ``kernels/``. That must not register the custom ops a second time: the second
+    registration frees the first, and fastdiff.kernels' ops then crash (seen as bad_alloc / segfaults)."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from fastdiff import _backends\n"
+        "post = _backends.triton().module.posterior\n"
+        "import kernels\n"  # the probe
+        "assert kernels.__all__ == [] and not hasattr(kernels, 'posterior_sample'), kernels.__dict__.keys()\n"
+        "try:\n"
+        "    import kernels.posterior\n"
+        "    raise SystemExit('kernels.posterior imported under a second name')\n"
+        "except ImportError as e:\n"
+        "    assert 'fastdiff.kernels' in str(e)\n"
+        "import gc; gc.collect()\n"
+        "from fastdiff import discrete, schedules, ops\n"
+        "p = discrete.Uniform(11, schedules.cosine(20))\n"
+        "x = torch.randn(3, 11); xt = torch.randint(0, 11, (3,))\n"
+        "a = ops.posterior_sample(p, x, xt, 9, 4, seed=1, backend='triton')\n"
+        "b = ops.posterior_sample(p, x, xt, 9, 4, seed=1, backend='reference')\n"
+        "assert torch.equal(a, b)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300, check=False)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.stdout + res.stderr)[-3000:]
