@@ -32,6 +32,7 @@ __all__ = [
     "init",
     "launched",
     "rank",
+    "session",
     "shard_range",
     "world_size",
 ]
