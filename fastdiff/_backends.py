@@ -6,14 +6,45 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REINSTALL = "pip install -e . --no-build-isolation  (from the fastdiff checkout; see README 'Building')"
+BUILD_INFO = Path(__file__).resolve().parent / "_build_info.json"
+
+
+class BackendFallbackWarning(RuntimeWarning):
+    """``backend="auto"`` runs the reference because a kernel backend this install was meant to have
+    cannot be used (not compiled at install time, built for another torch, or failing to import)."""
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What setup.py recorded when this install was built (``fastdiff/_build_info.json``): ``torch`` (the
+    version the extensions were compiled against), ``cpp`` / ``cuda`` (bool: built), ``cpp_reason`` /
+    ``cuda_reason`` (why not). ``{}`` for a tree that was never built (a bare checkout on ``sys.path``)."""
+    try:
+        return json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _public_version(v: str) -> str:
+    return v.split("+", 1)[0]
+
+
+def _torch_mismatch(module: str) -> str:
+    built = build_info().get("torch")
+    if built and _public_version(built) != _public_version(torch.__version__):
+        return (f"{module} was built for torch {built}, but torch {torch.__version__} is installed (a compiled "
+                f"extension only loads into the torch it was built against); rebuild it with: {REINSTALL}")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -21,6 +52,9 @@ class Backend:
     name: str
     module: object | None
     reason: str  # why it is unavailable ("" when available)
+    # True when this install was meant to have the backend (it was to be compiled, or was compiled) but
+    # it cannot be used: "auto" then warns once (BackendFallbackWarning) instead of falling back silently.
+    broken: bool = False
 
     @property
     def available(self) -> bool:
@@ -31,10 +65,20 @@ class Backend:
 def cpp() -> Backend:
     """The C++ CPU backend: ``fastdiff._cpp``, the op wrappers around the extension ``fastdiff._C``
     (built by setup.py unless FASTDIFF_SKIP_EXT=1)."""
+    info = build_info()
+    if info.get("cpp") is False:
+        why = info.get("cpp_reason") or "not built"
+        # FASTDIFF_SKIP_EXT=1 is a deliberate pure-Python install: nothing is broken.
+        return Backend("cpp", None, f"the C++ extension fastdiff._C was not built at install time ({why}); "
+                                    f"build it with: {REINSTALL}", broken=not info.get("cpp_skipped", False))
+    mismatch = _torch_mismatch("the C++ extension fastdiff._C")
+    if mismatch:
+        return Backend("cpp", None, mismatch, broken=True)
     try:
         mod = importlib.import_module("fastdiff._cpp")
     except ImportError as e:
-        return Backend("cpp", None, f"the C++ extension fastdiff._C is not built ({e}); build it with: {REINSTALL}")
+        return Backend("cpp", None, f"the C++ extension fastdiff._C is not built or does not load ({e}); "
+                                    f"build it with: {REINSTALL}", broken=bool(info.get("cpp")))
     return Backend("cpp", mod, "")
 
 
@@ -44,11 +88,16 @@ def cuda() -> Backend:
     (built when nvcc and a CUDA build of torch are present, or with FASTDIFF_BUILD_CUDA=1)."""
     if not torch.cuda.is_available():
         return Backend("cuda", None, "no CUDA device is visible to torch (torch.cuda.is_available() is False)")
+    info = build_info()
+    if info.get("cuda"):
+        mismatch = _torch_mismatch("the CUDA extension fastdiff._C_cuda")
+        if mismatch:
+            return Backend("cuda", None, mismatch, broken=True)
     try:
         mod = importlib.import_module("fastdiff._cuda")
     except ImportError as e:
-        return Backend("cuda", None, f"the CUDA extension fastdiff._C_cuda is not built ({e}); build it with "
-                                     f"FASTDIFF_BUILD_CUDA=1 {REINSTALL}")
+        return Backend("cuda", None, f"the CUDA extension fastdiff._C_cuda is not built or does not load ({e}); "
+                                     f"build it with FASTDIFF_BUILD_CUDA=1 {REINSTALL}", broken=bool(info.get("cuda")))
     return Backend("cuda", mod, "")
 
 
@@ -96,3 +145,43 @@ def get(name: str) -> Backend:
 def available() -> dict[str, Backend]:
     """Every backend with its availability and, if unavailable, the reason."""
     return {name: get(name) for name in ("reference", "cpp", "triton", "cuda")}
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback(backend: Backend) -> None:
+    """Warn once per process that ``auto`` runs the reference because ``backend`` is broken."""
+    if backend.broken and backend.name not in _warned:
+        _warned.add(backend.name)
+        warnings.warn(f"fastdiff: backend 'auto' falls back to the PyTorch reference (slower): {backend.reason}",
+                      BackendFallbackWarning, stacklevel=4)
+
+
+def auto_choice(device: torch.device | str = "cpu") -> str:
+    """The backend that ``backend="auto"`` runs on ``device`` for the sampling ops (``FASTDIFF_BACKEND``
+    included): "cuda", "triton", "cpp" or "reference"."""
+    device = torch.device(device)
+    env = os.environ.get("FASTDIFF_BACKEND", "").strip()
+    if env and env != "auto":
+        return env
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            if get(name).available:
+                return name
+        return "reference"
+    if device.type == "cpu" and cpp().available:
+        return "cpp"
+    return "reference"
+
+
+def summary(device: torch.device | str = "cpu") -> str:
+    """One line naming what ``auto`` runs on ``device`` and, when it is the reference, why: for the
+    header of ``fastdiff generate`` and for ``fastdiff info``."""
+    device = torch.device(device)
+    name = auto_choice(device)
+    if name != "reference":
+        return name
+    wanted = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+    reasons = "; ".join(f"{w}: {get(w).reason}" for w in wanted if get(w).reason)
+    return f"reference ({reasons})" if reasons else "reference"

@@ -74,6 +74,8 @@ def resolve(op: str, backend: str, device: torch.device, reference: Callable) ->
         fn, _ = _try(op, name, device)
         if fn is not None:
             return fn
+    for name in order:  # a backend this install was meant to have: say so once, never silently
+        _backends.warn_fallback(_backends.get(name))
     return reference
 
 
