@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +14,7 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 def tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     return x
 
 
@@ -20,14 +22,14 @@ def floating(name: str, x: object, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES)
     x = tensor(name, x)
     if x.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name}: expected a floating tensor ({allowed}), got {x.dtype}")
+        raise InputTypeError(f"{name}: expected a floating tensor ({allowed}), got {x.dtype}")
     return x
 
 
 def integer(name: str, x: object) -> torch.Tensor:
     x = tensor(name, x)
     if x.dtype not in INT_DTYPES:
-        raise TypeError(f"{name}: expected an integer (token id) tensor, got {x.dtype}")
+        raise InputTypeError(f"{name}: expected an integer (token id) tensor, got {x.dtype}")
     return x
 
 
@@ -35,7 +37,7 @@ def token_ids(name: str, x: object, vocab_size: int) -> torch.Tensor:
     """An integer tensor with every value in [0, vocab_size)."""
     x = integer(name, x)
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
-        raise ValueError(
+        raise InputError(
             f"{name}: token ids must lie in [0, {vocab_size}), got range "
             f"[{int(x.min())}, {int(x.max())}]"
         )
@@ -44,13 +46,13 @@ def token_ids(name: str, x: object, vocab_size: int) -> torch.Tensor:
 
 def no_nan(name: str, x: torch.Tensor) -> torch.Tensor:
     if x.is_floating_point() and bool(torch.isnan(x).any()):
-        raise ValueError(f"{name}: contains NaN")
+        raise InputError(f"{name}: contains NaN")
     return x
 
 
 def finite(name: str, x: torch.Tensor) -> torch.Tensor:
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or infinity")
+        raise InputError(f"{name}: contains NaN or infinity")
     return x
 
 
@@ -61,36 +63,36 @@ def same_device(**tensors: torch.Tensor) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected device {first.device} (as {first_name}), got {t.device}"
             )
 
 
 def positive_int(name: str, v: object, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        raise InputTypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {v}")
+        raise InputError(f"{name}: must be >= {minimum}, got {v}")
     return v
 
 
 def real(name: str, v: object, lo: float | None = None, hi: float | None = None,
          lo_open: bool = False, hi_open: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+        raise InputTypeError(f"{name}: expected a number, got {type(v).__name__}")
     v = float(v)
     if v != v:
-        raise ValueError(f"{name}: is NaN")
+        raise InputError(f"{name}: is NaN")
     if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ValueError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {v}")
+        raise InputError(f"{name}: must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise ValueError(f"{name}: must be {'<' if hi_open else '<='} {hi}, got {v}")
+        raise InputError(f"{name}: must be {'<' if hi_open else '<='} {hi}, got {v}")
     return v
 
 
 def choice(name: str, v: object, options: Sequence[str]) -> str:
     if v not in options:
-        raise ValueError(f"{name}: expected one of {list(options)}, got {v!r}")
+        raise InputError(f"{name}: expected one of {list(options)}, got {v!r}")
     return v  # type: ignore[return-value]
 
 
@@ -103,7 +105,7 @@ def expand_leading(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tenso
     if t.ndim > len(shape) or tuple(t.shape) != tuple(shape[: t.ndim]):
         if t.numel() == 1:
             return t.reshape(()).expand(shape)
-        raise ValueError(
+        raise InputError(
             f"{name}: shape {tuple(t.shape)} must be a scalar or a leading part of {tuple(shape)}"
         )
     return t.reshape(tuple(t.shape) + (1,) * (len(shape) - t.ndim)).expand(shape)
@@ -112,19 +114,19 @@ def expand_leading(name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tenso
 def steps(name: str, t: object, T: int, lo: int, device: torch.device | None = None) -> torch.Tensor:
     """An int64 tensor of diffusion steps, every value in [lo, T]."""
     if isinstance(t, bool):
-        raise TypeError(f"{name}: expected an int or integer tensor, got bool")
+        raise InputTypeError(f"{name}: expected an int or integer tensor, got bool")
     if isinstance(t, int):
         t = torch.tensor(t, dtype=torch.int64, device=device)
     elif isinstance(t, torch.Tensor):
         if t.dtype not in INT_DTYPES:
-            raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+            raise InputTypeError(f"{name}: expected an integer tensor, got {t.dtype}")
         t = t.to(torch.int64)
         if device is not None and t.device != device:
-            raise ValueError(f"{name}: expected device {device}, got {t.device}")
+            raise InputError(f"{name}: expected device {device}, got {t.device}")
     else:
-        raise TypeError(f"{name}: expected an int or integer tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{name}: expected an int or integer tensor, got {type(t).__name__}")
     if t.numel() and (int(t.min()) < lo or int(t.max()) > T):
-        raise ValueError(f"{name}: steps must lie in [{lo}, {T}], got [{int(t.min())}, {int(t.max())}]")
+        raise InputError(f"{name}: steps must lie in [{lo}, {T}], got [{int(t.min())}, {int(t.max())}]")
     return t
 
 
@@ -133,7 +135,7 @@ def step_losses(t: object, losses: object, T: int) -> tuple[torch.Tensor, torch.
     tt = steps("t", t, T, 1).reshape(-1).cpu()
     ll = floating("losses", losses).detach().reshape(-1).to(torch.float64).cpu()
     if ll.shape != tt.shape:
-        raise ValueError(f"losses: expected shape {tuple(tt.shape)} (one per t), got {tuple(ll.shape)}")
+        raise InputError(f"losses: expected shape {tuple(tt.shape)} (one per t), got {tuple(ll.shape)}")
     finite("losses", ll)
     return tt, ll
 
@@ -148,9 +150,9 @@ def step_pair(t: object, s: object, T: int, device: torch.device | None = None
     try:
         bt, bs = torch.broadcast_tensors(tt, ss)
     except RuntimeError as e:
-        raise ValueError(f"s: shape {tuple(ss.shape)} does not broadcast with t {tuple(tt.shape)}") from e
+        raise InputError(f"s: shape {tuple(ss.shape)} does not broadcast with t {tuple(tt.shape)}") from e
     if bt.numel() and bool((bs >= bt).any()):
-        raise ValueError("s: every s must be smaller than its t (s < t)")
+        raise InputError("s: every s must be smaller than its t (s < t)")
     return tt, ss
 
 
@@ -160,8 +162,8 @@ def config_fields(name: str, cls: type, d: object) -> dict:
     import dataclasses
 
     if not isinstance(d, dict):
-        raise TypeError(f"{name}: expected a dict, got {type(d).__name__}")
+        raise InputTypeError(f"{name}: expected a dict, got {type(d).__name__}")
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ValueError(f"{name}: unknown {cls.__name__} fields {unknown}")
+        raise InputError(f"{name}: unknown {cls.__name__} fields {unknown}")
     return d

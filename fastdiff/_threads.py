@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 import torch
 
 
@@ -14,8 +16,8 @@ def configure(threads: int | None) -> int:
     """Set the intra-op thread count (``None``: the automatic policy) and return the count in effect."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int):
-            raise TypeError(f"--threads: expected an int, got {type(threads).__name__}")
+            raise InputTypeError(f"--threads: expected an int, got {type(threads).__name__}")
         if threads < 1:
-            raise ValueError(f"--threads: must be >= 1, got {threads}")
+            raise InputError(f"--threads: must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -15,6 +15,8 @@ that divides the run's global batch.
 
 from __future__ import annotations
 
+from .errors import InputError
+
 import argparse
 import json
 import shlex
@@ -100,7 +102,7 @@ def config_from_args(args) -> dict:
             model[name] = v
     for item in args.set:
         if "=" not in item:
-            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+            raise InputError(f"--set: expected KEY=VALUE, got {item!r}")
         key, val = item.split("=", 1)
         if key.startswith("model."):
             model[key[len("model."):]] = _value(val)

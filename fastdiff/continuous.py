@@ -14,6 +14,8 @@ float64 and applied in ``x``'s dtype.
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 import math
 from collections.abc import Callable
 
@@ -49,11 +51,11 @@ class GaussianDiffusion:
 
     def __init__(self, schedule: Schedule, parameterization: str = "x0", model_var: str = "fixed_small"):
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
+            raise InputTypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
         if schedule.per_token:
-            raise ValueError("schedule: Gaussian diffusion needs a (T+1,) schedule")
+            raise InputError("schedule: Gaussian diffusion needs a (T+1,) schedule")
         if bool((schedule.alpha_bar <= 0).any()):
-            raise ValueError("schedule: alpha_bar must stay > 0 for Gaussian diffusion (x0 = (x_t - ...)/sqrt(a_t))")
+            raise InputError("schedule: alpha_bar must stay > 0 for Gaussian diffusion (x0 = (x_t - ...)/sqrt(a_t))")
         self.schedule = schedule
         self.T = schedule.T
         self.parameterization = _checks.choice("parameterization", parameterization, PARAMETERIZATIONS)
@@ -67,7 +69,7 @@ class GaussianDiffusion:
     def _x(self, name: str, x: torch.Tensor) -> torch.Tensor:
         _checks.floating(name, x)
         if x.ndim < 1:
-            raise ValueError(f"{name}: expected (..., D), got a scalar")
+            raise InputError(f"{name}: expected (..., D), got a scalar")
         return x
 
     def _coef(self, values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +98,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
         elif noise.shape != x0.shape:
-            raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+            raise InputError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
         ab = self.alpha_bar
         return self._coef(ab.sqrt(), tt, x0) * x0 + self._coef((1 - ab).sqrt(), tt, x0) * noise
 
@@ -106,7 +108,7 @@ class GaussianDiffusion:
         x0 = self._x("x0", x0)
         x_t = self._x("x_t", x_t)
         if x0.shape != x_t.shape:
-            raise ValueError(f"x0: expected shape {tuple(x_t.shape)} (as x_t), got {tuple(x0.shape)}")
+            raise InputError(f"x0: expected shape {tuple(x_t.shape)} (as x_t), got {tuple(x0.shape)}")
         tt, ss = self._pair(t, s, x_t)
         c0, ct, var = self._posterior_coefs(tt, ss, x_t)
         return c0 * x0 + ct * x_t, var
@@ -130,7 +132,7 @@ class GaussianDiffusion:
         model_output = self._x("model_output", model_output)
         x_t = self._x("x_t", x_t)
         if model_output.shape != x_t.shape:
-            raise ValueError(f"model_output: expected shape {tuple(x_t.shape)}, got {tuple(model_output.shape)}")
+            raise InputError(f"model_output: expected shape {tuple(x_t.shape)}, got {tuple(model_output.shape)}")
         tt = self._steps(t, x_t)
         if self.parameterization == "x0":
             return model_output
@@ -167,7 +169,7 @@ class GaussianDiffusion:
             return x0
         out = denoised_fn(x0)
         if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
-            raise ValueError("denoised_fn: must return a tensor of the same shape as x_t")
+            raise InputError("denoised_fn: must return a tensor of the same shape as x_t")
         return out
 
     # --- samplers ----------------------------------------------------------------------------------
@@ -211,7 +213,7 @@ class GaussianDiffusion:
         if noise is None:
             return torch.randn(x_t.shape, dtype=x_t.dtype, device=x_t.device, generator=generator)
         if noise.shape != x_t.shape:
-            raise ValueError(f"noise: expected shape {tuple(x_t.shape)}, got {tuple(noise.shape)}")
+            raise InputError(f"noise: expected shape {tuple(x_t.shape)}, got {tuple(noise.shape)}")
         return noise
 
     # --- losses ------------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ class GaussianDiffusion:
         for name, v in (("model_output", model_output), ("x0", x0), ("noise", noise)):
             self._x(name, v)
             if v.shape != x_t.shape:
-                raise ValueError(f"{name}: expected shape {tuple(x_t.shape)} (as x_t), got {tuple(v.shape)}")
+                raise InputError(f"{name}: expected shape {tuple(x_t.shape)} (as x_t), got {tuple(v.shape)}")
         tt = self._steps(t, x_t)
         target = self.parameterization if target is None else _checks.choice("target", target, PARAMETERIZATIONS)
         if target == self.parameterization:
@@ -286,7 +288,7 @@ class GaussianDiffusion:
         loss = out["mse"]
         if tokens is not None:
             if weight is None:
-                raise ValueError("weight: the embedding matrix is needed with tokens")
+                raise InputError("weight: the embedding matrix is needed with tokens")
             out["round"] = rounding_loss(x0, weight, tokens, backend=backend)
             loss = loss + lam_round * out["round"]
             if lam_anchor:

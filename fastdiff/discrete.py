@@ -21,6 +21,8 @@ Processes
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 from collections import OrderedDict
 
 import torch
@@ -64,7 +66,7 @@ class DiscreteProcess:
     def _probs(self, name: str, p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         _checks.floating(name, p)
         if p.shape != like.shape + (self.vocab_size,):
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected shape {tuple(like.shape) + (self.vocab_size,)}, got {tuple(p.shape)}"
             )
         _checks.same_device(x_t=like, **{name: p})
@@ -155,12 +157,12 @@ class Absorbing(DiscreteProcess):
     def __init__(self, vocab_size: int, mask_id: int, schedule: Schedule):
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size, 2)
         if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < vocab_size:
-            raise ValueError(f"mask_id: must be an int in [0, {vocab_size}), got {mask_id!r}")
+            raise InputError(f"mask_id: must be an int in [0, {vocab_size}), got {mask_id!r}")
         self.mask_id = mask_id
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
+            raise InputTypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
         if schedule.per_token and schedule.alpha_bar.shape[1] != vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"schedule: per-token schedule has {schedule.alpha_bar.shape[1]} tokens, vocab_size={vocab_size}"
             )
         self.schedule = schedule
@@ -254,9 +256,9 @@ class Uniform(DiscreteProcess):
     def __init__(self, vocab_size: int, schedule: Schedule):
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size, 2)
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
+            raise InputTypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
         if schedule.per_token:
-            raise ValueError("schedule: per-token schedules are only defined for Absorbing")
+            raise InputError("schedule: per-token schedules are only defined for Absorbing")
         self.schedule = schedule
         self.T = schedule.T
 
@@ -393,7 +395,7 @@ class GaussianBand(MatrixProcess):
     def __init__(self, vocab_size: int, schedule: Schedule, bandwidth: int | None = None):
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size, 2)
         if not isinstance(schedule, Schedule) or schedule.per_token:
-            raise TypeError("schedule: expected a (T+1,) Schedule")
+            raise InputTypeError("schedule: expected a (T+1,) Schedule")
         self.schedule = schedule
         self.T = schedule.T
         b = vocab_size - 1 if bandwidth is None else _checks.positive_int("bandwidth", bandwidth)
@@ -427,14 +429,14 @@ class NearestNeighbor(MatrixProcess):
     def __init__(self, embeddings: torch.Tensor, schedule: Schedule, k: int = 8, rate: float = 1.0):
         e = _checks.floating("embeddings", embeddings).detach().to(torch.float64).cpu()
         if e.ndim != 2 or e.shape[0] < 2:
-            raise ValueError(f"embeddings: expected (V, D) with V >= 2, got {tuple(e.shape)}")
+            raise InputError(f"embeddings: expected (V, D) with V >= 2, got {tuple(e.shape)}")
         _checks.finite("embeddings", e)
         if not isinstance(schedule, Schedule) or schedule.per_token:
-            raise TypeError("schedule: expected a (T+1,) Schedule")
+            raise InputTypeError("schedule: expected a (T+1,) Schedule")
         V = e.shape[0]
         self.k = _checks.positive_int("k", k)
         if self.k >= V:
-            raise ValueError(f"k: must be < vocab size {V}, got {k}")
+            raise InputError(f"k: must be < vocab size {V}, got {k}")
         self.vocab_size = V
         self.schedule = schedule
         self.T = schedule.T
@@ -473,20 +475,20 @@ class Dense(MatrixProcess):
         q = _checks.floating("Q", Q).detach().to(torch.float64).cpu()
         if q.ndim == 2:
             if T is None:
-                raise ValueError("T: required when Q is a single (V, V) matrix")
+                raise InputError("T: required when Q is a single (V, V) matrix")
             T = _checks.positive_int("T", T)
             q = q.unsqueeze(0).expand(T, -1, -1)
         elif q.ndim == 3:
             if T is not None and T != q.shape[0]:
-                raise ValueError(f"T: Q holds {q.shape[0]} steps, got T={T}")
+                raise InputError(f"T: Q holds {q.shape[0]} steps, got T={T}")
             T = q.shape[0]
         else:
-            raise ValueError(f"Q: expected (T, V, V) or (V, V), got {tuple(q.shape)}")
+            raise InputError(f"Q: expected (T, V, V) or (V, V), got {tuple(q.shape)}")
         if q.shape[1] != q.shape[2] or q.shape[1] < 2:
-            raise ValueError(f"Q: matrices must be square with V >= 2, got {tuple(q.shape[1:])}")
+            raise InputError(f"Q: matrices must be square with V >= 2, got {tuple(q.shape[1:])}")
         _checks.finite("Q", q)
         if bool((q < 0).any()) or not torch.allclose(q.sum(-1), torch.ones((), dtype=torch.float64), atol=1e-6):
-            raise ValueError("Q: every row must be a probability vector (non-negative, summing to 1)")
+            raise InputError("Q: every row must be a probability vector (non-negative, summing to 1)")
         self.Q = q / q.sum(-1, keepdim=True)
         self.vocab_size = q.shape[1]
         self.T = T
@@ -509,7 +511,7 @@ def _kl(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _check_logits(process: DiscreteProcess, x0_logits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     _checks.floating("x0_logits", x0_logits)
     if x0_logits.shape != like.shape + (process.vocab_size,):
-        raise ValueError(
+        raise InputError(
             f"x0_logits: expected shape {tuple(like.shape) + (process.vocab_size,)}, got {tuple(x0_logits.shape)}"
         )
     _checks.no_nan("x0_logits", x0_logits)
@@ -597,7 +599,7 @@ def mdlm_loss(process: Absorbing, x0, x_t, t, x0_logits, reduction: str = "mean"
     (negative) ELBO. Scalar schedules only.
     """
     if not isinstance(process, Absorbing) or process.per_token:
-        raise TypeError("process: mdlm_loss needs an Absorbing process with a (T+1,) schedule")
+        raise InputTypeError("process: mdlm_loss needs an Absorbing process with a (T+1,) schedule")
     _checks.choice("reduction", reduction, ("mean", "sum", "none"))
     x0 = process._tokens("x0", x0)
     x_t = process._tokens("x_t", x_t)

@@ -13,6 +13,8 @@ wraps the model in ``DistributedDataParallel`` (or FSDP) and shards every global
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 import contextlib
 import datetime
 import os
@@ -65,7 +67,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(v)
     except ValueError:
-        raise ValueError(f"{name}: expected an integer in the environment, got {v!r}") from None
+        raise InputError(f"{name}: expected an integer in the environment, got {v!r}") from None
 
 
 def launched() -> bool:
@@ -94,7 +96,7 @@ def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.de
     if device.type == "cuda" and device.index is None:
         n = torch.cuda.device_count()
         if n == 0:
-            raise ValueError("device: cuda was asked for but no GPU is visible")
+            raise InputError("device: cuda was asked for but no GPU is visible")
         device = torch.device("cuda", local_rank % n)
     return device
 
@@ -116,9 +118,9 @@ def init(device: str | torch.device | None = None, backend: str | None = None,
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend not in ("nccl", "gloo", "mpi", "ucc"):
-        raise ValueError(f"backend: expected nccl or gloo (or mpi, ucc), got {backend!r}")
+        raise InputError(f"backend: expected nccl or gloo (or mpi, ucc), got {backend!r}")
     if backend == "nccl" and dev.type != "cuda":
-        raise ValueError(f"backend: nccl needs CUDA devices, the device is {dev}")
+        raise InputError(f"backend: nccl needs CUDA devices, the device is {dev}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -169,13 +171,13 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     sizes differ by at most one, lower ranks take the extra items, every item is owned exactly once."""
     for name, v in (("n", n), ("rank", rank), ("world_size", world_size)):
         if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+            raise InputTypeError(f"{name}: expected an int, got {type(v).__name__}")
     if n < 0:
-        raise ValueError(f"n: must be >= 0, got {n}")
+        raise InputError(f"n: must be >= 0, got {n}")
     if world_size < 1:
-        raise ValueError(f"world_size: must be >= 1, got {world_size}")
+        raise InputError(f"world_size: must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank: must lie in [0, {world_size}), got {rank}")
+        raise InputError(f"rank: must lie in [0, {world_size}), got {rank}")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)

@@ -14,6 +14,8 @@ two ends of the scale.
 
 from __future__ import annotations
 
+from .errors import InputError
+
 from collections.abc import Callable
 
 import torch
@@ -64,7 +66,7 @@ def evaluate(td, *, samples: int = 64, steps: int = 64, strategy: str | None = N
     kw = dict(steps=steps, strategy=strategy, seed=seed, batch_size=batch_size, **options)
     if td.task == "word_order":
         if not word_order_pairs:
-            raise ValueError("word_order_pairs: a text-to-text checkpoint is evaluated on (source, target) pairs")
+            raise InputError("word_order_pairs: a text-to-text checkpoint is evaluated on (source, target) pairs")
         pairs = word_order_pairs[:samples]
         gen = td.generate(len(pairs), source=[s for s, _ in pairs], **kw)
         result["bleu"] = metrics.bleu(gen.texts, [t for _, t in pairs])

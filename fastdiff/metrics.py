@@ -13,6 +13,8 @@ Imports nothing above :mod:`fastdiff.sampling` (no models, no training).
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 import contextlib
 import math
 from collections import Counter
@@ -33,12 +35,12 @@ def ngram_counts(tokens: Sequence[object], n: int) -> Counter:
 def _sequences(name: str, texts: object) -> list[list[object]]:
     if isinstance(texts, torch.Tensor):
         if texts.ndim != 2:
-            raise ValueError(f"{name}: a tensor must have shape (N, L), got {tuple(texts.shape)}")
+            raise InputError(f"{name}: a tensor must have shape (N, L), got {tuple(texts.shape)}")
         texts = list(texts)
     if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise TypeError(f"{name}: expected a list of strings or of token-id lists, got {type(texts).__name__}")
+        raise InputTypeError(f"{name}: expected a list of strings or of token-id lists, got {type(texts).__name__}")
     if not texts:
-        raise ValueError(f"{name}: empty")
+        raise InputError(f"{name}: empty")
     out = []
     for i, t in enumerate(texts):
         if isinstance(t, str):
@@ -48,7 +50,7 @@ def _sequences(name: str, texts: object) -> list[list[object]]:
         elif isinstance(t, Sequence):
             out.append(list(t))
         else:
-            raise TypeError(f"{name}[{i}]: expected a str or a sequence of token ids, got {type(t).__name__}")
+            raise InputTypeError(f"{name}[{i}]: expected a str or a sequence of token ids, got {type(t).__name__}")
     return out
 
 
@@ -87,24 +89,24 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
         ``references[i]`` is the reference (a str) or the references (a list of str) of ``hypotheses[i]``.
     """
     if isinstance(hypotheses, str) or not isinstance(hypotheses, Sequence):
-        raise TypeError(f"hypotheses: expected a list of strings, got {type(hypotheses).__name__}")
+        raise InputTypeError(f"hypotheses: expected a list of strings, got {type(hypotheses).__name__}")
     if isinstance(references, str) or not isinstance(references, Sequence):
-        raise TypeError("references: expected a list of strings or of lists of strings, "
+        raise InputTypeError("references: expected a list of strings or of lists of strings, "
                         f"got {type(references).__name__}")
     if not hypotheses:
-        raise ValueError("hypotheses: empty")
+        raise InputError("hypotheses: empty")
     if len(references) != len(hypotheses):
-        raise ValueError(f"references: {len(references)} entries for {len(hypotheses)} hypotheses")
+        raise InputError(f"references: {len(references)} entries for {len(hypotheses)} hypotheses")
     _checks.positive_int("max_n", max_n)
     matches = [0] * max_n
     totals = [0] * max_n
     hyp_len = ref_len = 0
     for i, (hyp, refs) in enumerate(zip(hypotheses, references)):
         if not isinstance(hyp, str):
-            raise TypeError(f"hypotheses[{i}]: expected a str, got {type(hyp).__name__}")
+            raise InputTypeError(f"hypotheses[{i}]: expected a str, got {type(hyp).__name__}")
         refs = [refs] if isinstance(refs, str) else refs
         if not isinstance(refs, Sequence) or not refs or not all(isinstance(r, str) for r in refs):
-            raise TypeError(f"references[{i}]: expected a str or a non-empty list of str")
+            raise InputTypeError(f"references[{i}]: expected a str or a non-empty list of str")
         h = hyp.split()
         rs = [r.split() for r in refs]
         hyp_len += len(h)
@@ -173,7 +175,7 @@ def generative_perplexity(lm: Callable[[torch.Tensor], torch.Tensor], tokens: to
     """
     _checks.integer("tokens", tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens: expected shape (N, L) with L >= 2, got {tuple(tokens.shape)}")
+        raise InputError(f"tokens: expected shape (N, L) with L >= 2, got {tuple(tokens.shape)}")
     _checks.positive_int("batch_size", batch_size)
     if pad_id is not None:
         _checks.positive_int("pad_id", pad_id, 0)
@@ -184,9 +186,9 @@ def generative_perplexity(lm: Callable[[torch.Tensor], torch.Tensor], tokens: to
             logits = lm(x)
             if not isinstance(logits, torch.Tensor) or logits.shape[:2] != x.shape or logits.ndim != 3:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(f"lm: expected logits of shape ({x.shape[0]}, {x.shape[1]}, V), got {got}")
+                raise InputError(f"lm: expected logits of shape ({x.shape[0]}, {x.shape[1]}, V), got {got}")
             if int(x.max()) >= logits.shape[-1] or int(x.min()) < 0:
-                raise ValueError(f"tokens: ids must lie in [0, {logits.shape[-1]}) (the LM's vocabulary), got "
+                raise InputError(f"tokens: ids must lie in [0, {logits.shape[-1]}) (the LM's vocabulary), got "
                                  f"[{int(x.min())}, {int(x.max())}]")
             logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
             target = x[:, 1:]
@@ -195,7 +197,7 @@ def generative_perplexity(lm: Callable[[torch.Tensor], torch.Tensor], tokens: to
             total_nll += float(nll[keep].sum())
             count += int(keep.sum())
     if count == 0:
-        raise ValueError("tokens: no token to predict (every target is padding)")
+        raise InputError("tokens: no token to predict (every target is padding)")
     return math.exp(total_nll / count)
 
 
@@ -210,12 +212,12 @@ def attribute_accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], token
     _checks.integer("tokens", tokens)
     _checks.integer("labels", labels)
     if tokens.ndim != 2:
-        raise ValueError(f"tokens: expected shape (N, L), got {tuple(tokens.shape)}")
+        raise InputError(f"tokens: expected shape (N, L), got {tuple(tokens.shape)}")
     if labels.shape != tokens.shape[:1]:
-        raise ValueError(f"labels: expected shape ({tokens.shape[0]},) (one per row of tokens), "
+        raise InputError(f"labels: expected shape ({tokens.shape[0]},) (one per row of tokens), "
                          f"got {tuple(labels.shape)}")
     if tokens.shape[0] == 0:
-        raise ValueError("tokens: no rows")
+        raise InputError("tokens: no rows")
     _checks.positive_int("batch_size", batch_size)
     correct = done = 0
     with _evaluating(classifier) as device:
@@ -223,7 +225,7 @@ def attribute_accuracy(classifier: Callable[[torch.Tensor], torch.Tensor], token
             logits = classifier(x)
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(f"classifier: expected logits of shape ({x.shape[0]}, C), got {got}")
+                raise InputError(f"classifier: expected logits of shape ({x.shape[0]}, C), got {got}")
             pred = logits.argmax(-1).cpu()
             correct += int((pred == labels[done: done + x.shape[0]].cpu().long()).sum())
             done += x.shape[0]

@@ -13,6 +13,8 @@ prompt and ``"The [MASK*3] statement is used to [MASK*6] ."`` is infilling.
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ _MASK_RUN = re.compile(r"\[MASK(?:\*(\d+))?\]")
 def bundled_path(name: str) -> Path:
     """Directory of a bundled checkpoint (``discrete``, ``continuous``, ``causal_lm``, ``classifier``)."""
     if name not in BUNDLED:
-        raise ValueError(f"checkpoint: unknown bundled checkpoint {name!r}; bundled: {sorted(BUNDLED)}")
+        raise InputError(f"checkpoint: unknown bundled checkpoint {name!r}; bundled: {sorted(BUNDLED)}")
     path = ASSETS / BUNDLED[name]
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint: the bundled checkpoint {name!r} is missing from {path} "
@@ -111,7 +113,7 @@ class TextDiffusion:
         self.model = checkpoint.model.to(self.device).eval()
         self.tokenizer = checkpoint.tokenizer
         if self.tokenizer is None:
-            raise ValueError("checkpoint: has no tokenizer.json; text generation needs one")
+            raise InputError("checkpoint: has no tokenizer.json; text generation needs one")
         proc = checkpoint.process
         self.process = proc.to(self.device) if hasattr(proc, "to") and self.device.type != "cpu" else proc
         self.backend = backend
@@ -139,20 +141,20 @@ class TextDiffusion:
         if label is None:
             return self.num_labels  # the null label (unconditional), trained by condition dropout
         if self.num_labels == 0:
-            raise ValueError("label: this checkpoint was not trained with labels")
+            raise InputError("label: this checkpoint was not trained with labels")
         if isinstance(label, str) and not label.isdigit():
             if label not in self.label_names:
-                raise ValueError(f"label: {label!r} is not one of {self.label_names}")
+                raise InputError(f"label: {label!r} is not one of {self.label_names}")
             return self.label_names.index(label)
         idx = int(label)
         if not 0 <= idx < self.num_labels:
-            raise ValueError(f"label: expected 0..{self.num_labels - 1} or one of {self.label_names}, got {label!r}")
+            raise InputError(f"label: expected 0..{self.num_labels - 1} or one of {self.label_names}, got {label!r}")
         return idx
 
     def parse_template(self, template: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_init (L,), fixed (L,) bool)`` from a template (see the module docstring)."""
         if not isinstance(template, str):
-            raise TypeError(f"template: expected a string, got {type(template).__name__}")
+            raise InputTypeError(f"template: expected a string, got {type(template).__name__}")
         ids: list[int] = []
         fixed: list[bool] = []
         pos = 0
@@ -164,7 +166,7 @@ class TextDiffusion:
                 fixed += [True] * len(piece)
             n = int(m.group(1) or 1)
             if n < 1:
-                raise ValueError(f"template: [MASK*{n}] needs n >= 1")
+                raise InputError(f"template: [MASK*{n}] needs n >= 1")
             ids += [self.mask_id] * n
             fixed += [False] * n
             pos = m.end()
@@ -174,9 +176,9 @@ class TextDiffusion:
             ids += piece
             fixed += [True] * len(piece)
         if len(ids) > length:
-            raise ValueError(f"template: {len(ids)} tokens do not fit in length={length}")
+            raise InputError(f"template: {len(ids)} tokens do not fit in length={length}")
         if not any(fixed):
-            raise ValueError("template: has no fixed text (only [MASK] runs); drop it for free generation")
+            raise InputError("template: has no fixed text (only [MASK] runs); drop it for free generation")
         pad = length - len(ids)
         return (torch.tensor(ids + [self.mask_id] * pad, dtype=torch.long),
                 torch.tensor(fixed + [False] * pad, dtype=torch.bool))
@@ -216,21 +218,21 @@ class TextDiffusion:
         strategy = strategy or self.default_strategy()
         guidance = float(guidance)
         if not math.isfinite(guidance):
-            raise ValueError(f"guidance: must be finite, got {guidance}")
+            raise InputError(f"guidance: must be finite, got {guidance}")
         lab = self._label_id(label) if self.num_labels else None
         if label is not None and not self.num_labels:
-            raise ValueError("label: this checkpoint was not trained with labels")
+            raise InputError("label: this checkpoint was not trained with labels")
         if guidance != 1.0 and (lab is None or lab == self.num_labels):
-            raise ValueError("guidance: classifier-free guidance needs --label on a label-conditioned checkpoint")
+            raise InputError("guidance: classifier-free guidance needs --label on a label-conditioned checkpoint")
         sources = None
         if self.task == "word_order":
             if source is None:
-                raise ValueError("source: this text-to-text checkpoint needs source text(s)")
+                raise InputError("source: this text-to-text checkpoint needs source text(s)")
             sources = [source] * n if isinstance(source, str) else list(source)
             if len(sources) != n:
-                raise ValueError(f"source: got {len(sources)} texts for num_samples={n}")
+                raise InputError(f"source: got {len(sources)} texts for num_samples={n}")
         elif source is not None:
-            raise ValueError("source: only text-to-text checkpoints take a source")
+            raise InputError("source: only text-to-text checkpoints take a source")
         x_init = fixed = None
         if template is not None:
             x_init, fixed = self.parse_template(template, L)
@@ -302,12 +304,12 @@ class TextDiffusion:
         """``(rank, world_size, gather)`` for :meth:`generate`."""
         if shard is not None:
             if not isinstance(shard, (tuple, list)) or len(shard) != 2:
-                raise TypeError(f"shard: expected (rank, world_size), got {shard!r}")
+                raise InputTypeError(f"shard: expected (rank, world_size), got {shard!r}")
             r, w = shard
             _distributed.shard_range(0, r, w)  # checks rank and world_size
             return int(r), int(w), False
         if not isinstance(distributed, bool):
-            raise TypeError(f"distributed: expected a bool, got {type(distributed).__name__}")
+            raise InputTypeError(f"distributed: expected a bool, got {type(distributed).__name__}")
         ctx = _distributed.context()
         if distributed and ctx.distributed:
             return ctx.rank, ctx.world_size, True

@@ -41,6 +41,8 @@ needs) keeps the kernels at the cost of reading the logits.
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 import functools
 import importlib
 import math
@@ -118,20 +120,20 @@ def uniform_from_words(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
 def _check_seed(seed: int) -> int:
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1:
-            raise ValueError("seed: expected a single integer")
+            raise InputError("seed: expected a single integer")
         seed = int(seed.item())
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        raise InputTypeError(f"seed: expected an int, got {type(seed).__name__}")
     if not 0 <= seed < 2**64:
-        raise ValueError(f"seed: must be in [0, 2**64), got {seed}")
+        raise InputError(f"seed: must be in [0, 2**64), got {seed}")
     return seed
 
 
 def _check_offset(offset: int) -> int:
     if isinstance(offset, bool) or not isinstance(offset, int):
-        raise TypeError(f"offset: expected an int, got {type(offset).__name__}")
+        raise InputTypeError(f"offset: expected an int, got {type(offset).__name__}")
     if not 0 <= offset < 2**64:
-        raise ValueError(f"offset: must be in [0, 2**64), got {offset}")
+        raise InputError(f"offset: must be in [0, 2**64), got {offset}")
     return offset
 
 
@@ -139,9 +141,9 @@ def check_row_offset(name: str, start: object, rows: int) -> int:
     """The global index of the first of ``rows`` consecutive counter rows: an int (not a bool) with
     ``0 <= start < 2**64`` and ``start + rows <= 2**64`` (every row a 64-bit counter half)."""
     if isinstance(start, bool) or not isinstance(start, int):
-        raise TypeError(f"{name}: expected an int, got {type(start).__name__}")
+        raise InputTypeError(f"{name}: expected an int, got {type(start).__name__}")
     if start < 0 or start >= 2**64 or start + rows > 2**64:
-        raise ValueError(f"{name}: must satisfy 0 <= {name} and {name} + rows <= 2**64, got {start} "
+        raise InputError(f"{name}: must satisfy 0 <= {name} and {name} + rows <= 2**64, got {start} "
                          f"for {rows} rows")
     return start
 

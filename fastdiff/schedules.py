@@ -8,6 +8,8 @@ alpha_bar[t-1]`` (stored at index ``t - 1``). Per-token schedules (``spindle``) 
 
 from __future__ import annotations
 
+from .errors import InputError, InputTypeError
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,14 +54,14 @@ class Schedule:
     def __post_init__(self) -> None:
         ab = _checks.floating("alpha_bar", self.alpha_bar).to(torch.float64)
         if ab.ndim not in (1, 2) or ab.shape[0] < 2:
-            raise ValueError(f"alpha_bar: expected shape (T+1,) or (T+1, V) with T >= 1, got {tuple(ab.shape)}")
+            raise InputError(f"alpha_bar: expected shape (T+1,) or (T+1, V) with T >= 1, got {tuple(ab.shape)}")
         _checks.no_nan("alpha_bar", ab)
         if not bool((ab[0] == 1).all()):
-            raise ValueError("alpha_bar: alpha_bar[0] must be exactly 1")
+            raise InputError("alpha_bar: alpha_bar[0] must be exactly 1")
         if bool((ab < 0).any()) or bool((ab > 1).any()):
-            raise ValueError("alpha_bar: values must lie in [0, 1]")
+            raise InputError("alpha_bar: values must lie in [0, 1]")
         if bool((ab[1:] > ab[:-1]).any()):
-            raise ValueError("alpha_bar: must be non-increasing in t")
+            raise InputError("alpha_bar: must be non-increasing in t")
         self.alpha_bar = ab.contiguous()
 
     @property
@@ -102,10 +104,10 @@ def from_betas(betas: torch.Tensor, name: str = "custom") -> Schedule:
     """
     b = _checks.floating("betas", betas).to(torch.float64)
     if b.ndim != 1 or b.numel() == 0:
-        raise ValueError(f"betas: expected a non-empty (T,) tensor, got {tuple(b.shape)}")
+        raise InputError(f"betas: expected a non-empty (T,) tensor, got {tuple(b.shape)}")
     _checks.no_nan("betas", b)
     if bool((b < 0).any()) or bool((b > 1).any()):
-        raise ValueError("betas: values must lie in [0, 1]")
+        raise InputError("betas: values must lie in [0, 1]")
     sched = _from_betas(b, name, {})
     sched.params["betas"] = b.clone()
     return sched
@@ -131,7 +133,7 @@ def linear(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule
     b1 = _checks.real("beta_end", beta_end, 0.0, 1.0)
     scale = 1000.0 / T
     if scale * max(b0, b1) > 1.0:
-        raise ValueError(
+        raise InputError(
             f"T: with T={T} the scaled betas (x{scale:g}) exceed 1; use T >= {math.ceil(1000 * max(b0, b1))}"
         )
     betas = torch.linspace(scale * b0, scale * b1, T, dtype=torch.float64)
@@ -244,7 +246,7 @@ def mutual_info(
         return Schedule(torch.tensor(ab, dtype=torch.float64), "mutual_info", {"process": "uniform"})
     if callable(process):
         if marginal is None:
-            raise ValueError("marginal: required when process is a step-matrix callable")
+            raise InputError("marginal: required when process is a step-matrix callable")
         qbar = None
         betas: list[float] = []
         m = None
@@ -267,7 +269,7 @@ def mutual_info(
         # For matrix processes alpha_bar is only bookkeeping; the betas drive Q_t.
         sched.params["betas"] = torch.tensor(betas, dtype=torch.float64)
         return sched
-    raise ValueError(f"process: expected 'absorbing', 'uniform' or a callable, got {process!r}")
+    raise InputError(f"process: expected 'absorbing', 'uniform' or a callable, got {process!r}")
 
 
 def _marginal(marginal: torch.Tensor | None, V: int) -> torch.Tensor:
@@ -275,7 +277,7 @@ def _marginal(marginal: torch.Tensor | None, V: int) -> torch.Tensor:
         return torch.full((V,), 1.0 / V, dtype=torch.float64)
     m = _checks.floating("marginal", marginal).to(torch.float64)
     if m.shape != (V,) or bool((m < 0).any()) or m.sum() <= 0:
-        raise ValueError(f"marginal: expected ({V},) non-negative weights")
+        raise InputError(f"marginal: expected ({V},) non-negative weights")
     return m / m.sum()
 
 
@@ -289,7 +291,7 @@ def token_information(counts: torch.Tensor) -> torch.Tensor:
     """
     c = _checks.tensor("counts", counts).to(torch.float64)
     if c.ndim != 1 or c.numel() == 0 or bool((c < 0).any()):
-        raise ValueError("counts: expected a non-empty (V,) tensor of non-negative counts")
+        raise InputError("counts: expected a non-empty (V,) tensor of non-negative counts")
     p = (c + 1.0) / (c.sum() + c.numel())
     info = -torch.log(p)
     info = info / info.max()
@@ -308,7 +310,7 @@ def spindle(T: int, token_info: torch.Tensor, lam: float = 0.3) -> Schedule:
     lam = _checks.real("lam", lam)
     h = _checks.floating("token_info", token_info).to(torch.float64)
     if h.ndim != 1 or h.numel() == 0:
-        raise ValueError(f"token_info: expected a (V,) tensor, got {tuple(h.shape)}")
+        raise InputError(f"token_info: expected a (V,) tensor, got {tuple(h.shape)}")
     _checks.finite("token_info", h)
     t = torch.arange(T + 1, dtype=torch.float64)[:, None]
     ab = 1.0 - t / T - lam * torch.sin(math.pi * t / T) * h[None, :]
@@ -332,7 +334,7 @@ class AdaptiveSchedule(Schedule):
     def __init__(self, base: Schedule, momentum: float = 0.9):
         super().__init__(base.alpha_bar.clone(), "adaptive", {"base": base.name, "momentum": momentum})
         if base.per_token:
-            raise ValueError("base: the adaptive schedule needs a (T+1,) base schedule")
+            raise InputError("base: the adaptive schedule needs a (T+1,) base schedule")
         self.momentum = _checks.real("momentum", momentum, 0.0, 1.0, hi_open=True)
         self.loss = torch.full((self.T + 1,), float("nan"), dtype=torch.float64)
 
@@ -393,9 +395,9 @@ def adaptive(T: int, base: str | Schedule = "sqrt", momentum: float = 0.9, **kw)
     if isinstance(base, str):
         base = get(base, T, **kw)
     elif not isinstance(base, Schedule):
-        raise TypeError(f"base: expected a schedule name or Schedule, got {type(base).__name__}")
+        raise InputTypeError(f"base: expected a schedule name or Schedule, got {type(base).__name__}")
     if base.T != T:
-        raise ValueError(f"base: has T={base.T}, expected T={T}")
+        raise InputError(f"base: has T={base.T}, expected T={T}")
     return AdaptiveSchedule(base, momentum)
 
 
@@ -416,7 +418,7 @@ def names() -> list[str]:
 def get(name: str, T: int, **kw) -> Schedule:
     """Build a schedule by name: ``get("cosine", 1000)``, ``get("spindle", 100, token_info=h)``."""
     if name not in _REGISTRY:
-        raise ValueError(f"name: unknown schedule {name!r}; expected one of {names()}")
+        raise InputError(f"name: unknown schedule {name!r}; expected one of {names()}")
     return _REGISTRY[name](T, **kw)
 
 

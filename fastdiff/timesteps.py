@@ -6,6 +6,8 @@ Both return ``(t, weights)``: steps in ``[1, T]`` and importance weights ``1 / (
 
 from __future__ import annotations
 
+from .errors import InputError
+
 import torch
 
 from . import _checks
@@ -82,4 +84,4 @@ def create(name: str, T: int, **kw) -> UniformSampler:
         return UniformSampler(T)
     if name in ("loss-aware", "loss_aware", "importance"):
         return LossAwareSampler(T, **kw)
-    raise ValueError(f"name: expected 'uniform' or 'loss-aware', got {name!r}")
+    raise InputError(f"name: expected 'uniform' or 'loss-aware', got {name!r}")

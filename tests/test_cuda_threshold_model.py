@@ -2,7 +2,8 @@
 modelled step for step in NumPy and checked against the reference's tie-inclusive sets
 (:func:`fastdiff.ops.filter_weights`) on CPU.
 
-This checks the algorithm (order keys, byte-wise descent, crossing rule, early stop), which no CPU test
+The model must give the reference's kept set exactly; the kept weights are compared to a few ulp (NumPy's
+``exp`` and PyTorch's are different implementations). This checks the algorithm (order keys, byte-wise descent, crossing rule, early stop), which no CPU test
 can check in the CUDA code itself; tests/test_cuda.py runs the kernel on a GPU against the same
 reference. The model mirrors the kernel: 8 levels of 256-bin histograms over uint64 keys, the highest
 bin where ``above + bin mass >= target`` is taken, and the search stops when that bin holds one
@@ -115,5 +116,8 @@ def test_threshold_search_gives_the_reference_sets(kind, V, top_k, top_p):
             assert top_p is not None and _boundary_distance(z[r], top_k, top_p) < 1e-12, (r, got, ref[r])
             near += 1
         else:
-            np.testing.assert_array_equal(got, ref[r])
+            # The kept set exactly; the kept weights to a stated tolerance: NumPy's exp (the model) and
+            # PyTorch's (the reference) are different implementations and differ by an ulp where NumPy
+            # takes its AVX-512 path. 4 ulp of float64 relative.
+            np.testing.assert_allclose(got, ref[r], rtol=4 * np.finfo(np.float64).eps, atol=0)
     assert near <= 1

@@ -17,6 +17,8 @@ and the parsed corpus is cached in memory for the life of the process.
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import ast
 import functools
 import hashlib
@@ -224,7 +226,7 @@ def split_of(name: str, valid_fraction: float = 0.05) -> str:
     (same answer in every process and Python version, unlike ``hash()``).
     """
     if not isinstance(name, str):
-        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+        raise InputTypeError(f"name: expected a str, got {type(name).__name__}")
     frac = _checks.real("valid_fraction", valid_fraction, 0.0, 1.0)
     h = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
     return "valid" if h / 2.0**64 < frac else "train"
@@ -243,10 +245,10 @@ def _load_jsonl(path: Path) -> list[Document]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 # a ValueError: the file's content is wrong, not the type of an argument
-                raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')  # noqa: TRY004
+                raise InputError(f'{path}:{lineno}: expected an object with a string "text" field')  # noqa: TRY004
             label = record.get("label", record.get("source", path.stem))
             docs.append(Document(" ".join(record["text"].split()), str(label), f"{path.name}:{lineno}"))
     return docs
@@ -269,7 +271,7 @@ def load_texts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[D
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not isinstance(paths, Sequence) or not paths:
-        raise ValueError("paths: expected a path or a non-empty list of paths")
+        raise InputError("paths: expected a path or a non-empty list of paths")
     docs: list[Document] = []
     for p in paths:
         path = Path(p)
@@ -282,7 +284,7 @@ def load_texts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[D
             text = path.read_text(encoding="utf-8")
             docs.extend(Document(par, path.stem, f"{path.name}:{i}") for i, par in enumerate(_paragraphs(text)))
         else:
-            raise ValueError(f"paths: {path}: expected a .txt or .jsonl file, got {suffix or 'no extension'!r}")
+            raise InputError(f"paths: {path}: expected a .txt or .jsonl file, got {suffix or 'no extension'!r}")
     if not docs:
-        raise ValueError(f"paths: no text found in {[str(p) for p in paths]}")
+        raise InputError(f"paths: no text found in {[str(p) for p in paths]}")
     return docs

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -44,7 +46,7 @@ _ALPHA_WORD = re.compile(r"^[A-Za-z][a-z'\-]*[.,;:!?]?$")
 
 def _token_lists(name: str, token_lists: object) -> list[list[int]]:
     if isinstance(token_lists, torch.Tensor) or not isinstance(token_lists, Sequence):
-        raise TypeError(f"{name}: expected a list of token-id lists, got {type(token_lists).__name__}")
+        raise InputTypeError(f"{name}: expected a list of token-id lists, got {type(token_lists).__name__}")
     return [list(map(int, t)) for t in token_lists]
 
 
@@ -84,12 +86,12 @@ def pad(token_lists: Sequence[Sequence[int]], length: int, pad_id: int) -> torch
 
 def _select(docs: Sequence[Document], split: str, valid_fraction: float) -> list[Document]:
     if isinstance(docs, (str, bytes)) or not isinstance(docs, Sequence):
-        raise TypeError(f"docs: expected a list of Documents, got {type(docs).__name__}")
+        raise InputTypeError(f"docs: expected a list of Documents, got {type(docs).__name__}")
     if not docs:
-        raise ValueError("docs: empty corpus")
+        raise InputError("docs: empty corpus")
     for i, d in enumerate(docs):
         if not isinstance(d, Document):
-            raise TypeError(f"docs[{i}]: expected a Document, got {type(d).__name__}")
+            raise InputTypeError(f"docs[{i}]: expected a Document, got {type(d).__name__}")
     _checks.choice("split", split, SPLITS)
     if split == "all":
         return list(docs)
@@ -106,7 +108,7 @@ def lm_chunks(docs: Sequence[Document], tokenizer: Any, length: int, split: str 
     chosen = _select(docs, split, valid_fraction)
     out = pack(tokenizer.encode_batch([d.text for d in chosen]), length, tokenizer.sep_id)
     if out.shape[0] == 0:
-        raise ValueError(f"docs: the {split!r} split has too little text for one chunk of length {length}")
+        raise InputError(f"docs: the {split!r} split has too little text for one chunk of length {length}")
     return out
 
 
@@ -131,14 +133,14 @@ def attribute_chunks(docs: Sequence[Document], tokenizer: Any, length: int, spli
     _checks.positive_int("length", length)
     if isinstance(attributes, str) or not isinstance(attributes, Sequence) or len(set(attributes)) < 2 \
             or len(set(attributes)) != len(attributes):
-        raise ValueError(f"attributes: expected at least two distinct source names, got {attributes!r}")
+        raise InputError(f"attributes: expected at least two distinct source names, got {attributes!r}")
     chosen = _select(docs, split, valid_fraction)
     parts = []
     for source in attributes:
         texts = [d.text for d in chosen if d.source == source]
         chunks = pack(tokenizer.encode_batch(texts), length, tokenizer.sep_id) if texts else torch.empty(0, length)
         if chunks.shape[0] == 0:
-            raise ValueError(f"docs: no {source!r} chunk of length {length} in the {split!r} split")
+            raise InputError(f"docs: no {source!r} chunk of length {length} in the {split!r} split")
         parts.append(chunks.long())
     if balance:
         m = min(p.shape[0] for p in parts)
@@ -200,7 +202,7 @@ def word_order_tensors(pairs: Sequence[tuple[str, str]], tokenizer: Any, src_len
                        tgt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise pairs: ``src (N, src_len)``, ``tgt (N, tgt_len)``, truncated and right-padded with PAD."""
     if not isinstance(pairs, Sequence) or not pairs:
-        raise ValueError("pairs: expected a non-empty list of (source, target) pairs")
+        raise InputError("pairs: expected a non-empty list of (source, target) pairs")
     _checks.positive_int("src_len", src_len)
     _checks.positive_int("tgt_len", tgt_len)
     src = tokenizer.encode_batch([p[0] for p in pairs])
@@ -235,29 +237,29 @@ class Batches:
     def __init__(self, *tensors: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, rank: int = 0, world_size: int = 1) -> None:
         if not tensors:
-            raise ValueError("tensors: give at least one tensor")
+            raise InputError("tensors: give at least one tensor")
         for i, t in enumerate(tensors):
             _checks.tensor(f"tensors[{i}]", t)
             if t.ndim == 0:
-                raise ValueError(f"tensors[{i}]: expected at least one dimension (samples), got a scalar")
+                raise InputError(f"tensors[{i}]: expected at least one dimension (samples), got a scalar")
             if t.shape[0] != tensors[0].shape[0]:
-                raise ValueError(f"tensors[{i}]: {t.shape[0]} samples, expected {tensors[0].shape[0]} (as tensors[0])")
+                raise InputError(f"tensors[{i}]: {t.shape[0]} samples, expected {tensors[0].shape[0]} (as tensors[0])")
         self.tensors = tensors
         self.n = int(tensors[0].shape[0])
         self.batch_size = _checks.positive_int("batch_size", batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+            raise InputTypeError(f"seed: expected an int, got {type(seed).__name__}")
         self.seed = seed
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.world_size = _checks.positive_int("world_size", world_size)
         self.rank = _checks.positive_int("rank", rank, 0)
         if rank >= world_size:
-            raise ValueError(f"rank: must be < world_size ({world_size}), got {rank}")
+            raise InputError(f"rank: must be < world_size ({world_size}), got {rank}")
         if batch_size % world_size:
-            raise ValueError(f"batch_size: must be a multiple of world_size ({world_size}), got {batch_size}")
+            raise InputError(f"batch_size: must be a multiple of world_size ({world_size}), got {batch_size}")
         if len(self) == 0:
-            raise ValueError(f"tensors: {self.n} samples make no batch of {batch_size}"
+            raise InputError(f"tensors: {self.n} samples make no batch of {batch_size}"
                              + (" (drop_last=True)" if self.drop_last else ""))
         self.epoch = 0
         self.position = 0
@@ -309,15 +311,15 @@ class Batches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state["epoch"], state["position"]``; ValueError when the data or settings differ."""
         if not isinstance(state, dict):
-            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+            raise InputTypeError(f"state: expected a dict, got {type(state).__name__}")
         for key in ("n", "batch_size", "seed", "shuffle", "drop_last", "world_size"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"state: {key}={state[key]!r} but this iterator has {key}={getattr(self, key)!r}")
+                raise InputError(f"state: {key}={state[key]!r} but this iterator has {key}={getattr(self, key)!r}")
         for key in ("epoch", "position"):
             v = state.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"state: {key!r} must be a non-negative int, got {v!r}")
+                raise InputError(f"state: {key!r} must be a non-negative int, got {v!r}")
         if state["position"] > len(self):
-            raise ValueError(f"state: position {state['position']} exceeds the {len(self)} batches of an epoch")
+            raise InputError(f"state: position {state['position']} exceeds the {len(self)} batches of an epoch")
         self.epoch = state["epoch"]
         self.position = state["position"]

@@ -14,6 +14,8 @@ Every fastdiff tokenizer has the same special tokens at the same ids: ``[PAD]=0,
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import hashlib
 import json
 import os
@@ -49,12 +51,12 @@ _APOSTROPHE = re.compile(r"(\w) (['’]) (\w)")  # "don ' t" -> "don't"
 
 def _texts(name: str, texts: object) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, Iterable):
-        raise TypeError(f"{name}: expected a list of strings (or Documents), got {type(texts).__name__}")
+        raise InputTypeError(f"{name}: expected a list of strings (or Documents), got {type(texts).__name__}")
     out = []
     for i, t in enumerate(texts):
         t = getattr(t, "text", t)
         if not isinstance(t, str):
-            raise TypeError(f"{name}[{i}]: expected a str (or an object with .text), got {type(t).__name__}")
+            raise InputTypeError(f"{name}[{i}]: expected a str (or an object with .text), got {type(t).__name__}")
         out.append(t)
     return out
 
@@ -89,7 +91,7 @@ class TextTokenizer:
         for i, tok in enumerate(SPECIAL_TOKENS):
             got = tokenizer.token_to_id(tok)
             if got != i:
-                raise ValueError(f"tokenizer: special token {tok} must have id {i}, got {got}")
+                raise InputError(f"tokenizer: special token {tok} must have id {i}, got {got}")
         self._tok = tokenizer
         self.kind = _kind_of(tokenizer)
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -115,7 +117,7 @@ class TextTokenizer:
 
         data = _texts("texts", texts)
         if not any(t.strip() for t in data):
-            raise ValueError("texts: empty corpus (no non-blank text to train on)")
+            raise InputError("texts: empty corpus (no non-blank text to train on)")
         _checks.choice("kind", kind, KINDS)
         _checks.positive_int("min_frequency", min_frequency)
         if kind == "bpe":
@@ -151,11 +153,11 @@ class TextTokenizer:
         try:
             tok = Tokenizer.from_str(p.read_text(encoding="utf-8"))
         except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for bad JSON / schema)
-            raise ValueError(f"path: {p} is not a valid tokenizer.json ({type(e).__name__}: {e})") from None
+            raise InputError(f"path: {p} is not a valid tokenizer.json ({type(e).__name__}: {e})") from None
         try:
             return cls(tok)
         except ValueError as e:
-            raise ValueError(f"path: {p}: {e}") from None
+            raise InputError(f"path: {p}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as one ``tokenizer.json`` (compact JSON; parent directories are created)."""
@@ -182,7 +184,7 @@ class TextTokenizer:
         so a prompt can spell out masked positions: ``encode("a [MASK] b")`` contains ``mask_id``.
         """
         if not isinstance(text, str):
-            raise TypeError(f"text: expected a str, got {type(text).__name__}")
+            raise InputTypeError(f"text: expected a str, got {type(text).__name__}")
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -198,13 +200,13 @@ class TextTokenizer:
         """
         if isinstance(ids, torch.Tensor):
             if ids.ndim != 1:
-                raise ValueError(f"ids: expected a 1-D tensor, got shape {tuple(ids.shape)}")
+                raise InputError(f"ids: expected a 1-D tensor, got shape {tuple(ids.shape)}")
             _checks.integer("ids", ids)
             ids = ids.tolist()
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"ids: token ids must lie in [0, {self.vocab_size}), got {bad[0]}")
+            raise InputError(f"ids: token ids must lie in [0, {self.vocab_size}), got {bad[0]}")
         if skip_special:
             ids = [i for i in ids if i >= len(SPECIAL_TOKENS)]
         text = self._tok.decode(ids, skip_special_tokens=False)

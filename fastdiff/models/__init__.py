@@ -3,6 +3,8 @@ the causal LM and classifier used for evaluation, and :func:`build_model` by arc
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 from typing import Any
 
 from torch import nn
@@ -20,9 +22,9 @@ ARCHS = {"sed": SEDDenoiser, "causal_lm": CausalLM, "classifier": TextClassifier
 def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
     """A model from its architecture name and ``config_dict()``."""
     if arch not in ARCHS:
-        raise ValueError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
+        raise InputError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
     if not isinstance(config, dict):
-        raise TypeError(f"config: expected a dict, got {type(config).__name__}")
+        raise InputTypeError(f"config: expected a dict, got {type(config).__name__}")
     if arch == "sed":
         return SEDDenoiser(SEDConfig.from_dict(config))
     return ARCHS[arch](**config)

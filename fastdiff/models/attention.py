@@ -14,6 +14,8 @@ one ordinary attention call with head dim ``d + 2F`` and an explicit ``scale``, 
 
 from __future__ import annotations
 
+from ..errors import InputError
+
 import math
 
 import torch
@@ -44,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     :func:`flash_attn_usable`, else SDPA), "sdpa", "flash" (raises when it cannot run).
     """
     if backend not in ("auto", "sdpa", "flash"):
-        raise ValueError(f"backend: expected 'auto', 'sdpa' or 'flash', got {backend!r}")
+        raise InputError(f"backend: expected 'auto', 'sdpa' or 'flash', got {backend!r}")
     use_flash = backend == "flash" or (backend == "auto" and flash_attn_usable(q, key_padding_mask))
     if use_flash:
         if not flash_attn_usable(q, key_padding_mask):
@@ -87,7 +89,7 @@ class RelativeSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, rel_freqs: int = 32, causal: bool = False, backend: str = "auto"):
         super().__init__()
         if width % heads:
-            raise ValueError(f"width: {width} is not divisible by heads={heads}")
+            raise InputError(f"width: {width} is not divisible by heads={heads}")
         self.width, self.heads, self.head_dim = width, heads, width // heads
         self.rel_freqs, self.causal, self.backend = rel_freqs, causal, backend
         self.qkv = nn.Linear(width, 3 * width)
@@ -125,7 +127,7 @@ class CrossAttention(nn.Module):
     def __init__(self, width: int, heads: int, backend: str = "auto"):
         super().__init__()
         if width % heads:
-            raise ValueError(f"width: {width} is not divisible by heads={heads}")
+            raise InputError(f"width: {width} is not divisible by heads={heads}")
         self.width, self.heads, self.head_dim, self.backend = width, heads, width // heads, backend
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 from typing import Any
 
 import torch
@@ -39,7 +41,7 @@ class CausalLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.ndim != 2:
-            raise TypeError("tokens: expected a (B, L) int64 tensor")
+            raise InputTypeError("tokens: expected a (B, L) int64 tensor")
         _checks.token_ids("tokens", tokens, self._cfg["vocab_size"])
         h = self.embedding(tokens)
         for blk in self.blocks:
@@ -72,11 +74,11 @@ class TextClassifier(nn.Module):
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.ndim != 2:
-            raise TypeError("tokens: expected a (B, L) int64 tensor")
+            raise InputTypeError("tokens: expected a (B, L) int64 tensor")
         _checks.token_ids("tokens", tokens, self._cfg["vocab_size"])
         mask = tokens != self._cfg["pad_id"] if attention_mask is None else attention_mask.to(torch.bool)
         if mask.shape != tokens.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(tokens.shape)}, got {tuple(mask.shape)}")
+            raise InputError(f"attention_mask: expected shape {tuple(tokens.shape)}, got {tuple(mask.shape)}")
         mask = mask | ~mask.any(1, keepdim=True)  # an all-PAD row attends to everything rather than nothing
         h = self.embedding(tokens)
         for blk in self.blocks:

@@ -9,6 +9,8 @@ deviation equals the current initialisation's. Only local files are read (``loca
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ def _load_hf(hf_dir: str | os.PathLike) -> tuple[Any, torch.Tensor]:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"hf_dir: could not load a tokenizer and model from {str(path)!r}: {e}") from None
+        raise InputError(f"hf_dir: could not load a tokenizer and model from {str(path)!r}: {e}") from None
     return tok, model.get_input_embeddings().weight.detach().float()
 
 
@@ -59,12 +61,12 @@ def init_embeddings_from_pretrained(embedding: nn.Embedding | torch.Tensor, toke
     """Overwrite ``embedding`` (an ``nn.Embedding`` or a ``(V, D)`` tensor, in place) with pretrained rows;
     tokens without a pretrained counterpart keep their values. Returns the ``(V,)`` bool mask of rows set."""
     if proj not in ("pca", "truncate"):
-        raise ValueError(f"proj: expected 'pca' or 'truncate', got {proj!r}")
+        raise InputError(f"proj: expected 'pca' or 'truncate', got {proj!r}")
     weight = embedding.weight if isinstance(embedding, nn.Embedding) else embedding
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise TypeError("embedding: expected an nn.Embedding or a (V, D) tensor")
+        raise InputTypeError("embedding: expected an nn.Embedding or a (V, D) tensor")
     if weight.shape[0] != tokenizer.vocab_size:
-        raise ValueError(f"embedding: has {weight.shape[0]} rows but the tokenizer has {tokenizer.vocab_size} tokens")
+        raise InputError(f"embedding: has {weight.shape[0]} rows but the tokenizer has {tokenizer.vocab_size} tokens")
     hf_tok, table = _load_hf(hf_dir)
     rows, found = pretrained_rows(tokenizer, hf_tok, table)
     D = weight.shape[1]

@@ -21,6 +21,8 @@ runs a source encoder once and every layer cross-attends to its ``memory``.
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -75,17 +77,17 @@ class SEDConfig:
             self.output = "logits" if self.kind == "discrete" else "embedding"
         _checks.choice("output", self.output, ("logits", "embedding"))
         if self.kind == "discrete" and self.output != "logits":
-            raise ValueError("output: a discrete SED model outputs logits")
+            raise InputError("output: a discrete SED model outputs logits")
         for name in ("embed_dim", "width", "layers", "heads", "ff_mult", "rel_freqs"):
             _checks.positive_int(name, getattr(self, name))
         for name in ("num_labels", "encoder_layers", "pad_id"):
             _checks.positive_int(name, getattr(self, name), 0)
         if self.width % self.heads:
-            raise ValueError(f"width: {self.width} is not divisible by heads={self.heads}")
+            raise InputError(f"width: {self.width} is not divisible by heads={self.heads}")
         _checks.real("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         _checks.choice("attention", self.attention, ("auto", "sdpa", "flash"))
         if self.self_condition and self.kind != "continuous":
-            raise ValueError("self_condition: only continuous SED models take an x0 estimate as input")
+            raise InputError("self_condition: only continuous SED models take an x0 estimate as input")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,7 +131,7 @@ class Block(nn.Module):
         h = h + self.drop(self.attn(self.norm1(h), mask))
         if self.cross is not None:
             if memory is None:
-                raise ValueError("memory: this encoder-decoder model needs memory= (from model.encode(src))")
+                raise InputError("memory: this encoder-decoder model needs memory= (from model.encode(src))")
             h = h + self.drop(self.cross(self.norm_x(h), memory, memory_mask))
         return h + self.drop(self.ff(self.norm2(h)))
 
@@ -154,7 +156,7 @@ class SEDDenoiser(nn.Module):
         elif kw:
             config = dataclasses.replace(config, **kw)
         if not isinstance(config, SEDConfig):
-            raise TypeError(f"config: expected an SEDConfig or a dict, got {type(config).__name__}")
+            raise InputTypeError(f"config: expected an SEDConfig or a dict, got {type(config).__name__}")
         self.config = c = config
         W, V = c.width, c.vocab_size
         if c.kind == "discrete":
@@ -192,13 +194,13 @@ class SEDDenoiser(nn.Module):
         """``(V, D)``: the embeddings continuous diffusion runs among (LayerNorm applied) — what to round
         and clamp against."""
         if self.embedding is None:
-            raise TypeError("embedding_table: a discrete SED model has no diffusion embedding table")
+            raise InputTypeError("embedding_table: a discrete SED model has no diffusion embedding table")
         return self.embedding.table()
 
     def _tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
         _checks.tensor(name, x)
         if x.dtype != torch.long or x.ndim != 2:
-            raise TypeError(f"{name}: expected (B, L) int64 token ids, got {tuple(x.shape)} {x.dtype}")
+            raise InputTypeError(f"{name}: expected (B, L) int64 token ids, got {tuple(x.shape)} {x.dtype}")
         if not _capturing():
             _checks.token_ids(name, x, self.config.vocab_size)
         return x
@@ -206,7 +208,7 @@ class SEDDenoiser(nn.Module):
     def encode(self, src_tokens: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the source encoder once: ``(B, Ls)`` ids -> ``memory (B, Ls, width)``."""
         if not self.config.cross_attention:
-            raise TypeError("encode: this model has no encoder (cross_attention=False); use cond_tokens=")
+            raise InputTypeError("encode: this model has no encoder (cross_attention=False); use cond_tokens=")
         src = self._tokens("src_tokens", src_tokens)
         mask = self._mask("src_mask", src_mask, src.shape)
         h = self.token_embedding(src)
@@ -227,7 +229,7 @@ class SEDDenoiser(nn.Module):
         if mask is None:
             return None
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
-            raise ValueError(f"{name}: expected a {tuple(shape)} bool tensor (True = real token)")
+            raise InputError(f"{name}: expected a {tuple(shape)} bool tensor (True = real token)")
         return mask.to(torch.bool)
 
     # --- forward --------------------------------------------------------------------------------
@@ -243,16 +245,16 @@ class SEDDenoiser(nn.Module):
         else:
             _checks.tensor("x_t", x_t)
             if x_t.ndim != 3 or x_t.shape[-1] != c.embed_dim or not x_t.is_floating_point():
-                raise ValueError(f"x_t: expected (B, L, {c.embed_dim}) float vectors, got {tuple(x_t.shape)} {x_t.dtype}")
+                raise InputError(f"x_t: expected (B, L, {c.embed_dim}) float vectors, got {tuple(x_t.shape)} {x_t.dtype}")
             B, L = x_t.shape[:2]
             if c.self_condition:
                 if x_self_cond is None:
                     x_self_cond = torch.zeros_like(x_t)
                 elif x_self_cond.shape != x_t.shape:
-                    raise ValueError(f"x_self_cond: expected shape {tuple(x_t.shape)}, got {tuple(x_self_cond.shape)}")
+                    raise InputError(f"x_self_cond: expected shape {tuple(x_t.shape)}, got {tuple(x_self_cond.shape)}")
                 inp = torch.cat([x_t, x_self_cond.to(x_t.dtype)], -1)
             elif x_self_cond is not None:
-                raise ValueError("x_self_cond: this model was built without self_condition")
+                raise InputError("x_self_cond: this model was built without self_condition")
             else:
                 inp = x_t
             h = self.input_proj(inp.to(self.input_proj.weight.dtype))
@@ -260,7 +262,7 @@ class SEDDenoiser(nn.Module):
         if t.ndim == 0:
             t = t.expand(B)
         if t.shape != (B,) or t.is_floating_point():
-            raise ValueError(f"t: expected ({B},) integer steps, got {tuple(t.shape)} {t.dtype}")
+            raise InputError(f"t: expected ({B},) integer steps, got {tuple(t.shape)} {t.dtype}")
         temb = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
         prefix: list[torch.Tensor] = []
         masks: list[torch.Tensor | None] = []
@@ -270,21 +272,21 @@ class SEDDenoiser(nn.Module):
             label = torch.as_tensor(label, device=h.device)
             if label.shape != (B,) or label.is_floating_point() or (
                     not _capturing() and (int(label.min()) < 0 or int(label.max()) > c.num_labels)):
-                raise ValueError(f"label: expected ({B},) ints in [0, {c.num_labels}] ({c.num_labels} = no label)")
+                raise InputError(f"label: expected ({B},) ints in [0, {c.num_labels}] ({c.num_labels} = no label)")
             prefix.append(self.label_embedding(label)[:, None])
             masks.append(None)
         elif label is not None:
-            raise ValueError("label: this model was built with num_labels=0")
+            raise InputError("label: this model was built with num_labels=0")
         if cond_tokens is not None:
             cond_tokens = self._tokens("cond_tokens", cond_tokens)
             if cond_tokens.shape[0] != B:
-                raise ValueError(f"cond_tokens: expected {B} rows, got {cond_tokens.shape[0]}")
+                raise InputError(f"cond_tokens: expected {B} rows, got {cond_tokens.shape[0]}")
             prefix.append(self._embed_condition(cond_tokens) + self.cond_segment)
             masks.append(cond_tokens != c.pad_id)
         if c.cross_attention and memory is None:
-            raise ValueError("memory: this encoder-decoder model needs memory=model.encode(src)")
+            raise InputError("memory: this encoder-decoder model needs memory=model.encode(src)")
         if memory is not None and not c.cross_attention:
-            raise ValueError("memory: this model has no cross-attention (cross_attention=False)")
+            raise InputError("memory: this model has no cross-attention (cross_attention=False)")
         if attention_mask is not None:
             attention_mask = self._mask("attention_mask", attention_mask, (B, L))
         seq = torch.cat([*prefix, h], 1) + temb[:, None]

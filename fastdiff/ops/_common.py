@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import torch
 
 from .. import _checks
@@ -20,15 +22,15 @@ def check_x_weight(x: object, weight: object) -> None:
     _checks.floating("x", x)
     _checks.floating("weight", weight)
     if x.ndim < 1:
-        raise ValueError("x: expected shape (..., D), got a scalar")
+        raise InputError("x: expected shape (..., D), got a scalar")
     if weight.ndim != 2:
-        raise ValueError(f"weight: expected shape (V, D), got {tuple(weight.shape)}")
+        raise InputError(f"weight: expected shape (V, D), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
-        raise ValueError("weight: empty vocabulary (V = 0)")
+        raise InputError("weight: empty vocabulary (V = 0)")
     if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match weight's D = {weight.shape[1]}")
+        raise InputError(f"x: last dimension {x.shape[-1]} does not match weight's D = {weight.shape[1]}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
+        raise InputTypeError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
     _checks.same_device(x=x, weight=weight)
 
 
@@ -39,19 +41,19 @@ def check_logits(name: str, logits: object, vocab_size: int | None = None,
     ``values=False`` checks everything but the values (see :func:`check_values_unless_kernel_does`)."""
     logits = _checks.floating(name, logits)
     if logits.ndim < 1:
-        raise ValueError(f"{name}: expected shape (..., V), got a scalar")
+        raise InputError(f"{name}: expected shape (..., V), got a scalar")
     V = logits.shape[-1]
     if V == 0:
-        raise ValueError(f"{name}: empty vocabulary (last dimension is 0)")
+        raise InputError(f"{name}: empty vocabulary (last dimension is 0)")
     if vocab_size is not None and V != vocab_size:
-        raise ValueError(f"{name}: last dimension {V} does not match the vocabulary size {vocab_size}")
+        raise InputError(f"{name}: last dimension {V} does not match the vocabulary size {vocab_size}")
     if like is not None:
         if logits.shape[:-1] != like.shape:
-            raise ValueError(
+            raise InputError(
                 f"{name}: leading shape {tuple(logits.shape[:-1])} does not match x_t {tuple(like.shape)}"
             )
         if logits.device != like.device:
-            raise ValueError(f"{name}: expected device {like.device} (as x_t), got {logits.device}")
+            raise InputError(f"{name}: expected device {like.device} (as x_t), got {logits.device}")
     if values:
         check_finite_above(name, logits)
     return logits
@@ -74,11 +76,11 @@ def check_finite_above(name: str, logits: torch.Tensor) -> torch.Tensor:
     row_max = logits.amax(dim=-1)
     top = row_max.max()
     if bool(torch.isnan(top)):
-        raise ValueError(f"{name}: contains NaN")
+        raise InputError(f"{name}: contains NaN")
     if bool(torch.isposinf(top)):
-        raise ValueError(f"{name}: contains +inf")
+        raise InputError(f"{name}: contains +inf")
     if bool(torch.isneginf(row_max).any()):
-        raise ValueError(f"{name}: a row has every logit at -inf (no category can be drawn)")
+        raise InputError(f"{name}: a row has every logit at -inf (no category can be drawn)")
     return logits
 
 
@@ -91,7 +93,7 @@ def check_temperature(temperature: object, allow_zero: bool = False) -> float:
 def check_process(process: object) -> object:
     for attr in ("vocab_size", "T", "posterior_probs", "x0_log_probs", "kind"):
         if not hasattr(process, attr):
-            raise TypeError(f"process: expected a fastdiff.discrete process, got {type(process).__name__}")
+            raise InputTypeError(f"process: expected a fastdiff.discrete process, got {type(process).__name__}")
     return process
 
 

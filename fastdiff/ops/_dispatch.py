@@ -4,6 +4,8 @@ and the install command. ``FASTDIFF_BACKEND`` replaces "auto" and counts as an e
 
 from __future__ import annotations
 
+from ..errors import InputError
+
 import os
 from collections.abc import Callable
 
@@ -55,12 +57,12 @@ def _try(op: str, backend: str, device: torch.device) -> tuple[Callable | None, 
 def resolve(op: str, backend: str, device: torch.device, reference: Callable) -> Callable:
     """The implementation of ``op`` to run on ``device`` for the requested ``backend``."""
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        raise InputError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
         env = os.environ.get("FASTDIFF_BACKEND", "").strip()
         if env and env != "auto":
             if env not in BACKENDS:
-                raise ValueError(f"FASTDIFF_BACKEND: expected one of {list(BACKENDS)}, got {env!r}")
+                raise InputError(f"FASTDIFF_BACKEND: expected one of {list(BACKENDS)}, got {env!r}")
             backend = env
     if backend == "reference":
         return reference

@@ -27,6 +27,8 @@ positive-weight category when rounding leaves no index; accumulate ``w`` in floa
 
 from __future__ import annotations
 
+from ..errors import InputTypeError
+
 from dataclasses import dataclass
 
 import torch
@@ -98,4 +100,4 @@ def posterior_plan(process, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torc
             fact1[sel] = process.transition(si, ti).to(dev).T[xt[sel]]
         return PosteriorPlan("matrix", fact1=fact1, qbar_s=qbar, pair=inverse.to(torch.int64).contiguous(),
                              **common)
-    raise TypeError(f"process: no kernel lowering for processes of kind {kind!r}")
+    raise InputTypeError(f"process: no kernel lowering for processes of kind {kind!r}")

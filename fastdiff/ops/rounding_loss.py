@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
+
 import torch
 import torch.nn.functional as F
 
@@ -21,15 +23,15 @@ def _check(x, weight, target, bias, reduction, ignore_index):
     _checks.choice("reduction", reduction, REDUCTIONS)
     V = weight.shape[0]
     if target.shape != x.shape[:-1]:
-        raise ValueError(f"target: expected shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
+        raise InputError(f"target: expected shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}")
     if bias is not None:
         _checks.floating("bias", bias)
         if bias.shape != (V,):
-            raise ValueError(f"bias: expected shape ({V},), got {tuple(bias.shape)}")
+            raise InputError(f"bias: expected shape ({V},), got {tuple(bias.shape)}")
     _checks.same_device(x=x, weight=weight, target=target, bias=bias)
     valid = target != ignore_index
     if target.numel() and bool(((target[valid] < 0) | (target[valid] >= V)).any()):
-        raise ValueError(f"target: token ids must lie in [0, {V}) (or equal ignore_index={ignore_index})")
+        raise InputError(f"target: token ids must lie in [0, {V}) (or equal ignore_index={ignore_index})")
     _checks.finite("x", x.detach())
     _checks.finite("weight", weight.detach())
 

@@ -17,6 +17,8 @@ Every adapter carries two flags the sampler reads:
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 from collections.abc import Callable
 
 import torch
@@ -31,7 +33,7 @@ def unwrap_output(out: object) -> torch.Tensor:
         return logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
-    raise TypeError(f"model: expected a tensor output (or a tuple / an object with .logits), got {type(out).__name__}")
+    raise InputTypeError(f"model: expected a tensor output (or a tuple / an object with .logits), got {type(out).__name__}")
 
 
 class Denoiser:
@@ -49,7 +51,7 @@ class Denoiser:
     def __init__(self, fn: Callable, *, uses_time: bool = True, time_kwarg: str | None = None,
                  accepts_attention_mask: bool = False, pass_time: bool = True):
         if not callable(fn):
-            raise TypeError(f"model: expected a callable, got {type(fn).__name__}")
+            raise InputTypeError(f"model: expected a callable, got {type(fn).__name__}")
         self.fn = fn
         self.uses_time = bool(uses_time)
         self.time_kwarg = time_kwarg
@@ -108,11 +110,11 @@ def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str
         return model
     if _looks_like_hf(model):
         if uses_time and time_kwarg is None:
-            raise ValueError("uses_time: a Hugging Face model receives the step only through time_kwarg=...; "
+            raise InputError("uses_time: a Hugging Face model receives the step only through time_kwarg=...; "
                              "give time_kwarg, or leave uses_time unset for a plain masked LM")
         return HFMaskedLM(model, time_kwarg=time_kwarg)
     if not callable(model):
-        raise TypeError(f"model: expected a callable denoiser, got {type(model).__name__}")
+        raise InputTypeError(f"model: expected a callable denoiser, got {type(model).__name__}")
     if uses_time is None:
         uses_time = bool(getattr(model, "uses_time", True))
     accepts = bool(getattr(model, "accepts_attention_mask", False))
@@ -144,7 +146,7 @@ class CUDAGraphed(Denoiser):
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if x_t.device.type != "cuda":
-            raise ValueError(f"cuda_graph: CUDA graphs need CUDA tensors, got x_t on {x_t.device}")
+            raise InputError(f"cuda_graph: CUDA graphs need CUDA tensors, got x_t on {x_t.device}")
         key = self._key(x_t, t, cond)
         entry = self.graphs.get(key)
         if entry is None:

@@ -3,6 +3,8 @@ classifier(-free) guidance, fixed positions and rounding to tokens at the end.""
 
 from __future__ import annotations
 
+from ..errors import InputError
+
 import torch
 
 from .. import ops
@@ -26,9 +28,9 @@ def _grad(run: _Run, x_t: torch.Tensor, t: int) -> torch.Tensor:
     with torch.enable_grad():
         g = run.o.classifier_grad(x_t, tt)
     if not isinstance(g, torch.Tensor) or g.shape != x_t.shape:
-        raise ValueError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
+        raise InputError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
     if not bool(torch.isfinite(g).all()):
-        raise ValueError("classifier_grad: returned NaN or inf")
+        raise InputError("classifier_grad: returned NaN or inf")
     return g.to(x_t.dtype)
 
 

@@ -16,6 +16,8 @@ batches or ranks (:mod:`fastdiff.distributed`).
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import time
 
 import torch
@@ -64,22 +66,22 @@ class _Run:
         self.values = torch.zeros(B, L, dtype=torch.int64, device=self.device)  # tokens held where frozen
         if o.fixed is not None or o.x_init is not None:
             if o.fixed is None or o.x_init is None:
-                raise ValueError("fixed: 'fixed' and 'x_init' go together (the mask and the tokens it holds)")
+                raise InputError("fixed: 'fixed' and 'x_init' go together (the mask and the tokens it holds)")
             fixed = _checks.tensor("fixed", o.fixed)
             if fixed.dtype != torch.bool:
-                raise TypeError(f"fixed: expected a bool mask, got {fixed.dtype}")
+                raise InputTypeError(f"fixed: expected a bool mask, got {fixed.dtype}")
             if fixed.shape != (B, L):
-                raise ValueError(f"fixed: expected shape {(B, L)}, got {tuple(fixed.shape)}")
+                raise InputError(f"fixed: expected shape {(B, L)}, got {tuple(fixed.shape)}")
             x_init = _checks.integer("x_init", o.x_init)
             if x_init.shape != (B, L):
-                raise ValueError(f"x_init: expected shape {(B, L)}, got {tuple(x_init.shape)}")
+                raise InputError(f"x_init: expected shape {(B, L)}, got {tuple(x_init.shape)}")
             x_init = x_init.to(self.device, torch.int64)
             fixed = fixed.to(self.device)
             held = x_init[fixed]
             if held.numel() and bool(((held < 0) | (held >= V)).any()):
-                raise ValueError(f"x_init: tokens at fixed positions must lie in [0, {V})")
+                raise InputError(f"x_init: tokens at fixed positions must lie in [0, {V})")
             if not self.continuous and self.process.kind == "absorbing" and bool((held == self.process.mask_id).any()):
-                raise ValueError("x_init: a fixed position holds the mask token")
+                raise InputError("x_init: a fixed position holds the mask token")
             self.fixed |= fixed
             self.values = torch.where(fixed, x_init, self.values)
         self.prompt = self.fixed.clone()  # user-fixed positions (prompts, infilling context)
@@ -87,46 +89,46 @@ class _Run:
         if o.lengths is not None:
             lengths = _checks.integer("lengths", o.lengths).to(self.device, torch.int64)
             if lengths.shape != (B,):
-                raise ValueError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
+                raise InputError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
             if bool(((lengths < 1) | (lengths > L)).any()):
-                raise ValueError(f"lengths: every length must lie in [1, L={L}]")
+                raise InputError(f"lengths: every length must lie in [1, L={L}]")
             pad = o.pad_id if o.pad_id is not None else o.eos_id
             if pad is None:
-                raise ValueError("pad_id: variable lengths need pad_id (or eos_id) to fill the padding")
+                raise InputError("pad_id: variable lengths need pad_id (or eos_id) to fill the padding")
             real = torch.arange(L, device=self.device)[None, :] < lengths[:, None]
             self.attention_mask = real
             self.fixed |= ~real
             self.values = torch.where(real, self.values, torch.full_like(self.values, pad))
         if o.guidance_scale != 1.0:
             if o.cond is None and not bool(self.prompt.any()):
-                raise ValueError("guidance_scale: classifier-free guidance needs a condition: cond/uncond "
+                raise InputError("guidance_scale: classifier-free guidance needs a condition: cond/uncond "
                                  "keyword tensors, or fixed prompt positions (masked out for the unconditional pass)")
             if o.cond is not None and o.uncond is None:
-                raise ValueError("uncond: classifier-free guidance with cond= needs uncond= (the same keywords "
+                raise InputError("uncond: classifier-free guidance with cond= needs uncond= (the same keywords "
                                  "holding the null condition) so both passes run in one batch")
             if o.cond is None and (self.continuous or self.process.kind != "absorbing") and o.uncond is None:
-                raise ValueError("uncond: without cond/uncond, the unconditional pass masks the prompt, which "
+                raise InputError("uncond: without cond/uncond, the unconditional pass masks the prompt, which "
                                  "needs an absorbing process")
         for name in ("cond", "uncond"):
             d = getattr(o, name)
             for k, v in (d or {}).items():
                 if isinstance(v, torch.Tensor) and (v.ndim == 0 or v.shape[0] != B):
-                    raise ValueError(f"{name}: tensor {k!r} must have the batch size {B} as its first dimension, "
+                    raise InputError(f"{name}: tensor {k!r} must have the batch size {B} as its first dimension, "
                                      f"got {tuple(v.shape)}")
         if o.cond is not None and o.uncond is not None and set(o.cond) != set(o.uncond):
-            raise ValueError(f"uncond: keys {sorted(o.uncond)} differ from cond's {sorted(o.cond)}")
+            raise InputError(f"uncond: keys {sorted(o.uncond)} differ from cond's {sorted(o.cond)}")
         if o.cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph: CUDA graphs need a CUDA device, the batch is on {self.device}")
+            raise InputError(f"cuda_graph: CUDA graphs need a CUDA device, the batch is on {self.device}")
         if o.kv_cache and o.guidance_scale != 1.0:
-            raise ValueError("guidance_scale: classifier-free guidance doubles the batch, which the KV cache "
+            raise InputError("guidance_scale: classifier-free guidance doubles the batch, which the KV cache "
                              "of a block-causal model does not hold; use kv_cache=False")
         if o.kv_cache:
             for attr in ("new_cache", "extend_cache"):
                 if not callable(getattr(self.model.fn, attr, None)):
-                    raise TypeError(f"model: kv_cache=True needs a block-causal model with {attr}(); "
+                    raise InputTypeError(f"model: kv_cache=True needs a block-causal model with {attr}(); "
                                     "see fastdiff.sampling.BlockCausalDenoiser")
         if o.cache and self.model.uses_time:
-            raise ValueError("cache: MDLM caching is exact only for models that ignore t; wrap the model with "
+            raise InputError("cache: MDLM caching is exact only for models that ignore t; wrap the model with "
                              "as_denoiser(model, uses_time=False) if it does")
 
     @property
@@ -192,7 +194,7 @@ class _Run:
             elif a is b or (a is not None and b is not None and a == b):
                 both[k] = a
             else:
-                raise ValueError(f"uncond: keyword {k!r} must be a tensor in both cond and uncond (or equal in both)")
+                raise InputError(f"uncond: keyword {k!r} must be a tensor in both cond and uncond (or equal in both)")
         out = self._call(torch.cat([x_ctx, x_u]), t, both)
         self._check_output(out, (2 * x_ctx.shape[0], Lc))
         cond_out, uncond_out = out.chunk(2)
@@ -205,13 +207,13 @@ class _Run:
 
     def _check_output(self, out: torch.Tensor, bl: tuple[int, int]) -> None:
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-            raise TypeError(f"model: expected a floating tensor output, got {type(out).__name__}")
+            raise InputTypeError(f"model: expected a floating tensor output, got {type(out).__name__}")
         if self.continuous:
             want = bl + (self.o.embedding.shape[1],)
         else:
             want = bl + (self.vocab_size,)
         if tuple(out.shape) != want:
-            raise ValueError(f"model: output shape {tuple(out.shape)} differs from the expected {want}")
+            raise InputError(f"model: output shape {tuple(out.shape)} differs from the expected {want}")
 
     # ------------------------------------------------------------------------------------------------
     # the loop

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -73,14 +75,14 @@ class Options:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise TypeError(f"sample: unknown option(s) {unknown}; valid options: {sorted(names)}")
+            raise InputTypeError(f"sample: unknown option(s) {unknown}; valid options: {sorted(names)}")
         return cls(**kwargs)
 
     def replace(self, **kwargs) -> "Options":
         names = {f.name for f in dataclasses.fields(self)} - {"extra"}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise TypeError(f"sample: unknown option(s) {unknown}; valid options: {sorted(names)}")
+            raise InputTypeError(f"sample: unknown option(s) {unknown}; valid options: {sorted(names)}")
         return dataclasses.replace(self, **kwargs)
 
 
@@ -91,27 +93,27 @@ def is_continuous(process: object) -> bool:
 def check_static(process: object, strategy: str, steps: object, o: Options) -> int:
     """Checks that do not depend on the batch; returns ``steps`` as an int."""
     if not (is_continuous(process) or all(hasattr(process, a) for a in ("vocab_size", "T", "kind"))):
-        raise TypeError(f"process: expected a fastdiff.discrete process or a GaussianDiffusion, "
+        raise InputTypeError(f"process: expected a fastdiff.discrete process or a GaussianDiffusion, "
                         f"got {type(process).__name__}")
     _checks.choice("strategy", strategy, STRATEGIES)
     continuous = is_continuous(process)
     if continuous and strategy not in CONTINUOUS_STRATEGIES:
-        raise ValueError(f"strategy: {strategy!r} is a discrete strategy; a GaussianDiffusion takes one of "
+        raise InputError(f"strategy: {strategy!r} is a discrete strategy; a GaussianDiffusion takes one of "
                          f"{list(CONTINUOUS_STRATEGIES)}")
     if not continuous and strategy not in DISCRETE_STRATEGIES:
-        raise ValueError(f"strategy: {strategy!r} is a continuous strategy; a discrete process takes one of "
+        raise InputError(f"strategy: {strategy!r} is a continuous strategy; a discrete process takes one of "
                          f"{list(DISCRETE_STRATEGIES)}")
     steps = _checks.positive_int("steps", steps)
     if strategy in ("ancestral", "remask", "ddpm", "ddim") and steps > process.T:
-        raise ValueError(f"steps: {steps} exceeds the process's T = {process.T}")
+        raise InputError(f"steps: {steps} exceeds the process's T = {process.T}")
     kind = getattr(process, "kind", None)
     if strategy in ("confidence", "threshold", "remask") and kind != "absorbing":
-        raise ValueError(f"strategy: {strategy!r} needs an absorbing (mask) process, got kind {kind!r}")
+        raise InputError(f"strategy: {strategy!r} needs an absorbing (mask) process, got kind {kind!r}")
     if strategy == "remask" and process.schedule.per_token:
-        raise ValueError("strategy: 'remask' (ReMDM) needs a scalar (T+1,) schedule, not a per-token one")
+        raise InputError("strategy: 'remask' (ReMDM) needs a scalar (T+1,) schedule, not a per-token one")
     _checks.real("temperature", o.temperature, 0.0)
     if o.temperature == 0 and strategy in ("ancestral", "remask", "ddpm", "ddim"):
-        raise ValueError(f"temperature: must be > 0 for strategy {strategy!r} (0 means greedy, which only "
+        raise InputError(f"temperature: must be > 0 for strategy {strategy!r} (0 means greedy, which only "
                          "'confidence' and 'threshold' use)")
     if o.top_k is not None:
         _checks.positive_int("top_k", o.top_k)
@@ -119,29 +121,29 @@ def check_static(process: object, strategy: str, steps: object, o: Options) -> i
         _checks.real("top_p", o.top_p, 0.0, 1.0, lo_open=True)
     if (o.top_k is not None or o.top_p is not None) and not continuous:
         if kind != "absorbing":
-            raise ValueError("top_k: top-k / top-p sampling is defined here for absorbing processes "
+            raise InputError("top_k: top-k / top-p sampling is defined here for absorbing processes "
                              "(the x0 draw is separable from the unmasking); got kind " + repr(kind))
         if strategy in ("ancestral", "remask") and process.schedule.per_token:
-            raise ValueError("top_k: top-k / top-p need a scalar schedule (per-token schedules mix them)")
+            raise InputError("top_k: top-k / top-p need a scalar schedule (per-token schedules mix them)")
     if continuous and (o.top_k is not None or o.top_p is not None):
-        raise ValueError("top_k: top-k / top-p do not apply to continuous strategies")
+        raise InputError("top_k: top-k / top-p do not apply to continuous strategies")
     _checks.real("guidance_scale", o.guidance_scale)
     if o.cond is not None and not isinstance(o.cond, dict):
-        raise TypeError(f"cond: expected a dict of keyword arguments, got {type(o.cond).__name__}")
+        raise InputTypeError(f"cond: expected a dict of keyword arguments, got {type(o.cond).__name__}")
     if o.uncond is not None and not isinstance(o.uncond, dict):
-        raise TypeError(f"uncond: expected a dict of keyword arguments, got {type(o.uncond).__name__}")
+        raise InputTypeError(f"uncond: expected a dict of keyword arguments, got {type(o.uncond).__name__}")
     if o.block_size is not None:
         _checks.positive_int("block_size", o.block_size)
     _checks.choice("block_context", o.block_context, ("prefix", "full"))
     if o.kv_cache and o.block_size is None:
-        raise ValueError("kv_cache: the KV-cache path needs block_size (semi-autoregressive blocks)")
+        raise InputError("kv_cache: the KV-cache path needs block_size (semi-autoregressive blocks)")
     if o.kv_cache and o.cache:
-        raise ValueError("cache: the MDLM cache and kv_cache cannot be combined")
+        raise InputError("cache: the MDLM cache and kv_cache cannot be combined")
     if o.cuda_graph and (o.cache or o.kv_cache or o.eos_id is not None and o.block_size is not None):
-        raise ValueError("cuda_graph: graphs replay fixed shapes; they do not combine with cache, kv_cache or "
+        raise InputError("cuda_graph: graphs replay fixed shapes; they do not combine with cache, kv_cache or "
                          "EOS-stopping blocks (all of which change the batch between steps)")
     if o.cache and (strategy != "ancestral" or kind != "absorbing"):
-        raise ValueError("cache: MDLM caching applies to strategy='ancestral' with an absorbing process "
+        raise InputError("cache: MDLM caching applies to strategy='ancestral' with an absorbing process "
                          "(other strategies change the input or draw differently every step)")
     if o.tokens_per_step is not None:
         _checks.positive_int("tokens_per_step", o.tokens_per_step)
@@ -152,24 +154,24 @@ def check_static(process: object, strategy: str, steps: object, o: Options) -> i
     if o.remask_window is not None:
         w = o.remask_window
         if not (isinstance(w, (tuple, list)) and len(w) == 2 and 0 <= w[0] <= w[1] <= 1):
-            raise ValueError(f"remask_window: expected (lo, hi) with 0 <= lo <= hi <= 1 (fractions of T), got {w!r}")
+            raise InputError(f"remask_window: expected (lo, hi) with 0 <= lo <= hi <= 1 (fractions of T), got {w!r}")
     _checks.choice("clamp", o.clamp, ("never", "every", "last"))
     _checks.choice("metric", o.metric, ("l2", "cosine"))
     if continuous:
         if o.embedding is None:
-            raise ValueError("embedding: continuous sampling needs the (V, D) embedding table to round "
+            raise InputError("embedding: continuous sampling needs the (V, D) embedding table to round "
                              "(and clamp) against")
         _checks.floating("embedding", o.embedding)
         if o.embedding.ndim != 2:
-            raise ValueError(f"embedding: expected shape (V, D), got {tuple(o.embedding.shape)}")
+            raise InputError(f"embedding: expected shape (V, D), got {tuple(o.embedding.shape)}")
     if o.classifier_grad is not None:
         if not continuous:
-            raise ValueError("classifier_grad: classifier guidance by gradients applies to continuous processes")
+            raise InputError("classifier_grad: classifier guidance by gradients applies to continuous processes")
         if not callable(o.classifier_grad):
-            raise TypeError("classifier_grad: expected a callable grad(x_t, t) -> (B, L, D)")
+            raise InputTypeError("classifier_grad: expected a callable grad(x_t, t) -> (B, L, D)")
     _checks.real("classifier_scale", o.classifier_scale)
     if not isinstance(o.backend, str) or o.backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {o.backend!r}")
+        raise InputError(f"backend: expected one of {list(BACKENDS)}, got {o.backend!r}")
     if o.eos_id is not None and not continuous:
         _check_token("eos_id", o.eos_id, process.vocab_size)
     if o.pad_id is not None and not continuous:
@@ -179,13 +181,13 @@ def check_static(process: object, strategy: str, steps: object, o: Options) -> i
 
 def _check_token(name: str, v: object, V: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < V:
-        raise ValueError(f"{name}: expected a token id in [0, {V}), got {v!r}")
+        raise InputError(f"{name}: expected a token id in [0, {V}), got {v!r}")
     return v
 
 
 def check_shape(shape: object) -> tuple[int, int]:
     if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2):
-        raise ValueError(f"shape: expected (B, L), got {shape!r}")
+        raise InputError(f"shape: expected (B, L), got {shape!r}")
     B, L = shape
     return _checks.positive_int("shape[0] (B)", B), _checks.positive_int("shape[1] (L)", L)
 

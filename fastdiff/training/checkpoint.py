@@ -18,6 +18,8 @@ replaced atomically too. :func:`export_checkpoint` writes a small weights-only c
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import json
 import os
 import shutil
@@ -76,7 +78,7 @@ def tensors_for_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     seen: set[tuple[int, int]] = set()
     for k, v in tensors.items():
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"tensors[{k!r}]: expected a tensor, got {type(v).__name__}")
+            raise InputTypeError(f"tensors[{k!r}]: expected a tensor, got {type(v).__name__}")
         v = v.detach()
         key = (v.untyped_storage().data_ptr(), v.device.index or 0) if v.numel() else None
         if key is not None and key in seen:
@@ -147,7 +149,7 @@ def _model_identity(model: nn.Module) -> tuple[str, dict]:
     arch = getattr(model, "arch", None)
     config_dict = getattr(model, "config_dict", None)
     if not isinstance(arch, str) or not callable(config_dict):
-        raise TypeError(f"model: a checkpoint needs a fastdiff model (with .arch and .config_dict()), "
+        raise InputTypeError(f"model: a checkpoint needs a fastdiff model (with .arch and .config_dict()), "
                         f"got {type(model).__name__}")
     return arch, dict(config_dict())
 
@@ -171,7 +173,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, process: dict[
     """
     arch, model_cfg = _model_identity(model)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected a non-negative int, got {step!r}")
+        raise InputError(f"step: expected a non-negative int, got {step!r}")
     config = {"format": FORMAT, "version": VERSION, "arch": arch, "model": model_cfg, "process": dict(process),
               "train": dict(train or {}), "tokenizer": None, "step": step}
     if tokenizer is not None:
@@ -202,7 +204,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"path: no checkpoint at {p}")
     if not p.is_dir():
-        raise ValueError(f"path: {p} is a file; a checkpoint is a directory with {CONFIG_FILE}")
+        raise InputError(f"path: {p} is a file; a checkpoint is a directory with {CONFIG_FILE}")
     if (p / CONFIG_FILE).exists():
         return p
     if (p / LATEST).exists():
@@ -234,13 +236,13 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg = _read_json(file)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
-        raise ValueError(f"path: {file} is not a fastdiff checkpoint (format {got!r}, expected {FORMAT!r})")
+        raise InputError(f"path: {file} is not a fastdiff checkpoint (format {got!r}, expected {FORMAT!r})")
     version = cfg.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
-        raise ValueError(f"path: {file} has checkpoint version {version!r}; this fastdiff reads versions 1..{VERSION}")
+        raise InputError(f"path: {file} has checkpoint version {version!r}; this fastdiff reads versions 1..{VERSION}")
     for key in ("arch", "model", "process", "step"):
         if key not in cfg:
-            raise ValueError(f"corrupted checkpoint: {file} lacks the {key!r} entry")
+            raise InputError(f"corrupted checkpoint: {file} lacks the {key!r} entry")
     return cfg
 
 
@@ -266,12 +268,12 @@ def load_state_dict_checked(model: nn.Module, tensors: dict[str, torch.Tensor], 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint: {file} does not match the model: missing weights {missing[:8]}"
+        raise InputError(f"checkpoint: {file} does not match the model: missing weights {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}, unexpected weights {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"checkpoint: {file}: weight {k!r} has shape {tuple(v.shape)}, "
+            raise InputError(f"checkpoint: {file}: weight {k!r} has shape {tuple(v.shape)}, "
                              f"the model expects {tuple(expected[k].shape)}")
     model.load_state_dict(tensors, strict=True)
 
@@ -291,13 +293,13 @@ def load_tokenizer(d: Path, cfg: dict[str, Any], tokenizer: Any = None) -> Any:
         try:
             tokenizer = TextTokenizer.load(file)
         except ValueError as e:
-            raise ValueError(f"corrupted checkpoint: {file}: {e}") from None
+            raise InputError(f"corrupted checkpoint: {file}: {e}") from None
         source = str(file)
     else:
         source = "the given tokenizer"
     got = tokenizer.fingerprint()
     if expected is not None and got != expected:
-        raise ValueError(f"tokenizer: fingerprint mismatch: {source} has {got}, the checkpoint {d} was trained "
+        raise InputError(f"tokenizer: fingerprint mismatch: {source} has {got}, the checkpoint {d} was trained "
                          f"with {expected}")
     return tokenizer
 
@@ -317,7 +319,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     not fit the model. fp16/bf16 weights (an exported checkpoint) are upcast to float32.
     """
     if weights not in ("ema", "raw"):
-        raise ValueError(f"weights: expected 'ema' or 'raw', got {weights!r}")
+        raise InputError(f"weights: expected 'ema' or 'raw', got {weights!r}")
     d = resolve_checkpoint_dir(path)
     cfg = read_config(d)
     tok = load_tokenizer(d, cfg, tokenizer)
@@ -329,14 +331,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         try:
             model = build_model(cfg["arch"], cfg["model"])
         except (TypeError, ValueError) as e:
-            raise ValueError(f"checkpoint: {d / CONFIG_FILE}: cannot build the model: {e}") from None
+            raise InputError(f"checkpoint: {d / CONFIG_FILE}: cannot build the model: {e}") from None
     model.to(torch.device(map_location))
     load_state_dict_checked(model, tensors, file)
     model.eval()
     try:
         process = build_process(cfg["process"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint: {d / CONFIG_FILE}: bad process config: {e}") from None
+        raise InputError(f"checkpoint: {d / CONFIG_FILE}: bad process config: {e}") from None
     return Checkpoint(model=model, config=cfg, tokenizer=tok, process=process, step=int(cfg["step"]), path=d)
 
 
@@ -345,7 +347,7 @@ def load_resume_state(path: str | os.PathLike, map_location: str | torch.device 
     """``(state.json, state.safetensors)`` of a checkpoint written by a Trainer."""
     d = resolve_checkpoint_dir(path)
     if not (d / STATE_JSON).is_file():
-        raise ValueError(f"path: {d} has no {STATE_JSON}: a weights-only (exported) checkpoint cannot be resumed")
+        raise InputError(f"path: {d} has no {STATE_JSON}: a weights-only (exported) checkpoint cannot be resumed")
     state = _read_json(d / STATE_JSON)
     tensors = load_tensors(d / STATE_FILE, map_location) if (d / STATE_FILE).is_file() else {}
     return state, tensors
@@ -357,9 +359,9 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
     tensors only), ``config.json`` (with an ``"export"`` entry) and ``tokenizer.json``; no optimizer or
     resume state. :func:`load_checkpoint` reads it (upcasting to float32)."""
     if weights not in ("ema", "raw"):
-        raise ValueError(f"weights: expected 'ema' or 'raw', got {weights!r}")
+        raise InputError(f"weights: expected 'ema' or 'raw', got {weights!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        raise InputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     d = resolve_checkpoint_dir(src)
     cfg = read_config(d)
     tok = load_tokenizer(d, cfg)

@@ -3,6 +3,8 @@ schedule :func:`lr_factor` (linear warm-up, then cosine or constant)."""
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import dataclasses
 import json
 import math
@@ -98,7 +100,7 @@ class TrainConfig:
         _checks.choice("conditioning", self.conditioning, ("concat", "cross"))
         _checks.real("cond_drop", self.cond_drop, 0.0, 1.0)
         if not isinstance(self.label_names, (list, tuple)) or not all(isinstance(n, str) for n in self.label_names):
-            raise ValueError(f"label_names: expected a list of strings, got {self.label_names!r}")
+            raise InputError(f"label_names: expected a list of strings, got {self.label_names!r}")
         self.label_names = list(self.label_names)
         _checks.positive_int("seq_len", self.seq_len, 0)
         _checks.positive_int("src_len", self.src_len, 0)
@@ -110,24 +112,24 @@ class TrainConfig:
         _checks.positive_int("T", self.T)
         for name in ("schedule_kw", "model"):
             if not isinstance(getattr(self, name), dict):
-                raise TypeError(f"{name}: expected a dict, got {type(getattr(self, name)).__name__}")
+                raise InputTypeError(f"{name}: expected a dict, got {type(getattr(self, name)).__name__}")
         _checks.positive_int("refit_every", self.refit_every)
         _checks.choice("timestep_sampler", self.timestep_sampler, ("uniform", "loss-aware"))
         if not isinstance(self.arch, str) or not self.arch:
-            raise ValueError(f"arch: expected a model architecture name, got {self.arch!r}")
+            raise InputError(f"arch: expected a model architecture name, got {self.arch!r}")
         _checks.choice("loss", self.loss, ("hybrid", "mdlm"))
         if self.loss == "mdlm" and self.family == "discrete" and self.kind != "absorbing":
-            raise ValueError("loss: 'mdlm' needs kind='absorbing'")
+            raise InputError("loss: 'mdlm' needs kind='absorbing'")
         _checks.real("hybrid_lambda", self.hybrid_lambda, 0.0)
         _checks.choice("parameterization", self.parameterization, continuous.PARAMETERIZATIONS)
         _checks.real("lam_round", self.lam_round, 0.0)
         _checks.real("lam_anchor", self.lam_anchor, 0.0)
         if not isinstance(self.embedding_layernorm, bool):
-            raise TypeError(f"embedding_layernorm: expected a bool, got {self.embedding_layernorm!r}")
+            raise InputTypeError(f"embedding_layernorm: expected a bool, got {self.embedding_layernorm!r}")
         _checks.real("self_condition_prob", self.self_condition_prob, 0.0, 1.0)
         _checks.real("lr", self.lr, 0.0, lo_open=True)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
-            raise ValueError(f"betas: expected two numbers, got {self.betas!r}")
+            raise InputError(f"betas: expected two numbers, got {self.betas!r}")
         self.betas = (_checks.real("betas", self.betas[0], 0.0, 1.0, hi_open=True),
                       _checks.real("betas", self.betas[1], 0.0, 1.0, hi_open=True))
         _checks.real("weight_decay", self.weight_decay, 0.0)
@@ -138,7 +140,7 @@ class TrainConfig:
         _checks.real("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
         _checks.choice("amp", self.amp, ("auto", "off"))
         if not isinstance(self.device, str):
-            raise TypeError(f"device: expected a string, got {self.device!r}")
+            raise InputTypeError(f"device: expected a string, got {self.device!r}")
         _checks.choice("parallel", self.parallel, PARALLEL)
         for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
             _checks.positive_int(name, getattr(self, name))
@@ -147,7 +149,7 @@ class TrainConfig:
             _checks.positive_int(name, getattr(self, name), 0)
         _checks.positive_int("eval_batches", self.eval_batches)
         if not isinstance(self.out_dir, (str, os.PathLike)):
-            raise TypeError(f"out_dir: expected a path, got {self.out_dir!r}")
+            raise InputTypeError(f"out_dir: expected a path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +172,7 @@ class TrainConfig:
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"path: {p} is not valid JSON ({e})") from None
+            raise InputError(f"path: {p} is not valid JSON ({e})") from None
         return cls.from_dict(d)
 
 

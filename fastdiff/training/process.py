@@ -10,6 +10,8 @@ process is the one the model was trained with last.
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import math
 from typing import Any
 
@@ -43,7 +45,7 @@ def _schedule_kw(kw: object) -> dict[str, Any]:
     if kw is None:
         return {}
     if not isinstance(kw, dict):
-        raise TypeError(f"process.schedule_kw: expected a dict, got {type(kw).__name__}")
+        raise InputTypeError(f"process.schedule_kw: expected a dict, got {type(kw).__name__}")
     # JSON has no tensors: a list (e.g. spindle's token_info) becomes a float64 tensor.
     return {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else v for k, v in kw.items()}
 
@@ -59,25 +61,25 @@ def build_process(cfg: dict[str, Any]) -> DiscreteProcess | GaussianDiffusion | 
     floats replacing the schedule's values (an adaptive schedule's latest fit).
     """
     if not isinstance(cfg, dict):
-        raise TypeError(f"cfg: expected a dict, got {type(cfg).__name__}")
+        raise InputTypeError(f"cfg: expected a dict, got {type(cfg).__name__}")
     if cfg.get("family") == "none":
         return None
     unknown = sorted(set(cfg) - _KEYS)
     if unknown:
-        raise ValueError(f"cfg: unknown process keys {unknown}; expected some of {sorted(_KEYS)}")
+        raise InputError(f"cfg: unknown process keys {unknown}; expected some of {sorted(_KEYS)}")
     family = _checks.choice("process.family", cfg.get("family"), FAMILIES)
     name = cfg.get("schedule")
     if name not in schedules.names():
-        raise ValueError(f"process.schedule: expected one of {schedules.names()}, got {name!r}")
+        raise InputError(f"process.schedule: expected one of {schedules.names()}, got {name!r}")
     T = _checks.positive_int("process.T", cfg.get("T"))
     schedule = schedules.get(name, T, **_schedule_kw(cfg.get("schedule_kw")))
     if cfg.get("alpha_bar") is not None:
         ab = torch.tensor(cfg["alpha_bar"], dtype=torch.float64)
         if ab.shape != schedule.alpha_bar.shape:
-            raise ValueError(f"process.alpha_bar: expected shape {tuple(schedule.alpha_bar.shape)}, "
+            raise InputError(f"process.alpha_bar: expected shape {tuple(schedule.alpha_bar.shape)}, "
                              f"got {tuple(ab.shape)}")
         if not all(math.isfinite(v) for v in ab.flatten().tolist()):
-            raise ValueError("process.alpha_bar: must be finite")
+            raise InputError("process.alpha_bar: must be finite")
         schedule.alpha_bar = ab
     if family == "continuous":
         return GaussianDiffusion(schedule, parameterization=cfg.get("parameterization", "x0"),

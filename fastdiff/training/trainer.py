@@ -26,6 +26,8 @@ with the same global batch.
 
 from __future__ import annotations
 
+from ..errors import InputError, InputTypeError
+
 import contextlib
 import dataclasses
 import hashlib
@@ -77,7 +79,7 @@ class EMA:
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         for n, shadow in self.shadow.items():
             if n not in tensors:
-                raise ValueError(f"ema: the saved EMA weights lack {n!r}")
+                raise InputError(f"ema: the saved EMA weights lack {n!r}")
             full = tensors[n]
             if hasattr(shadow, "device_mesh"):  # an FSDP shard: keep this rank's part of the full tensor
                 from torch.distributed.tensor import distribute_tensor
@@ -107,17 +109,17 @@ def _device(name: str, ctx: _dist.Context) -> torch.device:
 
 def _check_data(name: str, data: object, task: str) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict):
-        raise TypeError(f"{name}: expected a dict of tensors, got {type(data).__name__}")
+        raise InputTypeError(f"{name}: expected a dict of tensors, got {type(data).__name__}")
     keys = DATA_KEYS[task]
     if set(data) != set(keys):
-        raise ValueError(f"{name}: task {task!r} takes the keys {list(keys)}, got {sorted(data)}")
+        raise InputError(f"{name}: task {task!r} takes the keys {list(keys)}, got {sorted(data)}")
     out = {}
     for k in keys:
         v = _checks.integer(f"{name}[{k!r}]", data[k])
         if v.ndim != (1 if k == "labels" else 2):
-            raise ValueError(f"{name}[{k!r}]: expected {'(N,)' if k == 'labels' else '(N, L)'}, got {tuple(v.shape)}")
+            raise InputError(f"{name}[{k!r}]: expected {'(N,)' if k == 'labels' else '(N, L)'}, got {tuple(v.shape)}")
         if v.shape[0] != data[keys[0]].shape[0]:
-            raise ValueError(f"{name}[{k!r}]: {v.shape[0]} rows, expected {data[keys[0]].shape[0]}")
+            raise InputError(f"{name}[{k!r}]: {v.shape[0]} rows, expected {data[keys[0]].shape[0]}")
         out[k] = v.long()
     return out
 
@@ -145,7 +147,7 @@ class Trainer:
         from ..data import Batches
 
         if not isinstance(config, TrainConfig):
-            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+            raise InputTypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         self.train_data = _check_data("train_data", train_data, config.task)
         self.valid_data = None if valid_data is None else _check_data("valid_data", valid_data, config.task)
         target = self.train_data["tgt" if config.task == "word_order" else "tokens"]
@@ -157,7 +159,7 @@ class Trainer:
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.device = _device(cfg.device, self.dist)
         if self.dist.backend == "nccl" and self.device.type != "cuda":
-            raise ValueError(f"device: the process group uses NCCL but the device is {self.device}")
+            raise InputError(f"device: the process group uses NCCL but the device is {self.device}")
         self.tokenizer = tokenizer
         if model is None:
             from ..models import build_model
@@ -170,24 +172,24 @@ class Trainer:
         self.model_config = dict(model.config_dict()) if hasattr(model, "config_dict") else dict(cfg.model)
         V = self.model_config.get("vocab_size") or (tokenizer.vocab_size if tokenizer is not None else None)
         if V is None:
-            raise ValueError("model: vocab_size unknown: give config.model['vocab_size'] or a tokenizer")
+            raise InputError("model: vocab_size unknown: give config.model['vocab_size'] or a tokenizer")
         self.vocab_size = int(V)
         if tokenizer is not None and tokenizer.vocab_size != self.vocab_size:
-            raise ValueError(f"tokenizer: has {tokenizer.vocab_size} ids but the model's vocab_size is {self.vocab_size}")
+            raise InputError(f"tokenizer: has {tokenizer.vocab_size} ids but the model's vocab_size is {self.vocab_size}")
         for name, data in (("train_data", self.train_data), ("valid_data", self.valid_data or {})):
             for k in ("tokens", "tgt", "src"):
                 if k in data and data[k].numel() and not 0 <= int(data[k].min()) <= int(data[k].max()) < V:
-                    raise ValueError(f"{name}[{k!r}]: token ids must lie in [0, {V})")
+                    raise InputError(f"{name}[{k!r}]: token ids must lie in [0, {V})")
         self.num_labels = int(self.model_config.get("num_labels", 0) or 0)
         if cfg.task == "attribute":
             if self.num_labels < 1:
-                raise ValueError("model: the attribute task needs num_labels >= 1")
+                raise InputError("model: the attribute task needs num_labels >= 1")
             labels = self.train_data["labels"]
             if int(labels.min()) < 0 or int(labels.max()) >= self.num_labels:
-                raise ValueError(f"train_data['labels']: must lie in [0, {self.num_labels})")
+                raise InputError(f"train_data['labels']: must lie in [0, {self.num_labels})")
         self.continuous = cfg.family == "continuous"
         if self.continuous and not callable(getattr(model, "embedding_table", None)):
-            raise TypeError("model: continuous training needs model.embedding and model.embedding_table()")
+            raise InputTypeError("model: continuous training needs model.embedding and model.embedding_table()")
         self.self_condition = self.continuous and bool(self.model_config.get("self_condition", False))
         mask_id = tokenizer.mask_id if tokenizer is not None else 1
         self.process_config = process_config(cfg.family, schedule=cfg.schedule, T=cfg.T, vocab_size=self.vocab_size,
@@ -221,7 +223,7 @@ class Trainer:
         cfg, tok = self.config, self.tokenizer
         mc = dict(cfg.model)
         if tok is not None and mc.setdefault("vocab_size", tok.vocab_size) != tok.vocab_size:
-            raise ValueError(f"model: vocab_size={mc['vocab_size']} but the tokenizer has {tok.vocab_size}")
+            raise InputError(f"model: vocab_size={mc['vocab_size']} but the tokenizer has {tok.vocab_size}")
         implied: dict[str, Any] = {"kind": cfg.family, "output": "logits" if cfg.family == "discrete" else "embedding"}
         if cfg.family == "continuous":
             implied["embedding_layernorm"] = cfg.embedding_layernorm
@@ -233,7 +235,7 @@ class Trainer:
             implied["cross_attention"] = True
         for k, v in implied.items():
             if mc.setdefault(k, v) != v:
-                raise ValueError(f"model: {k}={mc[k]!r} conflicts with the training config ({k}={v!r} implied)")
+                raise InputError(f"model: {k}={mc[k]!r} conflicts with the training config ({k}={v!r} implied)")
         return mc
 
     # --- scale-out -----------------------------------------------------------------------------
@@ -258,7 +260,7 @@ class Trainer:
                         fully_shard(block)
                         self._sharded.append(block)
             if not self._sharded:
-                raise ValueError(f"parallel: fsdp shards a model's transformer blocks (.blocks), and "
+                raise InputError(f"parallel: fsdp shards a model's transformer blocks (.blocks), and "
                                  f"{type(self.model).__name__} has none; use parallel='ddp'")
             return self.model
         from torch.nn.parallel import DistributedDataParallel
@@ -528,7 +530,7 @@ class Trainer:
         from ..data import Batches
 
         if self.valid_data is None:
-            raise ValueError("valid_data: evaluate() needs validation data")
+            raise InputError("valid_data: evaluate() needs validation data")
         n = next(iter(self.valid_data.values())).shape[0]
         batches = Batches(*self.valid_data.values(), batch_size=min(self.config.batch_size, n), shuffle=False)
         was_training = self.model.training
@@ -713,7 +715,7 @@ class Trainer:
             self.elapsed = float(state.get("elapsed", 0.0))
             self._window = {k: float(v) for k, v in state.get("window", {}).items()}
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"corrupted checkpoint: {d / ckpt.STATE_JSON}: {type(e).__name__}: {e}") from None
+            raise InputError(f"corrupted checkpoint: {d / ckpt.STATE_JSON}: {type(e).__name__}: {e}") from None
         if isinstance(self.sampler, timesteps.LossAwareSampler):
             self.sampler._losses = tensors["sampler.losses"].to(torch.float64).clone()
             self.sampler._count = tensors["sampler.count"].to(torch.int64).clone()
@@ -741,7 +743,7 @@ class Trainer:
         the weights into. ``overrides`` may change :data:`RESUMABLE_OVERRIDES` (e.g. ``max_steps``)."""
         bad = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
         if bad:
-            raise ValueError(f"overrides: {bad} cannot change on resume; allowed: {list(RESUMABLE_OVERRIDES)}")
+            raise InputError(f"overrides: {bad} cannot change on resume; allowed: {list(RESUMABLE_OVERRIDES)}")
         d = ckpt.resolve_checkpoint_dir(path)
         cfg = ckpt.read_config(d)
         config = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), **overrides)
@@ -766,7 +768,7 @@ def _rebatch(config: TrainConfig, state: dict[str, Any], d: Path) -> TrainConfig
     world = _dist.world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
     per, rem = divmod(int(saved), world * config.grad_accum)
     if rem or per < 1:
-        raise ValueError(f"batch_size: the run in {d} trains on a global batch of {saved} sequences, which does not "
+        raise InputError(f"batch_size: the run in {d} trains on a global batch of {saved} sequences, which does not "
                          f"split into {world} process(es) x grad_accum {config.grad_accum}; choose a world size and "
                          "grad_accum whose product divides it")
     return dataclasses.replace(config, batch_size=per)
