@@ -18,7 +18,7 @@ VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 fi
-"$VPY" -m pip install -q --disable-pip-version-check "setuptools>=64" wheel
+"$VPY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel
 # --no-build-isolation: the extension must be built against the torch installed above.
 "$VPY" -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[${EXTRAS}]"
 echo "== fastdiff installed in $(pwd)/.venv; running the main job =="

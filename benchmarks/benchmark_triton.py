@@ -45,8 +45,10 @@ def _overhead_calls(mods):
     x, w = torch.zeros(0, 8), torch.zeros(5, 8)
     logits, idx, a = torch.zeros(0, 9), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
     ne, post, sc = mods["nearest_embedding"], mods["posterior"], mods["sample_categorical"]
-    post_args = (logits, idx, idx, idx, a, a, None, None, None, None, "uniform", -1, 1.0, True, 1, 0, 0, 0)
-    sc_args = (logits, 1, 0, 0, 0, 1.0, 0, 1.0)
+    # The launchers' full argument lists (seed, offset and row_offset as 32-bit halves); CI runs this file
+    # once in small mode, so a signature change fails here instead of rotting.
+    post_args = (logits, idx, idx, idx, a, a, None, None, None, None, "uniform", -1, 1.0, True, 1, 0, 0, 0, 0, 0)
+    sc_args = (logits, 1, 0, 0, 0, 0, 0, 1.0, 0, 1.0)
     return {
         "nearest_embedding": (lambda: ne._nearest_embedding_fwd(x, w, "l2"), lambda: ne.nearest_embedding_op(x, w, "l2")),
         "posterior": (lambda: post._posterior_fwd(*post_args), lambda: post.posterior_op(*post_args)),
