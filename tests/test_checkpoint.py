@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import safetensors.torch as st
@@ -109,10 +110,14 @@ def test_build_process_matches_the_constructors():
     ({"family": "continuous", "schedule": "sqrt", "T": 5, "colour": 1}, "unknown process keys"),
     ({"family": "discrete", "schedule": "sqrt", "T": 5}, "process.vocab_size"),
     ({"family": "continuous", "schedule": "sqrt", "T": 2, "alpha_bar": [1.0, 0.5]}, "process.alpha_bar"),
+    ({"family": "continuous", "schedule": "sqrt", "T": 5, "schedule_kw": {"colour": 1}}, "process.schedule_kw"),
 ])
 def test_build_process_errors(cfg, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+    from fastdiff.errors import FastdiffError
+
+    with pytest.raises((ValueError, TypeError), match=match) as info:
         build_process(cfg)
+    assert isinstance(info.value, FastdiffError)  # the CLI's one-line error, not a traceback
 
 
 # --- round trips ---------------------------------------------------------------------------------------
@@ -251,8 +256,16 @@ def test_tokenizer_fingerprint_mismatch(tmp_path, saved, tokenizer, other_tokeni
         Trainer.resume(path, saved[0].train_data, tokenizer=other_tokenizer)
 
 
+def _unsign(path):
+    """Make ``path`` a checkpoint as written before config.json recorded checksums (files may be edited)."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.pop("files"), cfg.pop("checksum")
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
 def test_missing_and_unexpected_weights(tmp_path, saved):
     path = _copy(saved[1], tmp_path)
+    _unsign(path)
     tensors = st.load_file(str(path / "model.safetensors"))
     name = min(tensors)
     tensors["extra.weight"] = tensors.pop(name)
@@ -267,16 +280,18 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, saved, monkeyp
     path = tmp_path / "ck"
     tr.save(path)
     before = {k: v.clone() for k, v in load_checkpoint(path, weights="raw").model.state_dict().items()}
-    real = st.save_file
     calls = []
 
-    def crash(tensors, filename, *a, **k):
-        calls.append(filename)
-        if len(calls) == 2:  # model.safetensors written, then the crash
-            raise OSError("disk full (simulated)")
-        return real(tensors, filename, *a, **k)
+    def crashing(real):
+        def crash(tensors, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:  # model.safetensors written, then the crash
+                raise OSError("disk full (simulated)")
+            return real(tensors, *a, **k)
+        return crash
 
-    monkeypatch.setattr(st, "save_file", crash)
+    monkeypatch.setattr(st, "save", crashing(st.save))  # whichever of the two a save uses
+    monkeypatch.setattr(st, "save_file", crashing(st.save_file))
     with torch.no_grad():
         next(tr.model.parameters()).add_(1.0)
     try:
@@ -327,3 +342,264 @@ def test_export_is_small_and_loadable(tmp_path, saved):
     first = next(iter(tr.model.state_dict()))
     assert torch.equal(load_checkpoint(raw).model.state_dict()[first],
                        tr.model.state_dict()[first].bfloat16().float())
+
+
+# --- integrity: checksums, finite weights, names that stay inside ---------------------------------------
+def _flip(file, offset=-50):
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def test_every_file_is_recorded_with_its_sha256(saved):
+    import hashlib
+
+    path = saved[1]
+    cfg = json.loads((path / "config.json").read_text())
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != "config.json")
+    assert sorted(cfg["files"]) == on_disk
+    for name, entry in cfg["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+@pytest.mark.parametrize("file,readers", [
+    ("model.safetensors", ("raw", "resume")), ("ema.safetensors", ("ema", "resume")),
+    ("tokenizer.json", ("raw", "ema", "resume")), ("state.safetensors", ("resume",)), ("state.json", ("resume",)),
+    ("config.json", ("raw", "ema", "resume")),
+])
+def test_a_flipped_bit_is_refused_naming_the_file(tmp_path, saved, file, readers):
+    path = _copy(saved[1], tmp_path)
+    # the last bytes: tensor data (not the header) of a safetensors file, the tail of a JSON file
+    _flip(path / file, -3 if file.endswith(".json") else -50)
+    for reader in readers:
+        with pytest.raises(ValueError, match=f"corrupted checkpoint.*{file}"):
+            if reader == "resume":
+                Trainer.resume(path, saved[0].train_data, out_dir=str(tmp_path / "elsewhere"))
+            else:
+                load_checkpoint(path, weights=reader)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_checkpoints_without_checksums_still_load(tmp_path, saved):
+    from fastdiff.pipeline import bundled_path
+
+    path = _copy(saved[1], tmp_path)
+    _unsign(path)
+    assert load_checkpoint(path).step == 3
+    assert Trainer.resume(path, saved[0].train_data, out_dir=str(tmp_path / "r")).global_step == 3
+    for name in ("discrete", "continuous", "causal_lm", "classifier"):  # shipped before checksums existed
+        d = bundled_path(name)
+        assert "files" not in json.loads((d / "config.json").read_text())
+        load_checkpoint(d)
+
+
+def test_an_export_records_its_own_checksums(tmp_path, saved):
+    out = export_checkpoint(saved[1], tmp_path / "small")
+    cfg = json.loads((out / "config.json").read_text())
+    assert sorted(cfg["files"]) == ["model.safetensors", "tokenizer.json"]
+    _flip(out / "model.safetensors")
+    with pytest.raises(ValueError, match="corrupted checkpoint.*model.safetensors"):
+        load_checkpoint(out)
+
+
+def _write_nan(path, file="model.safetensors"):
+    tensors = st.load_file(str(path / file))
+    name = sorted(k for k, v in tensors.items() if v.is_floating_point())[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    st.save_file(tensors, str(path / file))
+    return name
+
+
+@pytest.mark.parametrize("file,weights", [("model.safetensors", "raw"), ("ema.safetensors", "ema")])
+def test_non_finite_weights_are_refused_at_load(tmp_path, saved, file, weights):
+    path = _copy(saved[1], tmp_path)
+    _unsign(path)  # a checkpoint without checksums: only the finite check can catch it
+    name = _write_nan(path, file)
+    with pytest.raises(ValueError, match=rf"{file}.*{name}.*non-finite"):
+        load_checkpoint(path, weights=weights)
+    with pytest.raises(ValueError, match=rf"{file}.*{name}.*non-finite"):
+        Trainer.resume(path, saved[0].train_data, out_dir=str(tmp_path / "r"))
+
+
+def test_non_finite_weights_are_refused_at_save(tmp_path, saved):
+    tr, _ = saved
+    p = next(tr.model.parameters())
+    keep = p.detach().clone()
+    with torch.no_grad():
+        p.view(-1)[0] = float("inf")
+    try:
+        with pytest.raises(ValueError, match="model: tensor .* non-finite"):
+            save_checkpoint(tmp_path / "bad", tr.model, process=tr._process_for_saving())
+    finally:
+        with torch.no_grad():
+            p.copy_(keep)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_latest_may_only_name_a_sub_directory(tmp_path, saved):
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = _copy(saved[1], tmp_path)  # a complete checkpoint next to the run, not in it
+    for name in ["../copy", str(outside), "a/../../copy", ".."]:
+        (run / "latest").write_text(name + "\n")
+        with pytest.raises(ValueError, match="latest names"):
+            resolve_checkpoint_dir(run)
+        with pytest.raises(ValueError, match="latest names"):
+            load_checkpoint(run)
+
+
+@pytest.mark.parametrize("value", ["../tokenizer.json", "/etc/hostname", "sub/tokenizer.json"])
+def test_the_tokenizer_file_must_lie_in_the_checkpoint(tmp_path, saved, value):
+    path = _copy(saved[1], tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["tokenizer"]["file"] = value
+    cfg.pop("checksum")  # a deliberate edit: the names are still checked
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tokenizer.file"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("key,value", [("train", "x"), ("tokenizer", "x"), ("model", 3), ("process", []),
+                                       ("step", -1), ("step", True), ("files", {"../x": {}}), ("arch", "")])
+def test_config_entries_of_the_wrong_type_are_refused(tmp_path, saved, key, value):
+    path = _copy(saved[1], tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"corrupted checkpoint.*config.json.*{key}"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match=f"corrupted checkpoint.*config.json.*{key}"):
+        Trainer.resume(path, saved[0].train_data, out_dir=str(tmp_path / "r"))
+
+
+def test_an_edited_config_is_refused_unless_its_checksum_is_removed(tmp_path, saved):
+    path = _copy(saved[1], tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model"]["dropout"] = 0.5
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json does not match its recorded checksum"):
+        load_checkpoint(path)
+    cfg.pop("checksum")
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(path).config["model"]["dropout"] == 0.5
+
+
+# --- finding the newest complete checkpoint ------------------------------------------------------------
+def _run_with_steps(tmp_path, tokenizer, steps=(1, 2, 3)):
+    tr = _trainer(tmp_path, tokenizer, keep_checkpoints=0)
+    for _ in range(max(steps)):
+        tr.step()
+        if tr.global_step in steps:
+            tr.save()
+    return tr, tmp_path / "run"
+
+
+def test_a_run_without_latest_resumes_its_newest_complete_checkpoint(tmp_path, tokenizer):
+    tr, run = _run_with_steps(tmp_path, tokenizer)
+    (run / "latest").unlink()
+    newest = run / "step_00000003"
+    shutil.copytree(newest, run / "step_00000004")  # damaged: a bit flipped in its weights
+    _flip(run / "step_00000004" / "model.safetensors")
+    (run / "step_00000005").mkdir()  # incomplete: no config.json
+    (run / "step_00000005" / "model.safetensors").write_bytes(b"partial")
+    shutil.copytree(newest, run / "step_00000009.tmp-1")  # a temporary directory is never a candidate
+    with pytest.warns(UserWarning, match="step_00000004"):
+        assert resolve_checkpoint_dir(run) == newest
+    with pytest.warns(UserWarning):
+        r = Trainer.resume(run, tr.train_data)
+    assert r.global_step == 3
+    shutil.rmtree(run / "step_00000004")
+    (run / "latest").write_text("step_00000007\n")  # names nothing: the newest complete one again
+    with pytest.warns(UserWarning, match="latest names 'step_00000007'"):
+        assert load_checkpoint(run).step == 3
+
+
+# --- atomic replacement ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_re_save_keeps_latest_complete_at_every_instant(tmp_path, tokenizer, monkeypatch, exchange):
+    """Between any two file-system operations of a re-save of the checkpoint ``latest`` names, the run
+    directory (and so generate, load and resume) resolves to a complete checkpoint."""
+    from fastdiff.training import checkpoint as ckpt
+
+    tr, run = _run_with_steps(tmp_path, tokenizer, steps=(2,))
+    before = resolve_checkpoint_dir(run)
+    checks = []
+
+    def check(what):
+        d = resolve_checkpoint_dir(run)
+        assert (d / "config.json").is_file(), what
+        assert load_checkpoint(run).step == 2, what
+        checks.append(what)
+
+    real_replace, real_exchange = os.replace, getattr(ckpt, "_exchange", None)
+
+    def replace(a, b):
+        real_replace(a, b)
+        check(f"replace {a} -> {b}")
+
+    monkeypatch.setattr(os, "replace", replace)
+    if exchange:
+        def swap(a, b):
+            ok = real_exchange(a, b)
+            check(f"exchange {a} {b}")
+            return ok
+
+        monkeypatch.setattr(ckpt, "_exchange", swap, raising=False)
+    else:
+        monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False, raising=False)
+    with torch.no_grad():
+        next(tr.model.parameters()).add_(1.0)  # the re-save writes other weights
+    tr.save()
+    monkeypatch.undo()
+    assert checks and resolve_checkpoint_dir(run) == before
+    assert torch.equal(load_checkpoint(run, weights="raw").model.state_dict()[next(iter(tr.model.state_dict()))],
+                       next(iter(tr.model.state_dict().values())))
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "step_00000002"]
+
+
+def test_a_checkpoint_replaces_only_an_empty_or_checkpoint_directory(tmp_path, saved):
+    tr, path = saved
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        tr.save(precious)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        export_checkpoint(path, precious)
+    assert (precious / "notes.txt").read_text() == "keep me" and sorted(os.listdir(precious)) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert load_checkpoint(tr.save(tmp_path / "empty")).step == 3
+    assert load_checkpoint(export_checkpoint(path, tmp_path / "empty")).step == 3  # a checkpoint: replaced
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_saves_are_removed_by_the_next_save(tmp_path, tokenizer):
+    tr, run = _run_with_steps(tmp_path, tokenizer, steps=(1,))
+    dead = _dead_pid()
+    stale = [run / f"step_00000002.tmp-{dead}", run / f"step_00000001.old-{dead}", run / f"latest.tmp-{dead}",
+             run / f"step_00000003.tmp-{dead}"]
+    stale[0].mkdir()
+    (stale[0] / "model.safetensors").write_bytes(b"half")
+    shutil.copytree(run / "step_00000001", stale[1])
+    stale[2].write_text("step_00000002\n")
+    stale[3].mkdir()  # killed right after creating it
+    kept = [run / f"notes.tmp-{dead}", run / f"step_00000004.tmp-{os.getpid()}"]  # not ours / a live process's
+    kept[0].mkdir()
+    (kept[0] / "mine.txt").write_text("x")
+    kept[1].mkdir()
+    tr.step()
+    tr.save()
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert resolve_checkpoint_dir(run).name == "step_00000002"

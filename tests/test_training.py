@@ -468,3 +468,139 @@ def test_text_to_text_training_learns_to_use_the_source(tmp_path):
     with torch.no_grad():
         pred = m(torch.full((256, 6), 1), torch.full((256,), cfg.T), cond_tokens=new).argmax(-1)
     assert float((pred == new).float().mean()) > 0.9
+
+
+# --- run directories: resume into the directory given, fresh runs never mix into another run ----------------
+DATA40 = {"tokens": pattern_tokens(40)}
+
+
+def _fit_run(tmp_path, name: str = "a", **kw) -> tuple[Trainer, "Path"]:
+    cfg = config(tmp_path / name, **{"max_steps": 4, "log_every": 1, "ckpt_every": 2, **kw})
+    tr = Trainer(cfg, DATA40, model=_seeded(SpyDiscrete))
+    tr.fit(progress=False)
+    return tr, tmp_path / name / "run"
+
+
+def _tree(root) -> dict:
+    """Every entry under ``root``: file bytes, or None for a directory (a byte-for-byte snapshot)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _steps(run) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_of_a_copied_run_writes_into_the_copy(tmp_path):
+    import shutil
+
+    from fastdiff.training import resolve_checkpoint_dir
+
+    _, a = _fit_run(tmp_path)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)  # cp -r runA runB: the checkpoints inside still record out_dir=runA
+    before = _tree(a)
+    r = Trainer.resume(b, DATA40, model=SpyDiscrete(), max_steps=6)
+    assert r.config.out_dir == str(b)
+    r.fit(progress=False)
+    assert _tree(a) == before  # the original run is untouched, byte for byte
+    assert _steps(b) == [1, 2, 3, 4, 5, 6] and resolve_checkpoint_dir(b).name == "step_00000006"
+    # a checkpoint directory resumes into the run directory that holds it
+    r = Trainer.resume(b / "step_00000004", DATA40, model=SpyDiscrete(), max_steps=6)
+    assert r.config.out_dir == str(b) and r.global_step == 4
+    assert _tree(a) == before
+
+
+def test_resume_into_another_directory_copies_the_log_and_reads_the_source_only(tmp_path):
+    _, a = _fit_run(tmp_path)
+    before = _tree(a)
+    c = tmp_path / "c"
+    r = Trainer.resume(a, DATA40, model=SpyDiscrete(), max_steps=6, out_dir=str(c))
+    r.fit(progress=False)
+    assert _tree(a) == before
+    assert _steps(c) == [1, 2, 3, 4, 5, 6]
+    assert (c / "train_log.jsonl").read_text().splitlines()[:4] == (a / "train_log.jsonl").read_text().splitlines()
+    # c holds a run now: resuming into it again is refused; overwrite=True replaces it
+    with pytest.raises(ValueError, match="already holds a training run"):
+        Trainer.resume(a, DATA40, model=SpyDiscrete(), out_dir=str(c))
+    with pytest.raises(ValueError, match="overwrite"):
+        Trainer.resume(a, DATA40, model=SpyDiscrete(), overwrite=True)  # into itself: nothing to replace
+    r = Trainer.resume(a, DATA40, model=SpyDiscrete(), out_dir=str(c), overwrite=True)
+    assert _steps(c) == [1, 2, 3, 4] and sorted(p.name for p in c.iterdir()) == ["train_log.jsonl"]
+    assert _tree(a) == before
+
+
+def test_a_fresh_run_refuses_a_directory_that_holds_a_run(tmp_path):
+    _, a = _fit_run(tmp_path)
+    before = _tree(a)
+    fresh = Trainer(config(tmp_path / "a", max_steps=4, log_every=1, ckpt_every=2), DATA40, model=_seeded(SpyDiscrete))
+    with pytest.raises(ValueError, match="already holds a training run.*overwrite"):
+        fresh.fit(progress=False)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        fresh.save()
+    assert _tree(a) == before
+    (a / "notes.txt").write_text("mine")
+    again = Trainer(config(tmp_path / "a", max_steps=3, log_every=1, ckpt_every=0), DATA40,
+                    model=_seeded(SpyDiscrete), overwrite=True)
+    again.fit(progress=False)
+    assert _steps(a) == [1, 2, 3]  # not 1..4 then 1..3
+    assert sorted(p.name for p in a.iterdir()) == ["latest", "notes.txt", "step_00000003", "train_log.jsonl"]
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+    _, a = _fit_run(tmp_path)
+    log = a / "train_log.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"step": 5, "loss": 1.2')  # a write killed half way
+    r = Trainer.resume(a, DATA40, model=SpyDiscrete(), max_steps=6)
+    r.fit(progress=False)
+    assert _steps(a) == [1, 2, 3, 4, 5, 6]
+    lines = log.read_text().splitlines()
+    lines[1] = "{not json"
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train_log.jsonl: line 2 is not JSON"):
+        Trainer.resume(a, DATA40, model=SpyDiscrete(), max_steps=6)
+
+
+def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
+    _, a = _fit_run(tmp_path)
+    ck = a / "step_00000004"
+    inode, files = ck.stat().st_ino, _tree(ck)
+    r = Trainer.resume(a, DATA40, model=SpyDiscrete())
+    assert r.fit(progress=False) == []
+    assert ck.stat().st_ino == inode and _tree(ck) == files
+    with pytest.raises(ValueError, match="max_steps: 3 is below the step"):
+        Trainer.resume(a, DATA40, model=SpyDiscrete(), max_steps=3)
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal(tmp_path, capfd, monkeypatch):
+    import io
+    import sys
+
+    tr = Trainer(config(tmp_path, max_steps=3, log_every=1), DATA40, model=SpyDiscrete())
+    tr.fit(progress=True)  # stderr is a pipe here, as in `fastdiff train ... 2> log`
+    err = capfd.readouterr().err
+    assert "\r" not in err and "train" not in err
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    tr = Trainer(config(tmp_path / "tty", max_steps=3, log_every=1), DATA40, model=SpyDiscrete())
+    tr.fit(progress=True)
+    assert "\r" in term.getvalue() and "train" in term.getvalue()  # the bar is there on a terminal
+
+
+def test_config_lengths_must_match_the_data(tmp_path):
+    with pytest.raises(ValueError, match="seq_len: the config says 8 but train_data\\['tokens'\\] holds sequences of 16"):
+        Trainer(config(tmp_path, seq_len=8), DATA40, model=SpyDiscrete())
+    assert Trainer(config(tmp_path, seq_len=L), DATA40, model=SpyDiscrete()).config.seq_len == L
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_device_names_are_checked(tmp_path, device):
+    if device.startswith("cuda") and torch.cuda.device_count() > 99:
+        pytest.skip("a machine with 100 GPUs")
+    with pytest.raises(ValueError, match="device"):
+        Trainer(config(tmp_path, device=device), DATA40, model=SpyDiscrete())

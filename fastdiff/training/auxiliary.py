@@ -84,7 +84,9 @@ def train_scorer(kind: str, model, train, valid, *, out_dir: str | Path, tokeniz
     log_path = out_dir / "train_log.jsonl"
     t0 = time.perf_counter()
     bar = None
-    if progress:
+    from .trainer import _progress_enabled
+
+    if _progress_enabled(progress):  # no bar off a terminal: its \r frames would pile up in a log
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"train {kind}", unit="step")

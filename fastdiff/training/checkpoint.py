@@ -1,28 +1,57 @@
-"""Checkpoints: one directory per checkpoint, written atomically, loaded with clear errors.
+"""Checkpoints: one directory per checkpoint, written atomically, verified when loaded.
 
 Layout of ``<dir>/``::
 
     config.json        {"format": "fastdiff-checkpoint", "version": 1, "arch", "model": {...},
-                        "process": {...}, "train": {...}, "tokenizer": {"file", "fingerprint"} | null, "step"}
+                        "process": {...}, "train": {...}, "tokenizer": {"file", "fingerprint"} | null, "step",
+                        "files": {name: {"sha256", "bytes"}}, "checksum"}
     model.safetensors  the raw weights
     ema.safetensors    the EMA weights (when kept)
     tokenizer.json     a copy of the tokenizer (when there is one)
     state.safetensors  resume state: optimizer moments, sampler history, adaptive-schedule losses ...
     state.json         resume state: step, data position, optimizer hyper-parameters, log accumulators ...
 
-A save writes everything into ``<dir>.tmp-<pid>`` and then renames it onto ``<dir>`` (an existing
-``<dir>`` is first renamed aside and removed afterwards), so a crash never leaves a half-written
-checkpoint under the final name. A run directory's ``latest`` file names its newest checkpoint and is
-replaced atomically too. :func:`export_checkpoint` writes a small weights-only copy (fp16 by default).
+**Integrity.** ``files`` records the SHA-256 and size of every other file of the checkpoint and
+``checksum`` the SHA-256 of config.json's own content (its canonical JSON without the ``checksum``
+entry); both are verified whenever a file is read, so a flipped bit or a truncated file is refused
+with an error naming the file. Checkpoints written before these entries existed (the bundled ones in
+``fastdiff/assets``) load without the check. Weights holding NaN or inf are refused at save and at load
+(naming the file and the tensor). No name read from a checkpoint (``latest``, the tokenizer's ``file``,
+the ``files`` entries) may leave its directory: a name is one plain path component.
+
+**Atomic writes.** A save writes everything into ``<dir>.tmp-<pid>`` (files fsynced, config.json
+last) and then installs it: a new ``<dir>`` by one rename; an existing one by an atomic exchange of the
+two directories (Linux ``renameat2(RENAME_EXCHANGE)``) after which the old contents are removed, so at
+every instant ``<dir>`` is a complete checkpoint. Where the file system cannot exchange, a run
+directory's ``latest`` is first pointed at the finished temporary directory, the old ``<dir>`` moved
+aside, the new one renamed in and ``latest`` pointed back: ``latest`` names a complete checkpoint at
+every instant (a reader that finds ``latest`` naming a ``<dir>.tmp-<pid>`` that has just been renamed
+uses ``<dir>``). An existing ``<dir>`` is only ever replaced when it is empty or a checkpoint directory
+(``config.json`` inside), never another directory. A run directory's ``latest`` file names its newest
+checkpoint and is replaced atomically too.
+
+**Leftovers.** A save killed half way leaves ``<name>.tmp-<pid>`` / ``<name>.old-<pid>`` entries; the next
+save into the same directory, and a resume into it, remove those of processes that no longer run
+(:func:`remove_stale_temporaries`), after completing an interrupted replacement ``latest`` points into.
+
+**Finding a checkpoint.** :func:`resolve_checkpoint_dir` takes a checkpoint directory, or a run directory:
+its ``latest`` (when that names a complete checkpoint), else its newest complete and verified
+``step_<N>`` sub-directory. :func:`export_checkpoint` writes a small weights-only copy (fp16 by default).
 """
 
 from __future__ import annotations
 
 from ..errors import InputError, InputTypeError
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +68,12 @@ __all__ = [
     "Checkpoint",
     "export_checkpoint",
     "load_checkpoint",
+    "newest_complete_checkpoint",
     "read_config",
+    "remove_stale_temporaries",
     "resolve_checkpoint_dir",
     "save_checkpoint",
+    "verify_checkpoint",
     "write_latest",
 ]
 
@@ -54,6 +86,19 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
 LATEST = "latest"
+#: the files a checkpoint directory may hold (what a save writes)
+CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, EMA_FILE, TOKENIZER_FILE, STATE_FILE, STATE_JSON)
+#: names of the default checkpoints of a run directory
+STEP_DIR = re.compile(r"step_(\d+)")
+#: a temporary entry of a save (``<base>.tmp-<pid>``) or a replaced checkpoint set aside (``<base>.old-<pid>``)
+STALE = re.compile(r"(?P<base>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _test_point(name: str) -> None:
+    """Called at the named points of a save (``written``, ``exchanged``, ``redirected``, ``moved-aside``,
+    ``moved-in``, ``installed``, ``file:<name>``); does nothing. Crash tests replace it to kill the
+    process at an exact point."""
 
 
 @dataclass
@@ -68,6 +113,25 @@ class Checkpoint:
     process: Any
     step: int
     path: Path | None = None
+
+
+# --- names ---------------------------------------------------------------------------------------
+def plain_name(name: object) -> bool:
+    """Whether ``name`` is one plain path component (no separator, not ``.``/``..``, not absolute)."""
+    if not isinstance(name, str) or not name or name in (".", ".."):
+        return False
+    if "/" in name or "\\" in name or "\0" in name or (os.altsep and os.altsep in name):
+        return False
+    return Path(name).name == name and not Path(name).is_absolute() and not Path(name).drive
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def config_checksum(cfg: dict[str, Any]) -> str:
+    """SHA-256 of config.json's content without its ``checksum`` entry (canonical JSON)."""
+    return hashlib.sha256(_canonical({k: v for k, v in cfg.items() if k != "checksum"})).hexdigest()
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -89,16 +153,63 @@ def tensors_for_file(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for k, v in tensors.items():
+        if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise InputError(f"{what}: tensor {k!r} holds {bad} non-finite value(s) (NaN or inf)")
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    """Write ``data`` to ``path`` (fsynced); its manifest entry."""
+    _test_point(f"file:{path.name}")
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     import safetensors.torch as st
 
-    st.save_file(tensors_for_file(tensors), str(path))
+    return st.save(tensors_for_file(tensors))
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    text = json.dumps(obj, indent=1, allow_nan=False)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    return _write_bytes(path, _tensor_bytes(tensors))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _write_json(obj: Any, path: Path) -> dict[str, Any]:
+    return _write_bytes(path, _json_bytes(obj))
+
+
+def _save_tokenizer(tokenizer: Any, path: Path) -> dict[str, Any]:
+    _test_point(f"file:{path.name}")
+    tokenizer.save(path)
+    with open(path, "rb") as f:  # hashed from what is on disk, fsynced
+        data = f.read()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def _replace_file(path: Path, text: str) -> None:
@@ -108,40 +219,199 @@ def _replace_file(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_latest(run_dir: str | os.PathLike) -> str | None:
+    """The name ``<run_dir>/latest`` holds (stripped), or None when there is no such file."""
+    path = Path(run_dir) / LATEST
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise InputError(f"path: {path} is not a text file naming a checkpoint directory") from None
 
 
 def write_latest(run_dir: str | os.PathLike, checkpoint_name: str) -> Path:
     """Point ``<run_dir>/latest`` at ``checkpoint_name`` (a sub-directory name), atomically."""
+    if not plain_name(checkpoint_name):
+        raise InputError(f"checkpoint_name: expected the name of a sub-directory of {run_dir}, got {checkpoint_name!r}")
     path = Path(run_dir) / LATEST
     _replace_file(path, checkpoint_name + "\n")
     return path
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # no cheap, harmless liveness probe: keep the entry
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _looks_like_ours(entry: Path, base: str) -> bool:
+    """A leftover of a save: a directory of checkpoint files (possibly partial), or a ``latest`` /
+    log file being replaced. Anything else with a similar name is left alone."""
+    if entry.is_dir() and not entry.is_symlink():
+        try:
+            return all(p.name in CHECKPOINT_FILES and p.is_file() for p in entry.iterdir())
+        except OSError:
+            return False
+    return base in (LATEST, "train_log.jsonl") and entry.is_file()
+
+
+def _repair_latest(run_dir: Path) -> None:
+    """Finish a replacement that a killed save left half done: ``latest`` naming ``<base>.tmp-<pid>``
+    of a dead process is pointed back at ``<base>`` (renaming the staged directory there first if
+    ``<base>`` is missing)."""
+    try:
+        name = read_latest(run_dir)
+    except InputError:
+        return
+    m = STALE.fullmatch(name or "")
+    if m is None or m["kind"] != "tmp" or _pid_alive(int(m["pid"])) or not plain_name(m["base"]):
+        return
+    staged, base = run_dir / name, run_dir / m["base"]
+    if (staged / CONFIG_FILE).is_file() and not base.exists():
+        os.replace(staged, base)
+    if (base / CONFIG_FILE).is_file():
+        write_latest(run_dir, base.name)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the ``<name>.tmp-<pid>`` / ``<name>.old-<pid>`` leftovers of saves killed half way in
+    ``directory`` (only those of processes that no longer run, and only checkpoint-like entries); a
+    replacement that ``latest`` points into is completed first. Returns what was removed."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    _repair_latest(d)
+    removed = []
+    for entry in sorted(d.iterdir()):
+        m = STALE.fullmatch(entry.name)
+        if m is None or _pid_alive(int(m["pid"])) or not _looks_like_ours(entry, m["base"]):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+_RENAMEAT2: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or
+    the file system cannot."""
+    global _RENAMEAT2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _RENAMEAT2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _RENAMEAT2 = fn
+        except (AttributeError, OSError):
+            _RENAMEAT2 = False
+    if not _RENAMEAT2:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if _RENAMEAT2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def ensure_directory_target(path: str | os.PathLike, what: str) -> Path:
+    """Check that ``path`` can be a directory: it is one, or it does not exist and its nearest existing
+    ancestor is a writable directory. InputError naming ``what`` (the user's argument) otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what}: {p} is a file, not a directory")
+    anc = p
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise InputError(f"{what}: cannot create {p}: {anc} is a file, not a directory")
+    target = p if p.exists() else anc
+    if target.exists() and not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: cannot write to {p}: {target} is not writable")
+    return p
+
+
+def check_replaceable(dst: str | os.PathLike, what: str = "path") -> Path:
+    """A checkpoint may be written at ``dst`` only where nothing else would be lost: ``dst`` does not
+    exist, is an empty directory, or is a checkpoint directory (``config.json`` inside)."""
+    dst = ensure_directory_target(dst, what)
+    if dst.is_dir() and not (dst / CONFIG_FILE).is_file():
+        try:
+            extra = sorted(p.name for p in dst.iterdir())
+        except OSError as e:
+            raise InputError(f"{what}: cannot read {dst} ({e.strerror})") from None
+        if extra:
+            shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+            raise InputError(f"{what}: {dst} is a directory that is not a checkpoint (it holds {shown}); "
+                             "a checkpoint replaces only an empty directory or another checkpoint")
+    return dst
+
+
 def atomic_directory(dst: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` and move the finished directory onto ``dst``.
+    """Run ``write(tmp_dir)`` and install the finished directory at ``dst`` (see the module docstring):
+    atomically at every instant; an existing ``dst`` must be empty or a checkpoint directory.
 
     On an exception the temporary directory is removed and ``dst`` (old contents, if any) is untouched.
     """
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    dst = check_replaceable(dst)
+    parent = dst.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(parent)
+    pid = os.getpid()
+    tmp = parent / f"{dst.name}.tmp-{pid}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         write(tmp)
+        _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+    _test_point("written")
+    if not dst.exists():
+        os.replace(tmp, dst)
+    elif _exchange(tmp, dst):  # tmp now holds the old checkpoint
+        _test_point("exchanged")
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        redirect = read_latest(parent) == dst.name
+        if redirect:
+            write_latest(parent, tmp.name)
+            _test_point("redirected")
+        old = parent / f"{dst.name}.old-{pid}"
         if old.exists():
             shutil.rmtree(old)
         os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
+        _test_point("moved-aside")
+        os.replace(tmp, dst)
+        _test_point("moved-in")
+        if redirect:
+            write_latest(parent, dst.name)
         shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
     return dst
 
 
@@ -152,6 +422,14 @@ def _model_identity(model: nn.Module) -> tuple[str, dict]:
         raise InputTypeError(f"model: a checkpoint needs a fastdiff model (with .arch and .config_dict()), "
                         f"got {type(model).__name__}")
     return arch, dict(config_dict())
+
+
+def _finish_config(config: dict[str, Any], files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    config = dict(config)
+    config.pop("checksum", None)
+    config["files"] = dict(sorted(files.items()))
+    config["checksum"] = config_checksum(config)
+    return config
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, process: dict[str, Any],
@@ -170,36 +448,82 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, process: dict[
     ema : EMA weights with the keys of ``model.state_dict()`` (``ema.safetensors``).
     state, state_tensors : resume state (``state.json``, ``state.safetensors``); omitted when None.
     update_latest : also point ``<parent>/latest`` at this checkpoint.
+
+    ``path`` must not exist, or be an empty directory or a checkpoint (which is replaced). Weights or
+    EMA weights holding NaN/inf are refused (InputError naming the tensor): they could not be loaded.
     """
     arch, model_cfg = _model_identity(model)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise InputError(f"step: expected a non-negative int, got {step!r}")
+    weights = model.state_dict()
+    _check_finite(weights, "model")
+    if ema is not None:
+        _check_finite(ema, "ema")
     config = {"format": FORMAT, "version": VERSION, "arch": arch, "model": model_cfg, "process": dict(process),
               "train": dict(train or {}), "tokenizer": None, "step": step}
     if tokenizer is not None:
         config["tokenizer"] = {"file": TOKENIZER_FILE, "fingerprint": tokenizer.fingerprint()}
 
     def write(tmp: Path) -> None:
-        _save_tensors(model.state_dict(), tmp / MODEL_FILE)
+        files = {MODEL_FILE: _save_tensors(weights, tmp / MODEL_FILE)}
         if ema is not None:
-            _save_tensors(ema, tmp / EMA_FILE)
+            files[EMA_FILE] = _save_tensors(ema, tmp / EMA_FILE)
         if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
+            files[TOKENIZER_FILE] = _save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
         if state_tensors is not None:
-            _save_tensors(state_tensors, tmp / STATE_FILE)
+            files[STATE_FILE] = _save_tensors(state_tensors, tmp / STATE_FILE)
         if state is not None:
-            _write_json(state, tmp / STATE_JSON)
-        _write_json(config, tmp / CONFIG_FILE)  # last: a directory with config.json is complete
+            files[STATE_JSON] = _write_json(state, tmp / STATE_JSON)
+        _write_json(_finish_config(config, files), tmp / CONFIG_FILE)  # last: a directory with config.json is complete
 
     out = atomic_directory(path, write)
     if update_latest:
+        _test_point("installed")
         write_latest(out.parent, out.name)
     return out
 
 
 # --- reading -------------------------------------------------------------------------------------
+def _step_dirs(run_dir: Path) -> list[Path]:
+    """``step_<N>`` sub-directories, newest (largest N) first."""
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return []
+    found = [(int(m.group(1)), p) for p in entries if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, key=lambda x: (x[0], x[1].name), reverse=True)]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a checkpoint directory completely: config.json (format, version, entries, checksum) and every
+    file its ``files`` entry records (size and SHA-256). Returns the config; raises as :func:`read_config`
+    and ValueError "corrupted checkpoint ..." naming the file that does not match."""
+    d = Path(path)
+    cfg = _read_config_file(d / CONFIG_FILE)
+    for name in cfg.get("files") or {}:
+        _verified_bytes(d, cfg, name)
+    return cfg
+
+
+def newest_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The ``step_<N>`` sub-directory of ``run_dir`` with the largest N that passes
+    :func:`verify_checkpoint` (None when there is none); damaged ones are skipped with a warning."""
+    for p in _step_dirs(Path(run_dir)):
+        if not (p / CONFIG_FILE).is_file():
+            continue
+        try:
+            verify_checkpoint(p)
+        except (OSError, ValueError, TypeError) as e:
+            warnings.warn(f"skipping the damaged checkpoint {p}: {e}", stacklevel=2)
+            continue
+        return p
+    return None
+
+
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or a run directory whose ``latest`` file names one."""
+    """A checkpoint directory, or a run directory: the checkpoint its ``latest`` file names, else (no
+    ``latest``, or one naming no complete checkpoint) its newest complete, verified ``step_<N>``
+    sub-directory. Reads only; a ``latest`` naming anything but a sub-directory is refused."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"path: no checkpoint at {p}")
@@ -207,32 +531,87 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise InputError(f"path: {p} is a file; a checkpoint is a directory with {CONFIG_FILE}")
     if (p / CONFIG_FILE).exists():
         return p
-    if (p / LATEST).exists():
-        name = (p / LATEST).read_text(encoding="utf-8").strip()
-        target = p / name
-        if not name or not (target / CONFIG_FILE).exists():
-            raise FileNotFoundError(f"path: {p / LATEST} names {name!r}, which is not a checkpoint in {p}")
-        return target
-    raise FileNotFoundError(f"path: {p} holds neither {CONFIG_FILE} nor a {LATEST} pointer")
+    name = read_latest(p)
+    if name is not None:
+        if not plain_name(name):
+            raise InputError(f"path: {p / LATEST} names {name!r}, which is not a sub-directory of {p}; "
+                             "latest must hold the name of one of the run's checkpoint directories")
+        if (p / name / CONFIG_FILE).is_file():
+            return p / name
+        m = STALE.fullmatch(name)  # a replacement was renamed into place between two reads
+        if m is not None and plain_name(m["base"]) and (p / m["base"] / CONFIG_FILE).is_file():
+            return p / m["base"]
+    found = newest_complete_checkpoint(p)
+    if found is not None:
+        if name is not None:
+            warnings.warn(f"{p / LATEST} names {name!r}, which is not a complete checkpoint; using the newest "
+                          f"complete one, {found}", stacklevel=2)
+        return found
+    if name is not None:
+        raise FileNotFoundError(f"path: {p / LATEST} names {name!r}, which is not a checkpoint in {p}, and {p} "
+                                "holds no other complete checkpoint")
+    raise FileNotFoundError(f"path: {p} holds neither {CONFIG_FILE} nor a {LATEST} pointer nor a complete "
+                            "step_<N> checkpoint")
 
 
-def _corrupted(file: Path, e: BaseException) -> ValueError:
-    return ValueError(f"corrupted checkpoint: cannot read {file} ({type(e).__name__}: {e})")
+def _corrupted(file: Path, e: BaseException) -> InputError:
+    return InputError(f"corrupted checkpoint: cannot read {file} ({type(e).__name__}: {e})")
 
 
 def _read_json(file: Path) -> Any:
     if not file.is_file():
         raise FileNotFoundError(f"path: missing {file}")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(file.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _corrupted(file, e) from None
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """``config.json`` of a checkpoint (or run) directory, with its format and version checked."""
-    d = resolve_checkpoint_dir(path)
-    file = d / CONFIG_FILE
+def _bad(file: Path, what: str) -> InputError:
+    return InputError(f"corrupted checkpoint: {file}: {what}")
+
+
+def _check_entries(cfg: dict[str, Any], file: Path) -> None:
+    """The types of config.json's entries (a wrong type is a damaged or foreign file, not a crash later)."""
+    for key in ("arch", "model", "process", "step"):
+        if key not in cfg:
+            raise InputError(f"corrupted checkpoint: {file} lacks the {key!r} entry")
+    if not isinstance(cfg["arch"], str) or not cfg["arch"]:
+        raise _bad(file, f"'arch' must be a model architecture name, got {cfg['arch']!r}")
+    for key in ("model", "process", "train", "export"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise _bad(file, f"{key!r} must be a JSON object, got {type(cfg[key]).__name__}")
+    step = cfg["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise _bad(file, f"'step' must be a non-negative integer, got {step!r}")
+    tok = cfg.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, dict):
+            raise _bad(file, f"'tokenizer' must be null or a JSON object, got {type(tok).__name__}")
+        if "file" in tok and not plain_name(tok["file"]):
+            raise _bad(file, f"'tokenizer.file' must name a file inside the checkpoint directory, got {tok['file']!r}")
+        if tok.get("fingerprint") is not None and not isinstance(tok["fingerprint"], str):
+            raise _bad(file, f"'tokenizer.fingerprint' must be a string, got {tok['fingerprint']!r}")
+    files = cfg.get("files")
+    if files is not None:
+        if not isinstance(files, dict):
+            raise _bad(file, f"'files' must be a JSON object, got {type(files).__name__}")
+        for name, entry in files.items():
+            if not plain_name(name) or name == CONFIG_FILE:
+                raise _bad(file, f"'files' names {name!r}, which is not a file of the checkpoint directory")
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and _SHA256.fullmatch(entry["sha256"]) and isinstance(entry.get("bytes"), int)
+                    and not isinstance(entry["bytes"], bool) and entry["bytes"] >= 0):
+                raise _bad(file, f"'files'[{name!r}] must be {{\"sha256\": <64 hex digits>, \"bytes\": <int>}}, "
+                                 f"got {entry!r}")
+    if "checksum" in cfg:
+        want = cfg["checksum"]
+        if not isinstance(want, str) or config_checksum(cfg) != want:
+            raise InputError(f"corrupted checkpoint: {file} does not match its recorded checksum (the file was "
+                             "damaged or edited; a deliberate edit must also delete the \"checksum\" entry)")
+
+
+def _read_config_file(file: Path) -> dict[str, Any]:
     cfg = _read_json(file)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
@@ -240,22 +619,67 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     version = cfg.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
         raise InputError(f"path: {file} has checkpoint version {version!r}; this fastdiff reads versions 1..{VERSION}")
-    for key in ("arch", "model", "process", "step"):
-        if key not in cfg:
-            raise InputError(f"corrupted checkpoint: {file} lacks the {key!r} entry")
+    _check_entries(cfg, file)
     return cfg
 
 
-def load_tensors(file: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A safetensors file; ValueError "corrupted checkpoint ... <file>" when it cannot be parsed."""
-    import safetensors.torch as st
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a checkpoint (or run) directory, with its format, version, entry types and
+    checksum checked (the other files are verified when they are read)."""
+    d = resolve_checkpoint_dir(path)
+    return _read_config_file(d / CONFIG_FILE)
 
+
+def _manifest(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
+    files = cfg.get("files") if cfg is not None else None
+    return files if isinstance(files, dict) else None
+
+
+def has_file(d: Path, cfg: dict[str, Any], name: str) -> bool:
+    """Whether the checkpoint holds ``name``: per its ``files`` record when it has one, else on disk."""
+    files = _manifest(cfg)
+    return name in files if files is not None else (d / name).is_file()
+
+
+def _verified_bytes(d: Path, cfg: dict[str, Any] | None, name: str) -> bytes:
+    """The bytes of ``d/name``, checked against config.json's ``files`` record when there is one."""
+    file = d / name
     if not file.is_file():
         raise FileNotFoundError(f"path: missing {file}")
+    data = file.read_bytes()
+    files = _manifest(cfg)
+    if files is None:
+        return data
+    entry = files.get(name)
+    if entry is None:
+        raise InputError(f"corrupted checkpoint: {file} is not one of the files {d / CONFIG_FILE} records")
+    if len(data) != entry["bytes"]:
+        raise InputError(f"corrupted checkpoint: {file} has {len(data)} bytes, {d / CONFIG_FILE} records "
+                         f"{entry['bytes']} (truncated or replaced)")
+    got = hashlib.sha256(data).hexdigest()
+    if got != entry["sha256"]:
+        raise InputError(f"corrupted checkpoint: {file}: SHA-256 {got[:16]}... does not match the "
+                         f"{entry['sha256'][:16]}... recorded in {d / CONFIG_FILE} (damaged file)")
+    return data
+
+
+def load_tensors(file: Path, map_location: str | torch.device = "cpu", config: dict[str, Any] | None = None,
+                 finite: bool = False) -> dict[str, torch.Tensor]:
+    """A safetensors file; ValueError "corrupted checkpoint ... <file>" when it cannot be parsed, or (with
+    ``config``, its checkpoint's config.json) when it does not match the recorded checksum. ``finite``:
+    also refuse floating tensors holding NaN/inf (naming the file and the tensor)."""
+    import safetensors.torch as st
+
+    file = Path(file)
+    data = _verified_bytes(file.parent, config, file.name)
     try:
-        return st.load_file(str(file), device=str(torch.device(map_location)))
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types (and OSError)
+        tensors = st.load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise _corrupted(file, e) from None
+    if finite:
+        _check_finite(tensors, f"checkpoint: {file}")
+    dev = torch.device(map_location)
+    return tensors if dev.type == "cpu" else {k: v.to(dev) for k, v in tensors.items()}
 
 
 def _upcast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -283,17 +707,30 @@ def load_tokenizer(d: Path, cfg: dict[str, Any], tokenizer: Any = None) -> Any:
     info = cfg.get("tokenizer")
     if info is None:
         return tokenizer
-    expected = info.get("fingerprint") if isinstance(info, dict) else None
+    if not isinstance(info, dict):
+        raise _bad(d / CONFIG_FILE, f"'tokenizer' must be null or a JSON object, got {type(info).__name__}")
+    expected = info.get("fingerprint")
     if tokenizer is None:
         from ..data import TextTokenizer
 
-        file = d / (info.get("file") or TOKENIZER_FILE)
+        name = info.get("file", TOKENIZER_FILE)
+        if not plain_name(name):
+            raise _bad(d / CONFIG_FILE, f"'tokenizer.file' must name a file inside the checkpoint directory, "
+                                        f"got {name!r}")
+        file = d / name
         if not file.is_file():
             raise FileNotFoundError(f"path: missing {file} (config.json names a tokenizer)")
+        try:
+            _verified_bytes(d, cfg, name)
+            damaged = None
+        except InputError as e:  # reported below, unless the file is another vocabulary altogether
+            damaged = e
         try:
             tokenizer = TextTokenizer.load(file)
         except ValueError as e:
             raise InputError(f"corrupted checkpoint: {file}: {e}") from None
+        if damaged is not None and (expected is None or tokenizer.fingerprint() == expected):
+            raise damaged
         source = str(file)
     else:
         source = "the given tokenizer"
@@ -302,6 +739,11 @@ def load_tokenizer(d: Path, cfg: dict[str, Any], tokenizer: Any = None) -> Any:
         raise InputError(f"tokenizer: fingerprint mismatch: {source} has {got}, the checkpoint {d} was trained "
                          f"with {expected}")
     return tokenizer
+
+
+def weights_file(d: Path, cfg: dict[str, Any], weights: str) -> Path:
+    """The weights a load reads: the EMA file for ``weights="ema"`` when the checkpoint kept it, else the raw."""
+    return d / EMA_FILE if weights == "ema" and has_file(d, cfg, EMA_FILE) else d / MODEL_FILE
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", weights: str = "ema",
@@ -315,16 +757,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model : load the weights into this module (a custom model) instead of ``build_model(arch, config)``.
 
     Raises FileNotFoundError for a missing path or file, ValueError for a corrupted file (unparsable
-    safetensors / JSON), a wrong format or version, a tokenizer fingerprint mismatch, or weights that do
-    not fit the model. fp16/bf16 weights (an exported checkpoint) are upcast to float32.
+    safetensors / JSON, a file whose SHA-256 does not match config.json's record, an entry of the wrong
+    type), weights holding NaN/inf (naming the file and the tensor), a wrong format or version, a
+    tokenizer fingerprint mismatch, or weights that do not fit the model. fp16/bf16 weights (an exported
+    checkpoint) are upcast to float32.
     """
     if weights not in ("ema", "raw"):
         raise InputError(f"weights: expected 'ema' or 'raw', got {weights!r}")
     d = resolve_checkpoint_dir(path)
     cfg = read_config(d)
     tok = load_tokenizer(d, cfg, tokenizer)
-    file = d / EMA_FILE if weights == "ema" and (d / EMA_FILE).is_file() else d / MODEL_FILE
-    tensors = _upcast(load_tensors(file, map_location))
+    file = weights_file(d, cfg, weights)
+    tensors = _upcast(load_tensors(file, map_location, cfg, finite=True))
     if model is None:
         from ..models import build_model
 
@@ -344,20 +788,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def load_resume_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                       ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(state.json, state.safetensors)`` of a checkpoint written by a Trainer."""
+    """``(state.json, state.safetensors)`` of a checkpoint written by a Trainer (both verified)."""
     d = resolve_checkpoint_dir(path)
-    if not (d / STATE_JSON).is_file():
+    cfg = read_config(d)
+    if not has_file(d, cfg, STATE_JSON):
         raise InputError(f"path: {d} has no {STATE_JSON}: a weights-only (exported) checkpoint cannot be resumed")
-    state = _read_json(d / STATE_JSON)
-    tensors = load_tensors(d / STATE_FILE, map_location) if (d / STATE_FILE).is_file() else {}
+    data = _verified_bytes(d, cfg, STATE_JSON)
+    try:
+        state = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _corrupted(d / STATE_JSON, e) from None
+    if not isinstance(state, dict):
+        raise _bad(d / STATE_JSON, f"expected a JSON object, got {type(state).__name__}")
+    tensors = load_tensors(d / STATE_FILE, map_location, cfg) if has_file(d, cfg, STATE_FILE) else {}
+    optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    _check_finite(optim, f"checkpoint: {d / STATE_FILE}")  # optimizer moments: NaN would poison the run
     return state, tensors
 
 
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype = torch.float16,
                       weights: str = "ema") -> Path:
     """A small weights-only copy of ``src`` for shipping: one ``model.safetensors`` in ``dtype`` (floating
-    tensors only), ``config.json`` (with an ``"export"`` entry) and ``tokenizer.json``; no optimizer or
-    resume state. :func:`load_checkpoint` reads it (upcasting to float32)."""
+    tensors only), ``config.json`` (with an ``"export"`` entry and its own checksums) and
+    ``tokenizer.json``; no optimizer or resume state. :func:`load_checkpoint` reads it (upcasting to
+    float32). ``dst`` must not exist, or be an empty directory or a checkpoint (which is replaced)."""
     if weights not in ("ema", "raw"):
         raise InputError(f"weights: expected 'ema' or 'raw', got {weights!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -365,16 +819,20 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
     d = resolve_checkpoint_dir(src)
     cfg = read_config(d)
     tok = load_tokenizer(d, cfg)
-    file = d / EMA_FILE if weights == "ema" and (d / EMA_FILE).is_file() else d / MODEL_FILE
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_tensors(file).items()}
-    cfg = dict(cfg)
+    file = weights_file(d, cfg, weights)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v
+               for k, v in load_tensors(file, config=cfg, finite=True).items()}
+    _check_finite(tensors, f"dtype: {dtype} cannot hold the weights of {file}")  # fp16 overflow
+    cfg = {k: v for k, v in cfg.items() if k not in ("files", "checksum")}
+    if tok is not None:
+        cfg["tokenizer"] = dict(cfg["tokenizer"], file=TOKENIZER_FILE)
     cfg["export"] = {"dtype": str(dtype).removeprefix("torch."), "weights": file.stem.split(".")[0],
                      "from_step": cfg["step"]}
 
     def write(tmp: Path) -> None:
-        _save_tensors(tensors, tmp / MODEL_FILE)
+        files = {MODEL_FILE: _save_tensors(tensors, tmp / MODEL_FILE)}
         if tok is not None:
-            tok.save(tmp / TOKENIZER_FILE)
-        _write_json(cfg, tmp / CONFIG_FILE)
+            files[TOKENIZER_FILE] = _save_tokenizer(tok, tmp / TOKENIZER_FILE)
+        _write_json(_finish_config(cfg, files), tmp / CONFIG_FILE)
 
     return atomic_directory(dst, write)

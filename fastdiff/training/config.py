@@ -16,7 +16,7 @@ from typing import Any
 from .. import _checks, continuous, schedules
 from .process import KINDS
 
-__all__ = ["DATA_KEYS", "PARALLEL", "RESUMABLE_OVERRIDES", "TASKS", "TrainConfig", "lr_factor"]
+__all__ = ["DATA_KEYS", "PARALLEL", "RESUMABLE_OVERRIDES", "TASKS", "TrainConfig", "load_config_dict", "lr_factor"]
 
 TASKS = ("lm", "attribute", "word_order")
 DATA_KEYS = {"lm": ("tokens",), "attribute": ("tokens", "labels"), "word_order": ("src", "tgt")}
@@ -159,21 +159,42 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return cls(**_checks.config_fields("d", cls, d))
+        return cls(**_checks.config_fields("config", cls, d))
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"path: no config file at {p}")
+        """A config file: a TrainConfig JSON object, or a checkpoint's config.json (its ``"train"``
+        section). Errors name the file."""
+        d = load_config_dict(path)
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"path: {p} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise (InputTypeError if isinstance(e, TypeError) else InputError)(f"path: {path}: {e}") from None
+
+
+def load_config_dict(path: str | os.PathLike, what: str = "path") -> dict[str, Any]:
+    """The JSON object of a config file, not yet validated: a TrainConfig's fields (only those the file
+    sets), or the ``"train"`` section of a checkpoint's config.json. FileNotFoundError / InputError
+    naming ``what`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: no config file at {p}" if not p.exists() else f"{what}: {p} is not a file")
+    try:
+        d = json.loads(p.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{what}: {p} is not valid JSON ({e})") from None
+    if isinstance(d, dict) and d.get("format") == "fastdiff-checkpoint":
+        if not isinstance(d.get("train"), dict):
+            got = type(d.get("train")).__name__
+            raise InputError(f"{what}: {p} is a checkpoint config whose \"train\" section must be a JSON object, "
+                             f"got {got}")
+        d = d["train"]
+    if not isinstance(d, dict):
+        raise InputError(f"{what}: {p} must hold a JSON object of TrainConfig fields, got {type(d).__name__}")
+    return dict(d)
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str = "cosine",

@@ -72,7 +72,13 @@ def build_process(cfg: dict[str, Any]) -> DiscreteProcess | GaussianDiffusion | 
     if name not in schedules.names():
         raise InputError(f"process.schedule: expected one of {schedules.names()}, got {name!r}")
     T = _checks.positive_int("process.T", cfg.get("T"))
-    schedule = schedules.get(name, T, **_schedule_kw(cfg.get("schedule_kw")))
+    kw = _schedule_kw(cfg.get("schedule_kw"))
+    try:
+        schedule = schedules.get(name, T, **kw)
+    except (InputError, InputTypeError):
+        raise
+    except TypeError as e:  # an argument the schedule does not take (or of a type it cannot use)
+        raise InputTypeError(f"process.schedule_kw: {name} schedule: {e}") from None
     if cfg.get("alpha_bar") is not None:
         ab = torch.tensor(cfg["alpha_bar"], dtype=torch.float64)
         if ab.shape != schedule.alpha_bar.shape:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -98,13 +99,126 @@ def _seed(seed: int, step: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def _device(name: str, ctx: _dist.Context) -> torch.device:
+def check_device(name: object, what: str = "device") -> torch.device:
+    """``name`` ("auto", "cpu", "cuda", "cuda:N", ...) as a device that exists here; InputError naming
+    ``what`` otherwise (an unknown device string, CUDA where there is none, a CUDA index too large)."""
+    if not isinstance(name, (str, torch.device)):
+        raise InputTypeError(f"{what}: expected a device name, got {type(name).__name__}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{what}: {str(name)!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{what}: {str(name)!r}, but CUDA is not available here (use cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"{what}: {str(name)!r}, but there are {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _device(name: str, ctx: _dist.Context) -> torch.device:
+    dev = check_device(name)
     if dev.type == "cuda" and dev.index is None and ctx.distributed:
         dev = torch.device("cuda", ctx.local_rank % max(1, torch.cuda.device_count()))
     return dev
+
+
+def _progress_enabled(progress: bool) -> bool:
+    """A tqdm bar only where it is drawn in place: a terminal (or a notebook widget); into a file or
+    pipe its ``\\r`` frames would pile up in the log."""
+    if not progress:
+        return False
+    from tqdm.auto import tqdm
+
+    if getattr(tqdm, "__module__", "").startswith("tqdm.notebook"):
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except (OSError, ValueError):
+        return False
+
+
+#: what makes a directory a training run's: :meth:`Trainer.fit` will not mix a fresh run into it
+def run_artefacts(out_dir: str | os.PathLike) -> list[str]:
+    """Names of the training-run entries in ``out_dir``: the log, ``latest``, ``step_<N>`` checkpoints,
+    leftovers of killed saves, or the files of a checkpoint (when ``out_dir`` is a checkpoint directory)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    is_checkpoint = (out / ckpt.CONFIG_FILE).is_file()
+    for p in sorted(out.iterdir()):
+        n = p.name
+        if n in (LOG_FILE, ckpt.LATEST) or (ckpt.STEP_DIR.fullmatch(n) and p.is_dir()) \
+                or (is_checkpoint and n in ckpt.CHECKPOINT_FILES):
+            found.append(n)
+        elif (m := ckpt.STALE.fullmatch(n)) and ckpt._looks_like_ours(p, m["base"]):
+            found.append(n)
+    return found
+
+
+def remove_run_artefacts(out_dir: str | os.PathLike) -> list[str]:
+    """Delete what :func:`run_artefacts` lists (nothing else in ``out_dir``); returns the names."""
+    out = Path(out_dir)
+    names = run_artefacts(out)
+    for n in names:
+        p = out / n
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    return names
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def read_log(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+    """``([(line, record), ...], torn)`` of a JSONL training log. A last line without its newline that is
+    not JSON (a write killed half way) is dropped and ``torn`` is True; any other line that is not a JSON
+    object with an integer ``step`` is an InputError naming the file and the line."""
+    data = path.read_bytes()
+    chunks = data.split(b"\n")
+    tail = chunks.pop()  # b"" when the file ends with a newline
+    out: list[tuple[str, dict[str, Any]]] = []
+    torn = False
+
+    def parse(i: int, raw: bytes, last: bool) -> None:
+        nonlocal torn
+        if not raw.strip():
+            return
+        try:
+            line = raw.decode("utf-8")
+            rec = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if last:
+                torn = True
+                return
+            raise InputError(f"corrupted log: {path}: line {i} is not JSON ({e})") from None
+        step = rec.get("step", 0) if isinstance(rec, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise InputError(f"corrupted log: {path}: line {i} is not a record with an integer step: {line[:80]!r}")
+        out.append((line.rstrip("\r"), rec))
+
+    for i, raw in enumerate(chunks, 1):
+        parse(i, raw, last=False)
+    parse(len(chunks) + 1, tail, last=True)
+    return out, torn
+
+
+def _data_length(field: str, value: int, data: torch.Tensor, key: str) -> int:
+    """``config.<field>``: 0 takes the data's length; any other value must be the data's."""
+    length = int(data.shape[1])
+    if value and value != length:
+        raise InputError(f"{field}: the config says {value} but train_data[{key!r}] holds sequences of {length}")
+    return length
 
 
 def _check_data(name: str, data: object, task: str) -> dict[str, torch.Tensor]:
@@ -143,17 +257,19 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, train_data: dict[str, torch.Tensor],
                  valid_data: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None, *, overwrite: bool = False):
         from ..data import Batches
 
         if not isinstance(config, TrainConfig):
             raise InputTypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        if not isinstance(overwrite, bool):
+            raise InputTypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
         self.train_data = _check_data("train_data", train_data, config.task)
         self.valid_data = None if valid_data is None else _check_data("valid_data", valid_data, config.task)
-        target = self.train_data["tgt" if config.task == "word_order" else "tokens"]
-        updates = {"seq_len": config.seq_len or int(target.shape[1])}
+        target_key = "tgt" if config.task == "word_order" else "tokens"
+        updates = {"seq_len": _data_length("seq_len", config.seq_len, self.train_data[target_key], target_key)}
         if config.task == "word_order":
-            updates["src_len"] = config.src_len or int(self.train_data["src"].shape[1])
+            updates["src_len"] = _data_length("src_len", config.src_len, self.train_data["src"], "src")
         self.config = cfg = dataclasses.replace(config, **updates)
         self.dist = _dist.context()
         self.rank, self.world = self.dist.rank, self.dist.world_size
@@ -170,7 +286,9 @@ class Trainer:
         self.model = model.to(self.device).train()
         self.net = self._wrap()  # what the training forward calls: DDP / FSDP module, or the model
         self.model_config = dict(model.config_dict()) if hasattr(model, "config_dict") else dict(cfg.model)
-        V = self.model_config.get("vocab_size") or (tokenizer.vocab_size if tokenizer is not None else None)
+        V = self.model_config.get("vocab_size")
+        if V is None and tokenizer is not None:
+            V = tokenizer.vocab_size
         if V is None:
             raise InputError("model: vocab_size unknown: give config.model['vocab_size'] or a tokenizer")
         self.vocab_size = int(V)
@@ -216,6 +334,9 @@ class Trainer:
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []
         self._window: dict[str, float] = {}
+        self._overwrite = overwrite
+        self._claimed = False  # out_dir checked (a fresh run) or continued (a resumed one)
+        self._on_disk: tuple[int, Path] | None = None  # the checkpoint in out_dir that holds this state
 
     # --- configuration -------------------------------------------------------------------------
     def _model_config(self) -> dict[str, Any]:
@@ -552,6 +673,25 @@ class Trainer:
             self.model.train(was_training)
         return {f"valid_{k}": v / count for k, v in sums.items()}
 
+    # --- the run directory ---------------------------------------------------------------------
+    def _claim_out_dir(self) -> None:
+        """Before the first write into ``out_dir``: a fresh run refuses a directory that already holds a
+        run (:func:`run_artefacts`) unless ``overwrite=True``, which deletes those entries (only them)."""
+        if self._claimed:
+            return
+        out = Path(self.config.out_dir)
+        ckpt.ensure_directory_target(out, "out_dir")
+        found = run_artefacts(out)
+        if found and not self._overwrite:
+            shown = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+            raise InputError(f"out_dir: {out} already holds a training run ({shown}); continue it with "
+                             f"Trainer.resume({str(out)!r}, ...) (fastdiff train --resume), choose another "
+                             "out_dir, or pass overwrite=True (--overwrite) to replace it")
+        if found and self.rank == 0:
+            remove_run_artefacts(out)
+        _dist.barrier()
+        self._claimed = True
+
     # --- loop ----------------------------------------------------------------------------------
     def _log_record(self) -> dict[str, Any]:
         w, count = self._window, self._window.get("count", 0.0)
@@ -577,15 +717,20 @@ class Trainer:
         """Train until ``max_steps`` (or for at most ``steps`` more steps): a JSONL line in
         ``out_dir/train_log.jsonl`` every ``log_every`` steps (step, mean loss terms, lr, grad_norm,
         tokens_per_s, elapsed), validation every ``eval_every``, a checkpoint every ``ckpt_every`` steps and
-        at the end. Returns the records logged by this call."""
+        at the end (unless the checkpoint of this very step is already in ``out_dir``: a resumed run with
+        nothing left to do only points ``latest`` at it). Returns the records logged by this call.
+
+        A fresh trainer refuses an ``out_dir`` that already holds another run (see ``overwrite``); the
+        progress bar (``progress``) is drawn only on a terminal or in a notebook."""
         from tqdm.auto import tqdm
 
         cfg = self.config
         stop = cfg.max_steps if steps is None else min(cfg.max_steps, self.global_step + _checks.positive_int("steps", steps, 0))
+        self._claim_out_dir()
         first = len(self.history)
         last_saved = -1
-        bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not progress or self.rank != 0,
-                   desc="train")
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step,
+                   disable=not _progress_enabled(progress) or self.rank != 0, desc="train")
         try:
             while self.global_step < stop:
                 m = self.step()
@@ -602,7 +747,13 @@ class Trainer:
         finally:
             bar.close()
         if last_saved != self.global_step:
-            self.save()
+            on_disk = self._on_disk
+            if on_disk is not None and on_disk[0] == self.global_step and on_disk[1].is_dir():
+                out = Path(cfg.out_dir)
+                if self.rank == 0 and ckpt.read_latest(out) != on_disk[1].name:
+                    ckpt.write_latest(out, on_disk[1].name)
+            else:
+                self.save()
         return self.history[first:]
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -641,6 +792,8 @@ class Trainer:
         is collected (FSDP) and rank 0 alone writes it, atomically; the others wait until it is complete."""
         default = path is None
         out = Path(self.config.out_dir)
+        if default:
+            self._claim_out_dir()
         target = out / f"step_{self.global_step:08d}" if default else Path(path)
         state, tensors = self._state()
         ema = self.ema.state_dict(self.model) if self.ema is not None else None
@@ -654,10 +807,12 @@ class Trainer:
                                            step=self.global_step, ema=ema, state=state, state_tensors=tensors,
                                            update_latest=default)
             if default and self.config.keep_checkpoints:
-                old = sorted(p for p in out.glob("step_*") if p.is_dir() and "." not in p.name)
+                old = sorted(p for p in out.iterdir() if ckpt.STEP_DIR.fullmatch(p.name) and p.is_dir())
                 for p in old[:-self.config.keep_checkpoints]:
                     if p != written:
                         shutil.rmtree(p, ignore_errors=True)
+        if default:
+            self._on_disk = (self.global_step, Path(written))
         _dist.barrier()
         return written
 
@@ -697,8 +852,8 @@ class Trainer:
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def _load_state(self, d: Path) -> None:
-        state, tensors = ckpt.load_resume_state(d)
+    def _load_state(self, d: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor],
+                    cfg: dict[str, Any]) -> None:
         try:
             groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
                       for g in state["optimizer"]["param_groups"]]
@@ -714,48 +869,114 @@ class Trainer:
             self.global_step = int(state["step"])
             self.elapsed = float(state.get("elapsed", 0.0))
             self._window = {k: float(v) for k, v in state.get("window", {}).items()}
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise InputError(f"corrupted checkpoint: {d / ckpt.STATE_JSON}: {type(e).__name__}: {e}") from None
-        if isinstance(self.sampler, timesteps.LossAwareSampler):
-            self.sampler._losses = tensors["sampler.losses"].to(torch.float64).clone()
-            self.sampler._count = tensors["sampler.count"].to(torch.int64).clone()
-        if self.adaptive is not None:
-            self.adaptive.loss = tensors["adaptive.loss"].to(torch.float64).clone()
-            self.adaptive.alpha_bar = tensors["adaptive.alpha_bar"].to(torch.float64).clone()
-            sync_schedule(self.process)
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt.load_tensors(d / ckpt.EMA_FILE))  # FSDP: re-sharded like the shadows
+        try:
+            if isinstance(self.sampler, timesteps.LossAwareSampler):
+                self.sampler._losses = tensors["sampler.losses"].to(torch.float64).clone()
+                self.sampler._count = tensors["sampler.count"].to(torch.int64).clone()
+            if self.adaptive is not None:
+                self.adaptive.loss = tensors["adaptive.loss"].to(torch.float64).clone()
+                self.adaptive.alpha_bar = tensors["adaptive.alpha_bar"].to(torch.float64).clone()
+                sync_schedule(self.process)
+        except KeyError as e:
+            raise InputError(f"corrupted checkpoint: {d / ckpt.STATE_FILE} lacks the tensor {e}") from None
+        if self.ema is not None:  # FSDP: re-sharded like the shadows
+            self.ema.load_state_dict(ckpt.load_tensors(d / ckpt.EMA_FILE, config=cfg, finite=True))
+
+    def _continue_log(self, source_log: Path, same: bool) -> None:
+        """The resumed run's log: in its own directory, the lines written after the checkpoint (by a run
+        that went on and died, or a torn last line) are dropped; into another directory, the source's
+        lines up to the checkpoint are copied (the source is only read)."""
+        if self.rank != 0:  # rank 0 alone writes the log
+            return
         log = Path(self.config.out_dir) / LOG_FILE
-        if log.is_file():  # drop lines written after this checkpoint by a run that went on and died
-            lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.global_step]
-            if len(keep) != len(lines):
-                ckpt._replace_file(log, "".join(ln + "\n" for ln in keep))
+        src = log if same else source_log
+        if not src.is_file():
+            return
+        records, torn = read_log(src)
+        keep = [line for line, rec in records if rec.get("step", 0) <= self.global_step]
+        if same and len(keep) == len(records) and not torn:
+            return
+        log.parent.mkdir(parents=True, exist_ok=True)
+        ckpt._replace_file(log, "".join(line + "\n" for line in keep))
 
     @classmethod
     def resume(cls, path: str | os.PathLike, train_data: dict[str, torch.Tensor],
                valid_data: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
-               model: nn.Module | None = None, **overrides: Any) -> Trainer:
-        """Continue the run saved at ``path`` (a checkpoint, or a run directory with ``latest``) at the same
-        step with the same optimizer, EMA, data position, timestep-sampler and adaptive-schedule state.
+               model: nn.Module | None = None, *, overwrite: bool = False, **overrides: Any) -> Trainer:
+        """Continue the run saved at ``path`` at the same step with the same optimizer, EMA, data position,
+        timestep-sampler and adaptive-schedule state.
+
+        ``path`` is a checkpoint directory, or a run directory (its ``latest``, else its newest complete
+        checkpoint). The **source run directory** is ``path`` itself for a run directory and the directory
+        holding the checkpoint otherwise. The resumed run writes its checkpoints and log into
+        ``overrides["out_dir"]`` when given, else into the source run directory (never into the
+        ``out_dir`` recorded in the checkpoint, which a copied run would share with its original):
+
+        * the source run directory itself: log lines after the checkpoint are dropped, leftovers of
+          killed saves removed, and the run goes on there;
+        * another directory: the source is only read; the new directory receives the source's log up to
+          the checkpoint and then the new checkpoints. It must not already hold a run (InputError) unless
+          ``overwrite=True``, which deletes that run's entries first.
 
         ``model``: a fresh instance of a custom model (not from :func:`fastdiff.models.build_model`) to load
-        the weights into. ``overrides`` may change :data:`RESUMABLE_OVERRIDES` (e.g. ``max_steps``)."""
+        the weights into. ``overrides`` may change :data:`RESUMABLE_OVERRIDES` (e.g. ``max_steps``, which
+        must not be below the checkpoint's step). Every file read is verified against the checkpoint's
+        checksums; weights or optimizer moments holding NaN/inf are refused."""
         bad = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
         if bad:
             raise InputError(f"overrides: {bad} cannot change on resume; allowed: {list(RESUMABLE_OVERRIDES)}")
-        d = ckpt.resolve_checkpoint_dir(path)
+        if not isinstance(overwrite, bool):
+            raise InputTypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
+        given = Path(path)
+        d = ckpt.resolve_checkpoint_dir(given)
+        source_run = given.parent if (given / ckpt.CONFIG_FILE).is_file() else given
         cfg = ckpt.read_config(d)
-        config = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), **overrides)
-        config = _rebatch(config, ckpt.load_resume_state(d)[0], d)
+        state, state_tensors = ckpt.load_resume_state(d)
+        try:
+            saved = TrainConfig.from_dict(cfg.get("train", {}))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"path: {d} is not a resumable diffusion training checkpoint ({d / ckpt.CONFIG_FILE}: "
+                             f"train: {e})") from None
+        overrides.setdefault("out_dir", str(source_run))
+        config = dataclasses.replace(saved, **overrides)
+        out = Path(config.out_dir)
+        same = _same_dir(out, source_run)
+        if same and overwrite:
+            raise InputError(f"overwrite: {out} is the run being resumed; it is continued, not replaced "
+                             "(overwrite only applies to resuming into another directory)")
+        step = int(cfg["step"])
+        if config.max_steps < step:
+            raise InputError(f"max_steps: {config.max_steps} is below the step of the checkpoint {d} ({step})")
+        if not same:
+            ckpt.ensure_directory_target(out, "out_dir")
+            found = run_artefacts(out)
+            if found and not overwrite:
+                raise InputError(f"out_dir: {out} already holds a training run ({', '.join(found[:4])}); resume "
+                                 "into an empty or new directory, or pass overwrite=True (--overwrite) to replace it")
+        config = _rebatch(config, state, d)
         tok = ckpt.load_tokenizer(d, cfg, tokenizer)
         if model is None:
             from ..models import build_model
 
-            model = build_model(cfg["arch"], cfg["model"])
-        ckpt.load_state_dict_checked(model, ckpt.load_tensors(d / ckpt.MODEL_FILE), d / ckpt.MODEL_FILE)
-        trainer = cls(config, train_data, valid_data, tokenizer=tok, model=model)
-        trainer._load_state(d)
+            try:
+                model = build_model(cfg["arch"], cfg["model"])
+            except (TypeError, ValueError) as e:
+                raise InputError(f"checkpoint: {d / ckpt.CONFIG_FILE}: cannot build the model: {e}") from None
+        weights = d / ckpt.MODEL_FILE
+        ckpt.load_state_dict_checked(model, ckpt.load_tensors(weights, config=cfg, finite=True), weights)
+        trainer = cls(config, train_data, valid_data, tokenizer=tok, model=model, overwrite=overwrite)
+        if same:
+            if trainer.rank == 0:
+                ckpt.remove_stale_temporaries(out)
+            trainer._claimed = True
+        else:
+            trainer._claim_out_dir()
+        trainer._load_state(d, state, state_tensors, cfg)
+        trainer._continue_log(source_run / LOG_FILE, same)
+        if same and _same_dir(d.parent, out) and ckpt.STEP_DIR.fullmatch(d.name):
+            trainer._on_disk = (trainer.global_step, d)
         return trainer
 
 
