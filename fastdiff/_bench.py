@@ -1,7 +1,7 @@
 """``fastdiff bench``: every op on every available backend, and the sampler on the bundled models, as one
 table. Best of ``repeat`` wall-clock runs (CUDA synchronised); ``vs ref`` is the reference backend's time
-divided by the row's (higher is faster). The pytest-benchmark suite in ``benchmarks/`` has the fuller
-version with peers and hardware floors."""
+divided by the row's (higher is faster). Each row prints as soon as it is measured. The pytest-benchmark
+suite in ``benchmarks/`` has the fuller version with peers and hardware floors."""
 
 from __future__ import annotations
 
@@ -73,36 +73,71 @@ def backends_for(device: torch.device) -> list[str]:
     return names
 
 
+def _flushing_print(line: str) -> None:
+    print(line, flush=True)
+
+
 def run(device: str | torch.device = "cpu", quick: bool = False, repeat: int = 3, seed: int = 0,
-        sampler: bool = True, print_fn: Callable[[str], None] = print) -> list[dict]:
-    """Time the ops per backend and the sampler strategies; print one table; return its rows."""
+        sampler: bool = True, print_fn: Callable[[str], None] | None = None) -> list[dict]:
+    """Time the ops per backend and the sampler strategies; print one table, a row as soon as it is
+    measured (after a line saying what will run); return its rows."""
+    from .errors import InputError, InputTypeError
+
+    if isinstance(repeat, bool) or not isinstance(repeat, int):
+        raise InputTypeError(f"repeat: expected an int, got {type(repeat).__name__}")
+    if repeat < 1:
+        raise InputError(f"repeat: must be >= 1, got {repeat}")
+    print_fn = print_fn or _flushing_print
     device = torch.device(device)
+    cases = op_cases(device, quick, seed)
+    backends = backends_for(device)
+    B, steps = _sampler_size(quick)
+    plan = f"{len(cases)} ops x {len(backends)} backends ({', '.join(backends)})"
+    if sampler:
+        n_strat = sum(len(s) for s in _SAMPLER_PLANS.values())
+        plan += f", then the sampler: {n_strat} strategies x 2 backends (reference, auto) on the bundled models " \
+                f"(B={B}, {steps} steps)"
+    print_fn(f"fastdiff bench on {device}: {plan}; best of {repeat} run(s) per row, rows print as they are measured")
+    w = max([len(n) for n in cases] + [44])
+    print_fn(_HEADER.format(w=w, name="benchmark", backend="backend", ms="ms", rate="rate", vs="vs ref"))
+    print_fn("-" * (w + 55))
     rows: list[dict] = []
-    for name, (fn, unit, work) in op_cases(device, quick, seed).items():
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print_fn(_row_line(row, w))
+
+    for name, (fn, unit, work) in cases.items():
         ref_s = None
-        for backend in backends_for(device):
+        for backend in backends:
             sec = _timed(lambda fn=fn, backend=backend: fn(backend), repeat, device)
             ref_s = sec if backend == "reference" else ref_s
-            rows.append({"kind": "op", "name": name, "backend": backend, "ms": sec * 1e3,
-                         "rate": f"{work / sec:,.1f} {unit}", "vs_ref": (ref_s / sec) if ref_s else None})
+            emit({"kind": "op", "name": name, "backend": backend, "ms": sec * 1e3,
+                  "rate": f"{work / sec:,.1f} {unit}", "vs_ref": (ref_s / sec) if ref_s else None})
     if sampler:
-        rows += _sampler_rows(device, quick, repeat, seed)
-    _print_table(rows, print_fn)
+        _sampler_rows(device, quick, repeat, seed, emit)
     return rows
 
 
-def _sampler_rows(device: torch.device, quick: bool, repeat: int, seed: int) -> list[dict]:
+_SAMPLER_PLANS = {"discrete": ("ancestral", "confidence", "threshold", "remask"), "continuous": ("ddpm", "ddim")}
+_HEADER = "{name:<{w}}  {backend:<9} {ms:>10}  {rate:<22} {vs:>7}"
+
+
+def _sampler_size(quick: bool) -> tuple[int, int]:
+    return (8, 16) if quick else (32, 64)
+
+
+def _sampler_rows(device: torch.device, quick: bool, repeat: int, seed: int,
+                  emit: Callable[[dict], None]) -> None:
     from .pipeline import TextDiffusion
 
-    rows = []
-    B, steps = (8, 16) if quick else (32, 64)
-    plans = {"discrete": ("ancestral", "confidence", "threshold", "remask"), "continuous": ("ddpm", "ddim")}
-    for name, strategies in plans.items():
+    B, steps = _sampler_size(quick)
+    for name, strategies in _SAMPLER_PLANS.items():
         try:
             td = TextDiffusion.load(name, device=device)
         except (FileNotFoundError, ValueError) as e:
-            rows.append({"kind": "sampler", "name": f"{name} model", "backend": "-", "ms": float("nan"),
-                         "rate": f"unavailable: {e}", "vs_ref": None})
+            emit({"kind": "sampler", "name": f"{name} model", "backend": "-", "ms": None,
+                  "rate": f"unavailable: {e}", "vs_ref": None})
             continue
         for strategy in strategies:
             ref_s = None
@@ -117,16 +152,21 @@ def _sampler_rows(device: torch.device, quick: bool, repeat: int, seed: int) -> 
                 sec = _timed(go, max(1, repeat - 1), device)
                 ref_s = sec if backend == "reference" else ref_s
                 toks = gen.tokens.numel()
-                rows.append({"kind": "sampler", "name": f"{name} {strategy} B={B} L={td.seq_len} {steps} steps",
-                             "backend": backend, "ms": sec * 1e3, "rate": f"{toks / sec:,.0f} tokens/s",
-                             "vs_ref": (ref_s / sec) if backend != "reference" else 1.0})
-    return rows
+                emit({"kind": "sampler", "name": f"{name} {strategy} B={B} L={td.seq_len} {steps} steps",
+                      "backend": backend, "ms": sec * 1e3, "rate": f"{toks / sec:,.0f} tokens/s",
+                      "vs_ref": (ref_s / sec) if backend != "reference" else 1.0})
+
+
+def _row_line(r: dict, w: int) -> str:
+    vs = f"{r['vs_ref']:.2f}x" if r["vs_ref"] else ""
+    ms = f"{r['ms']:.2f}" if r["ms"] is not None else "-"
+    return _HEADER.format(w=w, name=r["name"], backend=r["backend"], ms=ms, rate=r["rate"], vs=vs)
 
 
 def _print_table(rows: list[dict], print_fn: Callable[[str], None]) -> None:
-    w = max(len(r["name"]) for r in rows)
-    print_fn(f"{'benchmark':<{w}}  {'backend':<9} {'ms':>10}  {'rate':<22} {'vs ref':>7}")
+    """The whole table at once (for rows kept from an earlier :func:`run`)."""
+    w = max([len(r["name"]) for r in rows] + [44])
+    print_fn(_HEADER.format(w=w, name="benchmark", backend="backend", ms="ms", rate="rate", vs="vs ref"))
     print_fn("-" * (w + 55))
     for r in rows:
-        vs = f"{r['vs_ref']:.2f}x" if r["vs_ref"] else ""
-        print_fn(f"{r['name']:<{w}}  {r['backend']:<9} {r['ms']:>10.2f}  {r['rate']:<22} {vs:>7}")
+        print_fn(_row_line(r, w))

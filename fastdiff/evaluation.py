@@ -14,13 +14,12 @@ two ends of the scale.
 
 from __future__ import annotations
 
-from .errors import InputError
-
 from collections.abc import Callable
 
 import torch
 
-from . import metrics
+from . import _checks, metrics
+from .errors import InputError
 
 __all__ = ["encode_texts", "evaluate", "load_scorer", "score_texts"]
 
@@ -59,6 +58,7 @@ def evaluate(td, *, samples: int = 64, steps: int = 64, strategy: str | None = N
     Returns a dict with ``samples`` (the scores of generated text), ``reference`` (the same scores of
     ``reference_texts``), and, when applicable, ``attribute`` (per-label and mean accuracy) and ``bleu``.
     """
+    samples = _checks.positive_int("samples", samples)
     result: dict = {"checkpoint": td.describe(), "settings": {"samples": samples, "steps": steps, "seed": seed,
                                                              "strategy": strategy or td.default_strategy(),
                                                              "guidance": guidance}}
