@@ -99,9 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     if not issubclass(base, argparse.RawDescriptionHelpFormatter):
         p.formatter_class = type("TrainHelpFormatter", (argparse.RawDescriptionHelpFormatter, base), {})
     p.description = DESCRIPTION
-    p.add_argument("--config", help="TrainConfig JSON file, or a checkpoint's config.json (its \"train\" section)")
+    p.add_argument("--config", help="TrainConfig JSON file, or a checkpoint's config.json (its \"train\" section) "
+                   "(default: none, every field at its default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (JSON value); model.KEY for the model config (repeatable)")
+                   help="override a config field (JSON value); model.KEY for the model config (repeatable; default: none)")
     p.add_argument("--family", choices=("discrete", "continuous"), help="process family" + d("family"))
     p.add_argument("--task", choices=("lm", "attribute", "word_order"), help="training task" + d("task"))
     p.add_argument("--kind", choices=("absorbing", "uniform"), help="discrete corruption" + d("kind"))
@@ -142,13 +143,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balance", action="store_true", help="attribute task: subsample classes to equal size")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the bundled one)")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
-                   help="train a BPE tokenizer of this size on the data (saved in the run directory)")
+                   help="train a BPE tokenizer of this size on the data (saved in the run directory; default: "
+                   "use --tokenizer)")
     p.add_argument("--init-embeddings", metavar="HF_DIR",
-                   help="initialise the token embeddings from a pretrained model in a local Hugging Face directory")
+                   help="initialise the token embeddings from a pretrained model in a local Hugging Face directory "
+                   "(default: random initialisation)")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue a run (its newest complete checkpoint) in DIR, or in --out")
-    p.add_argument("--scorer", choices=("causal_lm", "classifier"), help="train an evaluation model instead")
-    p.add_argument("--export", metavar="DIR", help="after training, write a small fp16 copy here (with the log)")
+                   help="continue a run (its newest complete checkpoint) in DIR, or in --out (default: a fresh run)")
+    p.add_argument("--scorer", choices=("causal_lm", "classifier"), help="train an evaluation model instead (default: a diffusion model)")
+    p.add_argument("--export", metavar="DIR", help="after training, write a small fp16 copy here (with the log; default: no export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
 
 
@@ -453,7 +456,9 @@ def _run(args, ctx, plan: _Plan) -> int:
 
         tok = load_tokenizer(ckpt_dir, ck_cfg)
         train, valid, _ = task_data(cfg.task, docs, tok, cfg.seq_len, cfg.src_len, args.balance, cfg.label_names)
-        trainer = Trainer.resume(ckpt_dir, train, valid, overwrite=args.overwrite, **overrides)
+        # the path given: a resume into its own run directory first completes or removes what a killed save
+        # left there, which can change the checkpoint it resolves to (the same step)
+        trainer = Trainer.resume(args.resume, train, valid, overwrite=args.overwrite, **overrides)
         if main:
             history = ""
             if plan.same and (out_dir / "command.txt").is_file():
@@ -465,7 +470,7 @@ def _run(args, ctx, plan: _Plan) -> int:
             (out_dir / "command.txt").write_text(history + _command_line(ctx), encoding="utf-8")
             trainer.config.save(out_dir / "train_config.json")
         where = "" if plan.same else f" into {out_dir} (the source {plan.source} is left as it is)"
-        say(f"resumed {ckpt_dir} at step {trainer.global_step} of {trainer.config.max_steps}{where}"
+        say(f"resumed {trainer.resumed_from} at step {trainer.global_step} of {trainer.config.max_steps}{where}"
             + (f" on {ctx.world_size} processes, {trainer.config.batch_size} sequences per micro-batch"
                if ctx.distributed else ""))
     else:

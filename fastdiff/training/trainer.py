@@ -930,8 +930,17 @@ class Trainer:
         if not isinstance(overwrite, bool):
             raise InputTypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
         given = Path(path)
-        d = ckpt.resolve_checkpoint_dir(given)
+        if not given.exists():
+            raise FileNotFoundError(f"path: no checkpoint at {given}")
         source_run = given.parent if (given / ckpt.CONFIG_FILE).is_file() else given
+        if overrides.get("out_dir") is None:
+            overrides["out_dir"] = str(source_run)
+        same = _same_dir(Path(overrides["out_dir"]), source_run)
+        if same:  # the run goes on here: first finish or remove what a killed save left
+            if _dist.rank() == 0:
+                ckpt.remove_stale_temporaries(source_run)
+            _dist.barrier()
+        d = ckpt.resolve_checkpoint_dir(given)
         cfg = ckpt.read_config(d)
         state, state_tensors = ckpt.load_resume_state(d)
         try:
@@ -939,10 +948,8 @@ class Trainer:
         except (TypeError, ValueError) as e:
             raise InputError(f"path: {d} is not a resumable diffusion training checkpoint ({d / ckpt.CONFIG_FILE}: "
                              f"train: {e})") from None
-        overrides.setdefault("out_dir", str(source_run))
         config = dataclasses.replace(saved, **overrides)
         out = Path(config.out_dir)
-        same = _same_dir(out, source_run)
         if same and overwrite:
             raise InputError(f"overwrite: {out} is the run being resumed; it is continued, not replaced "
                              "(overwrite only applies to resuming into another directory)")
@@ -967,9 +974,8 @@ class Trainer:
         weights = d / ckpt.MODEL_FILE
         ckpt.load_state_dict_checked(model, ckpt.load_tensors(weights, config=cfg, finite=True), weights)
         trainer = cls(config, train_data, valid_data, tokenizer=tok, model=model, overwrite=overwrite)
+        trainer.resumed_from = d
         if same:
-            if trainer.rank == 0:
-                ckpt.remove_stale_temporaries(out)
             trainer._claimed = True
         else:
             trainer._claim_out_dir()
