@@ -111,11 +111,10 @@ def device_name(text: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every argparse error as ``fastdiff: error: ...`` (after the usage line), exit status 2."""
+    """Every argparse error as one ``fastdiff: error: ...`` line pointing at ``--help``, exit status 2."""
 
     def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"fastdiff: error: {message}\n")
+        self.exit(2, f"fastdiff: error: {message} (see: {self.prog} --help)\n")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
