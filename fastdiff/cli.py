@@ -685,14 +685,14 @@ def _user_paths(args) -> list[str]:
 
 
 def _about_user_path(e: OSError, paths: list[str]) -> bool:
-    """True when ``e`` names a path the user gave, a path inside it, or a directory above it."""
+    """True when ``e`` names a path the user gave or a path inside it (a checkpoint directory's files)."""
     for name in (e.filename, e.filename2):
         if not isinstance(name, (str, bytes, os.PathLike)):
             continue
         a = os.path.abspath(os.fsdecode(name))
         for p in paths:
             b = os.path.abspath(p)
-            if a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep):
+            if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
                 return True
     return False
 

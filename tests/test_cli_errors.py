@@ -338,6 +338,13 @@ def test_input_errors_and_user_path_os_errors_are_one_line(capsys, monkeypatch, 
     code, _, err = run(capsys, *GEN, "-c", str(ckpt))
     assert code == 2 and str(denied) in one_error_line(err) and "Permission denied" in err
 
+    def above(cls, *a, **k):  # a directory above the user's path is not the user's path
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(TextDiffusion, "load", classmethod(above))
+    with pytest.raises(PermissionError):
+        cli.main([*GEN, "-c", str(ckpt)])
+
 
 def test_evaluation_models_are_not_generators(capsys) -> None:
     code, _, err = run(capsys, *GEN, "-c", "causal_lm")
