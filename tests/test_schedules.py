@@ -214,6 +214,26 @@ def test_mutual_info_uniform_linear_in_t(marginal, T):
         assert abs(mi - (1 - t / T) * H) <= 1e-6 * H, (t, mi, (1 - t / T) * H)
 
 
+@pytest.mark.parametrize("V", [600, 4096, 100_000])
+def test_mutual_info_uniform_large_vocabularies(V):
+    """Large V (the outside pass: > 120 s for V in 513..4096, a V×V matrix per bisection step; at V = 10^5
+    that matrix alone is 80 GB). Checked against a brute-force O(V) NumPy evaluation of each row's MI with
+    a non-uniform marginal of 3 distinct values and a uniform one."""
+    T = 16
+    rng = np.random.default_rng(V)
+    for m in (np.full(V, 1.0 / V), rng.choice([1.0, 5.0, 40.0], size=V)):
+        m = m / m.sum()
+        ab = ab_np(S.mutual_info(T, "uniform", vocab_size=V, marginal=torch.tensor(m)))
+        H = entropy_np(m)
+        assert ab[0] == 1.0 and ab[T] == 0.0 and np.all(np.diff(ab) <= 0)
+        for t in range(1, T):
+            a, c = ab[t], (1 - ab[t]) / V
+            # I = H(xt) - H(xt | x0): p(xt) = a m + c; every row of Qbar is (a + c) once and c V-1 times.
+            h_cond = -((a + c) * math.log(a + c) + (V - 1) * c * math.log(c))
+            mi = entropy_np(a * m + c) - h_cond
+            assert abs(mi - (1 - t / T) * H) <= 1e-9 * H, (t, mi, (1 - t / T) * H)
+
+
 def test_mutual_info_uniform_marginal_is_normalised():
     """Unnormalised weights give the same schedule as the normalised marginal."""
     a = S.mutual_info(12, "uniform", vocab_size=5, marginal=torch.tensor(MARGINAL5 * 7.0))
