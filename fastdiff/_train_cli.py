@@ -76,7 +76,7 @@ Run directories:
     SHA-256 of every file in config.json, verified whenever they are read; weights holding NaN/inf are
     refused. Leftovers of a killed save are removed by the next save or resume. A torn last line of
     train_log.jsonl (a write killed half way) is dropped on resume.
-  * --export DIR must be new, empty or a checkpoint directory (it is replaced), not the run directory.
+  * --export DIR must be new, empty or a checkpoint directory (it is replaced), outside the run directory.
 """
 
 
@@ -319,6 +319,8 @@ def _check_export(args, out: Path, source: Path | None = None) -> None:
     for other, what in ((out, "the run directory"), (source, "the run resumed")):
         if other is not None and _inside(other, dst):  # dst is the run directory or holds it
             raise InputError(f"--export: {dst} would replace {what} {other}; export to another directory")
+        if other is not None and _inside(dst, other):  # e.g. one of the run's own checkpoints
+            raise InputError(f"--export: {dst} lies inside {what} {other}; export to a directory outside it")
     check_replaceable(dst, "--export")
 
 

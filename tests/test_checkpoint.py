@@ -603,3 +603,21 @@ def test_leftovers_of_killed_saves_are_removed_by_the_next_save(tmp_path, tokeni
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
     assert resolve_checkpoint_dir(run).name == "step_00000002"
+
+
+def test_an_export_never_replaces_its_own_source(tmp_path, saved):
+    path = _copy(saved[1], tmp_path)
+    before = sorted(os.listdir(path))
+    with pytest.raises(ValueError, match="is the checkpoint being exported"):
+        export_checkpoint(path, path)
+    assert sorted(os.listdir(path)) == before and "state.json" in before
+
+
+def test_verify_checkpoint_checks_every_file(tmp_path, saved):
+    from fastdiff.training import verify_checkpoint
+
+    path = _copy(saved[1], tmp_path)
+    assert verify_checkpoint(path)["step"] == 3
+    _flip(path / "state.safetensors")
+    with pytest.raises(ValueError, match="state.safetensors"):
+        verify_checkpoint(path)

@@ -87,6 +87,8 @@ def test_paths_under_a_file_are_one_line_errors(capsys, tmp_path, corpus, run_a,
     _one_line_error(code, err, "--export", str(f))
     code, _, err = train(capsys, *resume, "--export", str(run_a))  # would replace the run itself
     _one_line_error(code, err, "--export")
+    code, _, err = train(capsys, *resume, "--export", str(run_a / "step_00000004"))  # one of its checkpoints
+    _one_line_error(code, err, "--export", "inside")
     assert not (tmp_path / "ok").exists()
 
 

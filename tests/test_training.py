@@ -604,3 +604,27 @@ def test_device_names_are_checked(tmp_path, device):
         pytest.skip("a machine with 100 GPUs")
     with pytest.raises(ValueError, match="device"):
         Trainer(config(tmp_path, device=device), DATA40, model=SpyDiscrete())
+
+
+@pytest.mark.parametrize("kw,match", [({"lr": 0.0}, "lr"), ({"log_every": 0}, "log_every"), ({"batch_size": 0}, "batch_size"),
+                                      ({"warmup": -1}, "warmup"), ({"grad_clip": 0.0}, "grad_clip")])
+def test_train_scorer_checks_its_arguments(tmp_path, kw, match):
+    from fastdiff.data import default_tokenizer
+    from fastdiff.training.auxiliary import train_scorer
+
+    with pytest.raises(ValueError, match=match):
+        train_scorer("causal_lm", None, pattern_tokens(8), pattern_tokens(4), out_dir=tmp_path / "s",
+                     tokenizer=default_tokenizer(), steps=2, **kw)
+    assert not (tmp_path / "s").exists()
+
+
+def test_resume_refuses_other_data(tmp_path):
+    _, a = _fit_run(tmp_path)
+    fewer = {"tokens": pattern_tokens(32)}
+    with pytest.raises(ValueError, match="trained on 40 sequences, this data has 32") as info:
+        Trainer.resume(a, fewer, model=SpyDiscrete())
+    assert "corrupted" not in str(info.value)
+    other = {"tokens": pattern_tokens(40, seed=5)}  # as many sequences, other ones
+    with pytest.raises(ValueError, match="differs from the data the run"):
+        Trainer.resume(a, other, model=SpyDiscrete())
+    assert Trainer.resume(a, {"tokens": pattern_tokens(40)}, model=SpyDiscrete()).global_step == 4

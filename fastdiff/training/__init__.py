@@ -6,7 +6,8 @@
   loss-aware timesteps, adaptive schedules, AdamW with warm-up, EMA, exact resume), :class:`EMA`,
   :func:`lr_factor`.
 * :mod:`~fastdiff.training.checkpoint`: :func:`save_checkpoint`, :func:`load_checkpoint`,
-  :func:`export_checkpoint`, :class:`Checkpoint` (atomic directory checkpoints in safetensors + JSON).
+  :func:`export_checkpoint`, :class:`Checkpoint` (atomic directory checkpoints in safetensors + JSON, every
+  file's SHA-256 recorded in config.json and verified when read), :func:`verify_checkpoint`.
 
 Sits above models and data; ``safetensors`` and ``tokenizers`` are imported only inside functions.
 """
@@ -20,6 +21,7 @@ from .checkpoint import (
     read_config,
     resolve_checkpoint_dir,
     save_checkpoint,
+    verify_checkpoint,
     write_latest,
 )
 from .process import build_process, process_config
@@ -42,5 +44,6 @@ __all__ = [
     "read_config",
     "resolve_checkpoint_dir",
     "save_checkpoint",
+    "verify_checkpoint",
     "write_latest",
 ]

@@ -73,6 +73,13 @@ def train_scorer(kind: str, model, train, valid, *, out_dir: str | Path, tokeniz
 
     _checks.choice("kind", kind, KINDS)
     _checks.positive_int("steps", steps)
+    _checks.positive_int("batch_size", batch_size)
+    _checks.positive_int("warmup", warmup, 0)
+    _checks.positive_int("log_every", log_every)
+    _checks.positive_int("seed", seed, 0)
+    _checks.real("lr", lr, 0.0, lo_open=True)
+    _checks.real("weight_decay", weight_decay, 0.0)
+    _checks.real("grad_clip", grad_clip, 0.0, lo_open=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = train if isinstance(train, tuple) else (train,)

@@ -817,6 +817,9 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     d = resolve_checkpoint_dir(src)
+    dst = Path(dst)
+    if dst.exists() and os.path.samefile(dst, d):
+        raise InputError(f"dst: {dst} is the checkpoint being exported ({d}); export to another directory")
     cfg = read_config(d)
     tok = load_tokenizer(d, cfg)
     file = weights_file(d, cfg, weights)

@@ -162,7 +162,11 @@ class TrainConfig:
         return cls(**_checks.config_fields("config", cls, d))
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        """Write the JSON file atomically (a temporary file renamed onto ``path``)."""
+        p = Path(path)
+        tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, p)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:

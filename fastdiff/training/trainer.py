@@ -250,6 +250,11 @@ class Trainer:
     tokenizer : a :class:`fastdiff.data.TextTokenizer` (saved with checkpoints; gives ``vocab_size``).
     model : a model to train instead of ``build_model(config.arch, ...)``; checkpoints need ``.arch`` and
         ``.config_dict()``.
+    overwrite : a fresh run refuses an ``out_dir`` that already holds a run (a log, ``latest``,
+        ``step_<N>`` checkpoints: :func:`run_artefacts`) at its first write; True deletes those entries
+        (only them) instead. Use :meth:`resume` to continue a run.
+
+    ``config.seq_len`` / ``src_len`` 0 take the data's lengths; any other value must equal them.
 
     :meth:`step` runs one update, :meth:`fit` runs to ``max_steps`` with logging, evaluation and
     checkpoints, :meth:`save` writes a resumable checkpoint, :meth:`resume` continues one.
@@ -673,6 +678,17 @@ class Trainer:
             self.model.train(was_training)
         return {f"valid_{k}": v / count for k, v in sums.items()}
 
+    def _data_digest(self) -> str:
+        """SHA-256 of the training tensors (keys, dtypes, shapes, values): a resume checks its data is the run's."""
+        if getattr(self, "_digest", None) is None:
+            h = hashlib.sha256()
+            for k, v in self.train_data.items():
+                v = v.detach().to("cpu").contiguous()
+                h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+                h.update(v.numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
     # --- the run directory ---------------------------------------------------------------------
     def _claim_out_dir(self) -> None:
         """Before the first write into ``out_dir``: a fresh run refuses a directory that already holds a
@@ -783,13 +799,15 @@ class Trainer:
         state = {"step": self.global_step, "elapsed": self.elapsed, "data": self.batches.state_dict(),
                  "global_batch": self.global_batch, "world_size": self.world,
                  "optimizer": {"param_groups": groups, "scalars": scalars}, "window": dict(self._window),
-                 "timestep_sampler": self.config.timestep_sampler}
+                 "timestep_sampler": self.config.timestep_sampler, "data_sha256": self._data_digest()}
         return state, tensors
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write a resumable checkpoint (default ``out_dir/step_<N>``, which also updates ``out_dir/latest``
-        and keeps the newest ``keep_checkpoints``). Under torchrun every rank must call it: the full state
-        is collected (FSDP) and rank 0 alone writes it, atomically; the others wait until it is complete."""
+        and keeps the newest ``keep_checkpoints``; a fresh trainer first refuses an ``out_dir`` holding
+        another run, see :meth:`fit`). An explicit ``path`` must be new, empty or a checkpoint (replaced
+        atomically). Under torchrun every rank must call it: the full state is collected (FSDP) and rank 0
+        alone writes it, atomically; the others wait until it is complete."""
         default = path is None
         out = Path(self.config.out_dir)
         if default:
@@ -865,10 +883,20 @@ class Trainer:
             for idx, vals in state["optimizer"].get("scalars", {}).items():
                 opt_state.setdefault(int(idx), {}).update(vals)
             self._load_optimizer_state({"state": opt_state, "param_groups": groups})
+            saved_n = state["data"].get("n") if isinstance(state["data"], dict) else None
+            if saved_n is not None and saved_n != self.batches.n:
+                raise _DataMismatch(f"train_data: the run in {d} was trained on {saved_n} sequences, this data has "
+                                    f"{self.batches.n}; a resume needs the same data (--data, --balance)")
+            digest = state.get("data_sha256")
+            if digest is not None and digest != self._data_digest():
+                raise _DataMismatch(f"train_data: differs from the data the run in {d} was trained on (SHA-256 of "
+                                    "the training tensors); a resume needs the same data (--data, --balance)")
             self.batches.load_state_dict(state["data"])
             self.global_step = int(state["step"])
             self.elapsed = float(state.get("elapsed", 0.0))
             self._window = {k: float(v) for k, v in state.get("window", {}).items()}
+        except _DataMismatch as e:
+            raise InputError(str(e)) from None
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise InputError(f"corrupted checkpoint: {d / ckpt.STATE_JSON}: {type(e).__name__}: {e}") from None
         try:
@@ -984,6 +1012,10 @@ class Trainer:
         if same and _same_dir(d.parent, out) and ckpt.STEP_DIR.fullmatch(d.name):
             trainer._on_disk = (trainer.global_step, d)
         return trainer
+
+
+class _DataMismatch(Exception):
+    """Resume data that are not the run's (reported as an InputError, not as a corrupted checkpoint)."""
 
 
 def _rebatch(config: TrainConfig, state: dict[str, Any], d: Path) -> TrainConfig:
