@@ -8,7 +8,7 @@ exit 2) from a bug of ours (any other exception: a traceback).
 
 from __future__ import annotations
 
-__all__ = ["FastdiffError", "InputError", "InputTypeError"]
+__all__ = ["FastdiffError", "InputError", "InputFileNotFoundError", "InputTypeError"]
 
 
 class FastdiffError(Exception):
@@ -21,3 +21,8 @@ class InputError(FastdiffError, ValueError):
 
 class InputTypeError(FastdiffError, TypeError):
     """An argument the caller passed has the wrong type."""
+
+
+class InputFileNotFoundError(FastdiffError, FileNotFoundError):
+    """A file or directory the caller named (a checkpoint, a data file, a tokenizer) does not exist, or is
+    not the kind of file it must be."""

@@ -467,3 +467,14 @@ def test_batches_bad_inputs():
     with pytest.raises(ValueError, match="position"):
         b.load_state_dict({"epoch": 0, "position": 99})
     assert Path(DEFAULT_TOKENIZER_PATH).name == "tokenizer.json"
+
+
+def test_load_texts_names_a_directory_and_a_missing_file(tmp_path):
+    from fastdiff.errors import FastdiffError
+
+    with pytest.raises(FileNotFoundError, match="is a directory") as e:
+        data.load_texts([tmp_path])
+    assert isinstance(e.value, FastdiffError)
+    with pytest.raises(FileNotFoundError, match="no such file") as e:
+        data.load_texts([tmp_path / "nope.txt"])
+    assert isinstance(e.value, FastdiffError)

@@ -17,7 +17,7 @@ and the parsed corpus is cached in memory for the life of the process.
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
+from ..errors import InputError, InputFileNotFoundError, InputTypeError
 
 import ast
 import functools
@@ -203,7 +203,7 @@ def python_docs(stdlib: str | os.PathLike | None = None) -> list[Document]:
     """
     root = os.path.abspath(os.fspath(stdlib) if stdlib is not None else sysconfig.get_paths()["stdlib"])
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"stdlib: not a directory: {root}")
+        raise InputFileNotFoundError(f"stdlib: not a directory: {root}")
     return list(_python_docs(root))
 
 
@@ -275,8 +275,10 @@ def load_texts(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[D
     docs: list[Document] = []
     for p in paths:
         path = Path(p)
+        if path.is_dir():
+            raise InputFileNotFoundError(f"paths: {path} is a directory; give the .txt / .jsonl files in it")
         if not path.is_file():
-            raise FileNotFoundError(f"paths: no such file: {path}")
+            raise InputFileNotFoundError(f"paths: no such file: {path}")
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             docs.extend(_load_jsonl(path))

@@ -14,7 +14,7 @@ Every fastdiff tokenizer has the same special tokens at the same ids: ``[PAD]=0,
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
+from ..errors import InputError, InputFileNotFoundError, InputTypeError
 
 import hashlib
 import json
@@ -149,7 +149,7 @@ class TextTokenizer:
 
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"path: no tokenizer file at {p}")
+            raise InputFileNotFoundError(f"path: no tokenizer file at {p}")
         try:
             tok = Tokenizer.from_str(p.read_text(encoding="utf-8"))
         except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for bad JSON / schema)
