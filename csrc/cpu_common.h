@@ -82,9 +82,11 @@ inline float exp_f32(float x) {
 }
 
 // ---- entry points (defined in embedding_ops.cpp / sampling_ops.cpp) ---------------------------------
-std::tuple<at::Tensor, at::Tensor> nearest_embedding(const at::Tensor& x, const at::Tensor& weight,
-                                                     const std::string& metric, int64_t block_rows,
-                                                     int64_t block_cols);
+// The screen of fastdiff/ops/_nearest.py: x (N, D), weight (V, D), stat (V,) in the compute dtype ->
+// (index of a minimum, minimum, second smallest score) per row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_embedding(const at::Tensor& x, const at::Tensor& weight,
+                                                                 const at::Tensor& stat, const std::string& metric,
+                                                                 int64_t block_rows, int64_t block_cols);
 
 std::vector<at::Tensor> rounding_loss_chunked(const at::Tensor& x, const at::Tensor& weight,
                                               const c10::optional<at::Tensor>& bias, const at::Tensor& target,

@@ -11,23 +11,22 @@
 namespace fastdiff {
 namespace {
 
-// ---- nearest_embedding: fused "norm add + arg-min" pass over one row of a score tile ---------------
-// s[i] <- bias[i] - 2 s[i] (l2) or -s[i] (cosine, bias == nullptr), exactly the reference's
-// `(x @ w.T).mul_(-2).add_(bias)` / `-(x @ w.T)` (-2 s is exact, so one rounding either way); returns
-// the minimum. The caller then finds its first index, so ties go to the lowest index.
-FASTDIFF_CLONES float score_min_f32(float* s, const float* bias, int64_t n) {
+// ---- nearest_embedding: the screen (fastdiff/ops/_nearest.py) ---------------------------------------
+// One fused pass over one row of a score tile: s[i] <- stat[i] - 2 s[i] (l2, stat = |w|^2) or
+// -(s[i] * stat[i]) (cosine, stat = 1 / max(|w|, 1e-12)); returns the minimum.
+FASTDIFF_CLONES float score_min_f32(float* s, const float* stat, int64_t n, bool cosine) {
   float m = kInfF;
-  if (bias != nullptr) {
+  if (!cosine) {
 #pragma omp simd reduction(min : m)
     for (int64_t i = 0; i < n; ++i) {
-      const float v = bias[i] + -2.0f * s[i];
+      const float v = stat[i] + -2.0f * s[i];
       s[i] = v;
       m = v < m ? v : m;
     }
   } else {
 #pragma omp simd reduction(min : m)
     for (int64_t i = 0; i < n; ++i) {
-      const float v = -s[i];
+      const float v = -(s[i] * stat[i]);
       s[i] = v;
       m = v < m ? v : m;
     }
@@ -35,19 +34,19 @@ FASTDIFF_CLONES float score_min_f32(float* s, const float* bias, int64_t n) {
   return m;
 }
 
-FASTDIFF_CLONES double score_min_f64(double* s, const double* bias, int64_t n) {
+FASTDIFF_CLONES double score_min_f64(double* s, const double* stat, int64_t n, bool cosine) {
   double m = kInf;
-  if (bias != nullptr) {
+  if (!cosine) {
 #pragma omp simd reduction(min : m)
     for (int64_t i = 0; i < n; ++i) {
-      const double v = bias[i] + -2.0 * s[i];
+      const double v = stat[i] + -2.0 * s[i];
       s[i] = v;
       m = v < m ? v : m;
     }
   } else {
 #pragma omp simd reduction(min : m)
     for (int64_t i = 0; i < n; ++i) {
-      const double v = -s[i];
+      const double v = -(s[i] * stat[i]);
       s[i] = v;
       m = v < m ? v : m;
     }
@@ -55,24 +54,37 @@ FASTDIFF_CLONES double score_min_f64(double* s, const double* bias, int64_t n) {
   return m;
 }
 
-inline float score_min(float* s, const float* bias, int64_t n) { return score_min_f32(s, bias, n); }
-inline double score_min(double* s, const double* bias, int64_t n) { return score_min_f64(s, bias, n); }
+inline float score_min(float* s, const float* stat, int64_t n, bool cosine) { return score_min_f32(s, stat, n, cosine); }
+inline double score_min(double* s, const double* stat, int64_t n, bool cosine) {
+  return score_min_f64(s, stat, n, cosine);
+}
 
+// The smallest of s[0, n) other than s[j] (+inf when n == 1).
 template <typename C>
-void nearest_blocks(const at::Tensor& flat, const at::Tensor& w, const at::Tensor& bias, int64_t RB, int64_t VT,
-                    int64_t* out_idx) {
+C min_except(const C* s, int64_t n, int64_t j) {
+  C m = static_cast<C>(kInf);
+  for (int64_t i = 0; i < j; ++i) m = s[i] < m ? s[i] : m;
+  for (int64_t i = j + 1; i < n; ++i) m = s[i] < m ? s[i] : m;
+  return m;
+}
+
+// Per row: the index of a minimum score, the minimum and the second smallest score (equal scores count
+// twice). Only rows whose two are within rounding of each other need the float64 resolution.
+template <typename C>
+void nearest_blocks(const at::Tensor& flat, const at::Tensor& w, const C* stat_p, bool cosine, int64_t RB,
+                    int64_t VT, int64_t* out_idx, C* out_best, C* out_second) {
   const int64_t N = flat.size(0), V = w.size(0);
-  const C* bias_p = bias.defined() ? bias.data_ptr<C>() : nullptr;
   const int64_t nblocks = (N + RB - 1) / RB;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({RB * VT}, flat.options());
     C* tile_p = tile.data_ptr<C>();
-    std::vector<C> best(RB);
+    std::vector<C> best(RB), second(RB);
     std::vector<int64_t> arg(RB);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * RB, rn = std::min(RB, N - r0);
       const at::Tensor xb = flat.narrow(0, r0, rn);
       std::fill(best.begin(), best.end(), static_cast<C>(kInf));
+      std::fill(second.begin(), second.end(), static_cast<C>(kInf));
       std::fill(arg.begin(), arg.end(), 0);
       for (int64_t v0 = 0; v0 < V; v0 += VT) {
         const int64_t vn = std::min(VT, V - v0);
@@ -80,16 +92,21 @@ void nearest_blocks(const at::Tensor& flat, const at::Tensor& w, const at::Tenso
         at::mm_out(scores, xb, w.narrow(0, v0, vn).t());
         for (int64_t r = 0; r < rn; ++r) {
           C* s = tile_p + r * vn;
-          const C m = score_min(s, bias_p == nullptr ? nullptr : bias_p + v0, vn);
-          if (m < best[r]) {  // strict: an earlier tile keeps a tie
-            int64_t j = 0;
-            while (j + 1 < vn && !(s[j] == m)) ++j;
+          const C m = score_min(s, stat_p + v0, vn, cosine);
+          int64_t j = 0;
+          while (j + 1 < vn && !(s[j] == m)) ++j;
+          const C m2 = min_except(s, vn, j);
+          // merge (best, second) with the tile's (m, m2)
+          second[r] = std::min(std::max(best[r], m), std::min(second[r], m2));
+          if (m < best[r]) {
             best[r] = m;
             arg[r] = v0 + j;
           }
         }
       }
       std::copy(arg.begin(), arg.begin() + rn, out_idx + r0);
+      std::copy(best.begin(), best.begin() + rn, out_best + r0);
+      std::copy(second.begin(), second.begin() + rn, out_second + r0);
     }
   });
 }
@@ -182,38 +199,38 @@ void loss_rows(C* z, int64_t rn, int64_t V, const C* bias, const int64_t* target
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> nearest_embedding(const at::Tensor& x, const at::Tensor& weight,
-                                                     const std::string& metric, int64_t block_rows,
-                                                     int64_t block_cols) {
-  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1), "nearest_embedding: shapes");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_embedding(const at::Tensor& x, const at::Tensor& weight,
+                                                                 const at::Tensor& stat, const std::string& metric,
+                                                                 int64_t block_rows, int64_t block_cols) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "nearest_embedding: shapes");
   TORCH_CHECK(metric == "l2" || metric == "cosine", "nearest_embedding: metric");
   TORCH_CHECK(block_rows >= 1 && block_cols >= 1, "nearest_embedding: block sizes");
-  const int64_t D = x.size(-1);
   const auto cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor flat = x.reshape({-1, D}).to(cdt).contiguous();
-  at::Tensor w = weight.to(cdt);
-  at::Tensor bias;
-  if (metric == "cosine") {
-    w = w / w.norm(2, {1}, true).clamp_min(1e-12);
-  } else {
-    bias = (w * w).sum(1).contiguous();
-  }
-  w = w.contiguous();
+  TORCH_CHECK(stat.scalar_type() == cdt && stat.dim() == 1 && stat.size(0) == weight.size(0) && stat.is_contiguous(),
+              "nearest_embedding: stat must be a contiguous (V,) tensor of the compute dtype");
+  const at::Tensor flat = x.to(cdt).contiguous();
+  const at::Tensor w = weight.to(cdt).contiguous();
   const int64_t N = flat.size(0);
-  at::Tensor idx = at::empty({N}, x.options().dtype(at::kLong));
-  if (N > 0) {
+  const auto opt = x.options();
+  at::Tensor idx = at::empty({N}, opt.dtype(at::kLong));
+  at::Tensor best = at::empty({N}, opt.dtype(cdt));
+  at::Tensor second = at::empty({N}, opt.dtype(cdt));
+  if (N > 0 && w.size(0) > 0) {
     const int64_t RB = std::min(block_rows, N), VT = std::min(block_cols, w.size(0));
+    const bool cosine = metric == "cosine";
     if (cdt == at::kDouble) {
-      nearest_blocks<double>(flat, w, bias, RB, VT, idx.data_ptr<int64_t>());
+      nearest_blocks<double>(flat, w, stat.data_ptr<double>(), cosine, RB, VT, idx.data_ptr<int64_t>(),
+                             best.data_ptr<double>(), second.data_ptr<double>());
     } else {
-      nearest_blocks<float>(flat, w, bias, RB, VT, idx.data_ptr<int64_t>());
+      nearest_blocks<float>(flat, w, stat.data_ptr<float>(), cosine, RB, VT, idx.data_ptr<int64_t>(),
+                            best.data_ptr<float>(), second.data_ptr<float>());
     }
+  } else {
+    idx.zero_();
+    best.fill_(kInf);
+    second.fill_(kInf);
   }
-  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
-  std::vector<int64_t> snapped_shape(x.sizes().begin(), x.sizes().end());
-  idx = idx.reshape(lead);
-  at::Tensor snapped = weight.index_select(0, idx.reshape({-1})).reshape(snapped_shape);
-  return {idx, snapped};
+  return {idx, best, second};
 }
 
 std::vector<at::Tensor> rounding_loss_chunked(const at::Tensor& x, const at::Tensor& weight,
@@ -245,9 +262,16 @@ std::vector<at::Tensor> rounding_loss_chunked(const at::Tensor& x, const at::Ten
     gb = has_bias ? at::zeros({V}, opt) : at::Tensor();
   }
   if (N == 0) return {loss, gx, gw, gb};
+  // Every target is read in int64 as the row pass reads it (zr[tgt]): check them all here, so that no
+  // caller (the public op checks first) can make it read or write outside the row.
+  const int64_t* tgt = target.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t t = tgt[r];
+    TORCH_CHECK_VALUE(t == ignore_index || (t >= 0 && t < V), "rounding_loss: target ", t, " at row ", r,
+                      " lies outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+  }
   const int64_t R = std::min(chunk_rows, N);
   at::Tensor buf = at::empty({R * V}, opt);
-  const int64_t* tgt = target.data_ptr<int64_t>();
   for (int64_t r0 = 0; r0 < N; r0 += R) {
     const int64_t rn = std::min(R, N - r0);
     const at::Tensor xc = x.narrow(0, r0, rn);

@@ -27,8 +27,22 @@ constexpr int64_t CH = 512;          // categories per CDF chunk
 constexpr int64_t kExactV = 2048;    // rows this narrow are computed in float64 whatever their dtype
 constexpr int kBuckets = 1024;       // top-p histogram: float32 bit patterns >> 20 of weights <= 1
 
-// Status of the in-kernel value check, ordered as check_finite_above reports them.
-constexpr int kOk = 0, kAllNegInf = 1, kPosInf = 2, kNaN = 3;
+// Status of the in-kernel value check, ordered as check_finite_above reports them (the highest status of
+// any row is reported, as the Python check finds NaN anywhere first, then +inf, ...). kOnlyMask: a masked
+// absorbing row whose only finite logit is the (ignored) mask logit.
+constexpr int kOk = 0, kOnlyMask = 1, kAllNegInf = 2, kPosInf = 3, kNaN = 4;
+
+// The Python check's messages (fastdiff/ops/_common.py), word for word.
+inline const char* status_message(int status) {
+  switch (status) {
+    case kNaN: return "contains NaN";
+    case kPosInf: return "contains +inf";
+    case kAllNegInf: return "a row has every logit at -inf (no category can be drawn)";
+    default:
+      return "a masked row (x_t == mask_id) has every logit but the mask's at -inf (the mask logit is ignored, so "
+             "there is no x0 distribution to draw from)";
+  }
+}
 
 // ---- vector primitives --------------------------------------------------------------------------------
 FASTDIFF_CLONES float vmax_f32(const float* x, int64_t n, int* nan) {
@@ -201,6 +215,7 @@ struct RowStats {
 template <typename C>
 inline RowStats finish_stats(C M, C m_skip, int nan, double Z) {
   int status = kOk;
+  nan |= (m_skip != m_skip);  // a NaN in the skipped (mask) column: std::max below would drop it
   const C m_all = std::max(M, m_skip);
   if (nan) {
     status = kNaN;
@@ -339,7 +354,10 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
     const RowStats st = row_stats(x, V, skip, temp, &M, chunks.data(), cmax);
     *status = st.status;
     if (st.status != kOk) return xt;
-    if (M == static_cast<C>(-kInf)) return keep();  // absorbing: only the mask logit is finite
+    if (M == static_cast<C>(-kInf)) {  // absorbing: only the (ignored) mask logit is finite
+      *status = kOnlyMask;
+      return xt;
+    }
     AffineRow<C> row{x, V, M, temp, static_cast<C>(-kInf), skip, -1, 0.0, 0.0, 0.0};
     const double Z = st.Z;
     const double a_t = A.a_t[r], a_s = A.a_s[r];
@@ -372,7 +390,10 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
   if (A.kind == kAbsorbingPerToken) {
     const C m1 = vmax(x, A.mask, &nan), m2 = vmax(x + A.mask + 1, V - A.mask - 1, &nan);
     M = std::max(m1, m2);
-    if (M == static_cast<C>(-kInf)) return keep();
+    if (M == static_cast<C>(-kInf)) {  // only the (ignored) mask logit is finite
+      *status = kOnlyMask;
+      return xt;
+    }
   } else {
     M = vmax(x, V, &nan);
   }
@@ -657,12 +678,14 @@ at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at
                      const c10::optional<at::Tensor>& ab_table, const c10::optional<at::Tensor>& fact1,
                      const c10::optional<at::Tensor>& qbar_s, const c10::optional<at::Tensor>& pair, bool sample,
                      uint64_t seed, uint64_t offset, bool check_values, uint64_t row_offset) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "posterior: logits must be (N, V) with unit stride");
+  TORCH_CHECK(logits.dim() == 2, "posterior: logits must be (N, V)");
   const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(N == 0 || V <= 1 || logits.stride(1) == 1, "posterior: logits must have a unit column stride");
+  TORCH_CHECK(V >= 1 || N == 0, "posterior: empty vocabulary");
   for (const at::Tensor* v : {&x_t, &t, &s}) {
     TORCH_CHECK(v->scalar_type() == at::kLong && v->is_contiguous() && v->numel() == N, "posterior: index arrays");
   }
-  TORCH_CHECK(temperature > 0, "posterior: temperature");
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "posterior: temperature");
   PostArgs A{};
   A.V = V;
   A.N = N;
@@ -733,20 +756,17 @@ at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at
   });
   // The in-kernel value check (check_values): the same ValueError as check_finite_above, raised
   // before any result is returned.
-  if (status != kOk) {
-    const char* what = status == kNaN ? "contains NaN"
-                       : status == kPosInf ? "contains +inf"
-                                           : "a row has every logit at -inf (no category can be drawn)";
-    TORCH_CHECK_VALUE(false, "x0_logits: ", what);
-  }
+  if (status != kOk) TORCH_CHECK_VALUE(false, "x0_logits: ", status_message(status));
   return sample ? tokens : probs;
 }
 
 at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t offset, double temperature,
                               int64_t top_k, double top_p, uint64_t row_offset) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "sample_categorical: logits must be (N, V), unit stride");
-  TORCH_CHECK(temperature >= 0 && top_p > 0 && top_p <= 1, "sample_categorical: temperature / top_p");
+  TORCH_CHECK(logits.dim() == 2, "sample_categorical: logits must be (N, V)");
+  TORCH_CHECK(temperature >= 0 && std::isfinite(temperature) && top_p > 0 && top_p <= 1,
+              "sample_categorical: temperature / top_p");
   const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(N == 0 || V <= 1 || logits.stride(1) == 1, "sample_categorical: logits must have a unit column stride");
   TORCH_CHECK(V >= 1 || N == 0, "sample_categorical: empty vocabulary");
   at::Tensor tokens = at::empty({N}, logits.options().dtype(at::kLong));
   if (N == 0) return tokens;
@@ -759,12 +779,7 @@ at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t 
                       tokens.data_ptr<int64_t>(), &status);
   });
   // The same ValueError as ops._common.check_finite_above, so the public op skips its own read pass.
-  if (status != kOk) {
-    const char* what = status == kNaN ? "contains NaN"
-                       : status == kPosInf ? "contains +inf"
-                                           : "a row has every logit at -inf (no category can be drawn)";
-    TORCH_CHECK_VALUE(false, "logits: ", what);
-  }
+  if (status != kOk) TORCH_CHECK_VALUE(false, "logits: ", status_message(status));
   return tokens;
 }
 
@@ -789,8 +804,9 @@ at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, uint64_t star
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastdiff C++ CPU kernels (called through fastdiff._cpp, which holds the op signatures)";
-  m.def("nearest_embedding", &fastdiff::nearest_embedding, "argmin_v score(x, w_v) and the snapped rows",
-        py::arg("x"), py::arg("weight"), py::arg("metric"), py::arg("block_rows"), py::arg("block_cols"));
+  m.def("nearest_embedding", &fastdiff::nearest_embedding,
+        "the screen of fastdiff.ops._nearest: (argmin, min, second smallest) of the scores per row", py::arg("x"),
+        py::arg("weight"), py::arg("stat"), py::arg("metric"), py::arg("block_rows"), py::arg("block_cols"));
   m.def("rounding_loss_chunked", &fastdiff::rounding_loss_chunked,
         "per-row cross-entropy of x.W^T + b and (optionally) its gradients, in row chunks", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("target"), py::arg("ignore_index"), py::arg("row_scale"),

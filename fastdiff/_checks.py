@@ -18,6 +18,27 @@ def tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
+def dense(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A strided tensor with values: the ops read their inputs' values, which a ``meta`` tensor does not
+    have and a sparse / nested tensor does not lay out as rows."""
+    if x.device.type == "meta":
+        raise InputError(f"{name}: a tensor on the meta device has no values to compute with; expected a CPU "
+                         "or CUDA tensor")
+    if x.layout != torch.strided or x.is_nested:
+        layout = "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+        raise InputError(f"{name}: expected a dense (strided) tensor, got a {layout} tensor")
+    return x
+
+
+def int64(name: str, v: object) -> int:
+    """A Python int (not a bool) that fits in int64, as a kernel reads it."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InputTypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if not -(2**63) <= v < 2**63:
+        raise InputError(f"{name}: must fit in int64 ([-2**63, 2**63)), got {v}")
+    return v
+
+
 def floating(name: str, x: object, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
     x = tensor(name, x)
     if x.dtype not in dtypes:
@@ -35,7 +56,7 @@ def integer(name: str, x: object) -> torch.Tensor:
 
 def token_ids(name: str, x: object, vocab_size: int) -> torch.Tensor:
     """An integer tensor with every value in [0, vocab_size)."""
-    x = integer(name, x)
+    x = dense(name, integer(name, x))
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
         raise InputError(
             f"{name}: token ids must lie in [0, {vocab_size}), got range "
@@ -120,9 +141,9 @@ def steps(name: str, t: object, T: int, lo: int, device: torch.device | None = N
     elif isinstance(t, torch.Tensor):
         if t.dtype not in INT_DTYPES:
             raise InputTypeError(f"{name}: expected an integer tensor, got {t.dtype}")
-        t = t.to(torch.int64)
         if device is not None and t.device != device:
             raise InputError(f"{name}: expected device {device}, got {t.device}")
+        t = dense(name, t).to(torch.int64)
     else:
         raise InputTypeError(f"{name}: expected an int or integer tensor, got {type(t).__name__}")
     if t.numel() and (int(t.min()) < lo or int(t.max()) > T):

@@ -4,10 +4,10 @@ Importing this module imports ``fastdiff._C``; an ImportError here means the ext
 (``_backends.cpp()`` turns it into the reason). The functions below have the signatures the dispatcher
 calls (:mod:`fastdiff.ops._dispatch`) and receive arguments the public ops have already checked.
 
-* ``nearest_embedding``: row blocks of ``BLOCK_ROWS`` vectors against vocabulary tiles of
-  ``BLOCK_COLS`` rows; each tile's scores come from one BLAS GEMM into a per-thread buffer and are
-  reduced by one fused "add |w|², arg-min" pass, so the largest score buffer is
-  ``threads × BLOCK_ROWS × BLOCK_COLS``.
+* ``nearest_embedding``: the screen of :mod:`fastdiff.ops._nearest`: row blocks of ``BLOCK_ROWS`` vectors
+  against vocabulary tiles of ``BLOCK_COLS`` rows; each tile's scores come from one BLAS GEMM into a
+  per-thread buffer and are reduced by one fused "score, min" pass and a second-minimum pass, so the
+  largest score buffer is ``threads × BLOCK_ROWS × BLOCK_COLS``.
 * ``rounding_loss``: :class:`RoundingLossFn`, chunks of rows whose ``(rows, V)`` logits buffer is reused;
   the gradient is computed in the forward pass (mean / sum) and only scaled by the backward; for
   ``reduction="none"`` the backward recomputes the chunks with the per-row output gradient.
@@ -17,10 +17,14 @@ calls (:mod:`fastdiff.ops._dispatch`) and receive arguments the public ops have 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import _C
+from .errors import InputError
+from .ops import _nearest
 from .ops._plan import posterior_plan
 
 BLOCK_ROWS = 128  # nearest_embedding: vectors per row block
@@ -36,13 +40,28 @@ __all__ = ["nearest_embedding", "rounding_loss", "categorical_posterior", "poste
            "RoundingLossFn"]
 
 
+@contextlib.contextmanager
+def _value_check():
+    """The kernels' in-kernel value check raises ValueError with check_finite_above's message; the public
+    ops raise it as the same InputError the other backends raise."""
+    try:
+        yield
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _nearest_screen(p: _nearest.Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _C.nearest_embedding(p.x, p.w, p.stat, p.metric, BLOCK_ROWS, BLOCK_COLS)
+
+
 def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices (...) int64, snapped (..., D) weight dtype)``; see :func:`fastdiff.ops.nearest_embedding_ref`."""
-    return _C.nearest_embedding(x, weight, metric, BLOCK_ROWS, BLOCK_COLS)
+    """``(indices (...) int64, snapped (..., D) weight dtype)``; see :func:`fastdiff.ops.nearest_embedding_ref`.
+    The kernel is the screen of :mod:`fastdiff.ops._nearest`, which resolves the near-ties."""
+    return _nearest.nearest(x, weight, metric, _nearest_screen)
 
 
 def _loss_chunk_rows(V: int) -> int:
@@ -63,8 +82,8 @@ class RoundingLossFn(torch.autograd.Function):
         t1 = target.reshape(-1).to(torch.int64).contiguous()
         valid = int((t1 != ignore_index).sum())
         want_grad = any(ctx.needs_input_grad[:3])
-        if reduction == "mean":
-            scale = torch.tensor([1.0 / valid if valid else float("inf")], dtype=cdt)
+        if reduction == "mean":  # a mean over no valid target is 0 (sum / max(count, 1)), as the reference's
+            scale = torch.tensor([1.0 / max(valid, 1)], dtype=cdt)
         else:
             scale = torch.ones(1, dtype=cdt)
         in_forward = want_grad and reduction != "none"
@@ -81,7 +100,7 @@ class RoundingLossFn(torch.autograd.Function):
             ctx.save_for_backward(gx, gw, gb)
         total = loss_rows.sum(dtype=torch.float64)
         if reduction == "mean":
-            total = total / valid if valid else total * float("nan")
+            total = total / max(valid, 1)
         return total.to(cdt)
 
     @staticmethod
@@ -111,9 +130,10 @@ def rounding_loss(x, weight, target, bias, reduction, ignore_index) -> torch.Ten
 
 def _posterior(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0, row_offset=0):
     plan = posterior_plan(process, x0_logits, x_t, tt, ss, temperature)
-    return _C.posterior(plan.kind, plan.logits, plan.x_t, plan.t, plan.s, plan.temperature, plan.mask_id,
-                        plan.a_t, plan.a_s, plan.ab_table, plan.fact1, plan.qbar_s, plan.pair, sample, seed, offset,
-                        CHECKS_VALUES, row_offset)
+    with _value_check():
+        return _C.posterior(plan.kind, plan.logits, plan.x_t, plan.t, plan.s, plan.temperature, plan.mask_id,
+                            plan.a_t, plan.a_s, plan.ab_table, plan.fact1, plan.qbar_s, plan.pair, sample, seed,
+                            offset, CHECKS_VALUES, row_offset)
 
 
 def categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torch.Tensor:
@@ -137,8 +157,10 @@ def sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_o
     flat = logits.reshape(-1, V)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    out = _C.sample_categorical(flat, seed, offset, float(temperature), 0 if top_k is None else int(top_k),
-                                1.0 if top_p is None else float(top_p), row_offset)
+    k = 0 if top_k is None or top_k >= V else int(top_k)  # top_k >= V keeps everything (and may not fit int64)
+    with _value_check():
+        out = _C.sample_categorical(flat, seed, offset, float(temperature), k, 1.0 if top_p is None else float(top_p),
+                                    row_offset)
     return out.reshape(logits.shape[:-1])
 
 

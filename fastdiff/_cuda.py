@@ -5,9 +5,9 @@ Importing this module imports ``fastdiff._C_cuda``; an ImportError here means th
 signatures the dispatcher calls (:mod:`fastdiff.ops._dispatch`) and receive arguments the public ops
 have already checked; they only flatten, lower and call the kernels.
 
-* ``nearest_embedding``: one tiled score GEMM per block of 64 rows against 64-row vocabulary tiles, with
-  the l2 / cosine score and the arg-min fused into its epilogue (ties to the lowest index); the vocabulary
-  is split across blocks when there are few rows. No ``N × V`` buffer.
+* ``nearest_embedding``: the screen of :mod:`fastdiff.ops._nearest`: one tiled score GEMM per block of 64
+  rows against 64-row vocabulary tiles, with the l2 / cosine score and the (min, second min, arg-min) fused
+  into its epilogue; the vocabulary is split across blocks when there are few rows. No ``N × V`` buffer.
 * ``rounding_loss``: :class:`RoundingLossFn`. Row chunks of ``LOSS_CHUNK_ELEMENTS`` logits: cuBLAS
   (``at::mm``) for the chunk's logits, a kernel for the online logsumexp, loss and softmax gradient in
   place, cuBLAS again for the chunk's share of the gradients. Mean / sum: the gradient is computed in the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _C_cuda as _C
+from .ops import _nearest
 from .ops._plan import posterior_plan
 
 LOSS_CHUNK_ELEMENTS = 1 << 24  # rounding_loss: logits elements per chunk (64 MiB in float32)
@@ -39,13 +40,17 @@ def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 or width == 1 else flat.contiguous()
 
 
+def _nearest_screen(p: _nearest.Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    D = p.x.shape[1]
+    flat = _rows(p.x, D)
+    w = p.w if p.w.stride(-1) == 1 or D == 1 else p.w.contiguous()
+    return _C.nearest_embedding(flat, w, p.stat, p.metric == "cosine")
+
+
 def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices (...) int64, snapped (..., D) weight dtype)``; see :func:`fastdiff.ops.nearest_embedding_ref`."""
-    D = x.shape[-1]
-    flat = _rows(x, D)
-    w = weight if weight.stride(-1) == 1 or D == 1 else weight.contiguous()
-    idx = _C.nearest_embedding(flat, w, metric == "cosine").reshape(x.shape[:-1])
-    return idx, torch.nn.functional.embedding(idx, weight)
+    """``(indices (...) int64, snapped (..., D) weight dtype)``; see :func:`fastdiff.ops.nearest_embedding_ref`.
+    The kernel is the screen of :mod:`fastdiff.ops._nearest`, which resolves the near-ties."""
+    return _nearest.nearest(x, weight, metric, _nearest_screen)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,8 +73,8 @@ class RoundingLossFn(torch.autograd.Function):
         need = (need[0], need[1], need[2] and bias is not None)
         in_forward = any(need) and reduction != "none"
         valid = int((t1 != ignore_index).sum()) if reduction == "mean" else 0
-        # mean over zero valid targets is 0/0 = nan, as F.cross_entropy gives.
-        scale = (1.0 / valid if valid else float("nan")) if reduction == "mean" else 1.0
+        # mean over zero valid targets is 0 with zero gradients (sum / max(count, 1)), as the reference's.
+        scale = 1.0 / max(valid, 1) if reduction == "mean" else 1.0
         loss_rows, gx, gw, gb = _C.rounding_loss(
             x2, w2, b2, t1, ignore_index, scale, None,
             in_forward and need[0], in_forward and need[1], in_forward and need[2], LOSS_CHUNK_ELEMENTS)

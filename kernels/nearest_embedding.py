@@ -1,17 +1,19 @@
-"""``nearest_embedding`` in Triton: the clamp as a tiled GEMM with a fused arg-min epilogue.
+"""``nearest_embedding`` in Triton: the screen of :mod:`fastdiff.ops._nearest` as a tiled GEMM with a fused
+arg-min epilogue (the shared Python code rescales the inputs, computes the per-row statistic and
+resolves the near-ties in float64).
 
 Program ``(i, s)`` owns rows ``[i·BLOCK_N, (i+1)·BLOCK_N)`` and the vocabulary slice ``s`` (the launcher
 splits V across programs only when there are too few row tiles to fill the GPU). For each
 ``BLOCK_V`` tile of its slice it accumulates ``x·wᵀ`` over ``BLOCK_D`` steps with ``tl.dot`` (float32
 accumulator; float64 inputs use a broadcast-multiply-sum instead, since ``tl.dot`` has no float64 on
-most GPUs), turns the tile into scores and folds it into a running ``(best, arg)`` per row:
+most GPUs), turns the tile into scores and folds it into a running ``(best, second, arg)`` per row:
 
-* l2: ``score = |w|² - 2·x·w`` (``|w|²`` precomputed once, in the compute dtype);
-* cosine: ``score = -(x·w)·(1 / max(|w|, 1e-12))``.
+* l2: ``score = stat - 2·x·w`` (``stat = |w|²``, from :func:`fastdiff.ops._nearest.prepare`);
+* cosine: ``score = -(x·w)·stat`` (``stat = 1 / max(|w|, 1e-12)``).
 
-A tile's minimum is taken with ``tl.argmin`` (first index on ties) and replaces the running best only
-when strictly smaller, so ties go to the lowest index. The ``(N, splits)`` partial results are merged
-the same way (lowest split, hence lowest index, among equal scores). Nothing of size ``N × V`` exists.
+A tile's minimum is taken with ``tl.argmin``, its second smallest score with the minimum's column masked
+out; the ``(N, splits)`` partial results are merged on the host (the second smallest of all the splits'
+best and second scores). Nothing of size ``N × V`` exists.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff.ops import _nearest
 
 from . import _common
 
@@ -35,7 +39,7 @@ _NOMINAL_BLOCK_N = 128  # fixes the split count independently of the autotuned c
 
 @triton.jit
 def _nearest_embedding_fwd_kernel(
-    x_ptr, w_ptr, aux_ptr, best_ptr, arg_ptr,
+    x_ptr, w_ptr, aux_ptr, best_ptr, second_ptr, arg_ptr,
     N, V, D, v_per_split, n_splits, stride_xn, stride_wv,
     COSINE: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -48,6 +52,7 @@ def _nearest_embedding_fwd_kernel(
     v_lo = split * v_per_split
     v_hi = tl.minimum(V, v_lo + v_per_split)
     best = tl.full((BLOCK_N,), float("inf"), acc_dt)
+    second = tl.full((BLOCK_N,), float("inf"), acc_dt)
     arg = tl.zeros((BLOCK_N,), tl.int64)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         rv = v0 + tl.arange(0, BLOCK_V)
@@ -74,11 +79,14 @@ def _nearest_embedding_fwd_kernel(
         score = tl.where(v_ok[None, :], score, float("inf"))
         tile_best = tl.min(score, axis=1)
         tile_arg = tl.argmin(score, axis=1, tie_break_left=True).to(tl.int64) + v0
+        tile_second = tl.min(tl.where(rv[None, :] == tile_arg[:, None], float("inf"), score), axis=1)
+        second = tl.minimum(tl.maximum(best, tile_best), tl.minimum(second, tile_second))
         better = tile_best < best
         best = tl.where(better, tile_best, best)
         arg = tl.where(better, tile_arg, arg)
     out = rn * n_splits + split
     tl.store(best_ptr + out, best, mask=n_ok)
+    tl.store(second_ptr + out, second, mask=n_ok)
     tl.store(arg_ptr + out, arg, mask=n_ok)
 
 
@@ -92,46 +100,41 @@ def _kernel():
     return _autotuned
 
 
-def _nearest_embedding_fwd(x: torch.Tensor, weight: torch.Tensor, metric: str
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher: ``x: (..., D)``, ``weight: (V, D)`` (checked by the public op) -> ``(indices, snapped)``."""
-    D = x.shape[-1]
-    V = weight.shape[0]
-    flat = x.reshape(-1, D).contiguous()
-    w = weight.contiguous()
-    N = flat.shape[0]
-    lead = x.shape[:-1]
-    if N == 0:
-        return torch.empty(lead, dtype=torch.int64, device=x.device), weight.new_empty(x.shape)
-    cdt = _common.compute_dtype(x.dtype)
-    wc = w.to(cdt)
-    if metric == "cosine":
-        aux = 1.0 / wc.norm(dim=1).clamp_min(1e-12)
-    else:
-        aux = (wc * wc).sum(1)
-    aux = aux.contiguous()
-    use_dot = x.dtype != torch.float64
+def _screen(p: _nearest.Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher of the screen: ``(arg, best, second)`` per row of the rescaled problem ``p``."""
+    flat = p.x.contiguous()
+    w = p.w.contiguous()
+    N, D = flat.shape
+    V = w.shape[0]
+    cdt = p.cdt
+    use_dot = flat.dtype != torch.float64
     tiles = triton.cdiv(N, _NOMINAL_BLOCK_N)
-    want = _common._TARGET_WAVES * _common.sm_count(x.device)
+    want = _common._TARGET_WAVES * _common.sm_count(flat.device)
     n_splits = max(1, min(triton.cdiv(want, tiles), triton.cdiv(V, 128)))
     v_per_split = triton.cdiv(V, n_splits)
     n_splits = triton.cdiv(V, v_per_split)
-    best = torch.empty((N, n_splits), dtype=cdt, device=x.device)
-    arg = torch.empty((N, n_splits), dtype=torch.int64, device=x.device)
-    args = (flat, w, aux, best, arg, N, V, D, v_per_split, n_splits, flat.stride(0), w.stride(0))
-    meta = dict(COSINE=metric == "cosine", USE_DOT=use_dot, PRECISION=_common.dot_precision(x.dtype),
-                UPCAST=_common.upcast_for_dot(x.dtype))
+    best = torch.empty((N, n_splits), dtype=cdt, device=flat.device)
+    second = torch.empty((N, n_splits), dtype=cdt, device=flat.device)
+    arg = torch.empty((N, n_splits), dtype=torch.int64, device=flat.device)
+    args = (flat, w, p.stat, best, second, arg, N, V, D, v_per_split, n_splits, flat.stride(0), w.stride(0))
+    meta = dict(COSINE=p.metric == "cosine", USE_DOT=use_dot, PRECISION=_common.dot_precision(flat.dtype),
+                UPCAST=_common.upcast_for_dot(flat.dtype))
     if _common.autotune_enabled() and use_dot:
         _kernel()[lambda m: (triton.cdiv(N, m["BLOCK_N"]), n_splits)](*args, **meta)
     else:
         cfg = _FIXED if use_dot else _FIXED_F64
         _nearest_embedding_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), n_splits)](*args, **meta, **cfg)
     if n_splits == 1:
-        idx = arg[:, 0]
-    else:
-        low = best.min(dim=1, keepdim=True).values
-        idx = torch.where(best == low, arg, torch.full_like(arg, V)).min(dim=1).values
-    return idx.reshape(lead), weight.index_select(0, idx).reshape(x.shape)
+        return arg[:, 0], best[:, 0], second[:, 0]
+    low, at = best.min(dim=1)
+    both = torch.cat([best, second], dim=1).sort(dim=1).values
+    return arg.gather(1, at.unsqueeze(1)).squeeze(1), low, both[:, 1]
+
+
+def _nearest_embedding_fwd(x: torch.Tensor, weight: torch.Tensor, metric: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x: (..., D)``, ``weight: (V, D)`` (checked by the public op) -> ``(indices, snapped)``."""
+    return _nearest.nearest(x, weight, metric, _screen)
 
 
 def _register_custom_op():

@@ -273,7 +273,8 @@ class RoundingLossFn(torch.autograd.Function):
         if reduction == "none":
             return loss.reshape(target.shape)
         total = loss.sum()
-        return total / valid.sum() if reduction == "mean" else total
+        # a mean over no valid target is 0 with zero gradients (sum / max(count, 1)), as the reference's
+        return total / valid.sum().clamp_min(1) if reduction == "mean" else total
 
     @staticmethod
     @once_differentiable  # the kernels' gradient has no graph: a second derivative must raise, not be 0
@@ -284,7 +285,7 @@ class RoundingLossFn(torch.autograd.Function):
         if reduction == "none":
             g = grad.reshape(-1).to(lse.dtype) * valid
         elif reduction == "mean":
-            g = valid * (grad.to(lse.dtype) / valid.sum())
+            g = valid * (grad.to(lse.dtype) / valid.sum().clamp_min(1))
         else:
             g = valid * grad.to(lse.dtype)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastdiff import _backends, ops
+from fastdiff.errors import InputError
 from fastdiff import discrete as D
 from fastdiff import random as R
 from fastdiff import schedules as S
@@ -200,11 +201,11 @@ def test_rounding_loss_layouts_ignore_index_and_edge_cases(monkeypatch):
         assert_close(loss, ref, atol=1e-12, rtol=1e-12)
         for a, c in zip(got, want):
             assert_close(a, c, atol=1e-12, rtol=1e-10)
-    # every target ignored: mean is NaN as in F.cross_entropy, sum is 0; gradients are zero
+    # every target ignored: mean (sum / max(count, 1)) and sum are 0, and the gradients are zero
     allign = torch.full((5, 8), -100)
-    assert torch.isnan(ops.rounding_loss(x, w, allign, **CPP))
-    loss, (gx, gw) = _grads(lambda *a, **k: ops.rounding_loss(*a, **k, **CPP), x, w, allign, None, "sum")
-    assert float(loss) == 0 and not bool(gx.any()) and not bool(gw.any())
+    for red in ("mean", "sum"):
+        loss, (gx, gw) = _grads(lambda *a, **k: ops.rounding_loss(*a, **k, **CPP), x, w, allign, None, red)
+        assert float(loss) == 0 and not bool(gx.any()) and not bool(gw.any())
     # no rows at all; no gradient requested
     empty = ops.rounding_loss(torch.zeros(0, 6), torch.randn(9, 6), torch.zeros(0, dtype=torch.int64),
                               reduction="none", **CPP)
@@ -354,16 +355,39 @@ def test_posterior_layouts_batches_and_empty():
     assert ops.categorical_posterior(process, empty, torch.zeros(0, dtype=torch.int64), 3, **CPP).shape == (0, 17)
 
 
-def test_posterior_rows_with_only_the_mask_logit_keep_x_t():
-    """No x0 distribution (only the ignored mask logit is finite; the reference raises on its NaN
-    probabilities): the plan's rule for a zero total weight, keep x_t, one-hot posterior."""
+def test_posterior_rows_with_only_the_mask_logit_are_rejected():
+    """A masked row whose only finite logit is the (ignored) mask logit has no x0 distribution: the kernel's
+    own value check raises the reference's InputError (it used to keep x_t, so sampling could return
+    all-[MASK] output silently). Unmasked rows are carried over and may look like that."""
     process = D.Absorbing(6, 5, S.cosine(T))
     logits = torch.full((2, 6), float("-inf"))
     logits[:, 5] = 0.0
-    xt = torch.tensor([5, 5])
-    assert torch.equal(ops.posterior_sample(process, logits, xt, 10, 3, seed=0, **CPP), xt)
-    probs = ops.categorical_posterior(process, logits, xt, 10, 3, **CPP)
-    assert torch.equal(probs, torch.nn.functional.one_hot(xt, 6).float())
+    for xt in (torch.tensor([5, 5]), torch.tensor([0, 5])):
+        for backend in ("cpp", "reference"):
+            with pytest.raises(InputError, match="x0_logits: a masked row"):
+                ops.posterior_sample(process, logits, xt, 10, 3, seed=0, backend=backend)
+            with pytest.raises(InputError, match="x0_logits: a masked row"):
+                ops.categorical_posterior(process, logits, xt, 10, 3, backend=backend)
+    with pytest.raises(ValueError, match="x0_logits: a masked row"):  # the kernel's check, bypassing the op's
+        _cpp.posterior_sample(process, logits, torch.tensor([5, 5]), torch.tensor([10, 10]), torch.tensor([3, 3]),
+                              seed=0, offset=0, temperature=1.0)
+    carried = torch.tensor([0, 1])
+    assert torch.equal(ops.posterior_sample(process, logits, carried, 10, 3, seed=0, **CPP), carried)
+    spindle = D.Absorbing(6, 5, S.spindle(T, torch.linspace(0, 1, 6)))
+    with pytest.raises(InputError, match="x0_logits: a masked row"):
+        ops.posterior_sample(spindle, logits, torch.tensor([5, 0]), 10, 3, seed=0, **CPP)
+
+
+def test_nan_in_the_mask_column_of_a_masked_row_is_rejected():
+    """The absorbing row pass skips the mask column; a NaN there was dropped by std::max (found by fuzzing)."""
+    for process in (D.Absorbing(6, 5, S.cosine(T)), D.Absorbing(6, 2, S.spindle(T, torch.linspace(0, 1, 6)))):
+        for dtype in (torch.float32, torch.float64):
+            logits = torch.randn(3, 6, dtype=dtype)
+            logits[1, process.mask_id] = float("nan")
+            xt = torch.full((3,), process.mask_id)
+            for op in (ops.categorical_posterior, lambda *a, **k: ops.posterior_sample(*a, seed=0, **k)):
+                with pytest.raises(InputError, match="x0_logits: contains NaN"):
+                    op(process, logits, xt, 10, 3, **CPP)
 
 
 @pytest.mark.parametrize("bad,match", [(float("nan"), "NaN"), (float("inf"), r"\+inf"), (None, "-inf")])

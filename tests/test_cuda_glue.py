@@ -37,11 +37,18 @@ class FakeCudaModule(types.SimpleNamespace):
         super().__init__(calls=[])
 
     # ---- nearest_embedding
-    def nearest_embedding(self, x, weight, cosine):
+    def nearest_embedding(self, x, weight, stat, cosine):
+        """The screen: (index of a minimum, minimum, second smallest score) per row."""
         self.calls.append(("nearest_embedding", x, weight, cosine))
         assert x.ndim == 2 and (x.shape[1] <= 1 or x.stride(1) == 1)
         assert weight.ndim == 2 and (weight.shape[1] <= 1 or weight.stride(1) == 1)
-        return ops.nearest_embedding_ref(x, weight, "cosine" if cosine else "l2")[0]
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        assert stat.dtype == cdt and stat.shape == (weight.shape[0],) and stat.is_contiguous()
+        g = x.to(cdt) @ weight.to(cdt).T
+        score = -(g * stat) if cosine else stat - 2 * g
+        srt = score.sort(dim=1).values
+        second = srt[:, 1] if score.shape[1] > 1 else torch.full_like(srt[:, 0], float("inf"))
+        return score.argmin(dim=1), srt[:, 0], second
 
     # ---- rounding_loss
     def rounding_loss(self, x, weight, bias, target, ignore_index, scale, row_scale, need_gx, need_gw, need_gb,

@@ -57,7 +57,7 @@ def test_low_precision_agrees_except_near_ties(dtype, metric):
 
 
 def test_ties_go_to_the_lowest_index_across_blocks(monkeypatch):
-    mod = importlib.import_module("fastdiff.ops.nearest_embedding")
+    mod = importlib.import_module("fastdiff.ops._nearest")
     w = torch.randn(50, 4, dtype=torch.float64)
     w[37] = w[3]
     w[44] = w[3]
@@ -70,7 +70,7 @@ def test_ties_go_to_the_lowest_index_across_blocks(monkeypatch):
 
 
 def test_blocking_does_not_change_results(monkeypatch):
-    mod = importlib.import_module("fastdiff.ops.nearest_embedding")
+    mod = importlib.import_module("fastdiff.ops._nearest")
     g = torch.Generator().manual_seed(2)
     x = torch.randn(300, 16, generator=g)
     w = torch.randn(700, 16, generator=g)

@@ -59,8 +59,8 @@ for dt, acc in (("bf16", "fp32"), ("fp16", "fp32"), ("fp32", "fp32"), ("fp64", "
     blk = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64) if dot else dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=8)
     gemm = dict(N="i32", V="i32", D="i32", stride_xn="i32", stride_wv="i32")
     for cos in (False, True):
-        types = dict(x_ptr=P(dt), w_ptr=P(dt), aux_ptr=P(acc), best_ptr=P(acc), arg_ptr="*i64", v_per_split="i32",
-                     n_splits="i32", **gemm)
+        types = dict(x_ptr=P(dt), w_ptr=P(dt), aux_ptr=P(acc), best_ptr=P(acc), second_ptr=P(acc), arg_ptr="*i64",
+                     v_per_split="i32", n_splits="i32", **gemm)
         check(ne._nearest_embedding_fwd_kernel, types,
               dict(COSINE=cos, USE_DOT=dot, PRECISION="ieee", UPCAST=False, **blk), f"nearest {dt} cos={cos}")
     for hb in (False, True):

@@ -73,7 +73,9 @@ int num_sms(const Tensor& t) {
 }
 
 // ---- nearest_embedding ---------------------------------------------------------------------------
-Tensor nearest_embedding(const Tensor& x, const Tensor& weight, bool cosine) {
+// The screen of fastdiff/ops/_nearest.py: (index of a minimum, minimum, second smallest score) per row.
+std::tuple<Tensor, Tensor, Tensor> nearest_embedding(const Tensor& x, const Tensor& weight, const Tensor& stat,
+                                                     bool cosine) {
   check_cuda(x, "x", x);
   check_cuda(weight, "weight", x);
   TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "weight: dtype ", weight.scalar_type(), " differs from x's ",
@@ -83,18 +85,23 @@ Tensor nearest_embedding(const Tensor& x, const Tensor& weight, bool cosine) {
   const int64_t D = weight.size(1);
   check_rows(x, "x", D);
   check_rows(weight, "weight", D);
-  const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = x.size(0), V = weight.size(0);
+  const at::ScalarType cdt = dt == DType::kFloat64 ? at::kDouble : at::kFloat;
+  check_vec(stat, "stat", V, cdt, x);
+  const c10::cuda::CUDAGuard guard(x.device());
   Tensor idx = at::empty({N}, x.options().dtype(at::kLong));
-  if (N == 0) return idx;
+  Tensor best = at::empty({N}, x.options().dtype(cdt));
+  Tensor second = at::empty({N}, x.options().dtype(cdt));
+  if (N == 0) return {idx, best, second};
   const int sms = num_sms(x);
   Tensor ws = at::empty({static_cast<int64_t>(nearest_embedding_workspace_bytes(N, V, dt, sms))},
                         x.options().dtype(at::kByte));
   check_launch(nearest_embedding_launch(x.data_ptr(), N > 1 ? x.stride(0) : D, weight.data_ptr(),
-                                        V > 1 ? weight.stride(0) : D, N, V, D, dt, cosine, idx.data_ptr<int64_t>(),
-                                        ws.data_ptr(), sms, stream_of(x)),
+                                        V > 1 ? weight.stride(0) : D, stat.data_ptr(), N, V, D, dt, cosine,
+                                        idx.data_ptr<int64_t>(), best.data_ptr(), second.data_ptr(), ws.data_ptr(),
+                                        sms, stream_of(x)),
                "nearest_embedding");
-  return idx;
+  return {idx, best, second};
 }
 
 // ---- rounding_loss -------------------------------------------------------------------------------
@@ -260,7 +267,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace fastdiff;
   m.doc() = "fastdiff CUDA kernels (called through fastdiff._cuda)";
-  m.def("nearest_embedding", &nearest_embedding, py::arg("x"), py::arg("weight"), py::arg("cosine"));
+  m.def("nearest_embedding", &nearest_embedding, py::arg("x"), py::arg("weight"), py::arg("stat"), py::arg("cosine"));
   m.def("rounding_loss", &rounding_loss, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("target"),
         py::arg("ignore_index"), py::arg("scale"), py::arg("row_scale"), py::arg("need_gx"), py::arg("need_gw"),
         py::arg("need_gb"), py::arg("chunk_elements"));

@@ -17,35 +17,42 @@ constexpr int kNeThreads = (kBM / kTM) * (kBN / kTN);  // 256
 constexpr int kMaxSplits = 64;
 constexpr int64_t kNoIndex = INT64_MAX;
 
-// Per-row statistic of the weight matrix, one warp per row: l2 -> |w|^2, cosine -> max(|w|, 1e-12).
-template <typename T, typename C>
-__global__ void _nearest_embedding_stats_kernel(const T* __restrict__ w, int64_t ldw, int64_t V, int64_t D,
-                                                bool cosine, C* __restrict__ stat) {
-  const int lane = threadIdx.x & 31;
-  const int64_t v = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  if (v >= V) return;  // whole warps leave together: v is uniform within a warp
-  const T* row = w + v * ldw;
-  C acc = 0;
-  for (int64_t k = lane; k < D; k += 32) {
-    const C e = load_as<C>(row, k);
-    acc += e * e;
+// The screen of fastdiff/ops/_nearest.py: per row the index of a minimum score, the minimum and the second
+// smallest score (equal scores count twice), with the per-row statistic `stat` computed by the caller
+// (l2: |w|^2, score = stat - 2 x.w; cosine: 1 / max(|w|, 1e-12), score = -(x.w) * stat). Rows whose two
+// scores lie within rounding of each other are resolved in float64 by the caller.
+
+// Fold the score `v` of column `i` into a running (best, second, index).
+template <typename C>
+__device__ __forceinline__ void fold(C v, int64_t i, C& best, C& second, int64_t& bi) {
+  if (v < best) {
+    second = best;
+    best = v;
+    bi = i;
+  } else if (v < second) {
+    second = v;
   }
-  acc = warp_sum(acc);
-  if (lane == 0) stat[v] = cosine ? fmax(sqrt(acc), C(1e-12)) : acc;
 }
 
-__device__ __forceinline__ bool better(double v, int64_t i, double bv, int64_t bi) {
-  return v < bv || (v == bv && i < bi);
+// Merge two running (best, second, index) triples.
+template <typename C>
+__device__ __forceinline__ void merge(C ov, C os, int64_t oi, C& bv, C& bs, int64_t& bi) {
+  const C s2 = fmin(fmax(bv, ov), fmin(bs, os));
+  if (ov < bv || (ov == bv && oi < bi)) {
+    bv = ov;
+    bi = oi;
+  }
+  bs = s2;
 }
 
 // One block: kBM rows of x against the columns [v_begin, v_end) of its split, kBN at a time. Each thread
-// owns rows ty + 16*i and columns tx + 16*j of a tile and keeps a running (best, index) per row; columns
-// reach a thread in increasing order, so a strict '<' keeps the lowest index among equal scores.
+// owns rows ty + 16*i and columns tx + 16*j of a tile and keeps a running (best, second, index) per row.
 template <typename T, typename C>
 __global__ void __launch_bounds__(kNeThreads)
 _nearest_embedding_fwd_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int64_t ldw,
                               const C* __restrict__ stat, int64_t N, int64_t V, int64_t D, bool cosine,
-                              int64_t v_per_split, C* __restrict__ part_val, int64_t* __restrict__ part_idx) {
+                              int64_t v_per_split, C* __restrict__ part_val, C* __restrict__ part_sec,
+                              int64_t* __restrict__ part_idx) {
   __shared__ C xs[kBK][kBM + 1];
   __shared__ C ws[kBK][kBN + 1];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -54,11 +61,12 @@ _nearest_embedding_fwd_kernel(const T* __restrict__ x, int64_t ldx, const T* __r
   const int64_t v_begin = split * v_per_split;
   const int64_t v_end = min(V, v_begin + v_per_split);
 
-  C best[kTM];
+  C best[kTM], second[kTM];
   int64_t best_i[kTM];
 #pragma unroll
   for (int i = 0; i < kTM; ++i) {
     best[i] = C(INFINITY);
+    second[i] = C(INFINITY);
     best_i[i] = kNoIndex;
   }
 
@@ -99,55 +107,46 @@ _nearest_embedding_fwd_kernel(const T* __restrict__ x, int64_t ldx, const T* __r
       const C st = stat[col];
 #pragma unroll
       for (int i = 0; i < kTM; ++i) {
-        // The reference's order: (x.w) * -2 + |w|^2 (the product by -2 is exact), or -(x.w / |w|).
-        const C score = cosine ? -(acc[i][j] / st) : fma(C(-2), acc[i][j], st);
-        if (score < best[i]) {
-          best[i] = score;
-          best_i[i] = col;
-        }
+        const C score = cosine ? -(acc[i][j] * st) : fma(C(-2), acc[i][j], st);
+        fold(score, col, best[i], second[i], best_i[i]);
       }
     }
   }
   // Reduce over the 16 threads (tx) sharing a row: they are one half of a warp.
 #pragma unroll
   for (int i = 0; i < kTM; ++i) {
-    C bv = best[i];
+    C bv = best[i], bs = second[i];
     int64_t bi = best_i[i];
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) {
       const C ov = __shfl_xor_sync(kFullMask, bv, o);
+      const C os = __shfl_xor_sync(kFullMask, bs, o);
       const int64_t oi = __shfl_xor_sync(kFullMask, bi, o);
-      if (better(ov, oi, bv, bi)) {
-        bv = ov;
-        bi = oi;
-      }
+      merge(ov, os, oi, bv, bs, bi);
     }
     const int64_t row = m0 + ty + 16 * i;
     if (tx == 0 && row < N) {
       part_val[split * N + row] = bv;
+      part_sec[split * N + row] = bs;
       part_idx[split * N + row] = bi;
     }
   }
 }
 
-// Combine the splits in V order (a strict '<' keeps the earlier split on ties); a row whose scores were all
-// +inf keeps index 0, as the reference does.
+// Combine the splits; a row whose scores were all +inf keeps index 0, as the reference does.
 template <typename C>
-__global__ void _nearest_embedding_reduce_kernel(const C* __restrict__ part_val, const int64_t* __restrict__ part_idx,
-                                                 int64_t N, int splits, int64_t* __restrict__ out) {
+__global__ void _nearest_embedding_reduce_kernel(const C* __restrict__ part_val, const C* __restrict__ part_sec,
+                                                 const int64_t* __restrict__ part_idx, int64_t N, int splits,
+                                                 int64_t* __restrict__ out, C* __restrict__ out_best,
+                                                 C* __restrict__ out_second) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= N) return;
-  C bv = part_val[row];
+  C bv = part_val[row], bs = part_sec[row];
   int64_t bi = part_idx[row];
-  for (int s = 1; s < splits; ++s) {
-    const C v = part_val[s * N + row];
-    const int64_t i = part_idx[s * N + row];
-    if (better(v, i, bv, bi)) {
-      bv = v;
-      bi = i;
-    }
-  }
+  for (int s = 1; s < splits; ++s) merge(part_val[s * N + row], part_sec[s * N + row], part_idx[s * N + row], bv, bs, bi);
   out[row] = bi == kNoIndex ? 0 : bi;
+  out_best[row] = bv;
+  out_second[row] = bs;
 }
 
 struct NeSplit {
@@ -168,26 +167,23 @@ NeSplit ne_split(int64_t N, int64_t V, int num_sms) {
 size_t align256(size_t n) { return (n + 255) & ~size_t(255); }
 
 template <typename T, typename C>
-cudaError_t ne_launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int64_t N, int64_t V, int64_t D,
-                      bool cosine, int64_t* out, void* workspace, int num_sms, cudaStream_t stream) {
+cudaError_t ne_launch(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* stat, int64_t N,
+                      int64_t V, int64_t D, bool cosine, int64_t* out, void* out_best, void* out_second,
+                      void* workspace, int num_sms, cudaStream_t stream) {
   const NeSplit sp = ne_split(N, V, num_sms);
   char* ws = static_cast<char*>(workspace);
   int64_t* part_idx = reinterpret_cast<int64_t*>(ws);
   ws += align256(sizeof(int64_t) * sp.splits * N);
   C* part_val = reinterpret_cast<C*>(ws);
   ws += align256(sizeof(C) * sp.splits * N);
-  C* stat = reinterpret_cast<C*>(ws);
+  C* part_sec = reinterpret_cast<C*>(ws);
 
-  const int stat_threads = 256;
-  const int64_t stat_blocks = (V * 32 + stat_threads - 1) / stat_threads;
-  _nearest_embedding_stats_kernel<T, C><<<static_cast<unsigned>(stat_blocks), stat_threads, 0, stream>>>(
-      static_cast<const T*>(w), ldw, V, D, cosine, stat);
   dim3 grid(static_cast<unsigned>((N + kBM - 1) / kBM), static_cast<unsigned>(sp.splits));
   _nearest_embedding_fwd_kernel<T, C><<<grid, kNeThreads, 0, stream>>>(
-      static_cast<const T*>(x), ldx, static_cast<const T*>(w), ldw, stat, N, V, D, cosine, sp.v_per_split, part_val,
-      part_idx);
+      static_cast<const T*>(x), ldx, static_cast<const T*>(w), ldw, static_cast<const C*>(stat), N, V, D, cosine,
+      sp.v_per_split, part_val, part_sec, part_idx);
   _nearest_embedding_reduce_kernel<C><<<static_cast<unsigned>((N + 255) / 256), 256, 0, stream>>>(
-      part_val, part_idx, N, sp.splits, out);
+      part_val, part_sec, part_idx, N, sp.splits, out, static_cast<C*>(out_best), static_cast<C*>(out_second));
   return last_launch_error();
 }
 
@@ -268,22 +264,27 @@ _rounding_loss_fwd_kernel(C* __restrict__ logits, int64_t ld, int64_t R, int64_t
 size_t nearest_embedding_workspace_bytes(int64_t N, int64_t V, DType dtype, int num_sms) {
   const NeSplit sp = ne_split(N, V, num_sms);
   const size_t c = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-  return align256(sizeof(int64_t) * sp.splits * N) + align256(c * sp.splits * N) + align256(c * V);
+  return align256(sizeof(int64_t) * sp.splits * N) + 2 * align256(c * sp.splits * N);
 }
 
-cudaError_t nearest_embedding_launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int64_t N, int64_t V,
-                                     int64_t D, DType dtype, bool cosine, int64_t* out_idx, void* workspace,
-                                     int num_sms, cudaStream_t stream) {
+cudaError_t nearest_embedding_launch(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* stat,
+                                     int64_t N, int64_t V, int64_t D, DType dtype, bool cosine, int64_t* out_idx,
+                                     void* out_best, void* out_second, void* workspace, int num_sms,
+                                     cudaStream_t stream) {
   if (N <= 0 || V <= 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat32:
-      return ne_launch<float, float>(x, ldx, w, ldw, N, V, D, cosine, out_idx, workspace, num_sms, stream);
+      return ne_launch<float, float>(x, ldx, w, ldw, stat, N, V, D, cosine, out_idx, out_best, out_second, workspace,
+                                     num_sms, stream);
     case DType::kFloat64:
-      return ne_launch<double, double>(x, ldx, w, ldw, N, V, D, cosine, out_idx, workspace, num_sms, stream);
+      return ne_launch<double, double>(x, ldx, w, ldw, stat, N, V, D, cosine, out_idx, out_best, out_second,
+                                       workspace, num_sms, stream);
     case DType::kFloat16:
-      return ne_launch<__half, float>(x, ldx, w, ldw, N, V, D, cosine, out_idx, workspace, num_sms, stream);
+      return ne_launch<__half, float>(x, ldx, w, ldw, stat, N, V, D, cosine, out_idx, out_best, out_second,
+                                      workspace, num_sms, stream);
     case DType::kBFloat16:
-      return ne_launch<__nv_bfloat16, float>(x, ldx, w, ldw, N, V, D, cosine, out_idx, workspace, num_sms, stream);
+      return ne_launch<__nv_bfloat16, float>(x, ldx, w, ldw, stat, N, V, D, cosine, out_idx, out_best, out_second,
+                                             workspace, num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -16,15 +16,18 @@ namespace fastdiff {
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // ---- nearest_embedding --------------------------------------------------------------------------
-// Scores in float32 (float64 for kFloat64), ties to the lowest index:
-//   l2: |w_v|^2 - 2 x.w_v      cosine: -(x.w_v) / max(|w_v|, 1e-12)
-// x: (N, D) with leading dimension ldx, w: (V, D) with ldw, out_idx: (N,).
-// workspace: nearest_embedding_workspace_bytes(...) bytes of device memory (no N x V buffer: it holds
-// V per-row statistics and splits x N (value, index) partial results, splits <= 64).
+// The screen of fastdiff/ops/_nearest.py, scores in float32 (float64 for kFloat64):
+//   l2: stat_v - 2 x.w_v (stat = |w|^2)      cosine: -(x.w_v) * stat_v (stat = 1 / max(|w_v|, 1e-12))
+// x: (N, D) with leading dimension ldx, w: (V, D) with ldw, stat: (V,) of the compute dtype (the caller's).
+// Per row: out_idx (N,) the index of a minimum, out_best / out_second (N,) of the compute dtype the minimum
+// and the second smallest score (equal scores count twice); the caller resolves rows whose two are within
+// rounding. workspace: nearest_embedding_workspace_bytes(...) bytes of device memory (no N x V buffer: it
+// holds splits x N (value, second, index) partial results, splits <= 64).
 size_t nearest_embedding_workspace_bytes(int64_t N, int64_t V, DType dtype, int num_sms);
-cudaError_t nearest_embedding_launch(const void* x, int64_t ldx, const void* w, int64_t ldw, int64_t N,
-                                     int64_t V, int64_t D, DType dtype, bool cosine, int64_t* out_idx,
-                                     void* workspace, int num_sms, cudaStream_t stream);
+cudaError_t nearest_embedding_launch(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* stat,
+                                     int64_t N, int64_t V, int64_t D, DType dtype, bool cosine, int64_t* out_idx,
+                                     void* out_best, void* out_second, void* workspace, int num_sms,
+                                     cudaStream_t stream);
 
 // ---- rounding_loss epilogue ---------------------------------------------------------------------
 // In place over a chunk of R rows of logits (float32 or float64, row stride ld): per row the loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch
-from ._common import check_posterior_args, check_values_unless_kernel_does, rows_per_chunk
+from ._common import check_posterior_args, check_values_unless_kernel_does, mask_of, rows_per_chunk
 
 _dispatch.register("categorical_posterior", "cpp", "categorical_posterior")
 _dispatch.register("categorical_posterior", "cuda", "categorical_posterior")
@@ -44,7 +44,7 @@ def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t
     """:func:`categorical_posterior_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
     xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
     fn = _dispatch.resolve("categorical_posterior", backend, x0_logits.device, None)
-    check_values_unless_kernel_does("x0_logits", x0_logits, fn)
+    check_values_unless_kernel_does("x0_logits", x0_logits, fn, temperature, mask_id=mask_of(process), x_t=xt)
     if fn is None:
         return _categorical_posterior(process, x0_logits, xt, tt, ss, temperature)
     return fn(process, x0_logits, xt, tt, ss, temperature)

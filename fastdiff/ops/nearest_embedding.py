@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _checks
-from . import _dispatch
-from ._common import CHUNK_ELEMENTS, check_x_weight
+from . import _dispatch, _nearest
+from ._common import check_x_weight
 
 METRICS = ("l2", "cosine")
 _dispatch.register("nearest_embedding", "cpp", "nearest_embedding")
@@ -28,11 +27,16 @@ def nearest_embedding_ref(x: torch.Tensor, weight: torch.Tensor, metric: str = "
 
     ``x: (..., D)``, ``weight: (V, D)`` -> ``indices: (...) int64``, ``snapped: (..., D)`` (weight's dtype).
 
-    * l2: ``argmin_v |x - w_v|²`` = ``argmin_v (|w_v|² - 2 x·w_v)``;
+    * l2: ``argmin_v |x - w_v|²``;
     * cosine: ``argmax_v x·w_v / max(|w_v|, 1e-12)``.
 
-    Ties go to the lowest index. Scores are computed in float32 (float64 for float64 inputs), blocked
-    over rows and vocabulary so that no score block exceeds 2**20 elements (4 MiB in float32) whatever N and V are.
+    The index is the arg-min of a float64 evaluation of these scores with a fixed summation order
+    (l2 ``Σ_k (x_k - w_k)²``, cosine ``-Σ_k x_k ŵ_k``, ``ŵ = w / max(|w|, 1e-12)``), the lowest index among equal
+    values, on every backend: identical rows tie whatever their position, and huge or tiny magnitudes
+    (``1e20``, ``1e-30``) are rescaled by a power of two first instead of overflowing. A float32 (float64
+    for float64 inputs) GEMM screens the rows, blocked so that no score block exceeds 2**20 elements,
+    and only rows whose two best screened scores lie within rounding of each other are evaluated in
+    float64 (see :mod:`fastdiff.ops._nearest`).
     """
     _check(x, weight, metric)
     return _nearest_embedding(x, weight, metric)
@@ -40,37 +44,7 @@ def nearest_embedding_ref(x: torch.Tensor, weight: torch.Tensor, metric: str = "
 
 def _nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's body, on arguments already checked."""
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    D = x.shape[-1]
-    flat = x.reshape(-1, D).to(cdt)
-    w = weight.to(cdt)
-    if metric == "cosine":
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        bias = None
-    else:
-        bias = (w * w).sum(1)
-    N, V = flat.shape[0], w.shape[0]
-    budget = CHUNK_ELEMENTS // 2
-    v_chunk = min(V, max(1, budget // 256))
-    n_chunk = max(1, budget // v_chunk)
-    idx = torch.empty(N, dtype=torch.int64, device=x.device)
-    for n0 in range(0, N, n_chunk):
-        xb = flat[n0:n0 + n_chunk]
-        best = torch.full((xb.shape[0],), float("inf"), dtype=cdt, device=x.device)
-        arg = torch.zeros(xb.shape[0], dtype=torch.int64, device=x.device)
-        for v0 in range(0, V, v_chunk):
-            wb = w[v0:v0 + v_chunk]
-            if metric == "cosine":
-                score = -(xb @ wb.T)
-            else:
-                score = (xb @ wb.T).mul_(-2.0).add_(bias[v0:v0 + v_chunk])
-            val, i = score.min(dim=1)  # first minimum within the block
-            better = val < best  # strict: an earlier block wins a tie
-            best = torch.where(better, val, best)
-            arg = torch.where(better, i + v0, arg)
-        idx[n0:n0 + n_chunk] = arg
-    idx = idx.reshape(x.shape[:-1])
-    return idx, F.embedding(idx, weight)
+    return _nearest.nearest(x, weight, metric)
 
 
 def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str = "l2", *,

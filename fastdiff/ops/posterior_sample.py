@@ -7,7 +7,8 @@ import torch
 
 from .. import random as _random
 from . import _dispatch
-from ._common import check_posterior_args, check_values_unless_kernel_does, draw_from_weights, rows_per_chunk
+from ._common import (check_finite_above, check_posterior_args, check_values_unless_kernel_does, draw_from_weights,
+                      mask_of, rows_per_chunk)
 
 _dispatch.register("posterior_sample", "cpp", "posterior_sample")
 _dispatch.register("posterior_sample", "cuda", "posterior_sample")
@@ -24,10 +25,11 @@ def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t,
     give the same tokens alone with ``row_offset=k``. For absorbing processes an unmasked token is
     carried over (its posterior is one-hot) without evaluating the row.
     """
-    x_t, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature)
+    x_t, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
     _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, x_t.numel())
+    check_finite_above("x0_logits", x0_logits, temperature, mask_id=mask_of(process), x_t=x_t)
     return _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature, row_offset)
 
 
@@ -60,7 +62,7 @@ def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=N
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, xt.numel())
     fn = _dispatch.resolve("posterior_sample", backend, x0_logits.device, None)
-    check_values_unless_kernel_does("x0_logits", x0_logits, fn)
+    check_values_unless_kernel_does("x0_logits", x0_logits, fn, temperature, mask_id=mask_of(process), x_t=xt)
     if fn is None:
         return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature, row_offset)
     return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature,

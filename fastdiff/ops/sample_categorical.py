@@ -7,23 +7,28 @@ import torch
 from .. import _checks
 from .. import random as _random
 from . import _dispatch
-from ._common import check_logits, check_temperature, check_values_unless_kernel_does, draw_from_weights, rows_per_chunk
+from ._common import (check_finite_above, check_logits, check_temperature, check_values_unless_kernel_does,
+                      draw_from_weights, rows_per_chunk)
 
 _dispatch.register("sample_categorical", "cpp", "sample_categorical")
 _dispatch.register("sample_categorical", "cuda", "sample_categorical")
 _dispatch.register("sample_categorical", "triton", "sample_categorical")
 
 
-def _check(logits, seed, offset, temperature, top_k, top_p, values: bool = True, row_offset: int = 0):
-    check_logits("logits", logits, values=values)
+def _check(logits, seed, offset, temperature, top_k, top_p, row_offset: int = 0):
+    """Everything but the logits' values; returns ``top_k`` with ``top_k >= V`` (no filter) as None."""
+    check_logits("logits", logits, values=False)
     _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, logits.numel() // max(1, logits.shape[-1]))
     check_temperature(temperature, allow_zero=True)
     if top_k is not None:
         _checks.positive_int("top_k", top_k)
+        if top_k >= logits.shape[-1]:  # keeps every category: no filter (and no int64 overflow in a kernel)
+            top_k = None
     if top_p is not None:
         _checks.real("top_p", top_p, 0.0, 1.0, lo_open=True)
+    return top_k
 
 
 def filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -69,7 +74,8 @@ def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, 
     ``temperature = 0`` is greedy (``argmax``, lowest index on ties). Computed in float64 over row blocks.
     ``-inf`` logits are never drawn; NaN or ``+inf`` logits raise ``ValueError``.
     """
-    _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
+    top_k = _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
+    check_finite_above("logits", logits, temperature)
     return _sample_categorical(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
                                row_offset=row_offset)
 
@@ -95,8 +101,8 @@ def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temp
                        top_k: int | None = None, top_p: float | None = None, row_offset: int = 0,
                        backend: str = "auto") -> torch.Tensor:
     """:func:`sample_categorical_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
-    _check(logits, seed, offset, temperature, top_k, top_p, values=False, row_offset=row_offset)
+    top_k = _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
     fn = _dispatch.resolve("sample_categorical", backend, logits.device, _sample_categorical)
-    check_values_unless_kernel_does("logits", logits, fn)
+    check_values_unless_kernel_does("logits", logits, fn, temperature)
     return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
               row_offset=row_offset)
