@@ -473,8 +473,8 @@ def test_load_texts_names_a_directory_and_a_missing_file(tmp_path):
     from fastdiff.errors import FastdiffError
 
     with pytest.raises(FileNotFoundError, match="is a directory") as e:
-        data.load_texts([tmp_path])
+        load_texts([tmp_path])
     assert isinstance(e.value, FastdiffError)
     with pytest.raises(FileNotFoundError, match="no such file") as e:
-        data.load_texts([tmp_path / "nope.txt"])
+        load_texts([tmp_path / "nope.txt"])
     assert isinstance(e.value, FastdiffError)
