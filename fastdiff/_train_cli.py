@@ -46,7 +46,7 @@ _RESUME_FLAGS = ("steps", "log_every", "ckpt_every", "eval_every", "device", "gr
 CLI_FILES = ("command.txt", "train_config.json", "tokenizer.json")
 DEFAULT_SEQ_LEN = 64
 
-# flag -> (kind, minimum): ints >= minimum; floats checked by _check_flags
+# int flag -> its minimum (floats are checked in _check_flags)
 _INT_FLAGS = {"T": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "src_len": 1, "warmup": 0,
               "seed": 0, "ckpt_every": 0, "log_every": 1, "eval_every": 0, "width": 1, "layers": 1, "heads": 1,
               "embed_dim": 1, "train_tokenizer": 1, "threads": 1}
@@ -102,7 +102,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TrainConfig JSON file, or a checkpoint's config.json (its \"train\" section) "
                    "(default: none, every field at its default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (JSON value); model.KEY for the model config (repeatable; default: none)")
+                   help="override a config field (JSON value); model.KEY for the model config "
+                   "(repeatable; default: none)")
     p.add_argument("--family", choices=("discrete", "continuous"), help="process family" + d("family"))
     p.add_argument("--task", choices=("lm", "attribute", "word_order"), help="training task" + d("task"))
     p.add_argument("--kind", choices=("absorbing", "uniform"), help="discrete corruption" + d("kind"))
@@ -150,8 +151,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: random initialisation)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run (its newest complete checkpoint) in DIR, or in --out (default: a fresh run)")
-    p.add_argument("--scorer", choices=("causal_lm", "classifier"), help="train an evaluation model instead (default: a diffusion model)")
-    p.add_argument("--export", metavar="DIR", help="after training, write a small fp16 copy here (with the log; default: no export)")
+    p.add_argument("--scorer", choices=("causal_lm", "classifier"),
+                   help="train an evaluation model instead (default: a diffusion model)")
+    p.add_argument("--export", metavar="DIR",
+                   help="after training, write a small fp16 copy here (with the log; default: no export)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
 
 
@@ -386,7 +389,8 @@ def _check_resume_flags(args) -> None:
                          f"--set of {', '.join(RESUMABLE_OVERRIDES)} may be given")
     for key, _ in _sets(args):
         if key not in RESUMABLE_OVERRIDES:
-            raise InputError(f"--set {key}: cannot change on --resume; resumable fields: {', '.join(RESUMABLE_OVERRIDES)}")
+            raise InputError(f"--set {key}: cannot change on --resume; resumable fields: "
+                             f"{', '.join(RESUMABLE_OVERRIDES)}")
 
 
 def run(args) -> int:

@@ -593,7 +593,7 @@ def test_the_progress_bar_is_drawn_only_on_a_terminal(tmp_path, capfd, monkeypat
 
 
 def test_config_lengths_must_match_the_data(tmp_path):
-    with pytest.raises(ValueError, match="seq_len: the config says 8 but train_data\\['tokens'\\] holds sequences of 16"):
+    with pytest.raises(ValueError, match=r"seq_len: the config says 8 but train_data\['tokens'\] holds sequences of 16"):
         Trainer(config(tmp_path, seq_len=8), DATA40, model=SpyDiscrete())
     assert Trainer(config(tmp_path, seq_len=L), DATA40, model=SpyDiscrete()).config.seq_len == L
 
@@ -606,8 +606,9 @@ def test_device_names_are_checked(tmp_path, device):
         Trainer(config(tmp_path, device=device), DATA40, model=SpyDiscrete())
 
 
-@pytest.mark.parametrize("kw,match", [({"lr": 0.0}, "lr"), ({"log_every": 0}, "log_every"), ({"batch_size": 0}, "batch_size"),
-                                      ({"warmup": -1}, "warmup"), ({"grad_clip": 0.0}, "grad_clip")])
+@pytest.mark.parametrize("kw,match", [({"lr": 0.0}, "lr"), ({"log_every": 0}, "log_every"),
+                                      ({"batch_size": 0}, "batch_size"), ({"warmup": -1}, "warmup"),
+                                      ({"grad_clip": 0.0}, "grad_clip")])
 def test_train_scorer_checks_its_arguments(tmp_path, kw, match):
     from fastdiff.data import default_tokenizer
     from fastdiff.training.auxiliary import train_scorer

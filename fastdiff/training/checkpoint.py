@@ -397,7 +397,10 @@ def atomic_directory(dst: str | os.PathLike, write: Callable[[Path], None]) -> P
         _test_point("exchanged")
         shutil.rmtree(tmp, ignore_errors=True)
     else:
-        redirect = read_latest(parent) == dst.name
+        try:
+            redirect = read_latest(parent) == dst.name
+        except InputError:  # a `latest` that is not ours (not text): nothing to redirect
+            redirect = False
         if redirect:
             write_latest(parent, tmp.name)
             _test_point("redirected")
@@ -501,7 +504,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     d = Path(path)
     cfg = _read_config_file(d / CONFIG_FILE)
     for name in cfg.get("files") or {}:
-        _verified_bytes(d, cfg, name)
+        _verify_file(d, cfg, name)
     return cfg
 
 
@@ -641,26 +644,50 @@ def has_file(d: Path, cfg: dict[str, Any], name: str) -> bool:
     return name in files if files is not None else (d / name).is_file()
 
 
-def _verified_bytes(d: Path, cfg: dict[str, Any] | None, name: str) -> bytes:
-    """The bytes of ``d/name``, checked against config.json's ``files`` record when there is one."""
+def _expected(d: Path, cfg: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """config.json's record of ``name`` (None for a checkpoint written before records existed)."""
     file = d / name
     if not file.is_file():
         raise FileNotFoundError(f"path: missing {file}")
-    data = file.read_bytes()
     files = _manifest(cfg)
     if files is None:
-        return data
+        return None
     entry = files.get(name)
     if entry is None:
         raise InputError(f"corrupted checkpoint: {file} is not one of the files {d / CONFIG_FILE} records")
-    if len(data) != entry["bytes"]:
-        raise InputError(f"corrupted checkpoint: {file} has {len(data)} bytes, {d / CONFIG_FILE} records "
+    return entry
+
+
+def _compare(d: Path, name: str, entry: dict[str, Any], size: int, digest: str) -> None:
+    file = d / name
+    if size != entry["bytes"]:
+        raise InputError(f"corrupted checkpoint: {file} has {size} bytes, {d / CONFIG_FILE} records "
                          f"{entry['bytes']} (truncated or replaced)")
-    got = hashlib.sha256(data).hexdigest()
-    if got != entry["sha256"]:
-        raise InputError(f"corrupted checkpoint: {file}: SHA-256 {got[:16]}... does not match the "
+    if digest != entry["sha256"]:
+        raise InputError(f"corrupted checkpoint: {file}: SHA-256 {digest[:16]}... does not match the "
                          f"{entry['sha256'][:16]}... recorded in {d / CONFIG_FILE} (damaged file)")
+
+
+def _verified_bytes(d: Path, cfg: dict[str, Any] | None, name: str) -> bytes:
+    """The bytes of ``d/name`` (a small file), checked against config.json's ``files`` record."""
+    entry = _expected(d, cfg, name)
+    data = (d / name).read_bytes()
+    if entry is not None:
+        _compare(d, name, entry, len(data), hashlib.sha256(data).hexdigest())
     return data
+
+
+def _verify_file(d: Path, cfg: dict[str, Any] | None, name: str) -> None:
+    """Check ``d/name`` (read in chunks: a large weights file) against config.json's ``files`` record."""
+    entry = _expected(d, cfg, name)
+    if entry is None:
+        return
+    h, size = hashlib.sha256(), 0
+    with open(d / name, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    _compare(d, name, entry, size, h.hexdigest())
 
 
 def load_tensors(file: Path, map_location: str | torch.device = "cpu", config: dict[str, Any] | None = None,
@@ -671,15 +698,14 @@ def load_tensors(file: Path, map_location: str | torch.device = "cpu", config: d
     import safetensors.torch as st
 
     file = Path(file)
-    data = _verified_bytes(file.parent, config, file.name)
+    _verify_file(file.parent, config, file.name)
     try:
-        tensors = st.load(data)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        tensors = st.load_file(str(file), device=str(torch.device(map_location)))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types (and OSError)
         raise _corrupted(file, e) from None
     if finite:
         _check_finite(tensors, f"checkpoint: {file}")
-    dev = torch.device(map_location)
-    return tensors if dev.type == "cpu" else {k: v.to(dev) for k, v in tensors.items()}
+    return tensors
 
 
 def _upcast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -721,7 +747,7 @@ def load_tokenizer(d: Path, cfg: dict[str, Any], tokenizer: Any = None) -> Any:
         if not file.is_file():
             raise FileNotFoundError(f"path: missing {file} (config.json names a tokenizer)")
         try:
-            _verified_bytes(d, cfg, name)
+            _verify_file(d, cfg, name)
             damaged = None
         except InputError as e:  # reported below, unless the file is another vocabulary altogether
             damaged = e

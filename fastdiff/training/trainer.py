@@ -893,6 +893,8 @@ class Trainer:
                                     "the training tensors); a resume needs the same data (--data, --balance)")
             self.batches.load_state_dict(state["data"])
             self.global_step = int(state["step"])
+            if self.global_step != int(cfg["step"]):
+                raise ValueError(f"step {self.global_step}, but {d / ckpt.CONFIG_FILE} says step {cfg['step']}")
             self.elapsed = float(state.get("elapsed", 0.0))
             self._window = {k: float(v) for k, v in state.get("window", {}).items()}
         except _DataMismatch as e:
