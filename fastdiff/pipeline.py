@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import _checks, sampling
+from .sampling import _memory as _sampling_memory
 from . import distributed as _distributed
 from .continuous import GaussianDiffusion
 
@@ -37,6 +38,11 @@ BUNDLED = {
     "classifier": "classifier",
 }
 _MASK_RUN = re.compile(r"\[MASK(?:\*(\d+))?\]")
+#: sampler options that TextDiffusion.generate sets per batch (a user's value could not be right for every
+#: batch, or would be silently replaced)
+_SET_BY_GENERATE = frozenset({"shape", "steps", "strategy", "seed", "temperature", "top_k", "top_p", "backend",
+                              "device", "progress", "trajectory", "sample_offset", "micro_batch", "cond", "uncond",
+                              "guidance_scale", "x_init", "fixed", "lengths"})
 
 
 def bundled_path(name: str) -> Path:
@@ -126,6 +132,11 @@ class TextDiffusion:
         self.label_names: list[str] = list(train.get("label_names") or [str(i) for i in range(self.num_labels)])
         self.seq_len = int(train.get("seq_len", 64))
         self.mask_id = getattr(self.tokenizer, "mask_id", 1)
+        proc_mask = getattr(self.process, "mask_id", None)
+        if not self.continuous and getattr(self.process, "kind", None) == "absorbing" and proc_mask != self.mask_id:
+            raise InputError(f"checkpoint: the process's mask_id {proc_mask} differs from the tokenizer's [MASK] id "
+                             f"{self.mask_id}; templates, prompts and trajectories would put the wrong token in "
+                             "the masked positions (fix config.json's process.mask_id)")
 
     @classmethod
     def load(cls, name_or_path: str | Path = "discrete", device: str | torch.device | None = None,
@@ -140,6 +151,8 @@ class TextDiffusion:
     def _label_id(self, label: str | int | None) -> int:
         if label is None:
             return self.num_labels  # the null label (unconditional), trained by condition dropout
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise InputTypeError(f"label: expected a label name or index, got {type(label).__name__}")
         if self.num_labels == 0:
             raise InputError("label: this checkpoint was not trained with labels")
         if isinstance(label, str) and not label.isdigit():
@@ -192,7 +205,8 @@ class TextDiffusion:
                  label: str | int | None = None, guidance: float = 1.0, template: str | None = None,
                  source: str | list[str] | None = None, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, trajectory: bool = False, progress: bool = False,
-                 shard: tuple[int, int] | None = None, distributed: bool = True, **options) -> Generation:
+                 shard: tuple[int, int] | None = None, distributed: bool = True, micro_batch: int | None = None,
+                 **options) -> Generation:
         """Generate ``num_samples`` texts.
 
         ``label``: an attribute name/index for label-conditioned checkpoints (default: the null label,
@@ -200,25 +214,49 @@ class TextDiffusion:
         ``uncond + s·(cond - uncond)`` (1 = plain conditional; > 1 needs a label); ``template``: prompt /
         infilling (module docstring); ``source``: the input text(s) of a text-to-text checkpoint;
         ``options``: any other :func:`fastdiff.sampling.sample` option (e.g. ``eta``, ``clamp``,
-        ``threshold``, ``block_size``).
+        ``threshold``, ``block_size``); the per-batch ones that generate sets itself (``cond``,
+        ``x_init``, ``sample_offset``, ...) are rejected there.
 
         Randomness is keyed by ``seed`` and each sample's global index ``0 .. num_samples-1`` (the sampler's
-        ``sample_offset``), so a sample does not depend on ``batch_size`` or on how many processes share
-        the work. Under ``torchrun`` (a :mod:`torch.distributed` group initialised, e.g. by
-        :func:`fastdiff.distributed.init`) and ``distributed=True``, every rank generates its contiguous
-        slice (:func:`fastdiff.distributed.shard_range`) and the slices are gathered in rank order: every
-        rank returns all ``num_samples`` samples in global order, the same as one process would. ``shard=
-        (rank, world_size)`` generates only that slice, without any communication (``Generation.start``
-        is its first global index).
+        ``sample_offset``), so every random draw of a sample is the same whatever ``batch_size`` or the
+        number of processes. The tokens are then the same too exactly when the network returns the same
+        logits for a sample whatever batch it is in; the network's rounding may depend on the batch shape
+        (the bundled discrete model's logits differ by ~1e-5 between a batch of 4 and a batch of 1 on a CPU,
+        which flips a top-p set or a draw now and then). ``micro_batch=m`` guarantees it: the network is
+        always called on ``m`` rows, sample ``g`` in row ``g mod m`` (see :func:`fastdiff.sampling.sample`),
+        so with the same ``m`` the samples are bit-identical for every ``batch_size`` and rank split (on the
+        same device, backend, thread count and library versions). ``micro_batch=None`` (the default) calls
+        the network on each batch as it is, which is fastest. Under ``torchrun`` (a :mod:`torch.distributed`
+        group initialised, e.g. by :func:`fastdiff.distributed.init`) and ``distributed=True``, every rank
+        generates its contiguous slice (:func:`fastdiff.distributed.shard_range`) and the slices are
+        gathered in rank order: every rank returns all ``num_samples`` samples in global order, the same as
+        one process would. ``shard=(rank, world_size)`` generates only that slice, without any
+        communication (``Generation.start`` is its first global index).
+
+        The memory the outputs (and trajectories) of all ``num_samples`` samples, and the largest batch's
+        network outputs and activations, need is checked against what the device has free before
+        anything is generated (``InputError`` naming ``num_samples`` or ``length`` / ``batch_size``).
         """
         n = _checks.positive_int("num_samples", num_samples)
         L = _checks.positive_int("length", length if length is not None else self.seq_len)
         steps = _checks.positive_int("steps", steps if steps is not None else 64)
         bs = _checks.positive_int("batch_size", batch_size if batch_size is not None else min(n, 64))
+        if micro_batch is not None:
+            _checks.positive_int("micro_batch", micro_batch)
+        for name, v in (("trajectory", trajectory), ("progress", progress), ("distributed", distributed)):
+            if not isinstance(v, bool):
+                raise InputTypeError(f"{name}: expected True or False, got {type(v).__name__}")
+        if strategy is not None and not isinstance(strategy, str):
+            raise InputTypeError(f"strategy: expected a strategy name, got {type(strategy).__name__}")
         strategy = strategy or self.default_strategy()
-        guidance = float(guidance)
+        guidance = _checks.real("guidance", guidance)
         if not math.isfinite(guidance):
             raise InputError(f"guidance: must be finite, got {guidance}")
+        owned = sorted(set(options) & _SET_BY_GENERATE)
+        if owned:
+            raise InputTypeError(f"options: {owned} are set by generate itself, per batch (use template= for "
+                                 "fixed tokens, label= / guidance= / source= for conditions, and generate's own "
+                                 "arguments for the rest)")
         lab = self._label_id(label) if self.num_labels else None
         if label is not None and not self.num_labels:
             raise InputError("label: this checkpoint was not trained with labels")
@@ -228,17 +266,24 @@ class TextDiffusion:
         if self.task == "word_order":
             if source is None:
                 raise InputError("source: this text-to-text checkpoint needs source text(s)")
-            sources = [source] * n if isinstance(source, str) else list(source)
+            sources = [source] * n if isinstance(source, str) else source
+            if not isinstance(sources, (list, tuple)) or not all(isinstance(x, str) for x in sources):
+                raise InputTypeError("source: expected a string or a list of strings")
+            sources = list(sources)
             if len(sources) != n:
                 raise InputError(f"source: got {len(sources)} texts for num_samples={n}")
         elif source is not None:
             raise InputError("source: only text-to-text checkpoints take a source")
+        cap = _sampling_memory.positional_capacity(self.model)
+        if cap is not None and L > cap[0]:
+            raise InputError(f"length: {L} exceeds the model's positional capacity {cap[0]} ({cap[1]})")
+        r, w, gather = self._shard(shard, distributed)
+        lo, hi = _distributed.shard_range(n, r, w)
+        self._check_memory(n, hi - lo, L, steps, trajectory, options.get("block_size"))
         x_init = fixed = None
         if template is not None:
             x_init, fixed = self.parse_template(template, L)
 
-        r, w, gather = self._shard(shard, distributed)
-        lo, hi = _distributed.shard_range(n, r, w)
         texts: list[str] = []
         toks: list[torch.Tensor] = [torch.empty(0, L, dtype=torch.long)]
         traj: list[list[str]] | None = [] if trajectory else None
@@ -247,7 +292,8 @@ class TextDiffusion:
             B = min(bs, hi - start)
             opts = dict(options)
             opts.update(temperature=temperature, top_k=top_k, top_p=top_p, backend=self.backend,
-                        device=self.device, progress=progress, trajectory=trajectory, sample_offset=start)
+                        device=self.device, progress=progress, trajectory=trajectory, sample_offset=start,
+                        micro_batch=micro_batch)
             cond, uncond = self._conditions(B, lab, sources[start:start + B] if sources else None)
             if cond:
                 opts["cond"] = cond
@@ -265,9 +311,15 @@ class TextDiffusion:
                         opts.pop(k)
                 if opts.get("temperature") == 1.0:
                     opts.pop("temperature")
-            with torch.inference_mode():
-                out = sampling.sample(self.model, self.process, shape=(B, L), steps=steps, strategy=strategy,
-                                      seed=seed, **opts)
+            try:
+                with torch.inference_mode():
+                    out = sampling.sample(self.model, self.process, shape=(B, L), steps=steps, strategy=strategy,
+                                          seed=seed, **opts)
+            except InputError as e:  # the sampler's (B, L) is this call's batch_size and length
+                msg = str(e)
+                if msg.startswith("shape: "):
+                    raise InputError("batch_size / length: " + msg[len("shape: "):]) from e
+                raise
             toks.append(out.tokens.cpu())
             texts += [self.decode(row) for row in out.tokens.cpu()]
             for k in total:
@@ -298,6 +350,17 @@ class TextDiffusion:
         name = None if lab is None or lab == self.num_labels else self.label_names[lab]
         return Generation(texts=texts, tokens=tokens, stats=total, trajectory=traj, labels=[name] * len(texts),
                           start=lo)
+
+    def _check_memory(self, n: int, mine: int, L: int, steps: int, trajectory: bool, block_size) -> None:
+        """What all the samples' outputs will hold (tokens, texts, trajectories), against free host memory.
+        ``mine`` of the ``n`` samples are generated here; all ``n`` are gathered."""
+        parts = {f"tokens ({n}, {L}) int64, twice while joined": 2 * n * L * 8,
+                 "decoded texts (about 8 bytes a token)": n * L * 8}
+        if trajectory:
+            bsz = block_size if isinstance(block_size, int) and block_size > 0 else L
+            parts["trajectory (rendered text of every step)"] = -(-L // bsz) * steps * max(n, mine) * L * 8
+        _sampling_memory.check_fits("num_samples", parts, torch.device("cpu"),
+                                    "generate fewer samples per call (or in shards) or a shorter length")
 
     @staticmethod
     def _shard(shard: tuple[int, int] | None, distributed: bool) -> tuple[int, int, bool]:

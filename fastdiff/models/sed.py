@@ -190,6 +190,29 @@ class SEDDenoiser(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()
 
+    def _body_dtype(self) -> torch.dtype:
+        """The dtype the transformer blocks compute in (their parameters'): embeddings, the label prefix and
+        the step embedding are cast to it, so a model whose embeddings were kept in another precision (a
+        bf16 body with fp32 embeddings, or the reverse) runs instead of failing in the first matmul."""
+        return self.norm.weight.dtype
+
+    def forward_memory(self, batch_size: int, length: int) -> int:
+        """Bytes one forward on ``(batch_size, length)`` inputs needs at its peak besides the parameters and
+        the output: a lower-bound estimate for :mod:`fastdiff.sampling`'s memory check. The hidden states,
+        the ``qkv`` and feed-forward activations of one block, and on the CPU the attention scores, which
+        PyTorch's CPU attention materialises as ``(batch, heads, S, S)`` here (the query/key head dim,
+        widened by the position features, differs from the value head dim); on CUDA the fused kernels do
+        not, and only the linear terms are counted."""
+        c = self.config
+        item = torch.finfo(self._body_dtype()).bits // 8
+        S = int(length) + (1 if self.label_embedding is not None else 0)
+        B, W = int(batch_size), c.width
+        linear = B * S * W * (c.ff_mult + 6) * item
+        quadratic = 0
+        if self.norm.weight.device.type == "cpu":
+            quadratic = 2 * B * c.heads * S * S * item
+        return linear + quadratic
+
     def embedding_table(self) -> torch.Tensor:
         """``(V, D)``: the embeddings continuous diffusion runs among (LayerNorm applied) — what to round
         and clamp against."""
@@ -211,18 +234,18 @@ class SEDDenoiser(nn.Module):
             raise InputTypeError("encode: this model has no encoder (cross_attention=False); use cond_tokens=")
         src = self._tokens("src_tokens", src_tokens)
         mask = self._mask("src_mask", src_mask, src.shape)
-        h = self.token_embedding(src)
+        h = self.token_embedding(src).to(self.encoder_norm.weight.dtype)
         for blk in self.encoder:
             h = blk(h, mask)
         return self.encoder_norm(h)
 
     def _embed_condition(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.kind == "discrete":
-            return self.token_embedding(tokens)
+            return self.token_embedding(tokens).to(self._body_dtype())
         e = torch.nn.functional.embedding(tokens, self.embedding.table()) if _capturing() else self.embedding(tokens)
         if self.config.self_condition:
             e = torch.cat([e, torch.zeros_like(e)], -1)
-        return self.input_proj(e)
+        return self.input_proj(e.to(self.input_proj.weight.dtype)).to(self._body_dtype())
 
     @staticmethod
     def _mask(name: str, mask: torch.Tensor | None, shape) -> torch.Tensor | None:
@@ -241,7 +264,7 @@ class SEDDenoiser(nn.Module):
         if c.kind == "discrete":
             x_t = self._tokens("x_t", x_t)
             B, L = x_t.shape
-            h = self.token_embedding(x_t)
+            h = self.token_embedding(x_t).to(self._body_dtype())
         else:
             _checks.tensor("x_t", x_t)
             if x_t.ndim != 3 or x_t.shape[-1] != c.embed_dim or not x_t.is_floating_point():
@@ -257,13 +280,13 @@ class SEDDenoiser(nn.Module):
                 raise InputError("x_self_cond: this model was built without self_condition")
             else:
                 inp = x_t
-            h = self.input_proj(inp.to(self.input_proj.weight.dtype))
+            h = self.input_proj(inp.to(self.input_proj.weight.dtype)).to(self._body_dtype())
         t = torch.as_tensor(t, device=h.device)
         if t.ndim == 0:
             t = t.expand(B)
         if t.shape != (B,) or t.is_floating_point():
             raise InputError(f"t: expected ({B},) integer steps, got {tuple(t.shape)} {t.dtype}")
-        temb = self.time_mlp(timestep_embedding(t, c.width).to(h.dtype))
+        temb = self.time_mlp(timestep_embedding(t, c.width).to(self.time_mlp[0].weight.dtype)).to(h.dtype)
         prefix: list[torch.Tensor] = []
         masks: list[torch.Tensor | None] = []
         if self.label_embedding is not None:
@@ -273,7 +296,7 @@ class SEDDenoiser(nn.Module):
             if label.shape != (B,) or label.is_floating_point() or (
                     not _capturing() and (int(label.min()) < 0 or int(label.max()) > c.num_labels)):
                 raise InputError(f"label: expected ({B},) ints in [0, {c.num_labels}] ({c.num_labels} = no label)")
-            prefix.append(self.label_embedding(label)[:, None])
+            prefix.append(self.label_embedding(label)[:, None].to(h.dtype))
             masks.append(None)
         elif label is not None:
             raise InputError("label: this model was built with num_labels=0")
@@ -281,7 +304,7 @@ class SEDDenoiser(nn.Module):
             cond_tokens = self._tokens("cond_tokens", cond_tokens)
             if cond_tokens.shape[0] != B:
                 raise InputError(f"cond_tokens: expected {B} rows, got {cond_tokens.shape[0]}")
-            prefix.append(self._embed_condition(cond_tokens) + self.cond_segment)
+            prefix.append(self._embed_condition(cond_tokens) + self.cond_segment.to(h.dtype))
             masks.append(cond_tokens != c.pad_id)
         if c.cross_attention and memory is None:
             raise InputError("memory: this encoder-decoder model needs memory=model.encode(src)")
@@ -302,7 +325,7 @@ class SEDDenoiser(nn.Module):
         for blk in self.blocks:
             seq = blk(seq, mask, memory, mm)
         out = self.norm(seq[:, P:])
-        if c.output == "logits":
+        if c.output == "logits":  # in the projection's dtype (the tied embedding's, when tied)
             w = self.token_embedding.weight if self.output_proj is None else self.output_proj.weight
-            return out @ w.t() + self.output_bias
-        return self.output_proj(out)
+            return out.to(w.dtype) @ w.t() + self.output_bias.to(w.dtype)
+        return self.output_proj(out.to(self.output_proj.weight.dtype))

@@ -26,24 +26,51 @@ clamping trick through :func:`fastdiff.ops.nearest_embedding`), ``self_condition
 receives its previous x0 estimate as ``x_self_cond=``), ``classifier_grad=fn(x_t, t) -> ∇ log p(y|x_t)``
 with ``classifier_scale``; the result is rounded to the nearest embedding's token.
 
-Common options: ``temperature``, ``top_k``, ``top_p``, ``cond`` / ``uncond`` (keyword tensors for the
-model) and ``guidance_scale`` (classifier-free guidance ``uncond + s·(cond - uncond)``, both passes in
-one batch; with fixed prompt positions and no ``uncond``, the unconditional pass masks the prompt),
+Common options: ``temperature``, ``top_k``, ``top_p`` (discrete strategies; a continuous strategy
+rejects them, as every strategy rejects a non-default option it would ignore, e.g. ``eta`` for
+"ancestral"), ``cond`` / ``uncond`` (keyword tensors for the model, batch first, on the batch's device)
+and ``guidance_scale`` (classifier-free guidance ``uncond + s·(cond - uncond)``, both passes in one
+batch; with fixed prompt positions and no ``uncond``, the unconditional pass masks the prompt),
 ``fixed`` + ``x_init`` (positions that hold given tokens and are never noised: prompts, infilling),
-``lengths`` + ``pad_id`` (variable lengths; the model gets ``attention_mask`` if it accepts one),
-``block_size`` (semi-autoregressive blocks, ``steps`` per block, earlier blocks as clean context;
-``kv_cache=True`` for block-causal models, see :class:`BlockCausalDenoiser`), ``eos_id`` (a sequence
-stops at its first EOS: later positions become ``pad_id``, and with blocks it is not evaluated any
-more), ``cuda_graph`` (replay the network's forward as a CUDA graph per input shape; CUDA only),
-``progress`` (tqdm bar), ``trajectory`` (keep the tokens after every step), ``backend``,
-``device``, ``sample_offset`` (the global index of the batch's first sample: every draw is keyed by
-the sample's global index, so a batch of ``B`` samples at ``sample_offset=k`` gives exactly rows
-``k .. k+B-1`` of one run over all of them, whatever the batching or the number of ranks; see
-:mod:`fastdiff.distributed`).
+``lengths`` + ``pad_id`` (variable lengths; the model gets ``attention_mask`` if it accepts one, so an
+``attention_mask`` in ``cond`` together with ``lengths`` is an error), ``block_size``
+(semi-autoregressive blocks, ``steps`` per block, earlier blocks as clean context; ``kv_cache=True`` for
+block-causal models, see :class:`BlockCausalDenoiser`), ``eos_id`` (a sequence stops at its first EOS:
+later positions become ``pad_id``, and with discrete blocks it is not evaluated any more; continuous
+strategies cut the rounded tokens the same way), ``cuda_graph`` (replay the network's forward as a CUDA
+graph per input shape; CUDA only), ``progress`` (a tqdm bar on stderr, shown only when stderr is a
+terminal), ``trajectory`` (keep the tokens after every step), ``backend``, ``device``,
+``sample_offset`` and ``micro_batch`` (below).
+
+What is checked: every option before anything runs (an :class:`~fastdiff.errors.InputError` /
+:class:`~fastdiff.errors.InputTypeError` naming it, the same on every backend); the memory the run will
+allocate (network outputs, the model's activations when it reports ``forward_memory(batch_size,
+length)``, trajectories) against what the device has free, and the length against a model's positional
+capacity (``max_length`` / Hugging Face ``max_position_embeddings``), before allocating; every model
+output (shape, floating dtype, device, and NaN / +inf: ``"model output at step 12 (t=640): contains
+NaN"``). Nothing passed in is modified: not ``x_init`` / ``fixed`` / ``cond`` / ``embedding``, and not
+the model's output (a model may return a tensor it keeps). A model in training mode is put in eval mode
+for the run (dropout would make samples random) and every submodule's mode is restored afterwards.
+
+Randomness and batch size: every draw is keyed by the seed and the sample's global index
+(``sample_offset`` = the index of the batch's first sample), so a batch of ``B`` samples at
+``sample_offset=k`` draws exactly what rows ``k .. k+B-1`` of one run over all of them draw, whatever
+the batching or the number of ranks (see :mod:`fastdiff.distributed`). The samples are then identical
+across batch sizes exactly when the network returns bit-identical outputs for a sequence whatever batch
+it sits in. Many networks do not (a GEMM's blocking, and so its rounding, depends on the batch shape:
+the bundled model's logits differ by ~1e-5 between a batch of 4 and one row), and a draw whose uniform
+falls that close to a CDF boundary (or a top-p set edge) flips, after which the sample diverges.
+``micro_batch=m`` removes that dependence: every network call has exactly ``m`` rows per half (the
+sample with global index ``g`` in row ``g mod m``, unused rows padded with a copy of a real row), so
+with the same ``m`` (and seed, device, backend, thread count and library versions) the samples are
+bit-identical for every batch size and rank split. It costs the padded rows (nothing when ``B`` is a
+multiple of ``m`` and ``sample_offset`` too) and, for ``m`` smaller than ``B``, more, smaller calls;
+``kv_cache`` does not combine with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Protocol
 
@@ -110,7 +137,7 @@ class Sampler:
             den = CUDAGraphed(den)
         run = _Run(den, self.process, self.strategy, self.steps, (B, L), seed, o)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(den.fn):
             if run.continuous:
                 tokens, x = run_continuous(run)
             else:
@@ -119,6 +146,24 @@ class Sampler:
 
     def __repr__(self) -> str:
         return f"Sampler({self.process!r}, strategy={self.strategy!r}, steps={self.steps})"
+
+
+@contextlib.contextmanager
+def _eval_mode(fn: object):
+    """``fn`` (an ``nn.Module``) in eval mode inside, each submodule's own mode restored after."""
+    if not isinstance(fn, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in fn.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
+    fn.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def sample(model, process, *, shape: tuple[int, int], steps: int, strategy: str = "ancestral",

@@ -3,22 +3,25 @@
 A denoiser is called as ``model(x_t, t, **cond) -> output`` with ``x_t: (B, L)`` int64 (discrete) or
 ``(B, L, D)`` float (continuous) and ``t: (B,)`` int64. The output is x0 logits ``(B, L, V)`` for a
 discrete process and the parameterised tensor (x0 / eps / mean) for a continuous one. Tuples (first
-element) and objects with a ``.logits`` attribute (Hugging Face ``ModelOutput``) are unwrapped. The
-sampler owns the returned tensor and may modify it in place (guidance is combined into it, the mask
-column is set to ``-inf``), so a model must return a fresh tensor, not a buffer it keeps.
+element) and objects with a ``.logits`` attribute (Hugging Face ``ModelOutput``) are unwrapped.
 
 Every adapter carries two flags the sampler reads:
 
-* ``uses_time``: False for models that ignore ``t`` (masked LMs). Only such models may be cached
-  (MDLM's trick: an unchanged input gives an unchanged output, so the network is skipped).
+* ``uses_time``: False for models whose output does not depend on ``t`` (masked LMs). Only such models
+  may be cached (MDLM's trick: an unchanged input gives an unchanged output, so the network is skipped).
+  It says nothing about whether ``t`` is passed: that is ``pass_time`` / ``time_kwarg``.
 * ``accepts_attention_mask``: the sampler passes ``attention_mask=(B, L) bool`` (True = real token)
   when sequences have different lengths.
+
+The sampler never writes into what a model returns (it may be a buffer the model keeps, or an expanded
+view); a model may return the same tensor object every call.
 """
 
 from __future__ import annotations
 
 from ..errors import InputError, InputTypeError
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -42,21 +45,33 @@ class Denoiser:
     Parameters
     ----------
     fn : the model.
-    uses_time : False if ``fn`` ignores ``t`` (enables caching).
+    uses_time : False if ``fn``'s output does not depend on ``t`` (enables the MDLM cache). ``t`` is
+        still passed (a model may take the argument and ignore it); see ``pass_time``.
     time_kwarg : pass the step as this keyword (``fn(x_t, **{time_kwarg: t}, **cond)``) instead of
-        positionally; ``None`` with ``uses_time=False`` calls ``fn(x_t, **cond)``.
+        positionally.
     accepts_attention_mask : the model takes ``attention_mask=(B, L)``.
+    pass_time : False calls ``fn(x_t, **cond)``, for a model without a step argument (a plain masked
+        LM). A model that cannot take a second positional argument while ``pass_time`` is True (and no
+        ``time_kwarg``) is rejected here, naming this option.
     """
 
     def __init__(self, fn: Callable, *, uses_time: bool = True, time_kwarg: str | None = None,
                  accepts_attention_mask: bool = False, pass_time: bool = True):
         if not callable(fn):
             raise InputTypeError(f"model: expected a callable, got {type(fn).__name__}")
+        for name, v in (("uses_time", uses_time), ("accepts_attention_mask", accepts_attention_mask),
+                        ("pass_time", pass_time)):
+            if not isinstance(v, (bool, int)) or v not in (0, 1):
+                raise InputTypeError(f"{name}: expected True or False, got {v!r}")
+        if time_kwarg is not None and (not isinstance(time_kwarg, str) or not time_kwarg.isidentifier()):
+            raise InputTypeError(f"time_kwarg: expected a keyword name, got {time_kwarg!r}")
         self.fn = fn
         self.uses_time = bool(uses_time)
         self.time_kwarg = time_kwarg
         self.accepts_attention_mask = bool(accepts_attention_mask)
         self.pass_time = bool(pass_time)
+        if type(self) is Denoiser and pass_time and time_kwarg is None:
+            _check_takes_time(fn)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         if not self.pass_time:
@@ -65,8 +80,34 @@ class Denoiser:
             return unwrap_output(self.fn(x_t, **{self.time_kwarg: t}, **cond))
         return unwrap_output(self.fn(x_t, t, **cond))
 
+    def declared_mask_id(self) -> tuple[int, str] | None:
+        """The mask token the model says it was trained with, and where it says so: an int ``mask_id``
+        attribute, or a Hugging Face config's ``mask_token_id``; None when it does not say."""
+        v = getattr(self.fn, "mask_id", None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v, f"{type(self.fn).__name__}.mask_id"
+        v = getattr(getattr(self.fn, "config", None), "mask_token_id", None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v, "config.mask_token_id"
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.fn).__name__}, uses_time={self.uses_time})"
+
+
+def _check_takes_time(fn: Callable) -> None:
+    """A callable that cannot take ``(x_t, t)`` positionally gets a clear error instead of the TypeError
+    of its first call; one whose signature cannot be read is left alone."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind_partial(None, None)
+    except TypeError:
+        raise InputTypeError(f"model: {type(fn).__name__} takes no step argument t (signature {sig}); wrap it "
+                             "with as_denoiser(model, pass_time=False) to call it as model(x_t, **cond)") from None
 
 
 class HFMaskedLM(Denoiser):
@@ -97,17 +138,22 @@ def _looks_like_hf(model: object) -> bool:
     return cfg is not None and hasattr(cfg, "vocab_size") and hasattr(model, "get_input_embeddings")
 
 
-def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str | None = None) -> Denoiser:
+def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str | None = None,
+                pass_time: bool = True) -> Denoiser:
     """Wrap ``model`` in the adapter the sampler calls.
 
     * a :class:`Denoiser` is returned as is;
     * a Hugging Face model (it has ``.config.vocab_size`` and ``get_input_embeddings``) becomes
       :class:`HFMaskedLM` (the step goes through ``time_kwarg`` if given, else it is not passed);
-    * any other callable is called ``model(x_t, t, **cond)`` (or with ``t`` as ``time_kwarg``).
-      ``uses_time`` defaults to True, or to the model's own ``uses_time`` attribute.
+    * any other callable is called ``model(x_t, t, **cond)`` (``t`` as ``time_kwarg`` if given;
+      ``pass_time=False``: ``model(x_t, **cond)``, for a model without a step argument).
+      ``uses_time`` (does the output depend on ``t``? False allows the MDLM cache) defaults to True, or
+      to the model's own ``uses_time`` attribute; it does not change what is passed.
     """
     if isinstance(model, Denoiser):
         return model
+    if uses_time is not None and (not isinstance(uses_time, (bool, int)) or uses_time not in (0, 1)):
+        raise InputTypeError(f"uses_time: expected True, False or None, got {uses_time!r}")
     if _looks_like_hf(model):
         if uses_time and time_kwarg is None:
             raise InputError("uses_time: a Hugging Face model receives the step only through time_kwarg=...; "
@@ -118,7 +164,8 @@ def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str
     if uses_time is None:
         uses_time = bool(getattr(model, "uses_time", True))
     accepts = bool(getattr(model, "accepts_attention_mask", False))
-    return Denoiser(model, uses_time=uses_time, time_kwarg=time_kwarg, accepts_attention_mask=accepts)
+    return Denoiser(model, uses_time=uses_time, time_kwarg=time_kwarg, accepts_attention_mask=accepts,
+                    pass_time=pass_time)
 
 
 class CUDAGraphed(Denoiser):

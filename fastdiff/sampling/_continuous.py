@@ -1,5 +1,6 @@
 """Continuous strategies: DDPM and DDIM over any step grid, with the clamping trick, self-conditioning,
-classifier(-free) guidance, fixed positions and rounding to tokens at the end."""
+classifier(-free) guidance, fixed positions and rounding to tokens at the end (and, with ``eos_id``, the
+rounded tokens after a sequence's first EOS become ``pad_id``, as for the discrete strategies)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from .. import ops
 from .. import random as _random
+from ._discrete import _cut_at_eos
 from ._engine import _Run
 from ._options import step_grid
 
@@ -55,8 +57,10 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
             for t, s in zip(grid[:-1], grid[1:]):
                 x_ctx = x[:, :ctx_end]
                 extra = {o.self_cond_kwarg: prev_x0} if o.self_condition else None
-                out = run.evaluate(x_ctx, t, extra=extra)
-                x0 = diff.to_x0(out, x_ctx, t)
+                out, _ = run.evaluate(x_ctx, t, extra=extra)
+                # a model computing in another precision (a bf16 network on fp32 embeddings): its output
+                # joins the sampler's state in the embedding's dtype (a new tensor; the model's is kept)
+                x0 = diff.to_x0(out.to(x_ctx.dtype), x_ctx, t)
                 if o.classifier_grad is not None and run.strategy == "ddim":
                     x0 = _guided_x0(run, x0, x_ctx, t)
                 if o.self_condition:
@@ -81,9 +85,10 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     finally:
         if bar is not None:
             bar.close()
-    if bool(known.all()):  # every token is decided (clamped last steps, fixed positions)
-        return vals, x
-    return _round(run, x, emb, known, vals), x
+    tokens = vals if bool(known.all()) else _round(run, x, emb, known, vals)  # all decided: clamped / fixed
+    if o.eos_id is not None:
+        tokens = _cut_at_eos(run, tokens)
+    return tokens, x
 
 
 def _round(run: _Run, x: torch.Tensor, emb: torch.Tensor, known: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 from .. import ops
 from .. import random as _random
 from ..discrete import Absorbing
+from ..errors import InputError
+from ..ops._common import check_finite_above
 from ..schedules import Schedule
 from ._engine import _Run, num_transfer
 from ._options import step_grid
@@ -27,21 +29,22 @@ def prior_tokens(run: _Run) -> torch.Tensor:
 
 
 class _Logits:
-    """Network outputs for one block: the MDLM per-sequence cache, the EOS-finished rows, the KV path."""
+    """Network outputs for one block: the MDLM per-sequence cache, the EOS-finished rows, the KV path.
+
+    Calls return ``(logits of the block (B, b - a, V), owned)``; ``owned`` is False while the tensor is
+    the model's own output, which the strategies must not write to."""
 
     def __init__(self, run: _Run, a: int, b: int):
         self.run, self.a, self.b = run, a, b
         self.ctx_end = b if run.o.block_context == "prefix" else run.L
         self.buf: torch.Tensor | None = None
+        self.owned = False
         self.last: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """Logits of the block's positions ``(B, b - a, V)``."""
+    def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, bool]:
         run, a, b = self.run, self.a, self.b
         if run.o.kv_cache:
-            out = run.evaluate(x[:, a:b], t, extra={"cache": run._kv, "start": a},
-                               ctx_fixed=run.prompt[:, a:b])
-            return out
+            return run.evaluate(x[:, a:b], t, extra={"cache": run._kv, "start": a}, ctx_fixed=run.prompt[:, a:b])
         x_ctx = x[:, : self.ctx_end]
         need = ~run.finished
         if run.o.cache and self.last is not None:
@@ -52,21 +55,23 @@ class _Logits:
             if 2 * int(need.sum()) > run.B:
                 need = ~run.finished
         if bool(need.all()):
-            out = run.evaluate(x_ctx, t)
-            self.buf = out
+            self.buf, self.owned = run.evaluate(x_ctx, t)
         else:
             rows = need.nonzero().squeeze(1)
             if self.buf is None:
                 V = run.vocab_size
-                self.buf = torch.zeros(run.B, x_ctx.shape[1], V, device=x.device)
+                self.buf, self.owned = torch.zeros(run.B, x_ctx.shape[1], V, device=x.device), True
             if rows.numel():
-                out = run.evaluate(x_ctx.index_select(0, rows), t, rows=rows)
+                out, _ = run.evaluate(x_ctx.index_select(0, rows), t, rows=rows)
                 if out.dtype != self.buf.dtype:
-                    self.buf = self.buf.to(out.dtype)
-                self.buf.index_copy_(0, rows, out)
+                    self.buf, self.owned = self.buf.to(out.dtype), True
+                if self.owned:
+                    self.buf.index_copy_(0, rows, out)
+                else:  # the kept logits are the model's earlier output: copy, never write into it
+                    self.buf, self.owned = self.buf.index_copy(0, rows, out), True
         if run.o.cache:
             self.last = x_ctx.clone()
-        return self.buf[:, a:b]
+        return self.buf[:, a:b], self.owned
 
 
 def _restore(run: _Run, x: torch.Tensor, a: int, b: int, new: torch.Tensor) -> None:
@@ -74,31 +79,70 @@ def _restore(run: _Run, x: torch.Tensor, a: int, b: int, new: torch.Tensor) -> N
     x[:, a:b] = torch.where(frozen, run.values[:, a:b], new)
 
 
-def _two_stage(run: _Run, lr: torch.Tensor, xr: torch.Tensor, p_unmask: float) -> torch.Tensor:
+def _without_mask(run: _Run, lr: torch.Tensor, owned: bool) -> torch.Tensor:
+    """``lr`` with the mask column at ``-inf`` (SUBS: the mask is never predicted). A model that already
+    puts ``-inf`` there (MDLM) is used as is; the sampler's own tensor is changed in place; a model's
+    output is copied (out of place), never written to. The column's values are checked on the way (one
+    strided read): a NaN or +inf there is the model's, not something to overwrite silently."""
+    mask_id = run.process.mask_id
+    top = lr[..., mask_id].amax() if lr.numel() else lr.new_full((), float("-inf"))
+    if bool(torch.isnan(top)):
+        raise InputError("logits: contains NaN")
+    if bool(torch.isposinf(top)):
+        raise InputError("logits: contains +inf")
+    if bool(torch.isneginf(top)):
+        return lr
+    if owned:
+        lr[..., mask_id] = float("-inf")
+        return lr
+    return lr.index_fill(-1, torch.tensor([mask_id], device=lr.device), float("-inf"))
+
+
+def _top_k(run: _Run) -> int | None:
+    """``top_k`` capped at the vocabulary (a larger k keeps everything, as k = V does)."""
+    k = run.o.top_k
+    return None if k is None else min(k, run.vocab_size)
+
+
+def _two_stage(run: _Run, lr: torch.Tensor, owned: bool, xr: torch.Tensor, p_unmask: float, t: int) -> torch.Tensor:
     """Absorbing step with a filtered (top-k / top-p) x0 draw: a masked position is unmasked with
     probability ``p_unmask`` to a token drawn by :func:`fastdiff.ops.sample_categorical`. With SUBS and a
     scalar schedule this is exactly the posterior of the filtered x0 distribution."""
     o, mask_id = run.o, run.process.mask_id
-    lr[..., mask_id] = float("-inf")
     rows = run.row_offset(xr.shape)
-    u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), start=rows, device=xr.device)
-    tok = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), row_offset=rows,
-                                 temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, backend=o.backend)
+    with run.op_values(t):
+        lr = _without_mask(run, lr, owned)
+        u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), start=rows, device=xr.device)
+        tok = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), row_offset=rows,
+                                     temperature=o.temperature, top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
     return torch.where((xr == mask_id) & (u < p_unmask), tok, xr)
 
 
 def _logsumexp(z: torch.Tensor, block: int = 1 << 18) -> torch.Tensor:
     """``logsumexp(z, -1)`` in float32 over row blocks of about 1 MiB, so the temporaries stay in cache
-    (``torch.logsumexp`` on the whole ``(B, L, V)`` tensor is several read passes slower)."""
+    (``torch.logsumexp`` on the whole ``(B, L, V)`` tensor is several read passes slower).
+
+    The row maxima it computes anyway also check the values: NaN, +inf, or a row with every entry at
+    ``-inf`` raise :class:`~fastdiff.errors.InputError` (``"logits: ..."``, as the ops do)."""
     V = z.shape[-1]
     flat = z.reshape(-1, V)
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=z.device)
+    row_max = torch.empty(flat.shape[0], dtype=torch.float32, device=z.device)
     step = max(1, block // V)
     for r in range(0, flat.shape[0], step):
         c = flat[r:r + step].float()
         m = c.amax(-1, keepdim=True)
+        row_max[r:r + step] = m.squeeze(-1)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         out[r:r + step] = (c - m).exp_().sum(-1).log_() + m.squeeze(-1)
+    if row_max.numel():
+        top = row_max.max()
+        if bool(torch.isnan(top)):
+            raise InputError("logits: contains NaN")
+        if bool(torch.isposinf(top)):
+            raise InputError("logits: contains +inf")
+        if bool(torch.isneginf(row_max).any()):
+            raise InputError("logits: a row has every logit at -inf (no category can be drawn)")
     return out.reshape(z.shape[:-1])
 
 
@@ -110,15 +154,16 @@ def _ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits
     o, process = run.o, run.process
     grid = step_grid(process.T, run.steps)
     for t, s in zip(grid[:-1], grid[1:]):
-        lr = logits(x, t)
+        lr, owned = logits(x, t)
         xr = x[:, a:b]
         if o.top_k is not None or o.top_p is not None:
             a_t, a_s = _ab(process, t), _ab(process, s)
-            new = _two_stage(run, lr, xr, (a_s - a_t) / (1 - a_t) if a_t < 1 else 0.0)
+            new = _two_stage(run, lr, owned, xr, (a_s - a_t) / (1 - a_t) if a_t < 1 else 0.0, t)
         else:
-            new = ops.posterior_sample(process, lr, xr, t, s, seed=run.seed, offset=run.next_offset(),
-                                       row_offset=run.row_offset(xr.shape), temperature=o.temperature,
-                                       backend=o.backend)
+            with run.op_values(t):
+                new = ops.posterior_sample(process, lr, xr, t, s, seed=run.seed, offset=run.next_offset(),
+                                           row_offset=run.row_offset(xr.shape), temperature=o.temperature,
+                                           backend=o.backend)
         _restore(run, x, a, b, new)
         run.after_step(x, bar)
 
@@ -143,7 +188,7 @@ def _remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
     mask_id = process.mask_id
     grid = step_grid(process.T, run.steps)
     for t, s in zip(grid[:-1], grid[1:]):
-        lr = logits(x, t)
+        lr, owned = logits(x, t)
         xr = x[:, a:b]
         a_t, a_s = _ab(process, t), _ab(process, s)
         sigma = _remask_sigma(run, t, s)
@@ -151,13 +196,14 @@ def _remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
         # i.e. the absorbing posterior of a two-point schedule with α_s' = α_s + σ·α_t.
         a_s_eff = min(1.0, max(a_t, a_s + sigma * a_t))
         if o.top_k is not None or o.top_p is not None:
-            new = _two_stage(run, lr, xr, (a_s_eff - a_t) / (1 - a_t) if a_t < 1 else 0.0)
+            new = _two_stage(run, lr, owned, xr, (a_s_eff - a_t) / (1 - a_t) if a_t < 1 else 0.0, t)
         else:
             two = Absorbing(process.vocab_size, mask_id,
                             Schedule(torch.tensor([1.0, a_s_eff, a_t], dtype=torch.float64), "remdm-step"))
-            new = ops.posterior_sample(two, lr, xr, 2, 1, seed=run.seed, offset=run.next_offset(),
-                                       row_offset=run.row_offset(xr.shape), temperature=o.temperature,
-                                       backend=o.backend)
+            with run.op_values(t):
+                new = ops.posterior_sample(two, lr, xr, 2, 1, seed=run.seed, offset=run.next_offset(),
+                                           row_offset=run.row_offset(xr.shape), temperature=o.temperature,
+                                           backend=o.backend)
         # Unmasked rows: remasked with probability σ.
         u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(),
                             start=run.row_offset(xr.shape), device=x.device)
@@ -174,12 +220,15 @@ def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logit
     mask_id, T = process.mask_id, process.T
     masked0 = (x[:, a:b] == mask_id) & ~run.fixed[:, a:b]
     n0 = masked0.sum(1)
-    if o.tokens_per_step is not None:
-        n_steps = max(1, math.ceil(int(n0.max()) / o.tokens_per_step)) if n0.numel() else 1
+    tps = None if o.tokens_per_step is None else min(o.tokens_per_step, b - a)
+    if tps is not None:
+        n_steps = max(1, math.ceil(int(n0.max()) / tps)) if n0.numel() else 1
         schedule = None
     else:
         n_steps = run.steps
-        schedule = num_transfer(n0, n_steps)
+        # LLaDA's split over n_steps; past the block's length every later column is 0 and the block is
+        # finished by then, so only the first min(n_steps, b - a) columns are built (steps may be huge).
+        schedule = num_transfer(n0, min(n_steps, b - a))
     for k in range(n_steps):
         xr = x[:, a:b]
         masked = (xr == mask_id) & ~run.fixed[:, a:b]
@@ -187,23 +236,27 @@ def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logit
         if not bool(remaining.any()):
             break
         t = max(1, min(T, round(T * (n_steps - k) / n_steps)))
-        lr = logits(x, t)
-        lr[..., mask_id] = float("-inf")  # SUBS: never predict the mask
-        if o.temperature == 0:
-            x0 = lr.argmax(-1)
-        else:
-            x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), row_offset=run.row_offset(xr.shape),
-                                        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, backend=o.backend)
-        if o.remasking == "random" and run.strategy == "confidence":
-            conf = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(),
-                                   start=run.row_offset(xr.shape), device=x.device)
-        else:  # log p(x0) under softmax(logits)
-            conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
+        lr, owned = logits(x, t)
+        with run.op_values(t):
+            lr = _without_mask(run, lr, owned)  # SUBS: never predict the mask
+            if o.temperature == 0:
+                x0 = lr.argmax(-1)
+            else:
+                x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(),
+                                            row_offset=run.row_offset(xr.shape), temperature=o.temperature,
+                                            top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
+            if o.remasking == "random" and run.strategy == "confidence":
+                if o.temperature == 0:  # nothing above read the values: one reduction checks them
+                    check_finite_above("logits", lr)
+                conf = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(),
+                                       start=run.row_offset(xr.shape), device=x.device)
+            else:  # log p(x0) under softmax(logits); its row maxima check the values
+                conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
         conf = torch.where(masked, conf.to(torch.float64), torch.full_like(conf, float("-inf"), dtype=torch.float64))
-        if o.tokens_per_step is not None:
-            num = remaining.clamp_max(o.tokens_per_step)
+        if tps is not None:
+            num = remaining.clamp_max(tps)
         elif run.strategy == "confidence":
-            num = schedule[:, k]
+            num = schedule[:, k] if k < schedule.shape[1] else torch.zeros_like(remaining)
         else:  # threshold: everything above it, at least enough to finish in the steps left, at least one
             above = (masked & (conf > math.log(o.threshold) if o.threshold > 0 else masked)).sum(1)
             need = -(-remaining // (n_steps - k))
@@ -234,6 +287,8 @@ def run_discrete(run: _Run) -> torch.Tensor:
         run._kv = run.model.fn.new_cache(run.B)
     blocks = run.blocks()
     per_block = run.steps if run.strategy != "threshold" or o.tokens_per_step is None else None
+    if per_block and run.strategy in ("confidence", "threshold"):
+        per_block = min(per_block, o.block_size or run.L)  # a block is decoded by then
     bar = run.progress(len(blocks) * per_block if per_block else None)
     try:
         for a, b in blocks:

@@ -12,20 +12,47 @@ of the seed and the inputs. Rows are numbered globally: with ``sample_offset = s
 samples ``s0 .. s0 + B - 1`` of a larger run, and row ``r`` of a draw over ``(B, n)`` uses counter row
 ``s0·n + r``, so a sample's draws depend on its global index only, never on how the run was split into
 batches or ranks (:mod:`fastdiff.distributed`).
+
+Network calls: what the model returns is never written to (it may be a tensor the model keeps, or an
+expanded view): guidance, the mask column and the MDLM cache work on tensors the sampler made, copying
+a model's output only where no new tensor is made anyway. With ``micro_batch = m`` every call has
+exactly ``m`` rows per half and sample ``g`` (global index) sits in row ``g mod m`` of its call; the rows
+no sample fills repeat a real row of that call. A sample's network output then depends on its own input
+only, not on the batch it was generated in (see :func:`fastdiff.sampling.sample`).
+
+Model outputs are checked right after each call (shape, floating dtype, device; the values of a
+continuous output) and a discrete output's values inside the op that reads them anyway (NaN, +inf, rows
+with nothing to draw): both raise :class:`~fastdiff.errors.InputError` naming the model output, the step
+and ``t``.
 """
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
+import contextlib
+import sys
 import time
 
 import torch
 
 from .. import _checks
 from .. import random as _random
+from ..errors import InputError, InputTypeError
+from . import _memory
 from ._adapters import Denoiser
 from ._options import Options, is_continuous
+
+#: argument names under which the ops report the values of the logits they were given
+_OP_LOGIT_ARGS = ("x0_logits: ", "logits: ")
+
+
+def _module_params(fn: object):
+    params = getattr(fn, "parameters", None)
+    if not callable(params):
+        return None
+    try:
+        return next(iter(params()))
+    except (StopIteration, TypeError):
+        return None
 
 
 class _Run:
@@ -36,9 +63,13 @@ class _Run:
         self.seed = _random._check_seed(seed)
         self.sample_offset = _checks.positive_int("sample_offset", o.sample_offset, 0)
         self.continuous = is_continuous(process)
-        self.device = torch.device(o.device) if o.device is not None else self._guess_device()
-        self.draws = 0  # op-call counter: the Philox offset of the next draw
+        self._check_tensor_inputs()
+        self.device = self._pick_device()
         self.stats = {"network_calls": 0, "sequences_evaluated": 0, "steps": 0, "model_time_s": 0.0}
+        self._check_counter_rows()
+        self._check_capacity()
+        self._check_memory()
+        self.draws = 0  # op-call counter: the Philox offset of the next draw
         self.trajectory: list[torch.Tensor] | None = [] if o.trajectory else None
         self._check_batch_options()
         self._kv = None
@@ -46,18 +77,102 @@ class _Run:
     # ------------------------------------------------------------------------------------------------
     # set-up
     # ------------------------------------------------------------------------------------------------
+    def _check_tensor_inputs(self) -> None:
+        """The per-position tensors: given together, tensors, dense, with values (not on the meta device)."""
+        o = self.o
+        if (o.fixed is None) != (o.x_init is None):
+            given, missing = ("fixed", "x_init") if o.x_init is None else ("x_init", "fixed")
+            raise InputError(f"{given}: needs {missing}= too ('fixed' is the mask of held positions, 'x_init' the "
+                             "tokens they hold)")
+        for name in ("fixed", "x_init", "lengths"):
+            t = getattr(o, name)
+            if t is None:
+                continue
+            _checks.tensor(name, t)
+            if t.device.type == "meta" or t.layout != torch.strided:
+                raise InputError(f"{name}: expected a dense CPU or CUDA tensor with values, got a {t.device.type} "
+                                 f"{str(t.layout).replace('torch.', '')} tensor")
+
+    def _pick_device(self) -> torch.device:
+        o = self.o
+        if o.device is None:
+            dev = self._guess_device()
+        else:
+            if not isinstance(o.device, (str, torch.device)):
+                raise InputTypeError(f"device: expected a str or torch.device, got {type(o.device).__name__}")
+            try:
+                dev = torch.device(o.device)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise InputError(f"device: {o.device!r} is not a device ({e})") from e
+        if dev.type == "meta":
+            raise InputError("device: the sampler computes values; the meta device has none")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device: {dev} requested but CUDA is not available")
+        p = _module_params(self.model.fn)
+        if p is not None and p.device != dev and not (p.device.type == dev.type == "cuda" and dev.index is None):
+            raise InputError(f"device: the batch is on {dev} but the model's parameters are on {p.device}; move "
+                             "the model or pass device= to match")
+        return dev
+
     def _guess_device(self) -> torch.device:
         o = self.o
         for t in (o.x_init, o.fixed, o.embedding, o.lengths):
             if isinstance(t, torch.Tensor):
                 return t.device
-        params = getattr(self.model.fn, "parameters", None)
-        if callable(params):
+        p = _module_params(self.model.fn)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _per_sample_rows(self) -> int:
+        """Counter rows one sample owns in its largest draw (``L``, or ``L·D`` for continuous noise)."""
+        return self.L * (self.o.embedding.shape[1] if self.continuous else 1)
+
+    def _check_counter_rows(self) -> None:
+        end = (self.sample_offset + self.B) * self._per_sample_rows()
+        if end > 2**64:
+            raise InputError(f"sample_offset: samples {self.sample_offset} .. {self.sample_offset + self.B - 1} "
+                             f"need counter rows up to {end}, past the 2**64 rows of the random stream")
+
+    def _check_capacity(self) -> None:
+        cap = _memory.positional_capacity(self.model.fn)
+        if cap is not None and self.L > cap[0]:
+            raise InputError(f"shape: length {self.L} exceeds the model's positional capacity {cap[0]} ({cap[1]})")
+
+    def _itemsize(self) -> int:
+        p = _module_params(self.model.fn)
+        return p.element_size() if p is not None and p.is_floating_point() else 4
+
+    def calls_rows(self) -> int:
+        """Rows of one network call (both halves under guidance)."""
+        halves = 2 if self.o.guidance_scale != 1.0 else 1
+        return halves * (self.o.micro_batch if self.o.micro_batch is not None else self.B)
+
+    def _check_memory(self) -> None:
+        """The large buffers of this run, against what the device has free, before allocating any."""
+        o, B, L = self.o, self.B, self.L
+        width = o.embedding.shape[1] if self.continuous else self.process.vocab_size
+        item = self._itemsize()
+        rows = self.calls_rows()
+        parts = {f"network output ({rows}, {L}, {width})": rows * L * width * item,
+                 "working copy": B * L * width * max(item, 4)}
+        if o.cache or (o.eos_id is not None and o.block_size is not None):
+            parts["cached logits"] = B * L * width * max(item, 4)
+        fwd = getattr(self.model.fn, "forward_memory", None)
+        if callable(fwd):
             try:
-                return next(params()).device
-            except (StopIteration, TypeError):
+                parts["model activations"] = float(fwd(rows, L))
+            except (TypeError, ValueError):
                 pass
-        return torch.device("cpu")
+        if o.trajectory:
+            nblocks = -(-L // (o.block_size or L))
+            per_block = self.steps
+            if self.strategy in ("confidence", "threshold"):
+                per_block = min(per_block, o.block_size or L)
+            parts["trajectory"] = nblocks * per_block * B * L * 8
+        parts["batch state"] = B * L * 8 * 6
+        name = "micro_batch" if o.micro_batch is not None and o.micro_batch > B else "shape"
+        _memory.check_fits(name, parts, self.device,
+                           "lower the batch size (shape[0]) or the length (shape[1]), or set micro_batch= to "
+                           "bound the rows of each network call")
 
     def _check_batch_options(self) -> None:
         o, B, L = self.o, self.B, self.L
@@ -65,9 +180,7 @@ class _Run:
         self.fixed = torch.zeros(B, L, dtype=torch.bool, device=self.device)
         self.values = torch.zeros(B, L, dtype=torch.int64, device=self.device)  # tokens held where frozen
         if o.fixed is not None or o.x_init is not None:
-            if o.fixed is None or o.x_init is None:
-                raise InputError("fixed: 'fixed' and 'x_init' go together (the mask and the tokens it holds)")
-            fixed = _checks.tensor("fixed", o.fixed)
+            fixed = o.fixed
             if fixed.dtype != torch.bool:
                 raise InputTypeError(f"fixed: expected a bool mask, got {fixed.dtype}")
             if fixed.shape != (B, L):
@@ -109,12 +222,26 @@ class _Run:
             if o.cond is None and (self.continuous or self.process.kind != "absorbing") and o.uncond is None:
                 raise InputError("uncond: without cond/uncond, the unconditional pass masks the prompt, which "
                                  "needs an absorbing process")
+        reserved = {}
+        if o.lengths is not None:
+            reserved["attention_mask"] = "lengths= builds the attention mask from the lengths; give one or the other"
+        if self.continuous and o.self_condition:
+            reserved[o.self_cond_kwarg] = "self_condition=True passes the previous x0 estimate under this name"
+        if o.kv_cache:
+            reserved["cache"] = reserved["start"] = "kv_cache=True passes the cache and the block start"
+        if self.model.time_kwarg is not None:
+            reserved[self.model.time_kwarg] = "the model receives the step under this name"
         for name in ("cond", "uncond"):
             d = getattr(o, name)
             for k, v in (d or {}).items():
-                if isinstance(v, torch.Tensor) and (v.ndim == 0 or v.shape[0] != B):
-                    raise InputError(f"{name}: tensor {k!r} must have the batch size {B} as its first dimension, "
-                                     f"got {tuple(v.shape)}")
+                if k in reserved:
+                    raise InputError(f"{name}: keyword {k!r} is set by the sampler ({reserved[k]})")
+                if isinstance(v, torch.Tensor):
+                    if v.ndim == 0 or v.shape[0] != B:
+                        raise InputError(f"{name}: tensor {k!r} must have the batch size {B} as its first "
+                                         f"dimension, got {tuple(v.shape)}")
+                    if v.device != self.device:
+                        raise InputError(f"{name}: tensor {k!r} is on {v.device}, the batch on {self.device}")
         if o.cond is not None and o.uncond is not None and set(o.cond) != set(o.uncond):
             raise InputError(f"uncond: keys {sorted(o.uncond)} differ from cond's {sorted(o.cond)}")
         if o.cuda_graph and self.device.type != "cuda":
@@ -130,6 +257,12 @@ class _Run:
         if o.cache and self.model.uses_time:
             raise InputError("cache: MDLM caching is exact only for models that ignore t; wrap the model with "
                              "as_denoiser(model, uses_time=False) if it does")
+        if not self.continuous and self.process.kind == "absorbing":
+            declared = self.model.declared_mask_id()
+            if declared is not None and declared[0] != self.process.mask_id:
+                raise InputError(f"process: mask_id {self.process.mask_id} differs from the model's mask token "
+                                 f"{declared[0]} ({declared[1]}); the model would read the process's masks as "
+                                 "ordinary tokens")
 
     @property
     def vocab_size(self) -> int:
@@ -157,12 +290,85 @@ class _Run:
         self.stats["model_time_s"] += time.perf_counter() - t0
         self.stats["network_calls"] += 1
         self.stats["sequences_evaluated"] += x_in.shape[0]
+        self._check_output(out, x_in, t)
         return out
 
+    def _where(self, t: int) -> str:
+        return f"model output at step {self.stats['steps'] + 1} (t={t})"
+
+    def _check_output(self, out: object, x_in: torch.Tensor, t: int) -> None:
+        """Shape, dtype and device of one call's output; the values of a continuous output (one
+        reduction). A discrete output's values are checked by the op that reads them (:meth:`op_values`)."""
+        where = self._where(t)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            got = f"a {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InputTypeError(f"{where}: expected a floating tensor, got {got}")
+        width = self.o.embedding.shape[1] if self.continuous else self.vocab_size
+        want = (x_in.shape[0], x_in.shape[1], width)
+        if tuple(out.shape) != want:
+            raise InputError(f"{where}: shape {tuple(out.shape)} differs from the expected {want}")
+        if out.device != x_in.device:
+            raise InputError(f"{where}: on {out.device}, the batch on {x_in.device}")
+        if out.layout != torch.strided:
+            raise InputError(f"{where}: expected a dense tensor, got layout {out.layout}")
+        if self.continuous and out.numel():
+            lo, hi = torch.aminmax(out)
+            if bool(torch.isnan(lo) | torch.isnan(hi)):
+                raise InputError(f"{where}: contains NaN")
+            if bool(torch.isinf(lo) | torch.isinf(hi)):
+                raise InputError(f"{where}: contains infinity")
+
+    @contextlib.contextmanager
+    def op_values(self, t: int):
+        """Inside: an op's value error about the logits it was given (NaN, +inf, a row with nothing to
+        draw) is about the model's output; it is raised again naming the output, the step and ``t``."""
+        try:
+            yield
+        except ValueError as e:
+            msg = str(e)
+            for prefix in _OP_LOGIT_ARGS:
+                if msg.startswith(prefix):
+                    guided = " (guided)" if self.o.guidance_scale != 1.0 else ""
+                    raise InputError(f"{self._where(t)}{guided}: {msg[len(prefix):]}") from e
+            raise
+
+    def _forward(self, x_all: torch.Tensor, kw: dict, halves: int, t: int,
+                 rows: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+        """The network on ``x_all`` (``halves`` stacked copies of ``n`` batch rows ``rows``, all rows when
+        None): ``(output, owned)``, ``owned`` when the tensor is the sampler's (not the model's)."""
+        m = self.o.micro_batch
+        if m is None:
+            return self._call(x_all, t, kw), False
+        n = x_all.shape[0] // halves
+        local = list(range(n)) if rows is None else rows.tolist()
+        glob = [self.sample_offset + r for r in local]
+        if n == m and glob[0] % m == 0 and all(g == glob[0] + i for i, g in enumerate(glob)):
+            return self._call(x_all, t, kw), False  # already one aligned call of m rows
+        chunks: dict[int, list[tuple[int, int]]] = {}
+        for pos, g in enumerate(glob):
+            chunks.setdefault(g // m, []).append((pos, g % m))
+        dev = x_all.device
+        res = None
+        for members in chunks.values():
+            src = [members[0][0]] * m  # rows no sample fills repeat the call's first real row
+            for pos, slot in members:
+                src[slot] = pos
+            idx = torch.tensor([h * n + s for h in range(halves) for s in src], device=dev)
+            x_c = x_all.index_select(0, idx)
+            kw_c = {k: (v.index_select(0, idx) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            out = self._call(x_c, t, kw_c)
+            if res is None:
+                res = torch.empty((halves * n,) + tuple(out.shape[1:]), dtype=out.dtype, device=dev)
+            dst = torch.tensor([h * n + pos for h in range(halves) for pos, _ in members], device=dev)
+            pick = torch.tensor([h * m + slot for h in range(halves) for _, slot in members], device=dev)
+            res.index_copy_(0, dst, out.index_select(0, pick).to(res.dtype))
+        return res, True
+
     def evaluate(self, x_ctx: torch.Tensor, t: int, rows: torch.Tensor | None = None, *,
-                 extra: dict | None = None, ctx_fixed: torch.Tensor | None = None) -> torch.Tensor:
+                 extra: dict | None = None, ctx_fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """The network's output on ``x_ctx`` (rows ``rows`` of the batch, all when None), with
-        classifier-free guidance combined: ``uncond + s·(cond - uncond)``."""
+        classifier-free guidance combined: ``uncond + s·(cond - uncond)``. Returns ``(output, owned)``:
+        ``owned`` is False when the tensor is the model's own output, which must not be written to."""
         o = self.o
         kw = self._kw(o.cond, rows)
         if extra:
@@ -171,11 +377,8 @@ class _Run:
         if self.attention_mask is not None and self.model.accepts_attention_mask:
             am = self.attention_mask[:, :Lc]
             kw["attention_mask"] = am if rows is None else am.index_select(0, rows)
-        out_shape_check = (x_ctx.shape[0], Lc)
         if o.guidance_scale == 1.0:
-            out = self._call(x_ctx, t, kw)
-            self._check_output(out, out_shape_check)
-            return out
+            return self._forward(x_ctx, kw, 1, t, rows)
         if o.uncond is not None:
             ukw = self._kw(o.uncond, rows)
             ukw.update({k: v for k, v in kw.items() if k not in o.uncond})  # extra / attention_mask
@@ -191,29 +394,20 @@ class _Run:
             a, b = kw.get(k), ukw.get(k)
             if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
                 both[k] = torch.cat([a, b])
-            elif a is b or (a is not None and b is not None and a == b):
+            elif a is b or (a is not None and b is not None and not isinstance(a, torch.Tensor)
+                            and not isinstance(b, torch.Tensor) and a == b):
                 both[k] = a
             else:
                 raise InputError(f"uncond: keyword {k!r} must be a tensor in both cond and uncond (or equal in both)")
-        out = self._call(torch.cat([x_ctx, x_u]), t, both)
-        self._check_output(out, (2 * x_ctx.shape[0], Lc))
+        out, owned = self._forward(torch.cat([x_ctx, x_u]), both, 2, t, rows)
         cond_out, uncond_out = out.chunk(2)
         # A logit at -inf in both halves (e.g. the mask column of an MDLM/SUBS model) stays -inf;
         # lerp would give -inf + s·NaN there. Any other NaN still reaches the ops' check.
         both_masked = torch.isneginf(cond_out)
         both_masked &= torch.isneginf(uncond_out)
-        guided = uncond_out.lerp_(cond_out, float(o.guidance_scale))
-        return guided.masked_fill_(both_masked, float("-inf"))
-
-    def _check_output(self, out: torch.Tensor, bl: tuple[int, int]) -> None:
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-            raise InputTypeError(f"model: expected a floating tensor output, got {type(out).__name__}")
-        if self.continuous:
-            want = bl + (self.o.embedding.shape[1],)
-        else:
-            want = bl + (self.vocab_size,)
-        if tuple(out.shape) != want:
-            raise InputError(f"model: output shape {tuple(out.shape)} differs from the expected {want}")
+        s = float(o.guidance_scale)
+        guided = uncond_out.lerp_(cond_out, s) if owned else torch.lerp(uncond_out, cond_out, s)
+        return guided.masked_fill_(both_masked, float("-inf")), True
 
     # ------------------------------------------------------------------------------------------------
     # the loop
@@ -243,11 +437,13 @@ class _Run:
             bar.update(1)
 
     def progress(self, total: int | None):
-        if not self.o.progress:
+        """A tqdm bar on stderr when ``progress=True`` and stderr is a terminal (a log file or pipe gets
+        no ``\\r`` frames)."""
+        if not self.o.progress or not _isatty(sys.stderr):
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=f"fastdiff {self.strategy}", unit="step", leave=False)
+        return tqdm(total=total, desc=f"fastdiff {self.strategy}", unit="step", leave=False, file=sys.stderr)
 
     def finish_stats(self, t_start: float, tokens: torch.Tensor) -> dict:
         dt = max(time.perf_counter() - t_start, 1e-12)
@@ -268,6 +464,13 @@ class _Run:
         return st
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def num_transfer(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     """LLaDA's schedule: ``n`` masked tokens spread over ``steps`` steps as evenly as possible, the
     remainder going to the first steps: ``(B, steps)`` int64."""
@@ -275,5 +478,3 @@ def num_transfer(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
     rem = n_masked % steps
     k = torch.arange(steps, device=n_masked.device)
     return base[:, None] + (k[None, :] < rem[:, None]).to(torch.int64)
-
-
