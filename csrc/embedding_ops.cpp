@@ -3,6 +3,7 @@
 // Both compute score tiles with the BLAS behind at::mm_out (MKL / OpenBLAS) into a buffer that is
 // reused, and consume each tile with one fused vector pass, so no N x V matrix ever exists.
 #include "cpu_common.h"
+#include "parallel.h"
 
 #include <ATen/Parallel.h>
 
@@ -75,7 +76,9 @@ void nearest_blocks(const at::Tensor& flat, const at::Tensor& w, const C* stat_p
                     int64_t VT, int64_t* out_idx, C* out_best, C* out_second) {
   const int64_t N = flat.size(0), V = w.size(0);
   const int64_t nblocks = (N + RB - 1) / RB;
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  // A block's GEMMs: RB x V x D multiply-adds, about 16 per unit (parallel.h).
+  const int64_t block_work = RB * V * flat.size(1) / 16;
+  parallel_rows(nblocks, block_work, [&](int64_t b0, int64_t b1) {
     at::Tensor tile = at::empty({RB * VT}, flat.options());
     C* tile_p = tile.data_ptr<C>();
     std::vector<C> best(RB), second(RB);
@@ -174,7 +177,7 @@ inline void add_bias(double* z, const double* b, int64_t n) {
 template <typename C>
 void loss_rows(C* z, int64_t rn, int64_t V, const C* bias, const int64_t* target, int64_t ignore_index,
                const C* scale, bool scalar_scale, bool need_grad, C* loss) {
-  at::parallel_for(0, rn, 1, [&](int64_t a, int64_t b) {
+  parallel_rows(rn, 2 * V, [&](int64_t a, int64_t b) {  // max, exp-sum (and the gradient's exp) per row
     for (int64_t r = a; r < b; ++r) {
       C* zr = z + r * V;
       if (bias != nullptr) add_bias(zr, bias, V);

@@ -11,6 +11,7 @@
 // float32 exp (about 1 ulp) accumulated in float64; the crossing chunk is then walked in float64, so a
 // draw can differ from the reference's only where u * W lies within about 1e-7 of a CDF boundary.
 #include "cpu_common.h"
+#include "parallel.h"
 
 #include <ATen/Parallel.h>
 
@@ -445,7 +446,8 @@ template <typename T, typename C, typename O>
 void posterior_rows(const PostArgs& A, const T* logits, O* probs, int64_t* tokens, int* status) {
   const int64_t V = A.V;
   std::atomic<int> worst{kOk};
-  at::parallel_for(0, A.N, 4, [&](int64_t r0, int64_t r1) {
+  // Work per row (parallel.h): one pass over V logits; the matrix kind's sum over qbar is V x V.
+  parallel_rows(A.N, A.kind == kMatrix ? V * V : V, [&](int64_t r0, int64_t r1) {
     std::vector<C> buf, cmax;
     std::vector<double> dbuf, chunks;
     int local = kOk;
@@ -591,7 +593,7 @@ template <typename T, typename C>
 void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint64_t seed, uint64_t offset,
                  uint64_t row0, double temp, int64_t top_k, double top_p, int64_t* tokens, int* status) {
   std::atomic<int> worst{kOk};
-  at::parallel_for(0, N, 4, [&](int64_t r0, int64_t r1) {
+  parallel_rows(N, V, [&](int64_t r0, int64_t r1) {  // a pass or two over V logits per row (parallel.h)
     std::vector<C> buf, xmin, cmax, ebuf;
     std::vector<double> chunks, mass;
     std::vector<std::pair<double, C>> pairs;
@@ -790,7 +792,7 @@ at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, uint64_t star
   TORCH_CHECK(n >= 0, "philox_words: n must be >= 0, got ", n);
   at::Tensor out = at::empty({n, 4}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
-  at::parallel_for(0, n, 1 << 14, [&](int64_t b, int64_t e) {
+  parallel_rows(n, 16, [&](int64_t b, int64_t e) {  // one Philox4x32-10 block per counter (parallel.h)
     uint32_t w[4];
     for (int64_t i = b; i < e; ++i) {
       philox4x32(seed, offset, start + static_cast<uint64_t>(i), w);
@@ -823,4 +825,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset"), py::arg("n"), py::arg("start") = 0);
   m.def("row_uniform", &fastdiff::row_uniform, "the float64 uniform of Philox counter (row, offset)",
         py::arg("seed"), py::arg("offset"), py::arg("row"));
+  m.def("team_stats", &fastdiff::team::stats_dict,
+        "the kernels' thread-team counters and policy constants (csrc/parallel.h)");
+  m.def("team_set_contended", &fastdiff::team::set_contended,
+        "mark the process contended for kHoldNs (True) or idle (False); for tests and benchmarks", py::arg("on"));
 }
