@@ -189,8 +189,8 @@ void loss_rows(C* z, int64_t rn, int64_t V, const C* bias, const int64_t* target
       }
       const C m = row_max(zr, V);
       const double s = sum_exp(zr, V, m);
-      const double lse = static_cast<double>(m) + std::log(s);
-      loss[r] = static_cast<C>(lse - static_cast<double>(zr[tgt]));
+      // (m - z_t) + log s: the shift first keeps log s when |m| is large (m + log s rounds it away at 1e20)
+      loss[r] = static_cast<C>((static_cast<double>(m) - static_cast<double>(zr[tgt])) + std::log(s));
       if (need_grad) {
         const C sc = scalar_scale ? scale[0] : scale[r];
         scaled_exp(zr, V, m, static_cast<C>(static_cast<double>(sc) / s));

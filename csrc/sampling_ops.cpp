@@ -376,7 +376,7 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
                             (1.0 - a_s) / Vd);
     }
     const double W = row.chunk_w(chunks.data());
-    if (absorbing && !(W > 0.0)) return keep();
+    if (!(W > 0.0)) return keep();  // no weight at all (x_t unreachable from x0): keep x_t, as every backend
     if (A.sample) return row.draw(chunks.data(), W, row_uniform(A.seed, A.offset, A.row0 + static_cast<uint64_t>(r)));
     row.write(out, W);
     return 0;
@@ -437,6 +437,7 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
     w[j] = f1[j] * g[j];
     W += w[j];
   }
+  if (!(W > 0.0)) return keep();  // x_t unreachable from the x0 distribution: keep x_t
   if (A.sample) return draw_dense(w, V, row_uniform(A.seed, A.offset, A.row0 + static_cast<uint64_t>(r)));
   for (int64_t j = 0; j < V; ++j) out[j] = static_cast<O>(w[j] / W);
   return 0;

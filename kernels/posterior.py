@@ -18,8 +18,8 @@ Per row (``KIND``: 0 absorbing, 1 absorbing with a per-token schedule, 2 uniform
 
 ``exp`` runs in float32 for 16/32-bit logits (float64 for float64 logits); every weight, sum and the
 CDF are float64. A kernel draw differs from the reference only when ``u·Z`` lies within rounding of
-a cumulative boundary. Absorbing rows with ``x_t ≠ mask`` (or ``Z = 0``) keep ``x_t`` and never
-read their logits.
+a cumulative boundary. Absorbing rows with ``x_t ≠ mask`` keep ``x_t`` and never read their logits;
+rows with ``Z = 0`` (``x_t`` unreachable from the x0 distribution) keep ``x_t`` too.
 """
 
 from __future__ import annotations
@@ -155,8 +155,7 @@ def _posterior_fwd_kernel(
             w = _tile_weights(base, offs, offs < V, m, S, temperature, xt, mask_id, a_t, a_s, r, w_mask,
                               abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
             Z += tl.sum(w, axis=0)
-    if KIND <= 1:
-        keep = keep | (Z <= 0.0)
+    keep = keep | (Z <= 0.0)  # no weight at all (x_t unreachable from x0): keep x_t, on every backend
 
     if SAMPLE:
         tok = xt

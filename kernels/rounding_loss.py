@@ -4,10 +4,12 @@ Forward (``_rounding_loss_fwd_kernel``): program ``(i, s)`` takes a tile of rows
 vocabulary; for each ``BLOCK_V`` tile it computes ``z = x·wᵀ (+ b)`` with ``tl.dot`` (float32
 accumulator; float64 by broadcast-multiply-sum) and folds it into an online log-sum-exp ``(m, s)``
 per row, picking up the target's logit on the way. The ``(N, splits)`` partials are merged on the
-host side of the launch (``lse = M + log Σ s·exp(m - M)``, O(N·splits)).
+host side of the launch (row max ``M`` and ``ls = log Σ s·exp(m - M)``, O(N·splits)); the loss is
+``(M - z[target]) + ls`` and the backward's softmax ``exp((z - M) - ls)``: shifting by ``M`` first keeps
+the digits that ``z - (M + ls)`` loses when ``|z|`` is large (logits of 1e20 gave p = 1 in every column).
 
 Backward (``_rounding_loss_bwd_kernel``), a second tiled pass: program ``(i, j)`` recomputes the
-``(BLOCK_N, BLOCK_V)`` logits tile, forms ``G = g·(softmax - onehot(target))`` from the saved ``lse``
+``(BLOCK_N, BLOCK_V)`` logits tile, forms ``G = g·(softmax - onehot(target))`` from the saved ``(M, ls)``
 (``g`` = the upstream gradient per row: ``1/count`` for "mean", 0 on ignored rows), and adds
 ``G·W`` into ``dx`` and ``Gᵀ·x`` into ``dW`` (and ``Σ_n G`` into ``db``) with float32 (float64)
 atomics, ``BLOCK_D`` columns at a time. For 16-bit inputs ``G`` enters the two GEMMs in the input
@@ -108,10 +110,11 @@ def _rounding_loss_bwd_kernel(
     v_ok = rv < V
     z = _logits_tile(x_ptr, w_ptr, b_ptr, rn, rv, n_ok, v_ok, D, stride_xn, stride_wv, acc_dt,
                      HAS_BIAS, USE_DOT, PRECISION, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-    lse = tl.load(lse_ptr + rn, mask=n_ok, other=0.0)
+    m_row = tl.load(lse_ptr + rn, mask=n_ok, other=0.0)  # lse_ptr: (2, N), the row max and log-normaliser
+    ls = tl.load(lse_ptr + N + rn, mask=n_ok, other=0.0)
     g = tl.load(g_ptr + rn, mask=n_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rn, mask=n_ok, other=-1)
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp((z - m_row[:, None]) - ls[:, None])
     G = g[:, None] * (p - tl.where(rv[None, :] == tgt[:, None], 1.0, 0.0))
     G = tl.where(n_ok[:, None] & v_ok[None, :], G, 0.0)
     if NEED_DB:
@@ -168,12 +171,12 @@ def _bias_arg(bias: torch.Tensor | None, cdt: torch.dtype, like: torch.Tensor) -
 def _rounding_loss_fwd(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
                        ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher: ``x: (N, D)`` contiguous, ``weight: (V, D)`` contiguous, ``target: (N,)`` int64 ->
-    ``(loss per row, lse per row)`` in the compute dtype (0 loss on ignored rows)."""
+    ``(loss per row, (2, N) row max and log-normaliser)`` in the compute dtype (0 loss on ignored rows)."""
     N, D = x.shape
     V = weight.shape[0]
     cdt = _common.compute_dtype(x.dtype)
     if N == 0:
-        return x.new_empty(0, dtype=cdt), x.new_empty(0, dtype=cdt)
+        return x.new_empty(0, dtype=cdt), x.new_empty((2, 0), dtype=cdt)
     tiles = triton.cdiv(N, _NOMINAL_BLOCK_N)
     want = _common._TARGET_WAVES * _common.sm_count(x.device)
     n_splits = max(1, min(triton.cdiv(want, tiles), triton.cdiv(V, 128)))
@@ -191,9 +194,10 @@ def _rounding_loss_fwd(x: torch.Tensor, weight: torch.Tensor, target: torch.Tens
         cfg = _FIXED if meta["USE_DOT"] else _FIXED_F64
         _rounding_loss_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), n_splits)](*args, **meta, **cfg)
     top = m.max(dim=1, keepdim=True).values
-    lse = top.squeeze(1) + torch.log((s * torch.exp(m - top)).sum(dim=1))
-    loss = torch.where(target != ignore_index, lse - zt, torch.zeros_like(lse))
-    return loss, lse
+    top = top.squeeze(1)
+    ls = torch.log((s * torch.exp(m - top.unsqueeze(1))).sum(dim=1))
+    loss = torch.where(target != ignore_index, (top - zt) + ls, torch.zeros_like(ls))
+    return loss, torch.stack([top, ls])
 
 
 def _rounding_loss_bwd(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
@@ -232,7 +236,7 @@ def _register_custom_ops():
     @fwd_op.register_fake
     def _(x, weight, target, bias, ignore_index):
         cdt = _common.compute_dtype(x.dtype)
-        return x.new_empty(x.shape[0], dtype=cdt), x.new_empty(x.shape[0], dtype=cdt)
+        return x.new_empty(x.shape[0], dtype=cdt), x.new_empty((2, x.shape[0]), dtype=cdt)
 
     @torch.library.custom_op("fastdiff_triton::rounding_loss_bwd", mutates_args=())
     def bwd_op(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
@@ -253,7 +257,8 @@ rounding_loss_fwd_op, rounding_loss_bwd_op = _register_custom_ops()
 
 
 class RoundingLossFn(torch.autograd.Function):
-    """Fused forward; the backward is the second tiled pass (no logits are saved, only ``lse``)."""
+    """Fused forward; the backward is the second tiled pass (no logits are saved, only the rows' max and
+    log-normaliser)."""
 
     @staticmethod
     def forward(ctx, x, weight, target, bias, reduction, ignore_index):

@@ -1,8 +1,26 @@
-"""Property-based fuzzing of the ops over shapes and values (hypothesis)."""
+"""Property-based fuzzing of the ops (hypothesis).
+
+* :func:`test_fuzz_backends_agree` runs the cross-backend harness of ``tests/_fuzz.py`` (every op, every
+  backend: the same accept / reject decision and message, no crash, no NaN or out-of-range output without
+  an error, equal results where accepted) in a child process, so that a crash in a kernel fails this test
+  with the call that was running instead of killing pytest. Hypothesis shrinks a failing example inside
+  the child and its report ends the failure message. ``FASTDIFF_FUZZ_EXAMPLES`` scales the run (CI default
+  in ``tests/_fuzz.py``: about half a minute on 2 cores); ``FASTDIFF_FUZZ_BACKENDS`` picks the backends.
+* The tests below it check the sampling contract and the posterior rows against independent oracles on
+  the default backend, in this process.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +30,57 @@ from fastdiff import ops
 from fastdiff import schedules as S
 from tests import _oracles as O
 
-FUZZ = settings(max_examples=60, deadline=None)
+ROOT = Path(__file__).resolve().parent.parent
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None)
+CHILD_TIMEOUT = int(os.environ.get("FASTDIFF_FUZZ_TIMEOUT", "900"))
+
+
+def _run_harness(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, str]:
+    """``python -m tests._fuzz`` in a child process; returns its result and the call it was running last."""
+    log = tmp_path / "fuzz_current_case.txt"
+    child_env = dict(os.environ, FASTDIFF_FUZZ_LOG=str(log), **env)
+    if not torch.cuda.is_available():
+        child_env.setdefault("TRITON_INTERPRET", "1")
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-m", "tests._fuzz"], cwd=ROOT, env=child_env, capture_output=True,
+                         text=True, timeout=CHILD_TIMEOUT)
+    return res, (log.read_text() if log.exists() else "")
+
+
+def _crash_report(res: subprocess.CompletedProcess, last: str) -> str | None:
+    """The failure message for a child that died of a signal (or a sanitizer abort), else None."""
+    rc = res.returncode
+    if rc >= 0 and rc not in (128 + signal.SIGSEGV, 128 + signal.SIGABRT, 128 + signal.SIGBUS):
+        return None
+    sig = -rc if rc < 0 else rc - 128
+    name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+    return (f"the fuzz harness crashed ({name}) while running\n  {last.strip()}\n"
+            f"--- stderr (tail)\n{res.stderr[-4000:]}")
+
+
+def test_fuzz_backends_agree(tmp_path):
+    res, last = _run_harness(tmp_path)
+    crash = _crash_report(res, last)
+    if crash:
+        pytest.fail(crash, pytrace=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"the fuzz harness failed (rc {res.returncode}):\n{out[-12000:]}"
+    summary = re.search(r"fuzz ok: (.*)", res.stdout)
+    assert summary, out[-4000:]
+    counts = {(m[0], m[1]): int(m[2]) for m in re.findall(r"(\w+) (accepted|rejected) (\d+)", summary.group(1))}
+    for op in ("nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample",
+               "sample_categorical"):  # the generator must keep reaching both sides of every op
+        for kind in ("accepted", "rejected"):
+            assert counts.get((op, kind), 0) >= 5, f"{op}: only {counts.get((op, kind), 0)} {kind} examples: {summary.group(1)}"
+
+
+def test_fuzz_guard_names_the_case_that_crashed(tmp_path):
+    """The guard works: a child that segfaults in its first cpp call is reported with that call."""
+    res, last = _run_harness(tmp_path, FASTDIFF_FUZZ_SELFTEST_CRASH="cpp", FASTDIFF_FUZZ_EXAMPLES="3",
+                             FASTDIFF_FUZZ_BACKENDS="reference,cpp")
+    report = _crash_report(res, last)
+    assert report is not None, f"rc {res.returncode}: {res.stdout[-2000:]} {res.stderr[-2000:]}"
+    assert "SIGSEGV" in report and "backend=cpp: " in report and "(" in last
 
 
 @st.composite

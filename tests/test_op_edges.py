@@ -6,6 +6,7 @@ agree on the numerics at the edges (huge / tiny magnitudes, exact ties, empty an
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -199,8 +200,27 @@ def test_masked_row_whose_only_finite_logit_is_the_mask_is_rejected():
             _same_error(lambda be: ops.categorical_posterior(process, x, xt, 5, backend=be), InputError,
                         "x0_logits: a masked row (x_t == mask_id)")
         carried = torch.tensor([0, 1, 2])  # the row is not masked: carried over, never evaluated
-        for be in BACKENDS:
+        onehot = torch.nn.functional.one_hot(carried, 5).float()
+        for be in BACKENDS:  # (the reference's categorical_posterior raised "x0_probs: contains NaN": fuzzing)
             assert torch.equal(ops.posterior_sample(process, x, carried, 5, seed=0, backend=be), carried)
+            assert torch.equal(ops.categorical_posterior(process, x, carried, 5, backend=be), onehot), be
+
+
+def test_unreachable_x_t_keeps_x_t_instead_of_nan():
+    """x_t that no x0 category can lead to (a band process, -inf logits; found by the fuzz harness): the
+    reference, C++ and Triton returned NaN probabilities and drew V - 1 (CUDA kept x_t). Every backend now
+    keeps x_t: one-hot probabilities, x_t drawn."""
+    process = D.GaussianBand(5, S.cosine(10), bandwidth=2)
+    x = torch.full((2, 5), float("-inf"))
+    x[:, 3:] = torch.tensor([0.5684, -1.0845])
+    xt = torch.tensor([0, 4])
+    for be in BACKENDS:
+        probs = ops.categorical_posterior(process, x, xt, 1, backend=be)
+        assert bool(torch.isfinite(probs).all()), be
+        assert torch.equal(probs[0], torch.tensor([1.0, 0, 0, 0, 0])), be
+        assert ops.posterior_sample(process, x, xt, 1, seed=3, backend=be)[0] == 0, be
+    torch.testing.assert_close(ops.categorical_posterior(process, x, xt, 1, backend="cpp"),
+                               ops.categorical_posterior(process, x, xt, 1, backend="reference"))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -254,6 +274,40 @@ def test_bias_values_are_checked(bad):
     b[4] = bad
     _same_error(lambda be: ops.rounding_loss(torch.randn(2, 8), torch.randn(10, 8), torch.tensor([1, 3]), bias=b,
                                              backend=be), InputError, "bias: contains NaN or infinity")
+
+
+def test_rounding_loss_logits_that_would_overflow_are_rejected():
+    """Finite x and weight of 1e20 overflowed the float32 logits into a NaN loss on every backend."""
+    x, w, t = torch.tensor([[1e20, 0.0]]), torch.tensor([[1e20, 0.0], [0.0, 1.0]]), torch.tensor([1])
+    _same_error(lambda be: ops.rounding_loss(x, w, t, backend=be), InputError, "x: too large for weight")
+    _same_error(lambda be: ops.rounding_loss(torch.randn(1, 2), torch.randn(2, 2), t,
+                                             bias=torch.tensor([1e300, 0.0], dtype=torch.float64), backend=be),
+                InputError, "bias: values up to 1e+300 overflow the float32 logits")
+    # large but orthogonal rows pass the Cauchy-Schwarz bound only if |x||w| is small: 1e18 · 1e18 is fine
+    xs, ws = torch.tensor([[1e18, 0.0]]), torch.tensor([[0.0, 1e18], [1e-3, 0.0]])
+    want = ops.rounding_loss(xs.double(), ws.double(), t, backend="reference")
+    for be in BACKENDS:
+        got = ops.rounding_loss(xs, ws, t, backend=be)
+        assert bool(torch.isfinite(got)), be
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rounding_loss_large_logits_keep_the_log_normaliser(dtype):
+    """Logits of ±1e20 (found by the fuzz harness): m + log s rounds log 2 away, so C++ returned a loss of 0
+    and Triton's backward p = exp(z - lse) was 1 in both columns (gradient off by 0.31)."""
+    x = torch.tensor([[1.541], [-0.2934]], dtype=dtype)
+    w = torch.tensor([[1e20], [1e20]], dtype=dtype)
+    t = torch.tensor([0, 0])
+    # softmax = (1/2, 1/2) in both rows: dW_0 = mean_r (1/2 - 1) x_r, dW_1 = mean_r (1/2) x_r
+    q = float(x.double().sum()) / 4
+    want_gw = torch.tensor([[-q], [q]], dtype=torch.float64)
+    for be in BACKENDS:
+        ww = w.clone().requires_grad_()
+        loss = ops.rounding_loss(x, ww, t, backend=be)
+        loss.backward()
+        assert abs(float(loss) - math.log(2)) < 1e-6, (be, float(loss))
+        torch.testing.assert_close(ww.grad.double(), want_gw, atol=1e-6, rtol=1e-5)
 
 
 def test_mean_over_no_valid_target_is_zero_with_zero_gradient_everywhere():

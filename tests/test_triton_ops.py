@@ -294,14 +294,15 @@ def test_posterior_zero_probability_tokens_never_drawn():
     assert torch.equal(out, torch.full_like(out, 4))
 
 
-def test_posterior_sample_impossible_x_t_takes_the_reference_fallback():
-    """x_t unreachable from the x0 distribution (all weights 0; found by hypothesis): the reference's
-    fallback (index V - 1), never an out-of-range token."""
+def test_posterior_sample_impossible_x_t_keeps_x_t():
+    """x_t unreachable from the x0 distribution (all weights 0; found by hypothesis): the row keeps x_t on
+    every backend, never an out-of-range token (see fastdiff.ops._plan)."""
     process = D.GaussianBand(3, S.cosine(3), bandwidth=1)
     logits = torch.tensor([[0.0, float("-inf"), float("-inf")]] * 2, dtype=torch.float64, device=DEV)
     xt = torch.tensor([0, 2], device=DEV)
     got = ops.posterior_sample(process, logits, xt, 1, 0, seed=0, backend="triton")
     assert torch.equal(got, ops.posterior_sample(process, logits, xt, 1, 0, seed=0, backend="reference"))
+    assert int(got[1]) == 2
 
 
 # --------------------------------------------------------------------------------------------------

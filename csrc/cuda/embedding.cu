@@ -244,15 +244,17 @@ _rounding_loss_fwd_kernel(C* __restrict__ logits, int64_t ld, int64_t R, int64_t
     s = lane < nw ? ss[lane] : C(0);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) lse_merge(m, s, __shfl_xor_sync(kFullMask, m, o), __shfl_xor_sync(kFullMask, s, o));
-    const C lse = m + fd_log(s);
+    // Shifted by the max first: (m - z_t) + log s and exp((z - m) - log s) keep the digits that
+    // z - (m + log s) rounds away when |z| is large (logits of 1e20 gave p = 1 in every column).
+    const C ls = fd_log(s);
     const int64_t tgt = target[r];
     const bool valid = tgt != ignore_index && tgt >= 0 && tgt < V;
-    if (threadIdx.x == 0) loss[r] = valid ? lse - row[tgt] : C(0);
+    if (threadIdx.x == 0) loss[r] = valid ? (m - row[tgt]) + ls : C(0);
     if (grad) {
       __syncthreads();  // row[tgt] is read above before any thread overwrites it
       const C sc = valid ? static_cast<C>(scale) * (row_scale ? row_scale[r] : C(1)) : C(0);
       for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-        const C g = fd_exp(row[j] - lse) * sc;
+        const C g = fd_exp((row[j] - m) - ls) * sc;
         row[j] = j == tgt ? g - sc : g;
       }
     }

@@ -12,12 +12,15 @@ treated as ``-inf``) and unnormalised posterior weights ``w``:
       w_mask = Σ_i p_i · (1 - A_s(i))
 
   with ``A_t(j) = a_t[n]`` for a scalar schedule and ``A_t(j) = ab_table[t[n], j]`` for a per-token
-  (spindle) schedule. If ``Σ w == 0`` the row keeps ``x_t``.
+  (spindle) schedule.
 * ``"uniform"``: ``r = a_t / a_s`` (0 when ``a_s == 0``)::
 
       w_j = (r·[j == x_t] + (1 - r)/V) · (a_s · p_j + (1 - a_s)/V)
 
 * ``"matrix"`` (small V): ``w_j = fact1[n, j] · Σ_i p_i · qbar_s[pair[n], i, j]``.
+
+Every kind: a row with ``Σ w == 0`` (``x_t`` unreachable from the x0 distribution, e.g. when ``-inf`` logits
+leave no category that leads to it) keeps ``x_t``: one-hot probabilities, and ``x_t`` drawn.
 
 ``categorical_posterior`` returns ``w / Σ w`` (float32; float64 for float64 logits);
 ``posterior_sample`` draws ``min{j : cumsum(w)_j > u · Σ w}`` with ``u`` the float64 uniform of

@@ -31,12 +31,25 @@ def _categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torc
     logits = x0_logits.reshape(-1, V)
     xt, t1, s1 = x_t.reshape(-1), tt.reshape(-1), ss.reshape(-1)
     out = torch.empty(logits.shape, dtype=out_dtype, device=logits.device)
+    mask = mask_of(process)
     step = rows_per_chunk(V)
     for r0 in range(0, logits.shape[0], step):
         sl = slice(r0, r0 + step)
         x0p = process.x0_log_probs(logits[sl].to(torch.float64), temperature).exp()
-        out[sl] = process.posterior_probs(x0p, xt[sl], t1[sl], s1[sl]).to(out_dtype)
+        if mask is not None:  # carried rows (x_t != mask) never use x0: one whose only finite logit is the mask is fine
+            x0p = torch.where((xt[sl] == mask).unsqueeze(-1), x0p, torch.zeros((), dtype=x0p.dtype))
+        out[sl] = _keep_dead_rows(process.posterior_probs(x0p, xt[sl], t1[sl], s1[sl]), xt[sl]).to(out_dtype)
     return out.reshape(x0_logits.shape)
+
+
+def _keep_dead_rows(probs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
+    """Rows without any posterior weight (``x_t`` unreachable from the x0 distribution: the process's
+    ``w / Σ w`` is 0 / 0) keep ``x_t``: one-hot, as the kernels do (see :mod:`fastdiff.ops._plan`)."""
+    dead = torch.isnan(probs).any(-1)
+    if bool(dead.any()):
+        probs = torch.where(dead.unsqueeze(-1), torch.nn.functional.one_hot(xt, probs.shape[-1]).to(probs.dtype),
+                            probs)
+    return probs
 
 
 def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None,

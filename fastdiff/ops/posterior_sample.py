@@ -7,6 +7,7 @@ import torch
 
 from .. import random as _random
 from . import _dispatch
+from .categorical_posterior import _keep_dead_rows
 from ._common import (check_finite_above, check_posterior_args, check_values_unless_kernel_does, draw_from_weights,
                       mask_of, rows_per_chunk)
 
@@ -48,6 +49,7 @@ def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature
         r = rows[r0:r0 + step]
         x0p = process.x0_log_probs(logits[r].to(torch.float64), temperature).exp()
         probs = process.posterior_probs(x0p, xt[r], t1[r], s1[r]).to(torch.float64)
+        probs = _keep_dead_rows(probs, xt[r])  # x_t unreachable from x0 (no weight): one-hot at x_t
         u = _random.row_uniforms(seed, offset, r, start=row_offset)
         out[r] = draw_from_weights(probs, u)
     return out.reshape(x_t.shape)

@@ -47,7 +47,35 @@ def _check(x, weight, target, bias, reduction, ignore_index) -> int:
     _checks.finite("weight", weight.detach())
     if bias is not None:
         _checks.finite("bias", bias.detach())
+    _check_logit_range(x.detach(), weight.detach(), None if bias is None else bias.detach())
     return int(valid.sum())
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi))
+
+
+def _check_logit_range(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The logits ``x·Wᵀ + b`` must stay below a quarter of the compute dtype's largest value, so that
+    ``logsumexp - z[target]`` is finite (finite inputs of 1e20 overflowed float32 into a NaN loss). Bounded
+    by ``D · max|x| · max|W| + max|b|``, then by Cauchy-Schwarz on the rows; only rejected when the
+    second bound fails too."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    limit = torch.finfo(cdt).max / 4
+    mb = 0.0 if bias is None else _max_abs(bias)
+    if mb >= limit:
+        raise InputError(f"bias: values up to {mb:.3g} overflow the {str(cdt).replace('torch.', '')} logits")
+    D = x.shape[-1]
+    if D * _max_abs(x) * _max_abs(weight) + mb < limit:
+        return
+    xn = float(torch.linalg.vector_norm(x.reshape(-1, D), dim=1, dtype=torch.float64).max())
+    wn = float(torch.linalg.vector_norm(weight, dim=1, dtype=torch.float64).max())
+    if xn * wn + mb >= limit:
+        raise InputError(f"x: too large for weight: max |x_r|·|w_v| = {xn * wn:.3g} can overflow the "
+                         f"{str(cdt).replace('torch.', '')} logits x·weightᵀ + bias (limit {limit:.3g})")
 
 
 def rounding_loss_ref(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
