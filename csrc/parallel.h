@@ -92,16 +92,52 @@ inline int64_t grain_rows(int64_t row_work) {
 
 }  // namespace team
 
+// MKL (torch's BLAS on x86-64) forks its own OpenMP team per call. Its C interface for a thread-local count
+// is exported by libtorch_cpu there (the lower-case name is the Fortran one, which takes a pointer); weak,
+// so that builds whose BLAS is not MKL load without it.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace team {
+// For its lifetime, the BLAS calls this thread makes run on it alone (MKL's thread-local count 1; restored
+// on exit, also on an exception). Nothing changes for other threads, or where the BLAS is not MKL.
+class SerialBlas {
+ public:
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      prev_ = MKL_Set_Num_Threads_Local(1);
+      active_ = true;
+    }
+  }
+  ~SerialBlas() {
+    if (active_) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool active_ = false;
+};
+}  // namespace team
+
 // f(begin, end) over the rows [0, n), each costing about `row_work` units: on the calling thread unless
-// every thread of a team would get enough work (see the policy above), else as at::parallel_for.
+// every thread of a team would get enough work (see the policy above), else as at::parallel_for. Run on the
+// calling thread while contended, f's own BLAS calls run on it too: a nearest_embedding row block's GEMMs
+// would otherwise fork MKL's team per score tile and wait a tick each time (8 tiles: 130-250 ms, not 12).
 template <typename F>
 void parallel_rows(int64_t n, int64_t row_work, const F& f) {
   if (n <= 0) return;
   team::Stats& st = team::stats();
   const int64_t grain = team::grain_rows(row_work);
-  if (n <= grain || at::get_num_threads() <= 1 || at::in_parallel_region()) {
+  const int64_t threads = at::get_num_threads();
+  if (n <= grain || threads <= 1 || at::in_parallel_region()) {
     st.inlined.fetch_add(1, std::memory_order_relaxed);
-    f(int64_t{0}, n);
+    if (threads > 1 && !at::in_parallel_region() && team::contended()) {
+      team::SerialBlas serial;
+      f(int64_t{0}, n);
+    } else {
+      f(int64_t{0}, n);
+    }
     return;
   }
   st.teams.fetch_add(1, std::memory_order_relaxed);
