@@ -161,6 +161,8 @@ def test_a_model_left_in_training_mode_generates_as_in_eval_mode():
     (dict(temperature=math.inf), InputError, "temperature"),
     (dict(top_p=2.0), InputError, "top_p"),
     (dict(seed=-1), InputError, "seed"),
+    (dict(steps=2**70), InputError, "steps"),
+    (dict(steps=2**70, trajectory=True), InputError, "steps"),
     (dict(eta=0.5), InputError, "eta"),  # ancestral ignores eta
     (dict(cond={"label": torch.zeros(4, dtype=torch.long)}), InputTypeError, "options"),
     (dict(x_init=torch.zeros(4, 8, dtype=torch.long)), InputTypeError, "options"),

@@ -341,3 +341,27 @@ def test_time_kwarg_hf(process):
     assert [int(t[0]) for t in model.seen] == sorted((int(t[0]) for t in model.seen), reverse=True)
     with pytest.raises(ValueError, match="cache"):
         sample(den, process, shape=(B, L), steps=8, cache=True, backend=BACKEND)
+
+
+@pytest.mark.parametrize("strategy", ["ancestral", "confidence"])
+def test_micro_batch_with_lengths_is_independent_of_the_batching(bert, process, strategy):
+    """With micro_batch, every call is micro_batch rows (attention masks and all sliced along) and each
+    sequence sits at the row its global index gives it: the same samples for every split of the batch."""
+    lengths = torch.tensor([12, 5, 9, 3, 12])
+    calls = []
+    hook = bert.register_forward_pre_hook(lambda mod, args, kw: calls.append(kw["input_ids"].shape[0]),
+                                          with_kwargs=True)
+    try:
+        def run(lo, hi):
+            return sample(bert, process, shape=(hi - lo, L), steps=8, strategy=strategy, seed=6, backend=BACKEND,
+                          lengths=lengths[lo:hi], pad_id=PAD, sample_offset=lo, micro_batch=2,
+                          cache=strategy == "ancestral").tokens
+
+        whole = run(0, 5)
+        for cuts in ([0, 1, 2, 3, 4, 5], [0, 3, 5], [0, 2, 5]):
+            got = torch.cat([run(a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+            assert torch.equal(got, whole), cuts
+    finally:
+        hook.remove()
+    assert set(calls) == {2}
+    assert bool((whole[1, 5:] == PAD).all()) and bool((whole[3, 3:] == PAD).all())
