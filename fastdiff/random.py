@@ -118,9 +118,14 @@ def uniform_from_words(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
 
 
 def _check_seed(seed: int) -> int:
+    """An int in [0, 2**64), or a one-element integer tensor holding one; returned as a Python int."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1:
             raise InputError("seed: expected a single integer")
+        if seed.dtype == torch.bool or seed.is_floating_point() or seed.is_complex():
+            raise InputTypeError(f"seed: expected an integer tensor, got {seed.dtype}")
+        if seed.device.type == "meta":
+            raise InputError("seed: a tensor on the meta device has no value")
         seed = int(seed.item())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputTypeError(f"seed: expected an int, got {type(seed).__name__}")

@@ -72,12 +72,17 @@ def _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w
 def _posterior_fwd_kernel(
     logits_ptr, stride_l, xt_ptr, t_ptr, s_ptr, at_ptr, as_ptr, ab_ptr, fact_ptr, qbar_ptr, pair_ptr,
     probs_ptr, tok_ptr,
-    V, mask_id, temperature_bits, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
+    V, n_tab, mask_id, temperature_bits, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
     KIND: tl.constexpr, SAMPLE: tl.constexpr, WDT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     temperature = temperature_bits.to(tl.int64).to(tl.float64, bitcast=True).to(WDT)
-    xt = tl.load(xt_ptr + row)
+    # Indices read from tensors address memory only after a clamp; a row with one out of range (n_tab: the
+    # rows of ab_table, or of qbar for the matrix kind) is marked (token -1, NaN probabilities), as the CUDA
+    # kernels do. The public ops check them all first.
+    xt_raw = tl.load(xt_ptr + row)
+    bad = (xt_raw < 0) | (xt_raw >= V)
+    xt = tl.minimum(tl.maximum(xt_raw, 0), V - 1)
     base = logits_ptr + row * stride_l
     lanes = tl.arange(0, BLOCK)
     a_t = 0.0
@@ -91,13 +96,18 @@ def _posterior_fwd_kernel(
         a_t = tl.load(at_ptr + row)
         a_s = tl.load(as_ptr + row)
     if KIND == 1:
-        abt_ptr = ab_ptr + tl.load(t_ptr + row) * V
-        abs_ptr = ab_ptr + tl.load(s_ptr + row) * V
+        t_row = tl.load(t_ptr + row)
+        s_row = tl.load(s_ptr + row)
+        bad = bad | (t_row < 0) | (t_row >= n_tab) | (s_row < 0) | (s_row >= n_tab)
+        abt_ptr = ab_ptr + tl.minimum(tl.maximum(t_row, 0), n_tab - 1) * V
+        abs_ptr = ab_ptr + tl.minimum(tl.maximum(s_row, 0), n_tab - 1) * V
     if KIND == 2:
         r = tl.where(a_s > 0, a_t / a_s, 0.0)
     if KIND == 3:
         fact_row = fact_ptr + row * V
-        q_ptr = qbar_ptr + tl.load(pair_ptr + row) * V * V
+        pr = tl.load(pair_ptr + row)
+        bad = bad | (pr < 0) | (pr >= n_tab)
+        q_ptr = qbar_ptr + tl.minimum(tl.maximum(pr, 0), n_tab - 1) * V * V
 
     keep = xt < 0  # False, as a runtime scalar
     if KIND <= 1:
@@ -179,10 +189,9 @@ def _posterior_fwd_kernel(
                 last = tl.maximum(last, tl.max(tl.where(ok & (w > 0.0), offs, -1), axis=0).to(tl.int64))
                 acc = tl.max(c, axis=0)
                 v0 += BLOCK
-            # no crossing: the last positive-weight category; none at all (an impossible x_t, Z = 0):
-            # V - 1, as the reference's fallback gives
+            # no crossing: the last positive-weight category (Z > 0 here, so there is one)
             tok = tl.where(found >= 0, found, tl.where(last >= 0, last, V - 1))
-        tl.store(tok_ptr + row, tok)
+        tl.store(tok_ptr + row, tl.where(bad, -1, tok))
     else:
         out_row = probs_ptr + row * V
         out_dt = probs_ptr.dtype.element_ty
@@ -195,6 +204,7 @@ def _posterior_fwd_kernel(
                 w = _tile_weights(base, offs, ok, m, S, temperature, xt, mask_id, a_t, a_s, r, w_mask,
                                   abt_ptr, abs_ptr, fact_row, q_ptr, V, KIND, WDT, BLOCK_I)
                 prob = w / Z
+            prob = tl.where(bad, float("nan"), prob)
             tl.store(out_row + offs, prob.to(out_dt), mask=ok)
 
 
@@ -221,13 +231,14 @@ def _posterior_fwd(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: 
     k = _KINDS[kind] if not (kind == "absorbing" and ab_table is not None) else 1
     dummy = torch.zeros(1, dtype=torch.float64, device=dev)
     BLOCK, BLOCK_I = _blocks(V, k)
+    n_tab = ab_table.shape[0] if k == 1 else (qbar.shape[0] if k == 3 else 1)
     _posterior_fwd_kernel[(N,)](
         logits, logits.stride(0), x_t, t, s,
         a_t if a_t is not None else dummy, a_s if a_s is not None else dummy,
         ab_table if ab_table is not None else dummy, fact1 if fact1 is not None else dummy,
         qbar if qbar is not None else dummy, pair if pair is not None else x_t,
         probs if not sample else dummy, tokens if sample else x_t,
-        V, mask_id, _common.f64_bits(temperature), seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
+        V, n_tab, mask_id, _common.f64_bits(temperature), seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
         KIND=k, SAMPLE=sample, WDT=tl.float64 if logits.dtype == torch.float64 else tl.float32,
         BLOCK=BLOCK, BLOCK_I=BLOCK_I, num_warps=8 if BLOCK >= 2048 else 4,
     )

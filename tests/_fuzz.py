@@ -16,7 +16,8 @@ ties), run on every backend in ``FASTDIFF_FUZZ_BACKENDS`` (default: reference, c
   of a boundary of the reference's float64 weights.
 
 ``FASTDIFF_FUZZ_EXAMPLES`` sets the number of examples per run (default ``DEFAULT_EXAMPLES``);
-``FASTDIFF_FUZZ_LOG`` a file that holds the description of the call running now (the crash report). Hypothesis runs derandomized
+``FASTDIFF_FUZZ_LOG`` a file that holds the description of the call running now (the crash report).
+Hypothesis runs derandomized
 (a fixed seed) and without an example database, so a run is reproducible (profile "ci");
 ``FASTDIFF_FUZZ_PROFILE=dev`` draws new examples on every run, for longer hunts.
 """
@@ -176,7 +177,20 @@ def temperature(draw, allow_zero: bool):
 
 
 def u64(draw):
-    return pick(draw, st.one_of(st.just(0), st.integers(0, 2**64 - 1), st.just(2**64 - 1)), [-1, 2**64, 1.5, True, None])
+    good = st.one_of(st.just(0), st.integers(0, 2**64 - 1), st.just(2**64 - 1))
+    return pick(draw, good, [-1, 2**64, 1.5, True, None])
+
+
+def seed(draw):
+    """A seed: mostly an int, sometimes a one-element tensor (integer, or a float / bool one: rejected)."""
+    v = u64(draw)
+    if rare(draw, 8) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63:
+        if v >= 256:
+            return torch.tensor([v])
+        return torch.tensor(v, dtype=draw(st.sampled_from([torch.uint8, torch.int64])))
+    if rare(draw, 30):
+        return draw(st.sampled_from([torch.tensor(1.5), torch.tensor(True), torch.tensor([1, 2])]))
+    return v
 
 
 def _wide(draw, lead, V):
@@ -198,7 +212,7 @@ def sample_categorical_case(draw):
     n = math.prod(lead)
     row_offset = pick(draw, st.one_of(st.just(0), st.just(0), st.integers(0, 2**64 - max(1, n)), st.just(2**64 - n)),
                       [2**64 - n + 1, -1, 1.0])
-    args = dict(logits=logits, seed=u64(draw), offset=u64(draw), temperature=temperature(draw, True),
+    args = dict(logits=logits, seed=seed(draw), offset=u64(draw), temperature=temperature(draw, True),
                 top_k=top_k, top_p=top_p, row_offset=row_offset)
     return Case("sample_categorical", args)
 
@@ -244,14 +258,18 @@ def posterior_case(draw, sample: bool):
         logits.view(-1, V)[r, mask] = 0.0
         xt = xt.clone()
         xt.view(-1)[r] = mask
+    if len(lead) == 2 and rare(draw, 4):  # a non-contiguous x_t
+        xt = xt.T.contiguous().T
     t = pick(draw, st.integers(1, T), [0, T + 1, 1.5])
     if isinstance(t, int) and rare(draw, 3) and lead:
-        t = torch.full(lead[:1], t, dtype=draw(st.sampled_from([torch.int64, torch.int32])))
+        t = torch.full(lead[:1], t, dtype=draw(st.sampled_from([torch.int64, torch.int32, torch.uint8, torch.int8])))
     tv = int(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) and t.numel() else (t if isinstance(t, int) else 1)
     s = pick(draw, st.one_of(st.none(), st.integers(0, max(0, tv - 1))), [tv, -1])
+    if isinstance(s, int) and s >= 0 and rare(draw, 4):
+        s = torch.tensor(s, dtype=draw(st.sampled_from([torch.int64, torch.uint8])))
     args = dict(process=process, x0_logits=logits, x_t=xt, t=t, s=s, temperature=temperature(draw, False))
     if sample:
-        args.update(seed=u64(draw), offset=u64(draw),
+        args.update(seed=seed(draw), offset=u64(draw),
                     row_offset=pick(draw, st.one_of(st.just(0), st.integers(0, 2**64 - max(1, n))), [-1, 2**64]))
     if rare(draw, 40):
         args["x0_logits"] = torch.empty(lead + (V,), device="meta", dtype=dtype)
@@ -264,7 +282,8 @@ def nearest_case(draw):
     V = draw(st.integers(1030, 1100)) if rare(draw, 20) else draw(st.integers(1, 40))  # past a C++ tile of 1024
     Dm = draw(st.integers(1, 12))
     dtype = draw(st.sampled_from(FLOATS))
-    mag = draw(st.sampled_from([1.0, 1.0, 1.0, 1e20, 1e-25, 1e-40] + ([1e300, 1e-300] if dtype == torch.float64 else [])))
+    mags = [1.0, 1.0, 1.0, 1e20, 1e-25, 1e-40] + ([1e300, 1e-300] if dtype == torch.float64 else [])
+    mag = draw(st.sampled_from(mags))
     w = (draw(float_tensor((V, Dm), torch.float64)) * mag)
     if draw(st.booleans()) and V > 1:  # duplicated and rescaled rows: exact l2 / cosine ties
         src = draw(st.integers(0, V - 1))
@@ -301,8 +320,8 @@ def rounding_loss_case(draw):
     bias = None
     if draw(st.booleans()):
         bias = draw(float_tensor((V,), draw(st.sampled_from(FLOATS))))
-    ignore = pick(draw, st.one_of(st.just(-100), st.just(-100), st.sampled_from([-1, 0, V - 1, 2**31, 2**63 - 1, -2**63])),
-                  [2**70, None, 2.5, True, "0"])
+    good = st.one_of(st.just(-100), st.just(-100), st.sampled_from([-1, 0, V - 1, 2**31, 2**63 - 1, -2**63]))
+    ignore = pick(draw, good, [2**70, None, 2.5, True, "0"])
     vals = [draw(st.integers(0, V - 1)) for _ in range(n)]
     for i in range(n):
         if rare(draw, 4) and isinstance(ignore, int) and not isinstance(ignore, bool):
@@ -493,7 +512,8 @@ def check_draws(case: Case, backend: str, got: torch.Tensor, want: torch.Tensor)
             continue
         c = torch.cumsum(w[r], 0)
         margin = float((c - ur * c[-1]).abs().min() / c[-1])
-        assert margin < NEAR, f"{backend}: row {r} drew {int(got[r])}, the reference {int(want[r])} (margin {margin:.2e})"
+        assert margin < NEAR, (f"{backend}: row {r} drew {int(got[r])}, the reference {int(want[r])} "
+                               f"(margin {margin:.2e})")
 
 
 def check_equal(case: Case, backend: str, o: Outcome, ref: Outcome) -> None:

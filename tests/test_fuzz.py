@@ -71,7 +71,8 @@ def test_fuzz_backends_agree(tmp_path):
     for op in ("nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample",
                "sample_categorical"):  # the generator must keep reaching both sides of every op
         for kind in ("accepted", "rejected"):
-            assert counts.get((op, kind), 0) >= 5, f"{op}: only {counts.get((op, kind), 0)} {kind} examples: {summary.group(1)}"
+            n = counts.get((op, kind), 0)
+            assert n >= 5, f"{op}: only {n} {kind} examples: {summary.group(1)}"
 
 
 def test_fuzz_guard_names_the_case_that_crashed(tmp_path):

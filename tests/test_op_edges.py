@@ -69,8 +69,8 @@ def test_rounding_loss_wrapping_ignore_index_is_rejected_not_a_segfault():
         "from fastdiff.errors import InputError\n"
         "for be in ('reference', 'cpp'):\n"
         "    try:\n"
-        "        ops.rounding_loss(torch.randn(2, 8), torch.randn(100, 8), torch.tensor([-2**31, 3], dtype=torch.int32),\n"
-        "                          ignore_index=2**31, backend=be)\n"
+        "        t = torch.tensor([-2**31, 3], dtype=torch.int32)\n"
+        "        ops.rounding_loss(torch.randn(2, 8), torch.randn(100, 8), t, ignore_index=2**31, backend=be)\n"
         "    except InputError as e:\n"
         "        print(be, 'InputError', str(e).split(':')[0])\n")
     assert res.returncode == 0, f"crashed (rc {res.returncode}): {res.stderr[-2000:]}"
@@ -104,6 +104,26 @@ def test_cpp_rounding_loss_kernel_checks_targets_itself():
             _cpp.rounding_loss(torch.randn(2, 8), torch.randn(100, 8), torch.tensor(tgt), None, "mean", 2**31)
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="optional backend: triton is not installed")
+def test_triton_posterior_kernels_mark_rows_with_out_of_range_indices():
+    """A direct call (no public check) with x_t or a step outside its table must not read out of bounds:
+    the row is marked (token -1, NaN probabilities), as the CUDA kernels do."""
+    import importlib
+    kp = importlib.import_module("fastdiff.kernels.posterior")
+    logits = torch.randn(3, 5)
+    cases = [
+        (D.Uniform(5, S.cosine(T)), torch.tensor([0, 7, -1]), torch.tensor([5, 5, 5]), torch.tensor([4, 4, 4])),
+        (D.Absorbing(5, 4, S.spindle(T, torch.linspace(0, 1, 5))), torch.tensor([4, 4, 4]),
+         torch.tensor([5, 99, 5]), torch.tensor([4, 4, -3])),
+    ]  # (matrix processes: the Python lowering indexes its tables with x_t first and raises IndexError)
+    for process, xt, tt, ss in cases:
+        tok = kp.posterior_sample(process, logits, xt, tt, ss, seed=0)
+        assert tok.tolist()[1:] == [-1, -1], (process, tok)
+        assert 0 <= int(tok[0]) < 5
+        probs = kp.categorical_posterior(process, logits, xt, tt, ss)
+        assert bool(torch.isnan(probs[1:]).all()) and bool(torch.isfinite(probs[0]).all())
+
+
 @pytest.mark.parametrize("bad,err,match", [
     (2**70, InputError, "ignore_index: must fit in int64"),
     (None, InputTypeError, "ignore_index: expected an int, got NoneType"),
@@ -122,6 +142,17 @@ def test_top_k_beyond_int64_is_no_filter():
     for k in (7, 8, 2**63, 2**80):
         for be in BACKENDS:
             assert torch.equal(ops.sample_categorical(x, seed=3, top_k=k, backend=be), want), (k, be)
+
+
+def test_seed_tensors_must_hold_an_integer():
+    """A float or bool one-element tensor was truncated to an int (1.5 drew with seed 1)."""
+    x = torch.randn(3, 5)
+    for bad in (torch.tensor(1.5), torch.tensor(True), torch.tensor([2.0])):
+        _same_error(lambda be: ops.sample_categorical(x, seed=bad, backend=be), InputTypeError, "seed:")
+    want = ops.sample_categorical(x, seed=3, backend="reference")
+    for seed in (torch.tensor(3), torch.tensor([3], dtype=torch.uint8)):
+        for be in BACKENDS:
+            assert torch.equal(ops.sample_categorical(x, seed=seed, backend=be), want), be
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ for dt in ("bf16", "fp32", "fp64"):
             types = dict(logits_ptr=P(dt), stride_l="i32", xt_ptr="*i64", t_ptr="*i64", s_ptr="*i64",
                          at_ptr="*fp64", as_ptr="*fp64", ab_ptr="*fp64", fact_ptr="*fp64", qbar_ptr="*fp64",
                          pair_ptr="*i64", probs_ptr=P("fp64" if f64 else "fp32"), tok_ptr="*i64", V="i32",
-                         mask_id="i32", temperature_bits="i64", seed_lo="i64", seed_hi="i32", off_lo="i32",
+                         n_tab="i32", mask_id="i32", temperature_bits="i64", seed_lo="i64", seed_hi="i32", off_lo="i32",
                          off_hi="i32", row_lo="i64", row_hi="i32")
             check(po._posterior_fwd_kernel, types, dict(KIND=kind, SAMPLE=sample, WDT=wdt,
                   BLOCK=128 if kind == 3 else 4096, BLOCK_I=32), f"posterior {dt} kind={kind} sample={sample}")

@@ -17,8 +17,12 @@ def categorical_posterior_ref(process, x0_logits: torch.Tensor, x_t: torch.Tenso
     """``p(x_s | x_t) ∝ Q_{t|s}[:, x_t] ⊙ (softmax(x0_logits / temperature) @ Qbar_s)``: ``(..., V)``.
 
     ``x0_logits: (..., V)``, ``x_t: (...)``, ``t``/``s`` ints or tensors of a leading shape of ``x_t``
-    (``s`` defaults to ``t - 1``). Absorbing processes ignore the mask logit (SUBS). Computed in float64
-    over row blocks of at most 16 MiB per temporary; returned as float32 (float64 for float64 logits).
+    (``s`` defaults to ``t - 1``). Absorbing processes ignore the mask logit (SUBS): a masked row
+    (``x_t == mask_id``) needs a finite logit besides the mask's, an unmasked row is carried over (one-hot)
+    without being read. A row whose posterior has no weight at all (``x_t`` unreachable from the x0
+    distribution) keeps ``x_t`` (one-hot). ``temperature``: finite, in ``[1e-30, 1e30]`` (see
+    :func:`~fastdiff.ops.sample_categorical_ref`). Computed in float64 over row blocks of at most 16 MiB per
+    temporary; returned as float32 (float64 for float64 logits).
     """
     x_t, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature)
     return _categorical_posterior(process, x0_logits, x_t, tt, ss, temperature)

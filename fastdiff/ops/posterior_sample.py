@@ -24,10 +24,11 @@ def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t,
     float64 uniform of Philox counter ``(row_offset + r, offset)`` under ``seed`` (:mod:`fastdiff.random`),
     so the same ``(seed, offset)`` gives the same tokens on every backend, and rows ``k..`` of a batch
     give the same tokens alone with ``row_offset=k``. For absorbing processes an unmasked token is
-    carried over (its posterior is one-hot) without evaluating the row.
+    carried over (its posterior is one-hot) without evaluating the row. Arguments, values and the rows
+    without posterior weight (``x_t`` kept) as in :func:`~fastdiff.ops.categorical_posterior_ref`.
     """
     x_t, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
-    _random._check_seed(seed)
+    seed = _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, x_t.numel())
     check_finite_above("x0_logits", x0_logits, temperature, mask_id=mask_of(process), x_t=x_t)
@@ -60,7 +61,7 @@ def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=N
                      backend: str = "auto") -> torch.Tensor:
     """:func:`posterior_sample_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
     xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
-    _random._check_seed(seed)
+    seed = _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, xt.numel())
     fn = _dispatch.resolve("posterior_sample", backend, x0_logits.device, None)

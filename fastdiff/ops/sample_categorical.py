@@ -16,9 +16,10 @@ _dispatch.register("sample_categorical", "triton", "sample_categorical")
 
 
 def _check(logits, seed, offset, temperature, top_k, top_p, row_offset: int = 0):
-    """Everything but the logits' values; returns ``top_k`` with ``top_k >= V`` (no filter) as None."""
+    """Everything but the logits' values; returns ``(seed as an int, top_k)``, ``top_k >= V`` (no filter)
+    as None."""
     check_logits("logits", logits, values=False)
-    _random._check_seed(seed)
+    seed = _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, logits.numel() // max(1, logits.shape[-1]))
     check_temperature(temperature, allow_zero=True)
@@ -28,7 +29,7 @@ def _check(logits, seed, offset, temperature, top_k, top_p, row_offset: int = 0)
             top_k = None
     if top_p is not None:
         _checks.real("top_p", top_p, 0.0, 1.0, lo_open=True)
-    return top_k
+    return seed, top_k
 
 
 def filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -71,10 +72,14 @@ def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, 
     ``softmax(logits / temperature)``, then top-k, then top-p (both as in :func:`filter_weights`), then
     the inverse-CDF draw with the uniform of Philox counter ``(row_offset + row, offset)``
     (:mod:`fastdiff.random`; ``row_offset`` numbers the first row globally, for slices of a batch).
-    ``temperature = 0`` is greedy (``argmax``, lowest index on ties). Computed in float64 over row blocks.
-    ``-inf`` logits are never drawn; NaN or ``+inf`` logits raise ``ValueError``.
+    ``temperature = 0`` is greedy (``argmax``, lowest index on ties); otherwise it must be finite and in
+    ``[1e-30, 1e30]`` (so that no kernel's float32 temperature or 1 / temperature overflows), and for float64
+    logits every row's largest logit divided by it must be finite in float64. ``top_k >= V`` keeps every
+    category. Computed in float64 over row blocks. ``-inf`` logits are never drawn; NaN or ``+inf`` logits
+    raise ``ValueError`` (:class:`~fastdiff.errors.InputError`), as every other bad argument does, with the
+    same message on every backend.
     """
-    top_k = _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
+    seed, top_k = _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
     check_finite_above("logits", logits, temperature)
     return _sample_categorical(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
                                row_offset=row_offset)
@@ -101,7 +106,7 @@ def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temp
                        top_k: int | None = None, top_p: float | None = None, row_offset: int = 0,
                        backend: str = "auto") -> torch.Tensor:
     """:func:`sample_categorical_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
-    top_k = _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
+    seed, top_k = _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
     fn = _dispatch.resolve("sample_categorical", backend, logits.device, _sample_categorical)
     check_values_unless_kernel_does("logits", logits, fn, temperature)
     return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
