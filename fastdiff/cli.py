@@ -368,6 +368,11 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="confidence threshold in [0, 1] (strategy threshold; default: the sampler's)")
     p.add_argument("--block-size", type=positive_int,
                    help="semi-autoregressive blocks of this many tokens (default: one block)")
+    p.add_argument("--micro-batch", type=positive_int,
+                   help="call the network on exactly this many rows (sample g in row g mod M): samples then do not "
+                        "depend on --batch-size or the number of processes, bit for bit (default: the batch as is; "
+                        "the network's rounding can then differ between batch shapes, which flips a draw now and "
+                        "then)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="ops backend")
     _add_device(p)
     _add_threads(p)
@@ -385,7 +390,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 
 def _sampling_options(args) -> dict:
     opts = {}
-    for name in ("eta", "threshold", "block_size"):
+    for name in ("eta", "threshold", "block_size", "micro_batch"):
         v = getattr(args, name, None)
         if v is not None:
             opts[name] = v
