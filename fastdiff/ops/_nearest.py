@@ -43,6 +43,7 @@ _STEP = {torch.float32: 100, torch.float64: 1000}  # largest power-of-two step o
 _UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}  # unit roundoff of the screen's dtype
 _TINY = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}  # smallest subnormal: underflow error
 _U64 = 2.0**-53
+_SMALL = {torch.float32: 2.0**-50, torch.float64: 2.0**-400}  # row norms below this: recomputed in float64
 _TF32 = 2.0**-10  # relative error of a product of two TF32-rounded operands
 
 
@@ -100,6 +101,19 @@ def _norms64(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _norms(t: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """Row norms of ``t`` as float64, computed in ``cdt`` (one fused pass; the inputs are within the
+    rescaling window, so nothing overflows) and again in float64 for rows small enough that their squares
+    may have lost digits to underflow."""
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        return torch.zeros(t.shape[0], dtype=torch.float64, device=t.device)
+    n = torch.linalg.vector_norm(t, dim=1, dtype=cdt).to(torch.float64)
+    small = (n < _SMALL[cdt]).nonzero().squeeze(1)
+    if small.numel():
+        n[small] = _norms64(t[small])
+    return n
+
+
 def prepare(x: torch.Tensor, weight: torch.Tensor, metric: str) -> Problem:
     """Rescale checked inputs (``x: (..., D)``, ``weight: (V, D)``) and compute the per-row statistic."""
     D = x.shape[-1]
@@ -124,7 +138,7 @@ def prepare(x: torch.Tensor, weight: torch.Tensor, metric: str) -> Problem:
         e = _row_exponents(w, limit)
         if e is not None:
             w, wexp = _rows_times_pow2(w, -e), e
-        nrm = _norms64(w)
+        nrm = _norms(w, cdt)
         clamped = _clamped(nrm, wexp)
         # 1 / max(|weight_v|, 1e-12) in row v's scale: 1 / |w_v|, or 2**e_v / 1e-12 for a clamped row
         stat.copy_(torch.where(clamped, _pow2(wexp, V, w.device) / EPS, 1.0 / nrm))
@@ -213,9 +227,9 @@ def tolerance(p: Problem, tf32: bool = False) -> torch.Tensor:
     ``tf32``: the screen's float32 products may come from TF32-rounded operands."""
     D = p.x.shape[1]
     u = _UNIT[p.cdt] + (_TF32 if tf32 and p.cdt == torch.float32 else 0.0)
-    xn = _norms64(p.x)
-    if p.metric == "l2":
-        wn = float(_norms64(p.w).max()) if p.w.shape[0] else 0.0
+    xn = _norms(p.x, p.cdt) * (1 + (D + 2) * _UNIT[p.cdt])  # rounded up: a bound
+    if p.metric == "l2":  # max |w_v| from stat = |w_v|² (float32 error <= (D + 1) u relative), rounded up
+        wn = math.sqrt(float(p.stat.max()) * (1 + 2 * (D + 2) * _UNIT[p.cdt])) if p.w.shape[0] else 0.0
         return (4 * (D + 2) * u * (wn * wn + 2 * xn * wn) + 4 * (D + 2) * _U64 * (xn + wn) ** 2
                 + 8 * (D + 2) * _TINY[p.cdt])
     smax = float(p.stat.max().to(torch.float64)) if p.stat.numel() else 0.0
