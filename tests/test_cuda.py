@@ -67,8 +67,8 @@ def test_nearest_embedding_matches_reference(metric, dtype, tol, N, V, Dm):
     want = sc.gather(1, ref.cpu()[:, None])[:, 0]
     scale = sc.abs().amax(1) + 1.0
     assert bool(((got - want) <= tol * scale).all()), "the kernel's choice is worse than the reference's beyond rounding"
-    if N >= 50:  # near-ties are rare: almost every row agrees exactly
-        assert (idx == ref).double().mean().item() >= 0.97
+    # the kernel only screens; near-ties are resolved by the same float64 evaluation (fastdiff.ops._nearest)
+    assert torch.equal(idx, ref)
 
 
 def test_nearest_embedding_ties_go_to_the_lowest_index_and_views_work():
@@ -109,8 +109,8 @@ def test_rounding_loss_values_and_gradients(reduction, dtype, atol, N, V, Dm, bi
     out = ops.rounding_loss(x, w, target, b, reduction, backend="cuda")
     ref = ops.rounding_loss_ref(x, w, target, b, reduction)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    if reduction == "mean" and bool((target == -100).all()):
-        assert torch.isnan(out).all() and torch.isnan(ref).all()
+    if reduction == "mean" and bool((target == -100).all()):  # no valid target: 0 (sum / max(count, 1))
+        assert float(out) == 0.0 and float(ref) == 0.0
         return
     tol = atol * (1 + ref.detach().abs().max().item())
     torch.testing.assert_close(out, ref, atol=tol, rtol=1e-5 if dtype != torch.float64 else 1e-11)
