@@ -11,7 +11,7 @@
 #   FASTDIFF_ASAN_DIR    the scratch directory (default: a new mktemp -d; removed afterwards unless kept)
 #   FASTDIFF_ASAN_KEEP=1 keep the scratch directory (the build and any report) for inspection
 #   FASTDIFF_ASAN_TESTS  the test files to run (default below)
-#   FASTDIFF_FUZZ_EXAMPLES, FASTDIFF_FUZZ_BACKENDS: passed to tests/test_fuzz.py (default here: its examples on
+#   FASTDIFF_FUZZ_EXAMPLES, FASTDIFF_FUZZ_BACKENDS: passed to tests/test_fuzz.py (default here: 1000 examples on
 #                        reference,cpp — Triton's interpreter runs no C++ of ours and would only cost time)
 #
 # Notes: detect_leaks=0 (CPython and torch keep allocations alive at exit by design); libstdc++ is preloaded
@@ -83,7 +83,7 @@ fi
 PYTHONPATH="$SCRATCH" \
 ASAN_OPTIONS="detect_leaks=0:log_path=$REPORT:halt_on_error=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
 LD_PRELOAD="$LIBASAN $LIBSTDCXX" \
-FASTDIFF_FUZZ_BACKENDS="${FASTDIFF_FUZZ_BACKENDS:-reference,cpp}" \
+FASTDIFF_FUZZ_EXAMPLES="${FASTDIFF_FUZZ_EXAMPLES:-1000}" FASTDIFF_FUZZ_BACKENDS="${FASTDIFF_FUZZ_BACKENDS:-reference,cpp}" \
   "$PY" -m pytest $TESTS -q -p no:cacheprovider
 rc=$?
 set -e

@@ -60,7 +60,7 @@ def examples() -> int:
     return int(os.environ.get("FASTDIFF_FUZZ_EXAMPLES", str(DEFAULT_EXAMPLES)))
 
 
-DEFAULT_EXAMPLES = 1000  # ~30 s for three backends on a 2-core CPU (Triton interpreted)
+DEFAULT_EXAMPLES = 3000  # ~1 min for three backends on an idle 2-core CPU (Triton interpreted), ~2 min busy
 
 
 settings.register_profile("ci", max_examples=examples(), deadline=None, derandomize=True, database=None,
