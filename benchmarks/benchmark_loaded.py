@@ -18,12 +18,12 @@ Cases (``mode`` = ``quiet`` | ``loaded``; ``provider`` = ``reference`` | ``cpp``
 
 Each benchmark starts with the kernels' contention mark cleared (``_C.team_set_contended(False)``), makes one
 untimed warm-up call under its load, then times rounds (as many as fit in about 1 s, 3 to 30; 2 when a call
-takes 2 s or more); with ``--benchmark-disable`` it makes one plain call, without the warm-up (about 40 s in
-small mode on a loaded 2-core machine). ``FASTDIFF_BENCH_THREADS=n`` sets torch's thread count for the op cases.
+takes 2 s or more); with ``--benchmark-disable`` it makes one plain call, without the warm-up (7-35 s in
+small mode on a shared 2-core machine). ``FASTDIFF_BENCH_THREADS=n`` sets torch's thread count for the op cases.
 
 ``extra_info``: ``mode``, ``busy_processes``, ``threads``, ``load_average_1min`` (before the busy processes
-start), ``scheduler`` (``fifo`` under ``chrt -f``), ``best_s``, ``median_s``; for ``cpp`` (when its reference ran earlier in the session):
-``reference_median_s``, ``cpp_over_reference`` (median / median; <= 1 means at or ahead) and
+start), ``scheduler`` (``fifo`` under ``chrt -f``), ``best_s``, ``median_s``; for ``cpp`` (when its reference
+ran earlier in the session): ``reference_median_s``, ``cpp_over_reference`` (median / median; <= 1 means at or ahead) and
 ``cpp_over_reference_best`` (best / best); ``team_teams`` / ``team_late`` (thread teams the kernels forked
 and how many started late, over the timed rounds); sampler: ``tokens_per_s``, ``threads_decision``,
 ``network_s`` (median time in the network's forward calls, the same torch ops whatever the backend: under
@@ -119,11 +119,6 @@ def _record(benchmark, key: tuple, mode: str, provider: str, load_before: float)
         ref_median, ref_best = _MEDIAN[key]
         info.update(reference_median_s=ref_median, cpp_over_reference=st.median / ref_median,
                     cpp_over_reference_best=st.min / ref_best)
-
-
-def _case(group: str) -> list:
-    return [pytest.param(m, p, id=f"{m}-{p}", marks=pytest.mark.benchmark(group=f"{group} {m}"))
-            for m in MODES for p in PROVIDERS]
 
 
 def _op_cases(op: str) -> list:
