@@ -244,6 +244,12 @@ def posterior_case(draw, sample: bool):
     vals = [draw(st.integers(0, V - 1)) if mask is None or draw(st.booleans()) else mask for _ in range(n)]
     if n and rare(draw, 9):
         vals[draw(st.integers(0, n - 1))] = draw(st.sampled_from([-1, V, V + 300, -2**31]))
+    if mask is not None and n and rare(draw, 5):  # a masked row whose only finite logit is the mask
+        r = draw(st.integers(0, n - 1))
+        logits = logits.contiguous().clone()
+        logits.view(-1, V)[r] = float("-inf")
+        logits.view(-1, V)[r, mask] = 0.0
+        vals[r] = mask
     for _ in range(5):
         xt = int_tensor(vals, draw(st.sampled_from(INTS)))
         if xt is not None:
@@ -251,13 +257,6 @@ def posterior_case(draw, sample: bool):
     else:
         xt = torch.tensor(vals, dtype=torch.int64)
     xt = xt.reshape(lead)
-    if mask is not None and n and rare(draw, 5):  # a masked row whose only finite logit is the mask
-        r = draw(st.integers(0, n - 1))
-        logits = logits.contiguous().clone()
-        logits.view(-1, V)[r] = float("-inf")
-        logits.view(-1, V)[r, mask] = 0.0
-        xt = xt.clone()
-        xt.view(-1)[r] = mask
     if len(lead) == 2 and rare(draw, 4):  # a non-contiguous x_t
         xt = xt.T.contiguous().T
     t = pick(draw, st.integers(1, T), [0, T + 1, 1.5])
