@@ -23,8 +23,8 @@ small mode on a shared 2-core machine). ``FASTDIFF_BENCH_THREADS=n`` sets torch'
 
 ``extra_info``: ``mode``, ``busy_processes``, ``threads``, ``load_average_1min`` (before the busy processes
 start), ``scheduler`` (``fifo`` under ``chrt -f``), ``best_s``, ``median_s``; for ``cpp`` (when its reference
-ran earlier in the session): ``reference_median_s``, ``cpp_over_reference`` (median / median; <= 1 means at or ahead) and
-``cpp_over_reference_best`` (best / best); ``team_teams`` / ``team_late`` (thread teams the kernels forked
+ran earlier in the session): ``reference_median_s``, ``cpp_over_reference`` (median / median; <= 1 means at or
+ahead) and ``cpp_over_reference_best`` (best / best); ``team_teams`` / ``team_late`` (thread teams the kernels forked
 and how many started late, over the timed rounds); sampler: ``tokens_per_s``, ``threads_decision``,
 ``network_s`` (median time in the network's forward calls, the same torch ops whatever the backend: under
 load with torch's default thread count they dominate, and their noise decides the totals' ratio),
