@@ -5,7 +5,6 @@ CLI's automatic policy (``fastdiff._threads.configure(None)``) takes only the co
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -161,45 +160,6 @@ def test_every_kernel_gives_the_same_bits_inline_and_on_a_team(threads):
     assert _teams() > before
     for u, v in zip(a, b):
         assert torch.equal(u, v)
-
-
-def _median_ms(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
-@needs_cpp
-@pytest.mark.parametrize("op", ["posterior_sample", "sample_categorical", "nearest_screen"])
-def test_small_call_with_every_core_busy_is_not_slower_on_two_threads(threads, op):
-    """The issue: one bundled-size posterior_sample took 16 ms on 2 threads against 0.78 ms on 1 with
-    the machine loaded (the second thread waits a scheduler tick for a core). The nearest_embedding
-    kernel's score GEMMs, run on the calling thread, forked MKL's team per tile: 130-250 ms against 12."""
-    from benchmarks._load import busy
-
-    proc, logits, xt = _bundled_step()
-    if op == "nearest_screen":
-        # The state under test: the kernels have seen a late team and run this call on the calling thread.
-        # (Back to back in a tight loop MKL's workers are still spinning and the team is seldom late.)
-        def fn():
-            CPP.module._C.team_set_contended(True)
-            return _call(op, proc, logits, xt)
-    else:
-        fn = lambda: _call(op, proc, logits, xt)  # noqa: E731
-    fn()
-    with busy():
-        t1, t2 = [], []
-        for _ in range(3):  # interleaved, so both see the same load
-            torch.set_num_threads(1)
-            t1.append(_median_ms(fn, 15))
-            torch.set_num_threads(2)
-            t2.append(_median_ms(fn, 15))
-    CPP.module._C.team_set_contended(False)
-    one, two = statistics.median(t1), statistics.median(t2)
-    assert two <= 2.5 * one + 0.5, f"2 threads {two:.2f} ms vs 1 thread {one:.2f} ms under load"
 
 
 # --------------------------------------------------------------------------------------------------
