@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import math
 from collections.abc import Sequence
 
 import torch
+from .errors import InputError, InputTypeError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)

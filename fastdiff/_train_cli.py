@@ -20,8 +20,6 @@ that divides the run's global batch.
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import argparse
 import dataclasses
 import json
@@ -30,6 +28,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from .errors import InputError, InputTypeError
 
 _FLAG_FIELDS = {  # flag dest -> TrainConfig field
     "family": "family", "task": "task", "kind": "kind", "schedule": "schedule", "T": "T", "steps": "max_steps",

@@ -14,8 +14,6 @@ float64 and applied in ``x``'s dtype.
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import math
 from collections.abc import Callable
 
@@ -25,6 +23,7 @@ import torch.nn as nn
 from . import _checks
 from . import ops as _ops
 from .schedules import Schedule
+from .errors import InputError, InputTypeError
 
 __all__ = [
     "GaussianDiffusion",

@@ -21,8 +21,6 @@ Processes
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 from collections import OrderedDict
 
 import torch
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .schedules import Schedule
+from .errors import InputError, InputTypeError
 
 __all__ = [
     "DiscreteProcess",

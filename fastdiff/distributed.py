@@ -13,8 +13,6 @@ wraps the model in ``DistributedDataParallel`` (or FSDP) and shards every global
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import contextlib
 import datetime
 import os
@@ -23,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from .errors import InputError, InputTypeError
 
 __all__ = [
     "Context",

@@ -13,8 +13,6 @@ Imports nothing above :mod:`fastdiff.sampling` (no models, no training).
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import contextlib
 import math
 from collections import Counter
@@ -23,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from . import _checks
+from .errors import InputError, InputTypeError
 
 __all__ = ["attribute_accuracy", "bleu", "distinct_n", "generative_perplexity", "ngram_counts"]
 

@@ -13,8 +13,6 @@ prompt and ``"The [MASK*3] statement is used to [MASK*6] ."`` is infilling.
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from . import _checks, sampling
 from .sampling import _memory as _sampling_memory
 from . import distributed as _distributed
 from .continuous import GaussianDiffusion
+from .errors import InputError, InputTypeError
 
 __all__ = ["BUNDLED", "Generation", "TextDiffusion", "bundled_path", "render", "resolve_checkpoint"]
 

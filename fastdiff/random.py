@@ -41,13 +41,12 @@ needs) keeps the kernels at the cost of reading the logits.
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import functools
 import importlib
 import math
 
 import torch
+from .errors import InputError, InputTypeError
 
 __all__ = [
     "philox4x32",

@@ -8,8 +8,6 @@ alpha_bar[t-1]`` (stored at index ``t - 1``). Per-token schedules (``spindle``) 
 
 from __future__ import annotations
 
-from .errors import InputError, InputTypeError
-
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _checks
+from .errors import InputError, InputTypeError
 
 __all__ = [
     "Schedule",

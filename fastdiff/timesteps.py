@@ -6,11 +6,10 @@ Both return ``(t, weights)``: steps in ``[1, T]`` and importance weights ``1 / (
 
 from __future__ import annotations
 
-from .errors import InputError
-
 import torch
 
 from . import _checks
+from .errors import InputError
 
 __all__ = ["UniformSampler", "LossAwareSampler", "create"]
 

@@ -17,8 +17,6 @@ and the parsed corpus is cached in memory for the life of the process.
 
 from __future__ import annotations
 
-from ..errors import InputError, InputFileNotFoundError, InputTypeError
-
 import ast
 import functools
 import hashlib
@@ -31,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _checks
+from ..errors import InputError, InputFileNotFoundError, InputTypeError
 
 __all__ = ["SOURCES", "Document", "clean_text", "corpus_stats", "load_texts", "python_docs", "split_of"]
 

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -22,6 +20,7 @@ import torch
 
 from .. import _checks
 from .corpus import Document, split_of
+from ..errors import InputError, InputTypeError
 
 __all__ = [
     "ATTRIBUTES",

@@ -14,8 +14,6 @@ Every fastdiff tokenizer has the same special tokens at the same ids: ``[PAD]=0,
 
 from __future__ import annotations
 
-from ..errors import InputError, InputFileNotFoundError, InputTypeError
-
 import hashlib
 import json
 import os
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import _checks
+from ..errors import InputError, InputFileNotFoundError, InputTypeError
 
 __all__ = [
     "DEFAULT_TOKENIZER_PATH",

@@ -3,8 +3,6 @@ the causal LM and classifier used for evaluation, and :func:`build_model` by arc
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 from typing import Any
 
 from torch import nn
@@ -12,6 +10,7 @@ from torch import nn
 from .attention import CrossAttention, RelativeSelfAttention, attention
 from .aux import CausalLM, TextClassifier
 from .sed import SEDConfig, SEDDenoiser
+from ..errors import InputError, InputTypeError
 
 __all__ = ["ARCHS", "CausalLM", "CrossAttention", "RelativeSelfAttention", "SEDConfig", "SEDDenoiser",
            "TextClassifier", "attention", "build_model"]

@@ -14,13 +14,12 @@ one ordinary attention call with head dim ``d + 2F`` and an explicit ``scale``, 
 
 from __future__ import annotations
 
-from ..errors import InputError
-
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import InputError
 
 __all__ = ["CrossAttention", "RelativeSelfAttention", "attention", "flash_attn_usable", "position_features"]
 

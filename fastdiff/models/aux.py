@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 from typing import Any
 
 import torch
@@ -11,6 +9,7 @@ from torch import nn
 
 from .. import _checks
 from .sed import Block
+from ..errors import InputError, InputTypeError
 
 __all__ = ["CausalLM", "TextClassifier"]
 

@@ -9,14 +9,13 @@ deviation equals the current initialisation's. Only local files are read (``loca
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from ..errors import InputError, InputTypeError
 
 __all__ = ["init_embeddings_from_pretrained", "pretrained_rows"]
 

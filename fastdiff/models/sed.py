@@ -21,8 +21,6 @@ runs a source encoder once and every layer cross-attends to its ``memory``.
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from torch import nn
 from .. import _checks
 from ..continuous import TokenEmbedding
 from .attention import CrossAttention, RelativeSelfAttention
+from ..errors import InputError, InputTypeError
 
 __all__ = ["Block", "SEDConfig", "SEDDenoiser", "timestep_embedding"]
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import torch
 
 from .. import _checks
+from ..errors import InputError, InputTypeError
 
 # Largest float64 temporary a reference builds at once (elements): 2**21 = 16 MiB. A block step keeps
 # a handful of these alive, so a reference's high-water mark stays near 100 MiB whatever N and V are.

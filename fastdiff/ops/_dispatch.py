@@ -4,14 +4,13 @@ and the install command. ``FASTDIFF_BACKEND`` replaces "auto" and counts as an e
 
 from __future__ import annotations
 
-from ..errors import InputError
-
 import os
 from collections.abc import Callable
 
 import torch
 
 from .. import _backends
+from ..errors import InputError
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 

@@ -30,11 +30,10 @@ positive-weight category when rounding leaves no index; accumulate ``w`` in floa
 
 from __future__ import annotations
 
-from ..errors import InputTypeError
-
 from dataclasses import dataclass
 
 import torch
+from ..errors import InputTypeError
 
 KINDS = ("absorbing", "uniform", "matrix")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from ..errors import InputError
-
 import torch
 import torch.nn.functional as F
 
 from .. import _checks
 from . import _dispatch
 from ._common import check_x_weight
+from ..errors import InputError
 
 REDUCTIONS = ("mean", "sum", "none")
 _dispatch.register("rounding_loss", "cpp", "rounding_loss")

@@ -19,12 +19,11 @@ view); a model may return the same tensor object every call.
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import inspect
 from collections.abc import Callable
 
 import torch
+from ..errors import InputError, InputTypeError
 
 
 def unwrap_output(out: object) -> torch.Tensor:

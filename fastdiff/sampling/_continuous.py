@@ -4,8 +4,6 @@ rounded tokens after a sequence's first EOS become ``pad_id``, as for the discre
 
 from __future__ import annotations
 
-from ..errors import InputError
-
 import torch
 
 from .. import ops
@@ -13,6 +11,7 @@ from .. import random as _random
 from ._discrete import _cut_at_eos
 from ._engine import _Run
 from ._options import step_grid
+from ..errors import InputError
 
 
 def _guided_x0(run: _Run, x0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:

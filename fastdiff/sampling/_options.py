@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -12,6 +10,7 @@ import torch
 from .. import _checks
 from ..continuous import GaussianDiffusion
 from ..ops._dispatch import BACKENDS
+from ..errors import InputError, InputTypeError
 
 DISCRETE_STRATEGIES = ("ancestral", "confidence", "threshold", "remask")
 CONTINUOUS_STRATEGIES = ("ddpm", "ddim")

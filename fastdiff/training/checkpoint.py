@@ -41,8 +41,6 @@ its ``latest`` (when that names a complete checkpoint), else its newest complete
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import ctypes
 import errno
 import hashlib
@@ -61,6 +59,7 @@ import torch
 from torch import nn
 
 from .process import build_process
+from ..errors import InputError, InputTypeError
 
 __all__ = [
     "FORMAT",

@@ -3,8 +3,6 @@ schedule :func:`lr_factor` (linear warm-up, then cosine or constant)."""
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import dataclasses
 import json
 import math
@@ -15,6 +13,7 @@ from typing import Any
 
 from .. import _checks, continuous, schedules
 from .process import KINDS
+from ..errors import InputError, InputTypeError
 
 __all__ = ["DATA_KEYS", "PARALLEL", "RESUMABLE_OVERRIDES", "TASKS", "TrainConfig", "load_config_dict", "lr_factor"]
 

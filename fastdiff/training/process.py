@@ -10,8 +10,6 @@ process is the one the model was trained with last.
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import math
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from .. import _checks, schedules
 from ..continuous import GaussianDiffusion
 from ..discrete import Absorbing, DiscreteProcess, Uniform
+from ..errors import InputError, InputTypeError
 
 __all__ = ["FAMILIES", "KINDS", "build_process", "process_config"]
 

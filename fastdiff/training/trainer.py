@@ -26,8 +26,6 @@ with the same global batch.
 
 from __future__ import annotations
 
-from ..errors import InputError, InputTypeError
-
 import contextlib
 import dataclasses
 import hashlib
@@ -48,6 +46,7 @@ from .. import distributed as _dist
 from . import checkpoint as ckpt
 from .config import DATA_KEYS, RESUMABLE_OVERRIDES, TASKS, TrainConfig, lr_factor
 from .process import build_process, process_config, sync_schedule
+from ..errors import InputError, InputTypeError
 
 __all__ = ["DATA_KEYS", "EMA", "TASKS", "TrainConfig", "Trainer", "lr_factor"]
 
