@@ -51,6 +51,19 @@ def _renormalise(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(-1, keepdim=True)
 
 
+def _renormalise_or_keep(w: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Rows of ``w`` normalised; a row with no weight at all (``x_t`` unreachable from the x0 distribution)
+    becomes one-hot at ``x_t``, the rule every op backend follows (``fastdiff.ops.categorical_posterior``),
+    instead of 0/0 = NaN."""
+    total = w.sum(-1, keepdim=True)
+    dead = total == 0
+    out = w / torch.where(dead, torch.ones_like(total), total)
+    if bool(dead.any()):
+        keep = torch.nn.functional.one_hot(x_t, w.shape[-1]).to(w.dtype)
+        out = torch.where(dead, keep, out)
+    return out
+
+
 class DiscreteProcess:
     """Base class: a Markov chain over ``vocab_size`` categories with ``T`` steps."""
 
@@ -367,7 +380,7 @@ class MatrixProcess(DiscreteProcess):
             dev = x_t.device
             fact1 = self.transition(si, ti).to(dev).T[flat_x[sel]]  # Q_{t|s}[:, x_t]
             fact2 = flat_p[sel] @ self.qbar(si).to(dev)
-            pieces.append(_renormalise(fact1 * fact2))
+            pieces.append(_renormalise_or_keep(fact1 * fact2, flat_x[sel]))
             index.append(sel)
         if not pieces:
             return p.to(out_dtype)

@@ -377,3 +377,21 @@ def test_from_betas_drives_matrix_processes_exactly():
         np.testing.assert_allclose(process.step_matrix(t).numpy(), q, atol=1e-14)
     with pytest.raises(ValueError, match="betas"):
         S.from_betas(torch.tensor([0.5, 1.5]))
+
+
+def test_unreachable_x_t_keeps_x_t_like_the_ops():
+    """A band process where x_t cannot be reached in one step from the x0 distribution's support: the
+    posterior has no weight at all. The method returned 0/0 = NaN; it now keeps x_t (one-hot), the rule
+    of every op backend (``ops.categorical_posterior``)."""
+    from fastdiff import ops
+
+    V = 9
+    proc = D.GaussianBand(V, S.linear(100), bandwidth=1)
+    x0p = F.one_hot(torch.tensor([0, 4]), V).double()  # x0 = 0 (x_t = 8 unreachable), x0 = 4 (reachable)
+    xt = torch.tensor([8, 4])
+    out = proc.posterior_probs(x0p, xt, 1, 0)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[0], F.one_hot(torch.tensor(8), V).double())
+    assert torch.allclose(out[1].sum(), torch.tensor(1.0, dtype=torch.float64))
+    ref = ops.categorical_posterior_ref(proc, torch.log(x0p.clamp_min(1e-300)).float(), xt, 1, 0)
+    assert torch.equal(ref[0].double(), out[0])
