@@ -27,6 +27,31 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def disc():
+    """The bundled discrete model (one load per test module)."""
+    from fastdiff.pipeline import TextDiffusion
+
+    return TextDiffusion.load("discrete")
+
+
+@pytest.fixture(scope="module")
+def cont():
+    """The bundled continuous model (one load per test module)."""
+    from fastdiff.pipeline import TextDiffusion
+
+    return TextDiffusion.load("continuous")
+
+
+def tiny_corpus(path, *, seed: int, words: list[str], lines: int, words_per_line: int):
+    """A text file of ``lines`` paragraphs of random ``words`` (for tiny training runs); returns ``path``."""
+    g = torch.Generator().manual_seed(seed)
+    text = [" ".join(words[int(i)] for i in torch.randint(len(words), (words_per_line,), generator=g))
+            for _ in range(lines)]
+    path.write_text("\n\n".join(text) + "\n")
+    return path
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, *, atol: float, rtol: float = 0.0,
                  baseline: torch.Tensor | None = None, name: str = "out") -> None:
     """Assert ``|out - ref| <= atol + rtol·|ref|``, printing the worst mismatches.

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from fastdiff import distributed
-from fastdiff.pipeline import TextDiffusion
 from fastdiff.training import resolve_checkpoint_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,16 +52,6 @@ def test_outside_torchrun_the_world_is_one_process(monkeypatch) -> None:
     ctx = distributed.init("cpu")
     assert (ctx.rank, ctx.world_size, ctx.distributed) == (0, 1, False)
     assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
-
-
-@pytest.fixture(scope="module")
-def disc() -> TextDiffusion:
-    return TextDiffusion.load("discrete")
-
-
-@pytest.fixture(scope="module")
-def cont() -> TextDiffusion:
-    return TextDiffusion.load("continuous")
 
 
 @pytest.mark.parametrize("strategy", ["ancestral", "remask", "confidence"])

@@ -20,16 +20,6 @@ from fastdiff.training import load_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def disc() -> TextDiffusion:
-    return TextDiffusion.load("discrete")
-
-
-@pytest.fixture(scope="module")
-def cont() -> TextDiffusion:
-    return TextDiffusion.load("continuous")
-
-
 DISCRETE_CASES = [
     ("ancestral", {}),
     ("remask", {"top_p": 0.9, "eta": 0.3}),

@@ -21,6 +21,7 @@ from fastdiff import cli
 from fastdiff.pipeline import TextDiffusion
 from fastdiff.training import load_checkpoint, resolve_checkpoint_dir
 from fastdiff.training.checkpoint import STALE
+from tests.conftest import tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLER = ROOT / "tests" / "_resume_kill_train.py"
@@ -51,12 +52,8 @@ def _losses(run: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(1)
-    words = ["the", "list", "returns", "a", "value", "of", "module", "string", "object", "is", "for", "class"]
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (20,), generator=g)) for _ in range(60)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(lines) + "\n")
-    return path
+    return tiny_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", seed=1,
+                       words=["the", "list", "returns", "a", "value", "of", "module", "string", "object", "is", "for", "class"], lines=60, words_per_line=20)
 
 
 @pytest.fixture(scope="module")

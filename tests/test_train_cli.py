@@ -10,10 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastdiff import _train_cli, cli
 from fastdiff.training import load_checkpoint, resolve_checkpoint_dir
+from tests.conftest import tiny_corpus
 
 MODEL = ["--family", "discrete", "--task", "lm", "--seq-len", "8", "--batch-size", "2", "--width", "16",
          "--layers", "1", "--heads", "2", "--log-every", "1", "--ckpt-every", "2", "--device", "cpu",
@@ -24,12 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    g = torch.Generator().manual_seed(2)
-    words = ["a", "class", "returns", "the", "value", "of", "string", "list", "module", "is", "object"]
-    lines = [" ".join(words[int(i)] for i in torch.randint(len(words), (16,), generator=g)) for _ in range(40)]
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(lines) + "\n")
-    return path
+    return tiny_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", seed=2,
+                       words=["a", "class", "returns", "the", "value", "of", "string", "list", "module", "is", "object"], lines=40, words_per_line=16)
 
 
 @pytest.fixture(scope="module")
