@@ -225,10 +225,10 @@ class TextDiffusion:
         always called on ``m`` rows, sample ``g`` in row ``g mod m`` (see :func:`fastdiff.sampling.sample`),
         so with the same ``m`` the samples are bit-identical for every ``batch_size`` and rank split (on the
         same device, backend, thread count and library versions). ``micro_batch=None`` (the default) calls
-        the network on each batch as it is. Measured on this project's 2-core CPU (one thread, bundled
-        discrete model, 64 tokens, 64 steps, best of 3): 4 samples 302 tokens/s unset, 222 with
-        ``micro_batch=1``, 152 with 8 (the call pads 4 rows to 8); 64 samples 169 unset, 181 with 1, 251
-        with 8 (smaller logits stay in cache). On a GPU, small micro-batches leave it idle.
+        the network on each batch as it is. Measured on this project's quiet 2-core CPU (one thread, bundled
+        discrete model, 64 tokens, 64 steps, ``fastdiff generate -n N --threads 1 [--micro-batch M]``):
+        4 samples 299 tokens/s unset, 270 with ``micro_batch=1``, 137 with 8 (the call pads 4 rows to 8);
+        64 samples 230 unset, 232 with 1, 264 with 8 (smaller logits stay in cache). On a GPU, small micro-batches leave it idle.
 
         Under ``torchrun`` (a :mod:`torch.distributed` group initialised, e.g. by
         :func:`fastdiff.distributed.init`) and ``distributed=True``, every rank generates its contiguous
