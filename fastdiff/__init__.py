@@ -2,7 +2,8 @@
 
 Layers, each importing only those before it::
 
-    random, _checks, _backends, distributed -> ops -> schedules -> discrete / continuous -> timesteps
+    errors, random, _checks, _backends, _threads, distributed -> ops -> schedules -> discrete / continuous
+    -> timesteps
     -> sampling -> data, metrics, models -> training -> pipeline, evaluation -> cli
 
 ``distributed`` is the scale-out layer on ``torch.distributed`` (torchrun): sharded generation and
@@ -18,6 +19,7 @@ from . import (
     data,
     discrete,
     distributed,
+    errors,
     metrics,
     models,
     ops,
@@ -40,6 +42,7 @@ __all__ = [
     "data",
     "discrete",
     "distributed",
+    "errors",
     "metrics",
     "models",
     "ops",
