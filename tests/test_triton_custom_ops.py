@@ -162,10 +162,9 @@ def test_switch_bypasses_the_custom_ops(kernels, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_a_top_level_kernels_import_leaves_the_custom_ops_alone(tmp_path):
-    """transformers probes ``import kernels`` (Hugging Face's package); from a checkout's root that finds
-    this repository's ``kernels/``. That must not register the custom ops a second time: the second
-    registration frees the first, and fastdiff.kernels' ops then crash (seen as bad_alloc / segfaults)."""
+def _top_level_kernels_probe(tmp_path: Path, probe: str) -> None:
+    """Run ``probe`` in a child process with this checkout's root first on sys.path, after fastdiff's Triton
+    backend is loaded, then check that the Triton ops still work (equal to the reference)."""
     root = Path(__file__).resolve().parents[1]
     code = (
         "import os, sys, torch\n"
@@ -173,13 +172,7 @@ def test_a_top_level_kernels_import_leaves_the_custom_ops_alone(tmp_path):
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "from fastdiff import _backends\n"
         "post = _backends.triton().module.posterior\n"
-        "import kernels\n"  # the probe
-        "assert kernels.__all__ == [] and not hasattr(kernels, 'posterior_sample'), kernels.__dict__.keys()\n"
-        "try:\n"
-        "    import kernels.posterior\n"
-        "    raise SystemExit('kernels.posterior imported under a second name')\n"
-        "except ImportError as e:\n"
-        "    assert 'fastdiff.kernels' in str(e)\n"
+        + probe +
         "import gc; gc.collect()\n"
         "from fastdiff import discrete, schedules, ops\n"
         "p = discrete.Uniform(11, schedules.cosine(20))\n"
@@ -193,3 +186,43 @@ def test_a_top_level_kernels_import_leaves_the_custom_ops_alone(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=300, check=False)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.stdout + res.stderr)[-3000:]
+
+
+def test_a_top_level_kernels_import_leaves_the_custom_ops_alone(tmp_path):
+    """transformers probes ``import kernels`` (Hugging Face's package); from a checkout's root that finds
+    this repository's ``kernels/``. With no other ``kernels`` importable, that must not register the custom
+    ops a second time: the second registration frees the first, and fastdiff.kernels' ops then crash (seen
+    as bad_alloc / segfaults). The package stays empty."""
+    _top_level_kernels_probe(tmp_path, (
+        "saved = list(sys.path)\n"
+        "sys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"  # no other 'kernels' to find
+        "import kernels\n"  # the probe
+        "sys.path[:] = saved\n"
+        "assert kernels.__file__.startswith(sys.path[0]), kernels.__file__\n"
+        "assert kernels.__all__ == [] and not hasattr(kernels, 'posterior_sample'), kernels.__dict__.keys()\n"
+        "assert not hasattr(kernels, '__version__')\n"
+        "try:\n"
+        "    import kernels.posterior\n"
+        "    raise SystemExit('kernels.posterior imported under a second name')\n"
+        "except ImportError as e:\n"
+        "    assert 'fastdiff.kernels' in str(e)\n"
+    ))
+
+
+def test_a_top_level_kernels_import_finds_the_real_kernels_package(tmp_path):
+    """transformers >= 5 depends on Hugging Face's ``kernels`` and imports it on ``import transformers``;
+    a checkout's ``kernels/`` first on sys.path must not shadow it (every ``python -m pytest`` from the
+    root failed at ``from kernels import CUDAProperties``). A stand-in package later on sys.path is what
+    ``import kernels`` and its submodules must give."""
+    other = tmp_path / "elsewhere" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("__version__ = '9.9'\nCUDAProperties = object\n")
+    (other / "layer.py").write_text("NAME = 'layer'\n")
+    _top_level_kernels_probe(tmp_path, (
+        f"sys.path.insert(1, {str(other.parent)!r})\n"
+        "import kernels\n"
+        f"assert kernels.__file__ == {str(other / '__init__.py')!r}, kernels.__file__\n"
+        "from kernels import CUDAProperties, __version__\n"
+        "import kernels.layer\n"
+        "assert kernels.layer.NAME == 'layer' and sys.modules['kernels'] is kernels\n"
+    ))
