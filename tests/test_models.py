@@ -28,11 +28,20 @@ HIGHER = ("training", "data", "pipeline", "cli")  # layers above (or beside) fas
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(kind: str = "discrete", **kw) -> SEDDenoiser:
+def tiny(kind: str = "discrete", trained: bool = True, **kw) -> SEDDenoiser:
+    """A small SED model. adaLN-Zero starts every block as the identity (no context mixing at all);
+    ``trained`` (default) gives its zero-initialised projections random values, as training would, so
+    the tests of context, labels and conditioning see a model that uses them."""
     torch.manual_seed(0)
     base = {"vocab_size": 50, "kind": kind, "width": 32, "layers": 2, "heads": 4, "embed_dim": 8, "rel_freqs": 4}
     base.update(kw)
-    return SEDDenoiser(SEDConfig(**base)).eval()
+    m = SEDDenoiser(SEDConfig(**base)).eval()
+    if trained:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if {"ada", "final_ada"} & set(name.split(".")):
+                    p.normal_(0.0, 0.3)
+    return m
 
 
 def all_pairs_reference(m: RelativeSelfAttention, x: torch.Tensor, mask: torch.Tensor | None,
@@ -641,3 +650,88 @@ def test_continuous_sed_self_conditioning_and_embedding_gradient() -> None:
     torch.testing.assert_close(table.mean(-1), torch.zeros(50), atol=1e-5, rtol=0)  # LayerNorm applied
     (out.square().sum() + x0.sum()).backward()
     assert m.embedding.embedding.weight.grad is not None and m.embedding.embedding.weight.grad.abs().sum() > 0
+
+
+# --- input scales and time conditioning (the unigram plateau of the first bundled model) ----------------------
+def test_adaln_blocks_start_as_the_identity_so_the_step_cannot_drown_the_tokens() -> None:
+    """adaLN-Zero (DiT): every block's shift/scale/gate projection starts at zero, so an untrained model is
+    the identity through its blocks, whatever the step: the output is the final LayerNorm of the scaled
+    token embedding, projected on the tied embedding."""
+    m = tiny(trained=False)
+    assert m.uses_time and m.config.time_conditioning == "adaln"
+    x = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        h = m.token_embedding(x) * 32**0.5
+        expect = torch.nn.functional.layer_norm(h, (32,)) @ m.token_embedding.weight.t() + m.output_bias
+        for t in (1, 500, 999):
+            torch.testing.assert_close(m(x, torch.full((3,), t)), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_adaln_step_changes_the_output_once_the_projections_are_trained() -> None:
+    m = tiny()
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert (m(x, torch.tensor([1, 1])) - m(x, torch.tensor([900, 900]))).abs().max() > 1e-2
+
+
+def test_token_embeddings_enter_with_unit_components() -> None:
+    """Vaswani et al.: embeddings initialised at std width**-0.5 and multiplied by sqrt(width): unit-scale
+    components, the scale of the N(0, 1) label prefix (before: 1/sqrt(width) of it)."""
+    torch.manual_seed(0)
+    m = SEDDenoiser(vocab_size=4000, width=256, layers=1, heads=4, num_labels=2)
+    seen = {}
+    m.blocks[0].norm1.register_forward_hook(lambda mod, args, out: seen.setdefault("h", args[0]))
+    with torch.no_grad():
+        m(torch.arange(4000).view(10, 400), torch.full((10,), 5), label=torch.zeros(10, dtype=torch.long))
+    tokens, label = seen["h"][:, 1:], seen["h"][:, 0]
+    assert 0.9 < float(tokens.std()) < 1.1
+    assert 0.5 < float(tokens.std() / label.std()) < 2.0
+
+
+def test_time_conditioning_none_ignores_the_step_and_allows_the_cache() -> None:
+    m = tiny(time_conditioning="none")
+    assert not m.uses_time and m.time_mlp is None
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, torch.tensor([1, 3])), m(x, torch.tensor([999, 500])), atol=0, rtol=0)
+    proc = discrete.Absorbing(50, mask_id=1, schedule=schedules.mutual_info(100))
+    kw = dict(shape=(3, 10), steps=100, seed=4)
+    cached = sampling.sample(m, proc, cache=True, **kw)
+    plain = sampling.sample(m, proc, **kw)
+    assert torch.equal(cached.tokens, plain.tokens)
+    assert cached.stats["network_calls"] < plain.stats["network_calls"]
+    with pytest.raises(ValueError, match="cache"):
+        sampling.sample(tiny(), proc, cache=True, **kw)
+
+
+def test_legacy_add_layout_is_the_old_formula() -> None:
+    """time_conditioning='add', embed_scale=False is the layout of checkpoints written before these fields:
+    the step's MLP output added to every position (label prefix included), unscaled embeddings."""
+    m = tiny(time_conditioning="add", embed_scale=False, num_labels=2)
+    x, t = torch.randint(0, 50, (2, 7)), torch.tensor([4, 60])
+    label = torch.tensor([0, 2])
+    from fastdiff.models.sed import timestep_embedding
+
+    with torch.no_grad():
+        seq = torch.cat([m.label_embedding(label)[:, None], m.token_embedding(x)], 1)
+        seq = seq + m.time_mlp(timestep_embedding(t, 32))[:, None]
+        for blk in m.blocks:
+            seq = blk(seq)
+        expect = m.norm(seq[:, 1:]) @ m.token_embedding.weight.t() + m.output_bias
+        torch.testing.assert_close(m(x, t, label=label), expect, atol=1e-6, rtol=1e-6)
+
+
+def test_saved_configs_without_the_new_fields_load_as_the_old_layout() -> None:
+    old = {k: v for k, v in tiny(num_labels=2).config_dict().items() if k not in ("time_conditioning", "embed_scale")}
+    assert SEDConfig.from_dict(old, saved=True).time_conditioning == "add"
+    assert SEDConfig.from_dict(old, saved=True).embed_scale is False
+    assert SEDConfig.from_dict(old).time_conditioning == "adaln"  # a new config takes today's defaults
+    legacy = build_model("sed", old, saved=True)
+    assert {"time_mlp.0.weight", "norm.weight"} <= set(legacy.state_dict())
+    assert not any("ada" in k for k in legacy.state_dict())
+    full = tiny().config_dict()
+    assert build_model("sed", full, saved=True).config == SEDConfig.from_dict(full)
+    with pytest.raises(ValueError, match="time_conditioning"):
+        SEDConfig(vocab_size=5, time_conditioning="film")
+    with pytest.raises(TypeError, match="embed_scale"):
+        SEDConfig(vocab_size=5, embed_scale=1)

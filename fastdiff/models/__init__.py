@@ -18,12 +18,14 @@ __all__ = ["ARCHS", "CausalLM", "CrossAttention", "RelativeSelfAttention", "SEDC
 ARCHS = {"sed": SEDDenoiser, "causal_lm": CausalLM, "classifier": TextClassifier}
 
 
-def build_model(arch: str, config: dict[str, Any]) -> nn.Module:
-    """A model from its architecture name and ``config_dict()``."""
+def build_model(arch: str, config: dict[str, Any], *, saved: bool = False) -> nn.Module:
+    """A model from its architecture name and config dict. ``saved=True``: ``config`` is a checkpoint's
+    ``config_dict()``, written perhaps by an older fastdiff (fields it lacks keep their old meaning,
+    :meth:`SEDConfig.from_dict`)."""
     if arch not in ARCHS:
         raise InputError(f"arch: expected one of {sorted(ARCHS)}, got {arch!r}")
     if not isinstance(config, dict):
         raise InputTypeError(f"config: expected a dict, got {type(config).__name__}")
     if arch == "sed":
-        return SEDDenoiser(SEDConfig.from_dict(config))
+        return SEDDenoiser(SEDConfig.from_dict(config, saved=saved))
     return ARCHS[arch](**config)

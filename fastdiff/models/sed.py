@@ -1,8 +1,25 @@
 """The SED denoiser (Strudel et al. 2022, "Self-conditioned Embedding Diffusion for Text Generation").
 
 A pre-LayerNorm transformer encoder with Transformer-XL relative positions
-(:class:`~fastdiff.models.attention.RelativeSelfAttention`). The diffusion step goes through a sinusoidal
-embedding and a dense SiLU MLP and is added to every input position. Inputs:
+(:class:`~fastdiff.models.attention.RelativeSelfAttention`). Inputs are scaled so that content dominates
+(Vaswani et al. 2017: token embeddings initialised at std ``width**-0.5`` and multiplied by
+``sqrt(width)``, so each component has unit scale, like the label prefix's). The diffusion step goes
+through a sinusoidal embedding and a dense SiLU MLP, and reaches the network as ``time_conditioning``
+says:
+
+* ``"adaln"`` (default): adaptive LayerNorm as in DiT (Peebles & Xie 2023, adaLN-Zero) and MDLM's DDiT:
+  each block's two norms get a per-sequence shift and scale and each residual branch a gate, all from
+  the step embedding through zero-initialised projections, so at initialisation every block is the
+  identity and the step can never drown the tokens;
+* ``"none"``: the step is not an input. For absorbing (masked) diffusion the x0 posterior does not need
+  it (Sahoo et al. 2024, MDLM §3.5: the masked positions carry the noise level), and a time-independent
+  model lets the sampler skip network calls when nothing changed (``cache=True``);
+* ``"add"``: the step embedding is added to every input position (the original layout; checkpoints
+  whose config predates ``time_conditioning`` load as this, with unscaled embeddings,
+  ``embed_scale=False``). Measured on the bundled corpus, this layout stays at the unigram solution:
+  the step vector is larger than the token embeddings and attention never leaves uniform.
+
+Inputs:
 
 * discrete processes: ``x_t: (B, L)`` token ids (mask included) through a token embedding; the output is
   x0 logits ``(B, L, V)`` (projection tied to the input embedding by default);
@@ -34,7 +51,7 @@ from ..continuous import TokenEmbedding
 from .attention import CrossAttention, RelativeSelfAttention
 from ..errors import InputError, InputTypeError
 
-__all__ = ["Block", "SEDConfig", "SEDDenoiser", "timestep_embedding"]
+__all__ = ["Block", "SEDConfig", "SEDDenoiser", "modulate", "timestep_embedding"]
 
 
 @dataclass
@@ -47,7 +64,11 @@ class SEDConfig:
     dims, so the default 32 adds 64). ``num_labels`` > 0 adds a label prefix with ``num_labels`` as the
     null label; ``cross_attention`` adds a source encoder of ``encoder_layers`` blocks; ``pad_id`` marks the
     ``cond_tokens`` positions masked out of attention; ``attention`` picks the kernel ("auto", "sdpa",
-    "flash").
+    "flash"). ``time_conditioning`` is "adaln" (default), "none" or "add" (see the module docstring);
+    ``embed_scale`` multiplies the token embeddings (discrete inputs, condition tokens, the encoder's
+    source) by ``sqrt(width)``. A saved config without these two keys (a checkpoint written before they
+    existed: ``from_dict(d, saved=True)``) loads as ``time_conditioning="add", embed_scale=False``, the
+    layout it was trained with.
     """
 
     vocab_size: int
@@ -68,6 +89,11 @@ class SEDConfig:
     rel_freqs: int = 32
     pad_id: int = 0
     attention: str = "auto"
+    time_conditioning: str = "adaln"
+    embed_scale: bool = True
+
+    #: what a config dict that lacks a field meant when it was written (the layout before the field existed)
+    LEGACY = {"time_conditioning": "add", "embed_scale": False}
 
     def __post_init__(self) -> None:
         _checks.positive_int("vocab_size", self.vocab_size)
@@ -85,6 +111,9 @@ class SEDConfig:
             raise InputError(f"width: {self.width} is not divisible by heads={self.heads}")
         _checks.real("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         _checks.choice("attention", self.attention, ("auto", "sdpa", "flash"))
+        _checks.choice("time_conditioning", self.time_conditioning, ("adaln", "none", "add"))
+        if not isinstance(self.embed_scale, bool):
+            raise InputTypeError(f"embed_scale: expected True or False, got {self.embed_scale!r}")
         if self.self_condition and self.kind != "continuous":
             raise InputError("self_condition: only continuous SED models take an x0 estimate as input")
 
@@ -92,8 +121,12 @@ class SEDConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SEDConfig:
-        return cls(**_checks.config_fields("config", cls, d))
+    def from_dict(cls, d: dict[str, Any], *, saved: bool = False) -> SEDConfig:
+        """The config of ``d`` (field names as keys). ``saved=True``: ``d`` is a checkpoint's complete
+        config, and a field it lacks takes the value that layout had before the field existed
+        (:attr:`LEGACY`) instead of today's default."""
+        fields = _checks.config_fields("config", cls, d)
+        return cls(**({**cls.LEGACY, **fields} if saved else fields))
 
 
 def _capturing() -> bool:
@@ -111,27 +144,50 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, dim - 2 * half))
 
 
+def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN (DiT): ``h * (1 + scale) + shift`` with per-sequence ``shift, scale: (B, W)`` over ``h: (B, S, W)``."""
+    return h * (1 + scale[:, None]) + shift[:, None]
+
+
 class Block(nn.Module):
-    """Pre-LN block: relative self-attention, optional cross-attention, GELU feed-forward."""
+    """Pre-LN block: relative self-attention, optional cross-attention, GELU feed-forward.
+
+    ``adaln=True``: the step embedding ``c: (B, W)`` modulates the self-attention and feed-forward
+    branches (DiT's adaLN-Zero: shift and scale after each norm, a gate on each residual branch, from one
+    zero-initialised projection, so the block starts as the identity).
+    """
 
     def __init__(self, width: int, heads: int, ff_mult: int, dropout: float, rel_freqs: int, cross: bool,
-                 causal: bool = False, backend: str = "auto"):
+                 causal: bool = False, backend: str = "auto", adaln: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=not adaln)
         self.attn = RelativeSelfAttention(width, heads, rel_freqs, causal=causal, backend=backend)
         self.cross = CrossAttention(width, heads, backend=backend) if cross else None
         self.norm_x = nn.LayerNorm(width) if cross else None
-        self.norm2 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=not adaln)
         self.ff = nn.Sequential(nn.Linear(width, ff_mult * width), nn.GELU(), nn.Linear(ff_mult * width, width))
         self.drop = nn.Dropout(dropout)
+        self.ada = None
+        if adaln:
+            self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+            nn.init.zeros_(self.ada[1].weight)
+            nn.init.zeros_(self.ada[1].bias)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.drop(self.attn(self.norm1(h), mask))
+                memory_mask: torch.Tensor | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ada is not None:
+            if c is None:
+                raise InputError("c: this adaLN block needs the step embedding c=(B, width)")
+            sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).to(h.dtype).chunk(6, -1)
+            h = h + g1[:, None] * self.drop(self.attn(modulate(self.norm1(h), sh1, sc1), mask))
+        else:
+            h = h + self.drop(self.attn(self.norm1(h), mask))
         if self.cross is not None:
             if memory is None:
                 raise InputError("memory: this encoder-decoder model needs memory= (from model.encode(src))")
             h = h + self.drop(self.cross(self.norm_x(h), memory, memory_mask))
+        if self.ada is not None:
+            return h + g2[:, None] * self.drop(self.ff(modulate(self.norm2(h), sh2, sc2)))
         return h + self.drop(self.ff(self.norm2(h)))
 
 
@@ -158,6 +214,9 @@ class SEDDenoiser(nn.Module):
             raise InputTypeError(f"config: expected an SEDConfig or a dict, got {type(config).__name__}")
         self.config = c = config
         W, V = c.width, c.vocab_size
+        # the sampler reads this: a model without a step input allows the MDLM cache (cache=True)
+        self.uses_time = c.time_conditioning != "none"
+        self.embed_scale = math.sqrt(W) if c.embed_scale else 1.0
         if c.kind == "discrete":
             self.token_embedding = nn.Embedding(V, W)
             nn.init.normal_(self.token_embedding.weight, std=W**-0.5)
@@ -169,16 +228,24 @@ class SEDDenoiser(nn.Module):
             # condition tokens go through the diffusion embedding and the input projection (DiffuSeq's frozen
             # concatenation); an encoder-decoder model's source encoder has its own token embedding
             self.token_embedding = nn.Embedding(V, W) if c.cross_attention else None
-        self.time_mlp = nn.Sequential(nn.Linear(W, 4 * W), nn.SiLU(), nn.Linear(4 * W, W))
+        self.time_mlp = None
+        if c.time_conditioning != "none":
+            self.time_mlp = nn.Sequential(nn.Linear(W, 4 * W), nn.SiLU(), nn.Linear(4 * W, W))
+        adaln = c.time_conditioning == "adaln"
         self.label_embedding = nn.Embedding(c.num_labels + 1, W) if c.num_labels else None
         self.cond_segment = nn.Parameter(torch.zeros(W))  # marks clean condition positions
         self.blocks = nn.ModuleList(Block(W, c.heads, c.ff_mult, c.dropout, c.rel_freqs, c.cross_attention,
-                                          backend=c.attention) for _ in range(c.layers))
+                                          backend=c.attention, adaln=adaln) for _ in range(c.layers))
         if c.cross_attention:
             self.encoder = nn.ModuleList(Block(W, c.heads, c.ff_mult, c.dropout, c.rel_freqs, False,
                                                backend=c.attention) for _ in range(c.encoder_layers))
             self.encoder_norm = nn.LayerNorm(W)
-        self.norm = nn.LayerNorm(W)
+        self.norm = nn.LayerNorm(W, elementwise_affine=not adaln)
+        self.final_ada = None
+        if adaln:  # DiT's final layer: shift and scale of the last norm, zero-initialised
+            self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(W, 2 * W))
+            nn.init.zeros_(self.final_ada[1].weight)
+            nn.init.zeros_(self.final_ada[1].bias)
         if c.output == "logits":
             self.output_proj = None if c.tie_output else nn.Linear(W, V, bias=False)
             self.output_bias = nn.Parameter(torch.zeros(V))
@@ -193,7 +260,7 @@ class SEDDenoiser(nn.Module):
         """The dtype the transformer blocks compute in (their parameters'): embeddings, the label prefix and
         the step embedding are cast to it, so a model whose embeddings were kept in another precision (a
         bf16 body with fp32 embeddings, or the reverse) runs instead of failing in the first matmul."""
-        return self.norm.weight.dtype
+        return self.blocks[0].ff[0].weight.dtype
 
     def forward_memory(self, batch_size: int, length: int) -> int:
         """Bytes one forward on ``(batch_size, length)`` inputs needs at its peak besides the parameters and
@@ -208,7 +275,7 @@ class SEDDenoiser(nn.Module):
         B, W = int(batch_size), c.width
         linear = B * S * W * (c.ff_mult + 6) * item
         quadratic = 0
-        if self.norm.weight.device.type == "cpu":
+        if self.blocks[0].ff[0].weight.device.type == "cpu":
             quadratic = 2 * B * c.heads * S * S * item
         return linear + quadratic
 
@@ -233,14 +300,14 @@ class SEDDenoiser(nn.Module):
             raise InputTypeError("encode: this model has no encoder (cross_attention=False); use cond_tokens=")
         src = self._tokens("src_tokens", src_tokens)
         mask = self._mask("src_mask", src_mask, src.shape)
-        h = self.token_embedding(src).to(self.encoder_norm.weight.dtype)
+        h = (self.token_embedding(src) * self.embed_scale).to(self.encoder_norm.weight.dtype)
         for blk in self.encoder:
             h = blk(h, mask)
         return self.encoder_norm(h)
 
     def _embed_condition(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.kind == "discrete":
-            return self.token_embedding(tokens).to(self._body_dtype())
+            return (self.token_embedding(tokens) * self.embed_scale).to(self._body_dtype())
         e = torch.nn.functional.embedding(tokens, self.embedding.table()) if _capturing() else self.embedding(tokens)
         if self.config.self_condition:
             e = torch.cat([e, torch.zeros_like(e)], -1)
@@ -263,7 +330,7 @@ class SEDDenoiser(nn.Module):
         if c.kind == "discrete":
             x_t = self._tokens("x_t", x_t)
             B, L = x_t.shape
-            h = self.token_embedding(x_t).to(self._body_dtype())
+            h = (self.token_embedding(x_t) * self.embed_scale).to(self._body_dtype())
         else:
             _checks.tensor("x_t", x_t)
             if x_t.ndim != 3 or x_t.shape[-1] != c.embed_dim or not x_t.is_floating_point():
@@ -285,7 +352,9 @@ class SEDDenoiser(nn.Module):
             t = t.expand(B)
         if t.shape != (B,) or t.is_floating_point():
             raise InputError(f"t: expected ({B},) integer steps, got {tuple(t.shape)} {t.dtype}")
-        temb = self.time_mlp(timestep_embedding(t, c.width).to(self.time_mlp[0].weight.dtype)).to(h.dtype)
+        temb = None
+        if self.time_mlp is not None:
+            temb = self.time_mlp(timestep_embedding(t, c.width).to(self.time_mlp[0].weight.dtype)).to(h.dtype)
         prefix: list[torch.Tensor] = []
         masks: list[torch.Tensor | None] = []
         if self.label_embedding is not None:
@@ -311,7 +380,10 @@ class SEDDenoiser(nn.Module):
             raise InputError("memory: this model has no cross-attention (cross_attention=False)")
         if attention_mask is not None:
             attention_mask = self._mask("attention_mask", attention_mask, (B, L))
-        seq = torch.cat([*prefix, h], 1) + temb[:, None]
+        seq = torch.cat([*prefix, h], 1)
+        if c.time_conditioning == "add":
+            seq = seq + temb[:, None]
+        ada = temb if c.time_conditioning == "adaln" else None
         P = seq.shape[1] - L
         mask = None
         if attention_mask is not None or any(m is not None for m in masks):
@@ -322,8 +394,10 @@ class SEDDenoiser(nn.Module):
             mask = torch.cat(parts, 1)
         mm = self._mask("memory_mask", memory_mask, memory.shape[:2]) if memory is not None else None
         for blk in self.blocks:
-            seq = blk(seq, mask, memory, mm)
+            seq = blk(seq, mask, memory, mm, ada)
         out = self.norm(seq[:, P:])
+        if self.final_ada is not None:
+            out = modulate(out, *self.final_ada(ada).to(out.dtype).chunk(2, -1))
         if c.output == "logits":  # in the projection's dtype (the tied embedding's, when tied)
             w = self.token_embedding.weight if self.output_proj is None else self.output_proj.weight
             return out.to(w.dtype) @ w.t() + self.output_bias.to(w.dtype)

@@ -798,7 +798,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         from ..models import build_model
 
         try:
-            model = build_model(cfg["arch"], cfg["model"])
+            model = build_model(cfg["arch"], cfg["model"], saved=True)
         except (TypeError, ValueError) as e:
             raise InputError(f"checkpoint: {d / CONFIG_FILE}: cannot build the model: {e}") from None
     model.to(torch.device(map_location))
