@@ -50,6 +50,14 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return v
+
+
 def seed_int(text: str) -> int:
     """argparse type: a seed in [0, 2**64)."""
     v = _int(text)
@@ -516,6 +524,8 @@ def _eval(args) -> int:
                               reference_texts=refs, word_order_pairs=pairs, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, progress=_progress(args),
                               print_fn=lambda line: None, **_sampling_options(args))
+    if args.fit_rows and td.task != "word_order":
+        res["fit"] = _model_fit(td, docs, args.fit_rows, args.seed)
     _print_eval(res)
     if args.json:
         _write_json(args.json, "--json", res)
@@ -529,6 +539,37 @@ def _reference_texts(docs, td, n: int) -> list[str]:
 
     chunks = datasets.lm_chunks(docs, td.tokenizer, td.seq_len, "valid")
     return [td.tokenizer.decode(row.tolist()) for row in chunks[:n]]
+
+
+def _model_fit(td, docs, rows: int, seed: int) -> dict:
+    """:func:`fastdiff.evaluation.model_fit` of ``td``'s model on ``rows`` held-out chunks, against the
+    unigram of the training chunks (the corpus the checkpoint's figures are compared on)."""
+    from . import evaluation
+    from .data import datasets
+
+    tok = td.tokenizer
+    held_out = datasets.lm_chunks(docs, tok, td.seq_len, "valid")[:rows]
+    train = datasets.lm_chunks(docs, tok, td.seq_len, "train")
+    special = tuple(sorted({i for i in (tok.pad_id, tok.mask_id) if i is not None}))
+    uni = evaluation.unigram_log_probs(train, tok.vocab_size, exclude=special)
+    table = td.model.embedding_table() if td.continuous else None
+    fit = evaluation.model_fit(td.model, td.process, held_out, unigram=uni, embedding_table=table, seed=seed)
+    fit["rows"], fit["length"] = int(held_out.shape[0]), int(held_out.shape[1])
+    return fit
+
+
+def _print_fit(fit: dict) -> None:
+    head = f"model fit on {fit['rows']} held-out chunks of {fit['length']} tokens"
+    if "nelbo" in fit:
+        head += f": NELBO {fit['nelbo']:.3f} nats/token (perplexity <= {fit['ppl_bound']:,.1f})"
+    print(head)
+    for rate, r in fit["rates"].items():
+        uni = f", unigram {r['unigram_ce']:.3f}" if "unigram_ce" in r else ""
+        level = f"1-alpha_bar {rate:.2f}" if fit.get("family") == "continuous" else f"{rate:.0%} corrupted"
+        print(f"  {level} (t={r['t']}): x0 cross-entropy {r['ce']:.3f}{uni}, top-1 accuracy {r['accuracy']:.3f}")
+    if fit.get("no_better_than_unigram"):
+        print("warning: this model predicts corrupted tokens no better than the corpus unigram: it ignores its "
+              "context, and its samples are bags of frequent tokens whatever the sampler does", file=sys.stderr)
 
 
 def _print_eval(res: dict) -> None:
@@ -547,6 +588,8 @@ def _print_eval(res: dict) -> None:
         print(f"BLEU {res['bleu']:.2f}"
               + (f" (the sorted source itself scores {base:.2f})" if base is not None else ""))
     print(f"sampling: {res['tokens_per_s']:,.0f} tokens/s")
+    if "fit" in res:
+        _print_fit(res["fit"])
 
 
 # --- bench, train, info, demo ---------------------------------------------------------------------------
@@ -640,9 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no header line")
     g.set_defaults(func=_generate)
 
-    e = command("eval", "generative perplexity, distinct-n, attribute accuracy, BLEU")
+    e = command("eval", "generative perplexity, distinct-n, attribute accuracy, BLEU; the model's fit to held-out "
+                        "text (NELBO bound, x0 cross-entropy and accuracy against the unigram's)")
     _add_sampling(e)
     e.add_argument("--samples", type=positive_int, default=64, help="samples to generate and score")
+    e.add_argument("--fit-rows", type=non_negative_int, default=256,
+                   help="held-out chunks for the model-fit figures (0: skip them)")
     e.add_argument("--lm", default="causal_lm", help="scoring causal LM (bundled name or directory, or none)")
     e.add_argument("--classifier", default="classifier", help="attribute classifier (bundled, directory, none)")
     e.add_argument("--data", nargs="*", help="text files for the reference texts / pairs (default: Python docs)")
