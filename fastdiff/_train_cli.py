@@ -36,11 +36,13 @@ _FLAG_FIELDS = {  # flag dest -> TrainConfig field
     "seed": "seed", "out": "out_dir", "device": "device", "loss": "loss", "conditioning": "conditioning",
     "cond_drop": "cond_drop", "timestep_sampler": "timestep_sampler", "ema_decay": "ema_decay",
     "ckpt_every": "ckpt_every", "log_every": "log_every", "eval_every": "eval_every",
-    "lam_anchor": "lam_anchor", "grad_accum": "grad_accum", "parallel": "parallel",
+    "lam_anchor": "lam_anchor", "grad_accum": "grad_accum", "parallel": "parallel", "keep_best": "keep_best",
+    "dropout": "model.dropout", "hybrid_lambda": "hybrid_lambda", "lr_schedule": "lr_schedule",
+    "min_lr_ratio": "min_lr_ratio",
 }
 _MODEL_FLAGS = ("width", "layers", "heads", "embed_dim")
 #: flags that may be given with --resume (everything else is the run's and cannot change)
-_RESUME_FLAGS = ("steps", "log_every", "ckpt_every", "eval_every", "device", "grad_accum", "parallel")
+_RESUME_FLAGS = ("steps", "log_every", "ckpt_every", "eval_every", "keep_best", "device", "grad_accum", "parallel")
 #: the command line's own files in a run directory (besides the trainer's, see training.trainer.run_artefacts)
 CLI_FILES = ("command.txt", "train_config.json", "tokenizer.json")
 DEFAULT_SEQ_LEN = 64
@@ -130,6 +132,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps, 0 = only at the end" + d("ckpt_every"))
     p.add_argument("--log-every", type=int, help="log line every N steps" + d("log_every"))
     p.add_argument("--eval-every", type=int, help="validation every N steps, 0 = never" + d("eval_every"))
+    p.add_argument("--keep-best", action="store_true", default=None,
+                   help="with --eval-every: keep the checkpoint of the lowest validation loss in <out>/best; "
+                        "--export exports it")
+    p.add_argument("--dropout", type=float, help="model dropout" + f" (default: {sed['dropout']})")
+    p.add_argument("--hybrid-lambda", type=float, help="discrete hybrid loss: weight of the x0 cross-entropy"
+                   + d("hybrid_lambda"))
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), help="after warm-up" + d("lr_schedule"))
+    p.add_argument("--min-lr-ratio", type=float, help="cosine schedule: final lr / lr" + d("min_lr_ratio"))
     for name in _MODEL_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"model {name} (default: {sed[name]})")
     p.add_argument("--out", help="run directory (checkpoints, train_log.jsonl); with --resume: continue into it"
@@ -175,14 +185,16 @@ def _check_flags(args) -> None:
         if v is not None and v < minimum:
             raise InputError(f"{_flag(dest)}: must be >= {minimum}, got {v}")
     floats = {"lr": (0.0, None, True), "cond_drop": (0.0, 1.0, False), "ema_decay": (0.0, 1.0, False),
-              "lam_anchor": (0.0, None, False)}
+              "lam_anchor": (0.0, None, False), "dropout": (0.0, 1.0, False), "hybrid_lambda": (0.0, None, False),
+              "min_lr_ratio": (0.0, 1.0, False)}
+    hi_open = ("ema_decay", "dropout")
     for dest, (lo, hi, lo_open) in floats.items():
         v = getattr(args, dest, None)
         if v is None:
             continue
         if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi) \
-                or (dest == "ema_decay" and v >= 1.0):
-            rng = f"> {lo}" if lo_open else (f"in [{lo}, {hi}{')' if dest == 'ema_decay' else ']'}" if hi is not None
+                or (dest in hi_open and v >= 1.0):
+            rng = f"> {lo}" if lo_open else (f"in [{lo}, {hi}{')' if dest in hi_open else ']'}" if hi is not None
                                              else f">= {lo}")
             raise InputError(f"{_flag(dest)}: must be a finite number {rng}, got {v}")
     for item in args.set:
@@ -216,11 +228,14 @@ def _config_file(path: str) -> dict:
 def config_from_args(args) -> dict:
     """The TrainConfig dict: file, then flags, then ``--set`` (only the keys given; the rest defaults)."""
     d = _config_file(args.config) if args.config else {}
+    model = dict(d.get("model", {}))
     for dest, field in _FLAG_FIELDS.items():
         v = getattr(args, dest, None)
         if v is not None:
-            d[field] = v
-    model = dict(d.get("model", {}))
+            if field.startswith("model."):
+                model[field.removeprefix("model.")] = v
+            else:
+                d[field] = v
     for name in _MODEL_FLAGS:
         v = getattr(args, name, None)
         if v is not None:
@@ -431,6 +446,7 @@ def _command_line(ctx) -> str:
 def _run(args, ctx, plan: _Plan) -> int:
     from . import distributed
     from .training import TrainConfig, Trainer, export_checkpoint, read_config
+    from .training.trainer import BEST_DIR
     from .training.config import RESUMABLE_OVERRIDES
 
     progress = not args.no_progress
@@ -516,7 +532,9 @@ def _run(args, ctx, plan: _Plan) -> int:
     out_dir = Path(trainer.config.out_dir)
     say(f"done: step {trainer.global_step}; checkpoints and train_log.jsonl in {out_dir}")
     if args.export and main:
-        dst = export_checkpoint(out_dir, args.export)
+        best = out_dir / BEST_DIR
+        src = best if trainer.config.keep_best and best.is_dir() else out_dir
+        dst = export_checkpoint(src, args.export)
         for name in ("train_log.jsonl", "command.txt", "train_config.json"):
             if (out_dir / name).is_file():
                 shutil.copy(out_dir / name, dst / name)

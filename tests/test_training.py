@@ -629,3 +629,65 @@ def test_resume_refuses_other_data(tmp_path):
     with pytest.raises(ValueError, match="differs from the data the run"):
         Trainer.resume(a, other, model=SpyDiscrete())
     assert Trainer.resume(a, {"tokens": pattern_tokens(40)}, model=SpyDiscrete()).global_step == 4
+
+
+# --- keep_best ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ema_decay", [0.0, 0.6])
+def test_keep_best_holds_the_checkpoint_of_the_lowest_validation_loss(tmp_path, ema_decay, monkeypatch):
+    from fastdiff.training import read_config
+    from fastdiff.training.checkpoint import load_tensors
+
+    cfg = config(tmp_path, max_steps=12, eval_every=2, keep_best=True, ckpt_every=2, keep_checkpoints=0,
+                 ema_decay=ema_decay)
+    data, valid = {"tokens": pattern_tokens()}, {"tokens": pattern_tokens(16, 3)}
+    tr = Trainer(cfg, data, valid, model=_seeded(SpyDiscrete))
+    real = tr.evaluate()
+    assert real["valid_loss"] > 0  # the real validation runs; the scripted losses below go up and down
+    scripted = iter([5.0, 3.0, 4.0, 2.5, 2.5, 2.7])
+    seen = []
+
+    def evaluate(weights="raw"):
+        assert weights == ("ema" if ema_decay else "raw") or weights == "raw"
+        if weights == "raw":
+            seen.append(tr.global_step)
+            return {"valid_loss": next(scripted)}
+        return {"valid_ema_loss": [5.0, 3.0, 4.0, 2.5, 2.5, 2.7][len(seen) - 1]}
+
+    monkeypatch.setattr(tr, "evaluate", evaluate)
+    tr.fit(progress=False)
+    assert seen == [2, 4, 6, 8, 10, 12]
+    run = tmp_path / "run"
+    assert read_config(run / "best")["step"] == 8  # the first of the equal minima
+    assert tr.best == {"step": 8, "valid_loss": 2.5}
+    # best/ holds that step's weights (raw and EMA), and pruning never touches it
+    for name in ("model.safetensors",) + (("ema.safetensors",) if ema_decay else ()):
+        a, b = load_tensors(run / "best" / name), load_tensors(run / "step_00000008" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a resume keeps the record, so a later evaluation must beat 2.5 to replace best/
+    resumed = Trainer.resume(run, data, valid, model=SpyDiscrete())
+    assert resumed.best == tr.best
+    # the log holds the validation losses the choice was made on
+    logged = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    key = "valid_ema_loss" if ema_decay else "valid_loss"
+    assert [r[key] for r in logged if key in r] == [5.0, 3.0, 4.0, 2.5, 2.5, 2.7]
+
+
+def test_evaluate_ema_weights_and_back(tmp_path):
+    tr = Trainer(config(tmp_path, ema_decay=0.5), {"tokens": pattern_tokens()}, {"tokens": pattern_tokens(16, 3)},
+                 model=_seeded(SpyDiscrete))
+    for _ in range(3):
+        tr.step()
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    ema = tr.evaluate("ema")
+    raw = tr.evaluate()
+    assert set(ema) == {k.replace("valid_", "valid_ema_") for k in raw} and ema["valid_ema_loss"] != raw["valid_loss"]
+    assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())
+    tr.ema.copy_to(tr.model)
+    assert tr.evaluate()["valid_loss"] == ema["valid_ema_loss"]
+
+
+def test_keep_best_needs_validation(tmp_path):
+    with pytest.raises(ValueError, match="keep_best"):
+        config(tmp_path, keep_best=True)
+    with pytest.raises(TypeError, match="keep_best"):
+        config(tmp_path, keep_best=1, eval_every=2)

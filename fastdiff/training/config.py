@@ -21,7 +21,7 @@ TASKS = ("lm", "attribute", "word_order")
 DATA_KEYS = {"lm": ("tokens",), "attribute": ("tokens", "labels"), "word_order": ("src", "tgt")}
 #: fields that may change when a run is resumed (everything else must match the checkpoint)
 RESUMABLE_OVERRIDES = ("max_steps", "log_every", "ckpt_every", "eval_every", "eval_batches", "out_dir",
-                       "keep_checkpoints", "device", "amp", "grad_accum", "parallel")
+                       "keep_checkpoints", "keep_best", "device", "amp", "grad_accum", "parallel")
 PARALLEL = ("ddp", "fsdp")
 
 
@@ -48,6 +48,10 @@ class TrainConfig:
     parallel : under torchrun, "ddp" (DistributedDataParallel, a full replica per process) or "fsdp"
         (FSDP2 ``fully_shard``: parameters, gradients and optimizer state sharded across processes).
     log_every, ckpt_every, eval_every (0 = never), eval_batches, keep_checkpoints (0 = all), out_dir.
+    keep_best : with ``eval_every``, after each validation whose ``valid_loss`` (of the EMA weights, when
+        ``ema_decay > 0``) is the lowest so far, the
+        checkpoint of that step is written to ``out_dir/best`` (replaced atomically; never pruned), and
+        ``fastdiff train --export`` exports it instead of the last step (long runs on small corpora overfit).
     """
 
     task: str = "lm"
@@ -92,6 +96,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 4
     keep_checkpoints: int = 2
+    keep_best: bool = False
     out_dir: str = "runs/fastdiff"
 
     def __post_init__(self) -> None:
@@ -147,6 +152,10 @@ class TrainConfig:
         for name in ("ckpt_every", "eval_every", "keep_checkpoints"):
             _checks.positive_int(name, getattr(self, name), 0)
         _checks.positive_int("eval_batches", self.eval_batches)
+        if not isinstance(self.keep_best, bool):
+            raise InputTypeError(f"keep_best: expected True or False, got {self.keep_best!r}")
+        if self.keep_best and not self.eval_every:
+            raise InputError("keep_best: the best checkpoint is chosen by validation; set eval_every > 0")
         if not isinstance(self.out_dir, (str, os.PathLike)):
             raise InputTypeError(f"out_dir: expected a path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)

@@ -48,9 +48,10 @@ from .config import DATA_KEYS, RESUMABLE_OVERRIDES, TASKS, TrainConfig, lr_facto
 from .process import build_process, process_config, sync_schedule
 from ..errors import InputError, InputTypeError
 
-__all__ = ["DATA_KEYS", "EMA", "TASKS", "TrainConfig", "Trainer", "lr_factor"]
+__all__ = ["BEST_DIR", "DATA_KEYS", "EMA", "TASKS", "TrainConfig", "Trainer", "lr_factor"]
 
 LOG_FILE = "train_log.jsonl"
+BEST_DIR = "best"  # TrainConfig.keep_best: the checkpoint of the lowest validation loss so far
 
 
 class EMA:
@@ -152,6 +153,7 @@ def run_artefacts(out_dir: str | os.PathLike) -> list[str]:
     for p in sorted(out.iterdir()):
         n = p.name
         if n in (LOG_FILE, ckpt.LATEST) or (ckpt.STEP_DIR.fullmatch(n) and p.is_dir()) \
+                or (n == BEST_DIR and p.is_dir() and (p / ckpt.CONFIG_FILE).is_file()) \
                 or (is_checkpoint and n in ckpt.CHECKPOINT_FILES):
             found.append(n)
         elif (m := ckpt.STALE.fullmatch(n)) and ckpt._looks_like_ours(p, m["base"]):
@@ -341,6 +343,7 @@ class Trainer:
         self._overwrite = overwrite
         self._claimed = False  # out_dir checked (a fresh run) or continued (a resumed one)
         self._on_disk: tuple[int, Path] | None = None  # the checkpoint in out_dir that holds this state
+        self.best: dict[str, float] | None = None  # keep_best: {"step", "valid_loss"} of out_dir/best
 
     # --- configuration -------------------------------------------------------------------------
     def _model_config(self) -> dict[str, Any]:
@@ -353,6 +356,10 @@ class Trainer:
         if cfg.family == "continuous":
             implied["embedding_layernorm"] = cfg.embedding_layernorm
             mc.setdefault("self_condition", True)  # SED trains with self-conditioning
+        elif cfg.kind == "absorbing":
+            # MDLM: the x0 posterior of masked diffusion does not need the step (the masks carry it), and a
+            # step-free model lets the sampler cache network calls (cache=True)
+            mc.setdefault("time_conditioning", "none")
         if cfg.task == "attribute":
             labels = self.train_data["labels"]
             implied["num_labels"] = len(cfg.label_names) or int(labels.max()) + 1
@@ -649,9 +656,23 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss terms (prefixed ``valid_``) over the first ``eval_batches`` batches of ``valid_data``,
-        in order, with fixed per-batch seeds, uniform t, no condition dropout or self-conditioning."""
+    def evaluate(self, weights: str = "raw") -> dict[str, float]:
+        """Mean loss terms (prefixed ``valid_``, or ``valid_ema_`` for ``weights="ema"``) over the first
+        ``eval_batches`` batches of ``valid_data``, in order, with fixed per-batch seeds, uniform t, no
+        condition dropout or self-conditioning. ``weights``: the trained parameters ("raw") or their EMA
+        ("ema", swapped in for the evaluation and back)."""
+        _checks.choice("weights", weights, ("raw", "ema"))
+        if weights == "ema":
+            if self.ema is None:
+                raise InputError("weights: this run keeps no EMA (ema_decay=0)")
+            raw = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            self.ema.copy_to(self.model)
+            try:
+                return {k.replace("valid_", "valid_ema_", 1): v for k, v in self.evaluate("raw").items()}
+            finally:
+                with torch.no_grad():
+                    for n, p in self.model.named_parameters():
+                        p.copy_(raw[n])
         from ..data import Batches
 
         if self.valid_data is None:
@@ -755,7 +776,12 @@ class Trainer:
                 if s % cfg.log_every == 0:
                     self._write_log(self._log_record())
                 if cfg.eval_every and s % cfg.eval_every == 0 and self.valid_data is not None:
-                    self._write_log({"step": s, **self.evaluate(), "elapsed": self.elapsed})
+                    rec = self.evaluate()
+                    if cfg.keep_best and self.ema is not None:  # the exported weights are the EMA's
+                        rec.update(self.evaluate("ema"))
+                    self._write_log({"step": s, **rec, "elapsed": self.elapsed})
+                    if cfg.keep_best:
+                        self._keep_if_best(rec["valid_ema_loss" if self.ema is not None else "valid_loss"])
                 if cfg.ckpt_every and s % cfg.ckpt_every == 0:
                     self.save()
                     last_saved = s
@@ -772,6 +798,15 @@ class Trainer:
         return self.history[first:]
 
     # --- checkpoints ---------------------------------------------------------------------------
+    def _keep_if_best(self, valid_loss: float) -> None:
+        """``keep_best``: write this step's checkpoint to ``out_dir/best`` when ``valid_loss`` (of the EMA
+        weights when the run keeps an EMA: they are what is exported) is the lowest seen; the validation
+        draws are the same at every evaluation, so losses compare across steps."""
+        if self.best is not None and not valid_loss < self.best["valid_loss"]:
+            return
+        self.best = {"step": self.global_step, "valid_loss": float(valid_loss)}
+        self.save(Path(self.config.out_dir) / BEST_DIR)
+
     def _process_for_saving(self) -> dict[str, Any]:
         cfg = dict(self.process_config)
         if self.adaptive is not None:
@@ -798,7 +833,8 @@ class Trainer:
         state = {"step": self.global_step, "elapsed": self.elapsed, "data": self.batches.state_dict(),
                  "global_batch": self.global_batch, "world_size": self.world,
                  "optimizer": {"param_groups": groups, "scalars": scalars}, "window": dict(self._window),
-                 "timestep_sampler": self.config.timestep_sampler, "data_sha256": self._data_digest()}
+                 "timestep_sampler": self.config.timestep_sampler, "data_sha256": self._data_digest(),
+                 "best": self.best}
         return state, tensors
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
@@ -896,6 +932,8 @@ class Trainer:
                 raise ValueError(f"step {self.global_step}, but {d / ckpt.CONFIG_FILE} says step {cfg['step']}")
             self.elapsed = float(state.get("elapsed", 0.0))
             self._window = {k: float(v) for k, v in state.get("window", {}).items()}
+            best = state.get("best")
+            self.best = None if best is None else {"step": int(best["step"]), "valid_loss": float(best["valid_loss"])}
         except _DataMismatch as e:
             raise InputError(str(e)) from None
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -997,7 +1035,7 @@ class Trainer:
             from ..models import build_model
 
             try:
-                model = build_model(cfg["arch"], cfg["model"])
+                model = build_model(cfg["arch"], cfg["model"], saved=True)
             except (TypeError, ValueError) as e:
                 raise InputError(f"checkpoint: {d / ckpt.CONFIG_FILE}: cannot build the model: {e}") from None
         weights = d / ckpt.MODEL_FILE
