@@ -381,6 +381,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                         "depend on --batch-size or the number of processes, bit for bit (default: the batch as is; "
                         "the network's rounding can then differ between batch shapes, which flips a draw now and "
                         "then)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", default=None,
+                   help="call the network at every step (default: the ancestral strategy of a step-free discrete "
+                        "model skips the calls of steps that unmask nothing, MDLM's cache: same samples, fewer "
+                        "calls)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="ops backend")
     _add_device(p)
     _add_threads(p)
@@ -398,7 +402,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 
 def _sampling_options(args) -> dict:
     opts = {}
-    for name in ("eta", "threshold", "block_size", "micro_batch"):
+    for name in ("eta", "threshold", "block_size", "micro_batch", "cache"):
         v = getattr(args, name, None)
         if v is not None:
             opts[name] = v

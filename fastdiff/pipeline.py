@@ -213,7 +213,8 @@ class TextDiffusion:
         ``uncond + s·(cond - uncond)`` (1 = plain conditional; > 1 needs a label); ``template``: prompt /
         infilling (module docstring); ``source``: the input text(s) of a text-to-text checkpoint;
         ``options``: any other :func:`fastdiff.sampling.sample` option (e.g. ``eta``, ``clamp``,
-        ``threshold``, ``block_size``); the per-batch ones that generate sets itself (``cond``,
+        ``threshold``, ``block_size``, ``cache``: on by default where :meth:`auto_cache` says it changes
+        nothing but the number of network calls); the per-batch ones that generate sets itself (``cond``,
         ``x_init``, ``sample_offset``, ...) are rejected there.
 
         Randomness is keyed by ``seed`` and each sample's global index ``0 .. num_samples-1`` (the sampler's
@@ -289,6 +290,8 @@ class TextDiffusion:
         x_init = fixed = None
         if template is not None:
             x_init, fixed = self.parse_template(template, L)
+        if "cache" not in options and self.auto_cache(strategy):
+            options = {**options, "cache": True}
 
         texts: list[str] = []
         toks: list[torch.Tensor] = [torch.empty(0, L, dtype=torch.long)]
@@ -356,6 +359,15 @@ class TextDiffusion:
         name = None if lab is None or lab == self.num_labels else self.label_names[lab]
         return Generation(texts=texts, tokens=tokens, stats=total, trajectory=traj, labels=[name] * len(texts),
                           start=lo)
+
+    def auto_cache(self, strategy: str) -> bool:
+        """Whether :meth:`generate` turns on the sampler's ``cache`` (MDLM's caching sampler) by itself: for
+        the ancestral strategy of a discrete model whose output does not depend on the step (``uses_time``
+        False, e.g. an absorbing model trained without a step input). A step that unmasks nothing leaves
+        the network's input, and so its output, unchanged: the cache skips that call, and the samples are
+        the same tokens as without it. ``generate(..., cache=False)`` turns it off."""
+        return (strategy == "ancestral" and not self.continuous
+                and not getattr(self.model, "uses_time", True))
 
     def _check_memory(self, n: int, mine: int, L: int, steps: int, trajectory: bool, block_size) -> None:
         """What all the samples' outputs will hold (tokens, texts, trajectories), against free host memory.

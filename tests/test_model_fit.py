@@ -149,3 +149,28 @@ def test_eval_warns_about_a_model_that_ignores_its_context(capsys, tmp_path) -> 
                  "--fit-rows", "0", "--no-progress"])
     text, err = capsys.readouterr()
     assert code == 0 and "NELBO" not in text and "unigram" not in err
+
+
+def test_generate_caches_network_calls_of_a_step_free_model(tmp_path, capsys) -> None:
+    """An absorbing run builds a step-free model (no time input); generate() then turns MDLM's cache on by
+    itself: the same tokens with fewer network calls. A model with a step input keeps every call."""
+    from fastdiff.data import default_tokenizer, lm_chunks, python_docs
+    from fastdiff.pipeline import TextDiffusion
+
+    tok = default_tokenizer()
+    train = lm_chunks(python_docs(), tok, 16, "train")[:64]
+    for name, model in (("free", {}), ("timed", {"time_conditioning": "adaln"})):
+        cfg = TrainConfig(family="discrete", task="lm", seq_len=16, batch_size=4, max_steps=2, lr=1e-3,
+                          ema_decay=0.0, model={"width": 16, "layers": 1, "heads": 2, **model},
+                          out_dir=str(tmp_path / name), log_every=1)
+        Trainer(cfg, {"tokens": train}, tokenizer=tok).fit(progress=False)
+    free, timed = TextDiffusion.load(tmp_path / "free"), TextDiffusion.load(tmp_path / "timed")
+    assert free.auto_cache("ancestral") and not free.auto_cache("confidence") and not timed.auto_cache("ancestral")
+    a = free.generate(3, steps=200, seed=5)
+    b = free.generate(3, steps=200, seed=5, cache=False)
+    assert a.texts == b.texts and torch.equal(a.tokens, b.tokens)
+    assert b.stats["network_calls"] == 200 and a.stats["network_calls"] <= 3 * 16 + 1
+    assert timed.generate(2, steps=50, seed=5).stats["network_calls"] == 50
+    code = main(["generate", "-c", str(tmp_path / "free"), "-n", "2", "--steps", "100", "--no-cache",
+                 "--no-progress"])
+    assert code == 0 and "(100 network calls)" in capsys.readouterr().out
