@@ -8,6 +8,8 @@ Layout of ``<dir>/``::
     model.safetensors  the raw weights
     ema.safetensors    the EMA weights (when kept)
     tokenizer.json     a copy of the tokenizer (when there is one)
+    process.safetensors the tensors the process is built from (a NearestNeighbor's embeddings, a Dense Q;
+                       float64, exact), when it has any: config.json's ``process.tensors`` names them
     state.safetensors  resume state: optimizer moments, sampler history, adaptive-schedule losses ...
     state.json         resume state: step, data position, optimizer hyper-parameters, log accumulators ...
 
@@ -67,6 +69,7 @@ __all__ = [
     "Checkpoint",
     "export_checkpoint",
     "load_checkpoint",
+    "load_process_tensors",
     "newest_complete_checkpoint",
     "read_config",
     "remove_stale_temporaries",
@@ -84,9 +87,10 @@ EMA_FILE = "ema.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
+PROCESS_FILE = "process.safetensors"
 LATEST = "latest"
 #: the files a checkpoint directory may hold (what a save writes)
-CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, EMA_FILE, TOKENIZER_FILE, STATE_FILE, STATE_JSON)
+CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, EMA_FILE, TOKENIZER_FILE, STATE_FILE, STATE_JSON, PROCESS_FILE)
 #: names of the default checkpoints of a run directory
 STEP_DIR = re.compile(r"step_(\d+)")
 #: a temporary entry of a save (``<base>.tmp-<pid>``) or a replaced checkpoint set aside (``<base>.old-<pid>``)
@@ -435,7 +439,8 @@ def _finish_config(config: dict[str, Any], files: dict[str, dict[str, Any]]) -> 
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, process: dict[str, Any],
-                    train: dict[str, Any] | None = None, tokenizer: Any = None, step: int = 0,
+                    process_tensors: dict[str, torch.Tensor] | None = None, train: dict[str, Any] | None = None,
+                    tokenizer: Any = None, step: int = 0,
                     ema: dict[str, torch.Tensor] | None = None, state: dict[str, Any] | None = None,
                     state_tensors: dict[str, torch.Tensor] | None = None, update_latest: bool = False) -> Path:
     """Write a checkpoint directory at ``path`` atomically (see the module docstring).
@@ -445,6 +450,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, process: dict[
     model : a fastdiff model (``model.arch``, ``model.config_dict()``, e.g. from
         :func:`fastdiff.models.build_model`); its ``state_dict()`` goes to ``model.safetensors``.
     process : the process config (:func:`fastdiff.training.build_process`'s input).
+    process_tensors : the tensors the process is built from (``process.safetensors``; omitted when empty).
     train : the training config (``TrainConfig.to_dict()``), stored for reference and resuming.
     tokenizer : a :class:`fastdiff.data.TextTokenizer` (copied as ``tokenizer.json``, fingerprint recorded).
     ema : EMA weights with the keys of ``model.state_dict()`` (``ema.safetensors``).
@@ -461,6 +467,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, process: dict[
     _check_finite(weights, "model")
     if ema is not None:
         _check_finite(ema, "ema")
+    if process_tensors:
+        _check_finite(process_tensors, "process_tensors")
     config = {"format": FORMAT, "version": VERSION, "arch": arch, "model": model_cfg, "process": dict(process),
               "train": dict(train or {}), "tokenizer": None, "step": step}
     if tokenizer is not None:
@@ -472,6 +480,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, process: dict[
             files[EMA_FILE] = _save_tensors(ema, tmp / EMA_FILE)
         if tokenizer is not None:
             files[TOKENIZER_FILE] = _save_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
+        if process_tensors:
+            files[PROCESS_FILE] = _save_tensors(process_tensors, tmp / PROCESS_FILE)
         if state_tensors is not None:
             files[STATE_FILE] = _save_tensors(state_tensors, tmp / STATE_FILE)
         if state is not None:
@@ -805,10 +815,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     load_state_dict_checked(model, tensors, file)
     model.eval()
     try:
-        process = build_process(cfg["process"])
+        process = build_process(cfg["process"], load_process_tensors(d, cfg))
     except (TypeError, ValueError) as e:
         raise InputError(f"checkpoint: {d / CONFIG_FILE}: bad process config: {e}") from None
     return Checkpoint(model=model, config=cfg, tokenizer=tok, process=process, step=int(cfg["step"]), path=d)
+
+
+def load_process_tensors(d: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint's process (``process.safetensors``, verified; ``{}`` when it has none)."""
+    if not has_file(d, cfg, PROCESS_FILE):
+        return {}
+    return load_tensors(d / PROCESS_FILE, config=cfg, finite=True)
 
 
 def load_resume_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
@@ -847,6 +864,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
         raise InputError(f"dst: {dst} is the checkpoint being exported ({d}); export to another directory")
     cfg = read_config(d)
     tok = load_tokenizer(d, cfg)
+    process_tensors = load_process_tensors(d, cfg)  # kept exactly (float64)
     file = weights_file(d, cfg, weights)
     tensors = {k: v.to(dtype) if v.is_floating_point() else v
                for k, v in load_tensors(file, config=cfg, finite=True).items()}
@@ -861,6 +879,8 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
         files = {MODEL_FILE: _save_tensors(tensors, tmp / MODEL_FILE)}
         if tok is not None:
             files[TOKENIZER_FILE] = _save_tokenizer(tok, tmp / TOKENIZER_FILE)
+        if process_tensors:
+            files[PROCESS_FILE] = _save_tensors(process_tensors, tmp / PROCESS_FILE)
         _write_json(_finish_config(cfg, files), tmp / CONFIG_FILE)
 
     return atomic_directory(dst, write)
