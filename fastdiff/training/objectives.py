@@ -21,8 +21,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .. import continuous, discrete, timesteps
+from .. import discrete, schedules, timesteps
 from .config import TrainConfig
+from .process import sync_schedule
 
 __all__ = ["BatchLoss", "Objective", "autocast"]
 
@@ -52,7 +53,9 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 class Objective:
-    """The per-batch loss of a run: ``Objective.create(...)`` gives the family's.
+    """The per-batch loss of a run (``Objective.create(...)`` gives the family's), and what the losses feed
+    back: the timestep ``sampler`` (its importance weights weight the loss; a loss-aware one records the
+    per-sequence losses) and the process's ``adaptive`` schedule, when it has one.
 
     ``model`` is the bare model (the embeddings, the encoder and the self-conditioning pass use it);
     :meth:`loss` takes the module the training forward runs through (DDP) as ``net``.
@@ -63,6 +66,9 @@ class Objective:
         self.config, self.process, self.model, self.device = config, process, model, device
         self.num_labels, self.pad_id, self.self_condition = num_labels, pad_id, self_condition
         self.target = "tgt" if config.task == "word_order" else "tokens"
+        self.sampler = timesteps.create(config.timestep_sampler, config.T)
+        schedule = getattr(process, "schedule", None)
+        self.adaptive = schedule if isinstance(schedule, schedules.AdaptiveSchedule) else None
 
     @staticmethod
     def create(config: TrainConfig, process: Any, model: nn.Module, device: torch.device, **kw: Any) -> Objective:
@@ -74,22 +80,22 @@ class Objective:
 
     # --- draws ---------------------------------------------------------------------------------------
     def draws(self, gbatch: dict[str, torch.Tensor], generators: tuple[torch.Generator, torch.Generator],
-              sampler: timesteps.UniformSampler | None) -> dict[str, Any]:
+              train: bool) -> dict[str, Any]:
         """Every random draw of a step for the global batch ``gbatch``: ``t`` and importance weights ``w``
-        (from ``sampler``, or uniform with weights 1 when None: evaluation), labels after condition dropout
+        (from the sampler; for evaluation uniform with weights 1), labels after condition dropout
         (training only), then the family's (:meth:`_family_draws`). ``generators``: (CPU, device)."""
         cpu_gen, gen = generators
         x0 = gbatch[self.target]
         G = x0.shape[0]
-        if sampler is not None:
-            t, w = sampler.sample(G, generator=cpu_gen, device=self.device)
+        if train:
+            t, w = self.sampler.sample(G, generator=cpu_gen, device=self.device)
         else:
             t = torch.randint(1, self.config.T + 1, (G,), generator=cpu_gen).to(self.device)
             w = torch.ones(G, device=self.device)
         d: dict[str, Any] = {"t": t, "w": w}
         if self.config.task == "attribute":
             labels = gbatch["labels"]
-            if sampler is not None and self.config.cond_drop > 0:
+            if train and self.config.cond_drop > 0:
                 drop = torch.rand(labels.shape, generator=gen, device=labels.device) < self.config.cond_drop
                 labels = torch.where(drop, torch.full_like(labels, self.num_labels), labels)
             d["labels"] = labels
@@ -99,6 +105,15 @@ class Objective:
     def _family_draws(self, d: dict[str, Any], x0: torch.Tensor, t: torch.Tensor, cpu_gen: torch.Generator,
                       gen: torch.Generator) -> None:
         raise NotImplementedError
+
+    def record(self, t: torch.Tensor, per_sequence: torch.Tensor, difficulty: torch.Tensor | None, step: int) -> None:
+        """Feed an update's losses back, for the global batch in its order (CPU): the timestep sampler's
+        history, and the adaptive schedule's (``difficulty``), re-fitted every ``refit_every`` steps."""
+        self.sampler.update(t, per_sequence)
+        if self.adaptive is not None:
+            self.adaptive.record(t, difficulty)
+            if (step + 1) % self.config.refit_every == 0 and self.adaptive.refit():
+                sync_schedule(self.process)
 
     # --- the condition -------------------------------------------------------------------------------
     def cond(self, batch: dict[str, torch.Tensor], draws: dict[str, Any], rows: torch.Tensor

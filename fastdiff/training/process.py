@@ -238,7 +238,8 @@ def _tensor_source(name: str, source: object, model: nn.Module | None) -> torch.
             raise InputError(f"process_kw.{name}: 'model' needs the model")
         return model_embeddings(model)
     if not isinstance(source, str):
-        raise InputError(f"process_kw.{name}: expected the path of a .safetensors file holding {name!r}, got {source!r}")
+        raise InputError(f"process_kw.{name}: expected the path of a .safetensors file holding {name!r}, "
+                         f"got {source!r}")
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"process_kw.{name}: no file at {path}")

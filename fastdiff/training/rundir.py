@@ -16,11 +16,11 @@ from .. import distributed as _dist
 from . import checkpoint as ckpt
 from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .logs import LOG_FILE, read_log
-from .state import rebatch
+from .state import load_state, rebatch
 from ..errors import InputError, InputTypeError
 
-__all__ = ["BEST_DIR", "Resume", "claim", "continue_log", "open_resume", "remove_run_artefacts", "run_artefacts",
-           "same_dir"]
+__all__ = ["BEST_DIR", "Resume", "claim", "continue_log", "open_resume", "point_latest", "prune",
+           "remove_run_artefacts", "resume_into", "run_artefacts", "same_dir"]
 
 BEST_DIR = "best"  # TrainConfig.keep_best: the checkpoint of the lowest validation loss so far
 
@@ -78,6 +78,22 @@ def claim(out: Path, overwrite: bool, rank: int) -> None:
     if found and rank == 0:
         remove_run_artefacts(out)
     _dist.barrier()
+
+
+def prune(out: Path, keep: int, written: Path) -> None:
+    """Keep the newest ``keep`` ``step_<N>`` checkpoints of ``out`` (0: all; never ``written``)."""
+    if not keep:
+        return
+    old = sorted(p for p in out.iterdir() if ckpt.STEP_DIR.fullmatch(p.name) and p.is_dir())
+    for p in old[:-keep]:
+        if p != written:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def point_latest(out: Path, checkpoint: Path) -> None:
+    """``out/latest`` names ``checkpoint`` (rewritten only when it names another one)."""
+    if ckpt.read_latest(out) != checkpoint.name:
+        ckpt.write_latest(out, checkpoint.name)
 
 
 def continue_log(out_dir: Path, source_log: Path, same: bool, step: int) -> None:
@@ -167,3 +183,19 @@ def open_resume(path: str | os.PathLike, overrides: dict[str, Any], overwrite: b
     weights = d / ckpt.MODEL_FILE
     ckpt.load_state_dict_checked(model, ckpt.load_tensors(weights, config=cfg, finite=True), weights)
     return Resume(d, cfg, state, state_tensors, config, tok, model, source, same)
+
+
+def resume_into(trainer: Any, r: Resume) -> None:
+    """Give the trainer built for the resume ``r`` its saved state, and its run directory: claimed (another
+    directory) or continued (its own), the log continued, the checkpoint on disk remembered."""
+    trainer.resumed_from = r.checkpoint
+    if r.same:
+        trainer._claimed = True
+    else:
+        trainer._claim_out_dir()
+    load_state(trainer, r.checkpoint, r.state, r.state_tensors, r.cfg)
+    out = Path(trainer.config.out_dir)
+    if trainer.rank == 0:  # rank 0 alone writes the log
+        continue_log(out, r.source / LOG_FILE, r.same, trainer.global_step)
+    if r.same and same_dir(r.checkpoint.parent, out) and ckpt.STEP_DIR.fullmatch(r.checkpoint.name):
+        trainer._on_disk = (trainer.global_step, r.checkpoint)

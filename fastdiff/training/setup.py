@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .config import DATA_KEYS, TrainConfig
+from .config import DATA_KEYS, TrainConfig, lr_factor
 from ..errors import InputError, InputTypeError
 
-__all__ = ["batch_tokens", "build_model", "build_optimizer", "check_data", "check_vocab", "data_lengths",
-           "num_labels"]
+__all__ = ["batch_tokens", "build_model", "build_optimizer", "check_data", "check_model", "check_vocab", "data_lengths",
+           "num_labels", "on_device", "set_lr", "valid_batches"]
 
 
 def check_data(name: str, data: object, task: str) -> dict[str, torch.Tensor]:
@@ -49,6 +49,22 @@ def data_lengths(config: TrainConfig, data: dict[str, torch.Tensor]) -> dict[str
     if config.task == "word_order":
         out["src_len"] = _data_length("src_len", config.src_len, data["src"], "src")
     return out
+
+
+def on_device(keys: Any, vals: Any, device: torch.device, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """A :class:`fastdiff.data.Batches` batch (a tensor or a tuple) as a dict of the data's ``keys``."""
+    vals = vals if isinstance(vals, tuple) else (vals,)
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in zip(keys, vals)}
+
+
+def valid_batches(data: dict[str, torch.Tensor], batch_size: int, count: int, device: torch.device):
+    """The first ``count`` batches of ``data`` (at most ``batch_size`` rows each), in order: ``(i, batch)``."""
+    from ..data import Batches
+
+    n = next(iter(data.values())).shape[0]
+    batches = Batches(*data.values(), batch_size=min(batch_size, n), shuffle=False)
+    for i in range(min(count, len(batches))):
+        yield i, on_device(data, batches.next_batch(), device)
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -90,6 +106,18 @@ def build_model(config: TrainConfig, tokenizer: Any, train_data: dict[str, torch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return build(config.arch, model_config(config, tokenizer, train_data))
+
+
+def check_model(model: nn.Module, config: TrainConfig, tokenizer: Any, datasets: dict[str, dict[str, torch.Tensor]]
+                ) -> tuple[dict[str, Any], int, int]:
+    """``(model config, vocabulary size, number of labels)`` of ``model``, checked against the config, the
+    tokenizer and the data (``datasets``: name -> data, the training data first)."""
+    model_cfg = dict(model.config_dict()) if hasattr(model, "config_dict") else dict(config.model)
+    V = check_vocab(model_cfg, tokenizer, datasets)
+    labels = num_labels(config, model_cfg, next(iter(datasets.values())))
+    if config.family == "continuous" and not callable(getattr(model, "embedding_table", None)):
+        raise InputTypeError("model: continuous training needs model.embedding and model.embedding_table()")
+    return model_cfg, V, labels
 
 
 def check_vocab(model_cfg: dict[str, Any], tokenizer: Any, datasets: dict[str, dict[str, torch.Tensor]]) -> int:
@@ -136,3 +164,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
     return optimizer, names[0] + names[1]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, step: int) -> float:
+    """Set the learning rate of the update at 0-based ``step`` (:func:`lr_factor`); returns it."""
+    lr = config.lr * lr_factor(step, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                               schedule=config.lr_schedule, min_ratio=config.min_lr_ratio)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr

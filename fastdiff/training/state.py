@@ -22,13 +22,14 @@ from .. import distributed as _dist
 from .. import timesteps
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .parallel import full_tensor
 from .process import sync_schedule
 from ..errors import InputError
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["Weights", "data_digest", "load_state", "optimizer_state", "rebatch", "save_state"]
+__all__ = ["Weights", "data_digest", "load_state", "optimizer_state", "rebatch", "save_state", "write_checkpoint"]
 
 
 class _DataMismatch(Exception):
@@ -101,6 +102,22 @@ def save_state(tr: Trainer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
              "timestep_sampler": tr.config.timestep_sampler, "data_sha256": tr._data_digest(),
              "best": tr.best}
     return state, tensors
+
+
+def write_checkpoint(tr: Trainer, target: Path, update_latest: bool) -> Path:
+    """Write the trainer's checkpoint at ``target``: every rank takes part in collecting the full state
+    (FSDP), rank 0 alone writes it (atomically) and gets its path; the others get ``target``."""
+    state, tensors = save_state(tr)
+    ema = tr.ema.state_dict(tr.model) if tr.ema is not None else None
+    if ema is not None:  # FSDP: every rank takes part in gathering each sharded tensor
+        ema = {k: full_tensor(v) for k, v in ema.items()}
+    weights = tr.parallel.full_model_state(tr.model)
+    if tr.rank != 0:
+        return target
+    return ckpt.save_checkpoint(target, Weights(tr.model, weights), process=tr._process_for_saving(),
+                                process_tensors=tr.process_tensors, train=tr.config.to_dict(), tokenizer=tr.tokenizer,
+                                step=tr.global_step, ema=ema, state=state, state_tensors=tensors,
+                                update_latest=update_latest)
 
 
 # --- load ----------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,17 +31,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _checks, schedules, timesteps
+from .. import _checks
 from .. import distributed as _dist
 from . import checkpoint as ckpt
 from . import rundir, setup
 from . import state as _state
-from .config import DATA_KEYS, TASKS, TrainConfig, lr_factor
+from .config import DATA_KEYS, TASKS, TrainConfig, lr_factor  # noqa: F401
 from .ema import EMA
 from .logs import LOG_FILE, accumulate, append_log, progress_enabled, read_log, window_record  # noqa: F401
 from .objectives import Objective
-from .parallel import Parallel, check_device, full_tensor  # noqa: F401
-from .process import build_process, sync_schedule, training_process
+from .parallel import Parallel, check_device  # noqa: F401
+from .process import build_process, training_process
 from .rng import StepRNG
 from .rundir import BEST_DIR, remove_run_artefacts, run_artefacts  # noqa: F401
 from .setup import batch_tokens
@@ -99,24 +98,18 @@ class Trainer:
             model = setup.build_model(cfg, tokenizer, self.train_data)
         self.model = model.to(self.device).train()
         self.net = self.parallel.wrap(self.model)  # what the training forward calls: DDP, or the model
-        self.model_config = dict(model.config_dict()) if hasattr(model, "config_dict") else dict(cfg.model)
-        self.vocab_size = setup.check_vocab(self.model_config, tokenizer,
-                                            {"train_data": self.train_data, "valid_data": self.valid_data or {}})
-        self.num_labels = setup.num_labels(cfg, self.model_config, self.train_data)
+        self.model_config, self.vocab_size, self.num_labels = setup.check_model(
+            model, cfg, tokenizer, {"train_data": self.train_data, "valid_data": self.valid_data or {}})
         self.continuous = cfg.family == "continuous"
-        if self.continuous and not callable(getattr(model, "embedding_table", None)):
-            raise InputTypeError("model: continuous training needs model.embedding and model.embedding_table()")
         self.self_condition = self.continuous and bool(self.model_config.get("self_condition", False))
         self.process_config, self.process_tensors = training_process(
             cfg, vocab_size=self.vocab_size, mask_id=tokenizer.mask_id if tokenizer is not None else 1,
             model=self.model, tensors=process_tensors)
         self.process = build_process(self.process_config, self.process_tensors)
-        schedule = getattr(self.process, "schedule", None)
-        self.adaptive = schedule if isinstance(schedule, schedules.AdaptiveSchedule) else None
-        self.sampler = timesteps.create(cfg.timestep_sampler, cfg.T)
         self.objective = Objective.create(cfg, self.process, self.model, self.device, num_labels=self.num_labels,
                                           pad_id=tokenizer.pad_id if tokenizer is not None else 0,
                                           self_condition=self.self_condition)
+        self.sampler, self.adaptive = self.objective.sampler, self.objective.adaptive
         self.rng = StepRNG(cfg.seed, self.device)
         self.optimizer, self._opt_names = setup.build_optimizer(self.model, cfg)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -137,7 +130,7 @@ class Trainer:
     def _draws(self, gbatch: dict[str, torch.Tensor], step: int, train: bool) -> dict[str, Any]:
         """Every random draw of a step for the whole global batch (each rank keeps its rows)."""
         gens = self.rng.generators(step, "train" if train else "eval")
-        return self.objective.draws(gbatch, gens, self.sampler if train else None)
+        return self.objective.draws(gbatch, gens, train)
 
     def _losses(self, gbatch: dict[str, torch.Tensor], rows: torch.Tensor, draws: dict[str, Any], train: bool
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,13 +143,8 @@ class Trainer:
         ``grad_norm``, ``tokens`` (of the global batch) and ``time_s``."""
         cfg, n = self.config, self.global_step
         start = time.perf_counter()
-        vals = self.batches.next_batch()
-        gbatch = dict(zip(self.train_data, vals if isinstance(vals, tuple) else (vals,)))
-        gbatch = {k: v.to(self.device, non_blocking=True) for k, v in gbatch.items()}
-        lr = cfg.lr * lr_factor(n, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        gbatch = setup.on_device(self.train_data, self.batches.next_batch(), self.device, non_blocking=True)
+        lr = setup.set_lr(self.optimizer, cfg, n)
         self.model.train()
         A, b = cfg.grad_accum, cfg.batch_size
         share = self.parallel.rows(self.global_batch)
@@ -172,7 +160,8 @@ class Trainer:
                     terms, p, d, t = self._losses(gbatch, share[m * b:(m + 1) * b], draws, train=True)
                     loss = terms["loss"]
                     if not self.parallel.all_finite(loss):
-                        raise FloatingPointError(f"step {n}: the loss is not finite ({float(loss)} on rank {self.rank})")
+                        raise FloatingPointError(f"step {n}: the loss is not finite ({float(loss)} on rank "
+                                                 f"{self.rank})")
                     (loss / A).backward()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / A
@@ -184,12 +173,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         # the timestep sampler and the adaptive schedule see the whole global batch, in its order
-        t_cpu = self.parallel.global_rows(torch.cat(ts)).cpu()
-        self.sampler.update(t_cpu, self.parallel.global_rows(torch.cat(per_seq).double()).cpu())
-        if self.adaptive is not None:
-            self.adaptive.record(t_cpu, self.parallel.global_rows(torch.cat(difficulty).double()).cpu())
-            if (n + 1) % cfg.refit_every == 0 and self.adaptive.refit():
-                sync_schedule(self.process)
+        rows = self.parallel.global_rows
+        self.objective.record(rows(torch.cat(ts)).cpu(), rows(torch.cat(per_seq).double()).cpu(),
+                              rows(torch.cat(difficulty).double()).cpu() if self.adaptive is not None else None, n)
         self.global_step = n + 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -207,8 +193,6 @@ class Trainer:
         ``eval_batches`` batches of ``valid_data``, in order, with fixed per-batch seeds, uniform t, no
         condition dropout or self-conditioning. ``weights``: the trained parameters ("raw") or their EMA
         ("ema", swapped in for the evaluation and back)."""
-        from ..data import Batches
-
         _checks.choice("weights", weights, ("raw", "ema"))
         if weights == "ema":
             if self.ema is None:
@@ -217,22 +201,19 @@ class Trainer:
                 return {k.replace("valid_", "valid_ema_", 1): v for k, v in self.evaluate("raw").items()}
         if self.valid_data is None:
             raise InputError("valid_data: evaluate() needs validation data")
-        n = next(iter(self.valid_data.values())).shape[0]
-        batches = Batches(*self.valid_data.values(), batch_size=min(self.config.batch_size, n), shuffle=False)
         was_training = self.model.training
         self.model.eval()
         sums: dict[str, float] = {}
-        count = min(self.config.eval_batches, len(batches))
+        count = 0
         try:
             with self.rng.fork():
-                for i in range(count):
+                for i, batch in setup.valid_batches(self.valid_data, self.config.batch_size, self.config.eval_batches,
+                                                    self.device):
                     self.rng.seed_global(i, "eval-torch")
-                    vals = batches.next_batch()
-                    batch = {k: v.to(self.device) for k, v in zip(self.valid_data, vals if isinstance(vals, tuple)
-                                                                    else (vals,))}
                     rows = torch.arange(next(iter(batch.values())).shape[0], device=self.device)
                     for k, v in self._losses(batch, rows, self._draws(batch, i, train=False), train=False)[0].items():
                         sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
         finally:
             self.model.train(was_training)
         return {f"valid_{k}": v / count for k, v in sums.items()}
@@ -297,9 +278,8 @@ class Trainer:
         if last_saved != self.global_step:
             on_disk = self._on_disk
             if on_disk is not None and on_disk[0] == self.global_step and on_disk[1].is_dir():
-                out = Path(cfg.out_dir)
-                if self.rank == 0 and ckpt.read_latest(out) != on_disk[1].name:
-                    ckpt.write_latest(out, on_disk[1].name)
+                if self.rank == 0:
+                    rundir.point_latest(Path(cfg.out_dir), on_disk[1])
             else:
                 self.save()
         return self.history[first:]
@@ -331,24 +311,10 @@ class Trainer:
         if default:
             self._claim_out_dir()
         target = out / f"step_{self.global_step:08d}" if default else Path(path)
-        state, tensors = _state.save_state(self)
-        ema = self.ema.state_dict(self.model) if self.ema is not None else None
-        if ema is not None:  # FSDP: every rank takes part in gathering each sharded tensor
-            ema = {k: full_tensor(v) for k, v in ema.items()}
-        weights = self.parallel.full_model_state(self.model)
-        written = target
-        if self.rank == 0:
-            written = ckpt.save_checkpoint(target, _state.Weights(self.model, weights),
-                                           process=self._process_for_saving(), process_tensors=self.process_tensors,
-                                           train=self.config.to_dict(), tokenizer=self.tokenizer,
-                                           step=self.global_step, ema=ema, state=state, state_tensors=tensors,
-                                           update_latest=default)
-            if default and self.config.keep_checkpoints:
-                old = sorted(p for p in out.iterdir() if ckpt.STEP_DIR.fullmatch(p.name) and p.is_dir())
-                for p in old[:-self.config.keep_checkpoints]:
-                    if p != written:
-                        shutil.rmtree(p, ignore_errors=True)
+        written = _state.write_checkpoint(self, target, update_latest=default)
         if default:
+            if self.rank == 0:
+                rundir.prune(out, self.config.keep_checkpoints, written)
             self._on_disk = (self.global_step, Path(written))
         _dist.barrier()
         return written
@@ -379,15 +345,5 @@ class Trainer:
         r = rundir.open_resume(path, overrides, overwrite, tokenizer, model)
         trainer = cls(r.config, train_data, valid_data, tokenizer=r.tokenizer, model=r.model, overwrite=overwrite,
                       process_tensors=ckpt.load_process_tensors(r.checkpoint, r.cfg))
-        trainer.resumed_from = r.checkpoint
-        if r.same:
-            trainer._claimed = True
-        else:
-            trainer._claim_out_dir()
-        _state.load_state(trainer, r.checkpoint, r.state, r.state_tensors, r.cfg)
-        out = Path(trainer.config.out_dir)
-        if trainer.rank == 0:  # rank 0 alone writes the log
-            rundir.continue_log(out, r.source / LOG_FILE, r.same, trainer.global_step)
-        if r.same and rundir.same_dir(r.checkpoint.parent, out) and ckpt.STEP_DIR.fullmatch(r.checkpoint.name):
-            trainer._on_disk = (trainer.global_step, r.checkpoint)
+        rundir.resume_into(trainer, r)
         return trainer
