@@ -17,6 +17,15 @@ Processes
 * :class:`Absorbing` and :class:`Uniform` use closed forms (never a V×V matrix), any vocabulary size.
 * :class:`GaussianBand`, :class:`NearestNeighbor` and :class:`Dense` hold V×V matrices in float64 and are
   meant for small vocabularies (V up to a few thousand; each cached matrix costs ``8·V²`` bytes).
+
+What the ops, the sampler and the trainer need from a process is the :class:`DiscreteProcess` protocol
+(defined in :mod:`fastdiff._protocols`, below the ops); the classes here satisfy it, and so may a user's.
+
+Losses
+------
+Per token: :func:`kl_terms`, :func:`decoder_nll`, :func:`vlb_terms`, :func:`prior_kl`, :func:`x0_nll`;
+the objectives :func:`hybrid_loss` and :func:`mdlm_loss`, and :func:`losses`, the dict a training loop
+uses (objective, the shared CE term, per-sequence reduction and importance weights).
 """
 
 from __future__ import annotations
