@@ -2,7 +2,7 @@
 
 Layers, each importing only those before it::
 
-    errors, random, _checks, _backends, _threads, distributed -> ops -> schedules -> discrete / continuous
+    errors, random, _checks, _protocols, _reduce, _backends, _threads, distributed -> ops -> schedules -> discrete / continuous
     -> timesteps
     -> sampling -> data, metrics, models -> training -> pipeline, evaluation -> cli
 

@@ -107,7 +107,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(repeatable; default: none)")
     p.add_argument("--family", choices=("discrete", "continuous"), help="process family" + d("family"))
     p.add_argument("--task", choices=("lm", "attribute", "word_order"), help="training task" + d("task"))
-    p.add_argument("--kind", choices=("absorbing", "uniform"), help="discrete corruption" + d("kind"))
+    from .training.process import kinds
+
+    p.add_argument("--kind", choices=kinds(), help="discrete corruption; gaussian_band, nearest_neighbor and dense "
+                   "are D3PM's matrix processes (small vocabularies: --train-tokenizer) with parameters "
+                   "--set 'process_kw={\"bandwidth\": 4}' ({\"k\": 8, \"embeddings\": \"model\" or FILE}, "
+                   "{\"Q\": FILE}: .safetensors)" + d("kind"))
     p.add_argument("--schedule", help="linear, cosine, sqrt, mutual_info, spindle, adaptive"
                    + d("schedule", "auto: mutual_info for discrete, sqrt for continuous"))
     p.add_argument("--T", type=int, help="diffusion steps of the process" + d("T"))
@@ -297,7 +302,7 @@ def task_data(task: str, docs, tok, seq_len: int, src_len: int = 0, balance: boo
 
 # --- run directories -----------------------------------------------------------------------------
 def _existing_run(out: Path) -> list[str]:
-    from .training.trainer import run_artefacts
+    from .training.rundir import run_artefacts
 
     found = run_artefacts(out)
     return found + [n for n in CLI_FILES if n not in found and (out / n).is_file()]
@@ -314,7 +319,7 @@ def _refuse_existing(out: Path, flag: str, resume_hint: bool) -> None:
 
 
 def _remove_existing(out: Path) -> None:
-    from .training.trainer import remove_run_artefacts
+    from .training.rundir import remove_run_artefacts
 
     remove_run_artefacts(out)
     for n in CLI_FILES:
@@ -355,7 +360,7 @@ def _plan(args) -> _Plan:
     """Everything about paths, checked before any work (reads only)."""
     from .training import TrainConfig, read_config, resolve_checkpoint_dir
     from .training.checkpoint import CONFIG_FILE, ensure_directory_target
-    from .training.trainer import _same_dir
+    from .training.rundir import same_dir as _same_dir
 
     if args.resume:
         given = Path(args.resume)
@@ -421,7 +426,7 @@ def run(args) -> int:
     plan = _plan(args)
     from . import distributed
 
-    from .training.trainer import check_device
+    from .training.parallel import check_device
 
     device = getattr(args, "device", None)
     if device is not None:
@@ -446,7 +451,7 @@ def _command_line(ctx) -> str:
 def _run(args, ctx, plan: _Plan) -> int:
     from . import distributed
     from .training import TrainConfig, Trainer, export_checkpoint, read_config
-    from .training.trainer import BEST_DIR
+    from .training.rundir import BEST_DIR
     from .training.config import RESUMABLE_OVERRIDES
 
     progress = not args.no_progress
@@ -509,14 +514,17 @@ def _run(args, ctx, plan: _Plan) -> int:
         if cfg.task == "word_order":
             d["src_len"] = src_len
         cfg = TrainConfig.from_dict(d)
-        trainer = Trainer(cfg, train, valid, tokenizer=tok)
-        if args.init_embeddings:
+        model = None
+        if args.init_embeddings:  # before the trainer: its EMA and a nearest_neighbor process see them
             from .models.pretrained import init_embeddings_from_pretrained
+            from .training.setup import build_model
 
-            m = trainer.model
-            table = m.embedding.embedding if getattr(m, "embedding", None) is not None else m.token_embedding
+            model = build_model(cfg, tok, train)  # the model the trainer would build
+            table = model.embedding.embedding if getattr(model, "embedding", None) is not None \
+                else model.token_embedding
             found = init_embeddings_from_pretrained(table, tok, args.init_embeddings)
             say(f"embeddings: {int(found.sum())} of {tok.vocab_size} rows from {args.init_embeddings}")
+        trainer = Trainer(cfg, train, valid, tokenizer=tok, model=model)
         if main:  # only once everything is set up: a run that fails to start leaves no files behind
             out_dir.mkdir(parents=True, exist_ok=True)
             if args.train_tokenizer:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import _checks
 from . import ops as _ops
+from ._reduce import check_reduction, check_weights, reduce, weighted_mean
 from .schedules import Schedule
 from .errors import InputError, InputTypeError
 
@@ -223,7 +224,7 @@ class GaussianDiffusion:
         ``target`` defaults to ``self.parameterization``; with a different one the output is converted
         first (e.g. an eps-model trained with an x0 MSE).
         """
-        _checks.choice("reduction", reduction, ("mean", "sum", "none"))
+        check_reduction(reduction)
         x_t = self._x("x_t", x_t)
         for name, v in (("model_output", model_output), ("x0", x0), ("noise", noise)):
             self._x(name, v)
@@ -247,7 +248,7 @@ class GaussianDiffusion:
         else:
             truth = self.q_posterior_mean_variance(x0, x_t, tt)[0]
         per_token = ((pred - truth) ** 2).mean(-1)
-        return _reduce(per_token, reduction)
+        return reduce(per_token, reduction)
 
     def vlb_terms(self, model_output, x0, x_t, t) -> torch.Tensor:
         """Per token (summed over D), in nats: ``KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t))`` for ``t >= 2``;
@@ -275,30 +276,62 @@ class GaussianDiffusion:
         return (0.5 * (-math.log(var) + var + mean2 - 1)).sum(-1)
 
     def losses(self, model_output, x0, x_t, t, noise, *, tokens: torch.Tensor | None = None,
-               weight: torch.Tensor | None = None, lam_round: float = 1.0, lam_anchor: float = 0.0,
-               backend: str = "auto") -> dict[str, torch.Tensor]:
-        """Diffusion-LM's end-to-end objective and Difformer's anchor loss, as a dict of scalars.
+               weight: torch.Tensor | None = None, lam_round: float | None = 1.0, lam_anchor: float = 0.0,
+               reduction: str = "mean", weights: torch.Tensor | None = None, backend: str = "auto"
+               ) -> dict[str, torch.Tensor]:
+        """Diffusion-LM's end-to-end objective and Difformer's anchor loss, as a dict of tensors.
 
         ``mse`` (:meth:`mse_loss`); with ``tokens`` and the embedding ``weight``: ``round`` = ``L_round``
-        on ``x0`` (Diffusion-LM) and ``anchor`` = ``L_round`` on the network's x0 estimate (Difformer);
-        ``loss = mse + lam_round·round + lam_anchor·anchor``.
+        on ``x0`` (Diffusion-LM; ``lam_round=None`` leaves it out) and, when ``lam_anchor`` is set,
+        ``anchor`` = ``L_round`` on the network's x0 estimate (Difformer); each reduced by ``reduction``:
+        "mean" | "sum" over every token, "none" (per token) or "sequence" (the mean over each sequence's
+        tokens: ``(B,)`` for ``x0: (B, L, D)``). ``loss = mse + lam_round·round + lam_anchor·anchor``.
+
+        ``weights``: importance weights, one per sequence (``x0.shape[:-2]``, e.g. a timestep sampler's,
+        :mod:`fastdiff.timesteps`). ``loss`` is then the scalar
+        ``mean_b(weights_b · (mse_b + lam_anchor·anchor_b)) + lam_round·round`` (``_b``: means over the
+        tokens of sequence ``b``; ``L_round`` of ``x0`` does not depend on ``t`` and is not weighted), and
+        ``per_sequence`` holds the weighted part ``mse_b + lam_anchor·anchor_b``: what a loss-aware
+        timestep sampler records.
         """
-        out = {"mse": self.mse_loss(model_output, x0, x_t, t, noise)}
-        loss = out["mse"]
+        check_reduction(reduction)
+        mse = self.mse_loss(model_output, x0, x_t, t, noise, reduction="none")
+        out = {"mse": reduce(mse, reduction)}
+        if weights is not None:
+            check_weights(weights, mse.shape)
+        anchor = round_mean = None
         if tokens is not None:
             if weight is None:
                 raise InputError("weight: the embedding matrix is needed with tokens")
-            out["round"] = rounding_loss(x0, weight, tokens, backend=backend)
-            loss = loss + lam_round * out["round"]
             if lam_anchor:
-                out["anchor"] = anchor_loss(self.to_x0(model_output, x_t, t), weight, tokens, backend=backend)
+                x0_hat = self.to_x0(model_output, x_t, t)
+                if reduction == "mean" and weights is None:  # the fused op's own mean
+                    out["anchor"] = anchor_loss(x0_hat, weight, tokens, backend=backend)
+                else:
+                    anchor = anchor_loss(x0_hat, weight, tokens, reduction="none", backend=backend)
+                    out["anchor"] = reduce(anchor, reduction)
+            if lam_round is not None:
+                if reduction == "mean":
+                    out["round"] = round_mean = rounding_loss(x0, weight, tokens, backend=backend)
+                else:
+                    per_token = rounding_loss(x0, weight, tokens, reduction="none", backend=backend)
+                    out["round"], round_mean = reduce(per_token, reduction), per_token.mean()
+        if weights is None:
+            loss = out["mse"]
+            if "round" in out:
+                loss = loss + lam_round * out["round"]
+            if "anchor" in out:
                 loss = loss + lam_anchor * out["anchor"]
+        else:
+            per_seq = reduce(mse, "sequence")
+            if anchor is not None:
+                per_seq = per_seq + lam_anchor * reduce(anchor, "sequence")
+            loss = weighted_mean(per_seq, weights)
+            if round_mean is not None:
+                loss = loss + lam_round * round_mean
+            out["per_sequence"] = per_seq
         out["loss"] = loss
         return out
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    return x.mean() if reduction == "mean" else x.sum() if reduction == "sum" else x
 
 
 def rounding_loss(x0: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias=None,

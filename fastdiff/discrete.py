@@ -17,6 +17,15 @@ Processes
 * :class:`Absorbing` and :class:`Uniform` use closed forms (never a V×V matrix), any vocabulary size.
 * :class:`GaussianBand`, :class:`NearestNeighbor` and :class:`Dense` hold V×V matrices in float64 and are
   meant for small vocabularies (V up to a few thousand; each cached matrix costs ``8·V²`` bytes).
+
+What the ops, the sampler and the trainer need from a process is the :class:`DiscreteProcess` protocol
+(defined in :mod:`fastdiff._protocols`, below the ops); the classes here satisfy it, and so may a user's.
+
+Losses
+------
+Per token: :func:`kl_terms`, :func:`decoder_nll`, :func:`vlb_terms`, :func:`prior_kl`, :func:`x0_nll`;
+the objectives :func:`hybrid_loss` and :func:`mdlm_loss`, and :func:`losses`, the dict a training loop
+uses (objective, the shared CE term, per-sequence reduction and importance weights).
 """
 
 from __future__ import annotations
@@ -27,11 +36,15 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from ._protocols import DiscreteProcess, MatrixDiscreteProcess
+from ._reduce import REDUCTIONS, check_reduction, check_weights, reduce, weighted_mean
 from .schedules import Schedule
 from .errors import InputError, InputTypeError
 
 __all__ = [
     "DiscreteProcess",
+    "MatrixDiscreteProcess",
+    "DiscreteProcessBase",
     "Absorbing",
     "Uniform",
     "MatrixProcess",
@@ -44,6 +57,10 @@ __all__ = [
     "prior_kl",
     "hybrid_loss",
     "mdlm_loss",
+    "x0_nll",
+    "losses",
+    "OBJECTIVES",
+    "REDUCTIONS",
 ]
 
 
@@ -64,12 +81,16 @@ def _renormalise_or_keep(w: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class DiscreteProcess:
-    """Base class: a Markov chain over ``vocab_size`` categories with ``T`` steps."""
+class DiscreteProcessBase(DiscreteProcess):
+    """Base class of the processes below: argument checks and defaults for the :class:`DiscreteProcess`
+    protocol (a Markov chain over ``vocab_size`` categories with ``T`` steps). A process need not derive
+    from it: anything with the protocol's members works with the ops, the sampler and the losses."""
 
     kind: str = "abstract"
     vocab_size: int
     T: int
+    mask_id: int | None = None  # only absorbing processes have a mask token
+    schedule: Schedule | None = None  # None: a process given by its matrices (Dense)
 
     # --- argument handling ---------------------------------------------------------------------
     def _tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +166,7 @@ class DiscreteProcess:
 # ------------------------------------------------------------------------------------------------
 # Absorbing ([MASK]) diffusion
 # ------------------------------------------------------------------------------------------------
-class Absorbing(DiscreteProcess):
+class Absorbing(DiscreteProcessBase):
     """Absorbing-state ("[MASK]") diffusion, D3PM-absorbing / MDLM / LLaDA.
 
     A token survives to step ``t`` with probability ``alpha_bar[t]`` and is otherwise the mask token:
@@ -252,7 +273,7 @@ class Absorbing(DiscreteProcess):
 # ------------------------------------------------------------------------------------------------
 # Uniform diffusion
 # ------------------------------------------------------------------------------------------------
-class Uniform(DiscreteProcess):
+class Uniform(DiscreteProcessBase):
     """Uniform-noise diffusion (D3PM-uniform; Hoogeboom et al. 2021 multinomial diffusion; DUO).
 
     ``Q_t = (1 - beta_t) I + beta_t/V · 11ᵀ`` so ``Qbar_t = a_t I + (1 - a_t)/V · 11ᵀ`` with ``a_t =
@@ -312,7 +333,7 @@ class Uniform(DiscreteProcess):
 # ------------------------------------------------------------------------------------------------
 # Matrix processes (small V)
 # ------------------------------------------------------------------------------------------------
-class MatrixProcess(DiscreteProcess):
+class MatrixProcess(DiscreteProcessBase):
     """A process given by explicit ``(V, V)`` float64 matrices ``Q_t``; small vocabularies only.
 
     ``Qbar_t`` are built incrementally and cached (``8·V²`` bytes each, up to the largest ``t`` asked
@@ -511,8 +532,21 @@ class Dense(MatrixProcess):
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses
+# Losses (for any object of the DiscreteProcess protocol; closed forms for Absorbing)
 # ------------------------------------------------------------------------------------------------
+#: the training objectives of :func:`losses`
+OBJECTIVES = ("hybrid", "mdlm")
+
+
+def _tokens(process: DiscreteProcess, name: str, x) -> torch.Tensor:
+    return _checks.token_ids(name, x, process.vocab_size).to(torch.int64)
+
+
+def _dtype(x0_logits: torch.Tensor) -> torch.dtype:
+    """The losses' precision: the logits', at least float32."""
+    return torch.float64 if x0_logits.dtype == torch.float64 else torch.float32
+
+
 def _kl(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Σ q (log q - log p) over the last dim, with 0·log 0 = 0."""
     logq = torch.log(q.clamp_min(1e-30))
@@ -530,6 +564,21 @@ def _check_logits(process: DiscreteProcess, x0_logits: torch.Tensor, like: torch
     return x0_logits
 
 
+def _nll(process: DiscreteProcess, x0: torch.Tensor, x0_logits: torch.Tensor) -> torch.Tensor:
+    """:func:`x0_nll` on checked arguments."""
+    logp = process.x0_log_probs(x0_logits.to(_dtype(x0_logits)))
+    return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+
+
+def x0_nll(process: DiscreteProcess, x0, x0_logits) -> torch.Tensor:
+    """``-log p̃_θ(x_0 | x_t)`` per token: the cross-entropy of the data under the network's x0
+    distribution (``process.x0_log_probs``: SUBS for absorbing), ``(...)``, in the logits' precision (at
+    least float32). The CE term of :func:`hybrid_loss`; :func:`mdlm_loss` weights it."""
+    x0 = _tokens(process, "x0", x0)
+    _check_logits(process, x0_logits, x0)
+    return _nll(process, x0, x0_logits)
+
+
 def kl_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
     """Per-token ``KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t))`` (D3PM L_{t-1}), ``t >= 1``: ``(...)``.
 
@@ -540,12 +589,12 @@ def kl_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
         # Closed form, O(1) per token instead of four (..., V) posteriors: under SUBS the absorbing KL is
         # (a_{t-1} - a_t)/(1 - a_t) · (-log p_θ(x_0 | x_t)) at masked positions and 0 elsewhere (MDLM eq. 10).
         return mdlm_loss(process, x0, x_t, t, x0_logits, reduction="none")
-    x0 = process._tokens("x0", x0)
-    x_t = process._tokens("x_t", x_t)
+    x0 = _tokens(process, "x0", x0)
+    x_t = _tokens(process, "x_t", x_t)
     _check_logits(process, x0_logits, x_t)
-    dtype = torch.float64 if x0_logits.dtype == torch.float64 else torch.float32
+    dtype = _dtype(x0_logits)
     q = process.posterior_probs(F.one_hot(x0, process.vocab_size).to(dtype), x_t, t)
-    p = process.posterior_probs(process.x0_probs(x0_logits.to(dtype)), x_t, t)
+    p = process.posterior_probs(process.x0_log_probs(x0_logits.to(dtype)).exp(), x_t, t)
     return _kl(q, p)
 
 
@@ -553,15 +602,16 @@ def decoder_nll(process: DiscreteProcess, x0, x_1, x0_logits, direct: bool = Fal
     """``-log p_θ(x_0 | x_1)`` per token (D3PM L_0): ``(...)``.
 
     By default ``p_θ(x_0 | x_1)`` is the posterior with ``s = 0`` (it knows ``x_1``: an unmasked absorbing
-    token costs nothing); ``direct=True`` uses ``softmax(x0_logits)`` itself, as D3PM's code does.
+    token costs nothing); ``direct=True`` uses ``softmax(x0_logits)`` itself (:func:`x0_nll`), as D3PM's
+    code does.
     """
-    x0 = process._tokens("x0", x0)
-    x_1 = process._tokens("x_1", x_1)
+    x0 = _tokens(process, "x0", x0)
+    x_1 = _tokens(process, "x_1", x_1)
     _check_logits(process, x0_logits, x_1)
-    dtype = torch.float64 if x0_logits.dtype == torch.float64 else torch.float32
-    logp = process.x0_log_probs(x0_logits.to(dtype))
-    if not direct:
-        logp = torch.log(process.posterior_probs(logp.exp(), x_1, 1, 0).clamp_min(1e-30))
+    if direct:
+        return _nll(process, x0, x0_logits)
+    logp = process.x0_log_probs(x0_logits.to(_dtype(x0_logits)))
+    logp = torch.log(process.posterior_probs(logp.exp(), x_1, 1, 0).clamp_min(1e-30))
     return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
 
 
@@ -569,7 +619,7 @@ def vlb_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
     """Per-token VLB term at step ``t``: the KL :func:`kl_terms` where ``t >= 2`` and the decoder NLL
     :func:`decoder_nll` where ``t == 1``. Sum over tokens and multiply by ``T`` (uniform ``t``) for an
     unbiased estimate of the VLB minus the prior term."""
-    x_t = process._tokens("x_t", x_t)
+    x_t = _tokens(process, "x_t", x_t)
     tt = _checks.expand_leading("t", _checks.steps("t", t, process.T, 1, x_t.device), x_t.shape)
     kl = kl_terms(process, x0, x_t, tt, x0_logits)
     if isinstance(process, Absorbing) and not process.per_token:
@@ -582,44 +632,96 @@ def vlb_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
 
 def prior_kl(process: DiscreteProcess, x0) -> torch.Tensor:
     """``KL(q(x_T | x_0) ‖ p(x_T))`` per token (D3PM L_T); ~0 for a well-designed schedule."""
-    x0 = process._tokens("x0", x0)
+    x0 = _tokens(process, "x0", x0)
     q = process.q_probs(x0, process.T)
     return _kl(q, process.prior_probs(x0.shape, x0.device))
 
 
-def hybrid_loss(process: DiscreteProcess, x0, x_t, t, x0_logits, lam: float = 0.01,
-                reduction: str = "mean") -> torch.Tensor:
-    """D3PM hybrid loss ``L_vlb + λ · CE``: :func:`vlb_terms` plus ``λ · (-log p̃_θ(x_0 | x_t))``.
+def _check_mdlm(process: object) -> None:
+    if not isinstance(process, Absorbing) or process.per_token:
+        raise InputTypeError("process: mdlm_loss needs an Absorbing process with a (T+1,) schedule")
 
-    ``reduction``: "mean" | "sum" over tokens, or "none" for the per-token ``(...)`` tensor.
+
+def _mdlm_terms(process: Absorbing, x0, x_t, t, x0_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: MDLM's loss and the x0 NLL it weights."""
+    _check_mdlm(process)
+    x0 = _tokens(process, "x0", x0)
+    x_t = _tokens(process, "x_t", x_t)
+    _check_logits(process, x0_logits, x_t)
+    tt = process._t(_checks.steps("t", t, process.T, 1, x_t.device), x_t.shape, x_t.device)
+    a_t, a_s = process._ab(tt), process._ab(tt - 1)
+    dtype = _dtype(x0_logits)
+    weight = ((a_s - a_t) / (1.0 - a_t).clamp_min(1e-12)).to(dtype)
+    nll = _nll(process, x0, x0_logits)
+    return torch.where(x_t == process.mask_id, weight * nll, torch.zeros_like(nll)), nll
+
+
+def _hybrid_terms(process: DiscreteProcess, x0, x_t, t, x0_logits, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: the hybrid loss ``vlb + λ·CE`` and its CE term."""
+    x0 = _tokens(process, "x0", x0)
+    _check_logits(process, x0_logits, _tokens(process, "x_t", x_t))
+    ce = _nll(process, x0, x0_logits)
+    return vlb_terms(process, x0, x_t, t, x0_logits) + lam * ce, ce
+
+
+def losses(process: DiscreteProcess, x0, x_t, t, x0_logits, *, objective: str = "hybrid", lam: float = 0.01,
+           reduction: str = "mean", weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The training objective of a batch and the terms a training loop needs, as a dict of tensors.
+
+    ``objective``: "hybrid" (:func:`hybrid_loss`, D3PM's ``L_vlb + λ·CE``, any process) or "mdlm"
+    (:func:`mdlm_loss`, absorbing processes with a ``(T+1,)`` schedule). Entries:
+
+    * ``<objective>``: the objective, reduced by ``reduction``;
+    * ``ce``: :func:`x0_nll` (computed once, shared with the objective), reduced by ``reduction``; it
+      grows with the noise where the VLB terms do not, which an adaptive schedule fits to;
+    * ``loss``: what to minimise: the objective again, or with ``weights`` the scalar
+      ``mean_b(weights_b · L_b)`` with ``L_b`` the objective's mean over the tokens of sequence ``b``;
+    * ``per_sequence`` (with ``weights``): the ``L_b``, what a loss-aware timestep sampler records.
+
+    ``reduction``: "mean" | "sum" over every token, "none" (per token ``(...)``) or "sequence" (the mean
+    over each sequence's tokens: ``(B,)`` for tokens ``(B, L)``). ``weights``: importance weights, one per
+    sequence (``x0.shape[:-1]``), e.g. a timestep sampler's (:mod:`fastdiff.timesteps`).
     """
-    _checks.choice("reduction", reduction, ("mean", "sum", "none"))
+    _checks.choice("objective", objective, OBJECTIVES)
+    check_reduction(reduction)
     lam = _checks.real("lam", lam, 0.0)
-    x0 = process._tokens("x0", x0)
-    vlb = vlb_terms(process, x0, x_t, t, x0_logits)
-    dtype = torch.float64 if x0_logits.dtype == torch.float64 else torch.float32
-    ce = -process.x0_log_probs(x0_logits.to(dtype)).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    loss = vlb + lam * ce
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+    if objective == "mdlm":
+        per_token, ce = _mdlm_terms(process, x0, x_t, t, x0_logits)
+    else:
+        per_token, ce = _hybrid_terms(process, x0, x_t, t, x0_logits, lam)
+    out = {objective: reduce(per_token, reduction), "ce": reduce(ce, reduction)}
+    if weights is None:
+        out["loss"] = out[objective]
+        return out
+    check_weights(weights, per_token.shape)
+    per_seq = out[objective] if reduction == "sequence" else reduce(per_token, "sequence")
+    out["loss"] = weighted_mean(per_seq, weights)
+    out["per_sequence"] = per_seq
+    return out
 
 
-def mdlm_loss(process: Absorbing, x0, x_t, t, x0_logits, reduction: str = "mean") -> torch.Tensor:
+def hybrid_loss(process: DiscreteProcess, x0, x_t, t, x0_logits, lam: float = 0.01, reduction: str = "mean",
+                *, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """D3PM hybrid loss ``L_vlb + λ · CE``: :func:`vlb_terms` plus ``λ ·`` :func:`x0_nll`.
+
+    ``reduction``: "mean" | "sum" over tokens, "none" for the per-token ``(...)`` tensor, or "sequence"
+    (per sequence, ``x0.shape[:-1]``); ``weights`` (one per sequence): the importance-weighted scalar
+    ``mean_b(weights_b · L_b)`` instead (see :func:`losses`).
+    """
+    return losses(process, x0, x_t, t, x0_logits, objective="hybrid", lam=lam, reduction=reduction,
+                  weights=weights)["loss"]
+
+
+def mdlm_loss(process: Absorbing, x0, x_t, t, x0_logits, reduction: str = "mean", *,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
     """MDLM's discrete-time SUBS objective (Sahoo et al. 2024, eq. 10) for absorbing diffusion.
 
     Per token: ``(a_{t-1} - a_t)/(1 - a_t) · (-log p_θ(x_0 | x_t))`` at masked positions, 0 elsewhere —
     exactly the per-token KL term of the absorbing posterior under SUBS; summed over ``t`` it is the
-    (negative) ELBO. Scalar schedules only.
+    (negative) ELBO. Scalar schedules only. ``reduction`` and ``weights`` as in :func:`hybrid_loss`.
     """
-    if not isinstance(process, Absorbing) or process.per_token:
-        raise InputTypeError("process: mdlm_loss needs an Absorbing process with a (T+1,) schedule")
-    _checks.choice("reduction", reduction, ("mean", "sum", "none"))
-    x0 = process._tokens("x0", x0)
-    x_t = process._tokens("x_t", x_t)
-    _check_logits(process, x0_logits, x_t)
-    tt = process._t(_checks.steps("t", t, process.T, 1, x_t.device), x_t.shape, x_t.device)
-    a_t, a_s = process._ab(tt), process._ab(tt - 1)
-    dtype = torch.float64 if x0_logits.dtype == torch.float64 else torch.float32
-    weight = ((a_s - a_t) / (1.0 - a_t).clamp_min(1e-12)).to(dtype)
-    nll = -process.x0_log_probs(x0_logits.to(dtype)).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    loss = torch.where(x_t == process.mask_id, weight.to(dtype) * nll, torch.zeros_like(nll))
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+    _check_mdlm(process)
+    if weights is None:
+        check_reduction(reduction)
+        return reduce(_mdlm_terms(process, x0, x_t, t, x0_logits)[0], reduction)
+    return losses(process, x0, x_t, t, x0_logits, objective="mdlm", reduction=reduction, weights=weights)["loss"]

@@ -594,6 +594,39 @@ def test_losses_dict(param, lam_round, lam_anchor):
     np.testing.assert_allclose(float(got["loss"]), total, rtol=1e-9)
 
 
+@pytest.mark.parametrize("param", PARAMS)
+def test_losses_per_sequence_and_importance_weights(param):
+    """reduction="sequence" and weights: the objective a training loop minimises is
+    mean_b(w_b · (mse_b + lam_anchor·anchor_b)) + lam_round·round, L_round of x0 unweighted (no t in it)."""
+    V, t = 13, torch.tensor([1, 3, 6])
+    W = rand(V, D, seed=110)
+    tokens = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(111))
+    x0 = W[tokens] + 0.1 * rand(B, L, D, seed=112)
+    eps, out = rand(B, L, D, seed=113), rand(B, L, D, seed=114)
+    diff = gd(param)
+    x_t = diff.q_sample(x0, t, noise=eps)
+    kw = {"tokens": tokens, "weight": W, "lam_round": 0.7, "lam_anchor": 0.4, "backend": "reference"}
+    per_tok = diff.losses(out, x0, x_t, t, eps, reduction="none", **kw)
+    assert {k: tuple(v.shape) for k, v in per_tok.items() if k != "loss"} == \
+        {"mse": (B, L), "round": (B, L), "anchor": (B, L)}
+    torch.testing.assert_close(per_tok["mse"], diff.mse_loss(out, x0, x_t, t, eps, reduction="none"))
+    seq = diff.losses(out, x0, x_t, t, eps, reduction="sequence", **kw)
+    for k in ("mse", "round", "anchor"):
+        torch.testing.assert_close(seq[k], per_tok[k].mean(-1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(seq["loss"], seq["mse"] + 0.7 * seq["round"] + 0.4 * seq["anchor"])
+    w = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64)
+    got = diff.losses(out, x0, x_t, t, eps, weights=w, **kw)
+    per_seq = seq["mse"] + 0.4 * seq["anchor"]
+    torch.testing.assert_close(got["per_sequence"], per_seq, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(float(got["loss"]), float((w * per_seq).mean() + 0.7 * per_tok["round"].mean()),
+                               rtol=1e-12)
+    ones = diff.losses(out, x0, x_t, t, eps, weights=torch.ones(B, dtype=torch.float64), **kw)
+    np.testing.assert_allclose(float(ones["loss"]), float(diff.losses(out, x0, x_t, t, eps, **kw)["loss"]), rtol=1e-12)
+    no_round = diff.losses(out, x0, x_t, t, eps, **{**kw, "lam_round": None})
+    assert "round" not in no_round and "anchor" in no_round
+    raises_naming(ValueError, "weights", diff.losses, out, x0, x_t, t, eps, weights=w[:2], **kw)
+
+
 def test_losses_without_tokens():
     x0, eps = case(seed=105)
     out = rand(B, L, D, seed=106)

@@ -298,6 +298,50 @@ def test_mdlm_loss_equals_absorbing_kl():
                                D.kl_terms(process, x0, xt, t, logits).numpy(), atol=1e-10)
 
 
+@pytest.mark.parametrize("objective,name", [("hybrid", "gaussian-band2"), ("hybrid", "absorbing-cosine"),
+                                            ("mdlm", "absorbing-cosine")])
+def test_losses_reductions_weights_and_the_shared_ce(objective, name):
+    """losses(): per-token values reduced per sequence / over all tokens, the CE term, and the importance-
+    weighted objective mean_b(w_b · L_b) a training loop minimises."""
+    process, _ = CASES[name]
+    x0, xt, t, logits = _batch(process, seed=5)
+    lam = 0.3
+    if objective == "hybrid":
+        per_tok = D.hybrid_loss(process, x0, xt, t, logits, lam=lam, reduction="none")
+    else:
+        per_tok = D.mdlm_loss(process, x0, xt, t, logits, reduction="none")
+    ce = D.x0_nll(process, x0, logits)
+    np.testing.assert_allclose(D.decoder_nll(process, x0, xt, logits, direct=True).numpy(), ce.numpy(), atol=0)
+    w = torch.tensor([0.5, 2.0, 1.0, 0.25], dtype=torch.float64)
+    out = D.losses(process, x0, xt, t, logits, objective=objective, lam=lam, reduction="sequence", weights=w)
+    assert set(out) == {objective, "ce", "loss", "per_sequence"}
+    np.testing.assert_allclose(out[objective].numpy(), per_tok.mean(-1).numpy(), atol=1e-12)
+    np.testing.assert_allclose(out["per_sequence"].numpy(), per_tok.mean(-1).numpy(), atol=1e-12)
+    np.testing.assert_allclose(out["ce"].numpy(), ce.mean(-1).numpy(), atol=1e-12)
+    np.testing.assert_allclose(float(out["loss"]), float((w * per_tok.mean(-1)).mean()), rtol=1e-12)
+    plain = D.losses(process, x0, xt, t, logits, objective=objective, lam=lam)
+    assert set(plain) == {objective, "ce", "loss"}
+    np.testing.assert_allclose(float(plain["loss"]), float(per_tok.mean()), rtol=1e-12)
+    assert float(D.losses(process, x0, xt, t, logits, objective=objective, lam=lam, reduction="sum")["loss"]) == \
+        pytest.approx(float(per_tok.sum()), rel=1e-12)
+    fn = D.hybrid_loss if objective == "hybrid" else D.mdlm_loss
+    kw = {"lam": lam} if objective == "hybrid" else {}
+    assert torch.equal(fn(process, x0, xt, t, logits, weights=w, **kw), out["loss"])
+    with pytest.raises(ValueError, match="weights"):
+        D.losses(process, x0, xt, t, logits, objective=objective, weights=w[:3])
+    with pytest.raises(ValueError, match="reduction"):
+        D.losses(process, x0, xt, t, logits, reduction="batch")
+    with pytest.raises(ValueError, match="objective"):
+        D.losses(process, x0, xt, t, logits, objective="vlb")
+
+
+def test_mdlm_objective_needs_a_scalar_absorbing_process():
+    process, _ = CASES["uniform"]
+    x0, xt, t, logits = _batch(process, seed=6)
+    with pytest.raises(TypeError, match="mdlm"):
+        D.losses(process, x0, xt, t, logits, objective="mdlm")
+
+
 def test_losses_are_differentiable():
     process, _ = CASES["gaussian-band2"]
     x0, xt, t, logits = _batch(process, seed=4)

@@ -91,7 +91,7 @@ def train_scorer(kind: str, model, train, valid, *, out_dir: str | Path, tokeniz
     log_path = out_dir / "train_log.jsonl"
     t0 = time.perf_counter()
     bar = None
-    from .trainer import _progress_enabled
+    from .logs import progress_enabled as _progress_enabled
 
     if _progress_enabled(progress):  # no bar off a terminal: its \r frames would pile up in a log
         from tqdm.auto import tqdm

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _checks, continuous, schedules
-from .process import KINDS
+from .process import get_kind
 from ..errors import InputError, InputTypeError
 
 __all__ = ["DATA_KEYS", "PARALLEL", "RESUMABLE_OVERRIDES", "TASKS", "TrainConfig", "load_config_dict", "lr_factor"]
@@ -32,9 +32,16 @@ class TrainConfig:
 
     task : "lm" (unconditional), "attribute" (``labels``, classifier-free dropout ``cond_drop``) or
         "word_order" (text to text: ``conditioning`` "concat" -> ``cond_tokens`` or "cross" -> encoder memory).
-    family, kind, schedule, T, schedule_kw : the process ("discrete" absorbing/uniform, or "continuous");
-        ``schedule="auto"`` is "mutual_info" for discrete and "sqrt" for continuous; "adaptive" is re-fitted
-        from the training loss every ``refit_every`` steps (SeqDiffuSeq).
+    family, kind, schedule, T, schedule_kw : the process: "continuous", or "discrete" of a kind of
+        :func:`fastdiff.training.process.kinds` ("absorbing", "uniform", and the D3PM matrix processes
+        "gaussian_band", "nearest_neighbor", "dense", meant for small vocabularies); ``schedule="auto"`` is
+        "mutual_info" for discrete and "sqrt" for continuous; "adaptive" is re-fitted from the training loss
+        every ``refit_every`` steps (SeqDiffuSeq; absorbing, uniform and continuous only).
+    process_kw : the discrete kind's parameters (JSON): gaussian_band ``{"bandwidth": int}``;
+        nearest_neighbor ``{"k": 8, "rate": 1.0, "embeddings": "model" | FILE}`` (the kNN graph of the
+        model's token embeddings when training starts, or of a ``.safetensors`` file's); dense ``{"Q": FILE}``
+        (a ``.safetensors`` file holding ``Q``, ``(T, V, V)`` or ``(V, V)``). The tensors are copied into
+        every checkpoint (``process.safetensors``); a resume never reads the files again.
     arch, model : the model for :func:`fastdiff.models.build_model` (``model`` holds SED config overrides).
     loss, hybrid_lambda : discrete objective, "hybrid" (``L_vlb + λ·CE``) or "mdlm".
     parameterization, lam_round, lam_anchor, embedding_layernorm, self_condition_prob : continuous.
@@ -65,6 +72,7 @@ class TrainConfig:
     schedule: str = "auto"
     T: int = 1000
     schedule_kw: dict[str, Any] = field(default_factory=dict)
+    process_kw: dict[str, Any] = field(default_factory=dict)
     refit_every: int = 100
     timestep_sampler: str = "uniform"
     arch: str = "sed"
@@ -109,14 +117,16 @@ class TrainConfig:
         _checks.positive_int("seq_len", self.seq_len, 0)
         _checks.positive_int("src_len", self.src_len, 0)
         _checks.choice("family", self.family, ("discrete", "continuous"))
-        _checks.choice("kind", self.kind, KINDS)
+        kind = get_kind(self.kind)
         if self.schedule == "auto":
             self.schedule = "mutual_info" if self.family == "discrete" else "sqrt"
         _checks.choice("schedule", self.schedule, schedules.names())
         _checks.positive_int("T", self.T)
-        for name in ("schedule_kw", "model"):
+        for name in ("schedule_kw", "model", "process_kw"):
             if not isinstance(getattr(self, name), dict):
                 raise InputTypeError(f"{name}: expected a dict, got {type(getattr(self, name)).__name__}")
+        if self.family == "discrete":
+            self._check_kind(kind)
         _checks.positive_int("refit_every", self.refit_every)
         _checks.choice("timestep_sampler", self.timestep_sampler, ("uniform", "loss-aware"))
         if not isinstance(self.arch, str) or not self.arch:
@@ -159,6 +169,19 @@ class TrainConfig:
         if not isinstance(self.out_dir, (str, os.PathLike)):
             raise InputTypeError(f"out_dir: expected a path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)
+
+    def _check_kind(self, kind: Any) -> None:
+        unknown = sorted(set(self.process_kw) - set(kind.params) - set(kind.tensors))
+        if unknown:
+            known = sorted(set(kind.params) | set(kind.tensors))
+            raise InputError(f"process_kw: unknown parameters {unknown} of a {kind.name} process; it takes "
+                             f"{known or 'none'}")
+        if self.schedule == "adaptive" and not kind.live_schedule:
+            raise InputError(f"schedule: 'adaptive' re-fits alpha_bar during training, and a {kind.name} process "
+                             "derives its matrices from the schedule once; choose another schedule")
+        if self.schedule == "spindle" and not kind.per_token:
+            raise InputError(f"schedule: 'spindle' is a per-token schedule, which only absorbing processes take "
+                             f"(kind={kind.name!r})")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
