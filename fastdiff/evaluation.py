@@ -125,11 +125,22 @@ def unigram_log_probs(tokens: torch.Tensor, vocab_size: int, exclude: tuple[int,
     return (counts / counts.sum()).log()
 
 
-def _step_for_rate(alpha_bar: torch.Tensor, rate: float) -> int:
-    """The step ``t >= 1`` whose corruption probability ``1 - alpha_bar[t]`` (averaged over tokens for a
-    per-token schedule) is closest to ``rate``."""
-    ab = alpha_bar.double().reshape(alpha_bar.shape[0], -1).mean(-1)
-    return 1 + int(((1.0 - ab[1:]) - rate).abs().argmin())
+def _corruption(process) -> torch.Tensor:
+    """``(T,)`` float64: the corruption level of steps ``1..T``: ``1 - alpha_bar[t]`` (averaged over tokens
+    for a per-token schedule) where the process has a schedule, else ``P(x_t != x_0)`` for a uniform
+    ``x_0`` (the mean off-diagonal mass of ``Qbar_t``, e.g. a :class:`fastdiff.discrete.Dense` process)."""
+    schedule = getattr(process, "schedule", None)
+    if schedule is not None and getattr(schedule, "alpha_bar", None) is not None:
+        ab = schedule.alpha_bar.double()
+        return 1.0 - ab.reshape(ab.shape[0], -1).mean(-1)[1:]
+    V = process.vocab_size
+    x0 = torch.arange(V)
+    return torch.stack([1.0 - process.q_probs(x0, t).double().diagonal().mean() for t in range(1, process.T + 1)])
+
+
+def _step_for_rate(levels: torch.Tensor, rate: float) -> int:
+    """The step ``t >= 1`` whose corruption level (:func:`_corruption`) is closest to ``rate``."""
+    return 1 + int((levels - rate).abs().argmin())
 
 
 @torch.no_grad()
@@ -139,7 +150,7 @@ def model_fit(model, process, tokens: torch.Tensor, *, unigram: torch.Tensor | N
     """How well ``model`` predicts held-out ``tokens: (N, L)``, unconditionally (``cond`` is passed on).
 
     For each rate ``r`` in ``rates``, at the step ``t_r`` where a token is corrupted with probability
-    ``r``: ``x_t ~ q(x_t | x_0)``, and over the positions the corruption changed (discrete) or all
+    ``r`` (``1 - alpha_bar[t]``; for a process without a schedule, ``P(x_t != x_0)``): ``x_t ~ q(x_t | x_0)``, and over the positions the corruption changed (discrete) or all
     positions (continuous, where every vector is noised), the cross-entropy ``-log p_θ(x_0 | x_t)`` of the
     model's x0 prediction and its top-1 accuracy; with ``unigram`` (``(V,)`` log-probabilities,
     :func:`unigram_log_probs` of training text) the unigram's cross-entropy at the same positions.
@@ -176,8 +187,9 @@ def model_fit(model, process, tokens: torch.Tensor, *, unigram: torch.Tensor | N
     T = process.T
     out: dict = {"family": "continuous" if is_cont else "discrete", "rates": {}}
     table = embedding_table.float() if is_cont else None
+    levels = _corruption(process)
     for rate in rates:
-        t_r = _step_for_rate(process.schedule.alpha_bar, float(rate))
+        t_r = _step_for_rate(levels, float(rate))
         ce_sum = acc_sum = uni_sum = 0.0
         count = 0
         for lo in range(0, tokens.shape[0], batch_size):

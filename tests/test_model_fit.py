@@ -174,3 +174,22 @@ def test_generate_caches_network_calls_of_a_step_free_model(tmp_path, capsys) ->
     code = main(["generate", "-c", str(tmp_path / "free"), "-n", "2", "--steps", "100", "--no-cache",
                  "--no-progress"])
     assert code == 0 and "(100 network calls)" in capsys.readouterr().out
+
+
+def test_a_process_without_a_schedule_gets_its_rates_from_its_matrices() -> None:
+    """A Dense process (user matrices, no schedule): the rate is P(x_t != x_0) under Qbar_t."""
+    T = 6
+    beta = torch.linspace(0.05, 0.6, T, dtype=torch.float64)
+    Q = torch.stack([(1 - b) * torch.eye(V, dtype=torch.float64) + b / V for b in beta])
+    proc = discrete.Dense(Q)
+    x0 = data()
+    uni = evaluation.unigram_log_probs(x0, V, exclude=(0, MASK))
+    fit = evaluation.model_fit(ContextFree(uni), proc, x0, unigram=uni, rates=(0.15, 0.9), nelbo_samples=2)
+    qbar = torch.eye(V, dtype=torch.float64)
+    changed = []
+    for t in range(T):
+        qbar = qbar @ Q[t]
+        changed.append(1 - qbar.diagonal().mean().item())
+    for rate, r in fit["rates"].items():
+        expect = 1 + min(range(T), key=lambda i: abs(changed[i] - rate))
+        assert r["t"] == expect and abs(r["ce"] - r["unigram_ce"]) < 1e-5
