@@ -359,7 +359,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="bundled name (discrete, continuous) or a checkpoint directory")
     p.add_argument("--strategy", help="ancestral | confidence | threshold | remask (discrete), ddpm | ddim "
                                       "(continuous); default: ancestral (discrete), ddim (continuous)")
-    p.add_argument("--steps", type=positive_int, default=64, help="denoising steps")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="denoising steps (default: the checkpoint's recommended value, else 64)")
     p.add_argument("--batch-size", type=positive_int,
                    help="samples per sampler call (default: min(N, 64), smaller if memory needs it)")
     p.add_argument("--length", type=positive_int, help="tokens per sample (default: the training length)")
@@ -367,10 +368,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", help="attribute for label-conditioned checkpoints (e.g. reference, library); "
                                    "default: unconditional")
     p.add_argument("--guidance", type=finite_float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--temperature", type=nonnegative_float, default=1.0,
-                   help="sampling temperature (0 = greedy, for confidence and threshold)")
+    p.add_argument("--temperature", type=nonnegative_float, default=None,
+                   help="sampling temperature (0 = greedy, for confidence and threshold; default: the checkpoint's "
+                        "recommended value, else 1)")
     p.add_argument("--top-k", type=positive_int, help="keep the k most likely tokens (default: all)")
-    p.add_argument("--top-p", type=probability, help="nucleus sampling mass in (0, 1] (default: 1, all)")
+    p.add_argument("--top-p", type=probability,
+                   help="nucleus sampling mass in (0, 1] (default: the checkpoint's recommended value, else 1, all)")
     p.add_argument("--eta", type=nonnegative_float, help="DDIM eta / ReMDM eta, >= 0 (default: the sampler's)")
     p.add_argument("--threshold", type=unit_interval,
                    help="confidence threshold in [0, 1] (strategy threshold; default: the sampler's)")
@@ -409,6 +412,20 @@ def _sampling_options(args) -> dict:
     return opts
 
 
+def _sampling_defaults(td, args) -> str:
+    """Fill ``--steps``, ``--temperature``, ``--top-p`` the user left unset from the checkpoint's recommended
+    sampling settings (``TextDiffusion.generation_defaults``) or the sampler's; returns a note for the
+    header naming the values the checkpoint chose."""
+    gen = {} if td.continuous else td.generation_defaults
+    chosen = []
+    for name, fallback in (("steps", 64), ("temperature", 1.0), ("top_p", None)):
+        if getattr(args, name) is None:
+            if name in gen:
+                chosen.append(f"{name.replace('_', '-')} {gen[name]}")
+            setattr(args, name, gen.get(name, fallback))
+    return f" (the checkpoint's: {', '.join(chosen)})" if chosen else ""
+
+
 def _check_generator(td, checkpoint: str) -> None:
     """An evaluation model (causal LM, classifier) loads as a checkpoint but cannot generate."""
     if getattr(td, "process", None) is None:
@@ -444,6 +461,7 @@ def _generate_on(args, ctx, threads: int | None = None) -> int:
 
     td = TextDiffusion.load(args.checkpoint, device=ctx.device, backend=args.backend)
     _check_generator(td, args.checkpoint)
+    chosen = _sampling_defaults(td, args)
     length = args.length or td.seq_len
     batch = plan_batch(td, td.device, num_samples=args.num_samples, length=length, batch_size=args.batch_size,
                        steps=args.steps, trajectory=args.trajectory, guidance=args.guidance)
@@ -456,7 +474,10 @@ def _generate_on(args, ctx, threads: int | None = None) -> int:
         print(f"fastdiff generate: {args.checkpoint} ({info['family']}, {info['task']}, "
               f"{info['params'] / 1e6:.2f} M parameters, step {info['step']}) | "
               f"{args.num_samples} samples x {length} tokens, {args.steps} steps, "
-              f"{args.strategy or td.default_strategy()}, device {td.device}, "
+              f"{args.strategy or td.default_strategy()}"
+              + (f", temperature {args.temperature:g}" if args.temperature != 1.0 else "")
+              + (f", top-p {args.top_p:g}" if args.top_p is not None else "") + chosen +
+              f", device {td.device}, "
               f"backend {_backend_text(args.backend, td.device)}{threads}{ranks}", flush=True)
     gen = td.generate(args.num_samples, length=args.length, steps=args.steps, strategy=args.strategy,
                       seed=args.seed, batch_size=batch, label=args.label, guidance=args.guidance,
@@ -511,6 +532,7 @@ def _eval(args) -> int:
         check_writable(args.json, "--json")
     td = TextDiffusion.load(args.checkpoint, device=_device(device), backend=args.backend)
     _check_generator(td, args.checkpoint)
+    _sampling_defaults(td, args)
     batch = plan_batch(td, td.device, num_samples=args.samples, length=td.seq_len, batch_size=args.batch_size,
                        steps=args.steps, guidance=args.guidance, samples_flag="--samples")
     lm = evaluation.load_scorer(args.lm) if args.lm != "none" else None

@@ -93,6 +93,8 @@ def evaluate(td, *, samples: int = 64, steps: int = 64, strategy: str | None = N
         return result
 
     gen = td.generate(samples, **kw)
+    result["settings"].update(temperature=gen.stats.get("temperature"), top_p=gen.stats.get("top_p"),
+                              top_k=options.get("top_k"))
     result["samples"] = score_texts(gen.texts, td.tokenizer, lm=lm, length=L)
     result["tokens_per_s"] = gen.stats["tokens_per_s"]
     result["examples"] = gen.texts[:5]

@@ -130,6 +130,14 @@ class TextDiffusion:
         self.num_labels = int(model_cfg.get("num_labels", 0) or 0)
         self.label_names: list[str] = list(train.get("label_names") or [str(i) for i in range(self.num_labels)])
         self.seq_len = int(train.get("seq_len", 64))
+        from .training.checkpoint import check_generation
+
+        try:
+            #: the checkpoint's recommended sampling settings (``config.json``'s ``"generation"``), used where
+            #: :meth:`generate`'s caller sets nothing
+            self.generation_defaults: dict = check_generation("generation", self.config.get("generation", {}))
+        except (InputError, InputTypeError) as e:
+            raise InputError(f"checkpoint: config.json: {e}") from None
         self.mask_id = getattr(self.tokenizer, "mask_id", 1)
         proc_mask = getattr(self.process, "mask_id", None)
         if not self.continuous and getattr(self.process, "kind", None) == "absorbing" and proc_mask != self.mask_id:
@@ -202,7 +210,7 @@ class TextDiffusion:
     def generate(self, num_samples: int = 4, *, length: int | None = None, steps: int | None = None,
                  strategy: str | None = None, seed: int = 0, batch_size: int | None = None,
                  label: str | int | None = None, guidance: float = 1.0, template: str | None = None,
-                 source: str | list[str] | None = None, temperature: float = 1.0, top_k: int | None = None,
+                 source: str | list[str] | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, trajectory: bool = False, progress: bool = False,
                  shard: tuple[int, int] | None = None, distributed: bool = True, micro_batch: int | None = None,
                  **options) -> Generation:
@@ -212,6 +220,9 @@ class TextDiffusion:
         i.e. unconditional); ``guidance``: classifier-free guidance scale ``s`` in
         ``uncond + s·(cond - uncond)`` (1 = plain conditional; > 1 needs a label); ``template``: prompt /
         infilling (module docstring); ``source``: the input text(s) of a text-to-text checkpoint;
+        ``temperature``, ``top_p``, ``steps``: None (the default) takes the checkpoint's recommended value
+        (:attr:`generation_defaults`, e.g. the bundled discrete model's ``temperature`` 0.8) or else the
+        sampler's (1.0, none, 64); ``stats`` records what was used.
         ``options``: any other :func:`fastdiff.sampling.sample` option (e.g. ``eta``, ``clamp``,
         ``threshold``, ``block_size``, ``cache``: on by default where :meth:`auto_cache` says it changes
         nothing but the number of network calls); the per-batch ones that generate sets itself (``cond``,
@@ -244,7 +255,12 @@ class TextDiffusion:
         """
         n = _checks.positive_int("num_samples", num_samples)
         L = _checks.positive_int("length", length if length is not None else self.seq_len)
-        steps = _checks.positive_int("steps", steps if steps is not None else 64)
+        defaults = self.generation_defaults if not self.continuous else {}
+        steps = _checks.positive_int("steps", steps if steps is not None else defaults.get("steps", 64))
+        if temperature is None:
+            temperature = defaults.get("temperature", 1.0)
+        if top_p is None:
+            top_p = defaults.get("top_p")
         if steps > sampling._options.MAX_STEPS:
             raise InputError(f"steps: at most 2**62, got {steps}")
         bs = _checks.positive_int("batch_size", batch_size if batch_size is not None else min(n, 64))
@@ -356,6 +372,7 @@ class TextDiffusion:
             lo = 0
         total["tokens_per_s"] = tokens.numel() / total["time_s"] if total["time_s"] > 0 else float("inf")
         total["strategy"], total["steps_per_sample"], total["length"] = strategy, steps, L
+        total["temperature"], total["top_p"] = temperature, top_p
         name = None if lab is None or lab == self.num_labels else self.label_names[lab]
         return Generation(texts=texts, tokens=tokens, stats=total, trajectory=traj, labels=[name] * len(texts),
                           start=lo)

@@ -193,3 +193,42 @@ def test_a_process_without_a_schedule_gets_its_rates_from_its_matrices() -> None
     for rate, r in fit["rates"].items():
         expect = 1 + min(range(T), key=lambda i: abs(changed[i] - rate))
         assert r["t"] == expect and abs(r["ce"] - r["unigram_ce"]) < 1e-5
+
+
+def test_a_checkpoints_sampling_defaults_apply_where_the_caller_sets_nothing(tmp_path, capsys) -> None:
+    """config.json's "generation" (like generation_config.json): generate() and the CLI use it for what the
+    caller leaves unset, say so in the header and stats, and refuse a malformed one naming config.json."""
+    from fastdiff.data import default_tokenizer, lm_chunks, python_docs
+    from fastdiff.pipeline import TextDiffusion
+    from fastdiff.training import export_checkpoint
+
+    tok = default_tokenizer()
+    train = lm_chunks(python_docs(), tok, 16, "train")[:64]
+    cfg = TrainConfig(family="discrete", task="lm", seq_len=16, batch_size=4, max_steps=2, lr=1e-3, ema_decay=0.0,
+                      model={"width": 16, "layers": 1, "heads": 2}, out_dir=str(tmp_path / "run"), log_every=1)
+    Trainer(cfg, {"tokens": train}, tokenizer=tok).fit(progress=False)
+    export_checkpoint(tmp_path / "run", tmp_path / "exp", generation={"temperature": 0.5, "steps": 12})
+    td, plain = TextDiffusion.load(tmp_path / "exp"), TextDiffusion.load(tmp_path / "run")
+    assert td.generation_defaults == {"temperature": 0.5, "steps": 12} and plain.generation_defaults == {}
+    a = td.generate(2, seed=3)
+    assert a.stats["temperature"] == 0.5 and a.stats["steps_per_sample"] == 12
+    assert torch.equal(a.tokens, td.generate(2, seed=3, temperature=0.5, steps=12).tokens)
+    assert td.generate(2, seed=3, temperature=1.0).stats["temperature"] == 1.0  # the caller's value wins
+    assert plain.generate(2, seed=3).stats["temperature"] == 1.0
+    assert main(["generate", "-c", str(tmp_path / "exp"), "-n", "1", "--no-progress"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "12 steps" in head and "temperature 0.5" in head and "the checkpoint's: steps 12, temperature 0.5" in head
+    for bad, err in (({"temperature": 0}, ValueError), ({"tau": 1}, ValueError), ({"steps": 2.5}, ValueError),
+                     ([1], TypeError)):
+        with pytest.raises(err, match="generation"):
+            export_checkpoint(tmp_path / "run", tmp_path / "bad", generation=bad)
+    cfg_file = tmp_path / "exp" / "config.json"
+    d = json.loads(cfg_file.read_text())
+    d["generation"] = {"temperature": -1}
+    from fastdiff.training.checkpoint import _finish_config
+
+    files = d.pop("files")
+    d.pop("checksum", None)
+    cfg_file.write_text(json.dumps(_finish_config(d, files)))
+    with pytest.raises(ValueError, match="config.json: generation: temperature"):
+        TextDiffusion.load(tmp_path / "exp")

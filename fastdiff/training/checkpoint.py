@@ -490,14 +490,39 @@ def load_resume_state(path: str | os.PathLike, map_location: str | torch.device 
     return state, tensors
 
 
+GENERATION_KEYS = {"temperature": (0.0, 1e30), "top_p": (0.0, 1.0), "steps": (1, 2**62)}
+
+
+def check_generation(name: str, gen: object) -> dict:
+    """A checkpoint's recommended sampling settings (``config.json``'s ``"generation"``, like a Hugging Face
+    ``generation_config.json``): a dict of ``temperature`` (> 0), ``top_p`` in (0, 1], ``steps`` (>= 1)."""
+    if not isinstance(gen, dict):
+        raise InputTypeError(f"{name}: expected a dict of sampling defaults, got {type(gen).__name__}")
+    unknown = sorted(set(gen) - set(GENERATION_KEYS))
+    if unknown:
+        raise InputError(f"{name}: unknown sampling defaults {unknown}; expected some of {sorted(GENERATION_KEYS)}")
+    for key, v in gen.items():
+        lo, hi = GENERATION_KEYS[key]
+        integral = key == "steps"
+        if isinstance(v, bool) or not isinstance(v, int if integral else (int, float)) \
+                or not (lo < v <= hi if not integral else lo <= v <= hi) or v != v:
+            raise InputError(f"{name}: {key} must be {'an integer' if integral else 'a number'} in "
+                             f"{'[' if integral else '('}{lo}, {hi}], got {v!r}")
+    return dict(gen)
+
+
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype = torch.float16,
-                      weights: str = "ema") -> Path:
+                      weights: str = "ema", generation: dict | None = None) -> Path:
     """A small weights-only copy of ``src`` for shipping: one ``model.safetensors`` in ``dtype`` (floating
     tensors only), ``config.json`` (with an ``"export"`` entry and its own checksums) and
     ``tokenizer.json``; no optimizer or resume state. :func:`load_checkpoint` reads it (upcasting to
-    float32). ``dst`` must not exist, or be an empty directory or a checkpoint (which is replaced)."""
+    float32). ``dst`` must not exist, or be an empty directory or a checkpoint (which is replaced).
+    ``generation``: sampling defaults stored with it (:func:`check_generation`), which
+    :class:`fastdiff.pipeline.TextDiffusion` uses where the caller sets nothing."""
     if weights not in ("ema", "raw"):
         raise InputError(f"weights: expected 'ema' or 'raw', got {weights!r}")
+    if generation is not None:
+        generation = check_generation("generation", generation)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InputError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
     d = resolve_checkpoint_dir(src)
@@ -516,6 +541,8 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
         cfg["tokenizer"] = dict(cfg["tokenizer"], file=TOKENIZER_FILE)
     cfg["export"] = {"dtype": str(dtype).removeprefix("torch."), "weights": file.stem.split(".")[0],
                      "from_step": cfg["step"]}
+    if generation is not None:
+        cfg["generation"] = generation
 
     def write(tmp: Path) -> None:
         files = {MODEL_FILE: _save_tensors(tensors, tmp / MODEL_FILE)}
