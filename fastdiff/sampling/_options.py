@@ -162,7 +162,8 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
                       "(``'full'``, as LLaDA)."),
     "kv_cache": ("bool", "For block-causal models (:class:`BlockCausalDenoiser`, Block Diffusion): keep the "
                  "keys/values of finished blocks. Needs ``block_size``; not with guidance, ``cache`` or "
-                 "``micro_batch``. The continuous loop runs the model on the prefix instead (same samples)."),
+                 "``micro_batch``. The continuous loop does not use it: it calls the model as without the cache (the "
+                 "protocol makes both equal)."),
     "eos_id": ("int or None", "A sequence stops at its first generated EOS: later positions become "
                "``pad_id``; with blocks, a stopped sequence is not evaluated any more. "
                "``stats['stopped_at_eos']`` counts them."),
