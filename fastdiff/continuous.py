@@ -36,6 +36,8 @@ __all__ = [
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
 Denoise = Callable[[torch.Tensor], torch.Tensor]
+Noise = Callable[[torch.Tensor], torch.Tensor]
+Grad = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 class GaussianDiffusion:
@@ -173,47 +175,84 @@ class GaussianDiffusion:
         return out
 
     # --- samplers ----------------------------------------------------------------------------------
-    def ddpm_step(self, model_output, x_t, t, s=None, *, noise: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, denoised_fn: Denoise | None = None
-                  ) -> torch.Tensor:
-        """Ancestral step ``x_s ~ N(mean, var)`` (no noise where ``s = 0``)."""
+    def ddpm_step(self, model_output, x_t, t, s=None, *, noise: torch.Tensor | Noise | None = None,
+                  generator: torch.Generator | None = None, denoised_fn: Denoise | None = None,
+                  classifier_grad: Grad | None = None, classifier_scale: float = 1.0) -> torch.Tensor:
+        """Ancestral step ``x_s ~ N(mean, var)`` (no noise where ``s = 0``).
+
+        The hooks (of both steps; :mod:`fastdiff.sampling` uses them all):
+
+        denoised_fn : ``f(x0) -> x0``, the x0 estimate's last change before the step uses it (e.g.
+            :func:`clamp_hook`); it may keep its input (a self-conditioning estimate).
+        classifier_grad : ``g(x_t, t) -> ∇_{x_t} log p(y | x_t)`` of ``x_t``'s shape (``t`` as given here;
+            enable autograd inside ``g`` if it needs it), times ``classifier_scale``. Here the mean moves
+            to ``mean + classifier_scale·var·g`` (Dhariwal & Nichol 2021, Alg. 1).
+        noise : a tensor like ``x_t``; or a callable ``noise(x_t) -> tensor``, called only when the step
+            adds noise (some row has a variance > 0), so a counter-based stream draws exactly the noise
+            used; None draws ``torch.randn(..., generator=generator)``.
+        """
         out = self.p_mean_variance(model_output, x_t, t, s, denoised_fn)
-        noise = self._noise(noise, x_t, generator)
+        mean = out["mean"]
+        if classifier_grad is not None:
+            mean = mean + classifier_scale * out["var"] * self._classifier_grad(classifier_grad, x_t, t)
         ss = _checks.step_pair(t, s, self.T, x_t.device)[1]
         last = _checks.expand_leading("s", ss == 0, x_t.shape[:-1]).unsqueeze(-1)
+        if callable(noise) and bool(last.all()):
+            return mean
+        noise = self._noise(noise, x_t, generator)
         # As improved-diffusion's p_sample: the step to s = 0 returns the mean (for fixed_large the
         # skip variance 1 - a_t/a_0 is not 0 there).
-        return torch.where(last, out["mean"], out["mean"] + out["var"].sqrt() * noise)
+        return torch.where(last, mean, mean + out["var"].sqrt() * noise)
 
     def ddim_step(self, model_output, x_t, t, s=None, *, eta: float = 0.0,
-                  noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  denoised_fn: Denoise | None = None) -> torch.Tensor:
+                  noise: torch.Tensor | Noise | None = None, generator: torch.Generator | None = None,
+                  denoised_fn: Denoise | None = None, classifier_grad: Grad | None = None,
+                  classifier_scale: float = 1.0) -> torch.Tensor:
         """DDIM (Song et al. 2021, eq. 12) from ``t`` to ``s``:
 
         ``x_s = sqrt(a_s)·x0 + sqrt(1 - a_s - σ²)·ε + σ·z``, ``σ = η·sqrt((1 - a_s)/(1 - a_t))·sqrt(1 - a_t/a_s)``.
         ``eta = 0`` is deterministic; ``eta = 1`` is the DDPM posterior step.
+
+        Hooks as :meth:`ddpm_step`'s. Classifier guidance (Dhariwal & Nichol 2021, Alg. 2) moves ε to
+        ``ε' = ε - sqrt(1 - a_t)·classifier_scale·g``, and ``denoised_fn`` receives the x0 that ``ε'`` implies.
         """
         eta = _checks.real("eta", eta, 0.0)
         x_t = self._x("x_t", x_t)
         tt, ss = self._pair(t, s, x_t)
-        x0 = self._denoise(self.to_x0(model_output, x_t, tt), x_t, denoised_fn)
-        eps = self.to_eps(x0, x_t, tt)
         ab = self.alpha_bar.to(x_t.device)
         a_t = _checks.expand_leading("t", ab[tt], x_t.shape[:-1]).unsqueeze(-1)
         a_s = _checks.expand_leading("s", ab[ss], x_t.shape[:-1]).unsqueeze(-1)
+        x0 = self.to_x0(model_output, x_t, tt)
+        if classifier_grad is not None:
+            grad = self._classifier_grad(classifier_grad, x_t, t)
+            sd = (1 - a_t).sqrt()
+            eps = self.to_eps(x0, x_t, tt) - (sd * classifier_scale).to(x_t.dtype) * grad
+            x0 = (x_t - sd.to(x_t.dtype) * eps) / a_t.sqrt().to(x_t.dtype)
+        x0 = self._denoise(x0, x_t, denoised_fn)
+        eps = self.to_eps(x0, x_t, tt)
         sigma2 = (eta**2) * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
         dir_coef = (1 - a_s - sigma2).clamp_min(0).sqrt()
         out = a_s.sqrt().to(x_t.dtype) * x0 + dir_coef.to(x_t.dtype) * eps
-        if eta > 0:
+        if eta > 0 and not (callable(noise) and not bool((sigma2 > 0).any())):
             out = out + sigma2.sqrt().to(x_t.dtype) * self._noise(noise, x_t, generator)
         return out
+
+    @staticmethod
+    def _classifier_grad(classifier_grad: Grad, x_t: torch.Tensor, t) -> torch.Tensor:
+        g = classifier_grad(x_t, t)
+        if not isinstance(g, torch.Tensor) or g.shape != x_t.shape:
+            raise InputError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
+        return g
 
     @staticmethod
     def _noise(noise, x_t, generator):
         if noise is None:
             return torch.randn(x_t.shape, dtype=x_t.dtype, device=x_t.device, generator=generator)
-        if noise.shape != x_t.shape:
-            raise InputError(f"noise: expected shape {tuple(x_t.shape)}, got {tuple(noise.shape)}")
+        if callable(noise):
+            noise = noise(x_t)
+        if not isinstance(noise, torch.Tensor) or noise.shape != x_t.shape:
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise InputError(f"noise: expected shape {tuple(x_t.shape)}, got {got}")
         return noise
 
     # --- losses ------------------------------------------------------------------------------------

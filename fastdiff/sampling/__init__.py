@@ -7,40 +7,11 @@ protocol, :func:`as_denoiser` and the Hugging Face adapter). Each step is one ne
 fused op from :mod:`fastdiff.ops` on the fastest available backend (``backend=`` picks one;
 ``backend="reference"`` is the PyTorch reference exactly). Runs are deterministic for a seed.
 
-Discrete strategies (``process`` from :mod:`fastdiff.discrete`):
-
-* ``"ancestral"``: D3PM ancestral sampling, ``x_s ~ p(x_s | x_t)`` over an evenly spaced grid of
-  ``steps`` transitions from T to 0 (skip posterior). ``cache=True`` (absorbing, models that ignore
-  ``t``) skips the network for every sequence whose input did not change, as MDLM does.
-* ``"confidence"``: LLaDA low-confidence remasking (Nie et al. 2025): predict all masked tokens, keep
-  the ``k`` most confident (``tokens_per_step=k``, or LLaDA's even split of the masked count over
-  ``steps``); ``remasking="random"`` picks them at random.
-* ``"threshold"``: Fast-dLLM parallel decoding (Wu et al. 2025): keep every prediction whose
-  probability exceeds ``threshold`` (at least one per step, and enough to finish within ``steps``).
-* ``"remask"``: ReMDM (Wang et al. 2025): the ancestral step plus remasking of decoded tokens with
-  probability ``σ_t`` (``eta``, ``remask_schedule="rescale"|"cap"``, ``remask_window=(lo, hi)``).
-
-Continuous strategies (``process`` a :class:`~fastdiff.continuous.GaussianDiffusion`; needs
-``embedding=(V, D)``): ``"ddpm"`` and ``"ddim"`` (``eta``), ``clamp="never"|"every"|"last"`` (the
-clamping trick through :func:`fastdiff.ops.nearest_embedding`), ``self_condition=True`` (the model
-receives its previous x0 estimate as ``x_self_cond=``), ``classifier_grad=fn(x_t, t) -> ∇ log p(y|x_t)``
-with ``classifier_scale``; the result is rounded to the nearest embedding's token.
-
-Common options: ``temperature``, ``top_k``, ``top_p`` (discrete strategies; a continuous strategy
-rejects them, as every strategy rejects a non-default option it would ignore, e.g. ``eta`` for
-"ancestral"), ``cond`` / ``uncond`` (keyword tensors for the model, batch first, on the batch's device)
-and ``guidance_scale`` (classifier-free guidance ``uncond + s·(cond - uncond)``, both passes in one
-batch; with fixed prompt positions and no ``uncond``, the unconditional pass masks the prompt),
-``fixed`` + ``x_init`` (positions that hold given tokens and are never noised: prompts, infilling),
-``lengths`` + ``pad_id`` (variable lengths; the model gets ``attention_mask`` if it accepts one, so an
-``attention_mask`` in ``cond`` together with ``lengths`` is an error), ``block_size``
-(semi-autoregressive blocks, ``steps`` per block, earlier blocks as clean context; ``kv_cache=True`` for
-block-causal models, see :class:`BlockCausalDenoiser`), ``eos_id`` (a sequence stops at its first EOS:
-later positions become ``pad_id``, and with discrete blocks it is not evaluated any more; continuous
-strategies cut the rounded tokens the same way), ``cuda_graph`` (replay the network's forward as a CUDA
-graph per input shape; CUDA only), ``progress`` (a tqdm bar on stderr, shown only when stderr is a
-terminal), ``trajectory`` (keep the tokens after every step), ``backend``, ``device``,
-``sample_offset`` and ``micro_batch`` (below).
+The strategies (:data:`STRATEGIES`) and the options each reads are listed in :func:`sample`'s
+docstring, which is generated from the strategy table (:data:`fastdiff.sampling.strategies.TABLE`: each
+strategy's family, paper, options, rules and step function) and from the documentation of every field of
+:class:`Options`. A strategy rejects a non-default option it would ignore (``eta`` for "ancestral",
+``temperature`` for "ddim"), naming it.
 
 What is checked: every option before anything runs (an :class:`~fastdiff.errors.InputError` /
 :class:`~fastdiff.errors.InputTypeError` naming it, the same on every backend); the memory the run will
@@ -76,12 +47,17 @@ from typing import Protocol
 
 import torch
 
+from . import strategies
 from ._adapters import CUDAGraphed, Denoiser, HFMaskedLM, as_denoiser, unwrap_output
-from ._continuous import run_continuous
-from ._discrete import run_discrete
-from ._engine import _Run, num_transfer
-from ._options import CONTINUOUS_STRATEGIES, DISCRETE_STRATEGIES, STRATEGIES, Options, SampleOutput, \
-    check_shape, check_static, step_grid
+from ._engine import _Run, num_transfer, step_grid
+from ._options import Options, SampleOutput, check_shape, check_static, options_doc, resolve_strategy, \
+    strategies_doc
+from .strategies import Strategy
+
+#: the strategy names, in table order
+STRATEGIES = tuple(strategies.TABLE)
+DISCRETE_STRATEGIES = strategies.family("discrete")
+CONTINUOUS_STRATEGIES = strategies.family("continuous")
 
 __all__ = [
     "sample",
@@ -98,6 +74,9 @@ __all__ = [
     "STRATEGIES",
     "DISCRETE_STRATEGIES",
     "CONTINUOUS_STRATEGIES",
+    "Options",
+    "Strategy",
+    "strategies",
 ]
 
 
@@ -119,13 +98,14 @@ class BlockCausalDenoiser(Protocol):
 
 
 class Sampler:
-    """Holds a process, a strategy, ``steps`` and options for repeated :meth:`sample` calls."""
+    """(generated below: ``Sampler(process, *, steps, strategy="ancestral", **options)``)"""
 
     def __init__(self, process, *, steps: int, strategy: str = "ancestral", **options):
         self.process = process
         self.strategy = strategy
         self.options = Options.from_kwargs(options)
         self.steps = check_static(process, strategy, steps, self.options)
+        self.spec = resolve_strategy(process, strategy)
 
     def sample(self, model, *, shape: tuple[int, int], seed: int = 0, **overrides) -> SampleOutput:
         o = self.options.replace(**overrides) if overrides else self.options
@@ -135,13 +115,10 @@ class Sampler:
         den = as_denoiser(model)
         if o.cuda_graph:
             den = CUDAGraphed(den)
-        run = _Run(den, self.process, self.strategy, self.steps, (B, L), seed, o)
+        run = _Run(den, self.process, self.spec, self.steps, (B, L), seed, o)
         t0 = time.perf_counter()
         with torch.no_grad(), _eval_mode(den.fn):
-            if run.continuous:
-                tokens, x = run_continuous(run)
-            else:
-                tokens, x = run_discrete(run), None
+            tokens, x = self.spec.loop(run)
         return SampleOutput(tokens=tokens, stats=run.finish_stats(t0, tokens), x=x, trajectory=run.trajectory)
 
     def __repr__(self) -> str:
@@ -168,5 +145,62 @@ def _eval_mode(fn: object):
 
 def sample(model, process, *, shape: tuple[int, int], steps: int, strategy: str = "ancestral",
            seed: int = 0, **options) -> SampleOutput:
-    """Generate ``shape = (B, L)`` token sequences from ``model`` under ``process`` (see the module doc)."""
+    """(generated below from the strategy table and :data:`._options.OPTION_DOCS`)"""
     return Sampler(process, steps=steps, strategy=strategy, **options).sample(model, shape=shape, seed=seed)
+
+
+_SAMPLE_HEAD = """Generate ``shape = (B, L)`` token sequences from ``model`` under ``process``.
+
+Each step is one network call and one fused op from :mod:`fastdiff.ops`; see the module docstring of
+:mod:`fastdiff.sampling` for what is checked before the run and how randomness is keyed.
+
+Parameters
+----------
+model : callable
+    ``model(x_t, t, **cond) -> output`` (or a :class:`Denoiser` / Hugging Face model, see
+    :func:`as_denoiser`): x0 logits ``(B, L, V)`` for a discrete process, the parameterised tensor
+    ``(B, L, D)`` for a continuous one.
+process : a :mod:`fastdiff.discrete` process or a :class:`~fastdiff.continuous.GaussianDiffusion`
+shape : (int, int)
+    ``(B, L)``.
+steps : int
+    Network calls per block: transitions of the step grid from T to 0 (``steps <= T``), or the budget of
+    decoding rounds of "confidence" / "threshold".
+strategy : str, default "ancestral"
+    One of the strategies below.
+seed : int, default 0
+    Every draw is keyed by the seed and the sample's global index.
+**options
+    The options below. One that the strategy does not read must stay at its default.
+
+Strategies
+----------
+{strategies}
+
+Options
+-------
+{options}
+
+Returns
+-------
+SampleOutput
+    ``tokens (B, L)`` int64, ``stats`` (``network_calls``, ``steps``, ``tokens_per_s``, ...), ``x`` (the
+    final vectors, continuous processes) and ``trajectory``.
+
+Raises
+------
+InputError, InputTypeError
+    A bad option, input or model output, naming it (before anything runs, for the options).
+"""
+
+if sample.__doc__ is not None:  # python -OO strips docstrings
+    sample.__doc__ = _SAMPLE_HEAD.format(strategies=strategies_doc(), options=options_doc())
+    Sampler.__doc__ = f"""Holds a process, a strategy, ``steps`` and options for repeated :meth:`sample` calls.
+
+``Sampler(process, *, steps, strategy="ancestral", **options).sample(model, *, shape, seed=0, **overrides)``
+equals :func:`sample` with the options updated by ``overrides`` (checked the same way).
+
+Options
+-------
+{options_doc()}
+"""

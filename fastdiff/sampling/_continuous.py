@@ -1,47 +1,84 @@
 """Continuous strategies: DDPM and DDIM over any step grid, with the clamping trick, self-conditioning,
 classifier(-free) guidance, fixed positions and rounding to tokens at the end (and, with ``eos_id``, the
-rounded tokens after a sequence's first EOS become ``pad_id``, as for the discrete strategies)."""
+rounded tokens after a sequence's first EOS become ``pad_id``, as for the discrete strategies).
+
+:func:`run_continuous` is the family's loop; :func:`ddpm_step` and :func:`ddim_step` are the strategies'
+steps (listed in :data:`fastdiff.sampling.strategies.TABLE`). The maths is the process's own
+(:meth:`GaussianDiffusion.ddpm_step` / :meth:`~GaussianDiffusion.ddim_step`): the sampler supplies the
+hooks (the clamp and the self-conditioning estimate as ``denoised_fn``, classifier guidance, and its
+counter-based noise, drawn only when a step adds noise)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .. import ops
-from .. import random as _random
-from ._discrete import _cut_at_eos
-from ._engine import _Run
-from ._options import step_grid
 from ..errors import InputError
+from ._engine import _Run, step_grid
 
 
-def _guided_x0(run: _Run, x0: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """DDIM classifier guidance (Dhariwal & Nichol 2021, Alg. 2): ``ε' = ε - sqrt(1 - a_t)·s·∇ log p(y|x_t)``,
-    returned as the x0 that ``ε'`` implies."""
-    o, diff = run.o, run.process
-    grad = _grad(run, x_t, t)
-    a_t = float(diff.alpha_bar[t])
-    eps = diff.to_eps(x0, x_t, t) - (1 - a_t) ** 0.5 * o.classifier_scale * grad
-    return (x_t - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+def ddpm_step(run: _Run, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
+              denoised_fn: Callable | None) -> torch.Tensor:
+    o = run.o
+    return run.process.ddpm_step(out, x_t, t, s, noise=run.noise, denoised_fn=denoised_fn,
+                                 classifier_grad=_classifier_grad(run, t), classifier_scale=o.classifier_scale)
 
 
-def _grad(run: _Run, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
-    with torch.enable_grad():
-        g = run.o.classifier_grad(x_t, tt)
-    if not isinstance(g, torch.Tensor) or g.shape != x_t.shape:
-        raise InputError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
-    if not bool(torch.isfinite(g).all()):
-        raise InputError("classifier_grad: returned NaN or inf")
-    return g.to(x_t.dtype)
+def ddim_step(run: _Run, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
+              denoised_fn: Callable | None) -> torch.Tensor:
+    o = run.o
+    return run.process.ddim_step(out, x_t, t, s, eta=o.eta, noise=run.noise, denoised_fn=denoised_fn,
+                                 classifier_grad=_classifier_grad(run, t), classifier_scale=o.classifier_scale)
+
+
+def _classifier_grad(run: _Run, t: int) -> Callable | None:
+    """``classifier_grad`` as the process's hook: called with the step as a ``(B,)`` tensor and autograd
+    on, its output checked (shape, finite) and cast to the vectors' dtype."""
+    fn = run.o.classifier_grad
+    if fn is None:
+        return None
+
+    def grad(x_t: torch.Tensor, _t) -> torch.Tensor:
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
+        with torch.enable_grad():
+            g = fn(x_t, tt)
+        if not isinstance(g, torch.Tensor) or g.shape != x_t.shape:
+            raise InputError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
+        if not bool(torch.isfinite(g).all()):
+            raise InputError("classifier_grad: returned NaN or inf")
+        return g.to(x_t.dtype)
+
+    return grad
+
+
+class _X0Hook:
+    """The ``denoised_fn`` of one step: keeps the x0 estimate it receives (the next step's
+    self-conditioning input) and, when ``clamp``, snaps it to the nearest embeddings, keeping their ids."""
+
+    def __init__(self, run: _Run, emb: torch.Tensor, clamp: bool):
+        self.run, self.emb, self.clamp = run, emb, clamp
+        self.x0: torch.Tensor | None = None
+        self.idx: torch.Tensor | None = None
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        self.x0 = x0
+        if self.clamp:
+            o = self.run.o
+            self.idx, x0 = ops.nearest_embedding(x0, self.emb.to(x0.dtype), o.metric, backend=o.backend)
+        return x0
 
 
 def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
-    o, diff = run.o, run.process
+    """The continuous loop: ``x_T ~ N(0, I)``, fixed positions as their clean embeddings, the blocks left
+    to right (a finished block rounded and used as clean context), the rounding at the end. Returns
+    ``(tokens, x)``."""
+    o, diff, step = run.o, run.process, run.spec.step
     emb = o.embedding.detach().to(run.device)
     B, L, D = run.B, run.L, emb.shape[1]
     known, vals = run.fixed.clone(), run.values.clone()  # positions whose token is decided, and the tokens
-    x = _random.randn((B, L, D), seed=run.seed, offset=run.next_offset(), start=run.row_offset((B, L, D)),
-                      dtype=emb.dtype, device=run.device)
+    x = run.randn((B, L, D), emb.dtype)
     clean = torch.nn.functional.embedding(vals, emb)
     frozen = known.unsqueeze(-1)
     x = torch.where(frozen, clean, x)
@@ -57,18 +94,15 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
                 x_ctx = x[:, :ctx_end]
                 extra = {o.self_cond_kwarg: prev_x0} if o.self_condition else None
                 out, _ = run.evaluate(x_ctx, t, extra=extra)
+                clamp = o.clamp == "every" or (o.clamp == "last" and s == 0)
+                hook = _X0Hook(run, emb, clamp) if clamp or o.self_condition else None
                 # a model computing in another precision (a bf16 network on fp32 embeddings): its output
                 # joins the sampler's state in the embedding's dtype (a new tensor; the model's is kept)
-                x0 = diff.to_x0(out.to(x_ctx.dtype), x_ctx, t)
-                if o.classifier_grad is not None and run.strategy == "ddim":
-                    x0 = _guided_x0(run, x0, x_ctx, t)
+                x_s = step(run, out.to(x_ctx.dtype), x_ctx, t, s, hook)
                 if o.self_condition:
-                    prev_x0 = x0.detach()
-                if o.clamp == "every" or (o.clamp == "last" and s == 0):
-                    idx, x0 = ops.nearest_embedding(x0, emb.to(x0.dtype), o.metric, backend=o.backend)
-                    if s == 0:  # the step to 0 returns x0 itself, so these are the block's tokens
-                        final_idx = idx[:, a:b]
-                x_s = _step(run, x0, x_ctx, t, s)
+                    prev_x0 = hook.x0.detach()
+                if clamp and s == 0:  # the step to 0 returns x0 itself, so these are the block's tokens
+                    final_idx = hook.idx[:, a:b]
                 x[:, a:b] = torch.where(frozen[:, a:b], clean[:, a:b], x_s[:, a:b])
                 run.after_step(_round(run, x, emb, known, vals) if run.trajectory is not None else x, bar)
             tok = final_idx
@@ -86,7 +120,7 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
             bar.close()
     tokens = vals if bool(known.all()) else _round(run, x, emb, known, vals)  # all decided: clamped / fixed
     if o.eos_id is not None:
-        tokens = _cut_at_eos(run, tokens)
+        tokens = run.cut_at_eos(tokens)
     return tokens, x
 
 
@@ -94,28 +128,3 @@ def _round(run: _Run, x: torch.Tensor, emb: torch.Tensor, known: torch.Tensor, v
     """Rounding: the nearest embedding's token wherever the token is not decided yet."""
     tok = ops.nearest_embedding(x, emb.to(x.dtype), run.o.metric, backend=run.o.backend)[0]
     return torch.where(known, vals, tok)
-
-
-def _step(run: _Run, x0: torch.Tensor, x_t: torch.Tensor, t: int, s: int) -> torch.Tensor:
-    o, diff = run.o, run.process
-    a_t, a_s = float(diff.alpha_bar[t]), float(diff.alpha_bar[s])
-    if run.strategy == "ddim":
-        eps = diff.to_eps(x0, x_t, t)
-        sigma2 = o.eta**2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
-        out = a_s**0.5 * x0 + max(0.0, 1 - a_s - sigma2) ** 0.5 * eps
-        if o.eta > 0 and sigma2 > 0:
-            out = out + sigma2**0.5 * _noise(run, x_t)
-        return out
-    mean, var = diff.q_posterior_mean_variance(x0, x_t, t, s)
-    if diff.model_var == "fixed_large":
-        var = torch.full_like(var, 1 - a_t / a_s)
-    if o.classifier_grad is not None:  # Dhariwal & Nichol 2021, Alg. 1: mean + s·Σ·∇ log p(y|x_t)
-        mean = mean + o.classifier_scale * var * _grad(run, x_t, t)
-    if s == 0:
-        return mean
-    return mean + var.sqrt() * _noise(run, x_t)
-
-
-def _noise(run: _Run, like: torch.Tensor) -> torch.Tensor:
-    return _random.randn(tuple(like.shape), seed=run.seed, offset=run.next_offset(),
-                         start=run.row_offset(like.shape), dtype=like.dtype, device=like.device)

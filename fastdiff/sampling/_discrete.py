@@ -1,5 +1,8 @@
 """Discrete strategies: ancestral D3PM/MDLM (with the MDLM cache), LLaDA low-confidence remasking,
-Fast-dLLM threshold decoding and ReMDM remasking, block by block."""
+Fast-dLLM threshold decoding and ReMDM remasking, block by block.
+
+:func:`run_discrete` is the family's loop; the ``*_block`` functions are the strategies' steps, listed in
+:data:`fastdiff.sampling.strategies.TABLE` (signature in its module docstring)."""
 
 from __future__ import annotations
 
@@ -8,21 +11,18 @@ import math
 import torch
 
 from .. import ops
-from .. import random as _random
 from ..discrete import Absorbing
 from ..errors import InputError
 from ..ops._common import check_finite_above
 from ..schedules import Schedule
-from ._engine import _Run, num_transfer
-from ._options import step_grid
+from ._engine import _Run, num_transfer, step_grid
 
 
 def prior_tokens(run: _Run) -> torch.Tensor:
     """``x_T`` drawn from the process's prior by the inverse CDF with counter-based uniforms."""
     p = run.process.prior_probs((), run.device).to(torch.float64)
     c = torch.cumsum(p, 0)
-    u = _random.uniform((run.B, run.L), seed=run.seed, offset=run.next_offset(), start=run.row_offset((run.B, run.L)),
-                        device=run.device)
+    u = run.uniform((run.B, run.L))
     idx = torch.searchsorted(c, (u * c[-1]).reshape(-1), right=True).reshape(run.B, run.L)
     last_pos = int((p > 0).nonzero().max())
     return idx.clamp_max(last_pos)
@@ -44,7 +44,7 @@ class _Logits:
     def __call__(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, bool]:
         run, a, b = self.run, self.a, self.b
         if run.o.kv_cache:
-            return run.evaluate(x[:, a:b], t, extra={"cache": run._kv, "start": a}, ctx_fixed=run.prompt[:, a:b])
+            return run.evaluate(x[:, a:b], t, extra={"cache": run.kv, "start": a}, ctx_fixed=run.prompt[:, a:b])
         x_ctx = x[:, : self.ctx_end]
         need = ~run.finished
         if run.o.cache and self.last is not None:
@@ -112,7 +112,7 @@ def _two_stage(run: _Run, lr: torch.Tensor, owned: bool, xr: torch.Tensor, p_unm
     rows = run.row_offset(xr.shape)
     with run.op_values(t):
         lr = _without_mask(run, lr, owned)
-        u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(), start=rows, device=xr.device)
+        u = run.uniform(xr.shape)
         tok = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(), row_offset=rows,
                                      temperature=o.temperature, top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
     return torch.where((xr == mask_id) & (u < p_unmask), tok, xr)
@@ -150,7 +150,7 @@ def _ab(process, t: int) -> float:
     return float(process.schedule.alpha_bar[t])
 
 
-def _ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+def ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
     o, process = run.o, run.process
     grid = step_grid(process.T, run.steps)
     for t, s in zip(grid[:-1], grid[1:]):
@@ -183,7 +183,7 @@ def _remask_sigma(run: _Run, t: int, s: int) -> float:
     return o.eta * smax if o.remask_schedule == "rescale" else min(o.eta, smax)
 
 
-def _remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+def remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
     o, process = run.o, run.process
     mask_id = process.mask_id
     grid = step_grid(process.T, run.steps)
@@ -205,17 +205,39 @@ def _remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
                                            row_offset=run.row_offset(xr.shape), temperature=o.temperature,
                                            backend=o.backend)
         # Unmasked rows: remasked with probability σ.
-        u = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(),
-                            start=run.row_offset(xr.shape), device=x.device)
+        u = run.uniform(xr.shape)
         remask = (xr != mask_id) & (u < sigma)
         new = torch.where(remask, torch.full_like(new, mask_id), new)
         _restore(run, x, a, b, new)
         run.after_step(x, bar)
 
 
-def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
-    """LLaDA (Nie et al. 2025, Alg. 5) low-confidence / random remasking, and Fast-dLLM (Wu et al.
-    2025) threshold decoding: predict every masked token, keep the most confident ones."""
+def confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+    """LLaDA (Nie et al. 2025, Alg. 5): keep the ``k`` most confident predictions of each step (LLaDA's
+    even split of the masked count over the steps), or ``k`` random ones (``remasking="random"``)."""
+    _decode_block(run, x, a, b, logits, bar, count=_llada_count, random=run.o.remasking == "random")
+
+
+def threshold_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+    """Fast-dLLM (Wu et al. 2025) threshold decoding: keep every prediction above ``threshold``."""
+    _decode_block(run, x, a, b, logits, bar, count=_threshold_count, random=False)
+
+
+def _llada_count(run: _Run, k: int, n_steps: int, masked, remaining, conf, schedule) -> torch.Tensor:
+    return schedule[:, k] if k < schedule.shape[1] else torch.zeros_like(remaining)
+
+
+def _threshold_count(run: _Run, k: int, n_steps: int, masked, remaining, conf, schedule) -> torch.Tensor:
+    """Everything above the threshold, at least enough to finish in the steps left, at least one."""
+    th = run.o.threshold
+    above = (masked & (conf > math.log(th) if th > 0 else masked)).sum(1)
+    need = -(-remaining // (n_steps - k))
+    return torch.maximum(above, need).clamp_min(1)
+
+
+def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar, *, count, random: bool) -> None:
+    """Predict every masked token, keep the most confident ones (by ``random`` uniforms instead when
+    ``random``); ``count(...) -> (B,)`` says how many per row, unless ``tokens_per_step`` does."""
     o, process = run.o, run.process
     mask_id, T = process.mask_id, process.T
     masked0 = (x[:, a:b] == mask_id) & ~run.fixed[:, a:b]
@@ -245,22 +267,17 @@ def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logit
                 x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(),
                                             row_offset=run.row_offset(xr.shape), temperature=o.temperature,
                                             top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
-            if o.remasking == "random" and run.strategy == "confidence":
+            if random:
                 if o.temperature == 0:  # nothing above read the values: one reduction checks them
                     check_finite_above("logits", lr)
-                conf = _random.uniform(tuple(xr.shape), seed=run.seed, offset=run.next_offset(),
-                                       start=run.row_offset(xr.shape), device=x.device)
+                conf = run.uniform(xr.shape)
             else:  # log p(x0) under softmax(logits); its row maxima check the values
                 conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
         conf = torch.where(masked, conf.to(torch.float64), torch.full_like(conf, float("-inf"), dtype=torch.float64))
         if tps is not None:
             num = remaining.clamp_max(tps)
-        elif run.strategy == "confidence":
-            num = schedule[:, k] if k < schedule.shape[1] else torch.zeros_like(remaining)
-        else:  # threshold: everything above it, at least enough to finish in the steps left, at least one
-            above = (masked & (conf > math.log(o.threshold) if o.threshold > 0 else masked)).sum(1)
-            need = -(-remaining // (n_steps - k))
-            num = torch.maximum(above, need).clamp_min(1)
+        else:
+            num = count(run, k, n_steps, masked, remaining, conf, schedule)
         num = torch.minimum(num, remaining)
         order = torch.sort(conf, dim=1, descending=True, stable=True).indices  # ties: lower position first
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(xr.shape[1], device=x.device).expand_as(order))
@@ -269,58 +286,29 @@ def _confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logit
         run.after_step(x, bar)
 
 
-BLOCK_FNS = {
-    "ancestral": _ancestral_block,
-    "remask": _remask_block,
-    "confidence": _confidence_block,
-    "threshold": _confidence_block,
-}
-
-
-def run_discrete(run: _Run) -> torch.Tensor:
+def run_discrete(run: _Run) -> tuple[torch.Tensor, None]:
+    """The discrete loop: ``x_T`` from the prior, the fixed positions held, the blocks left to right
+    (each decoded by the strategy's step), EOS stopping between blocks. Returns ``(tokens, None)``."""
     o = run.o
     x = prior_tokens(run)
     x = torch.where(run.fixed, run.values, x)
-    run.finished = torch.zeros(run.B, dtype=torch.bool, device=run.device)
-    run._stopped = run.finished
     if o.kv_cache:
-        run._kv = run.model.fn.new_cache(run.B)
+        run.start_kv()
     blocks = run.blocks()
-    per_block = run.steps if run.strategy != "threshold" or o.tokens_per_step is None else None
-    if per_block and run.strategy in ("confidence", "threshold"):
-        per_block = min(per_block, o.block_size or run.L)  # a block is decoded by then
+    per_block = run.rounds_per_block()
     bar = run.progress(len(blocks) * per_block if per_block else None)
     try:
         for a, b in blocks:
             if bool(run.finished.all()):
                 break
-            BLOCK_FNS[run.strategy](run, x, a, b, _Logits(run, a, b), bar)
+            run.spec.step(run, x, a, b, _Logits(run, a, b), bar)
             if o.kv_cache:
-                run._kv = run.model.fn.extend_cache(run._kv, x[:, a:b], a)
+                run.extend_kv(x, a, b)
             if o.eos_id is not None and b < run.L:
-                hit = (x[:, a:b] == o.eos_id).any(1) & ~run.finished
-                if bool(hit.any()):
-                    pad = o.pad_id if o.pad_id is not None else o.eos_id
-                    rest = torch.zeros_like(run.fixed)
-                    rest[:, b:] = hit[:, None]
-                    run.fixed |= rest
-                    run.values = torch.where(rest, torch.full_like(run.values, pad), run.values)
-                    x[:, b:] = torch.where(hit[:, None], torch.full_like(x[:, b:], pad), x[:, b:])
-                    run.finished = run.finished | hit
+                run.stop_at_eos(x, a, b)
     finally:
         if bar is not None:
             bar.close()
     if o.eos_id is not None:
-        x = _cut_at_eos(run, x)
-    return x
-
-
-def _cut_at_eos(run: _Run, x: torch.Tensor) -> torch.Tensor:
-    """Positions after a sequence's first generated EOS become ``pad_id`` (default ``eos_id``)."""
-    o = run.o
-    pad = o.pad_id if o.pad_id is not None else o.eos_id
-    is_eos = (x == o.eos_id) & ~run.prompt
-    after = (torch.cumsum(is_eos.to(torch.int64), 1) - is_eos.to(torch.int64)) > 0
-    after &= ~run.prompt
-    run._stopped = is_eos.any(1)
-    return torch.where(after, torch.full_like(x, pad), x)
+        x = run.cut_at_eos(x)
+    return x, None

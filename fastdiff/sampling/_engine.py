@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,7 +40,10 @@ from .. import random as _random
 from ..errors import InputError, InputTypeError
 from . import _memory
 from ._adapters import Denoiser
-from ._options import Options, is_continuous
+
+if TYPE_CHECKING:
+    from ._options import Options
+    from .strategies import Strategy
 
 #: argument names under which the ops report the values of the logits they were given
 _OP_LOGIT_ARGS = ("x0_logits: ", "logits: ")
@@ -56,23 +60,82 @@ def _module_params(fn: object):
 
 
 class _Run:
-    def __init__(self, model: Denoiser, process, strategy: str, steps: int, shape: tuple[int, int],
+    """The state of one batch's run. The strategies read it and change it only through its methods.
+
+    Set once (the run's inputs): ``model``, ``process``, ``spec`` (the strategy's table entry) and
+    ``strategy`` (its name), ``steps``, ``o`` (the sampler's own :class:`Options`), ``B``, ``L``, ``seed``,
+    ``sample_offset``, ``continuous``, ``device``.
+
+    State, read through properties and changed by the methods named:
+
+    * ``fixed`` ``(B, L)`` bool: positions whose token is decided (prompts, padding, and the positions
+      after an EOS once a block stops its row: :meth:`stop_at_eos`); ``values`` ``(B, L)`` int64: their
+      tokens; ``prompt``: the user-fixed positions only (set up once); ``attention_mask``: ``(B, L)``
+      bool for ``lengths`` (or None);
+    * ``finished`` ``(B,)`` bool: rows stopped at an EOS in an earlier block, never evaluated again
+      (:meth:`stop_at_eos`); and the rows whose final tokens hold an EOS, counted in the stats
+      (:meth:`cut_at_eos`);
+    * ``kv``: the block-causal model's KV cache (:meth:`start_kv`, :meth:`extend_kv`);
+    * ``trajectory``: the tokens after every step (:meth:`after_step`), or None;
+    * the draw counter (:meth:`next_offset`, :meth:`uniform`, :meth:`randn`) and the statistics
+      (:meth:`evaluate`, :meth:`after_step`, read by :meth:`finish_stats`).
+    """
+
+    def __init__(self, model: Denoiser, process, spec: Strategy, steps: int, shape: tuple[int, int],
                  seed: int, o: Options):
-        self.model, self.process, self.strategy, self.steps, self.o = model, process, strategy, steps, o
+        self.model, self.process, self.spec, self.steps, self.o = model, process, spec, steps, o
+        self.strategy = spec.name
         self.B, self.L = shape
         self.seed = _random._check_seed(seed)
         self.sample_offset = _checks.positive_int("sample_offset", o.sample_offset, 0)
-        self.continuous = is_continuous(process)
+        self.continuous = spec.family == "continuous"
         self._check_tensor_inputs()
         self.device = self._pick_device()
-        self.stats = {"network_calls": 0, "sequences_evaluated": 0, "steps": 0, "model_time_s": 0.0}
+        self._stats = {"network_calls": 0, "sequences_evaluated": 0, "steps": 0, "model_time_s": 0.0}
         self._check_counter_rows()
         self._check_capacity()
         self._check_memory()
-        self.draws = 0  # op-call counter: the Philox offset of the next draw
-        self.trajectory: list[torch.Tensor] | None = [] if o.trajectory else None
+        self._draws = 0  # op-call counter: the Philox offset of the next draw
+        self._trajectory: list[torch.Tensor] | None = [] if o.trajectory else None
+        self._fixed = torch.zeros(self.B, self.L, dtype=torch.bool, device=self.device)
+        self._values = torch.zeros(self.B, self.L, dtype=torch.int64, device=self.device)
+        self._prompt = self._fixed
+        self._attention_mask: torch.Tensor | None = None
         self._check_batch_options()
-        self._kv = None
+        self._finished = torch.zeros(self.B, dtype=torch.bool, device=self.device)
+        self._stopped = self._finished
+        self._kv: object | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # state, read-only from outside
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def fixed(self) -> torch.Tensor:
+        return self._fixed
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        return self._prompt
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._attention_mask
+
+    @property
+    def finished(self) -> torch.Tensor:
+        return self._finished
+
+    @property
+    def kv(self) -> object | None:
+        return self._kv
+
+    @property
+    def trajectory(self) -> list[torch.Tensor] | None:
+        return self._trajectory
 
     # ------------------------------------------------------------------------------------------------
     # set-up
@@ -165,7 +228,7 @@ class _Run:
         if o.trajectory:
             nblocks = -(-L // (o.block_size or L))
             per_block = self.steps
-            if self.strategy in ("confidence", "threshold"):
+            if not self.spec.walks_grid:
                 per_block = min(per_block, o.block_size or L)
             parts["trajectory"] = nblocks * per_block * B * L * 8
         parts["batch state"] = B * L * 8 * 6
@@ -177,8 +240,6 @@ class _Run:
     def _check_batch_options(self) -> None:
         o, B, L = self.o, self.B, self.L
         V = self.vocab_size
-        self.fixed = torch.zeros(B, L, dtype=torch.bool, device=self.device)
-        self.values = torch.zeros(B, L, dtype=torch.int64, device=self.device)  # tokens held where frozen
         if o.fixed is not None or o.x_init is not None:
             fixed = o.fixed
             if fixed.dtype != torch.bool:
@@ -195,10 +256,9 @@ class _Run:
                 raise InputError(f"x_init: tokens at fixed positions must lie in [0, {V})")
             if not self.continuous and self.process.kind == "absorbing" and bool((held == self.process.mask_id).any()):
                 raise InputError("x_init: a fixed position holds the mask token")
-            self.fixed |= fixed
-            self.values = torch.where(fixed, x_init, self.values)
-        self.prompt = self.fixed.clone()  # user-fixed positions (prompts, infilling context)
-        self.attention_mask = None
+            self._fixed |= fixed
+            self._values = torch.where(fixed, x_init, self._values)
+        self._prompt = self._fixed.clone()  # user-fixed positions (prompts, infilling context)
         if o.lengths is not None:
             lengths = _checks.integer("lengths", o.lengths).to(self.device, torch.int64)
             if lengths.shape != (B,):
@@ -209,11 +269,11 @@ class _Run:
             if pad is None:
                 raise InputError("pad_id: variable lengths need pad_id (or eos_id) to fill the padding")
             real = torch.arange(L, device=self.device)[None, :] < lengths[:, None]
-            self.attention_mask = real
-            self.fixed |= ~real
-            self.values = torch.where(real, self.values, torch.full_like(self.values, pad))
+            self._attention_mask = real
+            self._fixed |= ~real
+            self._values = torch.where(real, self._values, torch.full_like(self._values, pad))
         if o.guidance_scale != 1.0:
-            if o.cond is None and not bool(self.prompt.any()):
+            if o.cond is None and not bool(self._prompt.any()):
                 raise InputError("guidance_scale: classifier-free guidance needs a condition: cond/uncond "
                                  "keyword tensors, or fixed prompt positions (masked out for the unconditional pass)")
             if o.cond is not None and o.uncond is None:
@@ -287,14 +347,14 @@ class _Run:
         out = self.model(x_in, tt, **kw)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.stats["model_time_s"] += time.perf_counter() - t0
-        self.stats["network_calls"] += 1
-        self.stats["sequences_evaluated"] += x_in.shape[0]
+        self._stats["model_time_s"] += time.perf_counter() - t0
+        self._stats["network_calls"] += 1
+        self._stats["sequences_evaluated"] += x_in.shape[0]
         self._check_output(out, x_in, t)
         return out
 
     def _where(self, t: int) -> str:
-        return f"model output at step {self.stats['steps'] + 1} (t={t})"
+        return f"model output at step {self._stats['steps'] + 1} (t={t})"
 
     def _check_output(self, out: object, x_in: torch.Tensor, t: int) -> None:
         """Shape, dtype and device of one call's output; the values of a continuous output (one
@@ -374,8 +434,8 @@ class _Run:
         if extra:
             kw.update(extra)
         Lc = x_ctx.shape[1]
-        if self.attention_mask is not None and self.model.accepts_attention_mask:
-            am = self.attention_mask[:, :Lc]
+        if self._attention_mask is not None and self.model.accepts_attention_mask:
+            am = self._attention_mask[:, :Lc]
             kw["attention_mask"] = am if rows is None else am.index_select(0, rows)
         if o.guidance_scale == 1.0:
             return self._forward(x_ctx, kw, 1, t, rows)
@@ -385,7 +445,7 @@ class _Run:
             x_u = x_ctx
         else:  # the prompt masked out: LLaDA's unconditional pass
             ukw = dict(kw)
-            prompt = self.prompt[:, :Lc] if ctx_fixed is None else ctx_fixed
+            prompt = self._prompt[:, :Lc] if ctx_fixed is None else ctx_fixed
             if rows is not None:
                 prompt = prompt.index_select(0, rows)
             x_u = torch.where(prompt, torch.full_like(x_ctx, self.process.mask_id), x_ctx)
@@ -425,16 +485,78 @@ class _Run:
         return self.sample_offset * per
 
     def next_offset(self) -> int:
-        k = self.draws
-        self.draws += 1
+        """The counter offset of the next draw (each op call or noise draw takes one)."""
+        k = self._draws
+        self._draws += 1
         return k
 
+    def uniform(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """float64 uniforms over ``shape = (B, ...)`` at the next offset, rows numbered globally."""
+        return _random.uniform(tuple(shape), seed=self.seed, offset=self.next_offset(), start=self.row_offset(shape),
+                               device=self.device)
+
+    def randn(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal noise over ``shape = (B, ...)`` at the next offset, rows numbered globally."""
+        return _random.randn(tuple(shape), seed=self.seed, offset=self.next_offset(), start=self.row_offset(shape),
+                             dtype=dtype, device=self.device)
+
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        """:meth:`randn` shaped like ``like`` (the ``noise`` hook of the continuous steps)."""
+        return self.randn(like.shape, like.dtype)
+
     def after_step(self, x: torch.Tensor, bar) -> None:
-        self.stats["steps"] += 1
-        if self.trajectory is not None:
-            self.trajectory.append(x.detach().clone())
+        self._stats["steps"] += 1
+        if self._trajectory is not None:
+            self._trajectory.append(x.detach().clone())
         if bar is not None:
             bar.update(1)
+
+    def rounds_per_block(self) -> int | None:
+        """Steps per block for the progress bar: ``steps`` along the grid; a decoding strategy finishes a
+        block within its length; with ``tokens_per_step`` the count depends on the masks (None)."""
+        if self.spec.walks_grid:
+            return self.steps
+        if self.o.tokens_per_step is not None:
+            return None
+        return min(self.steps, self.o.block_size or self.L)
+
+    # ------------------------------------------------------------------------------------------------
+    # state changes between blocks
+    # ------------------------------------------------------------------------------------------------
+    def start_kv(self) -> None:
+        """A new KV cache of the block-causal model (``kv_cache=True``)."""
+        self._kv = self.model.fn.new_cache(self.B)
+
+    def extend_kv(self, x: torch.Tensor, a: int, b: int) -> None:
+        """Append the finished block ``x[:, a:b]`` to the KV cache."""
+        self._kv = self.model.fn.extend_cache(self._kv, x[:, a:b], a)
+
+    @property
+    def pad_token(self) -> int | None:
+        """``pad_id``, or ``eos_id`` when no pad is given."""
+        return self.o.pad_id if self.o.pad_id is not None else self.o.eos_id
+
+    def stop_at_eos(self, x: torch.Tensor, a: int, b: int) -> None:
+        """After block ``[a, b)``: a row that generated ``eos_id`` in it stops: its later positions become
+        ``pad_id`` (in ``x`` and as fixed values) and it is not evaluated any more (``finished``)."""
+        hit = (x[:, a:b] == self.o.eos_id).any(1) & ~self._finished
+        if bool(hit.any()):
+            pad = self.pad_token
+            rest = torch.zeros_like(self._fixed)
+            rest[:, b:] = hit[:, None]
+            self._fixed |= rest
+            self._values = torch.where(rest, torch.full_like(self._values, pad), self._values)
+            x[:, b:] = torch.where(hit[:, None], torch.full_like(x[:, b:], pad), x[:, b:])
+            self._finished = self._finished | hit
+
+    def cut_at_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final tokens with every position after a row's first generated EOS at ``pad_id``; the rows
+        that hold one are counted in the stats (``stopped_at_eos``)."""
+        is_eos = (tokens == self.o.eos_id) & ~self._prompt
+        after = (torch.cumsum(is_eos.to(torch.int64), 1) - is_eos.to(torch.int64)) > 0
+        after &= ~self._prompt
+        self._stopped = is_eos.any(1)
+        return torch.where(after, torch.full_like(tokens, self.pad_token), tokens)
 
     def progress(self, total: int | None):
         """A tqdm bar on stderr when ``progress=True`` and stderr is a terminal (a log file or pipe gets
@@ -447,8 +569,8 @@ class _Run:
 
     def finish_stats(self, t_start: float, tokens: torch.Tensor) -> dict:
         dt = max(time.perf_counter() - t_start, 1e-12)
-        generated = int((~self.fixed).sum())
-        st = dict(self.stats)
+        generated = int((~self._fixed).sum())
+        st = dict(self._stats)
         st.update(
             time_s=dt,
             tokens_generated=generated,
@@ -460,7 +582,7 @@ class _Run:
             blocks=len(self.blocks()),
         )
         if self.o.eos_id is not None:
-            st["stopped_at_eos"] = int(getattr(self, "_stopped", torch.zeros(1)).sum())
+            st["stopped_at_eos"] = int(self._stopped.sum())
         return st
 
 
@@ -469,6 +591,17 @@ def _isatty(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def step_grid(T: int, steps: int) -> list[int]:
+    """A decreasing integer grid ``T = t_K > ... > t_0 = 0`` with ``steps`` transitions (evenly spaced,
+    rounded; never repeats a step)."""
+    grid = torch.linspace(T, 0, steps + 1, dtype=torch.float64).round().long().tolist()
+    out = [grid[0]]
+    for g in grid[1:]:
+        if g < out[-1]:
+            out.append(g)
+    return out
 
 
 def num_transfer(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
