@@ -56,7 +56,7 @@ def trajectory(steps: int = 16, seed: int = 0) -> Path:
     td = TextDiffusion.load("discrete")
     gen = td.generate(1, steps=steps, seed=seed, trajectory=True)
     head = (f"`fastdiff generate --steps {steps} --seed {seed} -n 1 --trajectory` on the bundled discrete model "
-            "(absorbing, ancestral sampling; `_` is [MASK]):")
+            "(absorbing, ancestral sampling at its recommended temperature 0.9; `_` is [MASK]):")
     lines = [head, ""]
     for k, step in enumerate(gen.trajectory):
         lines.append(f"- step {k + 1:>2}: {step[0]}")
