@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from .attention import CrossAttention, RelativeSelfAttention, attention
-from .aux import CausalLM, TextClassifier
+from .scorers import CausalLM, TextClassifier
 from .sed import SEDConfig, SEDDenoiser
 from ..errors import InputError, InputTypeError
 

@@ -1,4 +1,7 @@
-"""The small scoring models: a causal LM (generative perplexity) and a text classifier (attribute accuracy)."""
+"""The small scoring models: a causal LM (generative perplexity) and a text classifier (attribute accuracy).
+
+(Formerly ``fastdiff.models.aux``, a name Windows reserves; that import path still works, with a
+:class:`DeprecationWarning`.)"""
 
 from __future__ import annotations
 
