@@ -95,7 +95,7 @@ def test_bundled_size_call_runs_on_the_calling_thread_while_contended(threads, o
 @needs_cpp
 def test_a_late_team_marks_the_machine_contended(threads):
     """With every core busy, a team's worker starts a scheduler tick late; the kernels notice."""
-    from benchmarks._load import busy
+    from fastdiff.testing import busy
 
     proc, logits, xt = _bundled_step()
     torch.set_num_threads(2)
@@ -213,7 +213,7 @@ def test_configure_none_keeps_an_explicit_omp_num_threads(threads, monkeypatch):
 
 
 def test_load_probe_sees_busy_processes():
-    from benchmarks._load import busy
+    from fastdiff.testing import busy
 
     quiet = _threads.other_runnable()
     assert quiet >= 0.0

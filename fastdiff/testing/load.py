@@ -1,4 +1,5 @@
-"""Competing busy processes for the loaded benchmarks (:mod:`benchmarks.benchmark_loaded`).
+"""Competing busy processes for measurements under load (``benchmarks/benchmark_loaded.py``,
+``benchmarks/cli_loaded.py``, ``tests/test_threads.py``).
 
 ``busy(n)`` is a context manager that starts ``n`` child processes, each spinning a pure-Python loop at
 100% of a core (a pure-Python loop; no memory traffic, no threads of its own), and always stops them on
@@ -16,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 _LIVE: set[subprocess.Popen] = set()
 # The spinning child: pure-Python busy loop; it dies with its parent even when the parent is killed or
@@ -43,7 +44,7 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _stop(procs) -> None:
+def _stop(procs: Iterable[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
             p.terminate()
