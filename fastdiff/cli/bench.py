@@ -1,16 +1,53 @@
 """``fastdiff bench``: every op on every available backend, and the sampler on the bundled models, as one
 table. Best of ``repeat`` wall-clock runs (CUDA synchronised); ``vs ref`` is the reference backend's time
 divided by the row's (higher is faster). Each row prints as soon as it is measured. The pytest-benchmark
-suite in ``benchmarks/`` has the fuller version with peers and hardware floors."""
+suite in ``benchmarks/`` has the fuller version with peers and hardware floors; both time the op cases of
+:mod:`fastdiff.testing` (here :data:`~fastdiff.testing.CLI_OP_CASES` at :data:`~fastdiff.testing.CLI_SIZES`)."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
 import torch
 
-from . import _backends, discrete, ops, schedules
+from .. import _backends, testing
+from ._common import (
+    _add_device,
+    _add_threads,
+    _check_device,
+    _configure_threads,
+    _device,
+    _write_json,
+    check_writable,
+    positive_int,
+)
+
+HELP = "ops per backend and the sampler, one table (rows print as they are measured)"
+
+
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    """The ``bench`` options on ``b``."""
+    _add_device(b)
+    b.add_argument("--quick", action="store_true", help="smaller sizes")
+    b.add_argument("--repeat", type=positive_int, default=3, help="timed runs per row (the best is kept)")
+    b.add_argument("--no-sampler", action="store_true", help="ops only")
+    b.add_argument("--json", help="write the rows as JSON (checked before the work, written atomically)")
+    _add_threads(b)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``fastdiff bench``; returns the exit status."""
+    _configure_threads(args)
+    device = _check_device(args.device)
+    if args.json:
+        check_writable(args.json, "--json")
+    rows = run(device=_device(device), quick=args.quick, repeat=args.repeat, sampler=not args.no_sampler)
+    if args.json:
+        _write_json(args.json, "--json", rows)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _timed(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
@@ -28,39 +65,15 @@ def _timed(fn: Callable[[], object], repeat: int, device: torch.device) -> float
 
 
 def op_cases(device: torch.device, quick: bool, seed: int = 0) -> dict[str, tuple[Callable, str, float]]:
-    """name -> (fn(backend), unit, work); work is what one call does in ``unit`` (GFLOP or GB read)."""
-    g = torch.Generator().manual_seed(seed)
-    N, D, V = (256, 64, 4096) if quick else (1024, 128, 8192)
-    x = torch.randn(N, D, generator=g).to(device)
-    w = torch.randn(V, D, generator=g).to(device)
-    tgt = torch.randint(0, V, (N,), generator=g).to(device)
-    logits = torch.randn(N, V, generator=g).to(device)
-    absorbing = discrete.Absorbing(V, V - 1, schedules.mutual_info(1000))
-    uniform = discrete.Uniform(V, schedules.cosine(1000))
-    xt_abs = torch.full((N,), V - 1, device=device)
-    xt_uni = torch.randint(0, V, (N,), generator=g).to(device)
-    gemm = 2 * N * D * V / 1e9
-    read = N * V * 4 / 1e9
+    """name -> (fn(backend), unit, work); work is what one call does in ``unit`` (GFLOP or GB read): the
+    :data:`fastdiff.testing.CLI_OP_CASES` at ``CLI_SIZES[quick]``."""
+    inputs = testing.op_inputs(*testing.CLI_SIZES[quick], seed=seed, device=device)
 
-    def loss(backend: str) -> None:
-        xr = x.detach().requires_grad_(True)
-        wr = w.detach().requires_grad_(True)
-        ops.rounding_loss(xr, wr, tgt, backend=backend).backward()
+    def call(case: testing.OpCase) -> Callable[[str], object]:
+        return lambda b: testing.op_call(case, inputs, backend=b, seed=seed)()
 
-    return {
-        f"nearest_embedding l2 {N}x{D} V={V}": (lambda b: ops.nearest_embedding(x, w, backend=b), "GFLOP/s", gemm),
-        f"nearest_embedding cosine {N}x{D} V={V}":
-            (lambda b: ops.nearest_embedding(x, w, "cosine", backend=b), "GFLOP/s", gemm),
-        f"rounding_loss fwd+bwd {N}x{D} V={V}": (loss, "GFLOP/s", 3 * gemm),
-        f"posterior_sample absorbing {N}x{V}":
-            (lambda b: ops.posterior_sample(absorbing, logits, xt_abs, 500, 400, seed=seed, backend=b), "GB/s", read),
-        f"posterior_sample uniform {N}x{V}":
-            (lambda b: ops.posterior_sample(uniform, logits, xt_uni, 500, 400, seed=seed, backend=b), "GB/s", read),
-        f"sample_categorical {N}x{V}":
-            (lambda b: ops.sample_categorical(logits, seed=seed, backend=b), "GB/s", read),
-        f"sample_categorical top_p=0.9 {N}x{V}":
-            (lambda b: ops.sample_categorical(logits, seed=seed, top_p=0.9, backend=b), "GB/s", read),
-    }
+    return {case.label(inputs.size(case)): (call(case), case.unit, case.work(inputs.size(case)))
+            for case in testing.CLI_OP_CASES}
 
 
 def backends_for(device: torch.device) -> list[str]:
@@ -81,7 +94,7 @@ def run(device: str | torch.device = "cpu", quick: bool = False, repeat: int = 3
         sampler: bool = True, print_fn: Callable[[str], None] | None = None) -> list[dict]:
     """Time the ops per backend and the sampler strategies; print one table, a row as soon as it is
     measured (after a line saying what will run); return its rows."""
-    from .errors import InputError, InputTypeError
+    from ..errors import InputError, InputTypeError
 
     if isinstance(repeat, bool) or not isinstance(repeat, int):
         raise InputTypeError(f"repeat: expected an int, got {type(repeat).__name__}")
@@ -129,7 +142,7 @@ def _sampler_size(quick: bool) -> tuple[int, int]:
 
 def _sampler_rows(device: torch.device, quick: bool, repeat: int, seed: int,
                   emit: Callable[[dict], None]) -> None:
-    from .pipeline import TextDiffusion
+    from ..pipeline import TextDiffusion
 
     B, steps = _sampler_size(quick)
     for name, strategies in _SAMPLER_PLANS.items():
@@ -145,7 +158,7 @@ def _sampler_rows(device: torch.device, quick: bool, repeat: int, seed: int,
                 td.backend = backend
                 gen = None
 
-                def go(td=td, strategy=strategy):
+                def go(td: TextDiffusion = td, strategy: str = strategy) -> None:
                     nonlocal gen
                     gen = td.generate(B, steps=steps, strategy=strategy, seed=seed)
 

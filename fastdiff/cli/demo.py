@@ -1,45 +1,40 @@
-"""The main job before models ship: every op once, and short runs of :mod:`fastdiff.sampling` on a
-tiny randomly initialised denoiser, with timings. ``python -m fastdiff`` / ``fastdiff``."""
+"""``fastdiff demo``, the main job before models shipped: every op once, and short runs of
+:mod:`fastdiff.sampling` on a tiny randomly initialised denoiser (:class:`fastdiff.testing.TinyDenoiser`),
+with timings. The ops are :data:`fastdiff.testing.CLI_OP_CASES`, the cases ``fastdiff bench`` and the
+benchmark suite time."""
 
 from __future__ import annotations
 
-import math
+import argparse
 import time
 from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 
-from . import _backends, continuous, discrete, ops, sampling, schedules
+from .. import _backends, continuous, discrete, sampling, schedules, testing
+from ..testing import TinyDenoiser
+from ._common import _add_threads, _configure_threads, _write_json, check_writable, seed_int
+
+HELP = "every op timed and sampling loops on random weights"
 
 
-class TinyDenoiser(nn.Module):
-    """A 2-layer transformer encoder with a sinusoidal step embedding: tokens or vectors in, x0 out.
+def add_arguments(d: argparse.ArgumentParser) -> None:
+    """The ``demo`` options on ``d``."""
+    d.add_argument("--seed", type=seed_int, default=0, help="random seed, in [0, 2**64)")
+    d.add_argument("--quick", action="store_true", help="smaller sizes")
+    d.add_argument("--json", metavar="PATH", help="write the figures as JSON (checked before the work)")
+    _add_threads(d)
 
-    Discrete: ``forward(x_t: (B, L) int64, t: (B,)) -> (B, L, V)`` logits. Continuous (``dim`` given):
-    ``forward(x_t: (B, L, dim), t) -> (B, L, dim)``, an x0 estimate.
-    """
 
-    def __init__(self, vocab_size: int, width: int = 64, layers: int = 2, dim: int | None = None,
-                 max_len: int = 512):
-        super().__init__()
-        self.width = width
-        self.inp = nn.Linear(dim, width) if dim else nn.Embedding(vocab_size, width)
-        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
-        self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
-        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.out = nn.Linear(width, dim if dim else vocab_size)
-
-    def step_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.width // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-        ang = t.float()[:, None] * freqs[None]
-        return self.time(torch.cat([ang.sin(), ang.cos()], -1))
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x_t) + self.pos[: x_t.shape[1]] + self.step_embedding(t)[:, None]
-        return self.out(self.body(h))
+def command(args: argparse.Namespace) -> int:
+    """Run ``fastdiff demo``; returns the exit status."""
+    _configure_threads(args)
+    if args.json:
+        check_writable(args.json, "--json")
+    results = run(seed=args.seed, quick=args.quick)
+    if args.json:
+        _write_json(args.json, "--json", results)
+    return 0
 
 
 def _time(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -54,7 +49,7 @@ def _time(fn: Callable[[], object], repeat: int = 3) -> float:
 
 def run(seed: int = 0, quick: bool = False, print_fn: Callable[[str], None] = print) -> dict:
     """Report backends, time every op, run both sampling loops. Returns the figures."""
-    from . import __version__
+    from .. import __version__
 
     torch.manual_seed(seed)
     results: dict = {"ops": {}, "sampling": {}}
@@ -63,24 +58,8 @@ def run(seed: int = 0, quick: bool = False, print_fn: Callable[[str], None] = pr
     for name, be in _backends.available().items():
         print_fn(f"  {name:<10} {'available' if be.available else 'unavailable: ' + be.reason}")
 
-    N, D, V = (256, 64, 4096) if quick else (1024, 128, 8192)
-    x = torch.randn(N, D)
-    w = torch.randn(V, D)
-    tgt = torch.randint(0, V, (N,))
-    logits = torch.randn(N, V)
-    absorbing = discrete.Absorbing(V, V - 1, schedules.mutual_info(1000))
-    uniform = discrete.Uniform(V, schedules.cosine(1000))
-    xt_abs = torch.full((N,), V - 1)
-    xt_uni = torch.randint(0, V, (N,))
-    cases = {
-        f"nearest_embedding l2 N={N} D={D} V={V}": lambda: ops.nearest_embedding(x, w),
-        f"nearest_embedding cosine N={N} D={D} V={V}": lambda: ops.nearest_embedding(x, w, "cosine"),
-        f"rounding_loss fwd+bwd N={N} D={D} V={V}": lambda: _fwd_bwd(x, w, tgt),
-        f"categorical_posterior absorbing {N}x{V}": lambda: ops.categorical_posterior(absorbing, logits, xt_abs, 500, 400),
-        f"posterior_sample absorbing {N}x{V}": lambda: ops.posterior_sample(absorbing, logits, xt_abs, 500, 400, seed=seed),
-        f"posterior_sample uniform {N}x{V}": lambda: ops.posterior_sample(uniform, logits, xt_uni, 500, 400, seed=seed),
-        f"sample_categorical top_p=0.9 {N}x{V}": lambda: ops.sample_categorical(logits, seed=seed, top_p=0.9),
-    }
+    inputs = testing.op_inputs(*testing.CLI_SIZES[quick], seed=seed)
+    cases = {case.label(inputs.size(case)): testing.op_call(case, inputs, seed=seed) for case in testing.CLI_OP_CASES}
     print_fn("ops (best of 3, backend=auto):")
     for name, fn in cases.items():
         sec = _time(fn)
@@ -113,8 +92,3 @@ def run(seed: int = 0, quick: bool = False, print_fn: Callable[[str], None] = pr
     print_fn("(random weights: the tokens are noise until a model is trained; see README)")
     return results
 
-
-def _fwd_bwd(x, w, tgt):
-    xr = x.detach().requires_grad_(True)
-    wr = w.detach().requires_grad_(True)
-    ops.rounding_loss(xr, wr, tgt).backward()

@@ -28,7 +28,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from .errors import InputError, InputTypeError
+from ..errors import InputError, InputTypeError
 
 _FLAG_FIELDS = {  # flag dest -> TrainConfig field
     "family": "family", "task": "task", "kind": "kind", "schedule": "schedule", "T": "T", "steps": "max_steps",
@@ -46,6 +46,7 @@ _RESUME_FLAGS = ("steps", "log_every", "ckpt_every", "eval_every", "keep_best", 
 #: the command line's own files in a run directory (besides the trainer's, see training.trainer.run_artefacts)
 CLI_FILES = ("command.txt", "train_config.json", "tokenizer.json")
 DEFAULT_SEQ_LEN = 64
+HELP = "train a model (config file and/or flags; --resume continues a run)"
 
 # int flag -> its minimum (floats are checked in _check_flags)
 _INT_FLAGS = {"T": 1, "steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "src_len": 1, "warmup": 0,
@@ -82,8 +83,8 @@ Run directories:
 
 
 def _defaults() -> tuple[dict, dict]:
-    from .models.sed import SEDConfig
-    from .training import TrainConfig
+    from ..models.sed import SEDConfig
+    from ..training import TrainConfig
 
     return ({f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING},
             {f.name: f.default for f in dataclasses.fields(SEDConfig) if f.default is not dataclasses.MISSING})
@@ -107,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(repeatable; default: none)")
     p.add_argument("--family", choices=("discrete", "continuous"), help="process family" + d("family"))
     p.add_argument("--task", choices=("lm", "attribute", "word_order"), help="training task" + d("task"))
-    from .training.process import kinds
+    from ..training.process import kinds
 
     p.add_argument("--kind", choices=kinds(), help="discrete corruption; gaussian_band, nearest_neighbor and dense "
                    "are D3PM's matrix processes (small vocabularies: --train-tokenizer) with parameters "
@@ -219,8 +220,8 @@ def _sets(args) -> list[tuple[str, object]]:
 
 def _config_file(path: str) -> dict:
     """The raw TrainConfig dict of ``--config`` (only the keys the file sets), validated."""
-    from .training import TrainConfig
-    from .training.config import load_config_dict
+    from ..training import TrainConfig
+    from ..training.config import load_config_dict
 
     d = load_config_dict(path, what="--config")
     try:
@@ -259,13 +260,13 @@ def config_from_args(args) -> dict:
 
 
 def _docs(args):
-    from .data import corpus
+    from ..data import corpus
 
     return corpus.load_texts(args.data) if args.data else corpus.python_docs()
 
 
 def _tokenizer(args, docs, out_dir: Path, save: bool = True):
-    from .data import TextTokenizer, default_tokenizer
+    from ..data import TextTokenizer, default_tokenizer
 
     if args.train_tokenizer:  # deterministic: every rank trains the same one, rank 0 saves it
         tok = TextTokenizer.train([d.text for d in docs], vocab_size=args.train_tokenizer)
@@ -282,7 +283,7 @@ def task_data(task: str, docs, tok, seq_len: int, src_len: int = 0, balance: boo
               label_names: list[str] | None = None) -> tuple[dict, dict, list[str]]:
     """``(train, valid, label_names)`` tensors of a task (see :data:`fastdiff.training.DATA_KEYS`);
     ``src_len`` 0: the sequence length."""
-    from .data import datasets
+    from ..data import datasets
 
     if task == "lm":
         return ({"tokens": datasets.lm_chunks(docs, tok, seq_len, "train")},
@@ -302,7 +303,7 @@ def task_data(task: str, docs, tok, seq_len: int, src_len: int = 0, balance: boo
 
 # --- run directories -----------------------------------------------------------------------------
 def _existing_run(out: Path) -> list[str]:
-    from .training.rundir import run_artefacts
+    from ..training.rundir import run_artefacts
 
     found = run_artefacts(out)
     return found + [n for n in CLI_FILES if n not in found and (out / n).is_file()]
@@ -319,7 +320,7 @@ def _refuse_existing(out: Path, flag: str, resume_hint: bool) -> None:
 
 
 def _remove_existing(out: Path) -> None:
-    from .training.rundir import remove_run_artefacts
+    from ..training.rundir import remove_run_artefacts
 
     remove_run_artefacts(out)
     for n in CLI_FILES:
@@ -333,7 +334,7 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def _check_export(args, out: Path, source: Path | None = None) -> None:
-    from .training.checkpoint import check_replaceable
+    from ..training.checkpoint import check_replaceable
 
     if not args.export:
         return
@@ -358,9 +359,9 @@ class _Plan:
 
 def _plan(args) -> _Plan:
     """Everything about paths, checked before any work (reads only)."""
-    from .training import TrainConfig, read_config, resolve_checkpoint_dir
-    from .training.checkpoint import CONFIG_FILE, ensure_directory_target
-    from .training.rundir import same_dir as _same_dir
+    from ..training import TrainConfig, read_config, resolve_checkpoint_dir
+    from ..training.checkpoint import CONFIG_FILE, ensure_directory_target
+    from ..training.rundir import same_dir as _same_dir
 
     if args.resume:
         given = Path(args.resume)
@@ -396,7 +397,7 @@ def _plan(args) -> _Plan:
 
 
 def _check_resume_flags(args) -> None:
-    from .training.config import RESUMABLE_OVERRIDES
+    from ..training.config import RESUMABLE_OVERRIDES
 
     fixed = [dest for dest in (*_FLAG_FIELDS, *_MODEL_FLAGS) if dest not in (*_RESUME_FLAGS, "out")
              and getattr(args, dest, None) is not None]
@@ -413,7 +414,7 @@ def _check_resume_flags(args) -> None:
 
 
 def run(args) -> int:
-    from . import _threads
+    from .. import _threads
 
     _threads.configure(args.threads)
     _check_flags(args)
@@ -424,15 +425,15 @@ def run(args) -> int:
     if args.resume:
         _check_resume_flags(args)
     plan = _plan(args)
-    from . import distributed
+    from .. import distributed
 
-    from .training.parallel import check_device
+    from ..training.parallel import check_device
 
     device = getattr(args, "device", None)
     if device is not None:
         check_device(device, "--device")
     elif plan.ckpt_dir is not None:
-        from .training import read_config
+        from ..training import read_config
 
         device = read_config(plan.ckpt_dir).get("train", {}).get("device", "auto")
         check_device(device, f"device (of the run in {plan.ckpt_dir}; choose another with --device)")
@@ -449,10 +450,10 @@ def _command_line(ctx) -> str:
 
 
 def _run(args, ctx, plan: _Plan) -> int:
-    from . import distributed
-    from .training import TrainConfig, Trainer, export_checkpoint, read_config
-    from .training.rundir import BEST_DIR
-    from .training.config import RESUMABLE_OVERRIDES
+    from .. import distributed
+    from ..training import TrainConfig, Trainer, export_checkpoint, read_config
+    from ..training.rundir import BEST_DIR
+    from ..training.config import RESUMABLE_OVERRIDES
 
     progress = not args.no_progress
     main = ctx.is_main
@@ -478,7 +479,7 @@ def _run(args, ctx, plan: _Plan) -> int:
                 overrides[dest] = getattr(args, dest)
         overrides["out_dir"] = str(out_dir)
         docs = _docs(args)
-        from .training.checkpoint import load_tokenizer
+        from ..training.checkpoint import load_tokenizer
 
         tok = load_tokenizer(ckpt_dir, ck_cfg)
         train, valid, _ = task_data(cfg.task, docs, tok, cfg.seq_len, cfg.src_len, args.balance, cfg.label_names)
@@ -516,8 +517,8 @@ def _run(args, ctx, plan: _Plan) -> int:
         cfg = TrainConfig.from_dict(d)
         model = None
         if args.init_embeddings:  # before the trainer: its EMA and a nearest_neighbor process see them
-            from .models.pretrained import init_embeddings_from_pretrained
-            from .training.setup import build_model
+            from ..models.pretrained import init_embeddings_from_pretrained
+            from ..training.setup import build_model
 
             model = build_model(cfg, tok, train)  # the model the trainer would build
             table = model.embedding.embedding if getattr(model, "embedding", None) is not None \
@@ -551,10 +552,10 @@ def _run(args, ctx, plan: _Plan) -> int:
 
 
 def _run_scorer(args) -> int:
-    from .models import build_model
-    from .training import TrainConfig, export_checkpoint
-    from .training.auxiliary import train_scorer
-    from .training.checkpoint import ensure_directory_target
+    from ..models import build_model
+    from ..training import TrainConfig, export_checkpoint
+    from ..training.auxiliary import train_scorer
+    from ..training.checkpoint import ensure_directory_target
 
     d = config_from_args(args)
     cfg = TrainConfig.from_dict(d)  # the types and ranges of every field given
