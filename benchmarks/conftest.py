@@ -30,7 +30,7 @@ import torch
 
 from fastdiff import _backends, discrete, testing
 from fastdiff.ops import _dispatch, explain
-from fastdiff.testing import S_STEP, T_STEP, Size
+from fastdiff.testing import S_STEP, T_STEP, Size  # noqa: F401  (the benchmark files import them from here)
 
 SMALL = os.environ.get("FASTDIFF_BENCH_SMALL", "").strip() not in ("", "0")
 DIV = 8 if SMALL else 1

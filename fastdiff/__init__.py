@@ -57,24 +57,21 @@ _deprecate.install()
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from . import (
-        cli,
         continuous,
         data,
         discrete,
         distributed,
         errors,
-        evaluation,
         metrics,
         models,
         ops,
-        pipeline,
         random,
         sampling,
         schedules,
-        testing,
         timesteps,
         training,
     )
+    from . import cli, evaluation, pipeline, testing  # noqa: F401  (lazy too, but not in __all__)
     from ._backends import available as available_backends
     from .pipeline import TextDiffusion
 

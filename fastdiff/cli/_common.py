@@ -15,8 +15,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..pipeline import TextDiffusion
 
 BACKEND_CHOICES = ("auto", "reference", "cpp", "triton", "cuda")
 EPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
@@ -109,7 +115,7 @@ def device_name(text: str) -> str:
 class _Parser(argparse.ArgumentParser):
     """Every argparse error as one ``fastdiff: error: ...`` line pointing at ``--help``, exit status 2."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"fastdiff: error: {message} (see: {self.prog} --help)\n")
 
 
@@ -173,13 +179,13 @@ def _check_backend(backend: str, device: str) -> None:
         raise InputError(f"{flag}: {name!r} cannot run on device {device}: {why}")
 
 
-def _configure_threads(args) -> int:
+def _configure_threads(args: argparse.Namespace) -> int:
     from .. import _threads
 
     return _threads.configure(getattr(args, "threads", None))
 
 
-def _progress(args) -> bool:
+def _progress(args: argparse.Namespace) -> bool:
     """A progress bar only for a person watching: not with --no-progress, not into a log file or pipe."""
     if getattr(args, "no_progress", False):
         return False
@@ -212,7 +218,7 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
-def write_atomic(path: str | os.PathLike, flag: str, write: Callable) -> Path:
+def write_atomic(path: str | os.PathLike, flag: str, write: Callable[[IO[str]], object]) -> Path:
     """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``. On any failure
     the temporary file is removed and ``path`` is left as it was; an ``OSError`` becomes an
     :class:`InputError` naming ``flag`` and the path."""
@@ -240,12 +246,12 @@ def write_atomic(path: str | os.PathLike, flag: str, write: Callable) -> Path:
     return p
 
 
-def _write_json(path: str, flag: str, obj) -> None:
+def _write_json(path: str, flag: str, obj: Any) -> None:
     write_atomic(path, flag, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
 
 
 # --- sizes against memory -------------------------------------------------------------------------------
-def available_memory(device) -> int | None:
+def available_memory(device: str | torch.device) -> int | None:
     """Bytes that can still be allocated on ``device`` (CPU: MemAvailable, within a cgroup limit);
     None when unknown."""
     import torch
@@ -285,7 +291,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e3:,.1f} kB"
 
 
-def sample_bytes(td, length: int, guidance: float = 1.0) -> int:
+def sample_bytes(td: TextDiffusion, length: int, guidance: float = 1.0) -> int:
     """A deliberately generous estimate of the working memory one sample of ``length`` tokens needs
     during one denoising step: attention scores and their softmax (heads x L x L), logits/probabilities
     over the vocabulary (a few L x V), feed-forward activations, in float32."""
@@ -299,9 +305,10 @@ def sample_bytes(td, length: int, guidance: float = 1.0) -> int:
     return per * (2 if guidance != 1.0 else 1)
 
 
-def plan_batch(td, device, *, num_samples: int, length: int, batch_size: int | None, steps: int,
-               trajectory: bool = False, guidance: float = 1.0, samples_flag: str = "--num-samples",
-               memory: Callable = None) -> int:
+def plan_batch(td: TextDiffusion, device: str | torch.device, *, num_samples: int, length: int,
+               batch_size: int | None, steps: int, trajectory: bool = False, guidance: float = 1.0,
+               samples_flag: str = "--num-samples",
+               memory: Callable[[torch.device], int | None] | None = None) -> int:
     """The batch size to generate with, checked against the memory there is before anything is
     allocated: the results of every sample are kept (host memory), one batch works at a time (device
     memory). Without ``batch_size`` the default ``min(num_samples, 64)`` shrinks to what fits (samples do
@@ -391,7 +398,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                    help="intra-op CPU threads (default: the automatic policy)")
 
 
-def _sampling_options(args) -> dict:
+def _sampling_options(args: argparse.Namespace) -> dict:
     opts = {}
     for name in ("eta", "threshold", "block_size", "micro_batch", "cache"):
         v = getattr(args, name, None)
@@ -400,7 +407,7 @@ def _sampling_options(args) -> dict:
     return opts
 
 
-def _sampling_defaults(td, args) -> str:
+def _sampling_defaults(td: TextDiffusion, args: argparse.Namespace) -> str:
     """Fill ``--steps``, ``--temperature``, ``--top-p`` the user left unset from the checkpoint's recommended
     sampling settings (``TextDiffusion.generation_defaults``) or the sampler's; returns a note for the
     header naming the values the checkpoint chose."""
@@ -414,7 +421,7 @@ def _sampling_defaults(td, args) -> str:
     return f" (the checkpoint's: {', '.join(chosen)})" if chosen else ""
 
 
-def _check_generator(td, checkpoint: str) -> None:
+def _check_generator(td: TextDiffusion, checkpoint: str) -> None:
     """An evaluation model (causal LM, classifier) loads as a checkpoint but cannot generate."""
     if getattr(td, "process", None) is None:
         arch = td.config.get("arch", "?") if isinstance(td.config, dict) else "?"
@@ -424,7 +431,7 @@ def _check_generator(td, checkpoint: str) -> None:
 
 
 # --- errors (main) --------------------------------------------------------------------------------------
-def _user_paths(args) -> list[str]:
+def _user_paths(args: argparse.Namespace) -> list[str]:
     """Every string the user passed (any of them may be a path an OSError is about)."""
     out: list[str] = []
     for v in vars(args).values():

@@ -28,7 +28,14 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from ..errors import InputError, InputTypeError
+
+if TYPE_CHECKING:
+    from ..data import TextTokenizer
+    from ..data.corpus import Document
+    from ..distributed import Context
 
 _FLAG_FIELDS = {  # flag dest -> TrainConfig field
     "family": "family", "task": "task", "kind": "kind", "schedule": "schedule", "T": "T", "steps": "max_steps",
@@ -173,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
 
 
-def _value(text: str):
+def _value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -184,7 +191,7 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def _check_flags(args) -> None:
+def _check_flags(args: argparse.Namespace) -> None:
     """Every numeric flag in range, before any work (one-line InputErrors naming the flag)."""
     for dest, minimum in _INT_FLAGS.items():
         v = getattr(args, dest, None)
@@ -208,7 +215,7 @@ def _check_flags(args) -> None:
             raise InputError(f"--set: expected KEY=VALUE, got {item!r}")
 
 
-def _sets(args) -> list[tuple[str, object]]:
+def _sets(args: argparse.Namespace) -> list[tuple[str, object]]:
     out = []
     for item in args.set:
         if "=" not in item:
@@ -231,7 +238,7 @@ def _config_file(path: str) -> dict:
     return d
 
 
-def config_from_args(args) -> dict:
+def config_from_args(args: argparse.Namespace) -> dict:
     """The TrainConfig dict: file, then flags, then ``--set`` (only the keys given; the rest defaults)."""
     d = _config_file(args.config) if args.config else {}
     model = dict(d.get("model", {}))
@@ -259,13 +266,13 @@ def config_from_args(args) -> dict:
     return d
 
 
-def _docs(args):
+def _docs(args: argparse.Namespace) -> list[Document]:
     from ..data import corpus
 
     return corpus.load_texts(args.data) if args.data else corpus.python_docs()
 
 
-def _tokenizer(args, docs, out_dir: Path, save: bool = True):
+def _tokenizer(args: argparse.Namespace, docs: list[Document], out_dir: Path, save: bool = True) -> TextTokenizer:
     from ..data import TextTokenizer, default_tokenizer
 
     if args.train_tokenizer:  # deterministic: every rank trains the same one, rank 0 saves it
@@ -279,8 +286,8 @@ def _tokenizer(args, docs, out_dir: Path, save: bool = True):
     return default_tokenizer()
 
 
-def task_data(task: str, docs, tok, seq_len: int, src_len: int = 0, balance: bool = False,
-              label_names: list[str] | None = None) -> tuple[dict, dict, list[str]]:
+def task_data(task: str, docs: list[Document], tok: TextTokenizer, seq_len: int, src_len: int = 0,
+              balance: bool = False, label_names: list[str] | None = None) -> tuple[dict, dict, list[str]]:
     """``(train, valid, label_names)`` tensors of a task (see :data:`fastdiff.training.DATA_KEYS`);
     ``src_len`` 0: the sequence length."""
     from ..data import datasets
@@ -333,7 +340,7 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def _check_export(args, out: Path, source: Path | None = None) -> None:
+def _check_export(args: argparse.Namespace, out: Path, source: Path | None = None) -> None:
     from ..training.checkpoint import check_replaceable
 
     if not args.export:
@@ -357,7 +364,7 @@ class _Plan:
     same: bool = True  # --resume: the run goes on in its own directory
 
 
-def _plan(args) -> _Plan:
+def _plan(args: argparse.Namespace) -> _Plan:
     """Everything about paths, checked before any work (reads only)."""
     from ..training import TrainConfig, read_config, resolve_checkpoint_dir
     from ..training.checkpoint import CONFIG_FILE, ensure_directory_target
@@ -396,7 +403,7 @@ def _plan(args) -> _Plan:
     return _Plan(out=out, out_flag=flag, fresh_config=d)
 
 
-def _check_resume_flags(args) -> None:
+def _check_resume_flags(args: argparse.Namespace) -> None:
     from ..training.config import RESUMABLE_OVERRIDES
 
     fixed = [dest for dest in (*_FLAG_FIELDS, *_MODEL_FLAGS) if dest not in (*_RESUME_FLAGS, "out")
@@ -413,7 +420,7 @@ def _check_resume_flags(args) -> None:
                              f"{', '.join(RESUMABLE_OVERRIDES)}")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from .. import _threads
 
     _threads.configure(args.threads)
@@ -444,12 +451,12 @@ def run(args) -> int:
         return _run(args, ctx, plan)
 
 
-def _command_line(ctx) -> str:
+def _command_line(ctx: Context) -> str:
     prefix = f"torchrun --nproc-per-node {ctx.world_size} -m fastdiff " if ctx.distributed else "fastdiff "
     return prefix + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n"
 
 
-def _run(args, ctx, plan: _Plan) -> int:
+def _run(args: argparse.Namespace, ctx: Context, plan: _Plan) -> int:
     from .. import distributed
     from ..training import TrainConfig, Trainer, export_checkpoint, read_config
     from ..training.rundir import BEST_DIR
@@ -551,7 +558,7 @@ def _run(args, ctx, plan: _Plan) -> int:
     return 0
 
 
-def _run_scorer(args) -> int:
+def _run_scorer(args: argparse.Namespace) -> int:
     from ..models import build_model
     from ..training import TrainConfig, export_checkpoint
     from ..training.auxiliary import train_scorer
@@ -560,7 +567,7 @@ def _run_scorer(args) -> int:
     d = config_from_args(args)
     cfg = TrainConfig.from_dict(d)  # the types and ranges of every field given
 
-    def given(field: str, default):
+    def given(field: str, default: Any) -> Any:
         return getattr(cfg, field) if field in d else default
 
     out_dir = Path(given("out_dir", f"runs/{args.scorer}"))

@@ -24,7 +24,7 @@ class CausalLM(nn.Module):
     arch = "causal_lm"
 
     def __init__(self, vocab_size: int, width: int = 128, layers: int = 2, heads: int = 4, max_len: int = 128,
-                 ff_mult: int = 4, rel_freqs: int = 32):
+                 ff_mult: int = 4, rel_freqs: int = 32) -> None:
         super().__init__()
         self._cfg = {"vocab_size": _checks.positive_int("vocab_size", vocab_size),
                      "width": _checks.positive_int("width", width), "layers": _checks.positive_int("layers", layers),
@@ -58,7 +58,7 @@ class TextClassifier(nn.Module):
     arch = "classifier"
 
     def __init__(self, vocab_size: int, num_labels: int, width: int = 64, layers: int = 1, heads: int = 4,
-                 pad_id: int = 0, ff_mult: int = 4, rel_freqs: int = 16):
+                 pad_id: int = 0, ff_mult: int = 4, rel_freqs: int = 16) -> None:
         super().__init__()
         self._cfg = {"vocab_size": _checks.positive_int("vocab_size", vocab_size),
                      "num_labels": _checks.positive_int("num_labels", num_labels),
