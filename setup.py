@@ -89,7 +89,7 @@ def _compiler_problem() -> str:
 
 def _extensions():
     # The C++ module: one translation unit per kernel family and binding.cpp (the registration); the shared
-    # headers (schema.h, ops.h, rows.h, cpu_common.h, parallel.h) are included, not compiled.
+    # headers (schema.h, rows.h, cpu_common.h, parallel.h) are included, not compiled.
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # The CUDA module: kernels in csrc/cuda/*.cu, the torch binding in csrc/cuda/binding.cpp (which also
     # includes csrc/schema.h, the schemas both modules register).

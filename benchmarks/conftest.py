@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fastdiff import _backends, discrete, schedules
+from fastdiff import discrete, schedules
 from fastdiff.ops import _dispatch, explain
 
 SMALL = os.environ.get("FASTDIFF_BENCH_SMALL", "").strip() not in ("", "0")
@@ -84,14 +84,7 @@ def resolved_backend(op: str, provider: str, reference: Callable) -> str:
     """The backend that ``provider`` actually runs ("auto" resolved through the dispatcher)."""
     if provider != "auto":
         return provider
-    fn = _dispatch.resolve(op, "auto", DEVICE, reference)
-    if fn is reference:
-        return "reference"
-    for name in KERNELS:
-        be = _backends.get(name)
-        if be.available and getattr(be.module, op, None) is fn:
-            return name
-    return "unknown"
+    return _dispatch.choose(op, _dispatch.kernel_of(op), "auto", str(DEVICE))
 
 
 def run(benchmark, fn: Callable, *args, **kwargs):

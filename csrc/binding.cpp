@@ -1,4 +1,6 @@
 // The one registration file of fastdiff._C (the C++ CPU kernels):
+// * the entry points of the kernel files (one op family a file: nearest_embedding.cpp, rounding_loss.cpp,
+//   posterior.cpp, sample_categorical.cpp), declared below;
 // * the torch.library ops fastdiff_cpp::<op> (schemas in schema.h, CPU kernels from the op files), which the
 //   glue in fastdiff/ops/backends/cpp/ calls so that torch.compile traces them (fake kernels: registered in
 //   Python, fastdiff/ops/backends/cpp/);
@@ -9,11 +11,44 @@
 #include <torch/library.h>
 
 #include "cpu_common.h"
-#include "ops.h"
 #include "parallel.h"
 #include "schema.h"
 
+#include <optional>
+#include <tuple>
+
 namespace fastdiff {
+
+// ---- the kernel files' entry points -----------------------------------------------------------------
+// Every function re-checks shapes, dtypes and index ranges (TORCH_CHECK), so a direct call cannot read out of
+// bounds; the public ops in fastdiff/ops check their arguments first and name them in their errors.
+
+// The screen of fastdiff/ops/_nearest.py: x (N, D), weight (V, D), stat (V,) in the compute dtype ->
+// (index of a minimum, minimum, second smallest score) per row; row blocks of block_rows vectors against
+// vocabulary tiles of block_cols rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_embedding_screen(const at::Tensor& x, const at::Tensor& weight,
+                                                                        const at::Tensor& stat, bool cosine,
+                                                                        int64_t block_rows, int64_t block_cols);
+
+// FASTDIFF_SCHEMA_ROUNDING_LOSS (schema.h).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rounding_loss(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+    int64_t ignore_index, const at::Tensor& row_scale, bool need_gx, bool need_gw, bool need_gb, int64_t chunk_rows);
+
+// FASTDIFF_SCHEMA_POSTERIOR (schema.h). Also checks the logits' values in the same pass (NaN, +inf, a row
+// of -inf, a masked row with only the mask logit finite) and raises check_finite_above's ValueError.
+at::Tensor posterior(const at::Tensor& logits, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& s,
+                     int64_t kind, int64_t mask_id, double temperature, const std::optional<at::Tensor>& a_t,
+                     const std::optional<at::Tensor>& a_s, const std::optional<at::Tensor>& ab_table,
+                     const std::optional<at::Tensor>& fact1, const std::optional<at::Tensor>& qbar_s,
+                     const std::optional<at::Tensor>& pair, bool sample, int64_t seed, int64_t offset,
+                     int64_t row_offset);
+
+// FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL (schema.h); checks the logits' values as posterior does.
+at::Tensor sample_categorical(const at::Tensor& logits, int64_t seed, int64_t offset, double temperature,
+                              int64_t top_k, double top_p, int64_t row_offset);
+
+// ---- helpers that are not ops -----------------------------------------------------------------------
 
 // The four Philox words of counters (start + i, offset), i = 0..n-1, as int64 (n, 4): what fastdiff.random's
 // uniform / randn build their floats from (the floating-point part stays in PyTorch, so the results are

@@ -1,7 +1,6 @@
 // nearest_embedding on the CPU: the screen of fastdiff/ops/_nearest.py (the clamp). Row blocks of vectors
 // against vocabulary tiles: each tile's scores come from the BLAS behind at::mm_out (MKL / OpenBLAS) into a
 // per-thread buffer that is reused, and are consumed by one fused vector pass, so no N x V matrix exists.
-#include "ops.h"
 #include "cpu_common.h"
 #include "parallel.h"
 

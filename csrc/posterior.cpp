@@ -2,7 +2,6 @@
 // a lowered plan (kind codes in schema.h), one row at a time, rows in parallel (parallel.h). The row
 // machinery (max and chunked exp-sum passes, the affine row and its chunked inverse-CDF draw) is shared with
 // sample_categorical.cpp in rows.h; per-token absorbing and matrix rows use float64 weight vectors.
-#include "ops.h"
 #include "parallel.h"
 #include "rows.h"
 #include "schema.h"

@@ -2,7 +2,6 @@
 // schema.h). Per chunk: at::mm_out logits into one reused buffer, a parallel per-row pass (bias add, max,
 // float64 sum of exp, loss (m - z_t) + log s, and row_scale * (softmax - onehot) in place), then the chunk's
 // gradients by BLAS (gx = dz W, gW += dz^T x, gb += sum dz).
-#include "ops.h"
 #include "cpu_common.h"
 #include "parallel.h"
 

@@ -3,7 +3,6 @@
 // (parallel.h); the row machinery is shared with posterior.cpp in rows.h. top-k ranks x/temp - max/temp in
 // float64 with a size-k heap; top-p finds the crossing bucket of a 1024-bucket histogram of the weights'
 // float32 bit patterns and sorts only that bucket.
-#include "ops.h"
 #include "parallel.h"
 #include "rows.h"
 

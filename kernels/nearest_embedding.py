@@ -1,6 +1,6 @@
 """``nearest_embedding`` in Triton: the screen of :mod:`fastdiff.ops._nearest` as a tiled GEMM with a fused
-arg-min epilogue (the shared Python code, :mod:`fastdiff.ops._nearest`, rescales the inputs, computes the per-row statistic and
-resolves the near-ties in float64).
+arg-min epilogue (the shared Python code rescales the inputs, computes the per-row statistic and resolves the
+near-ties in float64; the launcher is ``fastdiff/ops/backends/triton/nearest_embedding.py``).
 
 Program ``(i, s)`` owns rows ``[i·BLOCK_N, (i+1)·BLOCK_N)`` and the vocabulary slice ``s`` (the launcher
 splits V across programs only when there are too few row tiles to fill the GPU). For each

@@ -22,9 +22,10 @@ from ..errors import InputError
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
-# (backend, kernel family) -> the glue module that choose() found last (read by resolve(); a plain dict, so
-# that torch.compile can look it up while tracing).
-_GLUE: dict[tuple[str, str], object] = {}
+# The glue module that choose() found last for each (backend, kernel family), as the attribute
+# "<backend>__<kernel>" of a module: resolve() reads it with getattr, which torch.compile follows while tracing
+# (and sees the entries choose() adds during the trace, which a dict it had read before would not show).
+_GLUE = types.ModuleType("fastdiff.ops._dispatch.glue")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -76,14 +77,14 @@ def _try(op: str, kernel: str, backend: str, device: torch.device) -> tuple[obje
     why = _device_ok(backend, device)
     if why:
         return None, why
-    _GLUE[(backend, kernel)] = glue
+    setattr(_GLUE, f"{backend}__{kernel}", glue)
     return glue, ""
 
 
 @torch.compiler.assume_constant_result
 def choose(op: str, kernel: str, backend: str, device: str) -> str:
-    """The name of the backend that runs ``op`` (kernel family ``kernel``) on ``device`` when
-    ``backend`` is asked for: "reference" or a kernel backend (its glue is then in ``_GLUE``). Raises for an
+    """The name of the backend that runs ``op`` (kernel family ``kernel``) on ``device`` when ``backend`` is
+    asked for: "reference" or a kernel backend (its glue is then an attribute of ``_GLUE``). Raises for an
     unknown name and for an explicit backend that cannot run here. torch.compile calls it once while
     tracing and keeps the answer (it reads files and the environment)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -116,7 +117,7 @@ def resolve(op: str, kernel: str, backend: str, device: torch.device) -> object 
     """The glue module that runs ``op`` on ``device`` for the requested ``backend`` (``None``: the
     reference), with the backend's name: ``(glue or None, name)``."""
     name = choose(op, kernel, backend, str(device))
-    return (None if name == "reference" else _GLUE[(name, kernel)]), name
+    return (None if name == "reference" else getattr(_GLUE, f"{name}__{kernel}")), name
 
 
 def explain(op: str, device: torch.device | str = "cpu") -> dict[str, str]:

@@ -90,8 +90,9 @@ def _check_logit_range_in_graph(x: torch.Tensor, weight: torch.Tensor, bias: tor
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     limit = torch.finfo(cdt).max / 4
     name = str(cdt).replace("torch.", "")
-    mb = bias.abs().amax().to(torch.float64) if bias is not None and bias.numel() else torch.zeros((), dtype=torch.float64,
-                                                                                                 device=x.device)
+    mb = torch.zeros((), dtype=torch.float64, device=x.device)
+    if bias is not None and bias.numel():
+        mb = bias.abs().amax().to(torch.float64)
     _checks.graph_assert(mb < limit, f"bias: values overflow the {name} logits")
     if x.numel() == 0:
         return
@@ -174,8 +175,8 @@ class RoundingLossFn(torch.autograd.Function):
         if fused:  # 1 / max(count, 1) as a float64 division, rounded to the compute dtype
             grad_scale = (1.0 / count.clamp_min(1).to(torch.float64)).to(cdt).reshape(1) if reduction == "mean" \
                 else torch.ones(1, dtype=cdt, device=x.device)
-        loss, grads, state = impl.rounding_loss_fwd(x.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                                    t1, ignore_index, grad_scale, *need)
+        b = None if bias is None else bias.detach()
+        loss, grads, state = impl.rounding_loss_fwd(x.detach(), weight.detach(), b, t1, ignore_index, grad_scale, *need)
         ctx.impl, ctx.fused, ctx.need = impl, fused, need
         ctx.reduction, ctx.ignore_index, ctx.cdt = reduction, ignore_index, cdt
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -121,8 +121,8 @@ def _bwd_fake(x, weight, target, bias, lse, g, need_dx, need_dw, need_db):
 
 
 FWD_SCHEMA = "(Tensor x, Tensor weight, Tensor target, Tensor? bias, int ignore_index) -> (Tensor, Tensor)"
-BWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor lse, Tensor g, bool need_dx, bool need_dw, "
-              "bool need_db) -> (Tensor, Tensor, Tensor)")
+BWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor target, Tensor? bias, Tensor lse, Tensor g, bool need_dx, "
+              "bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)")
 rounding_loss_fwd_op = python_op("fastdiff_triton::rounding_loss_fwd", _rounding_loss_fwd, FWD_SCHEMA, _fwd_fake)
 rounding_loss_bwd_op = python_op("fastdiff_triton::rounding_loss_bwd", _rounding_loss_bwd, BWD_SCHEMA, _bwd_fake)
 
