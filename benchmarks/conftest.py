@@ -28,7 +28,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fastdiff import _backends, discrete, testing
+from fastdiff import discrete, testing
 from fastdiff.ops import _dispatch, explain
 from fastdiff.testing import S_STEP, T_STEP, Size  # noqa: F401  (the benchmark files import them from here)
 
@@ -69,14 +69,7 @@ def resolved_backend(op: str, provider: str, reference: Callable) -> str:
     """The backend that ``provider`` actually runs ("auto" resolved through the dispatcher)."""
     if provider != "auto":
         return provider
-    fn = _dispatch.resolve(op, "auto", DEVICE, reference)
-    if fn is reference:
-        return "reference"
-    for name in KERNELS:
-        be = _backends.get(name)
-        if be.available and getattr(be.module, op, None) is fn:
-            return name
-    return "unknown"
+    return _dispatch.choose(op, _dispatch.kernel_of(op), "auto", str(DEVICE))
 
 
 def run(benchmark, fn: Callable, *args, **kwargs):

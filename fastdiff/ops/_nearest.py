@@ -310,15 +310,21 @@ def tf32_possible(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def nearest(x: torch.Tensor, weight: torch.Tensor, metric: str,
-            screen_fn: Callable[[Problem], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = screen
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices (...) int64, snapped (..., D))`` with ``screen_fn`` as the screen (a backend's kernel)."""
+def indices(x: torch.Tensor, weight: torch.Tensor, metric: str,
+            screen_fn: Callable[[Problem], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = screen) -> torch.Tensor:
+    """``indices (...) int64`` of the nearest rows, with ``screen_fn`` as the screen (a backend's kernel)."""
     p = prepare(x, weight, metric)
     if p.x.shape[0] == 0:
         idx = torch.empty(0, dtype=torch.int64, device=x.device)
     else:
         arg, best, second = screen_fn(p)
         idx = finish(p, arg, best, second, tf32_possible(x))
-    idx = idx.reshape(x.shape[:-1])
+    return idx.reshape(x.shape[:-1])
+
+
+def nearest(x: torch.Tensor, weight: torch.Tensor, metric: str,
+            screen_fn: Callable[[Problem], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = screen
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices (...) int64, snapped (..., D))`` with ``screen_fn`` as the screen (a backend's kernel)."""
+    idx = indices(x, weight, metric, screen_fn)
     return idx, torch.nn.functional.embedding(idx, weight)

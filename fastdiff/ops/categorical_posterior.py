@@ -6,10 +6,9 @@ import torch
 
 from . import _dispatch
 from ._common import check_posterior_args, check_values_unless_kernel_does, mask_of, rows_per_chunk
+from ._plan import posterior_plan
 
-_dispatch.register("categorical_posterior", "cpp", "categorical_posterior")
-_dispatch.register("categorical_posterior", "cuda", "categorical_posterior")
-_dispatch.register("categorical_posterior", "triton", "categorical_posterior")
+KERNEL = "posterior"  # fastdiff.ops.backends.<backend>.posterior, shared with posterior_sample
 
 
 def categorical_posterior_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None,
@@ -60,8 +59,9 @@ def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t
                           temperature: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
     """:func:`categorical_posterior_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
     xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
-    fn = _dispatch.resolve("categorical_posterior", backend, x0_logits.device, None)
-    check_values_unless_kernel_does("x0_logits", x0_logits, fn, temperature, mask_id=mask_of(process), x_t=xt)
-    if fn is None:
+    impl, _ = _dispatch.resolve("categorical_posterior", KERNEL, backend, x0_logits.device)
+    check_values_unless_kernel_does("x0_logits", x0_logits, impl, temperature, mask_id=mask_of(process), x_t=xt)
+    if impl is None:
         return _categorical_posterior(process, x0_logits, xt, tt, ss, temperature)
-    return fn(process, x0_logits, xt, tt, ss, temperature)
+    plan = posterior_plan(process, x0_logits, xt, tt, ss, temperature)
+    return impl.posterior(*plan.args(sample=False)).reshape(x0_logits.shape)

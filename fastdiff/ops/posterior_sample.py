@@ -10,10 +10,9 @@ from . import _dispatch
 from .categorical_posterior import _keep_dead_rows
 from ._common import (check_finite_above, check_posterior_args, check_values_unless_kernel_does, draw_from_weights,
                       mask_of, rows_per_chunk)
+from ._plan import posterior_plan
 
-_dispatch.register("posterior_sample", "cpp", "posterior_sample")
-_dispatch.register("posterior_sample", "cuda", "posterior_sample")
-_dispatch.register("posterior_sample", "triton", "posterior_sample")
+KERNEL = "posterior"  # fastdiff.ops.backends.<backend>.posterior, shared with categorical_posterior
 
 
 def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *,
@@ -64,9 +63,9 @@ def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=N
     seed = _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, xt.numel())
-    fn = _dispatch.resolve("posterior_sample", backend, x0_logits.device, None)
-    check_values_unless_kernel_does("x0_logits", x0_logits, fn, temperature, mask_id=mask_of(process), x_t=xt)
-    if fn is None:
+    impl, _ = _dispatch.resolve("posterior_sample", KERNEL, backend, x0_logits.device)
+    check_values_unless_kernel_does("x0_logits", x0_logits, impl, temperature, mask_id=mask_of(process), x_t=xt)
+    if impl is None:
         return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature, row_offset)
-    return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature,
-              row_offset=row_offset)
+    plan = posterior_plan(process, x0_logits, xt, tt, ss, temperature)
+    return impl.posterior(*plan.args(sample=True, seed=seed, offset=offset, row_offset=row_offset)).reshape(xt.shape)

@@ -1,5 +1,6 @@
-"""Backend dispatch: auto falls back silently, explicit requests raise with the reason, env override,
-and a registered kernel module is actually called."""
+"""Backend dispatch: auto falls back silently, explicit requests raise with the reason, env override, a
+backend's glue module is found by its name (``<backend package>.<KERNEL>``) and actually called, and every
+backend here reports "ok" for every op."""
 
 from __future__ import annotations
 
@@ -15,16 +16,23 @@ from fastdiff import _backends, ops
 from fastdiff.ops import _dispatch
 
 
+from tests.ops import _cases as C
+
+OPS = ("nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample", "sample_categorical")
+
+
 @pytest.fixture
 def fake_cpp(monkeypatch):
-    """Pretend a C++ module exists that implements sample_categorical (and records its calls)."""
+    """Pretend a C++ backend exists whose glue implements the sample_categorical kernel only (and records its
+    calls): a backend package with a ``sample_categorical`` module holding the ``sample_categorical`` entry."""
     calls = []
 
-    def sample_categorical(logits, **kw):
-        calls.append(kw)
-        return torch.zeros(logits.shape[:-1], dtype=torch.int64)
+    def sample_categorical(logits, seed, offset, temperature, top_k, top_p, row_offset):
+        calls.append(dict(seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
+                          row_offset=row_offset))
+        return torch.zeros(logits.shape[0], dtype=torch.int64)
 
-    mod = types.SimpleNamespace(sample_categorical=sample_categorical)
+    mod = types.SimpleNamespace(sample_categorical=types.SimpleNamespace(sample_categorical=sample_categorical))
     monkeypatch.setattr(_backends, "cpp", lambda: _backends.Backend("cpp", mod, ""))
     return calls
 
@@ -76,7 +84,7 @@ def test_env_override(fake_cpp, monkeypatch):
 
 
 def test_device_mismatch_for_explicit_backend(monkeypatch):
-    mod = types.SimpleNamespace(sample_categorical=lambda logits, **kw: None)
+    mod = types.SimpleNamespace(sample_categorical=types.SimpleNamespace(sample_categorical=lambda *a: None))
     monkeypatch.setattr(_backends, "cuda", lambda: _backends.Backend("cuda", mod, ""))
     with pytest.raises(ops.BackendUnavailableError, match="CUDA tensors"):
         ops.sample_categorical(torch.randn(2, 3), seed=0, backend="cuda")
@@ -84,7 +92,7 @@ def test_device_mismatch_for_explicit_backend(monkeypatch):
 
 def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="backend"):
-        _dispatch.resolve("sample_categorical", "tpu", torch.device("cpu"), lambda: None)
+        _dispatch.resolve("sample_categorical", "sample_categorical", "tpu", torch.device("cpu"))
 
 
 def test_import_needs_no_triton_compiler_or_extension():
@@ -96,3 +104,20 @@ def test_import_needs_no_triton_compiler_or_extension():
     assert res.returncode == 0, res.stderr
     drawn, cpp_available = res.stdout.split()
     assert drawn in ("[0]", "[1]", "[2]") and cpp_available == "False"
+
+
+def test_kernel_families_are_found_by_name():
+    """A public op names its kernel family (KERNEL); the two posterior ops share one."""
+    assert {op: _dispatch.kernel_of(op) for op in OPS} == {
+        "nearest_embedding": "nearest_embedding", "rounding_loss": "rounding_loss",
+        "categorical_posterior": "posterior", "posterior_sample": "posterior", "sample_categorical": "sample_categorical"}
+
+
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_every_op_is_ok_on_every_backend_here(backend, monkeypatch):
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    dev = C.device(backend)
+    for op in OPS:
+        assert ops.explain(op, dev)[backend] == "ok", op
+    if backend == "cuda":  # auto picks the CUDA kernels on CUDA tensors
+        assert _backends.auto_choice(dev) == "cuda"
