@@ -25,7 +25,7 @@ PACKAGE = ROOT / "fastdiff"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "random", "_checks", "_protocols", "_reduce", "_backends", "_threads", "_deprecate", "distributed",
      "_C", "_C_cuda"),  # the compiled extensions import nothing of fastdiff
-    ("ops", "_cpp", "_cuda", "kernels"),  # the backend modules: the ops' kernels, using the ops' helpers
+    ("ops", "kernels"),  # the ops, their backends (ops/backends/<name>/) and the Triton kernels
     ("schedules",),
     ("discrete", "continuous"),
     ("timesteps",),
@@ -44,8 +44,9 @@ ALLOWED_UPWARD = {
     ("fastdiff", "*"): "PEP 562 __getattr__ / TYPE_CHECKING only (test_import_fastdiff_is_light checks it)",
     # dispatch registry: _backends probes the backend modules by name at first use (importlib), so that
     # the ops can ask it for kernels without the ops importing the kernels
-    ("fastdiff._backends", "fastdiff._cpp"): "importlib at first use, inside probe functions",
-    ("fastdiff._backends", "fastdiff._cuda"): "importlib at first use, inside probe functions",
+    ("fastdiff._backends", "fastdiff.ops.backends.cpp"): "importlib at first use, inside probe functions",
+    ("fastdiff._backends", "fastdiff.ops.backends.cuda"): "importlib at first use, inside probe functions",
+    ("fastdiff._backends", "fastdiff.ops.backends.triton"): "importlib at first use, inside probe functions",
     ("fastdiff._backends", "fastdiff.kernels"): "importlib at first use, inside probe functions",
 }
 
