@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .._protocols import DiscreteProcess, Step
 from ..errors import InputError, InputTypeError
 
 # Largest float64 temporary a reference builds at once (elements): 2**21 = 16 MiB. A block step keeps
@@ -75,7 +76,8 @@ def _needs_overflow_check(logits: torch.Tensor, temperature: float | None) -> bo
     return temperature is not None and 0.0 < temperature < 1.0 and logits.dtype == torch.float64
 
 
-def check_values_unless_kernel_does(name: str, logits: torch.Tensor, impl, temperature: float | None = None,
+def check_values_unless_kernel_does(name: str, logits: torch.Tensor, impl: object | None,
+                                    temperature: float | None = None,
                                     mask_id: int | None = None, x_t: torch.Tensor | None = None) -> None:
     """:func:`check_finite_above` before the kernel runs, unless the backend's glue module ``impl`` (None:
     the reference) says its kernel makes the same check itself (``CHECKS_VALUES = True``): it then raises
@@ -184,12 +186,14 @@ def check_process(process: object) -> object:
     return process
 
 
-def mask_of(process) -> int | None:
+def mask_of(process: DiscreteProcess) -> int | None:
     """The mask column an absorbing process's x0 distribution ignores (None for other kinds)."""
     return process.mask_id if getattr(process, "kind", None) == "absorbing" else None
 
 
-def check_posterior_args(process, x0_logits, x_t, t, s, temperature, values: bool = True):
+def check_posterior_args(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                         s: Step | None, temperature: float, values: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the common arguments of categorical_posterior / posterior_sample.
 
     Returns ``(x_t int64, t (...) int64, s (...) int64)`` with t and s expanded to ``x_t.shape``.

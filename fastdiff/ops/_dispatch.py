@@ -113,7 +113,7 @@ def choose(op: str, kernel: str, backend: str, device: str) -> str:
     return "reference"
 
 
-def resolve(op: str, kernel: str, backend: str, device: torch.device) -> object | None:
+def resolve(op: str, kernel: str, backend: str, device: torch.device) -> tuple[object | None, str]:
     """The glue module that runs ``op`` on ``device`` for the requested ``backend`` (``None``: the
     reference), with the backend's name: ``(glue or None, name)``."""
     name = choose(op, kernel, backend, str(device))

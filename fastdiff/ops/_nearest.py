@@ -30,7 +30,7 @@ Whatever the screen's summation order, the result is therefore the same on every
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +87,7 @@ def _times_pow2(t: torch.Tensor, k: int, cdt: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _row_chunks(rows: int, width: int):
+def _row_chunks(rows: int, width: int) -> Iterator[slice]:
     step = max(1, CHUNK_ELEMENTS // max(1, width))
     for r0 in range(0, rows, step):
         yield slice(r0, min(rows, r0 + step))
@@ -174,7 +174,7 @@ def _rows_times_pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pow2(wexp: torch.Tensor | None, n: int, device) -> torch.Tensor:
+def _pow2(wexp: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     """``2**e_v`` (float64; exact, subnormal for the smallest rows), 1 without rescaled rows."""
     one = torch.ones(n, dtype=torch.float64, device=device)
     return one if wexp is None else _ldexp(one, wexp)

@@ -37,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .._protocols import DiscreteProcess
 from ..errors import InputTypeError
 
 # The kind codes of the posterior ABI (csrc/schema.h's PosteriorKind holds the same table).
@@ -87,15 +89,17 @@ class PosteriorPlan:
                 int64_bits(offset), int64_bits(row_offset))
 
 
-def posterior_fake(logits, x_t, t, s, kind, mask_id, temperature, a_t, a_s, ab_table, fact1, qbar_s, pair, sample,
-                   seed, offset, row_offset):
+def posterior_fake(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, kind: int,
+                   mask_id: int, temperature: float, a_t: torch.Tensor | None, a_s: torch.Tensor | None,
+                   ab_table: torch.Tensor | None, fact1: torch.Tensor | None, qbar_s: torch.Tensor | None,
+                   pair: torch.Tensor | None, sample: bool, seed: int, offset: int, row_offset: int) -> torch.Tensor:
     """The fake (meta) kernel of every backend's ``posterior`` op: only the output's shape and dtype."""
     if sample:
         return x_t.new_empty(x_t.shape, dtype=torch.int64)
     return logits.new_empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
-def posterior_plan(process, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
+def posterior_plan(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
                    ss: torch.Tensor, temperature: float) -> PosteriorPlan:
     """Lower checked arguments (``tt``, ``ss`` int64 expanded to ``x_t.shape``) to a plan.
 

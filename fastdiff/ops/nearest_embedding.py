@@ -12,7 +12,7 @@ METRICS = ("l2", "cosine")
 KERNEL = "nearest_embedding"  # fastdiff.ops.backends.<backend>.nearest_embedding
 
 
-def _check(x, weight, metric):
+def _check(x: torch.Tensor, weight: torch.Tensor, metric: str) -> None:
     check_x_weight(x, weight)
     _checks.choice("metric", metric, METRICS)
     _checks.finite("x", x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import random as _random
+from .._protocols import DiscreteProcess, Step
 from . import _dispatch
 from .categorical_posterior import _keep_dead_rows
 from ._common import (check_finite_above, check_posterior_args, check_values_unless_kernel_does, draw_from_weights,
@@ -15,7 +16,8 @@ from ._plan import posterior_plan
 KERNEL = "posterior"  # fastdiff.ops.backends.<backend>.posterior, shared with categorical_posterior
 
 
-def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *,
+def posterior_sample_ref(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                         s: Step | None = None, *,
                          seed: int, offset: int = 0, temperature: float = 1.0, row_offset: int = 0) -> torch.Tensor:
     """Draw ``x_s`` from :func:`~fastdiff.ops.categorical_posterior_ref`: int64 ``(...)``.
 
@@ -34,7 +36,9 @@ def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t,
     return _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature, row_offset)
 
 
-def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature, row_offset=0) -> torch.Tensor:
+def _posterior_sample(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
+                      ss: torch.Tensor, seed: int, offset: int, temperature: float, row_offset: int = 0
+                      ) -> torch.Tensor:
     """The reference's body on checked arguments (``tt``, ``ss`` expanded to ``x_t.shape``)."""
     V = process.vocab_size
     logits = x0_logits.reshape(-1, V)
@@ -55,7 +59,8 @@ def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature
     return out.reshape(x_t.shape)
 
 
-def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *, seed: int,
+def posterior_sample(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                     s: Step | None = None, *, seed: int,
                      offset: int = 0, temperature: float = 1.0, row_offset: int = 0,
                      backend: str = "auto") -> torch.Tensor:
     """:func:`posterior_sample_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -15,8 +17,10 @@ REDUCTIONS = ("mean", "sum", "none")
 KERNEL = "rounding_loss"  # fastdiff.ops.backends.<backend>.rounding_loss
 
 
-def _check(x, weight, target, bias, reduction, ignore_index) -> int:
-    """Returns the number of targets that are not ``ignore_index``."""
+def _check(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None, reduction: str,
+           ignore_index: int) -> int | None:
+    """Returns the number of targets that are not ``ignore_index`` (None while torch.compile traces: the
+    checks are then graph asserts and nothing is read back)."""
     check_x_weight(x, weight)
     _checks.integer("target", target)
     _checks.choice("reduction", reduction, REDUCTIONS)
@@ -121,7 +125,8 @@ def rounding_loss_ref(x: torch.Tensor, weight: torch.Tensor, target: torch.Tenso
     return _rounding_loss(x, weight, target, bias, reduction, ignore_index, count)
 
 
-def _rounding_loss(x, weight, target, bias, reduction, ignore_index, count=None) -> torch.Tensor:
+def _rounding_loss(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+                   reduction: str, ignore_index: int, count: int | None = None) -> torch.Tensor:
     """The reference's body, on arguments already checked (``count``: the number of valid targets)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     logits = x.reshape(-1, x.shape[-1]).to(cdt) @ weight.to(cdt).T
@@ -140,7 +145,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rounding_loss_fake(x, weight, bias, target, ignore_index, row_scale, need_gx, need_gw, need_gb, chunk_rows):
+def rounding_loss_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                       ignore_index: int, row_scale: torch.Tensor, need_gx: bool, need_gw: bool, need_gb: bool,
+                       chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fake (meta) kernel of the C++ and CUDA ``rounding_loss`` ops (FASTDIFF_SCHEMA_ROUNDING_LOSS): the
     per-row losses and the gradients asked for (``(0,)`` for one that is not)."""
     N, D = x.shape
@@ -165,7 +172,8 @@ class RoundingLossFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, impl, x, weight, bias, target, reduction, ignore_index):
+    def forward(ctx: Any, impl: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                target: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
         cdt = _compute_dtype(x.dtype)
         t1 = target.reshape(-1).to(torch.int64).contiguous()
         count = (t1 != ignore_index).sum()
@@ -193,7 +201,8 @@ class RoundingLossFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the kernels' gradient has no graph: a second derivative must raise, not be 0
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor | None, torch.Tensor | None,
+                                                       torch.Tensor | None, None, None, None]:
         x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
         need_gx, need_gw, need_gb = ctx.need
         if ctx.fused:

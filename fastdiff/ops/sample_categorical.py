@@ -14,7 +14,8 @@ from ._plan import int64_bits
 KERNEL = "sample_categorical"  # fastdiff.ops.backends.<backend>.sample_categorical
 
 
-def _check(logits, seed, offset, temperature, top_k, top_p, row_offset: int = 0):
+def _check(logits: torch.Tensor, seed: int, offset: int, temperature: float, top_k: int | None, top_p: float | None,
+           row_offset: int = 0) -> tuple[int, int | None]:
     """Everything but the logits' values; returns ``(seed as an int, top_k)``, ``top_k >= V`` (no filter)
     as None."""
     check_logits("logits", logits, values=False)
@@ -84,7 +85,8 @@ def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, 
                                row_offset=row_offset)
 
 
-def _sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_offset=0) -> torch.Tensor:
+def _sample_categorical(logits: torch.Tensor, *, seed: int, offset: int, temperature: float, top_k: int | None,
+                        top_p: float | None, row_offset: int = 0) -> torch.Tensor:
     """The reference's body, on arguments already checked."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
@@ -101,7 +103,8 @@ def _sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_
     return out.reshape(logits.shape[:-1])
 
 
-def sample_categorical_fake(logits, seed, offset, temperature, top_k, top_p, row_offset):
+def sample_categorical_fake(logits: torch.Tensor, seed: int, offset: int, temperature: float, top_k: int,
+                            top_p: float, row_offset: int) -> torch.Tensor:
     """The fake (meta) kernel of every backend's ``sample_categorical`` op: ``(N,)`` int64."""
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
 

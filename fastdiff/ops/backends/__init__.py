@@ -29,6 +29,8 @@ in Python with the same schemas), with fake kernels that only allocate, so ``tor
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,7 +53,7 @@ def has_op(qualname: str) -> bool:
     return hasattr(getattr(torch.ops, ns), name)
 
 
-def register_fake(qualname: str, fn) -> None:
+def register_fake(qualname: str, fn: Callable[..., Any]) -> None:
     """Register ``fn`` as the fake (meta) kernel of ``qualname`` once per process (a glue module that is
     imported again, as tests do, leaves the first registration in place); ops this process does not have
     are skipped."""
@@ -64,7 +66,8 @@ def register_fake(qualname: str, fn) -> None:
 _FAKES: set[str] = set()
 
 
-def python_op(qualname: str, fn, schema: str, fake):
+def python_op(qualname: str, fn: Callable[..., Any], schema: str, fake: Callable[..., Any]
+              ) -> torch._ops.OpOverload:
     """The ``torch.library`` op ``qualname`` implemented in Python by ``fn`` (every device) with the fake
     kernel ``fake``: defined on the first call in this process, then looked up (a glue module imported
     again, as tests do, does not define it twice). Returns its default overload."""

@@ -11,6 +11,7 @@ out of bounds.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -31,7 +32,7 @@ def use_ops() -> bool:
 
 
 @contextlib.contextmanager
-def value_errors():
+def value_errors() -> Iterator[None]:
     """The kernels' in-kernel value check raises ValueError with check_finite_above's message; the public
     ops raise it as the same InputError the other backends raise."""
     try:

@@ -23,7 +23,8 @@ BLOCK_ROWS = 128  # vectors per row block
 BLOCK_COLS = 1024  # vocabulary rows per score tile (128 × 1024 fp32 = 512 KiB)
 
 
-def _screen_fake(x, weight, stat, cosine, block_rows, block_cols):
+def _screen_fake(x: torch.Tensor, weight: torch.Tensor, stat: torch.Tensor, cosine: bool, block_rows: int,
+                 block_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     return x.new_empty(n, dtype=torch.int64), stat.new_empty(n), stat.new_empty(n)
 

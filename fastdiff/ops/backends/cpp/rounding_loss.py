@@ -26,13 +26,17 @@ def _chunk_rows(V: int) -> int:
     return max(1, LOSS_CHUNK_ELEMENTS // max(1, V))
 
 
-def _kernel(x, weight, bias, target, ignore_index, row_scale, need_gx, need_gw, need_gb):
+def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+            ignore_index: int, row_scale: torch.Tensor, need_gx: bool, need_gw: bool, need_gb: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fn = ops.rounding_loss.default if use_ops() else _C.rounding_loss
     return fn(x, weight, bias, target, ignore_index, row_scale, need_gx, need_gw, need_gb, _chunk_rows(weight.shape[0]))
 
 
 def rounding_loss_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                      ignore_index: int, grad_scale: torch.Tensor | None, need_gx: bool, need_gw: bool, need_gb: bool):
+                      ignore_index: int, grad_scale: torch.Tensor | None, need_gx: bool, need_gw: bool, need_gb: bool
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                                 tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per-row losses of ``x (..., D)``; with ``grad_scale`` also the gradients asked for (see
     :class:`~fastdiff.ops.rounding_loss.RoundingLossFn`). State: the inputs in the compute dtype."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -47,7 +51,7 @@ def rounding_loss_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def rounding_loss_bwd(state: tuple, target: torch.Tensor, ignore_index: int, row_grad: torch.Tensor, need_gx: bool,
-                      need_gw: bool, need_gb: bool):
+                      need_gw: bool, need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``Σ_r row_grad[r]·loss_r``, recomputed chunk by chunk."""
     x2, w2, b2 = state
     _, gx, gw, gb = _kernel(x2, w2, b2, target, ignore_index, row_grad.contiguous(), need_gx, need_gw, need_gb)

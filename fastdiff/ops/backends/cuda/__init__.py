@@ -27,6 +27,6 @@ def use_ops() -> bool:
     return (custom_ops_enabled("cuda") or tracing()) and has_op("fastdiff_cuda::posterior")
 
 
-def op(name: str):
+def op(name: str) -> torch._ops.OpOverload:
     """The ``torch.library`` op ``fastdiff_cuda::<name>`` (its default overload)."""
     return getattr(torch.ops.fastdiff_cuda, name).default

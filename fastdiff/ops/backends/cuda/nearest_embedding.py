@@ -17,7 +17,8 @@ from .. import has_op, python_op, register_fake
 NEAREST_SCHEMA = "(Tensor x, Tensor weight, str metric) -> Tensor"
 
 
-def _screen_fake(x, weight, stat, cosine):
+def _screen_fake(x: torch.Tensor, weight: torch.Tensor, stat: torch.Tensor, cosine: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     return x.new_empty(n, dtype=torch.int64), stat.new_empty(n), stat.new_empty(n)
 

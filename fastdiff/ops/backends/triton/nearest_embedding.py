@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime import Autotuner
 
 from fastdiff.kernels.nearest_embedding import _nearest_embedding_fwd_kernel
 
@@ -30,10 +31,10 @@ _CONFIGS = [  # GPU autotuning: a few GEMM shapes, keyed on D and the dtype
 _NOMINAL_BLOCK_N = 128  # fixes the split count independently of the autotuned config
 
 
-_autotuned = None
+_autotuned: Autotuner | None = None
 
 
-def _kernel():
+def _kernel() -> Autotuner:
     global _autotuned
     if _autotuned is None:
         _autotuned = triton.autotune(configs=_CONFIGS, key=["D", "COSINE"])(_nearest_embedding_fwd_kernel)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.runtime import Autotuner
 
 from fastdiff.kernels.rounding_loss import _rounding_loss_bwd_kernel, _rounding_loss_fwd_kernel
 
@@ -28,10 +29,10 @@ _CONFIGS = [
 _NOMINAL_BLOCK_N = 128
 
 
-_tuned: dict[str, object] = {}
+_tuned: dict[str, Autotuner] = {}
 
 
-def _tuned_kernel(name: str):
+def _tuned_kernel(name: str) -> Autotuner:
     if name not in _tuned:
         if name == "fwd":
             _tuned[name] = triton.autotune(configs=_CONFIGS, key=["D", "HAS_BIAS"])(_rounding_loss_fwd_kernel)
@@ -109,12 +110,15 @@ def _rounding_loss_bwd(x: torch.Tensor, weight: torch.Tensor, target: torch.Tens
     return dx, dw, db
 
 
-def _fwd_fake(x, weight, target, bias, ignore_index):
+def _fwd_fake(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+              ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     cdt = _common.compute_dtype(x.dtype)
     return x.new_empty(x.shape[0], dtype=cdt), x.new_empty((2, x.shape[0]), dtype=cdt)
 
 
-def _bwd_fake(x, weight, target, bias, lse, g, need_dx, need_dw, need_db):
+def _bwd_fake(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+              lse: torch.Tensor, g: torch.Tensor, need_dx: bool, need_dw: bool, need_db: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cdt = lse.dtype
     return (x.new_empty(x.shape, dtype=cdt), weight.new_empty(weight.shape, dtype=cdt),
             x.new_empty(weight.shape[0] if bias is not None else 0, dtype=cdt))
@@ -128,7 +132,9 @@ rounding_loss_bwd_op = python_op("fastdiff_triton::rounding_loss_bwd", _rounding
 
 
 def rounding_loss_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                      ignore_index: int, grad_scale: torch.Tensor | None, need_gx: bool, need_gw: bool, need_gb: bool):
+                      ignore_index: int, grad_scale: torch.Tensor | None, need_gx: bool, need_gw: bool, need_gb: bool
+                      ) -> tuple[torch.Tensor, tuple[None, None, None],
+                                 tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Per-row losses of ``x (..., D)`` (never a gradient: ``grad_scale`` is unused); state: the flattened
     inputs and the rows' ``(2, N)`` max and log-normaliser."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
@@ -139,7 +145,7 @@ def rounding_loss_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def rounding_loss_bwd(state: tuple, target: torch.Tensor, ignore_index: int, row_grad: torch.Tensor, need_gx: bool,
-                      need_gw: bool, need_gb: bool):
+                      need_gw: bool, need_gb: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of ``Σ_r row_grad[r]·loss_r`` (``row_grad`` 0 on ignored rows), by the second pass."""
     flat, w, b, lse = state
     fn = rounding_loss_bwd_op if use_ops() else _rounding_loss_bwd
