@@ -188,13 +188,13 @@ def test_lazy_attributes_load_on_first_use() -> None:
 
 # --- type annotations -------------------------------------------------------------------------------------
 #: where unannotated arguments / returns are allowed (a file, or a folder ending in "/"), with how many there are
-#: now; the count may only go down. The ops layer, its backends and kernels are being restructured on another
-#: branch (empty these entries after that merge); models/sed.py and evaluation.py have other owners just now.
+#: now; the count may only go down. fastdiff/ops/ (with its backends) has none. kernels/ keeps the run-time
+#: arguments of its @triton.jit kernels (pointers, sizes, strides) unannotated on purpose: Triton reads a kernel's
+#: annotations to decide its argument types and how it specialises, so one there would change the compiled kernel,
+#: not just document it (their tl.constexpr arguments are annotated, and so is every plain Python function in
+#: kernels/). models/sed.py and evaluation.py have other owners just now.
 ANNOTATION_ALLOW = {
-    "fastdiff/ops/": 70,
-    "fastdiff/_cpp.py": 50,
-    "fastdiff/_cuda.py": 40,
-    "kernels/": 207,
+    "kernels/": 130,
     "fastdiff/models/sed.py": 3,
     "fastdiff/evaluation.py": 12,
 }
