@@ -75,7 +75,7 @@ PYTHONPATH="$SCRATCH" \
 ASAN_OPTIONS="detect_leaks=0:log_path=$REPORT:halt_on_error=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
 LD_PRELOAD="$LIBASAN $LIBSTDCXX" \
 FASTDIFF_FUZZ_BACKENDS="${FASTDIFF_FUZZ_BACKENDS:-reference,cpp}" \
-  "$PY" -c "import fastdiff, fastdiff._C as c, sys; sys.exit(0 if c.__file__.startswith('$SCRATCH') else 3)"
+  "$PY" -c "import torch, fastdiff, fastdiff._C as c, sys; sys.exit(0 if c.__file__.startswith('$SCRATCH') else 3)"
 where=$?
 if [[ $where != 0 ]]; then
   echo "asan.sh: the copy's fastdiff._C was not the one imported (rc $where)" >&2
