@@ -99,6 +99,24 @@ def posterior_fake(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: 
     return logits.new_empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
 
+#: the process kinds posterior_plan lowers; any other kind runs on the reference (backend "auto" falls back to
+#: it, an explicit kernel backend refuses: :func:`check_lowerable`)
+LOWERED_KINDS = ("absorbing", "uniform", "matrix")
+
+
+def check_lowerable(process: DiscreteProcess, backend: str, name: str) -> bool:
+    """Whether the kernels can run ``process`` (its ``kind`` is one :func:`posterior_plan` lowers). With
+    ``backend="auto"`` a process they cannot run (a user's own closed-form kind) goes to the reference;
+    an explicitly requested kernel backend ``name`` raises."""
+    kind = getattr(process, "kind", None)
+    if kind in LOWERED_KINDS:
+        return True
+    if backend == "auto":
+        return False
+    raise InputTypeError(f"process: the {name} backend has no kernel lowering for processes of kind {kind!r} "
+                         f"(kernels run kinds {', '.join(LOWERED_KINDS)}); use backend='auto' or 'reference'")
+
+
 def posterior_plan(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
                    ss: torch.Tensor, temperature: float) -> PosteriorPlan:
     """Lower checked arguments (``tt``, ``ss`` int64 expanded to ``x_t.shape``) to a plan.

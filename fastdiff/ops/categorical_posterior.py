@@ -7,7 +7,7 @@ import torch
 from .._protocols import DiscreteProcess, Step
 from . import _dispatch
 from ._common import check_posterior_args, check_values_unless_kernel_does, mask_of, rows_per_chunk
-from ._plan import posterior_plan
+from ._plan import check_lowerable, posterior_plan
 
 KERNEL = "posterior"  # fastdiff.ops.backends.<backend>.posterior, shared with posterior_sample
 
@@ -63,7 +63,9 @@ def categorical_posterior(process: DiscreteProcess, x0_logits: torch.Tensor, x_t
                           temperature: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
     """:func:`categorical_posterior_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
     xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
-    impl, _ = _dispatch.resolve("categorical_posterior", KERNEL, backend, x0_logits.device)
+    impl, name = _dispatch.resolve("categorical_posterior", KERNEL, backend, x0_logits.device)
+    if impl is not None and not check_lowerable(process, backend, name):
+        impl = None
     check_values_unless_kernel_does("x0_logits", x0_logits, impl, temperature, mask_id=mask_of(process), x_t=xt)
     if impl is None:
         return _categorical_posterior(process, x0_logits, xt, tt, ss, temperature)

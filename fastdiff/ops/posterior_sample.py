@@ -11,7 +11,7 @@ from . import _dispatch
 from .categorical_posterior import _keep_dead_rows
 from ._common import (check_finite_above, check_posterior_args, check_values_unless_kernel_does, draw_from_weights,
                       mask_of, rows_per_chunk)
-from ._plan import posterior_plan
+from ._plan import check_lowerable, posterior_plan
 
 KERNEL = "posterior"  # fastdiff.ops.backends.<backend>.posterior, shared with categorical_posterior
 
@@ -68,7 +68,9 @@ def posterior_sample(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: tor
     seed = _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, xt.numel())
-    impl, _ = _dispatch.resolve("posterior_sample", KERNEL, backend, x0_logits.device)
+    impl, name = _dispatch.resolve("posterior_sample", KERNEL, backend, x0_logits.device)
+    if impl is not None and not check_lowerable(process, backend, name):
+        impl = None
     check_values_unless_kernel_does("x0_logits", x0_logits, impl, temperature, mask_id=mask_of(process), x_t=xt)
     if impl is None:
         return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature, row_offset)

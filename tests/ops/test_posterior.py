@@ -730,3 +730,50 @@ def test_torch_compile_traces_without_a_graph_break(backend):
 
     for got, want in zip(torch.compile(fn, backend="aot_eager", fullgraph=True)(logits, xt), fn(logits, xt)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A process kind the kernels cannot lower (a user's own closed form)
+# --------------------------------------------------------------------------------------------------------
+class _OwnKind(D.Uniform):
+    """A user's process: Uniform's maths under a kind no kernel knows."""
+
+    kind = "own_closed_form"
+
+
+def _own_kind_case():
+    proc = _OwnKind(11, S.cosine(T))
+    g = torch.Generator().manual_seed(3)
+    return proc, torch.randn(6, 11, generator=g), torch.randint(0, 11, (6,), generator=g)
+
+
+@pytest.mark.parametrize("op", ["posterior_sample", "categorical_posterior"])
+def test_auto_runs_a_process_the_kernels_cannot_lower_on_the_reference(op):
+    proc, logits, xt = _own_kind_case()
+    kw = {"seed": 5} if op == "posterior_sample" else {}
+    got = getattr(ops, op)(proc, logits, xt, T // 2, T // 3, backend="auto", **kw)
+    want = getattr(ops, op)(proc, logits, xt, T // 2, T // 3, backend="reference", **kw)
+    assert torch.equal(got, want)  # auto ran the reference itself
+
+
+@pytest.mark.parametrize("op", ["posterior_sample", "categorical_posterior"])
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_a_kernel_backend_asked_for_a_process_it_cannot_lower_says_so(backend, op):
+    proc, logits, xt = _own_kind_case()
+    kw = {"seed": 5} if op == "posterior_sample" else {}
+    with pytest.raises(TypeError, match=f"the {backend} backend has no kernel lowering for processes of kind "
+                                        "'own_closed_form'"):
+        getattr(ops, op)(proc, logits, xt, T // 2, T // 3, backend=backend, **kw)
+
+
+def test_the_sampler_runs_a_process_the_kernels_cannot_lower():
+    from fastdiff import sampling
+
+    proc = _OwnKind(9, S.cosine(T))
+
+    def model(x, t):
+        return torch.zeros(*x.shape, 9)
+
+    out = sampling.sample(model, proc, shape=(2, 5), steps=4, seed=0)
+    ref = sampling.sample(model, proc, shape=(2, 5), steps=4, seed=0, backend="reference")
+    assert torch.equal(out.tokens, ref.tokens)
