@@ -2,7 +2,8 @@
 
 What gets built, and what happens when it cannot be:
 
-* The C++ CPU module ``fastdiff._C`` (``csrc/*.cpp``) is compiled against the torch that is installed,
+* The C++ CPU module ``fastdiff._C`` (``csrc/*.cpp``: one file per kernel family and ``binding.cpp``, which
+  registers the ``torch.library`` ops ``fastdiff_cpp::*``) is compiled against the torch that is installed,
   so torch must be importable at build time: install torch first, then
   ``pip install --no-build-isolation .`` (``-e`` for a checkout). Under pip's default build isolation the
   build environment has no torch; the build then **stops with an error** saying so, instead of quietly
@@ -12,7 +13,8 @@ What gets built, and what happens when it cannot be:
   reason is printed here and recorded, and the run time says it again (``fastdiff info``, the header of
   ``fastdiff generate``, and a one-time ``BackendFallbackWarning`` from ``backend="auto"``).
 * A compiler that works but fails on our sources is a bug: the build fails, loudly.
-* The CUDA module ``fastdiff._C_cuda`` (``csrc/cuda/``) is built with ``FASTDIFF_BUILD_CUDA=1``, or when
+* The CUDA module ``fastdiff._C_cuda`` (``csrc/cuda/``: ``*.cu`` kernels, one file per kernel family, and
+  ``binding.cpp``, which registers ``fastdiff_cuda::*``) is built with ``FASTDIFF_BUILD_CUDA=1``, or when
   nvcc and a CUDA build of torch are both found (``FASTDIFF_BUILD_CUDA=0`` turns that off).
 
 Every build writes ``fastdiff/_build_info.json``: the torch version the extensions were compiled for,
@@ -86,8 +88,11 @@ def _compiler_problem() -> str:
 
 
 def _extensions():
+    # The C++ module: one translation unit per kernel family and binding.cpp (the registration); the shared
+    # headers (schema.h, rows.h, cpu_common.h, parallel.h) are included, not compiled.
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    # The CUDA module: kernels in csrc/cuda/*.cu, the torch binding in csrc/cuda/binding.cpp.
+    # The CUDA module: kernels in csrc/cuda/*.cu, the torch binding in csrc/cuda/binding.cpp (which also
+    # includes csrc/schema.h, the schemas both modules register).
     cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     info = {"torch": None, "cpp": False, "cpp_reason": "", "cpp_skipped": False, "cuda": False, "cuda_reason": ""}
     if _truthy("FASTDIFF_SKIP_EXT"):
@@ -147,7 +152,7 @@ def _extensions():
         # No -std here: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
         exts.append(CUDAExtension(
             "fastdiff._C_cuda", [*cu_sources, os.path.join("csrc", "cuda", "binding.cpp")],
-            include_dirs=[os.path.join(HERE, "csrc", "cuda")],
+            include_dirs=[os.path.join(HERE, "csrc", "cuda"), os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *gencode]},
         ))
         info["cuda"] = True

@@ -21,9 +21,10 @@ from benchmarks.conftest import (
     run,
 )
 from fastdiff.ops import categorical_posterior, categorical_posterior_ref
+from fastdiff.testing import op_cases
 
 OP = "categorical_posterior"
-KINDS = [grouped(k, f"{OP} {k} {LOGITS.label}") for k in ("absorbing", "uniform")]
+KINDS = [grouped(c.process, f"{OP} {c.variant} {LOGITS.label}") for c in op_cases(OP)]  # the shared cases
 CHECK_ROWS = 8
 
 

@@ -1,5 +1,5 @@
 """The ops and the sampler on a quiet machine and on one where a competing busy process spins on every
-core (:func:`benchmarks._load.busy`): the C++ backend must stay at or ahead of the reference in both.
+core (:func:`fastdiff.testing.busy`): the C++ backend must stay at or ahead of the reference in both.
 
 Why: torch's OpenMP workers spin-wait, so with every core busy a thread team waits a scheduler tick (4-16
 ms) for a core at every parallel region. Before the kernels' thread policy (``csrc/parallel.h``) one
@@ -42,9 +42,9 @@ import time
 import pytest
 import torch
 
-from benchmarks._load import busy, cores
 from benchmarks.conftest import DEVICE, DIV, SMALL, check_tokens
 from fastdiff import _backends, _threads, discrete, ops, schedules
+from fastdiff.testing import busy, cores
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the loaded-machine benchmark is about CPU threads")
 

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import EMBED, OP_PROVIDERS, grouped, op_callable, record, resolved_backend, run
 from fastdiff.ops import nearest_embedding, nearest_embedding_ref
+from fastdiff.testing import op_cases
 
 OP = "nearest_embedding"
 PROVIDERS = (*OP_PROVIDERS, "diffusion-lm")
-METRICS = [grouped(m, f"{OP} {m} {EMBED.label}") for m in ("l2", "cosine")]
+METRICS = [grouped(c.kwargs["metric"], f"{OP} {c.variant} {EMBED.label}") for c in op_cases(OP)]  # the shared cases
 CHECK_ROWS = 256  # rows compared with the reference after timing
 
 

@@ -26,10 +26,11 @@ from benchmarks.conftest import (
     run,
 )
 from fastdiff.ops import posterior_sample, posterior_sample_ref
+from fastdiff.testing import op_cases
 
 OP = "posterior_sample"
 PROVIDERS = (*OP_PROVIDERS, "mdlm")
-KINDS = [grouped(k, f"{OP} {k} {LOGITS.label}") for k in ("absorbing", "uniform")]
+KINDS = [grouped(c.process, f"{OP} {c.variant} {LOGITS.label}") for c in op_cases(OP)]  # the shared cases
 SEED = 1234
 
 

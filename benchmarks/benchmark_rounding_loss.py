@@ -27,9 +27,11 @@ from benchmarks.conftest import (
     run,
 )
 from fastdiff.ops import rounding_loss, rounding_loss_ref
+from fastdiff.testing import op_cases
 
 OP = "rounding_loss"
 PROVIDERS = (*OP_PROVIDERS, "plain")
+(CASE,) = op_cases(OP)  # the shared case: forward + backward
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -76,7 +78,7 @@ def matmul_time(inputs: Inputs) -> float:
     return best_time(matmuls, repeats=3)
 
 
-@pytest.mark.benchmark(group=f"{OP} fwd+bwd {EMBED.label}")
+@pytest.mark.benchmark(group=f"{OP} {CASE.variant} {EMBED.label}")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_rounding_loss(benchmark, provider: str, inputs: Inputs, expected_loss: float,
                        matmul_time: float) -> None:

@@ -19,9 +19,10 @@ from benchmarks.conftest import (
     run,
 )
 from fastdiff.ops import sample_categorical, sample_categorical_ref
+from fastdiff.testing import op_cases
 
 OP = "sample_categorical"
-FILTERS: dict[str, dict[str, float | int]] = {"plain": {}, "top_k=50": {"top_k": 50}, "top_p=0.9": {"top_p": 0.9}}
+FILTERS: dict[str, dict[str, float | int]] = {c.variant: dict(c.kwargs) for c in op_cases(OP)}  # the shared cases
 MODES = [grouped(m, f"{OP} {m} {LOGITS.label}") for m in FILTERS]
 SEED = 4321
 

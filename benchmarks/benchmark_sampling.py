@@ -2,7 +2,7 @@
 against the peers' loops written here in plain PyTorch from their published algorithms.
 
 Size (full): ``B=64`` sequences of ``L=128`` tokens, ``V=8192``, 64 steps of a ``T=1000`` process;
-``fastdiff._demo.TinyDenoiser`` (2 layers, width 64) in eval mode under ``no_grad``. Discrete: absorbing,
+``fastdiff.testing.TinyDenoiser`` (2 layers, width 64) in eval mode under ``no_grad``. Discrete: absorbing,
 ``mask_id = V - 1``, ``schedules.mutual_info(1000)`` (``α_t = 1 - t/T``). Continuous (``ddpm``, ``ddim``):
 ``TinyDenoiser(V, dim=64)`` predicting x0, ``schedules.sqrt(1000)``, a ``(V, 64)`` embedding table, the clamp
 at the last step. ``FASTDIFF_BENCH_SMALL=1``: ``B=16, L=64, V=1024``, 16 steps.
@@ -52,7 +52,7 @@ import torch
 from benchmarks.benchmark_nearest_embedding import diffusion_lm_clamp
 from benchmarks.conftest import DEVICE, SMALL, resolved_backend
 from fastdiff import continuous, discrete, ops, schedules
-from fastdiff._demo import TinyDenoiser
+from fastdiff.testing import TinyDenoiser
 from fastdiff.sampling import sample
 
 B, L, V, STEPS = (16, 64, 1024, 16) if SMALL else (64, 128, 8192, 64)

@@ -1,8 +1,6 @@
-"""Triton-specific benchmarks: the ``torch.library`` wrapper's cost, and the issue's GPU-size targets.
+"""Triton-specific benchmarks: the issue's GPU-size targets (the ``torch.library`` wrapper's cost of every
+backend, Triton's included, is ``benchmark_dispatch.py``).
 
-* ``test_custom_op_overhead``: host time of one call of each Triton entry's launcher directly vs
-  through its custom op, on empty inputs (the launcher returns before launching), so the difference
-  is the dispatcher's cost alone. Runs wherever ``triton`` is installed (no GPU needed).
 * CUDA only (skipped otherwise, never emulated), with the targets in ``extra_info``:
   - clamp: bf16 N=8192, D=768, V=50257 (GPT-2): ``ratio_to_mm`` (target ≤ 1/0.7, i.e. ≥ 70% of the
     bf16 ``torch.mm`` rate) and ``speedup_vs_diffusion_lm`` (target ≥ 3);
@@ -16,56 +14,18 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import pytest
 import torch
 
 from benchmarks.conftest import DEVICE, best_time, op_callable, run, sync
 from benchmarks.benchmark_nearest_embedding import diffusion_lm_clamp
-from fastdiff import _backends, discrete, schedules
+from fastdiff import discrete, schedules
 from fastdiff.ops import nearest_embedding, posterior_sample, rounding_loss
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = DEVICE.type == "cuda"
 cuda_only = pytest.mark.skipif(not CUDA, reason="GPU-size target: needs a CUDA device (not measurable on CPU)")
 N_CLAMP, D_CLAMP, V_GPT2 = 8192, 768, 50257
 N_POST = 16384
-
-
-def _kernel_modules():
-    """``fastdiff.kernels``' op modules, imported without launching anything (no GPU needed)."""
-    _backends._import_kernels()
-    return {m: importlib.import_module(f"fastdiff.kernels.{m}")
-            for m in ("nearest_embedding", "posterior", "sample_categorical")}
-
-
-def _overhead_calls(mods):
-    x, w = torch.zeros(0, 8), torch.zeros(5, 8)
-    logits, idx, a = torch.zeros(0, 9), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
-    ne, post, sc = mods["nearest_embedding"], mods["posterior"], mods["sample_categorical"]
-    # The launchers' full argument lists (seed, offset and row_offset as 32-bit halves); CI runs this file
-    # once in small mode, so a signature change fails here instead of rotting.
-    post_args = (logits, idx, idx, idx, a, a, None, None, None, None, "uniform", -1, 1.0, True, 1, 0, 0, 0, 0, 0)
-    sc_args = (logits, 1, 0, 0, 0, 0, 0, 1.0, 0, 1.0)
-    return {
-        "nearest_embedding": (lambda: ne._nearest_embedding_fwd(x, w, "l2"), lambda: ne.nearest_embedding_op(x, w, "l2")),
-        "posterior": (lambda: post._posterior_fwd(*post_args), lambda: post.posterior_op(*post_args)),
-        "sample_categorical": (lambda: sc._sample_categorical_fwd(*sc_args), lambda: sc.sample_categorical_op(*sc_args)),
-    }
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("path", ["direct", "custom_op"])
-@pytest.mark.parametrize("op", ["nearest_embedding", "posterior", "sample_categorical"])
-def test_custom_op_overhead(benchmark, op: str, path: str) -> None:
-    benchmark.group = f"triton custom-op wrapper: {op} (empty input, no launch)"
-    direct, via_op = _overhead_calls(_kernel_modules())[op]
-    fn = direct if path == "direct" else via_op
-    benchmark(fn)
-    if path == "custom_op" and benchmark.stats is not None:
-        benchmark.extra_info["direct_us"] = best_time(direct, repeats=2000) * 1e6
 
 
 # --------------------------------------------------------------------------------------------------

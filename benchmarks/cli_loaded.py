@@ -1,5 +1,5 @@
 """``fastdiff generate`` end to end (a fresh process per run: import, model load, generation) on a quiet
-machine and with a busy process on every core (:func:`benchmarks._load.busy`); writes a JSON of medians.
+machine and with a busy process on every core (:func:`fastdiff.testing.busy`); writes a JSON of medians.
 
     python -m benchmarks.cli_loaded --reps 3 --json benchmarks/results/loaded-cli-cpu-2cores.json
 
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._load import busy, cores
+from fastdiff.testing import busy, cores
 
 ROOT = Path(__file__).resolve().parent.parent
 FASTDIFF = [sys.executable, "-m", "fastdiff"]

@@ -1,4 +1,5 @@
-"""Shared sizes, inputs, floors and helpers for the :mod:`fastdiff.ops` benchmarks.
+"""Shared sizes, inputs, floors and helpers for the :mod:`fastdiff.ops` benchmarks. The cases (ops, variants)
+and the inputs are :mod:`fastdiff.testing`'s, the ones ``fastdiff bench`` and ``fastdiff demo`` time too.
 
 Run from the repository root::
 
@@ -23,13 +24,13 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
 
-from fastdiff import _backends, discrete, schedules
+from fastdiff import discrete, testing
 from fastdiff.ops import _dispatch, explain
+from fastdiff.testing import S_STEP, T_STEP, Size  # noqa: F401  (the benchmark files import them from here)
 
 SMALL = os.environ.get("FASTDIFF_BENCH_SMALL", "").strip() not in ("", "0")
 DIV = 8 if SMALL else 1
@@ -37,22 +38,6 @@ DEVICE = torch.device(os.environ.get("FASTDIFF_BENCH_DEVICE") or ("cuda" if torc
 ROUNDS, SLOW_ROUNDS, SLOW_S = 3, 2, 2.0  # timed rounds after one warm-up call; see run()
 KERNELS = ("cpp", "triton", "cuda")
 OP_PROVIDERS = ("reference", "auto", *KERNELS)
-T_STEP, S_STEP = 500, 400  # the posterior step t -> s (absorbing: a_t = 0.5, a_s = 0.6)
-
-
-@dataclass(frozen=True)
-class Size:
-    """Rows ``N``, vocabulary ``V`` and (for the embedding ops) width ``D``."""
-
-    N: int
-    V: int
-    D: int | None = None
-
-    @property
-    def label(self) -> str:
-        d = "" if self.D is None else f" D={self.D}"
-        return f"N={self.N}{d} V={self.V} fp32"
-
 
 EMBED = Size(N=4096 // DIV, V=32768 // DIV, D=128)  # nearest_embedding, rounding_loss
 LOGITS = Size(N=2048 // DIV, V=32768 // DIV)  # categorical_posterior, posterior_sample, sample_categorical
@@ -84,14 +69,7 @@ def resolved_backend(op: str, provider: str, reference: Callable) -> str:
     """The backend that ``provider`` actually runs ("auto" resolved through the dispatcher)."""
     if provider != "auto":
         return provider
-    fn = _dispatch.resolve(op, "auto", DEVICE, reference)
-    if fn is reference:
-        return "reference"
-    for name in KERNELS:
-        be = _backends.get(name)
-        if be.available and getattr(be.module, op, None) is fn:
-            return name
-    return "unknown"
+    return _dispatch.choose(op, _dispatch.kernel_of(op), "auto", str(DEVICE))
 
 
 def run(benchmark, fn: Callable, *args, **kwargs):
@@ -150,10 +128,7 @@ def record_read(benchmark, logits: torch.Tensor, read_pass_s: float) -> None:
 @pytest.fixture(scope="session")
 def embed_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """``x: (N, D)`` and ``W: (V, D)`` fp32 at the ``EMBED`` size."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(EMBED.N, EMBED.D, generator=g)
-    w = torch.randn(EMBED.V, EMBED.D, generator=g)
-    return x.to(DEVICE), w.to(DEVICE)
+    return testing.embed_inputs(EMBED, seed=0, device=DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -166,8 +141,7 @@ def mm_time(embed_inputs) -> float:
 @pytest.fixture(scope="session")
 def logits() -> torch.Tensor:
     """``(N, V)`` fp32 logits at the ``LOGITS`` size (standard normal times 2)."""
-    g = torch.Generator().manual_seed(1)
-    return (2.0 * torch.randn(LOGITS.N, LOGITS.V, generator=g)).to(DEVICE)
+    return testing.logits_input(LOGITS, seed=1, device=DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -180,14 +154,7 @@ def read_pass_time(logits) -> float:
 def posterior_inputs() -> dict[str, tuple[discrete.DiscreteProcess, torch.Tensor]]:
     """Process and ``x_t`` per kind: absorbing (mask = V - 1, x_t all mask: the worst case) and uniform
     (x_t uniform random tokens)."""
-    V = LOGITS.V
-    absorbing = discrete.Absorbing(V, V - 1, schedules.mutual_info(1000))
-    uniform = discrete.Uniform(V, schedules.cosine(1000))
-    g = torch.Generator().manual_seed(2)
-    return {
-        "absorbing": (absorbing, torch.full((LOGITS.N,), V - 1, dtype=torch.int64, device=DEVICE)),
-        "uniform": (uniform, torch.randint(0, V, (LOGITS.N,), generator=g).to(DEVICE)),
-    }
+    return testing.posterior_inputs(LOGITS, seed=2, device=DEVICE)
 
 
 # --------------------------------------------------------------------------------------------------

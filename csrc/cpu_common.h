@@ -1,8 +1,9 @@
-// Shared pieces of the C++ CPU kernels (fastdiff._C): counter-based uniforms, a vectorisable exp,
-// and the declarations the binding TU needs.
+// Shared pieces of the C++ CPU kernels (fastdiff._C): counter-based uniforms and a vectorisable exp.
+// Kernel translation units include ATen only (the binding, csrc/binding.cpp, is the one that parses
+// torch/extension.h and torch/library.h): a third of the compile time of each.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstring>
@@ -80,29 +81,5 @@ inline float exp_f32(float x) {
   std::memcpy(&scale, &e, sizeof(scale));
   return under ? 0.0f : y * scale;
 }
-
-// ---- entry points (defined in embedding_ops.cpp / sampling_ops.cpp) ---------------------------------
-// The screen of fastdiff/ops/_nearest.py: x (N, D), weight (V, D), stat (V,) in the compute dtype ->
-// (index of a minimum, minimum, second smallest score) per row.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest_embedding(const at::Tensor& x, const at::Tensor& weight,
-                                                                 const at::Tensor& stat, const std::string& metric,
-                                                                 int64_t block_rows, int64_t block_cols);
-
-std::vector<at::Tensor> rounding_loss_chunked(const at::Tensor& x, const at::Tensor& weight,
-                                              const c10::optional<at::Tensor>& bias, const at::Tensor& target,
-                                              int64_t ignore_index, const at::Tensor& row_scale, bool need_grad,
-                                              int64_t chunk_rows);
-
-at::Tensor posterior(const std::string& kind, const at::Tensor& logits, const at::Tensor& x_t,
-                     const at::Tensor& t, const at::Tensor& s, double temperature, int64_t mask_id,
-                     const c10::optional<at::Tensor>& a_t, const c10::optional<at::Tensor>& a_s,
-                     const c10::optional<at::Tensor>& ab_table, const c10::optional<at::Tensor>& fact1,
-                     const c10::optional<at::Tensor>& qbar_s, const c10::optional<at::Tensor>& pair, bool sample,
-                     uint64_t seed, uint64_t offset, bool check_values, uint64_t row_offset);
-
-at::Tensor sample_categorical(const at::Tensor& logits, uint64_t seed, uint64_t offset, double temperature,
-                              int64_t top_k, double top_p, uint64_t row_offset);
-
-at::Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, uint64_t start);
 
 }  // namespace fastdiff

@@ -63,7 +63,7 @@ class Backend:
 
 @functools.lru_cache(maxsize=None)
 def cpp() -> Backend:
-    """The C++ CPU backend: ``fastdiff._cpp``, the op wrappers around the extension ``fastdiff._C``
+    """The C++ CPU backend: ``fastdiff.ops.backends.cpp``, the glue around the extension ``fastdiff._C``
     (built by setup.py unless FASTDIFF_SKIP_EXT=1)."""
     info = build_info()
     if info.get("cpp") is False:
@@ -75,7 +75,7 @@ def cpp() -> Backend:
     if mismatch:
         return Backend("cpp", None, mismatch, broken=True)
     try:
-        mod = importlib.import_module("fastdiff._cpp")
+        mod = importlib.import_module("fastdiff.ops.backends.cpp")
     except ImportError as e:
         return Backend("cpp", None, f"the C++ extension fastdiff._C is not built or does not load ({e}); "
                                     f"build it with: {REINSTALL}", broken=bool(info.get("cpp")))
@@ -84,7 +84,7 @@ def cpp() -> Backend:
 
 @functools.lru_cache(maxsize=None)
 def cuda() -> Backend:
-    """The CUDA backend: ``fastdiff._cuda``, the op wrappers around the extension ``fastdiff._C_cuda``
+    """The CUDA backend: ``fastdiff.ops.backends.cuda``, the glue around the extension ``fastdiff._C_cuda``
     (built when nvcc and a CUDA build of torch are present, or with FASTDIFF_BUILD_CUDA=1)."""
     if not torch.cuda.is_available():
         return Backend("cuda", None, "no CUDA device is visible to torch (torch.cuda.is_available() is False)")
@@ -94,7 +94,7 @@ def cuda() -> Backend:
         if mismatch:
             return Backend("cuda", None, mismatch, broken=True)
     try:
-        mod = importlib.import_module("fastdiff._cuda")
+        mod = importlib.import_module("fastdiff.ops.backends.cuda")
     except ImportError as e:
         return Backend("cuda", None, f"the CUDA extension fastdiff._C_cuda is not built or does not load ({e}); "
                                      f"build it with FASTDIFF_BUILD_CUDA=1 {REINSTALL}", broken=bool(info.get("cuda")))
@@ -107,13 +107,14 @@ def triton_interpret() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton() -> Backend:
-    """Triton kernels (``fastdiff.kernels``): need ``triton`` and a GPU, or TRITON_INTERPRET=1 on CPU."""
+    """The Triton backend: ``fastdiff.ops.backends.triton``, the glue around the kernels of ``fastdiff.kernels``
+    (the top-level ``kernels/``); needs ``triton`` and a GPU, or TRITON_INTERPRET=1 on CPU."""
     if importlib.util.find_spec("triton") is None:
         return Backend("triton", None, "triton is not installed; install it with: pip install 'fastdiff[triton]'")
     if not (torch.cuda.is_available() or triton_interpret()):
         return Backend("triton", None, "Triton needs a GPU (or TRITON_INTERPRET=1 to run kernels on the CPU)")
     try:
-        mod = _import_kernels()
+        mod = importlib.import_module("fastdiff.ops.backends.triton")
     except ImportError as e:
         return Backend("triton", None, f"fastdiff.kernels failed to import: {e}")
     return Backend("triton", mod, "")

@@ -12,6 +12,20 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
+def tracing() -> bool:
+    """True while ``torch.compile`` traces (dynamo). Checks that read tensor values (a host sync and a
+    data-dependent branch, which would break the graph) then become :func:`graph_assert`: the same
+    decision and message at run time, raised as a RuntimeError by the compiled graph."""
+    return torch.compiler.is_compiling()
+
+
+def graph_assert(ok: torch.Tensor, message: str) -> None:
+    """A value check inside a traced graph: ``torch._assert_async(ok, message)`` (kept by every compiler
+    backend: it has a side effect) raises ``RuntimeError(message)`` when ``ok`` (a one-element bool tensor)
+    is false."""
+    torch._assert_async(ok, message)
+
+
 def tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InputTypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -57,6 +71,10 @@ def integer(name: str, x: object) -> torch.Tensor:
 def token_ids(name: str, x: object, vocab_size: int) -> torch.Tensor:
     """An integer tensor with every value in [0, vocab_size)."""
     x = dense(name, integer(name, x))
+    if tracing():
+        if x.numel():
+            graph_assert((x.min() >= 0) & (x.max() < vocab_size), f"{name}: token ids must lie in [0, {vocab_size})")
+        return x
     if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
         raise InputError(
             f"{name}: token ids must lie in [0, {vocab_size}), got range "
@@ -66,6 +84,10 @@ def token_ids(name: str, x: object, vocab_size: int) -> torch.Tensor:
 
 
 def no_nan(name: str, x: torch.Tensor) -> torch.Tensor:
+    if tracing():
+        if x.is_floating_point():
+            graph_assert(~torch.isnan(x).any(), f"{name}: contains NaN")
+        return x
     if x.is_floating_point() and bool(torch.isnan(x).any()):
         raise InputError(f"{name}: contains NaN")
     return x
@@ -74,6 +96,10 @@ def no_nan(name: str, x: torch.Tensor) -> torch.Tensor:
 def finite(name: str, x: torch.Tensor) -> torch.Tensor:
     """No NaN and no ±inf, from one min/max pass (NaN propagates through both; ~10x faster than
     ``isfinite(x).all()``, which writes a boolean tensor first)."""
+    if tracing():
+        if x.is_floating_point() and x.numel():
+            graph_assert(torch.isfinite(x.detach()).all(), f"{name}: contains NaN or infinity")
+        return x
     if x.is_floating_point() and x.numel():
         lo, hi = torch.aminmax(x.detach())
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
@@ -150,6 +176,10 @@ def steps(name: str, t: object, T: int, lo: int, device: torch.device | None = N
         t = dense(name, t).to(torch.int64)
     else:
         raise InputTypeError(f"{name}: expected an int or integer tensor, got {type(t).__name__}")
+    if tracing():
+        if t.numel():
+            graph_assert((t.min() >= lo) & (t.max() <= T), f"{name}: steps must lie in [{lo}, {T}]")
+        return t
     if t.numel() and (int(t.min()) < lo or int(t.max()) > T):
         raise InputError(f"{name}: steps must lie in [{lo}, {T}], got [{int(t.min())}, {int(t.max())}]")
     return t
@@ -176,6 +206,10 @@ def step_pair(t: object, s: object, T: int, device: torch.device | None = None
         bt, bs = torch.broadcast_tensors(tt, ss)
     except RuntimeError as e:
         raise InputError(f"s: shape {tuple(ss.shape)} does not broadcast with t {tuple(tt.shape)}") from e
+    if tracing():
+        if bt.numel():
+            graph_assert((bs < bt).all(), "s: every s must be smaller than its t (s < t)")
+        return tt, ss
     if bt.numel() and bool((bs >= bt).any()):
         raise InputError("s: every s must be smaller than its t (s < t)")
     return tt, ss

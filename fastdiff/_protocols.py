@@ -12,7 +12,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["DiscreteProcess", "MatrixDiscreteProcess"]
+__all__ = ["DeviceLike", "DiscreteProcess", "MatrixDiscreteProcess", "Step"]
+
+#: a diffusion step: an int, or an integer tensor whose shape is a leading part of the token shape
+Step = int | torch.Tensor
+#: where a tensor goes: a device, its name (``"cpu"``, ``"cuda:1"``), or None for the default
+DeviceLike = str | torch.device | None
 
 
 @runtime_checkable

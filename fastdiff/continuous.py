@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import _checks
 from . import ops as _ops
+from ._protocols import Step
 from ._reduce import check_reduction, check_weights, reduce, weighted_mean
 from .schedules import Schedule
 from .errors import InputError, InputTypeError
@@ -51,7 +52,7 @@ class GaussianDiffusion:
     model_var : reverse-step variance, "fixed_small" (the posterior variance β̃) or "fixed_large" (β).
     """
 
-    def __init__(self, schedule: Schedule, parameterization: str = "x0", model_var: str = "fixed_small"):
+    def __init__(self, schedule: Schedule, parameterization: str = "x0", model_var: str = "fixed_small") -> None:
         if not isinstance(schedule, Schedule):
             raise InputTypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
         if schedule.per_token:
@@ -80,19 +81,19 @@ class GaussianDiffusion:
         v = _checks.expand_leading("t", v, x.shape[:-1]).unsqueeze(-1)
         return v.to(x.dtype)
 
-    def _steps(self, t, x, lo: int = 1, name: str = "t") -> torch.Tensor:
+    def _steps(self, t: Step, x: torch.Tensor, lo: int = 1, name: str = "t") -> torch.Tensor:
         tt = _checks.steps(name, t, self.T, lo, x.device)
         _checks.expand_leading(name, tt, x.shape[:-1])  # shape check
         return tt
 
-    def _pair(self, t, s, x) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair(self, t: Step, s: Step | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tt, ss = _checks.step_pair(t, s, self.T, x.device)
         _checks.expand_leading("t", tt, x.shape[:-1])
         _checks.expand_leading("s", ss, x.shape[:-1])
         return tt, ss
 
     # --- forward process ---------------------------------------------------------------------------
-    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor | None = None,
+    def q_sample(self, x0: torch.Tensor, t: Step, noise: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """``x_t = sqrt(a_t)·x0 + sqrt(1 - a_t)·noise`` (``noise`` drawn when not given)."""
         x0 = self._x("x0", x0)
@@ -104,7 +105,7 @@ class GaussianDiffusion:
         ab = self.alpha_bar
         return self._coef(ab.sqrt(), tt, x0) * x0 + self._coef((1 - ab).sqrt(), tt, x0) * noise
 
-    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t, s=None
+    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None
                                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``(..., D)`` and variance (broadcastable, ``(..., 1)``) of ``q(x_s | x_t, x_0)``."""
         x0 = self._x("x0", x0)
@@ -115,7 +116,8 @@ class GaussianDiffusion:
         c0, ct, var = self._posterior_coefs(tt, ss, x_t)
         return c0 * x0 + ct * x_t, var
 
-    def _posterior_coefs(self, tt, ss, x):
+    def _posterior_coefs(self, tt: torch.Tensor, ss: torch.Tensor, x: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ab = self.alpha_bar.to(x.device)
         a_t = _checks.expand_leading("t", ab[tt], x.shape[:-1]).unsqueeze(-1)
         a_s = _checks.expand_leading("s", ab[ss], x.shape[:-1]).unsqueeze(-1)
@@ -126,7 +128,7 @@ class GaussianDiffusion:
         return c0.to(x.dtype), ct.to(x.dtype), var.to(x.dtype)
 
     # --- parameterisations -------------------------------------------------------------------------
-    def to_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    def to_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: Step) -> torch.Tensor:
         """The network's x0 estimate from its output under ``self.parameterization``.
 
         eps: ``x0 = (x_t - sqrt(1 - a_t)·ε)/sqrt(a_t)``; mean (for ``s = t-1``): ``x0 = (μ - c_t·x_t)/c_0``.
@@ -144,13 +146,14 @@ class GaussianDiffusion:
         c0, ct, _ = self._posterior_coefs(tt, tt - 1, x_t)
         return (model_output - ct * x_t) / c0
 
-    def to_eps(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    def to_eps(self, x0: torch.Tensor, x_t: torch.Tensor, t: Step) -> torch.Tensor:
         """``ε = (x_t - sqrt(a_t)·x0)/sqrt(1 - a_t)``."""
         tt = self._steps(t, x_t)
         ab = self.alpha_bar
         return (x_t - self._coef(ab.sqrt(), tt, x_t) * x0) / self._coef((1 - ab).sqrt(), tt, x_t)
 
-    def p_mean_variance(self, model_output, x_t, t, s=None, denoised_fn: Denoise | None = None
+    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None,
+                        denoised_fn: Denoise | None = None
                         ) -> dict[str, torch.Tensor]:
         """Reverse step ``p(x_s | x_t)``: dict with ``x0`` (after ``denoised_fn``, e.g. clamping),
         ``eps``, ``mean`` and ``var``."""
@@ -175,7 +178,8 @@ class GaussianDiffusion:
         return out
 
     # --- samplers ----------------------------------------------------------------------------------
-    def ddpm_step(self, model_output, x_t, t, s=None, *, noise: torch.Tensor | Noise | None = None,
+    def ddpm_step(self, model_output: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None, *,
+                  noise: torch.Tensor | Noise | None = None,
                   generator: torch.Generator | None = None, denoised_fn: Denoise | None = None,
                   classifier_grad: Grad | None = None, classifier_scale: float = 1.0) -> torch.Tensor:
         """Ancestral step ``x_s ~ N(mean, var)`` (no noise where ``s = 0``).
@@ -204,7 +208,8 @@ class GaussianDiffusion:
         # skip variance 1 - a_t/a_0 is not 0 there).
         return torch.where(last, mean, mean + out["var"].sqrt() * noise)
 
-    def ddim_step(self, model_output, x_t, t, s=None, *, eta: float = 0.0,
+    def ddim_step(self, model_output: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None, *,
+                  eta: float = 0.0,
                   noise: torch.Tensor | Noise | None = None, generator: torch.Generator | None = None,
                   denoised_fn: Denoise | None = None, classifier_grad: Grad | None = None,
                   classifier_scale: float = 1.0) -> torch.Tensor:
@@ -238,14 +243,15 @@ class GaussianDiffusion:
         return out
 
     @staticmethod
-    def _classifier_grad(classifier_grad: Grad, x_t: torch.Tensor, t) -> torch.Tensor:
+    def _classifier_grad(classifier_grad: Grad, x_t: torch.Tensor, t: Step) -> torch.Tensor:
         g = classifier_grad(x_t, t)
         if not isinstance(g, torch.Tensor) or g.shape != x_t.shape:
             raise InputError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
         return g
 
     @staticmethod
-    def _noise(noise, x_t, generator):
+    def _noise(noise: torch.Tensor | Noise | None, x_t: torch.Tensor, generator: torch.Generator | None
+               ) -> torch.Tensor:
         if noise is None:
             return torch.randn(x_t.shape, dtype=x_t.dtype, device=x_t.device, generator=generator)
         if callable(noise):
@@ -256,7 +262,8 @@ class GaussianDiffusion:
         return noise
 
     # --- losses ------------------------------------------------------------------------------------
-    def mse_loss(self, model_output, x0, x_t, t, noise, target: str | None = None,
+    def mse_loss(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: Step,
+                 noise: torch.Tensor, target: str | None = None,
                  reduction: str = "mean") -> torch.Tensor:
         """Simple loss ``|target - output|²`` averaged over D: per token ``(...)`` for "none".
 
@@ -289,7 +296,7 @@ class GaussianDiffusion:
         per_token = ((pred - truth) ** 2).mean(-1)
         return reduce(per_token, reduction)
 
-    def vlb_terms(self, model_output, x0, x_t, t) -> torch.Tensor:
+    def vlb_terms(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: Step) -> torch.Tensor:
         """Per token (summed over D), in nats: ``KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t))`` for ``t >= 2``;
         for ``t = 1`` the Gaussian NLL ``-log N(x_0; mean, var)`` with the variance of step 2 (the
         posterior variance at ``t = 1`` is 0; improved-diffusion's clipping)."""
@@ -314,7 +321,8 @@ class GaussianDiffusion:
         var = 1 - a
         return (0.5 * (-math.log(var) + var + mean2 - 1)).sum(-1)
 
-    def losses(self, model_output, x0, x_t, t, noise, *, tokens: torch.Tensor | None = None,
+    def losses(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: Step,
+               noise: torch.Tensor, *, tokens: torch.Tensor | None = None,
                weight: torch.Tensor | None = None, lam_round: float | None = 1.0, lam_anchor: float = 0.0,
                reduction: str = "mean", weights: torch.Tensor | None = None, backend: str = "auto"
                ) -> dict[str, torch.Tensor]:
@@ -373,7 +381,7 @@ class GaussianDiffusion:
         return out
 
 
-def rounding_loss(x0: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias=None,
+def rounding_loss(x0: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
                   reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """Diffusion-LM's ``L_round = -log p(w | x_0)``, ``p = softmax(x_0 · Eᵀ + b)`` over the vocabulary.
 
@@ -383,7 +391,7 @@ def rounding_loss(x0: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, 
     return _ops.rounding_loss(x0, weight, tokens, bias=bias, reduction=reduction, backend=backend)
 
 
-def anchor_loss(x0_pred: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias=None,
+def anchor_loss(x0_pred: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor | None = None,
                 reduction: str = "mean", backend: str = "auto") -> torch.Tensor:
     """Difformer's anchor loss (Gao et al. 2022): ``L_round`` on the network's own x0 estimate, which
     keeps jointly learned embeddings from collapsing together."""
@@ -409,7 +417,7 @@ class TokenEmbedding(nn.Module):
     among, LayerNorm applied — the one to round and clamp against.
     """
 
-    def __init__(self, vocab_size: int, dim: int, layernorm: bool = False, init_std: float | None = None):
+    def __init__(self, vocab_size: int, dim: int, layernorm: bool = False, init_std: float | None = None) -> None:
         super().__init__()
         _checks.positive_int("vocab_size", vocab_size)
         _checks.positive_int("dim", dim)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._protocols import DiscreteProcess, MatrixDiscreteProcess
+from ._protocols import DeviceLike, DiscreteProcess, MatrixDiscreteProcess, Step
 from ._reduce import REDUCTIONS, check_reduction, check_weights, reduce, weighted_mean
 from .schedules import Schedule
 from .errors import InputError, InputTypeError
@@ -106,11 +106,11 @@ class DiscreteProcessBase(DiscreteProcess):
         _checks.no_nan(name, p)
         return p
 
-    def _t(self, t, shape: torch.Size, device) -> torch.Tensor:
+    def _t(self, t: Step, shape: torch.Size, device: DeviceLike) -> torch.Tensor:
         tt = _checks.steps("t", t, self.T, 0, device)
         return _checks.expand_leading("t", tt, shape)
 
-    def _ts(self, t, s, shape: torch.Size, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ts(self, t: Step, s: Step | None, shape: torch.Size, device: DeviceLike) -> tuple[torch.Tensor, torch.Tensor]:
         tt, ss = _checks.step_pair(t, s, self.T, device)
         return _checks.expand_leading("t", tt, shape), _checks.expand_leading("s", ss, shape)
 
@@ -124,15 +124,16 @@ class DiscreteProcessBase(DiscreteProcess):
         return self.x0_log_probs(logits, temperature).exp()
 
     # --- process interface -----------------------------------------------------------------------
-    def q_probs(self, x0: torch.Tensor, t, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def q_probs(self, x0: torch.Tensor, t: Step, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """``q(x_t | x_0) = Qbar_t[x0]``: ``(..., V)``."""
         raise NotImplementedError
 
-    def q_sample(self, x0: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: Step, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``x_t ~ q(x_t | x_0)``: int64 ``(...)``."""
         raise NotImplementedError
 
-    def posterior_probs(self, x0_probs: torch.Tensor, x_t: torch.Tensor, t, s=None) -> torch.Tensor:
+    def posterior_probs(self, x0_probs: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None
+                        ) -> torch.Tensor:
         """``p(x_s | x_t) ∝ Q_{t|s}[:, x_t] ⊙ (x0_probs @ Qbar_s)``, normalised: ``(..., V)``.
 
         ``x0_probs: (..., V)``, ``x_t: (...)``, ``1 <= t <= T``, ``0 <= s < t`` (default ``t - 1``).
@@ -141,12 +142,12 @@ class DiscreteProcessBase(DiscreteProcess):
         """
         raise NotImplementedError
 
-    def prior_probs(self, shape: tuple[int, ...] = (), device=None) -> torch.Tensor:
+    def prior_probs(self, shape: tuple[int, ...] = (), device: DeviceLike = None) -> torch.Tensor:
         """The reference distribution ``p(x_T)``: ``shape + (V,)`` float64."""
         raise NotImplementedError
 
     def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
-                     device=None) -> torch.Tensor:
+                     device: DeviceLike = None) -> torch.Tensor:
         p = self.prior_probs((), device)
         idx = torch.multinomial(p.float(), int(torch.Size(shape).numel()), replacement=True,
                                 generator=generator)
@@ -155,7 +156,8 @@ class DiscreteProcessBase(DiscreteProcess):
     def _out_dtype(self, p: torch.Tensor) -> torch.dtype:
         return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
 
-    def _posterior_args(self, x0_probs, x_t, t, s):
+    def _posterior_args(self, x0_probs: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
         """Checked ``(x_t int64, x0_probs float64, t, s expanded to x_t.shape, output dtype)``."""
         x_t = self._tokens("x_t", x_t)
         x0_probs = self._probs("x0_probs", x0_probs, x_t)
@@ -187,7 +189,7 @@ class Absorbing(DiscreteProcessBase):
 
     kind = "absorbing"
 
-    def __init__(self, vocab_size: int, mask_id: int, schedule: Schedule):
+    def __init__(self, vocab_size: int, mask_id: int, schedule: Schedule) -> None:
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size, 2)
         if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < vocab_size:
             raise InputError(f"mask_id: must be an int in [0, {vocab_size}), got {mask_id!r}")
@@ -224,7 +226,7 @@ class Absorbing(DiscreteProcessBase):
         logits[..., self.mask_id] = float("-inf")
         return torch.log_softmax(logits / temperature, dim=-1)
 
-    def q_probs(self, x0, t, dtype=torch.float64):
+    def q_probs(self, x0: torch.Tensor, t: Step, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         x0 = self._tokens("x0", x0)
         tt = self._t(t, x0.shape, x0.device)
         a = self._ab(tt, x0).to(dtype)
@@ -233,14 +235,15 @@ class Absorbing(DiscreteProcessBase):
         out[..., self.mask_id] += 1.0 - a
         return out
 
-    def q_sample(self, x0, t, generator=None):
+    def q_sample(self, x0: torch.Tensor, t: Step, generator: torch.Generator | None = None) -> torch.Tensor:
         x0 = self._tokens("x0", x0)
         tt = self._t(t, x0.shape, x0.device)
         a = self._ab(tt, x0)
         u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         return torch.where(u < a, x0, torch.full_like(x0, self.mask_id))
 
-    def posterior_probs(self, x0_probs, x_t, t, s=None):
+    def posterior_probs(self, x0_probs: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None
+                        ) -> torch.Tensor:
         x_t, p, tt, ss, out_dtype = self._posterior_args(x0_probs, x_t, t, s)
         keep = torch.ones(self.vocab_size, dtype=torch.float64, device=p.device)
         keep[self.mask_id] = 0.0
@@ -261,12 +264,13 @@ class Absorbing(DiscreteProcessBase):
         out = out.scatter_add(-1, x_t.unsqueeze(-1), (~use_post).to(torch.float64))
         return out.to(out_dtype)
 
-    def prior_probs(self, shape=(), device=None):
+    def prior_probs(self, shape: tuple[int, ...] = (), device: DeviceLike = None) -> torch.Tensor:
         out = torch.zeros(tuple(shape) + (self.vocab_size,), dtype=torch.float64, device=device)
         out[..., self.mask_id] = 1.0
         return out
 
-    def sample_prior(self, shape, generator=None, device=None):
+    def sample_prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                     device: DeviceLike = None) -> torch.Tensor:
         return torch.full(tuple(shape), self.mask_id, dtype=torch.int64, device=device)
 
 
@@ -286,7 +290,7 @@ class Uniform(DiscreteProcessBase):
 
     kind = "uniform"
 
-    def __init__(self, vocab_size: int, schedule: Schedule):
+    def __init__(self, vocab_size: int, schedule: Schedule) -> None:
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size, 2)
         if not isinstance(schedule, Schedule):
             raise InputTypeError(f"schedule: expected a Schedule, got {type(schedule).__name__}")
@@ -301,19 +305,20 @@ class Uniform(DiscreteProcessBase):
     def _ab(self, t: torch.Tensor) -> torch.Tensor:
         return self.schedule.alpha_bar.to(t.device)[t]
 
-    def q_probs(self, x0, t, dtype=torch.float64):
+    def q_probs(self, x0: torch.Tensor, t: Step, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         x0 = self._tokens("x0", x0)
         a = self._ab(self._t(t, x0.shape, x0.device)).to(dtype).unsqueeze(-1)
         return a * F.one_hot(x0, self.vocab_size).to(dtype) + (1.0 - a) / self.vocab_size
 
-    def q_sample(self, x0, t, generator=None):
+    def q_sample(self, x0: torch.Tensor, t: Step, generator: torch.Generator | None = None) -> torch.Tensor:
         x0 = self._tokens("x0", x0)
         a = self._ab(self._t(t, x0.shape, x0.device))
         u = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
         r = torch.randint(0, self.vocab_size, x0.shape, device=x0.device, generator=generator)
         return torch.where(u < a, x0, r)
 
-    def posterior_probs(self, x0_probs, x_t, t, s=None):
+    def posterior_probs(self, x0_probs: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None
+                        ) -> torch.Tensor:
         x_t, p, tt, ss, out_dtype = self._posterior_args(x0_probs, x_t, t, s)
         V = self.vocab_size
         p = p / p.sum(-1, keepdim=True)
@@ -325,7 +330,7 @@ class Uniform(DiscreteProcessBase):
         w = torch.scatter_add((1.0 - r) / V * f2, -1, idx, r * f2.gather(-1, idx))
         return _renormalise(w).to(out_dtype)
 
-    def prior_probs(self, shape=(), device=None):
+    def prior_probs(self, shape: tuple[int, ...] = (), device: DeviceLike = None) -> torch.Tensor:
         return torch.full(tuple(shape) + (self.vocab_size,), 1.0 / self.vocab_size,
                           dtype=torch.float64, device=device)
 
@@ -372,7 +377,7 @@ class MatrixProcess(DiscreteProcessBase):
             self._skip.popitem(last=False)
         return m
 
-    def q_probs(self, x0, t, dtype=torch.float64):
+    def q_probs(self, x0: torch.Tensor, t: Step, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         x0 = self._tokens("x0", x0)
         tt = self._t(t, x0.shape, x0.device)
         out = torch.empty(x0.shape + (self.vocab_size,), dtype=dtype, device=x0.device)
@@ -381,14 +386,15 @@ class MatrixProcess(DiscreteProcessBase):
             out[sel] = self.qbar(step).to(x0.device, dtype)[x0[sel]]
         return out
 
-    def q_sample(self, x0, t, generator=None):
+    def q_sample(self, x0: torch.Tensor, t: Step, generator: torch.Generator | None = None) -> torch.Tensor:
         probs = self.q_probs(x0, t)
         flat = probs.reshape(-1, self.vocab_size)
         if flat.shape[0] == 0:
             return torch.empty_like(x0, dtype=torch.int64)
         return torch.multinomial(flat, 1, generator=generator).reshape(x0.shape)
 
-    def posterior_probs(self, x0_probs, x_t, t, s=None):
+    def posterior_probs(self, x0_probs: torch.Tensor, x_t: torch.Tensor, t: Step, s: Step | None = None
+                        ) -> torch.Tensor:
         x_t, p, tt, ss, out_dtype = self._posterior_args(x0_probs, x_t, t, s)
         p = p / p.sum(-1, keepdim=True)
         pairs = torch.stack([tt.reshape(-1), ss.reshape(-1)], -1)
@@ -410,7 +416,7 @@ class MatrixProcess(DiscreteProcessBase):
         out = torch.empty_like(stacked).index_copy(0, order, stacked)
         return out.reshape(p.shape).to(out_dtype)
 
-    def prior_probs(self, shape=(), device=None):
+    def prior_probs(self, shape: tuple[int, ...] = (), device: DeviceLike = None) -> torch.Tensor:
         """Uniform for doubly stochastic processes; otherwise the mean row of ``Qbar_T``."""
         row = self.qbar(self.T).mean(0)
         return row.to(device).expand(tuple(shape) + (self.vocab_size,)).clone()
@@ -425,7 +431,7 @@ class GaussianBand(MatrixProcess):
     vocabularies (pixel values, bins) of V up to a few thousand.
     """
 
-    def __init__(self, vocab_size: int, schedule: Schedule, bandwidth: int | None = None):
+    def __init__(self, vocab_size: int, schedule: Schedule, bandwidth: int | None = None) -> None:
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size, 2)
         if not isinstance(schedule, Schedule) or schedule.per_token:
             raise InputTypeError("schedule: expected a (T+1,) Schedule")
@@ -459,7 +465,7 @@ class NearestNeighbor(MatrixProcess):
     with ``B_t = β_1 + ... + β_t``, evaluated through one eigendecomposition of ``R``.
     """
 
-    def __init__(self, embeddings: torch.Tensor, schedule: Schedule, k: int = 8, rate: float = 1.0):
+    def __init__(self, embeddings: torch.Tensor, schedule: Schedule, k: int = 8, rate: float = 1.0) -> None:
         e = _checks.floating("embeddings", embeddings).detach().to(torch.float64).cpu()
         if e.ndim != 2 or e.shape[0] < 2:
             raise InputError(f"embeddings: expected (V, D) with V >= 2, got {tuple(e.shape)}")
@@ -504,7 +510,7 @@ class Dense(MatrixProcess):
     """User-given transition matrices: ``Q`` of shape ``(T, V, V)`` (``Q[t-1] = Q_t``) or ``(V, V)`` with
     ``T`` given (time-homogeneous). Rows must be probability vectors. Small V only."""
 
-    def __init__(self, Q: torch.Tensor, T: int | None = None):
+    def __init__(self, Q: torch.Tensor, T: int | None = None) -> None:
         q = _checks.floating("Q", Q).detach().to(torch.float64).cpu()
         if q.ndim == 2:
             if T is None:
@@ -538,7 +544,7 @@ class Dense(MatrixProcess):
 OBJECTIVES = ("hybrid", "mdlm")
 
 
-def _tokens(process: DiscreteProcess, name: str, x) -> torch.Tensor:
+def _tokens(process: DiscreteProcess, name: str, x: torch.Tensor) -> torch.Tensor:
     return _checks.token_ids(name, x, process.vocab_size).to(torch.int64)
 
 
@@ -570,7 +576,7 @@ def _nll(process: DiscreteProcess, x0: torch.Tensor, x0_logits: torch.Tensor) ->
     return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
 
 
-def x0_nll(process: DiscreteProcess, x0, x0_logits) -> torch.Tensor:
+def x0_nll(process: DiscreteProcess, x0: torch.Tensor, x0_logits: torch.Tensor) -> torch.Tensor:
     """``-log p̃_θ(x_0 | x_t)`` per token: the cross-entropy of the data under the network's x0
     distribution (``process.x0_log_probs``: SUBS for absorbing), ``(...)``, in the logits' precision (at
     least float32). The CE term of :func:`hybrid_loss`; :func:`mdlm_loss` weights it."""
@@ -579,7 +585,8 @@ def x0_nll(process: DiscreteProcess, x0, x0_logits) -> torch.Tensor:
     return _nll(process, x0, x0_logits)
 
 
-def kl_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
+def kl_terms(process: DiscreteProcess, x0: torch.Tensor, x_t: torch.Tensor, t: Step, x0_logits: torch.Tensor
+             ) -> torch.Tensor:
     """Per-token ``KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t))`` (D3PM L_{t-1}), ``t >= 1``: ``(...)``.
 
     ``p_θ`` is the posterior with ``x0_probs = softmax(x0_logits)`` (SUBS for absorbing). float32 or
@@ -598,7 +605,8 @@ def kl_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
     return _kl(q, p)
 
 
-def decoder_nll(process: DiscreteProcess, x0, x_1, x0_logits, direct: bool = False) -> torch.Tensor:
+def decoder_nll(process: DiscreteProcess, x0: torch.Tensor, x_1: torch.Tensor, x0_logits: torch.Tensor,
+                direct: bool = False) -> torch.Tensor:
     """``-log p_θ(x_0 | x_1)`` per token (D3PM L_0): ``(...)``.
 
     By default ``p_θ(x_0 | x_1)`` is the posterior with ``s = 0`` (it knows ``x_1``: an unmasked absorbing
@@ -615,7 +623,8 @@ def decoder_nll(process: DiscreteProcess, x0, x_1, x0_logits, direct: bool = Fal
     return -logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
 
 
-def vlb_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
+def vlb_terms(process: DiscreteProcess, x0: torch.Tensor, x_t: torch.Tensor, t: Step, x0_logits: torch.Tensor
+              ) -> torch.Tensor:
     """Per-token VLB term at step ``t``: the KL :func:`kl_terms` where ``t >= 2`` and the decoder NLL
     :func:`decoder_nll` where ``t == 1``. Sum over tokens and multiply by ``T`` (uniform ``t``) for an
     unbiased estimate of the VLB minus the prior term."""
@@ -630,7 +639,7 @@ def vlb_terms(process: DiscreteProcess, x0, x_t, t, x0_logits) -> torch.Tensor:
     return torch.where(tt == 1, nll, kl)
 
 
-def prior_kl(process: DiscreteProcess, x0) -> torch.Tensor:
+def prior_kl(process: DiscreteProcess, x0: torch.Tensor) -> torch.Tensor:
     """``KL(q(x_T | x_0) ‖ p(x_T))`` per token (D3PM L_T); ~0 for a well-designed schedule."""
     x0 = _tokens(process, "x0", x0)
     q = process.q_probs(x0, process.T)
@@ -642,7 +651,8 @@ def _check_mdlm(process: object) -> None:
         raise InputTypeError("process: mdlm_loss needs an Absorbing process with a (T+1,) schedule")
 
 
-def _mdlm_terms(process: Absorbing, x0, x_t, t, x0_logits) -> tuple[torch.Tensor, torch.Tensor]:
+def _mdlm_terms(process: Absorbing, x0: torch.Tensor, x_t: torch.Tensor, t: Step, x0_logits: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: MDLM's loss and the x0 NLL it weights."""
     _check_mdlm(process)
     x0 = _tokens(process, "x0", x0)
@@ -656,7 +666,8 @@ def _mdlm_terms(process: Absorbing, x0, x_t, t, x0_logits) -> tuple[torch.Tensor
     return torch.where(x_t == process.mask_id, weight * nll, torch.zeros_like(nll)), nll
 
 
-def _hybrid_terms(process: DiscreteProcess, x0, x_t, t, x0_logits, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _hybrid_terms(process: DiscreteProcess, x0: torch.Tensor, x_t: torch.Tensor, t: Step, x0_logits: torch.Tensor,
+                  lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: the hybrid loss ``vlb + λ·CE`` and its CE term."""
     x0 = _tokens(process, "x0", x0)
     _check_logits(process, x0_logits, _tokens(process, "x_t", x_t))
@@ -664,8 +675,9 @@ def _hybrid_terms(process: DiscreteProcess, x0, x_t, t, x0_logits, lam: float) -
     return vlb_terms(process, x0, x_t, t, x0_logits) + lam * ce, ce
 
 
-def losses(process: DiscreteProcess, x0, x_t, t, x0_logits, *, objective: str = "hybrid", lam: float = 0.01,
-           reduction: str = "mean", weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def losses(process: DiscreteProcess, x0: torch.Tensor, x_t: torch.Tensor, t: Step, x0_logits: torch.Tensor, *,
+           objective: str = "hybrid", lam: float = 0.01, reduction: str = "mean",
+           weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The training objective of a batch and the terms a training loop needs, as a dict of tensors.
 
     ``objective``: "hybrid" (:func:`hybrid_loss`, D3PM's ``L_vlb + λ·CE``, any process) or "mdlm"
@@ -700,8 +712,8 @@ def losses(process: DiscreteProcess, x0, x_t, t, x0_logits, *, objective: str = 
     return out
 
 
-def hybrid_loss(process: DiscreteProcess, x0, x_t, t, x0_logits, lam: float = 0.01, reduction: str = "mean",
-                *, weights: torch.Tensor | None = None) -> torch.Tensor:
+def hybrid_loss(process: DiscreteProcess, x0: torch.Tensor, x_t: torch.Tensor, t: Step, x0_logits: torch.Tensor,
+                lam: float = 0.01, reduction: str = "mean", *, weights: torch.Tensor | None = None) -> torch.Tensor:
     """D3PM hybrid loss ``L_vlb + λ · CE``: :func:`vlb_terms` plus ``λ ·`` :func:`x0_nll`.
 
     ``reduction``: "mean" | "sum" over tokens, "none" for the per-token ``(...)`` tensor, or "sequence"
@@ -712,7 +724,8 @@ def hybrid_loss(process: DiscreteProcess, x0, x_t, t, x0_logits, lam: float = 0.
                   weights=weights)["loss"]
 
 
-def mdlm_loss(process: Absorbing, x0, x_t, t, x0_logits, reduction: str = "mean", *,
+def mdlm_loss(process: Absorbing, x0: torch.Tensor, x_t: torch.Tensor, t: Step, x0_logits: torch.Tensor,
+              reduction: str = "mean", *,
               weights: torch.Tensor | None = None) -> torch.Tensor:
     """MDLM's discrete-time SUBS objective (Sahoo et al. 2024, eq. 10) for absorbing diffusion.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +150,7 @@ def destroy() -> None:
 
 
 @contextlib.contextmanager
-def session(device: str | torch.device | None = None, backend: str | None = None):
+def session(device: str | torch.device | None = None, backend: str | None = None) -> Iterator[Context]:
     """``with session() as ctx:``: :func:`init` on entry, :func:`destroy` on exit if this call joined."""
     joined = not (dist.is_available() and dist.is_initialized())
     ctx = init(device, backend)

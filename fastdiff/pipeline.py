@@ -17,6 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +26,10 @@ from .sampling import _memory as _sampling_memory
 from . import distributed as _distributed
 from .continuous import GaussianDiffusion
 from .errors import InputError, InputTypeError
+
+if TYPE_CHECKING:
+    from .data import TextTokenizer
+    from .training.checkpoint import Checkpoint
 
 __all__ = ["BUNDLED", "Generation", "TextDiffusion", "bundled_path", "render", "resolve_checkpoint"]
 
@@ -80,7 +85,8 @@ class Generation:
     start: int = 0
 
 
-def render(tokens: torch.Tensor | list[int], tokenizer, mask_id: int | None = None, mask: str = "_") -> str:
+def render(tokens: torch.Tensor | list[int], tokenizer: TextTokenizer, mask_id: int | None = None,
+           mask: str = "_") -> str:
     """Decode ``tokens`` (1-D) with every ``mask_id`` position shown as ``mask``: each run of real tokens
     is decoded on its own (whitespace collapsed to single spaces), so a half-denoised sequence reads as one
     line of text with gaps."""
@@ -112,7 +118,8 @@ class TextDiffusion:
     backend : ops backend for the sampler (``"auto"``, ``"reference"``, ``"cpp"``, ``"triton"``, ``"cuda"``).
     """
 
-    def __init__(self, checkpoint, device: str | torch.device | None = None, backend: str = "auto"):
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device | None = None, backend: str = "auto"
+                 ) -> None:
         self.checkpoint = checkpoint
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = checkpoint.model.to(self.device).eval()
@@ -213,7 +220,7 @@ class TextDiffusion:
                  source: str | list[str] | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, trajectory: bool = False, progress: bool = False,
                  shard: tuple[int, int] | None = None, distributed: bool = True, micro_batch: int | None = None,
-                 **options) -> Generation:
+                 **options: Any) -> Generation:
         """Generate ``num_samples`` texts.
 
         ``label``: an attribute name/index for label-conditioned checkpoints (default: the null label,
@@ -386,7 +393,7 @@ class TextDiffusion:
         return (strategy == "ancestral" and not self.continuous
                 and not getattr(self.model, "uses_time", True))
 
-    def _check_memory(self, n: int, mine: int, L: int, steps: int, trajectory: bool, block_size) -> None:
+    def _check_memory(self, n: int, mine: int, L: int, steps: int, trajectory: bool, block_size: int | None) -> None:
         """What all the samples' outputs will hold (tokens, texts, trajectories), against free host memory.
         ``mine`` of the ``n`` samples are generated here; all ``n`` are gathered."""
         parts = {f"tokens ({n}, {L}) int64, twice while joined": 2 * n * L * 8,

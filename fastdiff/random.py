@@ -196,7 +196,8 @@ def _native_words():
     return getattr(mod, "philox_words", None)
 
 
-def _flat_words(seed: int, offset: int, n: int, device, start: int = 0) -> tuple[torch.Tensor, ...]:
+def _flat_words(seed: int, offset: int, n: int, device: str | torch.device | None, start: int = 0
+                ) -> tuple[torch.Tensor, ...]:
     seed = _check_seed(seed)
     offset = _check_offset(offset)
     start = check_row_offset("start", start, n)

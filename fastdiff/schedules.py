@@ -11,11 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import _checks
 from .errors import InputError, InputTypeError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = [
     "Schedule",
@@ -87,7 +91,7 @@ class Schedule:
         """A copy with ``alpha_bar`` on ``device``."""
         return self._moved(device)
 
-    def _moved(self, device):  # subclasses with more state override
+    def _moved(self, device: torch.device | str) -> Schedule:  # subclasses with more state override
         return Schedule(self.alpha_bar.to(device), self.name, dict(self.params))
 
     def __repr__(self) -> str:
@@ -293,7 +297,7 @@ def mutual_info(
             target = (1.0 - t / T) * h
             prev = qbar
 
-            def mi_neg(beta: float, prev=prev) -> float:  # increasing in -beta
+            def mi_neg(beta: float, prev: torch.Tensor = prev) -> float:  # increasing in -beta
                 return -_mutual_information(prev @ process(beta).to(torch.float64), m)
 
             beta = _bisect(mi_neg, -target, 0.0, 1.0)
@@ -365,14 +369,14 @@ class AdaptiveSchedule(Schedule):
     loss levels. Each step's loss is an exponential moving average (``momentum``).
     """
 
-    def __init__(self, base: Schedule, momentum: float = 0.9):
+    def __init__(self, base: Schedule, momentum: float = 0.9) -> None:
         super().__init__(base.alpha_bar.clone(), "adaptive", {"base": base.name, "momentum": momentum})
         if base.per_token:
             raise InputError("base: the adaptive schedule needs a (T+1,) base schedule")
         self.momentum = _checks.real("momentum", momentum, 0.0, 1.0, hi_open=True)
         self.loss = torch.full((self.T + 1,), float("nan"), dtype=torch.float64)
 
-    def _moved(self, device):
+    def _moved(self, device: torch.device | str) -> AdaptiveSchedule:
         out = AdaptiveSchedule(Schedule(self.alpha_bar.to(device), self.params["base"]), self.momentum)
         out.loss = self.loss.clone()
         return out
@@ -424,7 +428,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return y0 + w.clamp(0, 1) * (y1 - y0)
 
 
-def adaptive(T: int, base: str | Schedule = "sqrt", momentum: float = 0.9, **kw) -> AdaptiveSchedule:
+def adaptive(T: int, base: str | Schedule = "sqrt", momentum: float = 0.9, **kw: Any) -> AdaptiveSchedule:
     """An :class:`AdaptiveSchedule` starting from ``base`` (a name for :func:`get`, or a Schedule)."""
     if isinstance(base, str):
         base = get(base, T, **kw)
@@ -449,14 +453,15 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, T: int, **kw) -> Schedule:
+def get(name: str, T: int, **kw: Any) -> Schedule:
     """Build a schedule by name: ``get("cosine", 1000)``, ``get("spindle", 100, token_info=h)``."""
     if name not in _REGISTRY:
         raise InputError(f"name: unknown schedule {name!r}; expected one of {names()}")
     return _REGISTRY[name](T, **kw)
 
 
-def plot_schedules(schedules: dict[str, Schedule] | list[Schedule], path: str | None = None, ax=None):
+def plot_schedules(schedules: dict[str, Schedule] | list[Schedule], path: str | None = None,
+                   ax: Axes | None = None) -> Axes:
     """Plot ``alpha_bar`` against ``t/T`` (per-token schedules: their min, mean and max over tokens).
 
     Needs matplotlib (``pip install matplotlib``). Saves to ``path`` if given; returns the Axes.

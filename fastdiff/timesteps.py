@@ -6,6 +6,8 @@ Both return ``(t, weights)``: steps in ``[1, T]`` and importance weights ``1 / (
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import _checks
@@ -17,7 +19,7 @@ __all__ = ["UniformSampler", "LossAwareSampler", "create"]
 class UniformSampler:
     """``t ~ Uniform{1..T}``, weights all 1."""
 
-    def __init__(self, T: int):
+    def __init__(self, T: int) -> None:
         self.T = _checks.positive_int("T", T)
 
     def probs(self) -> torch.Tensor:
@@ -44,7 +46,7 @@ class LossAwareSampler(UniformSampler):
     keeps being visited. Until then it samples uniformly.
     """
 
-    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001):
+    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001) -> None:
         super().__init__(T)
         self.history = _checks.positive_int("history", history)
         self.uniform_prob = _checks.real("uniform_prob", uniform_prob, 0.0, 1.0)
@@ -77,7 +79,7 @@ class LossAwareSampler(UniformSampler):
                 self._losses[i, -1] = loss
 
 
-def create(name: str, T: int, **kw) -> UniformSampler:
+def create(name: str, T: int, **kw: Any) -> UniformSampler:
     """``"uniform"`` or ``"loss-aware"``."""
     if name == "uniform":
         return UniformSampler(T)

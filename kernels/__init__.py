@@ -1,27 +1,16 @@
-"""Triton kernels for fastdiff's ops, installed as ``fastdiff.kernels``.
-
-Each op file holds its kernels, launcher (``_<op>_fwd``), ``torch.library`` custom op and the entry point
-named after the op, which :mod:`fastdiff.ops._dispatch` looks up (``backend="triton"``). The entry
-points receive arguments already checked by the public op. Kernels run on CUDA tensors, or on CPU
-tensors in Triton's interpreter (``TRITON_INTERPRET=1``, set before ``triton`` is imported).
-Importing this package needs ``triton`` but no GPU.
+"""Triton kernels for fastdiff's ops, installed as ``fastdiff.kernels``: the ``@triton.jit`` functions only,
+one kernel family a file (``nearest_embedding``, ``rounding_loss``, ``posterior``, ``sample_categorical``;
+shared jit helpers in ``_common``). Their launchers, ``torch.library`` custom ops and entry points live in
+``fastdiff/ops/backends/triton/`` (``backend="triton"``). Importing this package imports nothing; a kernel
+module needs ``triton`` but no GPU.
 """
 
-if __name__ == "fastdiff.kernels":
-    from .nearest_embedding import nearest_embedding
-    from .posterior import categorical_posterior, posterior_sample
-    from .rounding_loss import rounding_loss
-    from .sample_categorical import sample_categorical
-
-    __all__ = ["nearest_embedding", "rounding_loss", "categorical_posterior", "posterior_sample",
-               "sample_categorical"]
-else:
+if __name__ != "fastdiff.kernels":
     # A checkout's root on sys.path (``python -m pytest``, ``python -c``, a script run from there) makes this
     # directory importable as a top-level ``kernels``, a name other libraries import: transformers >= 5
     # depends on Hugging Face's ``kernels`` package and imports it with ``import transformers``. Two rules:
-    # * the op files must not run a second time under another name: that would register the
-    #   torch.library custom ops again, which frees the registrations fastdiff.kernels holds (its ops then
-    #   crash on use);
+    # * the kernel files must not run a second time under another name (kernels/_common.py refuses to: every
+    #   kernel would be compiled twice);
     # * the real ``kernels`` must not be shadowed: if another ``kernels`` is importable from the rest of
     #   sys.path, this module loads it in its own place (``import kernels`` returns what sys.modules holds
     #   when the import finishes), so a checkout behaves like any other directory. Otherwise this package

@@ -1,6 +1,6 @@
 """``nearest_embedding`` in Triton: the screen of :mod:`fastdiff.ops._nearest` as a tiled GEMM with a fused
-arg-min epilogue (the shared Python code rescales the inputs, computes the per-row statistic and
-resolves the near-ties in float64).
+arg-min epilogue (the shared Python code rescales the inputs, computes the per-row statistic and resolves the
+near-ties in float64; the launcher is ``fastdiff/ops/backends/triton/nearest_embedding.py``).
 
 Program ``(i, s)`` owns rows ``[i·BLOCK_N, (i+1)·BLOCK_N)`` and the vocabulary slice ``s`` (the launcher
 splits V across programs only when there are too few row tiles to fill the GPU). For each
@@ -18,23 +18,10 @@ best and second scores). Nothing of size ``N × V`` exists.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from fastdiff.ops import _nearest
-
-from . import _common
-
-_FIXED = dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)  # interpreter, tests
-_FIXED_F64 = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=8, num_warps=4, num_stages=1)
-_CONFIGS = [  # GPU autotuning: a few GEMM shapes, keyed on D and the dtype
-    triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32), num_warps=4, num_stages=4),
-]
-_NOMINAL_BLOCK_N = 128  # fixes the split count independently of the autotuned config
+from . import _common  # noqa: F401  (loads only as fastdiff.kernels: see kernels/__init__.py)
 
 
 @triton.jit
@@ -88,73 +75,3 @@ def _nearest_embedding_fwd_kernel(
     tl.store(best_ptr + out, best, mask=n_ok)
     tl.store(second_ptr + out, second, mask=n_ok)
     tl.store(arg_ptr + out, arg, mask=n_ok)
-
-
-_autotuned = None
-
-
-def _kernel():
-    global _autotuned
-    if _autotuned is None:
-        _autotuned = triton.autotune(configs=_CONFIGS, key=["D", "COSINE"])(_nearest_embedding_fwd_kernel)
-    return _autotuned
-
-
-def _screen(p: _nearest.Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher of the screen: ``(arg, best, second)`` per row of the rescaled problem ``p``."""
-    flat = p.x.contiguous()
-    w = p.w.contiguous()
-    N, D = flat.shape
-    V = w.shape[0]
-    cdt = p.cdt
-    use_dot = flat.dtype != torch.float64
-    tiles = triton.cdiv(N, _NOMINAL_BLOCK_N)
-    want = _common._TARGET_WAVES * _common.sm_count(flat.device)
-    n_splits = max(1, min(triton.cdiv(want, tiles), triton.cdiv(V, 128)))
-    v_per_split = triton.cdiv(V, n_splits)
-    n_splits = triton.cdiv(V, v_per_split)
-    best = torch.empty((N, n_splits), dtype=cdt, device=flat.device)
-    second = torch.empty((N, n_splits), dtype=cdt, device=flat.device)
-    arg = torch.empty((N, n_splits), dtype=torch.int64, device=flat.device)
-    args = (flat, w, p.stat, best, second, arg, N, V, D, v_per_split, n_splits, flat.stride(0), w.stride(0))
-    meta = dict(COSINE=p.metric == "cosine", USE_DOT=use_dot, PRECISION=_common.dot_precision(flat.dtype),
-                UPCAST=_common.upcast_for_dot(flat.dtype))
-    if _common.autotune_enabled() and use_dot:
-        _kernel()[lambda m: (triton.cdiv(N, m["BLOCK_N"]), n_splits)](*args, **meta)
-    else:
-        cfg = _FIXED if use_dot else _FIXED_F64
-        _nearest_embedding_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), n_splits)](*args, **meta, **cfg)
-    if n_splits == 1:
-        return arg[:, 0], best[:, 0], second[:, 0]
-    low, at = best.min(dim=1)
-    both = torch.cat([best, second], dim=1).sort(dim=1).values
-    return arg.gather(1, at.unsqueeze(1)).squeeze(1), low, both[:, 1]
-
-
-def _nearest_embedding_fwd(x: torch.Tensor, weight: torch.Tensor, metric: str
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x: (..., D)``, ``weight: (V, D)`` (checked by the public op) -> ``(indices, snapped)``."""
-    return _nearest.nearest(x, weight, metric, _screen)
-
-
-def _register_custom_op():
-    @torch.library.custom_op("fastdiff_triton::nearest_embedding", mutates_args=())
-    def nearest_embedding_op(x: torch.Tensor, weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return _nearest_embedding_fwd(x, weight, metric)
-
-    @nearest_embedding_op.register_fake
-    def _(x, weight, metric):
-        return x.new_empty(x.shape[:-1], dtype=torch.int64), weight.new_empty(x.shape)
-
-    return nearest_embedding_op
-
-
-nearest_embedding_op = _register_custom_op()
-
-
-def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str = "l2"
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton backend of :func:`fastdiff.ops.nearest_embedding` (arguments already checked)."""
-    if _common.custom_ops_enabled():
-        return nearest_embedding_op(x, weight, metric)
-    return _nearest_embedding_fwd(x, weight, metric)

@@ -1,7 +1,8 @@
 """``categorical_posterior`` and ``posterior_sample`` in Triton: one program per row of the lowered
 :class:`~fastdiff.ops._plan.PosteriorPlan`, online normalisation, the reference's counter-based draw.
 
-Per row (``KIND``: 0 absorbing, 1 absorbing with a per-token schedule, 2 uniform, 3 matrix):
+Per row (``KIND``: the plan's kind code, :data:`fastdiff.ops._plan.KINDS`: 0 absorbing, 1 absorbing with a
+per-token schedule, 2 uniform, 3 matrix):
 
 1. one pass over the logits in ``BLOCK`` tiles keeps the online max ``m`` of the logits and
    ``S = Σ exp((x - m) / temperature)`` (shifted before scaling, so large ``|x / T|`` loses no digits; mask
@@ -24,15 +25,10 @@ rows with ``Z = 0`` (``x_t`` unreachable from the x0 distribution) keep ``x_t`` 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from fastdiff.ops._plan import posterior_plan
-
 from . import _common
-
-_KINDS = {"absorbing": 0, "uniform": 2, "matrix": 3}  # 1: absorbing with a per-token schedule
 
 
 @triton.jit
@@ -206,87 +202,3 @@ def _posterior_fwd_kernel(
                 prob = w / Z
             prob = tl.where(bad, float("nan"), prob)
             tl.store(out_row + offs, prob.to(out_dt), mask=ok)
-
-
-def _blocks(V: int, kind: int) -> tuple[int, int]:
-    if kind == 3:
-        return _common.next_pow2(V, 16, 128), 32
-    return _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096), 32
-
-
-def _posterior_fwd(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                   a_t: torch.Tensor | None, a_s: torch.Tensor | None, ab_table: torch.Tensor | None,
-                   fact1: torch.Tensor | None, qbar: torch.Tensor | None, pair: torch.Tensor | None,
-                   kind: str, mask_id: int, temperature: float, sample: bool,
-                   seed_lo: int, seed_hi: int, off_lo: int, off_hi: int, row_lo: int, row_hi: int) -> torch.Tensor:
-    """Launcher on a lowered plan's arrays: ``logits: (N, V)`` with unit column stride -> probabilities
-    ``(N, V)`` (float32; float64 for float64 logits) or, with ``sample``, tokens ``(N,)`` int64."""
-    N, V = logits.shape
-    dev = logits.device
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    probs = logits.new_empty((0,) if sample else (N, V), dtype=out_dtype)
-    tokens = torch.empty(N if sample else 0, dtype=torch.int64, device=dev)
-    if N == 0:
-        return tokens if sample else probs
-    k = _KINDS[kind] if not (kind == "absorbing" and ab_table is not None) else 1
-    dummy = torch.zeros(1, dtype=torch.float64, device=dev)
-    BLOCK, BLOCK_I = _blocks(V, k)
-    n_tab = ab_table.shape[0] if k == 1 else (qbar.shape[0] if k == 3 else 1)
-    _posterior_fwd_kernel[(N,)](
-        logits, logits.stride(0), x_t, t, s,
-        a_t if a_t is not None else dummy, a_s if a_s is not None else dummy,
-        ab_table if ab_table is not None else dummy, fact1 if fact1 is not None else dummy,
-        qbar if qbar is not None else dummy, pair if pair is not None else x_t,
-        probs if not sample else dummy, tokens if sample else x_t,
-        V, n_tab, mask_id, _common.f64_bits(temperature), seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
-        KIND=k, SAMPLE=sample, WDT=tl.float64 if logits.dtype == torch.float64 else tl.float32,
-        BLOCK=BLOCK, BLOCK_I=BLOCK_I, num_warps=8 if BLOCK >= 2048 else 4,
-    )
-    return tokens if sample else probs
-
-
-def _register_custom_op():
-    @torch.library.custom_op("fastdiff_triton::posterior", mutates_args=())
-    def posterior_op(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                     a_t: torch.Tensor | None, a_s: torch.Tensor | None, ab_table: torch.Tensor | None,
-                     fact1: torch.Tensor | None, qbar: torch.Tensor | None, pair: torch.Tensor | None,
-                     kind: str, mask_id: int, temperature: float, sample: bool,
-                     seed_lo: int, seed_hi: int, off_lo: int, off_hi: int, row_lo: int, row_hi: int) -> torch.Tensor:
-        return _posterior_fwd(logits, x_t, t, s, a_t, a_s, ab_table, fact1, qbar, pair, kind, mask_id,
-                              temperature, sample, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi)
-
-    @posterior_op.register_fake
-    def _(logits, x_t, t, s, a_t, a_s, ab_table, fact1, qbar, pair, kind, mask_id, temperature, sample,
-          seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi):
-        if sample:
-            return x_t.new_empty(x_t.shape, dtype=torch.int64)
-        return logits.new_empty(logits.shape, dtype=torch.float64 if logits.dtype == torch.float64
-                                else torch.float32)
-
-    return posterior_op
-
-
-posterior_op = _register_custom_op()
-
-
-def _run(process, x0_logits, x_t, tt, ss, temperature, sample, seed=0, offset=0, row_offset=0):
-    plan = posterior_plan(process, x0_logits, x_t, tt, ss, temperature)
-    s_lo, s_hi = _common.split_seed(seed)
-    o_lo, o_hi = _common.split_seed(offset)
-    r_lo, r_hi = _common.split_seed(row_offset)
-    args = (plan.logits, plan.x_t, plan.t, plan.s, plan.a_t, plan.a_s, plan.ab_table, plan.fact1, plan.qbar_s,
-            plan.pair, plan.kind, plan.mask_id, plan.temperature, sample, s_lo, s_hi, o_lo, o_hi, r_lo, r_hi)
-    fn = posterior_op if _common.custom_ops_enabled() else _posterior_fwd
-    return fn(*args)
-
-
-def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, ss: torch.Tensor,
-                          temperature: float = 1.0) -> torch.Tensor:
-    """Triton backend of :func:`fastdiff.ops.categorical_posterior` (arguments already checked)."""
-    return _run(process, x0_logits, x_t, tt, ss, temperature, False).reshape(x0_logits.shape)
-
-
-def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor, ss: torch.Tensor, *,
-                     seed: int, offset: int = 0, temperature: float = 1.0, row_offset: int = 0) -> torch.Tensor:
-    """Triton backend of :func:`fastdiff.ops.posterior_sample` (arguments already checked)."""
-    return _run(process, x0_logits, x_t, tt, ss, temperature, True, seed, offset, row_offset).reshape(x_t.shape)

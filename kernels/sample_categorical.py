@@ -28,7 +28,6 @@ the top-p set and the drawn token equal the reference's except within rounding o
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -173,59 +172,3 @@ def _sample_categorical_fwd_kernel(
             acc = tl.max(c, axis=0)
             v0 += BLOCK
         tl.store(tok_ptr + row, tl.where(found >= 0, found, tl.where(last >= 0, last, V - 1)))
-
-
-def _sample_categorical_fwd(logits: torch.Tensor, seed_lo: int, seed_hi: int, off_lo: int, off_hi: int,
-                            row_lo: int, row_hi: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Launcher: ``logits: (N, V)`` with unit column stride -> tokens ``(N,)`` int64. ``top_k = 0`` and
-    ``top_p = 1.0`` mean no filter."""
-    N, V = logits.shape
-    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
-    if N == 0:
-        return tokens
-    f64 = logits.dtype == torch.float64
-    has_topk = 0 < top_k < V
-    has_topp = top_p < 1.0
-    BLOCK = _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096)
-    _sample_categorical_fwd_kernel[(N,)](
-        logits, logits.stride(0), tokens, V, _common.f64_bits(temperature), int(top_k), _common.f64_bits(top_p),
-        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
-        GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
-        XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
-        KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
-        BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4,
-    )
-    return tokens
-
-
-def _register_custom_op():
-    @torch.library.custom_op("fastdiff_triton::sample_categorical", mutates_args=())
-    def sample_categorical_op(logits: torch.Tensor, seed_lo: int, seed_hi: int, off_lo: int, off_hi: int,
-                              row_lo: int, row_hi: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-        return _sample_categorical_fwd(logits, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, temperature, top_k,
-                                       top_p)
-
-    @sample_categorical_op.register_fake
-    def _(logits, seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, temperature, top_k, top_p):
-        return logits.new_empty(logits.shape[0], dtype=torch.int64)
-
-    return sample_categorical_op
-
-
-sample_categorical_op = _register_custom_op()
-
-
-def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, row_offset: int = 0) -> torch.Tensor:
-    """Triton backend of :func:`fastdiff.ops.sample_categorical` (arguments already checked)."""
-    V = logits.shape[-1]
-    flat = logits.reshape(-1, V)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    s_lo, s_hi = _common.split_seed(seed)
-    o_lo, o_hi = _common.split_seed(offset)
-    r_lo, r_hi = _common.split_seed(row_offset)
-    args = (flat, s_lo, s_hi, o_lo, o_hi, r_lo, r_hi, float(temperature), 0 if top_k is None else int(top_k),
-            1.0 if top_p is None else float(top_p))
-    fn = sample_categorical_op if _common.custom_ops_enabled() else _sample_categorical_fwd
-    return fn(*args).reshape(logits.shape[:-1])

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # AddressSanitizer check of the C++ CPU kernels (csrc/README.md): builds an ASan copy of fastdiff._C in a
-# scratch copy of the working tree (the working tree's in-place module is never touched), runs the C++ op
-# tests and the cross-backend fuzz test against it with the ASan runtime preloaded, and fails on any ASan
-# report as well as on any test failure.
+# scratch copy of the working tree (the working tree's in-place module is never touched), runs the op tests
+# (tests/ops, on the reference and C++ backends) and the cross-backend fuzz test against it with the ASan
+# runtime preloaded, and fails on any ASan report as well as on any test failure.
 #
 #   scripts/asan.sh                 # from anywhere in the checkout; exit status 0 = clean
 #
@@ -13,6 +13,7 @@
 #   FASTDIFF_ASAN_TESTS  the test files to run (default below)
 #   FASTDIFF_FUZZ_EXAMPLES, FASTDIFF_FUZZ_BACKENDS: passed to tests/test_fuzz.py (default here: 1000 examples on
 #                        reference,cpp — Triton's interpreter runs no C++ of ours and would only cost time)
+#   FASTDIFF_TEST_BACKENDS: the backends of tests/ops (default here: reference,cpp, for the same reason)
 #
 # Notes: detect_leaks=0 (CPython and torch keep allocations alive at exit by design); libstdc++ is preloaded
 # beside libasan because the python binary does not link it and ASan's __cxa_throw interceptor (hit when a
@@ -26,7 +27,7 @@ PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"; else PY="$(command -v python3)"; fi
 fi
-TESTS="${FASTDIFF_ASAN_TESTS:-tests/test_cpp_kernels.py tests/test_op_edges.py tests/test_fuzz.py}"
+TESTS="${FASTDIFF_ASAN_TESTS:-tests/ops tests/test_fuzz.py}"
 
 LIBASAN="$(gcc -print-file-name=libasan.so)"
 LIBSTDCXX="$(gcc -print-file-name=libstdc++.so)"
@@ -74,7 +75,7 @@ PYTHONPATH="$SCRATCH" \
 ASAN_OPTIONS="detect_leaks=0:log_path=$REPORT:halt_on_error=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
 LD_PRELOAD="$LIBASAN $LIBSTDCXX" \
 FASTDIFF_FUZZ_BACKENDS="${FASTDIFF_FUZZ_BACKENDS:-reference,cpp}" \
-  "$PY" -c "import fastdiff, fastdiff._C as c, sys; sys.exit(0 if c.__file__.startswith('$SCRATCH') else 3)"
+  "$PY" -c "import torch, fastdiff, fastdiff._C as c, sys; sys.exit(0 if c.__file__.startswith('$SCRATCH') else 3)"
 where=$?
 if [[ $where != 0 ]]; then
   echo "asan.sh: the copy's fastdiff._C was not the one imported (rc $where)" >&2
@@ -84,6 +85,7 @@ PYTHONPATH="$SCRATCH" \
 ASAN_OPTIONS="detect_leaks=0:log_path=$REPORT:halt_on_error=1:abort_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}" \
 LD_PRELOAD="$LIBASAN $LIBSTDCXX" \
 FASTDIFF_FUZZ_EXAMPLES="${FASTDIFF_FUZZ_EXAMPLES:-1000}" FASTDIFF_FUZZ_BACKENDS="${FASTDIFF_FUZZ_BACKENDS:-reference,cpp}" \
+FASTDIFF_TEST_BACKENDS="${FASTDIFF_TEST_BACKENDS:-reference,cpp}" \
   "$PY" -m pytest $TESTS -q -p no:cacheprovider
 rc=$?
 set -e

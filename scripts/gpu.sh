@@ -9,7 +9,7 @@
 #   1. report the machine (GPU, driver, torch / CUDA / Triton versions);
 #   2. build the extensions in place (fastdiff._C and fastdiff._C_cuda) with FASTDIFF_BUILD_CUDA=1
 #      for this GPU's architecture (override with FASTDIFF_CUDA_ARCHS="80;90");
-#   3. run the GPU tests: pytest tests -k "cuda or triton or dispatch" (FASTDIFF_GPU_ALL_TESTS=1: all tests);
+#   3. run the GPU tests: pytest tests -k "cuda or triton or dispatch or custom_op" (FASTDIFF_GPU_ALL_TESTS=1: all tests);
 #   4. the models on the GPU: fastdiff generate on the bundled checkpoints with every backend, a short bf16
 #      training run and its resume, and the fastdiff bench table (benchmarks/results/<gpu-name>-bench.json);
 #   5. scale-out: scripts/scaleout_bench.py over all GPUs with NCCL (benchmarks/results/<gpu-name>-scaleout.json)
@@ -94,7 +94,7 @@ assert fastdiff.available_backends()["cuda"].available, "the CUDA backend did no
 PY
 
 step "GPU tests"
-if [ "${FASTDIFF_GPU_ALL_TESTS:-0}" = "1" ]; then sel=(); else sel=(-k "cuda or triton or dispatch"); fi
+if [ "${FASTDIFF_GPU_ALL_TESTS:-0}" = "1" ]; then sel=(); else sel=(-k "cuda or triton or dispatch or custom_op"); fi
 "$PY" -m pytest tests "${sel[@]}" -q -ra -p no:cacheprovider || { echo "tests: FAILED"; status=1; }
 
 step "models on the GPU: generate (bundled, every backend), a short bf16 training run with resume, bench table"

@@ -1,7 +1,7 @@
-"""The C++ op tests and the fuzz harness under AddressSanitizer (``scripts/asan.sh``): an ASan build of
-``fastdiff._C`` in a scratch copy of the tree, so an out-of-bounds read or write in a kernel fails the
-suite even where it would not crash (the outside pass's rounding_loss write past a buffer returned
-garbage before it segfaulted). About 1.5 min on an idle 2-core CPU, 4 min on a busy one."""
+"""The op tests (tests/ops, reference and C++ backends) and the fuzz harness under AddressSanitizer
+(``scripts/asan.sh``): an ASan build of ``fastdiff._C`` in a scratch copy of the tree, so an out-of-bounds read
+or write in a kernel fails the suite even where it would not crash (the outside pass's rounding_loss write past
+a buffer returned garbage before it segfaulted)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 ``FASTDIFF_BENCH_SMALL=1 pytest benchmarks --benchmark-disable`` does (benchmarks/README.md).
 
 The Triton providers of the op benchmarks need a GPU (on CPU they are skipped with the reason; the
-interpreter is too slow for benchmark sizes, and tests/test_triton_*.py hold those kernels to the
-reference); ``benchmark_triton.py``'s custom-op overhead cases run wherever Triton is installed.
+interpreter is too slow for benchmark sizes, and tests/ops hold those kernels to the reference);
+``benchmark_dispatch.py``'s dispatcher-overhead cases run for the C++ backend, and for Triton wherever it is
+installed.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ def no_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the work started before the input was checked")
 
-    from fastdiff import _bench, _demo
+    from fastdiff.cli import bench as _bench
+    from fastdiff.cli import demo as _demo
 
     monkeypatch.setattr(TextDiffusion, "load", classmethod(lambda cls, *a, **k: boom()))
     monkeypatch.setattr(sampling, "sample", boom)
@@ -189,7 +190,7 @@ def test_huge_num_samples_fails_fast(capsys, no_sampling) -> None:
 
 
 def test_length_against_a_small_memory(capsys, monkeypatch, no_sampling) -> None:
-    monkeypatch.setattr(cli, "available_memory", lambda device: 2 * 10**9)
+    monkeypatch.setattr(cli._common, "available_memory", lambda device: 2 * 10**9)
     code, _, err = run(capsys, *GEN, "--length", "8192")
     assert code == 2 and "--length" in one_error_line(err)
 
@@ -204,7 +205,7 @@ def test_default_batch_shrinks_to_fit_and_a_given_one_is_checked(capsys, monkeyp
     monkeypatch.setattr(TextDiffusion, "generate", fake_generate)
     td = TextDiffusion.load("discrete")
     per = cli.sample_bytes(td, 64)
-    monkeypatch.setattr(cli, "available_memory", lambda device: int(3.5 * per / 0.8) + 64 * 8 * 24)
+    monkeypatch.setattr(cli._common, "available_memory", lambda device: int(3.5 * per / 0.8) + 64 * 8 * 24)
     code, _, err = run(capsys, "generate", "-n", "8", "--steps", "2", "--no-progress")
     assert code == 2 and "stop here" in err and seen["batch_size"] == 3
     seen.clear()
@@ -270,7 +271,7 @@ def test_output_parent_directories_are_created(capsys, tmp_path) -> None:
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(capsys, monkeypatch, tmp_path) -> None:
     out = tmp_path / "samples.jsonl"
     out.write_text("old\n")
-    real = cli._jsonl_row
+    real = cli.generate._jsonl_row
     calls = []
 
     def full_disk(*a, **k):
@@ -279,7 +280,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(capsys, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(cli, "_jsonl_row", full_disk)
+    monkeypatch.setattr(cli.generate, "_jsonl_row", full_disk)
     code, _, err = run(capsys, "generate", "-n", "2", "--steps", "2", "--no-progress", "-o", str(out))
     assert code == 2
     line = one_error_line(err)
@@ -291,7 +292,7 @@ def test_interrupted_write_leaves_no_temporary(capsys, monkeypatch, tmp_path) ->
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_jsonl_row", interrupt)
+    monkeypatch.setattr(cli.generate, "_jsonl_row", interrupt)
     code, _, err = run(capsys, *GEN, "-o", str(tmp_path / "s.jsonl"))
     assert code == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
@@ -359,7 +360,7 @@ def test_eval_rejects_options_it_would_ignore(capsys, no_work) -> None:
 
 
 def test_bench_checks_repeat_as_a_library_call() -> None:
-    from fastdiff import _bench
+    from fastdiff.cli import bench as _bench
 
     with pytest.raises(InputError, match="^repeat"):
         _bench.run(repeat=0, sampler=False, print_fn=lambda s: None)

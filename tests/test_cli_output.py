@@ -49,7 +49,8 @@ def test_header_names_an_explicit_backend_and_threads(capsys) -> None:
     ["demo", "--quick"],
 ])
 def test_threads_are_configured_before_any_work(capsys, monkeypatch, command) -> None:
-    from fastdiff import _bench, _demo
+    from fastdiff.cli import bench as _bench
+    from fastdiff.cli import demo as _demo
 
     calls: list = []
 
@@ -145,7 +146,7 @@ def test_help_says_what_an_unset_option_means(name, options) -> None:
 
 
 def test_bench_prints_each_row_as_it_is_measured(capsys, monkeypatch) -> None:
-    from fastdiff import _bench
+    from fastdiff.cli import bench as _bench
 
     printed_before: list[list[str]] = []
 
@@ -175,6 +176,6 @@ def test_bench_rows_and_json(capsys, tmp_path) -> None:
     code, out, _ = run(capsys, "bench", "--quick", "--no-sampler", "--repeat", "1", "--json", str(path))
     assert code == 0 and f"wrote {path}" in out
     rows = json.loads(path.read_text())
-    assert {r["backend"] for r in rows} == set(__import__("fastdiff._bench", fromlist=["x"]).backends_for(
+    assert {r["backend"] for r in rows} == set(__import__("fastdiff.cli.bench", fromlist=["x"]).backends_for(
         torch.device("cpu")))
     assert all(r["ms"] > 0 for r in rows) and sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]

@@ -1,11 +1,11 @@
-"""The top-k / top-p threshold search of the CUDA sampler (csrc/cuda/sampling.cu, ``radix_threshold``),
+"""The top-k / top-p threshold search of the CUDA sampler (csrc/cuda/sample_categorical.cu, ``radix_threshold``),
 modelled step for step in NumPy and checked against the reference's tie-inclusive sets
 (:func:`fastdiff.ops.filter_weights`) on CPU.
 
 The model must give the reference's kept set exactly; the kept weights are compared to a few ulp (NumPy's
 ``exp`` and PyTorch's are different implementations). This checks the algorithm (order keys, byte-wise descent, crossing rule, early stop), which no CPU test
-can check in the CUDA code itself; tests/test_cuda.py runs the kernel on a GPU against the same
-reference. The model mirrors the kernel: 8 levels of 256-bin histograms over uint64 keys, the highest
+can check in the CUDA code itself; tests/ops/test_sample_categorical.py (backend "cuda") runs the kernel on
+a GPU against the same reference. The model mirrors the kernel: 8 levels of 256-bin histograms over uint64 keys, the highest
 bin where ``above + bin mass >= target`` is taken, and the search stops when that bin holds one
 element or the key is complete (threshold = prefix with the remaining bits zero).
 """

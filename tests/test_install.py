@@ -69,7 +69,8 @@ def test_no_compiler_installs_pure_python_and_records_why(source_copy, tmp_path)
         for f in ("config.json", "model.safetensors", "tokenizer.json", "command.txt", "train_log.jsonl"):
             assert f"fastdiff/assets/{m}/{f}" in names, f"{m}/{f} missing"
     for f in ("fastdiff/assets/README.md", "fastdiff/assets/tokenizer.json", "fastdiff/assets/tokenizer.md",
-              "fastdiff/kernels/posterior.py"):
+              "fastdiff/kernels/posterior.py", "fastdiff/ops/backends/cpp/posterior.py",
+              "fastdiff/ops/backends/cuda/posterior.py", "fastdiff/ops/backends/triton/posterior.py"):
         assert f in names, f"{f} missing"
 
 

@@ -142,3 +142,20 @@ def test_native_philox_words_equal_the_pytorch_rounds():
         idx = torch.arange(n, dtype=torch.int64)
         want = R.philox4x32(seed, idx & 0xFFFFFFFF, idx >> 32, offset & 0xFFFFFFFF, offset >> 32)
         assert torch.equal(got, torch.stack(want, 1))
+
+
+def test_cpp_row_uniform_is_the_reference_philox():
+    """The C++ kernels' row uniform (csrc/cpu_common.h, bound as fastdiff._C.row_uniform) is fastdiff.random's
+    and the independent oracle's, bit for bit, at rows and offsets past 2**32 and seeds up to 2**64 - 1."""
+    from fastdiff import _backends
+
+    if not _backends.cpp().available and os.environ.get("FASTDIFF_SKIP_EXT", "") not in ("", "0"):
+        pytest.skip("FASTDIFF_SKIP_EXT is set: the C++ extension was not built on purpose")
+    from fastdiff import _C
+
+    rows = torch.tensor([0, 1, 2, 97, 2**32 - 1, 2**32, 2**40 + 5], dtype=torch.int64)
+    for seed, offset in [(0, 0), (2**64 - 1, 3), (123456789, 2**63 + 11)]:
+        want = R.row_uniforms(seed, offset, rows)
+        got = torch.tensor([_C.row_uniform(seed, offset, int(r)) for r in rows], dtype=torch.float64)
+        assert torch.equal(got, want)
+        assert _C.row_uniform(seed, offset, 5) == O.row_uniform(seed, offset, 5)

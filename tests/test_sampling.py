@@ -538,7 +538,7 @@ def test_cuda_graph_needs_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_equals_eager_on_gpu():
-    from fastdiff._demo import TinyDenoiser
+    from fastdiff.testing import TinyDenoiser
     p = discrete.Absorbing(64, 63, schedules.cosine(100))
     m = TinyDenoiser(64).cuda().eval()
     kw = dict(shape=(8, 32), steps=10, seed=3, device="cuda")

@@ -5,6 +5,7 @@ CLI's automatic policy (``fastdiff._threads.configure(None)``) takes only the co
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import pytest
@@ -60,7 +61,7 @@ def _nearest_problem():
 
 def _call(op, proc, logits, xt):
     if op == "nearest_screen":  # the kernel alone (the op's float64 resolution is torch's, on every backend)
-        return CPP.module._nearest_screen(_nearest_problem())
+        return importlib.import_module("fastdiff.ops.backends.cpp.nearest_embedding").screen(_nearest_problem())
     if op == "posterior_sample":
         return ops.posterior_sample(proc, logits, xt, 500, 400, seed=1, backend="cpp")
     return ops.sample_categorical(logits, seed=1, backend="cpp")
@@ -95,7 +96,7 @@ def test_bundled_size_call_runs_on_the_calling_thread_while_contended(threads, o
 @needs_cpp
 def test_a_late_team_marks_the_machine_contended(threads):
     """With every core busy, a team's worker starts a scheduler tick late; the kernels notice."""
-    from benchmarks._load import busy
+    from fastdiff.testing import busy
 
     proc, logits, xt = _bundled_step()
     torch.set_num_threads(2)
@@ -213,7 +214,7 @@ def test_configure_none_keeps_an_explicit_omp_num_threads(threads, monkeypatch):
 
 
 def test_load_probe_sees_busy_processes():
-    from benchmarks._load import busy
+    from fastdiff.testing import busy
 
     quiet = _threads.other_runnable()
     assert quiet >= 0.0

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fastdiff import _train_cli, cli
+from fastdiff import cli
+from fastdiff.cli import train as _train_cli
 from fastdiff.training import load_checkpoint, resolve_checkpoint_dir
 from tests.conftest import tiny_corpus
 

@@ -1,10 +1,14 @@
-// Python binding of the CUDA kernels: fastdiff._C_cuda. Checks, allocates and launches; the math lives
-// in the .cu files (launchers.h). Compiled by the host compiler only in a CUDA build of the extension;
-// CI checks its syntax against the torch headers (tests/test_cuda_compile.py).
+// The one registration file of fastdiff._C_cuda (the CUDA kernels): checks, allocation, cuBLAS and launches
+// (the math lives in the .cu files, launchers.h), registered as the torch.library ops fastdiff_cuda::<op> with
+// the schemas every backend shares (../schema.h; fake kernels: registered in Python,
+// fastdiff/ops/backends/cuda/), and bound with pybind11 for direct calls (FASTDIFF_CUSTOM_OP=0). Compiled by
+// the host compiler only in a CUDA build of the extension; CI checks its syntax against the torch headers
+// (tests/test_cuda_compile.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <cuda_runtime_api.h>
 
@@ -12,6 +16,7 @@
 #include <string>
 #include <tuple>
 
+#include "../schema.h"
 #include "launchers.h"
 
 namespace fastdiff {
@@ -74,8 +79,8 @@ int num_sms(const Tensor& t) {
 
 // ---- nearest_embedding ---------------------------------------------------------------------------
 // The screen of fastdiff/ops/_nearest.py: (index of a minimum, minimum, second smallest score) per row.
-std::tuple<Tensor, Tensor, Tensor> nearest_embedding(const Tensor& x, const Tensor& weight, const Tensor& stat,
-                                                     bool cosine) {
+std::tuple<Tensor, Tensor, Tensor> nearest_embedding_screen(const Tensor& x, const Tensor& weight, const Tensor& stat,
+                                                            bool cosine) {
   check_cuda(x, "x", x);
   check_cuda(weight, "weight", x);
   TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "weight: dtype ", weight.scalar_type(), " differs from x's ",
@@ -105,13 +110,14 @@ std::tuple<Tensor, Tensor, Tensor> nearest_embedding(const Tensor& x, const Tens
 }
 
 // ---- rounding_loss -------------------------------------------------------------------------------
-// x: (N, D), weight: (V, D), bias: (V,) all float32 or all float64 (the caller upcasts half types);
-// target: (N,) int64. Returns the per-row losses and, when asked, the gradients of
-// sum_r scale * row_scale[r] * loss_r with respect to x, weight and bias. Rows are processed in chunks of
-// max(1, chunk_elements / V) rows: the only logits buffer is one chunk.
-std::tuple<Tensor, OptTensor, OptTensor, OptTensor> rounding_loss(
-    const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& target, int64_t ignore_index,
-    double scale, const OptTensor& row_scale, bool need_gx, bool need_gw, bool need_gb, int64_t chunk_elements) {
+// FASTDIFF_SCHEMA_ROUNDING_LOSS (schema.h). x: (N, D), weight: (V, D), bias: (V,) all float32 or all float64
+// (the caller upcasts half types); target: (N,) int64; row_scale: (1,) or (N,) of x's dtype. Returns the
+// per-row losses and the gradients of sum_r row_scale[r] * loss_r asked for ((0,) for the others). Rows go
+// through in chunks of chunk_rows: the only logits buffer is one chunk.
+std::tuple<Tensor, Tensor, Tensor, Tensor> rounding_loss(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                         const Tensor& target, int64_t ignore_index,
+                                                         const Tensor& row_scale, bool need_gx, bool need_gw,
+                                                         bool need_gb, int64_t chunk_rows) {
   check_cuda(x, "x", x);
   check_cuda(weight, "weight", x);
   const DType dt = dtype_of(x, "x");
@@ -123,44 +129,43 @@ std::tuple<Tensor, OptTensor, OptTensor, OptTensor> rounding_loss(
                     "weight: expected a contiguous (V, D) tensor matching x's D");
   const int64_t N = x.size(0), V = weight.size(0);
   check_vec(target, "target", N, at::kLong, x);
-  if (bias.has_value() && bias->defined()) check_vec(*bias, "bias", V, x.scalar_type(), x);
-  if (row_scale.has_value() && row_scale->defined()) check_vec(*row_scale, "row_scale", N, x.scalar_type(), x);
-  TORCH_CHECK_VALUE(chunk_elements >= 1, "chunk_elements: must be positive");
-  const c10::cuda::CUDAGuard guard(x.device());
   const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_vec(*bias, "bias", V, x.scalar_type(), x);
+  const bool per_row = row_scale.numel() != 1;
+  check_vec(row_scale, "row_scale", per_row ? N : 1, x.scalar_type(), x);
+  TORCH_CHECK_VALUE(chunk_rows >= 1, "chunk_rows: must be positive");
+  const c10::cuda::CUDAGuard guard(x.device());
+  need_gb = need_gb && has_bias;
   const bool grad = need_gx || need_gw || need_gb;
   Tensor loss = at::empty({N}, x.options());
-  OptTensor gx, gw, gb;
-  if (need_gx) gx = at::empty_like(x);
-  if (need_gw) gw = at::zeros_like(weight);
-  if (need_gb) gb = at::zeros({V}, x.options());
-  const int64_t rows = std::max<int64_t>(1, chunk_elements / std::max<int64_t>(1, V));
+  Tensor gx = need_gx ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor gw = need_gw ? at::zeros_like(weight) : at::empty({0}, x.options());
+  Tensor gb = need_gb ? at::zeros({V}, x.options()) : at::empty({0}, x.options());
   const Tensor wt = weight.t();
-  for (int64_t r0 = 0; r0 < N; r0 += rows) {
-    const int64_t r = std::min(rows, N - r0);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int64_t r = std::min(chunk_rows, N - r0);
     const Tensor xc = x.narrow(0, r0, r);
     Tensor logits = has_bias ? at::addmm(*bias, xc, wt) : at::mm(xc, wt);  // (r, V), contiguous
-    const void* rs = (row_scale.has_value() && row_scale->defined())
-                         ? static_cast<const char*>(row_scale->data_ptr()) + r0 * row_scale->element_size()
-                         : nullptr;
+    const void* rs = static_cast<const char*>(row_scale.data_ptr()) + (per_row ? r0 * row_scale.element_size() : 0);
     check_launch(rounding_loss_epilogue_launch(logits.data_ptr(), V, r, V, dt, target.data_ptr<int64_t>() + r0,
                                                ignore_index,
                                                static_cast<char*>(loss.data_ptr()) + r0 * loss.element_size(), grad,
-                                               scale, rs, stream_of(x)),
+                                               rs, per_row ? 1 : 0, stream_of(x)),
                  "rounding_loss");
     if (need_gx) {
-      Tensor dst = gx->narrow(0, r0, r);
+      Tensor dst = gx.narrow(0, r0, r);
       at::mm_out(dst, logits, weight);
     }
-    if (need_gw) gw->addmm_(logits.t(), xc);
-    if (need_gb) gb->add_(logits.sum(0));
+    if (need_gw) gw.addmm_(logits.t(), xc);
+    if (need_gb) gb.add_(logits.sum(0));
   }
   return {loss, gx, gw, gb};
 }
 
 // ---- posterior ops -------------------------------------------------------------------------------
-PosteriorArgs posterior_args(int64_t kind, const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s,
-                             double temperature, int64_t mask_id, const OptTensor& a_t, const OptTensor& a_s,
+// The ABI's kind codes (schema.h) onto the kernels' PosteriorKind (launchers.h).
+PosteriorArgs posterior_args(const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s, int64_t kind,
+                             int64_t mask_id, double temperature, const OptTensor& a_t, const OptTensor& a_s,
                              const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
                              const OptTensor& pair) {
   check_cuda(logits, "x0_logits", logits);
@@ -182,11 +187,12 @@ PosteriorArgs posterior_args(int64_t kind, const Tensor& logits, const Tensor& x
   a.s = s.data_ptr<int64_t>();
   a.temperature = temperature;
   a.mask_id = mask_id;
-  if (kind == 0) {
+  if (kind == kKindAbsorbing || kind == kKindAbsorbingPerToken) {
     a.kind = PosteriorKind::kAbsorbing;
     TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < V, "mask_id: must lie in [0, ", V, "), got ", mask_id);
-    if (ab_table.has_value() && ab_table->defined()) {
-      TORCH_CHECK_VALUE(ab_table->dim() == 2, "ab_table: expected shape (T+1, V)");
+    if (kind == kKindAbsorbingPerToken) {
+      TORCH_CHECK_VALUE(ab_table.has_value() && ab_table->defined() && ab_table->dim() == 2,
+                        "ab_table: expected shape (T+1, V)");
       const Tensor tab = require_f64(ab_table, "ab_table", logits, {ab_table->size(0), V});
       a.ab_table = tab.data_ptr<double>();
       a.ab_rows = tab.size(0);
@@ -194,11 +200,11 @@ PosteriorArgs posterior_args(int64_t kind, const Tensor& logits, const Tensor& x
       a.a_t = require_f64(a_t, "a_t", logits, {N}).data_ptr<double>();
       a.a_s = require_f64(a_s, "a_s", logits, {N}).data_ptr<double>();
     }
-  } else if (kind == 1) {
+  } else if (kind == kKindUniform) {
     a.kind = PosteriorKind::kUniform;
     a.a_t = require_f64(a_t, "a_t", logits, {N}).data_ptr<double>();
     a.a_s = require_f64(a_s, "a_s", logits, {N}).data_ptr<double>();
-  } else if (kind == 2) {
+  } else if (kind == kKindMatrix) {
     a.kind = PosteriorKind::kMatrix;
     a.fact1 = require_f64(fact1, "fact1", logits, {N, V}).data_ptr<double>();
     TORCH_CHECK_VALUE(qbar_s.has_value() && qbar_s->defined() && qbar_s->dim() == 3, "qbar_s: expected shape (P, V, V)");
@@ -208,18 +214,27 @@ PosteriorArgs posterior_args(int64_t kind, const Tensor& logits, const Tensor& x
     check_vec(*pair, "pair", N, at::kLong, logits);
     a.pair = pair->data_ptr<int64_t>();
   } else {
-    TORCH_CHECK_VALUE(false, "kind: expected 0 (absorbing), 1 (uniform) or 2 (matrix), got ", kind);
+    TORCH_CHECK_VALUE(false, "kind: expected 0 (absorbing), 1 (absorbing, per-token schedule), 2 (uniform) or 3 "
+                      "(matrix), got ", kind);
   }
   return a;
 }
 
-Tensor categorical_posterior(int64_t kind, const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s,
-                             double temperature, int64_t mask_id, const OptTensor& a_t, const OptTensor& a_s,
-                             const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
-                             const OptTensor& pair) {
+// FASTDIFF_SCHEMA_POSTERIOR (schema.h): (N, V) probabilities, or (N,) int64 tokens with `sample`.
+Tensor posterior(const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s, int64_t kind,
+                 int64_t mask_id, double temperature, const OptTensor& a_t, const OptTensor& a_s,
+                 const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s, const OptTensor& pair,
+                 bool sample, int64_t seed, int64_t offset, int64_t row_offset) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const PosteriorArgs a = posterior_args(kind, logits, x_t, t, s, temperature, mask_id, a_t, a_s, ab_table, fact1,
+  const PosteriorArgs a = posterior_args(logits, x_t, t, s, kind, mask_id, temperature, a_t, a_s, ab_table, fact1,
                                          qbar_s, pair);
+  if (sample) {
+    Tensor out = at::empty({a.N}, logits.options().dtype(at::kLong));
+    check_launch(posterior_sample_launch(a, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                                         static_cast<uint64_t>(row_offset), out.data_ptr<int64_t>(), stream_of(logits)),
+                 "posterior_sample");
+    return out;
+  }
   const bool f64 = a.dtype == DType::kFloat64;
   Tensor out = at::empty({a.N, a.V}, logits.options().dtype(f64 ? at::kDouble : at::kFloat));
   check_launch(categorical_posterior_launch(a, out.data_ptr(), f64 ? DType::kFloat64 : DType::kFloat32,
@@ -228,22 +243,10 @@ Tensor categorical_posterior(int64_t kind, const Tensor& logits, const Tensor& x
   return out;
 }
 
-Tensor posterior_sample(int64_t kind, const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s,
-                        double temperature, int64_t mask_id, const OptTensor& a_t, const OptTensor& a_s,
-                        const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
-                        const OptTensor& pair, uint64_t seed, uint64_t offset, uint64_t row_offset) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const PosteriorArgs a = posterior_args(kind, logits, x_t, t, s, temperature, mask_id, a_t, a_s, ab_table, fact1,
-                                         qbar_s, pair);
-  Tensor out = at::empty({a.N}, logits.options().dtype(at::kLong));
-  check_launch(posterior_sample_launch(a, seed, offset, row_offset, out.data_ptr<int64_t>(), stream_of(logits)),
-               "posterior_sample");
-  return out;
-}
-
 // ---- sample_categorical --------------------------------------------------------------------------
-Tensor sample_categorical(const Tensor& logits, double temperature, int64_t top_k, double top_p, uint64_t seed,
-                          uint64_t offset, uint64_t row_offset) {
+// FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL (schema.h).
+Tensor sample_categorical(const Tensor& logits, int64_t seed, int64_t offset, double temperature, int64_t top_k,
+                          double top_p, int64_t row_offset) {
   check_cuda(logits, "logits", logits);
   const DType dt = dtype_of(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1, "logits: expected shape (N, V)");
@@ -254,7 +257,8 @@ Tensor sample_categorical(const Tensor& logits, double temperature, int64_t top_
   const c10::cuda::CUDAGuard guard(logits.device());
   Tensor out = at::empty({N}, logits.options().dtype(at::kLong));
   check_launch(sample_categorical_launch(logits.data_ptr(), N > 1 ? logits.stride(0) : V, N, V, dt, temperature,
-                                         top_k, top_p, seed, offset, row_offset, out.data_ptr<int64_t>(),
+                                         top_k, top_p, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                                         static_cast<uint64_t>(row_offset), out.data_ptr<int64_t>(),
                                          stream_of(logits)),
                "sample_categorical");
   return out;
@@ -263,21 +267,34 @@ Tensor sample_categorical(const Tensor& logits, double temperature, int64_t top_
 }  // namespace
 }  // namespace fastdiff
 
+TORCH_LIBRARY(fastdiff_cuda, m) {
+  m.def(FASTDIFF_SCHEMA_POSTERIOR);
+  m.def(FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL);
+  m.def(FASTDIFF_SCHEMA_ROUNDING_LOSS);
+  m.def("nearest_embedding_screen(Tensor x, Tensor weight, Tensor stat, bool cosine) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff_cuda, CUDA, m) {
+  m.impl("posterior", &fastdiff::posterior);
+  m.impl("sample_categorical", &fastdiff::sample_categorical);
+  m.impl("rounding_loss", &fastdiff::rounding_loss);
+  m.impl("nearest_embedding_screen", &fastdiff::nearest_embedding_screen);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace fastdiff;
-  m.doc() = "fastdiff CUDA kernels (called through fastdiff._cuda)";
-  m.def("nearest_embedding", &nearest_embedding, py::arg("x"), py::arg("weight"), py::arg("stat"), py::arg("cosine"));
+  m.doc() = "fastdiff CUDA kernels: the ops fastdiff_cuda::* (torch.library) and the same functions for direct calls; "
+            "the glue is fastdiff/ops/backends/cuda/";
+  m.def("nearest_embedding_screen", &nearest_embedding_screen, py::arg("x"), py::arg("weight"), py::arg("stat"),
+        py::arg("cosine"));
   m.def("rounding_loss", &rounding_loss, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("target"),
-        py::arg("ignore_index"), py::arg("scale"), py::arg("row_scale"), py::arg("need_gx"), py::arg("need_gw"),
-        py::arg("need_gb"), py::arg("chunk_elements"));
-  m.def("categorical_posterior", &categorical_posterior, py::arg("kind"), py::arg("logits"), py::arg("x_t"),
-        py::arg("t"), py::arg("s"), py::arg("temperature"), py::arg("mask_id"), py::arg("a_t"), py::arg("a_s"),
-        py::arg("ab_table"), py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"));
-  m.def("posterior_sample", &posterior_sample, py::arg("kind"), py::arg("logits"), py::arg("x_t"), py::arg("t"),
-        py::arg("s"), py::arg("temperature"), py::arg("mask_id"), py::arg("a_t"), py::arg("a_s"), py::arg("ab_table"),
-        py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"), py::arg("seed"), py::arg("offset"),
-        py::arg("row_offset") = 0);
-  m.def("sample_categorical", &sample_categorical, py::arg("logits"), py::arg("temperature"), py::arg("top_k"),
-        py::arg("top_p"), py::arg("seed"), py::arg("offset"), py::arg("row_offset") = 0);
+        py::arg("ignore_index"), py::arg("row_scale"), py::arg("need_gx"), py::arg("need_gw"), py::arg("need_gb"),
+        py::arg("chunk_rows"));
+  m.def("posterior", &posterior, py::arg("logits"), py::arg("x_t"), py::arg("t"), py::arg("s"), py::arg("kind"),
+        py::arg("mask_id"), py::arg("temperature"), py::arg("a_t"), py::arg("a_s"), py::arg("ab_table"),
+        py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"), py::arg("sample"), py::arg("seed"), py::arg("offset"),
+        py::arg("row_offset"));
+  m.def("sample_categorical", &sample_categorical, py::arg("logits"), py::arg("seed"), py::arg("offset"),
+        py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("row_offset"));
 }

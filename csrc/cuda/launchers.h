@@ -32,13 +32,15 @@ cudaError_t nearest_embedding_launch(const void* x, int64_t ldx, const void* w, 
 // ---- rounding_loss epilogue ---------------------------------------------------------------------
 // In place over a chunk of R rows of logits (float32 or float64, row stride ld): per row the loss
 // lse - logit[target] (0 for target == ignore_index), and, when `grad` is true, the logits replaced by
-// the gradient (softmax - onehot(target)) * scale * (row_scale ? row_scale[r] : 1) (zero rows for
-// ignored targets). target: (R,) int64, loss: (R,) of the logits' dtype.
+// the gradient (softmax - onehot(target)) * row_scale[r * row_scale_stride] (stride 0: one scale for every
+// row; zero rows for ignored targets). target: (R,) int64, loss and row_scale of the logits' dtype.
 cudaError_t rounding_loss_epilogue_launch(void* logits, int64_t ld, int64_t R, int64_t V, DType dtype,
                                           const int64_t* target, int64_t ignore_index, void* loss, bool grad,
-                                          double scale, const void* row_scale, cudaStream_t stream);
+                                          const void* row_scale, int64_t row_scale_stride, cudaStream_t stream);
 
 // ---- posterior rows (fastdiff/ops/_plan.py) -----------------------------------------------------
+// The kernels' own view of a row's formula: absorbing with a scalar schedule (a_t, a_s) or a per-token one
+// (ab_table set), uniform, matrix. binding.cpp maps the ABI's kind codes (schema.h) onto it.
 enum class PosteriorKind : int { kAbsorbing = 0, kUniform = 1, kMatrix = 2 };
 
 struct PosteriorArgs {

@@ -3,17 +3,27 @@ the causal LM and classifier used for evaluation, and :func:`build_model` by arc
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from torch import nn
 
 from .attention import CrossAttention, RelativeSelfAttention, attention
-from .aux import CausalLM, TextClassifier
+from .scorers import CausalLM, TextClassifier
 from .sed import SEDConfig, SEDDenoiser
 from ..errors import InputError, InputTypeError
 
 __all__ = ["ARCHS", "CausalLM", "CrossAttention", "RelativeSelfAttention", "SEDConfig", "SEDDenoiser",
            "TextClassifier", "attention", "build_model"]
+
+
+def __getattr__(name: str) -> Any:
+    """``fastdiff.models.aux``, the old name of :mod:`.scorers` (AUX is a reserved file name on Windows):
+    imported through :mod:`fastdiff._deprecate`, with a :class:`DeprecationWarning`."""
+    if name == "aux":
+        return importlib.import_module(f"{__name__}.aux")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 ARCHS = {"sed": SEDDenoiser, "causal_lm": CausalLM, "classifier": TextClassifier}
 

@@ -68,7 +68,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def position_features(L: int, n_freq: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def position_features(L: int, n_freq: int, device: torch.device | str | None, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sin(i·ω_k), cos(i·ω_k)`` for ``i < L``: two ``(L, n_freq)`` tensors, ``ω_k = 10000^(-k/n_freq)``.
 
     The angles are computed in float32 (float64 for a float64 ``dtype``) and cast to ``dtype``."""
@@ -85,7 +86,8 @@ class RelativeSelfAttention(nn.Module):
     ``rel_freqs`` = F, the number of sinusoid frequencies (the position vector has 2F entries).
     """
 
-    def __init__(self, width: int, heads: int, rel_freqs: int = 32, causal: bool = False, backend: str = "auto"):
+    def __init__(self, width: int, heads: int, rel_freqs: int = 32, causal: bool = False, backend: str = "auto"
+                 ) -> None:
         super().__init__()
         if width % heads:
             raise InputError(f"width: {width} is not divisible by heads={heads}")
@@ -123,7 +125,7 @@ class CrossAttention(nn.Module):
     """Multi-head attention from ``x: (B, L, width)`` to ``memory: (B, Ls, width)`` (no positions: the
     memory comes from an encoder that has them)."""
 
-    def __init__(self, width: int, heads: int, backend: str = "auto"):
+    def __init__(self, width: int, heads: int, backend: str = "auto") -> None:
         super().__init__()
         if width % heads:
             raise InputError(f"width: {width} is not divisible by heads={heads}")

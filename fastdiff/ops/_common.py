@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from .._protocols import DiscreteProcess, Step
 from ..errors import InputError, InputTypeError
 
 # Largest float64 temporary a reference builds at once (elements): 2**21 = 16 MiB. A block step keeps
@@ -75,13 +76,14 @@ def _needs_overflow_check(logits: torch.Tensor, temperature: float | None) -> bo
     return temperature is not None and 0.0 < temperature < 1.0 and logits.dtype == torch.float64
 
 
-def check_values_unless_kernel_does(name: str, logits: torch.Tensor, fn, temperature: float | None = None,
+def check_values_unless_kernel_does(name: str, logits: torch.Tensor, impl: object | None,
+                                    temperature: float | None = None,
                                     mask_id: int | None = None, x_t: torch.Tensor | None = None) -> None:
-    """:func:`check_finite_above` before ``fn`` runs, unless ``fn`` is a kernel that makes the same
-    check itself (attribute ``checks_values``): it then raises the same ValueError before returning
-    anything, and the extra read pass over the logits is saved. The temperature overflow check (float64
-    logits, temperature < 1) is never left to a kernel."""
-    if not getattr(fn, "checks_values", False) or _needs_overflow_check(logits, temperature):
+    """:func:`check_finite_above` before the kernel runs, unless the backend's glue module ``impl`` (None:
+    the reference) says its kernel makes the same check itself (``CHECKS_VALUES = True``): it then raises
+    the same error before returning anything, and the extra read pass over the logits is saved. The
+    temperature overflow check (float64 logits, temperature < 1) is never left to a kernel."""
+    if not getattr(impl, "CHECKS_VALUES", False) or _needs_overflow_check(logits, temperature):
         check_finite_above(name, logits, temperature, mask_id=mask_id, x_t=x_t)
 
 
@@ -106,6 +108,8 @@ def check_finite_above(name: str, logits: torch.Tensor, temperature: float | Non
     every row's largest logit divided by it must be finite in float64."""
     if logits.numel() == 0:
         return logits
+    if _checks.tracing():
+        return _check_finite_above_in_graph(name, logits, temperature, mask_id, x_t)
     if mask_id is None:
         row_max = off = logits.amax(dim=-1)
     else:
@@ -125,6 +129,34 @@ def check_finite_above(name: str, logits: torch.Tensor, temperature: float | Non
         raise InputError(f"{name}: {ONLY_MASK_MSG}")
     if _needs_overflow_check(logits, temperature) and float(row_max.abs().max()) > temperature * _F64_MAX:
         raise InputError(OVERFLOW_MSG)
+    return logits
+
+
+def _row_maxima(logits: torch.Tensor, mask_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the maximum over every column, and over the columns other than ``mask_id``."""
+    if mask_id is None:
+        row_max = logits.amax(dim=-1)
+        return row_max, row_max
+    parts = [p.amax(dim=-1) for p in (logits[..., :mask_id], logits[..., mask_id + 1:]) if p.shape[-1]]
+    col = logits[..., mask_id]
+    off = (torch.maximum(parts[0], parts[1]) if len(parts) == 2 else parts[0]) if parts \
+        else torch.full_like(col, float("-inf"))
+    return torch.maximum(off, col), off  # propagates NaN from either side
+
+
+def _check_finite_above_in_graph(name: str, logits: torch.Tensor, temperature: float | None, mask_id: int | None,
+                                 x_t: torch.Tensor | None) -> torch.Tensor:
+    """:func:`check_finite_above` while torch.compile traces: the same checks in the same order, as
+    :func:`fastdiff._checks.graph_assert` (RuntimeError with the same message at run time)."""
+    row_max, off = _row_maxima(logits, mask_id)
+    top = row_max.max()
+    _checks.graph_assert(~torch.isnan(top), f"{name}: {NAN_MSG}")
+    _checks.graph_assert(~torch.isposinf(top), f"{name}: {POSINF_MSG}")
+    _checks.graph_assert(~torch.isneginf(row_max).any(), f"{name}: {ALL_NEGINF_MSG}")
+    if mask_id is not None and x_t is not None:
+        _checks.graph_assert(~(torch.isneginf(off) & (x_t == mask_id)).any(), f"{name}: {ONLY_MASK_MSG}")
+    if _needs_overflow_check(logits, temperature):
+        _checks.graph_assert(row_max.abs().max() <= temperature * _F64_MAX, OVERFLOW_MSG)
     return logits
 
 
@@ -154,12 +186,14 @@ def check_process(process: object) -> object:
     return process
 
 
-def mask_of(process) -> int | None:
+def mask_of(process: DiscreteProcess) -> int | None:
     """The mask column an absorbing process's x0 distribution ignores (None for other kinds)."""
     return process.mask_id if getattr(process, "kind", None) == "absorbing" else None
 
 
-def check_posterior_args(process, x0_logits, x_t, t, s, temperature, values: bool = True):
+def check_posterior_args(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                         s: Step | None, temperature: float, values: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the common arguments of categorical_posterior / posterior_sample.
 
     Returns ``(x_t int64, t (...) int64, s (...) int64)`` with t and s expanded to ``x_t.shape``.

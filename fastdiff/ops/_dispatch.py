@@ -1,11 +1,19 @@
 """Backend dispatch for the ops: ``backend="auto"`` falls back silently; an explicit backend that is
 unavailable (or has no kernel for the op, or cannot run on the tensors' device) raises with the reason
-and the install command. ``FASTDIFF_BACKEND`` replaces "auto" and counts as an explicit request."""
+and the install command. ``FASTDIFF_BACKEND`` replaces "auto" and counts as an explicit request.
+
+Kernels are found by convention, not by a registry: a public op ``fastdiff/ops/<op>.py`` names its kernel
+family in ``KERNEL``, and backend ``<b>`` implements it in the module ``<b's package>.<KERNEL>``
+(``fastdiff.ops.backends.<b>.<KERNEL>``, see :mod:`fastdiff.ops.backends`). A backend without that module
+has no kernel for the op.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
+import sys
+import types
 
 import torch
 
@@ -14,17 +22,14 @@ from ..errors import InputError
 
 BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
-# op name -> backend -> (name of the function in the backend's module)
-_KERNELS: dict[str, dict[str, str]] = {}
+# The glue module that choose() found last for each (backend, kernel family), as the attribute
+# "<backend>__<kernel>" of a module: resolve() reads it with getattr, which torch.compile follows while tracing
+# (and sees the entries choose() adds during the trace, which a dict it had read before would not show).
+_GLUE = types.ModuleType("fastdiff.ops._dispatch.glue")
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this op here."""
-
-
-def register(op: str, backend: str, symbol: str) -> None:
-    """Declare that ``backend``'s module provides ``symbol`` implementing ``op``."""
-    _KERNELS.setdefault(op, {})[backend] = symbol
 
 
 def _device_ok(backend: str, device: torch.device) -> str:
@@ -37,24 +42,51 @@ def _device_ok(backend: str, device: torch.device) -> str:
     return ""
 
 
-def _try(op: str, backend: str, device: torch.device) -> tuple[Callable | None, str]:
-    if backend == "reference":
-        return None, ""
+def kernel_of(op: str) -> str:
+    """The kernel family of public op ``op``: its module's ``KERNEL`` (the op's own name by default)."""
+    mod = sys.modules.get(f"{__package__}.{op}")
+    if mod is None:
+        try:
+            mod = importlib.import_module(f"{__package__}.{op}")
+        except ModuleNotFoundError:
+            return op
+    return getattr(mod, "KERNEL", op)
+
+
+def _glue(package: object, kernel: str) -> object | None:
+    """``package.<kernel>``: an attribute, or the submodule of that name (None if there is none)."""
+    mod = getattr(package, kernel, None)
+    if mod is not None or not isinstance(package, types.ModuleType):
+        return mod
+    name = f"{package.__name__}.{kernel}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
+
+
+def _try(op: str, kernel: str, backend: str, device: torch.device) -> tuple[object | None, str]:
     be = _backends.get(backend)
     if not be.available:
         return None, be.reason
-    symbol = _KERNELS.get(op, {}).get(backend)
-    fn = getattr(be.module, symbol, None) if symbol else None
-    if fn is None:
+    glue = _glue(be.module, kernel)
+    if glue is None:
         return None, f"the {backend} backend has no kernel for {op} in this build"
     why = _device_ok(backend, device)
     if why:
         return None, why
-    return fn, ""
+    setattr(_GLUE, f"{backend}__{kernel}", glue)
+    return glue, ""
 
 
-def resolve(op: str, backend: str, device: torch.device, reference: Callable) -> Callable:
-    """The implementation of ``op`` to run on ``device`` for the requested ``backend``."""
+@torch.compiler.assume_constant_result
+def choose(op: str, kernel: str, backend: str, device: str) -> str:
+    """The name of the backend that runs ``op`` (kernel family ``kernel``) on ``device`` when ``backend`` is
+    asked for: "reference" or a kernel backend (its glue is then an attribute of ``_GLUE``). Raises for an
+    unknown name and for an explicit backend that cannot run here. torch.compile calls it once while
+    tracing and keeps the answer (it reads files and the environment)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise InputError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -64,27 +96,36 @@ def resolve(op: str, backend: str, device: torch.device, reference: Callable) ->
                 raise InputError(f"FASTDIFF_BACKEND: expected one of {list(BACKENDS)}, got {env!r}")
             backend = env
     if backend == "reference":
-        return reference
+        return "reference"
+    device = torch.device(device)
     if backend != "auto":
-        fn, why = _try(op, backend, device)
-        if fn is None:
+        glue, why = _try(op, kernel, backend, device)
+        if glue is None:
             raise BackendUnavailableError(f"{op}: backend {backend!r} is unavailable: {why}")
-        return fn
+        return backend
     order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
     for name in order:
-        fn, _ = _try(op, name, device)
-        if fn is not None:
-            return fn
+        glue, _ = _try(op, kernel, name, device)
+        if glue is not None:
+            return name
     for name in order:  # a backend this install was meant to have: say so once, never silently
         _backends.warn_fallback(_backends.get(name))
-    return reference
+    return "reference"
+
+
+def resolve(op: str, kernel: str, backend: str, device: torch.device) -> tuple[object | None, str]:
+    """The glue module that runs ``op`` on ``device`` for the requested ``backend`` (``None``: the
+    reference), with the backend's name: ``(glue or None, name)``."""
+    name = choose(op, kernel, backend, str(device))
+    return (None if name == "reference" else getattr(_GLUE, f"{name}__{kernel}")), name
 
 
 def explain(op: str, device: torch.device | str = "cpu") -> dict[str, str]:
     """For each backend: "ok" or why ``op`` cannot run there on ``device``."""
     device = torch.device(device)
+    kernel = kernel_of(op)
     out = {"reference": "ok"}
     for name in ("cpp", "triton", "cuda"):
-        fn, why = _try(op, name, device)
-        out[name] = "ok" if fn is not None else why
+        glue, why = _try(op, kernel, name, device)
+        out[name] = "ok" if glue is not None else why
     return out

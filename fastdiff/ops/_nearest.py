@@ -30,7 +30,7 @@ Whatever the screen's summation order, the result is therefore the same on every
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +87,7 @@ def _times_pow2(t: torch.Tensor, k: int, cdt: torch.dtype) -> torch.Tensor:
     return t
 
 
-def _row_chunks(rows: int, width: int):
+def _row_chunks(rows: int, width: int) -> Iterator[slice]:
     step = max(1, CHUNK_ELEMENTS // max(1, width))
     for r0 in range(0, rows, step):
         yield slice(r0, min(rows, r0 + step))
@@ -174,7 +174,7 @@ def _rows_times_pow2(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pow2(wexp: torch.Tensor | None, n: int, device) -> torch.Tensor:
+def _pow2(wexp: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     """``2**e_v`` (float64; exact, subnormal for the smallest rows), 1 without rescaled rows."""
     one = torch.ones(n, dtype=torch.float64, device=device)
     return one if wexp is None else _ldexp(one, wexp)
@@ -310,15 +310,21 @@ def tf32_possible(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def nearest(x: torch.Tensor, weight: torch.Tensor, metric: str,
-            screen_fn: Callable[[Problem], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = screen
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices (...) int64, snapped (..., D))`` with ``screen_fn`` as the screen (a backend's kernel)."""
+def indices(x: torch.Tensor, weight: torch.Tensor, metric: str,
+            screen_fn: Callable[[Problem], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = screen) -> torch.Tensor:
+    """``indices (...) int64`` of the nearest rows, with ``screen_fn`` as the screen (a backend's kernel)."""
     p = prepare(x, weight, metric)
     if p.x.shape[0] == 0:
         idx = torch.empty(0, dtype=torch.int64, device=x.device)
     else:
         arg, best, second = screen_fn(p)
         idx = finish(p, arg, best, second, tf32_possible(x))
-    idx = idx.reshape(x.shape[:-1])
+    return idx.reshape(x.shape[:-1])
+
+
+def nearest(x: torch.Tensor, weight: torch.Tensor, metric: str,
+            screen_fn: Callable[[Problem], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = screen
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices (...) int64, snapped (..., D))`` with ``screen_fn`` as the screen (a backend's kernel)."""
+    idx = indices(x, weight, metric, screen_fn)
     return idx, torch.nn.functional.embedding(idx, weight)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from .._protocols import DiscreteProcess, Step
 from . import _dispatch
 from ._common import check_posterior_args, check_values_unless_kernel_does, mask_of, rows_per_chunk
+from ._plan import check_lowerable, posterior_plan
 
-_dispatch.register("categorical_posterior", "cpp", "categorical_posterior")
-_dispatch.register("categorical_posterior", "cuda", "categorical_posterior")
-_dispatch.register("categorical_posterior", "triton", "categorical_posterior")
+KERNEL = "posterior"  # fastdiff.ops.backends.<backend>.posterior, shared with posterior_sample
 
 
-def categorical_posterior_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None,
+def categorical_posterior_ref(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                              s: Step | None = None,
                               temperature: float = 1.0) -> torch.Tensor:
     """``p(x_s | x_t) ∝ Q_{t|s}[:, x_t] ⊙ (softmax(x0_logits / temperature) @ Qbar_s)``: ``(..., V)``.
 
@@ -28,7 +29,8 @@ def categorical_posterior_ref(process, x0_logits: torch.Tensor, x_t: torch.Tenso
     return _categorical_posterior(process, x0_logits, x_t, tt, ss, temperature)
 
 
-def _categorical_posterior(process, x0_logits, x_t, tt, ss, temperature) -> torch.Tensor:
+def _categorical_posterior(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
+                           ss: torch.Tensor, temperature: float) -> torch.Tensor:
     """The reference's body on checked arguments (``tt``, ``ss`` expanded to ``x_t.shape``)."""
     V = process.vocab_size
     out_dtype = torch.float64 if x0_logits.dtype == torch.float64 else torch.float32
@@ -56,12 +58,16 @@ def _keep_dead_rows(probs: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     return probs
 
 
-def categorical_posterior(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None,
+def categorical_posterior(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                          s: Step | None = None,
                           temperature: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
     """:func:`categorical_posterior_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
     xt, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
-    fn = _dispatch.resolve("categorical_posterior", backend, x0_logits.device, None)
-    check_values_unless_kernel_does("x0_logits", x0_logits, fn, temperature, mask_id=mask_of(process), x_t=xt)
-    if fn is None:
+    impl, name = _dispatch.resolve("categorical_posterior", KERNEL, backend, x0_logits.device)
+    if impl is not None and not check_lowerable(process, backend, name):
+        impl = None
+    check_values_unless_kernel_does("x0_logits", x0_logits, impl, temperature, mask_id=mask_of(process), x_t=xt)
+    if impl is None:
         return _categorical_posterior(process, x0_logits, xt, tt, ss, temperature)
-    return fn(process, x0_logits, xt, tt, ss, temperature)
+    plan = posterior_plan(process, x0_logits, xt, tt, ss, temperature)
+    return impl.posterior(*plan.args(sample=False)).reshape(x0_logits.shape)

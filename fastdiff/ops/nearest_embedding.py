@@ -9,12 +9,10 @@ from . import _dispatch, _nearest
 from ._common import check_x_weight
 
 METRICS = ("l2", "cosine")
-_dispatch.register("nearest_embedding", "cpp", "nearest_embedding")
-_dispatch.register("nearest_embedding", "cuda", "nearest_embedding")
-_dispatch.register("nearest_embedding", "triton", "nearest_embedding")
+KERNEL = "nearest_embedding"  # fastdiff.ops.backends.<backend>.nearest_embedding
 
 
-def _check(x, weight, metric):
+def _check(x: torch.Tensor, weight: torch.Tensor, metric: str) -> None:
     check_x_weight(x, weight)
     _checks.choice("metric", metric, METRICS)
     _checks.finite("x", x)
@@ -47,9 +45,19 @@ def _nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str) -> tu
     return _nearest.nearest(x, weight, metric)
 
 
+def nearest_embedding_fake(x: torch.Tensor, weight: torch.Tensor, metric: str) -> torch.Tensor:
+    """The fake (meta) kernel of every backend's ``nearest_embedding`` op (the indices): ``(...)`` int64."""
+    return x.new_empty(x.shape[:-1], dtype=torch.int64)
+
+
 def nearest_embedding(x: torch.Tensor, weight: torch.Tensor, metric: str = "l2", *,
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nearest_embedding_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
+    """:func:`nearest_embedding_ref` on the fastest available backend (see :mod:`fastdiff.ops`). A kernel
+    backend returns the indices (its screen, then the shared float64 resolution of :mod:`._nearest`);
+    ``snapped`` is ``weight[indices]`` on every backend (differentiable in ``weight``, as the reference's)."""
     _check(x, weight, metric)
-    fn = _dispatch.resolve("nearest_embedding", backend, x.device, _nearest_embedding)
-    return fn(x, weight, metric)
+    impl, _ = _dispatch.resolve("nearest_embedding", KERNEL, backend, x.device)
+    if impl is None:
+        return _nearest_embedding(x, weight, metric)
+    idx = impl.nearest_embedding(x, weight, metric)
+    return idx, torch.nn.functional.embedding(idx, weight)

@@ -6,17 +6,18 @@ from __future__ import annotations
 import torch
 
 from .. import random as _random
+from .._protocols import DiscreteProcess, Step
 from . import _dispatch
 from .categorical_posterior import _keep_dead_rows
 from ._common import (check_finite_above, check_posterior_args, check_values_unless_kernel_does, draw_from_weights,
                       mask_of, rows_per_chunk)
+from ._plan import check_lowerable, posterior_plan
 
-_dispatch.register("posterior_sample", "cpp", "posterior_sample")
-_dispatch.register("posterior_sample", "cuda", "posterior_sample")
-_dispatch.register("posterior_sample", "triton", "posterior_sample")
+KERNEL = "posterior"  # fastdiff.ops.backends.<backend>.posterior, shared with categorical_posterior
 
 
-def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *,
+def posterior_sample_ref(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                         s: Step | None = None, *,
                          seed: int, offset: int = 0, temperature: float = 1.0, row_offset: int = 0) -> torch.Tensor:
     """Draw ``x_s`` from :func:`~fastdiff.ops.categorical_posterior_ref`: int64 ``(...)``.
 
@@ -35,7 +36,9 @@ def posterior_sample_ref(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t,
     return _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature, row_offset)
 
 
-def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature, row_offset=0) -> torch.Tensor:
+def _posterior_sample(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, tt: torch.Tensor,
+                      ss: torch.Tensor, seed: int, offset: int, temperature: float, row_offset: int = 0
+                      ) -> torch.Tensor:
     """The reference's body on checked arguments (``tt``, ``ss`` expanded to ``x_t.shape``)."""
     V = process.vocab_size
     logits = x0_logits.reshape(-1, V)
@@ -56,7 +59,8 @@ def _posterior_sample(process, x0_logits, x_t, tt, ss, seed, offset, temperature
     return out.reshape(x_t.shape)
 
 
-def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=None, *, seed: int,
+def posterior_sample(process: DiscreteProcess, x0_logits: torch.Tensor, x_t: torch.Tensor, t: Step,
+                     s: Step | None = None, *, seed: int,
                      offset: int = 0, temperature: float = 1.0, row_offset: int = 0,
                      backend: str = "auto") -> torch.Tensor:
     """:func:`posterior_sample_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
@@ -64,9 +68,11 @@ def posterior_sample(process, x0_logits: torch.Tensor, x_t: torch.Tensor, t, s=N
     seed = _random._check_seed(seed)
     _random._check_offset(offset)
     _random.check_row_offset("row_offset", row_offset, xt.numel())
-    fn = _dispatch.resolve("posterior_sample", backend, x0_logits.device, None)
-    check_values_unless_kernel_does("x0_logits", x0_logits, fn, temperature, mask_id=mask_of(process), x_t=xt)
-    if fn is None:
+    impl, name = _dispatch.resolve("posterior_sample", KERNEL, backend, x0_logits.device)
+    if impl is not None and not check_lowerable(process, backend, name):
+        impl = None
+    check_values_unless_kernel_does("x0_logits", x0_logits, impl, temperature, mask_id=mask_of(process), x_t=xt)
+    if impl is None:
         return _posterior_sample(process, x0_logits, xt, tt, ss, seed, offset, temperature, row_offset)
-    return fn(process, x0_logits, xt, tt, ss, seed=seed, offset=offset, temperature=temperature,
-              row_offset=row_offset)
+    plan = posterior_plan(process, x0_logits, xt, tt, ss, temperature)
+    return impl.posterior(*plan.args(sample=True, seed=seed, offset=offset, row_offset=row_offset)).reshape(xt.shape)

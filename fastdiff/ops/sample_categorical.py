@@ -9,13 +9,13 @@ from .. import random as _random
 from . import _dispatch
 from ._common import (check_finite_above, check_logits, check_temperature, check_values_unless_kernel_does,
                       draw_from_weights, rows_per_chunk)
+from ._plan import int64_bits
 
-_dispatch.register("sample_categorical", "cpp", "sample_categorical")
-_dispatch.register("sample_categorical", "cuda", "sample_categorical")
-_dispatch.register("sample_categorical", "triton", "sample_categorical")
+KERNEL = "sample_categorical"  # fastdiff.ops.backends.<backend>.sample_categorical
 
 
-def _check(logits, seed, offset, temperature, top_k, top_p, row_offset: int = 0):
+def _check(logits: torch.Tensor, seed: int, offset: int, temperature: float, top_k: int | None, top_p: float | None,
+           row_offset: int = 0) -> tuple[int, int | None]:
     """Everything but the logits' values; returns ``(seed as an int, top_k)``, ``top_k >= V`` (no filter)
     as None."""
     check_logits("logits", logits, values=False)
@@ -85,7 +85,8 @@ def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, 
                                row_offset=row_offset)
 
 
-def _sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_offset=0) -> torch.Tensor:
+def _sample_categorical(logits: torch.Tensor, *, seed: int, offset: int, temperature: float, top_k: int | None,
+                        top_p: float | None, row_offset: int = 0) -> torch.Tensor:
     """The reference's body, on arguments already checked."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
@@ -102,12 +103,29 @@ def _sample_categorical(logits, *, seed, offset, temperature, top_k, top_p, row_
     return out.reshape(logits.shape[:-1])
 
 
+def sample_categorical_fake(logits: torch.Tensor, seed: int, offset: int, temperature: float, top_k: int,
+                            top_p: float, row_offset: int) -> torch.Tensor:
+    """The fake (meta) kernel of every backend's ``sample_categorical`` op: ``(N,)`` int64."""
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
 def sample_categorical(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
                        top_k: int | None = None, top_p: float | None = None, row_offset: int = 0,
                        backend: str = "auto") -> torch.Tensor:
     """:func:`sample_categorical_ref` on the fastest available backend (see :mod:`fastdiff.ops`)."""
     seed, top_k = _check(logits, seed, offset, temperature, top_k, top_p, row_offset=row_offset)
-    fn = _dispatch.resolve("sample_categorical", backend, logits.device, _sample_categorical)
-    check_values_unless_kernel_does("logits", logits, fn, temperature)
-    return fn(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
-              row_offset=row_offset)
+    impl, _ = _dispatch.resolve("sample_categorical", KERNEL, backend, logits.device)
+    check_values_unless_kernel_does("logits", logits, impl, temperature)
+    if impl is None:
+        return _sample_categorical(logits, seed=seed, offset=offset, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, row_offset=row_offset)
+    # The kernel ABI (FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL): (N, V) rows with a unit column stride, top_k 0 and
+    # top_p 1.0 for "no filter", the counter words as int64.
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    if flat.stride(-1) != 1 and V != 1:
+        flat = flat.contiguous()
+    out = impl.sample_categorical(flat, int64_bits(seed), int64_bits(offset), float(temperature),
+                                  0 if top_k is None else int(top_k), 1.0 if top_p is None else float(top_p),
+                                  int64_bits(row_offset))
+    return out.reshape(logits.shape[:-1])

@@ -43,14 +43,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 
 from . import strategies
 from ._adapters import CUDAGraphed, Denoiser, HFMaskedLM, as_denoiser, unwrap_output
 from ._engine import _Run, num_transfer, step_grid
-from ._options import Options, SampleOutput, check_shape, check_static, options_doc, resolve_strategy, \
+from ._options import Options, Process, SampleOutput, check_shape, check_static, options_doc, resolve_strategy, \
     strategies_doc
 from .strategies import Strategy
 
@@ -100,14 +101,15 @@ class BlockCausalDenoiser(Protocol):
 class Sampler:
     """(generated below: ``Sampler(process, *, steps, strategy="ancestral", **options)``)"""
 
-    def __init__(self, process, *, steps: int, strategy: str = "ancestral", **options):
+    def __init__(self, process: Process, *, steps: int, strategy: str = "ancestral", **options: Any) -> None:
         self.process = process
         self.strategy = strategy
         self.options = Options.from_kwargs(options)
         self.steps = check_static(process, strategy, steps, self.options)
         self.spec = resolve_strategy(process, strategy)
 
-    def sample(self, model, *, shape: tuple[int, int], seed: int = 0, **overrides) -> SampleOutput:
+    def sample(self, model: Callable[..., Any], *, shape: tuple[int, int], seed: int = 0, **overrides: Any
+               ) -> SampleOutput:
         o = self.options.replace(**overrides) if overrides else self.options
         if overrides:
             check_static(self.process, self.strategy, self.steps, o)
@@ -126,7 +128,7 @@ class Sampler:
 
 
 @contextlib.contextmanager
-def _eval_mode(fn: object):
+def _eval_mode(fn: object) -> Iterator[None]:
     """``fn`` (an ``nn.Module``) in eval mode inside, each submodule's own mode restored after."""
     if not isinstance(fn, torch.nn.Module):
         yield
@@ -143,8 +145,8 @@ def _eval_mode(fn: object):
             m.training = training
 
 
-def sample(model, process, *, shape: tuple[int, int], steps: int, strategy: str = "ancestral",
-           seed: int = 0, **options) -> SampleOutput:
+def sample(model: Callable[..., Any], process: Process, *, shape: tuple[int, int], steps: int,
+           strategy: str = "ancestral", seed: int = 0, **options: Any) -> SampleOutput:
     """(generated below from the strategy table and :data:`._options.OPTION_DOCS`)"""
     return Sampler(process, steps=steps, strategy=strategy, **options).sample(model, shape=shape, seed=seed)
 

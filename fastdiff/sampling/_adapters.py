@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from ..errors import InputError, InputTypeError
@@ -55,7 +56,7 @@ class Denoiser:
     """
 
     def __init__(self, fn: Callable, *, uses_time: bool = True, time_kwarg: str | None = None,
-                 accepts_attention_mask: bool = False, pass_time: bool = True):
+                 accepts_attention_mask: bool = False, pass_time: bool = True) -> None:
         if not callable(fn):
             raise InputTypeError(f"model: expected a callable, got {type(fn).__name__}")
         for name, v in (("uses_time", uses_time), ("accepts_attention_mask", accepts_attention_mask),
@@ -72,7 +73,7 @@ class Denoiser:
         if type(self) is Denoiser and pass_time and time_kwarg is None:
             _check_takes_time(fn)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         if not self.pass_time:
             return unwrap_output(self.fn(x_t, **cond))
         if self.time_kwarg is not None:
@@ -118,11 +119,11 @@ class HFMaskedLM(Denoiser):
     fine-tuned with a time input takes it through ``time_kwarg`` (e.g. ``"timestep"``).
     """
 
-    def __init__(self, model: Callable, *, time_kwarg: str | None = None):
+    def __init__(self, model: Callable, *, time_kwarg: str | None = None) -> None:
         super().__init__(model, uses_time=time_kwarg is not None, time_kwarg=time_kwarg,
                          accepts_attention_mask=True)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         kw = dict(cond)
         mask = kw.pop("attention_mask", None)
         if mask is not None:
@@ -175,7 +176,7 @@ class CUDAGraphed(Denoiser):
     data-dependent shapes). Returns a copy of the static output, so callers may keep or modify it.
     """
 
-    def __init__(self, inner: Denoiser, warmup: int = 2):
+    def __init__(self, inner: Denoiser, warmup: int = 2) -> None:
         super().__init__(inner, uses_time=inner.uses_time, accepts_attention_mask=inner.accepts_attention_mask)
         self.inner = inner
         self.fn = inner.fn  # the user's model (its parameters tell the sampler the device)
@@ -190,7 +191,7 @@ class CUDAGraphed(Denoiser):
             parts.append((k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v)))
         return tuple(parts)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         if x_t.device.type != "cuda":
             raise InputError(f"cuda_graph: CUDA graphs need CUDA tensors, got x_t on {x_t.device}")
         key = self._key(x_t, t, cond)

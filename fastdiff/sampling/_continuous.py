@@ -40,7 +40,7 @@ def _classifier_grad(run: _Run, t: int) -> Callable | None:
     if fn is None:
         return None
 
-    def grad(x_t: torch.Tensor, _t) -> torch.Tensor:
+    def grad(x_t: torch.Tensor, _t: object) -> torch.Tensor:
         tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
         with torch.enable_grad():
             g = fn(x_t, tt)
@@ -57,7 +57,7 @@ class _X0Hook:
     """The ``denoised_fn`` of one step: keeps the x0 estimate it receives (the next step's
     self-conditioning input) and, when ``clamp``, snaps it to the nearest embeddings, keeping their ids."""
 
-    def __init__(self, run: _Run, emb: torch.Tensor, clamp: bool):
+    def __init__(self, run: _Run, emb: torch.Tensor, clamp: bool) -> None:
         self.run, self.emb, self.clamp = run, emb, clamp
         self.x0: torch.Tensor | None = None
         self.idx: torch.Tensor | None = None

@@ -7,6 +7,8 @@ Fast-dLLM threshold decoding and ReMDM remasking, block by block.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +18,11 @@ from ..errors import InputError
 from ..ops._common import check_finite_above
 from ..schedules import Schedule
 from ._engine import _Run, num_transfer, step_grid
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from .._protocols import DiscreteProcess
 
 
 def prior_tokens(run: _Run) -> torch.Tensor:
@@ -34,7 +41,7 @@ class _Logits:
     Calls return ``(logits of the block (B, b - a, V), owned)``; ``owned`` is False while the tensor is
     the model's own output, which the strategies must not write to."""
 
-    def __init__(self, run: _Run, a: int, b: int):
+    def __init__(self, run: _Run, a: int, b: int) -> None:
         self.run, self.a, self.b = run, a, b
         self.ctx_end = b if run.o.block_context == "prefix" else run.L
         self.buf: torch.Tensor | None = None
@@ -146,11 +153,11 @@ def _logsumexp(z: torch.Tensor, block: int = 1 << 18) -> torch.Tensor:
     return out.reshape(z.shape[:-1])
 
 
-def _ab(process, t: int) -> float:
+def _ab(process: DiscreteProcess, t: int) -> float:
     return float(process.schedule.alpha_bar[t])
 
 
-def ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+def ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None) -> None:
     o, process = run.o, run.process
     grid = step_grid(process.T, run.steps)
     for t, s in zip(grid[:-1], grid[1:]):
@@ -183,7 +190,7 @@ def _remask_sigma(run: _Run, t: int, s: int) -> float:
     return o.eta * smax if o.remask_schedule == "rescale" else min(o.eta, smax)
 
 
-def remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+def remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None) -> None:
     o, process = run.o, run.process
     mask_id = process.mask_id
     grid = step_grid(process.T, run.steps)
@@ -212,22 +219,24 @@ def remask_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, ba
         run.after_step(x, bar)
 
 
-def confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+def confidence_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None) -> None:
     """LLaDA (Nie et al. 2025, Alg. 5): keep the ``k`` most confident predictions of each step (LLaDA's
     even split of the masked count over the steps), or ``k`` random ones (``remasking="random"``)."""
     _decode_block(run, x, a, b, logits, bar, count=_llada_count, random=run.o.remasking == "random")
 
 
-def threshold_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar) -> None:
+def threshold_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None) -> None:
     """Fast-dLLM (Wu et al. 2025) threshold decoding: keep every prediction above ``threshold``."""
     _decode_block(run, x, a, b, logits, bar, count=_threshold_count, random=False)
 
 
-def _llada_count(run: _Run, k: int, n_steps: int, masked, remaining, conf, schedule) -> torch.Tensor:
+def _llada_count(run: _Run, k: int, n_steps: int, masked: torch.Tensor, remaining: torch.Tensor, conf: torch.Tensor,
+                 schedule: torch.Tensor) -> torch.Tensor:
     return schedule[:, k] if k < schedule.shape[1] else torch.zeros_like(remaining)
 
 
-def _threshold_count(run: _Run, k: int, n_steps: int, masked, remaining, conf, schedule) -> torch.Tensor:
+def _threshold_count(run: _Run, k: int, n_steps: int, masked: torch.Tensor, remaining: torch.Tensor,
+                     conf: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
     """Everything above the threshold, at least enough to finish in the steps left, at least one."""
     th = run.o.threshold
     above = (masked & (conf > math.log(th) if th > 0 else masked)).sum(1)
@@ -235,7 +244,8 @@ def _threshold_count(run: _Run, k: int, n_steps: int, masked, remaining, conf, s
     return torch.maximum(above, need).clamp_min(1)
 
 
-def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar, *, count, random: bool) -> None:
+def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None, *,
+                  count: Callable[..., torch.Tensor], random: bool) -> None:
     """Predict every masked token, keep the most confident ones (by ``random`` uniforms instead when
     ``random``); ``count(...) -> (B,)`` says how many per row, unless ``tokens_per_step`` does."""
     o, process = run.o, run.process

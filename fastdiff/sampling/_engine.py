@@ -31,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -42,14 +43,16 @@ from . import _memory
 from ._adapters import Denoiser
 
 if TYPE_CHECKING:
-    from ._options import Options
+    from tqdm import tqdm
+
+    from ._options import Options, Process
     from .strategies import Strategy
 
 #: argument names under which the ops report the values of the logits they were given
 _OP_LOGIT_ARGS = ("x0_logits: ", "logits: ")
 
 
-def _module_params(fn: object):
+def _module_params(fn: object) -> torch.nn.Parameter | None:
     params = getattr(fn, "parameters", None)
     if not callable(params):
         return None
@@ -81,8 +84,8 @@ class _Run:
       (:meth:`evaluate`, :meth:`after_step`, read by :meth:`finish_stats`).
     """
 
-    def __init__(self, model: Denoiser, process, spec: Strategy, steps: int, shape: tuple[int, int],
-                 seed: int, o: Options):
+    def __init__(self, model: Denoiser, process: Process, spec: Strategy, steps: int, shape: tuple[int, int],
+                 seed: int, o: Options) -> None:
         self.model, self.process, self.spec, self.steps, self.o = model, process, spec, steps, o
         self.strategy = spec.name
         self.B, self.L = shape
@@ -379,7 +382,7 @@ class _Run:
                 raise InputError(f"{where}: contains infinity")
 
     @contextlib.contextmanager
-    def op_values(self, t: int):
+    def op_values(self, t: int) -> Iterator[None]:
         """Inside: an op's value error about the logits it was given (NaN, +inf, a row with nothing to
         draw) is about the model's output; it is raised again naming the output, the step and ``t``."""
         try:
@@ -504,7 +507,7 @@ class _Run:
         """:meth:`randn` shaped like ``like`` (the ``noise`` hook of the continuous steps)."""
         return self.randn(like.shape, like.dtype)
 
-    def after_step(self, x: torch.Tensor, bar) -> None:
+    def after_step(self, x: torch.Tensor, bar: tqdm | None) -> None:
         self._stats["steps"] += 1
         if self._trajectory is not None:
             self._trajectory.append(x.detach().clone())
@@ -558,7 +561,7 @@ class _Run:
         self._stopped = is_eos.any(1)
         return torch.where(after, torch.full_like(tokens, self.pad_token), tokens)
 
-    def progress(self, total: int | None):
+    def progress(self, total: int | None) -> tqdm | None:
         """A tqdm bar on stderr when ``progress=True`` and stderr is a terminal (a log file or pipe gets
         no ``\\r`` frames)."""
         if not self.o.progress or not _isatty(sys.stderr):
@@ -586,7 +589,7 @@ class _Run:
         return st
 
 
-def _isatty(stream) -> bool:
+def _isatty(stream: TextIO) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):

@@ -12,16 +12,23 @@ from __future__ import annotations
 import dataclasses
 import types
 import warnings
+from collections.abc import Iterable
 from dataclasses import InitVar, dataclass
+from typing import Any
 
 import torch
 
 from .. import _checks
+from .._protocols import DiscreteProcess
 from ..continuous import GaussianDiffusion
 from ..errors import InputError, InputTypeError
 from ..ops._dispatch import BACKENDS
 from . import strategies as _strategies
 from ._engine import step_grid  # noqa: F401  (re-exported: fastdiff.sampling.step_grid)
+
+#: What the sampler takes as ``process``: a discrete process (the :class:`~fastdiff._protocols.DiscreteProcess`
+#: protocol) or a Gaussian diffusion over embeddings.
+Process = DiscreteProcess | GaussianDiffusion
 
 #: Largest ``steps`` accepted (the confidence / threshold schedules compute with int64 step counts).
 MAX_STEPS = 2**62
@@ -100,7 +107,7 @@ class Options:
         _check_names(kwargs)
         return cls(**kwargs)
 
-    def replace(self, **kwargs) -> "Options":
+    def replace(self, **kwargs: Any) -> Options:
         _check_names(kwargs)
         return dataclasses.replace(self, **kwargs)
 
@@ -231,7 +238,7 @@ def applies_to(name: str) -> tuple[str, ...]:
     return listed or tuple(table)
 
 
-def _listing(names) -> str:
+def _listing(names: Iterable[object]) -> str:
     names = [repr(n) for n in names]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -303,7 +310,7 @@ def _flag(name: str, v: object) -> bool:
     return v
 
 
-def _finite(name: str, v: object, lo: float | None = None, hi: float | None = None, **kw) -> float:
+def _finite(name: str, v: object, lo: float | None = None, hi: float | None = None, **kw: bool) -> float:
     v = _checks.real(name, v, lo, hi, **kw)
     if v in (float("inf"), float("-inf")):
         raise InputError(f"{name}: must be finite, got {v}")
@@ -325,7 +332,7 @@ _BOOL_OPTIONS = tuple(f.name for f in dataclasses.fields(Options) if f.type == "
 _FLOAT_OPTIONS = tuple(f.name for f in dataclasses.fields(Options) if f.type == "float")
 
 
-def resolve_strategy(process: object, strategy: object) -> _strategies.Strategy:
+def resolve_strategy(process: Process, strategy: object) -> _strategies.Strategy:
     """The table entry of ``strategy`` for ``process`` (errors name ``process`` or ``strategy``)."""
     table = _strategies.TABLE
     continuous = is_continuous(process)
@@ -344,7 +351,7 @@ def resolve_strategy(process: object, strategy: object) -> _strategies.Strategy:
     return spec
 
 
-def check_static(process: object, strategy: str, steps: object, o: Options) -> int:
+def check_static(process: Process, strategy: str, steps: object, o: Options) -> int:
     """Checks that do not depend on the batch; returns ``steps`` as an int. ``o`` (the sampler's own
     :class:`Options`, never the caller's objects) gets its numbers as floats.
 

@@ -22,9 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from . import _continuous, _discrete
+
+if TYPE_CHECKING:
+    from ._options import Options
 
 FAMILIES = ("discrete", "continuous")
 
@@ -83,7 +87,7 @@ class Strategy:
         return LOOPS[self.family]
 
 
-def _remask_eta(o) -> None:
+def _remask_eta(o: Options) -> None:
     if o.remask_schedule == "rescale" and o.eta > 1:
         raise InputError(f"eta: must be <= 1 with remask_schedule='rescale' (σ_t = η·σ_max must not exceed "
                          f"σ_max), got {o.eta}; remask_schedule='cap' takes any η >= 0")

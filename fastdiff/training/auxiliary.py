@@ -16,19 +16,27 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import _checks
 from .config import lr_factor
+
+if TYPE_CHECKING:
+    from ..data import TextTokenizer
+
+#: a scorer's data: ``tokens (N, L)`` (causal LM) or ``(tokens, labels)`` (classifier)
+ScorerData = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 __all__ = ["train_scorer"]
 
 KINDS = ("causal_lm", "classifier")
 
 
-def _loss(kind: str, model, batch, pad_id: int) -> torch.Tensor:
+def _loss(kind: str, model: nn.Module, batch: ScorerData, pad_id: int) -> torch.Tensor:
     if kind == "causal_lm":
         tokens = batch
         logits = model(tokens[:, :-1])
@@ -39,7 +47,7 @@ def _loss(kind: str, model, batch, pad_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _valid(kind: str, model, data, pad_id: int, batch_size: int) -> dict:
+def _valid(kind: str, model: nn.Module, data: ScorerData, pad_id: int, batch_size: int) -> dict:
     model.eval()
     total, n, correct = 0.0, 0, 0
     tensors = data if isinstance(data, tuple) else (data,)
@@ -58,7 +66,8 @@ def _valid(kind: str, model, data, pad_id: int, batch_size: int) -> dict:
     return out
 
 
-def train_scorer(kind: str, model, train, valid, *, out_dir: str | Path, tokenizer, steps: int = 1000,
+def train_scorer(kind: str, model: nn.Module, train: ScorerData, valid: ScorerData, *, out_dir: str | Path,
+                 tokenizer: TextTokenizer, steps: int = 1000,
                  batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, warmup: int = 100,
                  grad_clip: float = 1.0, seed: int = 0, log_every: int = 50, progress: bool = True,
                  extra_config: dict | None = None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ class EMA:
     """Exponential moving average of a model's parameters: after each update
     ``ema ← decay·ema + (1 - decay)·θ`` (float32 copies; starts at the initial parameters)."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = _checks.real("decay", decay, 0.0, 1.0, hi_open=True)
         self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
 
@@ -53,7 +54,7 @@ class EMA:
             p.copy_(self.shadow[n])
 
     @contextlib.contextmanager
-    def swapped_in(self, model: nn.Module):
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """A context in which ``model`` holds the EMA weights; its own come back on exit."""
         raw = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.copy_to(model)

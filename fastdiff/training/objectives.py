@@ -16,7 +16,7 @@ generators (:mod:`fastdiff.training.rng`), so the losses do not depend on how th
 from __future__ import annotations
 
 import contextlib
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +24,10 @@ from torch import nn
 from .. import discrete, schedules, timesteps
 from .config import TrainConfig
 from .process import sync_schedule
+
+if TYPE_CHECKING:
+    from .._protocols import DiscreteProcess
+    from ..continuous import GaussianDiffusion
 
 __all__ = ["BatchLoss", "Objective", "autocast"]
 
@@ -45,7 +49,7 @@ class BatchLoss(NamedTuple):
     t: torch.Tensor
 
 
-def autocast(config: TrainConfig, device: torch.device):
+def autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``amp="auto"`` on CUDA; nothing otherwise."""
     if config.amp == "auto" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -61,8 +65,8 @@ class Objective:
     :meth:`loss` takes the module the training forward runs through (DDP) as ``net``.
     """
 
-    def __init__(self, config: TrainConfig, process: Any, model: nn.Module, device: torch.device, *,
-                 num_labels: int = 0, pad_id: int = 0, self_condition: bool = False):
+    def __init__(self, config: TrainConfig, process: DiscreteProcess | GaussianDiffusion, model: nn.Module,
+                 device: torch.device, *, num_labels: int = 0, pad_id: int = 0, self_condition: bool = False) -> None:
         self.config, self.process, self.model, self.device = config, process, model, device
         self.num_labels, self.pad_id, self.self_condition = num_labels, pad_id, self_condition
         self.target = "tgt" if config.task == "word_order" else "tokens"
@@ -71,11 +75,12 @@ class Objective:
         self.adaptive = schedule if isinstance(schedule, schedules.AdaptiveSchedule) else None
 
     @staticmethod
-    def create(config: TrainConfig, process: Any, model: nn.Module, device: torch.device, **kw: Any) -> Objective:
+    def create(config: TrainConfig, process: DiscreteProcess | GaussianDiffusion, model: nn.Module,
+               device: torch.device, **kw: Any) -> Objective:
         cls = ContinuousObjective if config.family == "continuous" else DiscreteObjective
         return cls(config, process, model, device, **kw)
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.config, self.device)
 
     # --- draws ---------------------------------------------------------------------------------------
@@ -140,17 +145,20 @@ class Objective:
         return self._loss(net, batch[self.target], draws["t"][rows], draws["w"][rows],
                           self.cond(batch, draws, rows), draws, rows, train)
 
-    def _loss(self, net, x0, t, w, cond, draws, rows, train) -> BatchLoss:
+    def _loss(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, cond: dict[str, torch.Tensor],
+              draws: dict[str, Any], rows: torch.Tensor, train: bool) -> BatchLoss:
         raise NotImplementedError
 
 
 class DiscreteObjective(Objective):
     """``x_t ~ q(x_t | x_0)``; :func:`fastdiff.discrete.losses` of the x0 logits."""
 
-    def _family_draws(self, d, x0, t, cpu_gen, gen):
+    def _family_draws(self, d: dict[str, Any], x0: torch.Tensor, t: torch.Tensor, cpu_gen: torch.Generator,
+                      gen: torch.Generator) -> None:
         d["x_t"] = self.process.q_sample(x0, t, generator=gen)
 
-    def _loss(self, net, x0, t, w, cond, draws, rows, train):
+    def _loss(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, cond: dict[str, torch.Tensor],
+              draws: dict[str, Any], rows: torch.Tensor, train: bool) -> BatchLoss:
         cfg = self.config
         x_t = draws["x_t"][rows]
         with self.autocast():
@@ -165,14 +173,16 @@ class DiscreteObjective(Objective):
 class ContinuousObjective(Objective):
     """Gaussian noise on the jointly learned embeddings; :meth:`GaussianDiffusion.losses` of the output."""
 
-    def _family_draws(self, d, x0, t, cpu_gen, gen):
+    def _family_draws(self, d: dict[str, Any], x0: torch.Tensor, t: torch.Tensor, cpu_gen: torch.Generator,
+                      gen: torch.Generator) -> None:
         table = self.model.embedding_table()
         shape = (x0.shape[0], x0.shape[1], table.shape[1])
         d["noise"] = torch.randn(shape, generator=gen, device=self.device, dtype=table.dtype)
         if self.self_condition:
             d["coin"] = float(torch.rand((), generator=cpu_gen))  # drawn every step: a fixed RNG stream
 
-    def _loss(self, net, x0, t, w, cond, draws, rows, train):
+    def _loss(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, cond: dict[str, torch.Tensor],
+              draws: dict[str, Any], rows: torch.Tensor, train: bool) -> BatchLoss:
         cfg, process = self.config, self.process
         emb = self.model.embedding(x0)  # (b, L, D), learned jointly
         noise = draws["noise"][rows]

@@ -52,7 +52,7 @@ class Parallel:
     (``device`` names one; a bare "cuda" under torchrun becomes ``cuda:LOCAL_RANK``), with ``mode``
     "ddp" or "fsdp" when distributed."""
 
-    def __init__(self, ctx: _dist.Context, device: str, mode: str):
+    def __init__(self, ctx: _dist.Context, device: str, mode: str) -> None:
         self.ctx, self.mode = ctx, mode
         self.rank, self.world = ctx.rank, ctx.world_size
         dev = check_device(device)
@@ -106,7 +106,7 @@ class Parallel:
         # text-to-text, the label table without labels): DDP must not wait for their gradients.
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
-    def sync(self, net: nn.Module, last: bool):
+    def sync(self, net: nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """Gradient synchronisation only on the ``last`` micro-batch of an update."""
         if self.fsdp:
             for block in self._sharded:

@@ -31,7 +31,7 @@ class StepRNG:
     global RNG state afterwards, so training leaves the caller's randomness alone.
     """
 
-    def __init__(self, seed: int, device: torch.device):
+    def __init__(self, seed: int, device: torch.device) -> None:
         self.seed, self.device = seed, device
 
     def generators(self, step: int, stream: str) -> tuple[torch.Generator, torch.Generator]:

@@ -3,6 +3,7 @@ training data, the model (built from ``config.arch`` or given) and the optimizer
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,7 +58,8 @@ def on_device(keys: Any, vals: Any, device: torch.device, non_blocking: bool = F
     return {k: v.to(device, non_blocking=non_blocking) for k, v in zip(keys, vals)}
 
 
-def valid_batches(data: dict[str, torch.Tensor], batch_size: int, count: int, device: torch.device):
+def valid_batches(data: dict[str, torch.Tensor], batch_size: int, count: int, device: torch.device
+                  ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """The first ``count`` batches of ``data`` (at most ``batch_size`` rows each), in order: ``(i, batch)``."""
     from ..data import Batches
 

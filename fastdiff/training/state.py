@@ -187,7 +187,7 @@ def rebatch(config: TrainConfig, state: dict[str, Any], d: Path) -> TrainConfig:
 class Weights:
     """A model's identity (``arch``, ``config_dict``) with a given ``state_dict`` (the gathered FSDP one)."""
 
-    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         self._model, self._state = model, state
         self.arch = getattr(model, "arch", None)
 

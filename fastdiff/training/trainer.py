@@ -80,7 +80,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, train_data: dict[str, torch.Tensor],
                  valid_data: dict[str, torch.Tensor] | None = None, tokenizer: Any = None,
                  model: nn.Module | None = None, *, overwrite: bool = False,
-                 process_tensors: dict[str, torch.Tensor] | None = None):
+                 process_tensors: dict[str, torch.Tensor] | None = None) -> None:
         from ..data import Batches
 
         if not isinstance(config, TrainConfig):

@@ -1,0 +1,7 @@
+"""``python -m fastdiff.cli``: the ``fastdiff`` command (as ``python -m fastdiff``)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

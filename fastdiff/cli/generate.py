@@ -1,0 +1,128 @@
+"""``fastdiff generate`` (the main job, also plain ``fastdiff``): text from the bundled model or a checkpoint,
+one line per sample, optionally a JSONL file; under torchrun every rank generates its share."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import IO, TYPE_CHECKING
+
+from ._common import (
+    _add_sampling,
+    _check_backend,
+    _check_device,
+    _check_generator,
+    _configure_threads,
+    _device,
+    _progress,
+    _sampling_defaults,
+    _sampling_options,
+    check_writable,
+    plan_batch,
+    positive_int,
+    write_atomic,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..distributed import Context
+    from ..pipeline import Generation
+
+HELP = "generate text (the main job)"
+
+
+def add_arguments(g: argparse.ArgumentParser) -> None:
+    """The ``generate`` options on ``g``."""
+    _add_sampling(g)
+    g.add_argument("--num-samples", "-n", type=positive_int, default=4, help="samples to generate")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--prompt", help="fixed text at the start; the rest is generated")
+    start.add_argument("--template", help="infilling template: [MASK] = one generated token, [MASK*n] = n of them")
+    g.add_argument("--source", help="input text of a text-to-text checkpoint")
+    g.add_argument("--output", "-o", help="write the samples as JSONL (checked before the work, written atomically)")
+    g.add_argument("--trajectory", action="store_true", help="print sample 0 after the denoising steps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a "
+                                                              "terminal)")
+    g.add_argument("--quiet", action="store_true", help="no header line")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``fastdiff generate``; returns the exit status."""
+    from .. import distributed
+
+    threads = _configure_threads(args)
+    device = _check_device(args.device)
+    _check_backend(args.backend, _device(device))
+    if args.output and distributed.rank() == 0:  # only rank 0 writes
+        check_writable(args.output, "--output")
+    # Under torchrun: join the group (gloo on CPU, NCCL on cuda:LOCAL_RANK); every rank generates its
+    # slice of the samples, rank 0 prints and writes them all in global order. Alone: a world of one.
+    with distributed.session(device) as ctx:
+        return _generate_on(args, ctx, threads)
+
+
+def _backend_text(backend: str, device: str | torch.device) -> str:
+    if backend != "auto":
+        return backend
+    from .. import _backends
+
+    return f"auto: {_backends.summary(device)}"
+
+
+def _generate_on(args: argparse.Namespace, ctx: Context, threads: int | None = None) -> int:
+    from ..pipeline import TextDiffusion
+
+    td = TextDiffusion.load(args.checkpoint, device=ctx.device, backend=args.backend)
+    _check_generator(td, args.checkpoint)
+    chosen = _sampling_defaults(td, args)
+    length = args.length or td.seq_len
+    batch = plan_batch(td, td.device, num_samples=args.num_samples, length=length, batch_size=args.batch_size,
+                       steps=args.steps, trajectory=args.trajectory, guidance=args.guidance)
+    info = td.describe()
+    template = args.template if args.template is not None else (f"{args.prompt} [MASK]" if args.prompt else None)
+    main = ctx.is_main
+    if not args.quiet and main:
+        ranks = f", {ctx.world_size} ranks ({ctx.backend})" if ctx.distributed else ""
+        threads = f", threads {threads}" if threads is not None else ""
+        print(f"fastdiff generate: {args.checkpoint} ({info['family']}, {info['task']}, "
+              f"{info['params'] / 1e6:.2f} M parameters, step {info['step']}) | "
+              f"{args.num_samples} samples x {length} tokens, {args.steps} steps, "
+              f"{args.strategy or td.default_strategy()}"
+              + (f", temperature {args.temperature:g}" if args.temperature != 1.0 else "")
+              + (f", top-p {args.top_p:g}" if args.top_p is not None else "") + chosen +
+              f", device {td.device}, "
+              f"backend {_backend_text(args.backend, td.device)}{threads}{ranks}", flush=True)
+    gen = td.generate(args.num_samples, length=args.length, steps=args.steps, strategy=args.strategy,
+                      seed=args.seed, batch_size=batch, label=args.label, guidance=args.guidance,
+                      template=template, source=args.source, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, trajectory=args.trajectory, progress=main and _progress(args),
+                      **_sampling_options(args))
+    if not main:
+        return 0
+    for i, text in enumerate(gen.texts):
+        print(f"[{i}] {' '.join(text.split())}")  # one line per sample; the JSONL keeps the text as generated
+    if gen.trajectory:
+        print("denoising trajectory of sample 0 (_ = [MASK]):")
+        every = max(1, len(gen.trajectory) // 8)
+        for k, step in enumerate(gen.trajectory):
+            if k % every == 0 or k == len(gen.trajectory) - 1:
+                print(f"  step {k + 1:>4}: {step[0]}")
+    st = gen.stats
+    ranks = f" on {st['ranks']} ranks" if st.get("ranks", 1) > 1 else ""
+    print(f"{gen.tokens.numel()} tokens in {st['time_s']:.2f} s{ranks}: {st['tokens_per_s']:,.0f} tokens/s "
+          f"({st['network_calls']} network calls)")
+    if args.output:
+        def rows(f: IO[str]) -> None:
+            for i, text in enumerate(gen.texts):
+                f.write(_jsonl_row(i, text, gen, args, st) + "\n")
+
+        out = write_atomic(args.output, "--output", rows)
+        print(f"wrote {len(gen.texts)} samples to {out}")
+    return 0
+
+
+def _jsonl_row(i: int, text: str, gen: Generation, args: argparse.Namespace, st: dict) -> str:
+    return json.dumps({"index": i, "text": text, "tokens": gen.tokens[i].tolist(),
+                       "label": gen.labels[i] if gen.labels else None, "seed": args.seed,
+                       "checkpoint": str(args.checkpoint), "strategy": st["strategy"], "steps": args.steps})

@@ -1,0 +1,56 @@
+"""``sample_categorical`` on the Triton backend: the launcher of ``kernels/sample_categorical.py`` (one program
+per row; temperature, tie-inclusive top-k / top-p by exact threshold bisection, the reference's counter-based
+inverse-CDF draw) and its custom op ``fastdiff_triton::sample_categorical`` (the schema of every backend,
+``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL`` in ``csrc/schema.h``)."""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from fastdiff.kernels.sample_categorical import _sample_categorical_fwd_kernel
+
+from ...sample_categorical import sample_categorical_fake
+from . import _launch as _common
+from . import use_ops
+from .. import python_op
+
+SCHEMA = "(Tensor logits, int seed, int offset, float temperature, int top_k, float top_p, int row_offset) -> Tensor"
+
+
+def _sample_categorical_fwd(logits: torch.Tensor, seed: int, offset: int, temperature: float, top_k: int, top_p: float,
+                            row_offset: int) -> torch.Tensor:
+    """Launcher (``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL``): ``logits: (N, V)`` with unit column stride -> tokens
+    ``(N,)`` int64. ``top_k = 0`` and ``top_p = 1.0`` mean no filter. The kernel takes the 64-bit counter
+    words as 32-bit halves."""
+    N, V = logits.shape
+    tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
+    if N == 0:
+        return tokens
+    seed_lo, seed_hi = _common.split_seed(seed)
+    off_lo, off_hi = _common.split_seed(offset)
+    row_lo, row_hi = _common.split_seed(row_offset)
+    f64 = logits.dtype == torch.float64
+    has_topk = 0 < top_k < V
+    has_topp = top_p < 1.0
+    BLOCK = _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096)
+    _sample_categorical_fwd_kernel[(N,)](
+        logits, logits.stride(0), tokens, V, _common.f64_bits(temperature), int(top_k), _common.f64_bits(top_p),
+        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
+        GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
+        XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
+        KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
+        BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4,
+    )
+    return tokens
+
+
+sample_categorical_op = python_op("fastdiff_triton::sample_categorical", _sample_categorical_fwd, SCHEMA,
+                                  sample_categorical_fake)
+
+
+def sample_categorical(logits: torch.Tensor, seed: int, offset: int, temperature: float, top_k: int, top_p: float,
+                       row_offset: int) -> torch.Tensor:
+    """``(N,)`` int64 tokens of ``(N, V)`` logits (``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL``)."""
+    fn = sample_categorical_op if use_ops() else _sample_categorical_fwd
+    return fn(logits, seed, offset, temperature, top_k, top_p, row_offset)

@@ -1,0 +1,556 @@
+"""sample_categorical on every backend: the draw contract (the inverse CDF at the row's Philox uniform),
+frequencies, zero-probability tokens never drawn, tie-inclusive top-k / top-p sets, greedy argmax, views and
+empty inputs, value checks (in the public op or in the C++ kernel's own pass: the same error), and bad input
+rejected before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from fastdiff import ops
+from fastdiff import random as R
+from fastdiff.errors import InputError, InputTypeError
+from fastdiff.ops import filter_weights
+from tests import _oracles as O
+from tests.ops import _cases as C
+
+F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+
+
+def _softmax64(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _filtered_weights(logits, temperature=1.0, top_k=None, top_p=None):
+    return filter_weights(logits.double().cpu() / temperature, top_k, top_p)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The draw contract and frequencies
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", C.BACKENDS)
+def test_draws_follow_the_documented_contract(backend):
+    """Each row's token is the inverse CDF at the Philox uniform of (seed; row, offset)."""
+    logits = torch.randn(40, 13, generator=C.gen(0)) * 3
+    seed, offset = 2**40 + 17, 5
+    out = ops.sample_categorical(logits.to(C.device(backend)), seed=seed, offset=offset, temperature=0.7,
+                                 backend=backend).cpu()
+    z = logits.double().numpy() / 0.7
+    for r in range(40):
+        assert int(out[r]) == O.inverse_cdf(_softmax64(z[r]), O.row_uniform(seed, offset, r))
+
+
+@pytest.mark.parametrize("V", [1, 2, 7, 1000])
+@pytest.mark.parametrize("backend", C.backends(C.AUTO_CPU, "cuda"))
+def test_frequencies_chi_square(backend, V):
+    row = torch.randn(V, generator=C.gen(V)) * 2
+    row[0] = float("-inf") if V > 1 else row[0]
+    n = 100_000
+    out = ops.sample_categorical(row.to(C.device(backend)).expand(n, V), seed=1, temperature=1.0, backend=backend)
+    p = _softmax64(row.double().numpy())
+    counts = np.bincount(out.cpu().numpy(), minlength=V)
+    if V > 1:
+        assert counts[0] == 0  # -inf logit never drawn
+    if V <= 7:
+        nz = p > 0
+        if nz.sum() > 1:
+            assert stats.chisquare(counts[nz], p[nz] * n).pvalue > 1e-5
+    else:  # bin by probability deciles so expected counts are large
+        order = np.argsort(p)
+        bins = np.array_split(order[p[order] > 0], 10)
+        assert stats.chisquare([counts[b].sum() for b in bins], [p[b].sum() * n for b in bins]).pvalue > 1e-5
+
+
+@pytest.mark.parametrize("backend,V,n", C.cases({"cuda": [(1000, 200_000)], "triton": [(1000, 1_000_000)]}))
+def test_gpu_frequencies_and_zero_probability(backend, V, n):
+    """GPU sizes: a row with every 7th logit at -inf (CUDA), a million draws (Triton on a GPU)."""
+    if backend == "triton" and not C.GPU:
+        pytest.skip("a million draws: GPU only")
+    row = torch.randn(V, generator=C.gen(8 if backend == "cuda" else 4)) * 2
+    if backend == "cuda":
+        row[::7] = float("-inf")
+    else:
+        row[0] = float("-inf")
+    out = ops.sample_categorical(row.to("cuda").expand(n, V), seed=1, backend=backend).cpu().numpy()
+    p = torch.softmax(row.double(), -1).numpy()
+    counts = np.bincount(out, minlength=V)
+    assert counts[p == 0].sum() == 0
+    order = np.argsort(p)
+    bins = np.array_split(order[p[order] > 0], 10 if backend == "cuda" else 20)
+    assert stats.chisquare([counts[b].sum() for b in bins], [p[b].sum() * n for b in bins]).pvalue > 1e-5
+
+
+@pytest.mark.parametrize("backend", C.backends(C.AUTO_CPU, "cuda"))
+def test_zero_probability_tokens_never_drawn(backend):
+    V = 50
+    logits = torch.full((200_000, V), float("-inf"), device=C.device(backend))
+    logits[:, [3, 17, 49]] = torch.tensor([0.0, -30.0, 5.0], device=logits.device)
+    out = ops.sample_categorical(logits, seed=9, backend=backend)
+    assert set(out.unique().tolist()) <= {3, 17, 49}
+
+
+def _topk_set(z: np.ndarray, k: int) -> set[int]:
+    kth = np.sort(z)[::-1][k - 1]
+    return set(np.nonzero(z >= kth)[0].tolist())
+
+
+def _topp_set(p: np.ndarray, top_p: float) -> set[int]:
+    """Smallest prefix (by decreasing probability) whose mass reaches top_p, plus ties with its last member."""
+    order = np.argsort(-p, kind="stable")
+    mass, keep = 0.0, []
+    for i in order:
+        if mass >= top_p and p[i] < p[keep[-1]]:
+            break
+        keep.append(int(i))
+        mass += p[i]
+    return set(keep)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, None), (5, None), (None, 0.5), (None, 0.9), (10, 0.8)])
+@pytest.mark.parametrize("backend", C.backends(C.AUTO_CPU, "cuda"))
+def test_top_k_top_p_sets_and_frequencies(backend, top_k, top_p):
+    V, n = 40, 100_000
+    row = torch.randn(V, generator=C.gen(3)) * 1.5
+    out = ops.sample_categorical(row.to(C.device(backend)).expand(n, V), seed=4, top_k=top_k, top_p=top_p,
+                                 temperature=0.9, backend=backend).cpu()
+    z = row.double().numpy() / 0.9
+    allowed = set(range(V))
+    w = _softmax64(z)
+    if top_k is not None:
+        allowed = _topk_set(z, top_k)
+        w = np.where(np.isin(np.arange(V), list(allowed)), w, 0)
+        w = w / w.sum()
+    if top_p is not None:
+        allowed = _topp_set(w, top_p)
+        w = np.where(np.isin(np.arange(V), list(allowed)), w, 0)
+        w = w / w.sum()
+    counts = np.bincount(out.numpy(), minlength=V)
+    assert set(np.nonzero(counts)[0].tolist()) <= allowed
+    idx = sorted(allowed)
+    if len(idx) > 1:
+        assert stats.chisquare(counts[idx], w[idx] * n).pvalue > 1e-5
+
+
+@pytest.mark.parametrize("backend,n", C.cases({"reference": [20_000], "cpp": [20_000], "triton": [40],
+                                               "cuda": [100_000]}))
+def test_ties_are_kept_whole(backend, n):
+    """top_k=2 of (2, 1, 1, 1, 0) keeps the three 1s; top_p=0.5 of (.4, .2, .2, .2, 0) keeps the three .2s; the
+    draws equal the reference's; on CUDA also the frequencies."""
+    dev = C.device(backend)
+    logits = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.0]], device=dev).expand(n, 5)
+    out = ops.sample_categorical(logits, seed=0, top_k=2, backend=backend)
+    assert set(out.unique().tolist()) == {0, 1, 2, 3}
+    assert torch.equal(out.cpu(), ops.sample_categorical(logits.cpu(), seed=0, top_k=2, backend="reference"))
+    p = torch.tensor([0.4, 0.2, 0.2, 0.2, 0.0], device=dev).log().expand(n, 5)
+    out = ops.sample_categorical(p, seed=0, top_p=0.5, backend=backend)
+    assert set(out.unique().tolist()) == {0, 1, 2, 3}
+    assert torch.equal(out.cpu(), ops.sample_categorical(p.cpu(), seed=0, top_p=0.5, backend="reference"))
+    # -0.0 and +0.0 are one tie group for top-k, as in the reference
+    z = torch.tensor([[1.0, -0.0, 0.0, -1.0]], device=dev).expand(40, 4)
+    assert set(ops.sample_categorical(z, seed=2, top_k=2, backend=backend).unique().tolist()) == {0, 1, 2}
+    if backend == "cuda":  # logits 2, 2, 1, 1, 0: top_k=1 and top_p=0.5 keep both 2s; frequencies
+        logits = torch.tensor([[2.0, 2.0, 1.0, 1.0, 0.0]]).expand(100_000, 5).to(dev)
+        for kw in (dict(top_k=1), dict(top_p=0.5), dict(top_k=3)):
+            out = ops.sample_categorical(logits, seed=5, backend=backend, **kw).cpu()
+            w = filter_weights(logits[:1].double().cpu(), kw.get("top_k"), kw.get("top_p"))[0].numpy()
+            counts = np.bincount(out.numpy(), minlength=5)
+            assert counts[w == 0].sum() == 0, kw
+            nz = w > 0
+            assert stats.chisquare(counts[nz], w[nz] / w.sum() * out.numel()).pvalue > 1e-5, kw
+
+
+@pytest.mark.parametrize("backend", C.BACKENDS)
+def test_greedy_is_the_first_maximum(backend):
+    dev = C.device(backend)
+    logits = torch.tensor([[0.0, 3.0, 3.0, 1.0], [5.0, 0.0, 0.0, 0.0]], device=dev)
+    assert ops.sample_categorical(logits, seed=0, temperature=0, backend=backend).tolist() == [1, 0]
+    for dtype in C.DTYPES:
+        many = torch.randint(-3, 4, (200, 33), generator=C.gen(4)).to(dtype)  # many exact ties
+        many[5] = float("-inf")
+        many[5, 30] = 0.0
+        out = ops.sample_categorical(many.to(dev), seed=0, temperature=0.0, backend=backend)
+        assert torch.equal(out.cpu(), torch.argmax(many.float(), dim=-1))
+
+
+@pytest.mark.parametrize("backend", C.BACKENDS)
+def test_same_seed_same_tokens_views_dtypes_and_empty(backend):
+    dev = C.device(backend)
+    logits = torch.randn(3, 97, 33, generator=C.gen(5)).to(dev)
+    a = ops.sample_categorical(logits, seed=7, offset=2, backend=backend)
+    assert a.shape == (3, 97) and a.dtype == torch.int64
+    assert torch.equal(a, ops.sample_categorical(logits.clone(), seed=7, offset=2, backend=backend))
+    assert not torch.equal(a, ops.sample_categorical(logits, seed=7, offset=3, backend=backend))
+    # non-contiguous views give the same draws as their contiguous copies (and as the reference)
+    t = logits.transpose(0, 1)
+    assert torch.equal(ops.sample_categorical(t, seed=1, backend=backend).cpu(),
+                       ops.sample_categorical(t.contiguous().cpu(), seed=1, backend="reference"))
+    s = logits[..., ::2]  # strided vocabulary
+    assert torch.equal(ops.sample_categorical(s, seed=1, backend=backend).cpu(),
+                       ops.sample_categorical(s.cpu(), seed=1, backend="reference"))
+    x = torch.randn(3, 97, 33, generator=C.gen(5)).transpose(0, 1).to(dev)
+    assert torch.equal(ops.sample_categorical(x, seed=1, backend=backend).cpu(),
+                       ops.sample_categorical(x.cpu(), seed=1, backend="reference"))
+    for dt in (F16, BF16, F64):
+        out = ops.sample_categorical(logits.to(dt), seed=7, offset=2, backend=backend)
+        ref = ops.sample_categorical(logits.to(dt).double(), seed=7, offset=2, backend=backend)
+        assert torch.equal(out, ref)
+    assert ops.sample_categorical(logits[:0], seed=1, backend=backend).shape == (0, 97)
+    assert ops.sample_categorical(torch.zeros(0, 4, device=dev), seed=1, backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", C.backends("reference", "cpp"))
+def test_chunking_does_not_change_draws(backend, monkeypatch):
+    mod = importlib.import_module("fastdiff.ops.sample_categorical")
+    logits = torch.randn(37, 11)
+    full = ops.sample_categorical(logits, seed=3, top_p=0.8, backend=backend)
+    monkeypatch.setattr(mod, "rows_per_chunk", lambda width: 5)
+    assert torch.equal(full, ops.sample_categorical(logits, seed=3, top_p=0.8, backend=backend))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Against the reference, per backend at the sizes it is built for
+# --------------------------------------------------------------------------------------------------------
+MODES = [dict(), dict(temperature=0.0), dict(temperature=0.6, top_k=5), dict(top_p=0.9), dict(top_k=50, top_p=0.5),
+         dict(temperature=1.7, top_k=1), dict(top_p=0.05)]
+
+
+@pytest.mark.parametrize("backend,V,dtype", C.cases({"cpp": [(V, dt) for V in (1, 7, 50257) for dt in C.DTYPES]}))
+def test_cpp_equals_the_reference(backend, V, dtype):
+    """Every filter mode; tokens in the kept set; draws equal except near-ties on the float32 fast path."""
+    n = 33 if V < 1000 else 12
+    if V > 1000 and dtype in (F16, BF16):
+        n = 6
+    logits = (torch.randn(n, V, generator=C.gen(V)) * 3).to(dtype)
+    if V > 1:
+        logits[1, ::2] = float("-inf")
+        logits[2, : V // 2 + 1] = logits[2, 0]  # a long tie
+    for k, mode in enumerate(MODES):
+        seed, offset = 77 + k, k
+        got = ops.sample_categorical(logits, seed=seed, offset=offset, **mode, backend=backend)
+        want = ops.sample_categorical_ref(logits, seed=seed, offset=offset, **mode)
+        assert got.shape == (n,) and got.dtype == torch.int64
+        if mode.get("temperature") == 0.0:
+            assert torch.equal(got, want)
+            continue
+        kw = {k2: mode.get(k2) for k2 in ("top_k", "top_p")}
+        w = _filtered_weights(logits, mode.get("temperature", 1.0), **kw)
+        assert bool((w.gather(1, got[:, None]) > 0).all()), f"{mode}: a token outside the kept set"
+        C.check_draws_rare(got, want, lambda r: w[r].numpy(), seed, offset, fast=V > 2048 and dtype != F64)
+
+
+FILTERS = [dict(), dict(temperature=0.0), dict(top_k=1), dict(top_k=5, temperature=0.7), dict(top_p=0.5),
+           dict(top_k=10, top_p=0.9, temperature=1.3)]
+
+
+def _sample_logits(N, V, dtype, seed, dev):
+    logits = torch.randn(N, V, generator=C.gen(seed)) * 2
+    if V > 5:
+        logits[:, 2] = float("-inf")
+        logits[0, :5] = logits[0, 5]  # a tie group at the top-k / top-p boundary candidates
+        logits[1, 3:] = 0.0  # a row of equal values
+    return logits.to(dev, dtype)
+
+
+def _check_against_reference(backend, logits, kw, seed=7, offset=3, max_near=1):
+    got = ops.sample_categorical(logits, seed=seed, offset=offset, backend=backend, **kw)
+    want = ops.sample_categorical(logits, seed=seed, offset=offset, backend="reference", **kw)
+    assert got.dtype == torch.int64 and got.shape == logits.shape[:-1]
+    flat = logits.reshape(-1, logits.shape[-1]).double().cpu()
+    if kw.get("temperature", 1.0) == 0:
+        assert torch.equal(got, want)
+        return
+    w = filter_weights(flat / kw.get("temperature", 1.0), kw.get("top_k"), kw.get("top_p"))
+    C.check_draws_near(got, want, w, R.row_uniforms(seed, offset, flat.shape[0]), max_near=max_near)
+
+
+@pytest.mark.parametrize("backend,dtype,kw", C.cases({"triton": [(dt, kw) for dt in C.DTYPES for kw in FILTERS]}))
+def test_triton_equals_the_reference(backend, dtype, kw):
+    for V, N in ((1, 3), (7, 6), (300, 4)):
+        _check_against_reference(backend, _sample_logits(N, V, dtype, V, C.device(backend)), kw)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.6), dict(top_k=5), dict(top_p=0.8),
+                                  dict(top_k=50, top_p=0.9, temperature=1.3), dict(top_k=1)], ids=C._id)
+@pytest.mark.parametrize("backend,dtype,V",
+                         C.cases({"cuda": [(dt, V) for dt in C.DTYPES for V in (1, 7, 1000, 50257)]}))
+def test_cuda_follows_the_contract(backend, dtype, V, opts):
+    """Same tokens for the same seed; the contract's token except near-ties (of the CDF or of a top-p mass
+    boundary), at most 2."""
+    n = 64 if V <= 1000 else 8
+    logits = (torch.randn(n, V, generator=C.gen(V)) * 3).to(dtype)
+    logits[:, : max(1, V // 10)] = logits[:, : max(1, V // 10)].round()  # exact ties among the top logits
+    logits = logits.to("cuda")
+    seed, offset = 99 + V, 3
+    out = ops.sample_categorical(logits, seed=seed, offset=offset, backend=backend, **opts)
+    assert out.shape == (n,) and out.dtype == torch.int64
+    assert torch.equal(out, ops.sample_categorical(logits, seed=seed, offset=offset, backend=backend, **opts))
+    z = logits.double().cpu() / opts.get("temperature", 1.0)
+    w = filter_weights(z, opts.get("top_k"), opts.get("top_p")).numpy()
+    near = 0
+    for r in range(n):
+        u = O.row_uniform(seed, offset, r)
+        want = O.inverse_cdf(w[r], u)
+        if int(out[r]) != want:
+            close = O.margin(w[r], u) < 1e-9 or _topp_boundary_distance(z[r].numpy(), opts.get("top_k"),
+                                                                        opts.get("top_p")) < 1e-9
+            assert close, f"row {r}: drew {int(out[r])}, reference {want}, not a near-tie"
+            near += 1
+        else:
+            assert w[r, int(out[r])] > 0
+    assert near <= 2
+
+
+def _topp_boundary_distance(z: np.ndarray, top_k, top_p) -> float:
+    """How close any category's 'mass strictly more probable' is to top_p (top-p near-tie indicator)."""
+    if top_p is None:
+        return 1.0
+    w = filter_weights(torch.from_numpy(z)[None], top_k, None)[0].numpy()
+    p = w / w.sum()
+    vals, counts = np.unique(p, return_counts=True)  # ascending
+    group = (vals * counts)[::-1]
+    mass = (np.cumsum(group) - group)[::-1]  # mass of the strictly larger values, per distinct value
+    return float(np.min(np.abs(mass - top_p)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not C.GPU, reason="needs a CUDA device (GPT-2 vocabulary)")
+@pytest.mark.parametrize("backend", C.backends("triton"))
+def test_gpu_gpt2_vocabulary(backend):
+    logits = (torch.randn(256, 50257, generator=C.gen(2)) * 3).to("cuda", BF16)
+    for kw in FILTERS:
+        _check_against_reference(backend, logits, kw)
+
+
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_leading_tiles_of_minus_inf(backend):
+    """Rows whose first row tiles (128 wide in the Triton interpreter) are all -inf: the online max and sums
+    start from -inf without producing NaN."""
+    dev = C.device(backend)
+    logits = torch.full((3, 300), float("-inf"), device=dev)
+    logits[:, 260:] = torch.randn(3, 40, generator=C.gen(8)).to(dev)
+    logits[2, 299] = 50.0
+    for kw in FILTERS:
+        _check_against_reference(backend, logits, kw)
+
+
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_large_logits_small_temperature(backend):
+    """Logits ~27 at temperature 0.3: shifted by the max before scaling, the draws equal the reference's and
+    stay in the support."""
+    V = 140
+    x = torch.zeros(3, V, dtype=F64)
+    x[:, 40:90] = float("-inf")
+    x[:, 13], x[:, 118] = 27.25, 27.0
+    x[1, 7] = -30.0
+    x32 = x.float().to(C.device(backend))
+    w_truth = torch.softmax(x / 0.3, -1)
+    p = ops.sample_categorical(x32, seed=3, temperature=0.3, backend=backend)
+    assert torch.equal(p.cpu(), ops.sample_categorical(x32, seed=3, temperature=0.3, backend="reference").cpu())
+    assert bool((w_truth.gather(-1, p.cpu()[:, None]) > 0).all())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fuzzing against the reference
+# --------------------------------------------------------------------------------------------------------
+def _has_weight_near_tie(e: np.ndarray) -> bool:
+    v = np.unique(e[e > 0])
+    return bool(len(v) > 1 and (np.diff(v) <= 1e-14 * v[1:]).any())
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), V=st.integers(1, 40), data=st.data(), seed=st.integers(0, 2**64 - 1),
+       offset=st.integers(0, 2**40), temperature=st.floats(0.05, 5.0),
+       top_k=st.one_of(st.none(), st.integers(1, 50)), top_p=st.one_of(st.none(), st.floats(0.01, 1.0)))
+def test_fuzz_float64_rows_cpp(n, V, data, seed, offset, temperature, top_k, top_p):
+    if "cpp" not in C.HERE:
+        pytest.skip("the C++ backend is not selected")
+    vals = data.draw(st.lists(st.one_of(st.floats(-30, 30), st.just(float("-inf")), st.sampled_from([0.0, 1.0])),
+                              min_size=n * V, max_size=n * V))
+    x = torch.tensor(vals, dtype=F64).reshape(n, V)
+    x[:, data.draw(st.integers(0, V - 1))] = data.draw(st.floats(-5, 5))
+    got = ops.sample_categorical(x, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 backend="cpp")
+    want = ops.sample_categorical_ref(x, seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
+    w = _filtered_weights(x, temperature, top_k, top_p).numpy()
+    e = _filtered_weights(x, temperature, None, None).numpy()
+    for r in range(n):
+        if top_p is not None and _has_weight_near_tie(e[r]):
+            # Two weights a few ulps apart: whether they tie in the reference depends on the rounding of
+            # torch's sum (p = w / sum w); the kernel ties equal weights. Only the support is checked.
+            assert e[r, int(got[r])] > 0
+            continue
+        assert w[r, int(got[r])] > 0
+        if got[r] != want[r]:
+            assert O.margin(w[r], O.row_uniform(seed, offset, r)) < 1e-12
+
+
+@st.composite
+def _logit_rows(draw, max_rows=3, sizes=(1, 2, 3, 8, 17, 150)):
+    n, V = draw(st.integers(1, max_rows)), draw(st.sampled_from(sizes))
+    cell = st.one_of(st.floats(-30, 30), st.just(float("-inf")), st.sampled_from([0.0, -0.0, 1.0, 2.5]))
+    x = torch.tensor(draw(st.lists(cell, min_size=n * V, max_size=n * V)), dtype=F64).reshape(n, V)
+    x[:, draw(st.integers(0, V - 1))] = draw(st.floats(-5, 5))  # a finite logit in every row
+    return x
+
+
+@settings(max_examples=12, deadline=None)
+@given(x=_logit_rows(), dtype=st.sampled_from([F64, F32, BF16, F16]), seed=st.integers(0, 2**64 - 1),
+       offset=st.integers(0, 2**40), temperature=st.sampled_from([0.0, 0.05, 1.0, 3.0]),
+       top_k=st.sampled_from([None, 1, 2, 7, 300]), top_p=st.sampled_from([None, 0.05, 0.5, 0.99]))
+def test_fuzz_every_dtype_triton(x, dtype, seed, offset, temperature, top_k, top_p):
+    if "triton" not in C.HERE:
+        pytest.skip("the Triton backend is not selected or not installed")
+    x = x.to(C.device("triton"), dtype)
+    kw = dict(seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert torch.equal(ops.sample_categorical(x, backend="triton", **kw),
+                       ops.sample_categorical(x, backend="reference", **kw))
+
+
+# --------------------------------------------------------------------------------------------------------
+# As torch.library ops: opcheck (schema, fake kernel, autograd registration, AOT dispatch with dynamic shapes)
+# on every backend, and the public op traced by torch.compile(fullgraph=True) with the same results
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_opcheck_sample_categorical(backend):
+    logits = torch.randn(4, 9, generator=C.gen(2)).to(C.device(backend))
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 3, 0.8)):
+        torch.library.opcheck(C.op(backend, "sample_categorical"), (logits, -5, 1, temperature, top_k, top_p, 2**40))
+
+
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_torch_compile_traces_without_a_graph_break(backend):
+    logits = torch.randn(4, 9, generator=C.gen(3)).to(C.device(backend))
+    fn = lambda lg: ops.sample_categorical(lg, seed=3, offset=1, temperature=0.8, top_k=4, top_p=0.9,  # noqa: E731
+                                           backend=backend)
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(logits), fn(logits), rtol=0,
+                               atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Values and arguments: the same decision and message on every backend
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.0), dict(top_k=3), dict(top_p=0.5)], ids=C._id)
+@pytest.mark.parametrize("bad, match", [(float("nan"), "NaN"), (float("inf"), r"\+inf"), (None, "every logit")])
+def test_bad_values_rejected_by_the_op_or_by_the_kernel(kw, bad, match):
+    """The public op skips its own read pass for a kernel that checks the values itself (C++), which must
+    raise the same error."""
+    assert importlib.import_module("fastdiff.ops.backends.cpp.sample_categorical").CHECKS_VALUES
+    logits = torch.randn(37, 300)
+    if bad is None:
+        logits[21] = float("-inf")
+    else:
+        logits[21, 123] = bad
+    for be in C.HERE:
+        with pytest.raises(ValueError, match=f"logits: .*{match}"):
+            ops.sample_categorical(logits, seed=1, backend=be, **kw)
+
+
+@pytest.mark.parametrize("temp", [float("inf"), 1e300, 1e31, 1e-31, 1e-300, 5e-324, -1.0, float("nan"), -float("inf")])
+def test_temperature_outside_the_documented_range_is_rejected(temp):
+    C.same_error(lambda be: ops.sample_categorical(torch.randn(3, 7), seed=1, temperature=temp, backend=be),
+                 InputError, "temperature:")
+
+
+@pytest.mark.parametrize("temp", [1e-30, 1e30])
+def test_temperature_range_endpoints_agree(temp):
+    g = C.gen(0)
+    x = torch.randn(6, 9, generator=g, dtype=F64)
+    x[0, 3] = x[0, 5] = x[0].max() + 1  # a tie at the maximum: tiny T draws one of the two
+    want = ops.sample_categorical(x, seed=2, temperature=temp, backend="reference")
+    if temp < 1:
+        assert int(want[0]) in (3, 5)
+    for be in C.HERE:
+        assert torch.equal(ops.sample_categorical(x, seed=2, temperature=temp, backend=be), want), be
+
+
+def test_float64_logits_over_temperature_overflow_is_rejected():
+    x = torch.tensor([[1e300, 0.0, 1.0], [0.0, 1.0, 2.0]], dtype=F64)
+    C.same_error(lambda be: ops.sample_categorical(x, seed=1, temperature=1e-10, backend=be), InputError,
+                 "temperature: too small for these logits")
+    for be in C.HERE:  # the same logits at temperature 1: fine
+        ops.sample_categorical(x, seed=1, backend=be)
+    # NaN is reported first, whatever the temperature (the order of the checks is the same everywhere)
+    x[1, 0] = float("nan")
+    C.same_error(lambda be: ops.sample_categorical(x, seed=1, temperature=1e-10, backend=be), InputError,
+                 "logits: contains NaN")
+
+
+def test_top_k_beyond_int64_is_no_filter():
+    x = torch.randn(5, 7, dtype=F64)
+    want = ops.sample_categorical(x, seed=3, backend="reference")
+    for k in (7, 8, 2**63, 2**80):
+        for be in C.HERE:
+            assert torch.equal(ops.sample_categorical(x, seed=3, top_k=k, backend=be), want), (k, be)
+
+
+def test_seed_tensors_must_hold_an_integer():
+    """A float or bool one-element tensor was truncated to an int (1.5 drew with seed 1)."""
+    x = torch.randn(3, 5)
+    for bad in (torch.tensor(1.5), torch.tensor(True), torch.tensor([2.0])):
+        C.same_error(lambda be: ops.sample_categorical(x, seed=bad, backend=be), InputTypeError, "seed:")
+    want = ops.sample_categorical(x, seed=3, backend="reference")
+    for seed in (torch.tensor(3), torch.tensor([3], dtype=torch.uint8)):
+        for be in C.HERE:
+            assert torch.equal(ops.sample_categorical(x, seed=seed, backend=be), want), be
+
+
+def test_meta_empty_and_zero_stride_tensors():
+    C.same_error(lambda be: ops.sample_categorical(torch.randn(3, 5, device="meta"), seed=0, backend=be), InputError,
+                 "meta device")
+    e = torch.empty_strided((0, 5), (0, 0))
+    one = torch.randn(4, 1).as_strided((4, 1), (1, 0))  # a single category with a zero column stride
+    for be in C.HERE:
+        assert ops.sample_categorical(e, seed=1, backend=be).shape == (0,)
+        assert torch.equal(ops.sample_categorical(one, seed=1, backend=be), torch.zeros(4, dtype=torch.int64))
+
+
+def test_errors_name_the_public_arguments():
+    x = torch.randn(3, 5)
+    for kw, match in ((dict(top_p=0.0), "top_p:"), (dict(top_k=-1), "top_k:"), (dict(offset=-1), "offset:")):
+        C.same_error(lambda be: ops.sample_categorical(x, seed=0, backend=be, **kw), InputError, match)
+
+
+BAD = [
+    (dict(logits=torch.tensor([[0.0, float("nan")]])), ValueError, "logits"),
+    (dict(logits=torch.tensor([[0.0, float("inf")]])), ValueError, "logits"),
+    (dict(logits=torch.full((2, 3), float("-inf"))), ValueError, "logits"),
+    (dict(logits=torch.zeros(2, 0)), ValueError, "logits"),
+    (dict(logits=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "logits"),
+    (dict(logits=[0.0, 1.0]), TypeError, "logits"),
+    (dict(logits=torch.zeros(2, 3), top_k=0), ValueError, "top_k"),
+    (dict(logits=torch.zeros(2, 3), top_k=1.5), TypeError, "top_k"),
+    (dict(logits=torch.zeros(2, 3), top_p=0.0), ValueError, "top_p"),
+    (dict(logits=torch.zeros(2, 3), top_p=1.5), ValueError, "top_p"),
+    (dict(logits=torch.zeros(2, 3), temperature=-1.0), ValueError, "temperature"),
+    (dict(logits=torch.zeros(2, 3), seed=-1), ValueError, "seed"),
+    (dict(logits=torch.zeros(2, 3), seed=1.5), TypeError, "seed"),
+    (dict(logits=torch.zeros(2, 3), backend="gpu"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+@pytest.mark.parametrize("backend", C.BACKENDS)
+def test_bad_input_is_rejected_before_the_kernel(backend, case, monkeypatch):
+    kwargs, err, match = dict(BAD[case][0]), BAD[case][1], BAD[case][2]
+    dev = C.device(backend)
+    if backend != "reference":
+        glue = importlib.import_module(f"fastdiff.ops.backends.{backend}.sample_categorical")
+        values = isinstance(kwargs["logits"], torch.Tensor) and kwargs["logits"].is_floating_point() and \
+            kwargs["logits"].numel() and not bool(torch.isfinite(kwargs["logits"]).all())
+        if not (values and getattr(glue, "CHECKS_VALUES", False)):  # (C++ checks values in its own pass)
+            monkeypatch.setattr(glue, "sample_categorical", lambda *a, **k: pytest.fail("the kernel ran on bad input"))
+    kwargs.setdefault("seed", 0)
+    kwargs.setdefault("backend", backend)
+    if isinstance(kwargs["logits"], torch.Tensor):
+        kwargs["logits"] = kwargs["logits"].to(dev)
+    with pytest.raises(err, match=match):
+        ops.sample_categorical(**kwargs)
