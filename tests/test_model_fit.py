@@ -217,7 +217,7 @@ def test_a_checkpoints_sampling_defaults_apply_where_the_caller_sets_nothing(tmp
     assert plain.generate(2, seed=3).stats["temperature"] == 1.0
     assert main(["generate", "-c", str(tmp_path / "exp"), "-n", "1", "--no-progress"]) == 0
     head = capsys.readouterr().out.splitlines()[0]
-    assert "12 steps" in head and "temperature 0.5" in head and "the checkpoint's: steps 12, temperature 0.5" in head
+    assert "12 steps" in head and "temperature 0.5" in head and "recommended by the checkpoint: steps 12, temperature 0.5" in head
     for bad, err in (({"temperature": 0}, ValueError), ({"tau": 1}, ValueError), ({"steps": 2.5}, ValueError),
                      ([1], TypeError)):
         with pytest.raises(err, match="generation"):

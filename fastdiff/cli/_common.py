@@ -418,7 +418,7 @@ def _sampling_defaults(td: TextDiffusion, args: argparse.Namespace) -> str:
             if name in gen:
                 chosen.append(f"{name.replace('_', '-')} {gen[name]}")
             setattr(args, name, gen.get(name, fallback))
-    return f" (the checkpoint's: {', '.join(chosen)})" if chosen else ""
+    return f" (recommended by the checkpoint: {', '.join(chosen)})" if chosen else ""
 
 
 def _check_generator(td: TextDiffusion, checkpoint: str) -> None:
