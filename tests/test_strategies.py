@@ -231,3 +231,19 @@ def test_continuous_strategies_call_the_process_step(monkeypatch, strategy):
     emb = torch.randn(V, 4, generator=torch.Generator().manual_seed(1))
     sample(lambda x, t: 0.5 * x, diff, shape=(2, 3), steps=3, strategy=strategy, embedding=emb)
     assert calls == [(30, 20), (20, 10), (10, 0)]
+
+
+def test_the_cli_lists_every_strategy_of_the_table() -> None:
+    """The CLI's --strategy help (kept free of the sampler's imports so --help stays light) and fastdiff
+    bench's sampler plan must name exactly the strategies of the table, family by family."""
+    import argparse
+
+    from fastdiff.cli import _common, bench
+
+    p = argparse.ArgumentParser()
+    _common._add_sampling(p)
+    help_text = next(a.help for a in p._actions if "--strategy" in a.option_strings)
+    for fam in ("discrete", "continuous"):
+        names = [n for n, s in strategies.TABLE.items() if s.family == fam]
+        assert f"{' | '.join(names)} ({fam})" in help_text, (fam, help_text)
+        assert bench._SAMPLER_PLANS[fam] == tuple(names)

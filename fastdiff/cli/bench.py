@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _backends, testing
+from ..sampling.strategies import TABLE
 from ._common import (
     _add_device,
     _add_threads,
@@ -132,7 +133,8 @@ def run(device: str | torch.device = "cpu", quick: bool = False, repeat: int = 3
     return rows
 
 
-_SAMPLER_PLANS = {"discrete": ("ancestral", "confidence", "threshold", "remask"), "continuous": ("ddpm", "ddim")}
+# every strategy of the sampler's table, by family (the bundled model of that family runs it)
+_SAMPLER_PLANS = {fam: tuple(n for n, st in TABLE.items() if st.family == fam) for fam in ("discrete", "continuous")}
 _HEADER = "{name:<{w}}  {backend:<9} {ms:>10}  {rate:<22} {vs:>7}"
 
 
