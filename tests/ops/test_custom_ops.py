@@ -85,11 +85,20 @@ _OPS = {"cpp": ["posterior", "sample_categorical", "rounding_loss", "nearest_emb
         "triton": ["posterior", "sample_categorical", "rounding_loss_fwd", "rounding_loss_bwd", "nearest_embedding"]}
 
 
-@pytest.mark.parametrize("env", ["FASTDIFF_CUSTOM_OP", "FASTDIFF_TRITON_CUSTOM_OP"])
-@pytest.mark.parametrize("backend", C.KERNELS)
+def test_the_older_switch_is_the_triton_backends_only(monkeypatch):
+    from fastdiff.ops.backends import custom_ops_enabled
+
+    monkeypatch.setenv("FASTDIFF_TRITON_CUSTOM_OP", "0")
+    assert [custom_ops_enabled(b) for b in ("cpp", "cuda", "triton")] == [True, True, False]
+    monkeypatch.setenv("FASTDIFF_CUSTOM_OP", "0")
+    assert [custom_ops_enabled(b) for b in ("cpp", "cuda", "triton")] == [False, False, False]
+
+
+@pytest.mark.parametrize("backend,env", [
+    pytest.param(b.values[0], env, marks=b.marks, id=f"{b.values[0]}-{env}")
+    for env, params in (("FASTDIFF_CUSTOM_OP", C.KERNELS), ("FASTDIFF_TRITON_CUSTOM_OP", C.backends("triton")))
+    for b in params])
 def test_switch_bypasses_the_custom_ops(backend, env, monkeypatch):
-    if env == "FASTDIFF_TRITON_CUSTOM_OP" and backend != "triton":
-        pytest.skip("the older switch is the Triton backend's only")
     dev = C.device(backend)
     g = C.gen(4)
     x, w = torch.randn(5, 8, generator=g).to(dev), torch.randn(11, 8, generator=g).to(dev)
