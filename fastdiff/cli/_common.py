@@ -29,35 +29,30 @@ EPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for a writer whose rea
 
 
 # --- parse-time types: every numeric option is checked before any model is loaded ----------------------
-def _int(text: str) -> int:
+def _int(text: str, lo: int = 0, hi: int | None = None, rule: str = "") -> int:
+    """An integer in ``[lo, hi)`` (``hi=None``: no upper bound); ``rule`` is what the error says it must be."""
     try:
-        return int(text)
+        v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < lo or (hi is not None and v >= hi):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+    return v
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    v = _int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return v
+    return _int(text, 1, rule="an integer >= 1")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    v = _int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return v
+    return _int(text, 0, rule="an integer >= 0")
 
 
 def seed_int(text: str) -> int:
     """argparse type: a seed in [0, 2**64)."""
-    v = _int(text)
-    if not 0 <= v < 2**64:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
-    return v
+    return _int(text, 0, 2**64, rule="an integer in [0, 2**64)")
 
 
 def finite_float(text: str) -> float:

@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import strategies as st
 
 from fastdiff import _backends
 from fastdiff import discrete as D
@@ -210,3 +211,14 @@ def op(backend: str, name: str):
     for kernel in ("nearest_embedding", "rounding_loss", "posterior", "sample_categorical"):
         importlib.import_module(f"fastdiff.ops.backends.{backend}.{kernel}")
     return getattr(getattr(torch.ops, f"fastdiff_{backend}"), name).default
+
+
+@st.composite
+def logit_rows(draw: st.DrawFn, max_rows: int = 3, sizes: tuple[int, ...] = (1, 2, 3, 8, 17, 150)) -> torch.Tensor:
+    """Hypothesis: ``(n, V)`` float64 logit rows mixing ordinary values, -inf, signed zeros and repeats, with
+    at least one finite logit per row (the fuzz tests of the row kernels)."""
+    n, V = draw(st.integers(1, max_rows)), draw(st.sampled_from(sizes))
+    cell = st.one_of(st.floats(-30, 30), st.just(float("-inf")), st.sampled_from([0.0, -0.0, 1.0, 2.5]))
+    x = torch.tensor(draw(st.lists(cell, min_size=n * V, max_size=n * V)), dtype=torch.float64).reshape(n, V)
+    x[:, draw(st.integers(0, V - 1))] = draw(st.floats(-5, 5))  # a finite logit in every row
+    return x

@@ -370,15 +370,6 @@ def test_fuzz_float64_rows_cpp(V, n, data, kind, seed, temp):
             assert O.margin(probs[r].numpy(), O.row_uniform(seed, 0, r)) < 1e-12
 
 
-@st.composite
-def _logit_rows(draw, max_rows=3, sizes=(1, 2, 3, 8, 17, 150)):
-    n, V = draw(st.integers(1, max_rows)), draw(st.sampled_from(sizes))
-    cell = st.one_of(st.floats(-30, 30), st.just(float("-inf")), st.sampled_from([0.0, -0.0, 1.0, 2.5]))
-    x = torch.tensor(draw(st.lists(cell, min_size=n * V, max_size=n * V)), dtype=F64).reshape(n, V)
-    x[:, draw(st.integers(0, V - 1))] = draw(st.floats(-5, 5))  # a finite logit in every row
-    return x
-
-
 @settings(max_examples=12, deadline=None)
 @given(data=st.data(), dtype=st.sampled_from([F64, F32, BF16, F16]), seed=st.integers(0, 2**64 - 1),
        temperature=st.sampled_from([0.3, 1.0, 2.0]))
@@ -397,7 +388,7 @@ def test_fuzz_every_dtype_triton(data, dtype, seed, temperature):
                "spindle": lambda: D.Absorbing(V, mask, S.spindle(Tn, torch.linspace(0, 1, V))),
                "uniform": lambda: D.Uniform(V, S.cosine(Tn)),
                "band": lambda: D.GaussianBand(V, S.cosine(Tn), bandwidth=1)}[kind]()
-    x = data.draw(_logit_rows(max_rows=4, sizes=(V,)))
+    x = data.draw(C.logit_rows(max_rows=4, sizes=(V,)))
     if process.kind == "absorbing":
         x[:, (mask + 1) % V] = 0.5  # some x0 mass off the (ignored) mask column
     n = x.shape[0]

@@ -485,16 +485,21 @@ def test_errors_name_the_public_arguments():
 # As torch.library ops: opcheck (schema, fake kernel, autograd registration, AOT dispatch with dynamic shapes)
 # on every backend, and the public op traced by torch.compile(fullgraph=True) with the same results
 # --------------------------------------------------------------------------------------------------------
+def _opcheck_inputs(dev: torch.device) -> tuple:
+    """(generator, x (6, 8), w (13, 8), bias (13,), targets with one ignored) for the opcheck tests."""
+    g = C.gen(1)
+    x = torch.randn(6, 8, generator=g).to(dev)
+    w = torch.randn(13, 8, generator=g).to(dev)
+    b = torch.randn(13, generator=g).to(dev)
+    return g, x, w, b, torch.tensor([0, 3, -100, 12, 5, 5], device=dev)
+
+
 @pytest.mark.parametrize("backend", C.backends("cpp", "cuda"))
 def test_opcheck_rounding_loss(backend):
     """The fused chunked loss of C++ and CUDA: one or per-row scales, each gradient on or off, with and
     without a bias, several chunks."""
     dev = C.device(backend)
-    g = C.gen(1)
-    x = torch.randn(6, 8, generator=g).to(dev)
-    w = torch.randn(13, 8, generator=g).to(dev)
-    b = torch.randn(13, generator=g).to(dev)
-    target = torch.tensor([0, 3, -100, 12, 5, 5], device=dev)
+    g, x, w, b, target = _opcheck_inputs(dev)
     op = C.op(backend, "rounding_loss")
     for bias in (None, b):
         for scale in (torch.full((1,), 0.25, device=dev), torch.rand(6, generator=g).to(dev)):
@@ -506,11 +511,7 @@ def test_opcheck_rounding_loss(backend):
 def test_opcheck_rounding_loss_passes(backend):
     """Triton's two tiled passes (forward: losses and the rows' log-normaliser; backward: the gradients)."""
     dev = C.device(backend)
-    g = C.gen(1)
-    x = torch.randn(6, 8, generator=g).to(dev)
-    w = torch.randn(13, 8, generator=g).to(dev)
-    b = torch.randn(13, generator=g).to(dev)
-    target = torch.tensor([0, 3, -100, 12, 5, 5], device=dev)
+    g, x, w, b, target = _opcheck_inputs(dev)
     fwd, bwd = C.op(backend, "rounding_loss_fwd"), C.op(backend, "rounding_loss_bwd")
     for bias in (None, b):
         torch.library.opcheck(fwd, (x, w, target, bias, -100))

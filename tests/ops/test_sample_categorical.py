@@ -393,17 +393,8 @@ def test_fuzz_float64_rows_cpp(n, V, data, seed, offset, temperature, top_k, top
             assert O.margin(w[r], O.row_uniform(seed, offset, r)) < 1e-12
 
 
-@st.composite
-def _logit_rows(draw, max_rows=3, sizes=(1, 2, 3, 8, 17, 150)):
-    n, V = draw(st.integers(1, max_rows)), draw(st.sampled_from(sizes))
-    cell = st.one_of(st.floats(-30, 30), st.just(float("-inf")), st.sampled_from([0.0, -0.0, 1.0, 2.5]))
-    x = torch.tensor(draw(st.lists(cell, min_size=n * V, max_size=n * V)), dtype=F64).reshape(n, V)
-    x[:, draw(st.integers(0, V - 1))] = draw(st.floats(-5, 5))  # a finite logit in every row
-    return x
-
-
 @settings(max_examples=12, deadline=None)
-@given(x=_logit_rows(), dtype=st.sampled_from([F64, F32, BF16, F16]), seed=st.integers(0, 2**64 - 1),
+@given(x=C.logit_rows(), dtype=st.sampled_from([F64, F32, BF16, F16]), seed=st.integers(0, 2**64 - 1),
        offset=st.integers(0, 2**40), temperature=st.sampled_from([0.0, 0.05, 1.0, 3.0]),
        top_k=st.sampled_from([None, 1, 2, 7, 300]), top_p=st.sampled_from([None, 0.05, 0.5, 0.99]))
 def test_fuzz_every_dtype_triton(x, dtype, seed, offset, temperature, top_k, top_p):
