@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,7 +221,7 @@ class TextDiffusion:
                  source: str | list[str] | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, trajectory: bool = False, progress: bool = False,
                  shard: tuple[int, int] | None = None, distributed: bool = True, micro_batch: int | None = None,
-                 **options: Any) -> Generation:
+                 stream: Callable[[int, int, list[str]], None] | None = None, **options: Any) -> Generation:
         """Generate ``num_samples`` texts.
 
         ``label``: an attribute name/index for label-conditioned checkpoints (default: the null label,
@@ -230,6 +231,9 @@ class TextDiffusion:
         ``temperature``, ``top_p``, ``steps``: None (the default) takes the checkpoint's recommended value
         (:attr:`generation_defaults`, e.g. the bundled discrete model's ``temperature`` 0.8) or else the
         sampler's (1.0, none, 64); ``stats`` records what was used.
+        ``stream``: called after every step as ``stream(step, first, texts)`` with the rendered text of the
+        batch's samples ``first ..`` (``[MASK]`` shown as ``_``), for showing tokens as they are revealed
+        (``fastdiff generate --stream``).
         ``options``: any other :func:`fastdiff.sampling.sample` option (e.g. ``eta``, ``clamp``,
         ``threshold``, ``block_size``, ``cache``: on by default where :meth:`auto_cache` says it changes
         nothing but the number of network calls); the per-batch ones that generate sets itself (``cond``,
@@ -278,6 +282,10 @@ class TextDiffusion:
                 raise InputTypeError(f"{name}: expected True or False, got {type(v).__name__}")
         if strategy is not None and not isinstance(strategy, str):
             raise InputTypeError(f"strategy: expected a strategy name, got {type(strategy).__name__}")
+        if stream is not None and not callable(stream):
+            raise InputTypeError(f"stream: expected a callable, got {type(stream).__name__}")
+        if "callback" in options:
+            raise InputError("callback: TextDiffusion.generate sets the sampler's callback itself; use stream=")
         strategy = strategy or self.default_strategy()
         guidance = _checks.real("guidance", guidance)
         if not math.isfinite(guidance):
@@ -332,6 +340,8 @@ class TextDiffusion:
             if guidance != 1.0:
                 opts["guidance_scale"] = guidance
                 opts["uncond"] = uncond
+            if stream is not None:
+                opts["callback"] = self._streamer(stream, start)
             if x_init is not None:
                 opts["x_init"] = x_init.expand(B, L).to(self.device)
                 opts["fixed"] = fixed.expand(B, L).to(self.device)
@@ -392,6 +402,14 @@ class TextDiffusion:
         the same tokens as without it. ``generate(..., cache=False)`` turns it off."""
         return (strategy == "ancestral" and not self.continuous
                 and not getattr(self.model, "uses_time", True))
+
+    def _streamer(self, stream: Callable[[int, int, list[str]], None], first: int) -> Callable[[object], None]:
+        mask = None if self.continuous else self.mask_id
+
+        def callback(step: object) -> None:
+            stream(step.step, first, [render(r, self.tokenizer, mask) for r in step.tokens.cpu()])
+
+        return callback
 
     def _check_memory(self, n: int, mine: int, L: int, steps: int, trajectory: bool, block_size: int | None) -> None:
         """What all the samples' outputs will hold (tokens, texts, trajectories), against free host memory.

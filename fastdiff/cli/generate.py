@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import sys
 from typing import IO, TYPE_CHECKING
 
 from ._common import (
@@ -42,6 +44,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--source", help="input text of a text-to-text checkpoint")
     g.add_argument("--output", "-o", help="write the samples as JSONL (checked before the work, written atomically)")
     g.add_argument("--trajectory", action="store_true", help="print sample 0 after the denoising steps")
+    g.add_argument("--stream", action="store_true", help="show sample 0 as its tokens are revealed, step by step "
+                                                         "(in place on a terminal, one line per step otherwise)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a "
                                                               "terminal)")
     g.add_argument("--quiet", action="store_true", help="no header line")
@@ -96,8 +100,11 @@ def _generate_on(args: argparse.Namespace, ctx: Context, threads: int | None = N
     gen = td.generate(args.num_samples, length=args.length, steps=args.steps, strategy=args.strategy,
                       seed=args.seed, batch_size=batch, label=args.label, guidance=args.guidance,
                       template=template, source=args.source, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, trajectory=args.trajectory, progress=main and _progress(args),
-                      **_sampling_options(args))
+                      top_p=args.top_p, trajectory=args.trajectory,
+                      progress=main and _progress(args) and not args.stream,
+                      stream=_Stream(sys.stdout) if (args.stream and main) else None, **_sampling_options(args))
+    if args.stream and main:
+        _Stream.end(sys.stdout)
     if not main:
         return 0
     for i, text in enumerate(gen.texts):
@@ -120,6 +127,40 @@ def _generate_on(args: argparse.Namespace, ctx: Context, threads: int | None = N
         out = write_atomic(args.output, "--output", rows)
         print(f"wrote {len(gen.texts)} samples to {out}")
     return 0
+
+
+class _Stream:
+    """``--stream``: sample 0's text after every step (``_`` = still masked), rewritten in place on a
+    terminal, one ``step k:`` line per step otherwise."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.tty = _isatty(out)
+
+    def __call__(self, step: int, first: int, texts: list[str]) -> None:
+        if first != 0 or not texts:
+            return
+        text = " ".join(texts[0].split())
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns
+            line = f"step {step:>4}: {text}"
+            self.out.write("\r\x1b[2K" + line[: width - 1])
+        else:
+            self.out.write(f"step {step:>4}: {text}\n")
+        self.out.flush()
+
+    @staticmethod
+    def end(out: IO[str]) -> None:
+        if _isatty(out):
+            out.write("\n")
+            out.flush()
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _jsonl_row(i: int, text: str, gen: Generation, args: argparse.Namespace, st: dict) -> str:

@@ -49,8 +49,9 @@ from typing import Any, Protocol
 import torch
 
 from . import strategies
+from ..errors import InputError
 from ._adapters import CUDAGraphed, Denoiser, HFMaskedLM, as_denoiser, unwrap_output
-from ._engine import _Run, num_transfer, step_grid
+from ._engine import SampleStep, _Run, num_transfer, step_grid
 from ._options import Options, Process, SampleOutput, check_shape, check_static, options_doc, resolve_strategy, \
     strategies_doc
 from .strategies import Strategy
@@ -64,6 +65,7 @@ __all__ = [
     "sample",
     "Sampler",
     "SampleOutput",
+    "SampleStep",
     "Denoiser",
     "HFMaskedLM",
     "CUDAGraphed",
@@ -123,8 +125,75 @@ class Sampler:
             tokens, x = self.spec.loop(run)
         return SampleOutput(tokens=tokens, stats=run.finish_stats(t0, tokens), x=x, trajectory=run.trajectory)
 
+    def iterate(self, model: Callable[..., Any], *, shape: tuple[int, int], seed: int = 0, **overrides: Any
+                ) -> Iterator[SampleStep]:
+        """:meth:`sample` as an iterator of :class:`SampleStep` (one per step; ``tokens`` cloned, so a kept
+        step stays as it was), for rendering tokens as they are revealed. The run happens in a worker
+        thread that waits for the consumer after each step; its :class:`SampleOutput` is the iterator's
+        return value (``StopIteration.value``, or ``out = yield from sampler.iterate(...)``). Leaving the
+        loop early stops the run at the next step."""
+        if "callback" in overrides and overrides["callback"] is not None:
+            raise InputError("callback: iterate() yields the steps itself; use sample(callback=...) for a callback")
+        o = self.options.replace(**overrides) if overrides else self.options
+        check_static(self.process, self.strategy, self.steps, o)  # bad options raise here, not in the thread
+        return _iterate(self, model, shape, seed, overrides)
+
     def __repr__(self) -> str:
         return f"Sampler({self.process!r}, strategy={self.strategy!r}, steps={self.steps})"
+
+
+class _Stop(Exception):
+    """Raised inside the worker's callback when the consumer left the loop."""
+
+
+def _iterate(sampler: Sampler, model: Callable[..., Any], shape: tuple[int, int], seed: int, overrides: dict
+             ) -> Iterator[SampleStep]:
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=1)
+    go = threading.Event()
+    stop = threading.Event()
+
+    def callback(step: SampleStep) -> None:
+        if stop.is_set():
+            raise _Stop
+        q.put(("step", SampleStep(step.step, None if step.tokens is None else step.tokens.clone(),
+                                  step.network_calls)))
+        go.wait()
+        go.clear()
+        if stop.is_set():
+            raise _Stop
+
+    def work() -> None:
+        try:
+            q.put(("done", sampler.sample(model, shape=shape, seed=seed, **{**overrides, "callback": callback})))
+        except _Stop:
+            q.put(("stopped", None))
+        except BaseException as e:  # re-raised in the consumer's thread
+            q.put(("error", e))
+
+    threads = torch.get_num_threads()
+    worker = threading.Thread(target=lambda: (torch.set_num_threads(threads), work()), daemon=True,
+                              name="fastdiff-sampler-iterate")
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "step":
+                yield value
+                go.set()
+            elif kind == "done":
+                return value
+            elif kind == "error":
+                raise value
+            else:
+                return None
+    finally:
+        if worker.is_alive():
+            stop.set()
+            go.set()
+            worker.join()
 
 
 @contextlib.contextmanager

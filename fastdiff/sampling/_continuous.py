@@ -104,7 +104,8 @@ def run_continuous(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
                 if clamp and s == 0:  # the step to 0 returns x0 itself, so these are the block's tokens
                     final_idx = hook.idx[:, a:b]
                 x[:, a:b] = torch.where(frozen[:, a:b], clean[:, a:b], x_s[:, a:b])
-                run.after_step(_round(run, x, emb, known, vals) if run.trajectory is not None else x, bar)
+                run.after_step(_round(run, x, emb, known, vals) if (run.trajectory is not None or run.o.callback is not None)
+                               else x, bar)
             tok = final_idx
             if tok is None and b < L:  # the finished block becomes clean context: round it
                 tok = ops.nearest_embedding(x[:, a:b], emb, o.metric, backend=o.backend)[0]

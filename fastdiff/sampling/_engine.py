@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TextIO
 
@@ -307,6 +308,10 @@ class _Run:
                         raise InputError(f"{name}: tensor {k!r} is on {v.device}, the batch on {self.device}")
         if o.cond is not None and o.uncond is not None and set(o.cond) != set(o.uncond):
             raise InputError(f"uncond: keys {sorted(o.uncond)} differ from cond's {sorted(o.cond)}")
+        if o.guidance_scale != 1.0 and o.cond is not None and o.uncond is not None and _same_keywords(o.cond, o.uncond):
+            raise InputError("uncond: holds the same values as cond, so classifier-free guidance would change "
+                             "nothing (uncond + s·(cond - uncond) = cond); give the null condition (e.g. the null "
+                             "label) or leave guidance_scale at 1")
         if o.cuda_graph and self.device.type != "cuda":
             raise InputError(f"cuda_graph: CUDA graphs need a CUDA device, the batch is on {self.device}")
         if o.kv_cache and o.guidance_scale != 1.0:
@@ -511,6 +516,8 @@ class _Run:
         self._stats["steps"] += 1
         if self._trajectory is not None:
             self._trajectory.append(x.detach().clone())
+        if self.o.callback is not None:
+            self.o.callback(SampleStep(step=self._stats["steps"], tokens=x, network_calls=self._stats["network_calls"]))
         if bar is not None:
             bar.update(1)
 
@@ -587,6 +594,31 @@ class _Run:
         if self.o.eos_id is not None:
             st["stopped_at_eos"] = int(self._stopped.sum())
         return st
+
+
+@dataclass
+class SampleStep:
+    """What ``callback`` / :meth:`Sampler.iterate` get after every step: ``step`` (1-based),
+    ``tokens (B, L)`` (the sampler's working tensor: read it, clone it to keep it; a continuous run's are
+    the current vectors rounded to their nearest embeddings), ``network_calls`` so far."""
+
+    step: int
+    tokens: torch.Tensor | None
+    network_calls: int
+
+
+def _same_keywords(a: dict, b: dict) -> bool:
+    """``cond`` and ``uncond`` hold the same objects or equal values under every key."""
+    for k in a:
+        x, y = a[k], b.get(k)
+        if x is y:
+            continue
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
+            return False
+    return True
 
 
 def _isatty(stream: TextIO) -> bool:

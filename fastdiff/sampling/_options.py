@@ -90,6 +90,7 @@ class Options:
     backend: str = "auto"
     cuda_graph: bool = False
     progress: bool = False
+    callback: object = None
     trajectory: bool = False
     device: torch.device | str | None = None
     sample_offset: int = 0
@@ -217,6 +218,9 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
     "cuda_graph": ("bool", "Replay the network's forward as a CUDA graph per input shape (CUDA only; not "
                    "with ``cache``, ``kv_cache`` or EOS-stopping blocks, which change the batch)."),
     "progress": ("bool", "A tqdm bar on stderr, drawn only when stderr is a terminal."),
+    "callback": ("callable or None", "Called after every step with a ``SampleStep(step, tokens, "
+                 "network_calls)`` (streaming; ``tokens`` is the sampler's working tensor: clone it to keep "
+                 "it). :meth:`Sampler.iterate` is the iterator form."),
     "trajectory": ("bool", "Keep the tokens after every step in ``SampleOutput.trajectory`` (their memory is "
                    "checked before the run)."),
     "device": ("str, torch.device or None", "The batch's device. None: that of ``x_init`` / ``fixed`` / "
@@ -393,6 +397,8 @@ def check_static(process: Process, strategy: str, steps: object, o: Options) -> 
         if spec.filter_scalar_schedule and process.schedule.per_token:
             raise InputError(f"{filt}: top-k / top-p need a scalar schedule (per-token schedules mix them)")
     _finite("guidance_scale", o.guidance_scale)
+    if o.callback is not None and not callable(o.callback):
+        raise InputTypeError(f"callback: expected a callable, got {type(o.callback).__name__}")
     _check_kwargs("cond", o.cond)
     _check_kwargs("uncond", o.uncond)
     if o.block_size is not None:
