@@ -185,6 +185,7 @@ class HFBidirectional(nn.Module):
         self.shifted = shifted
         # transformers 5 renamed the forward's ``past_key_values`` to ``cache``; remote code keeps the old name
         self._cache_kw = "cache" if _has_param(model.forward, "cache") else "past_key_values"
+        self._takes_use_cache = _has_param(model.forward, "use_cache")
 
     @property
     def config(self) -> Any:
@@ -209,9 +210,8 @@ class HFBidirectional(nn.Module):
         kw: dict[str, Any] = {"attention_mask": self._mask(key_ok, ids.shape[1]), "position_ids": pos}
         if cache is not None:
             kw[self._cache_kw] = cache
-            kw["use_cache"] = True
-        else:
-            kw["use_cache"] = False
+        if self._takes_use_cache:  # without a cache, none is built and returned
+            kw["use_cache"] = cache is not None
         return self.model(ids, **kw)
 
     @staticmethod
