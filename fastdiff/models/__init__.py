@@ -1,5 +1,6 @@
 """Models: the SED denoiser (discrete and continuous, label / concatenation / cross-attention conditioning),
-the causal LM and classifier used for evaluation, and :func:`build_model` by architecture name."""
+the causal LM and classifier used for evaluation, :func:`build_model` by architecture name, and the Hugging
+Face adapters of :mod:`.hf` (LLaDA / Dream style bidirectional LMs, masked LMs)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from typing import Any
 from torch import nn
 
 from .attention import CrossAttention, RelativeSelfAttention, attention
+from .hf import DreamAdapter, HFBidirectional, HFKVCache, HFMaskedLMAdapter, unwrap_logits
 from .scorers import CausalLM, TextClassifier
 from .sed import SEDConfig, SEDDenoiser
 from ..errors import InputError, InputTypeError
 
-__all__ = ["ARCHS", "CausalLM", "CrossAttention", "RelativeSelfAttention", "SEDConfig", "SEDDenoiser",
-           "TextClassifier", "attention", "build_model"]
+__all__ = ["ARCHS", "CausalLM", "CrossAttention", "DreamAdapter", "HFBidirectional", "HFKVCache",
+           "HFMaskedLMAdapter", "RelativeSelfAttention", "SEDConfig", "SEDDenoiser", "TextClassifier", "attention",
+           "build_model", "unwrap_logits"]
 
 
 def __getattr__(name: str) -> Any:
