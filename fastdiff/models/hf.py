@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..generation._lm import unwrap_logits as _unwrap
 from ..errors import InputError, InputTypeError
 
 __all__ = ["DreamAdapter", "HFBidirectional", "HFKVCache", "HFMaskedLMAdapter", "unwrap_logits"]
@@ -51,19 +52,9 @@ _FLASH = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-att
 def unwrap_logits(out: Any) -> torch.Tensor:
     """The logits tensor inside a model's output: the tensor itself, the first item of a tuple / list, the
     ``logits`` key of a dict (``ModelOutput`` included), or the ``.logits`` attribute (``MaskedLMOutput``,
-    ``CausalLMOutputWithPast``, ...)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) and "logits" in out:  # ModelOutput is an OrderedDict: its fields are keys
-        logits = out["logits"]
-    elif isinstance(out, (tuple, list)) and out:
-        logits = out[0]
-    else:
-        logits = getattr(out, "logits", None)
-    if not isinstance(logits, torch.Tensor):
-        raise InputTypeError("model: expected its output to be a logits tensor, a tuple (logits first), a dict "
-                             f"with 'logits' or an object with .logits, got {type(out).__name__}")
-    return logits
+    ``CausalLMOutputWithPast``, ...); the errors name ``model``. (One implementation with
+    :func:`fastdiff.generation.unwrap_logits`.)"""
+    return _unwrap(out, "model")
 
 
 def _output_vocab(model: nn.Module) -> int:
