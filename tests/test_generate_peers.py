@@ -1,0 +1,261 @@
+"""fastdiff.generate against independent re-implementations of each family's published loop (tests/peers).
+
+Part 1 checks the peers and the test models themselves (so a failure in part 2 points at fastdiff);
+part 2 compares ``fastdiff.generate(..., preset=...)`` with the peers: token-for-token and network-call
+counts for the deterministic settings, a chi-square two-sample test on the joint outcome of a very short
+generation for the random ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from tests.peers import models as M
+from tests.peers.bd3lm import bd3lm_generate
+from tests.peers.dream import dream_generate
+from tests.peers.fast_dllm import choose, fast_dllm_generate
+from tests.peers.llada import llada_generate
+from tests.peers.mdlm import duo_generate, mdlm_generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V, MASK = 50, 49
+P_ALPHA = 1e-3  # significance of every two-sample test
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def prompts(B: int, P: int, seed: int = 1, vocab: int = V - 1) -> torch.Tensor:
+    return torch.randint(vocab, (B, P), generator=gen(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# chi-square two-sample test (scipy if present, else our own statistic and the Wilson-Hilferty tail)
+# ------------------------------------------------------------------------------------------------
+def two_sample_p(a: list[tuple], b: list[tuple]) -> float:
+    """p-value of "a and b come from the same distribution" (chi-square on the 2 x K table; categories
+    with fewer than 10 draws in both samples together are pooled into one)."""
+    ca, cb = Counter(a), Counter(b)
+    keys = sorted(set(ca) | set(cb))
+    rows, rare = [], [0, 0]
+    for k in keys:
+        if ca[k] + cb[k] < 10:
+            rare[0] += ca[k]
+            rare[1] += cb[k]
+        else:
+            rows.append([ca[k], cb[k]])
+    if sum(rare):
+        rows.append(rare)
+    if len(rows) < 2:
+        return 1.0
+    na, nb = len(a), len(b)
+    n = na + nb
+    stat = 0.0
+    for r in rows:
+        tot = r[0] + r[1]
+        for x, m in ((r[0], na), (r[1], nb)):
+            e = tot * m / n
+            stat += (x - e) ** 2 / e
+    dof = len(rows) - 1
+    try:
+        from scipy.stats import chi2
+
+        return float(chi2.sf(stat, dof))
+    except ImportError:  # pragma: no cover
+        z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / (2 / (9 * dof)) ** 0.5
+        return float(0.5 * torch.erfc(torch.tensor(z / 2 ** 0.5)))
+
+
+def outcomes(x: torch.Tensor, P: int) -> list[tuple]:
+    return [tuple(r) for r in x[:, P:].tolist()]
+
+
+# ================================================================================================
+# Part 1: the test models and the peers on their own
+# ================================================================================================
+def test_models_agree_on_output_wrappers() -> None:
+    x = prompts(2, 6)
+    ref = M.TinyLM(seed=3)(x)
+    for cls in (M.DictLM, M.MaskedLMOutputLM, M.CachedLM):
+        torch.testing.assert_close(M.logits_of(cls(seed=3)(x)), ref, rtol=0, atol=0)
+    assert ref.shape == (2, 6, V)
+
+
+def test_model_honours_padding_and_positions() -> None:
+    """A left-padded row's real-token logits equal those of the unpadded prompt (fp32, atol 1e-5)."""
+    m = M.TinyLM(seed=4)
+    p = prompts(1, 4)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), p], dim=1)
+    am = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    out = M.call_lm(m, padded, am)[:, 3:]
+    torch.testing.assert_close(out, M.call_lm(m, p, torch.ones_like(p)), rtol=0, atol=1e-5)
+    # and positions matter: the same tokens without position_ids shifted give other logits
+    assert (m(padded)[:, 3:] - out).abs().max() > 1e-3
+
+
+def test_cached_model_window_equals_full_forward() -> None:
+    m = M.CachedLM(seed=5)
+    x = prompts(3, 9)
+    full, cache = m.kv_forward(x, torch.zeros(3, dtype=torch.long))
+    for s, e in ((0, 9), (4, 9), (3, 6), (8, 9)):
+        win = m.kv_window(x[:, s:e], None, cache=cache, start=s)
+        torch.testing.assert_close(win, full[:, s:e], rtol=0, atol=1e-5)
+    # a changed window sees its own new tokens: differs from the stale full forward
+    y = x.clone()
+    y[:, 4] = (y[:, 4] + 1) % (V - 1)
+    assert (m.kv_window(y[:, 3:6], None, cache=cache, start=3) - full[:, 3:6]).abs().max() > 1e-4
+
+
+def test_block_causal_model_cache_is_exact() -> None:
+    m = M.BlockCausalLM(seed=6, block_size=2)
+    x = prompts(2, 8)
+    full = m(x)
+    cache = m.new_cache(2)
+    for s in range(0, 8, 2):
+        torch.testing.assert_close(m(x[:, s:s + 2], None, cache=cache, start=s), full[:, s:s + 2],
+                                   rtol=0, atol=1e-5)
+        cache = m.extend_cache(cache, x[:, s:s + 2], s)
+    # block-causal: changing a later block does not change an earlier block's logits
+    y = x.clone()
+    y[:, 6] = (y[:, 6] + 1) % (V - 1)
+    torch.testing.assert_close(m(y)[:, :6], full[:, :6], rtol=0, atol=0)
+
+
+class _Recorder:
+    """Wraps a model; records the number of masks in every call's input."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.masks = model, []
+
+    def __call__(self, x: torch.Tensor, **kw: Any) -> Any:
+        self.masks.append(int((x == MASK).sum()))
+        return self.model(x, **kw)
+
+
+def test_llada_peer_one_token_per_step_when_steps_equal_length() -> None:
+    rec = _Recorder(M.TinyLM(seed=7))
+    x, calls = llada_generate(rec, prompts(1, 5), max_new_tokens=6, steps=6, block_length=6, mask_id=MASK,
+                              generator=gen())
+    assert calls == 6 and rec.masks == [6, 5, 4, 3, 2, 1]
+    assert not bool((x == MASK).any())
+
+
+def test_llada_peer_greedy_reveals_most_confident_first() -> None:
+    """Steps = N, one block: the first revealed position is the argmax over positions of max softmax."""
+    m = M.TinyLM(seed=8)
+    p = prompts(1, 3)
+    x, _ = llada_generate(m, p, max_new_tokens=4, steps=4, mask_id=MASK, generator=gen())
+    first = torch.cat([p, torch.full((1, 4), MASK)], dim=1)
+    probs = torch.softmax(m(first).double(), -1)[0, 3:]
+    j = int(probs.max(-1).values.argmax())
+    assert x[0, 3 + j] == probs[j].argmax()
+
+
+def test_llada_peer_blocks_fill_left_to_right() -> None:
+    rec = _Recorder(M.TinyLM(seed=9))
+    x, calls = llada_generate(rec, prompts(1, 2), max_new_tokens=6, steps=6, block_length=2, mask_id=MASK,
+                              generator=gen())
+    assert calls == 6 and rec.masks == [6, 5, 4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("block", [3, 6])
+def test_fast_dllm_peer_threshold_above_one_is_llada_one_per_step(block: int) -> None:
+    m = M.TinyLM(seed=10)
+    p = prompts(2, 5)
+    a, ca = fast_dllm_generate(m, p, max_new_tokens=6, steps=6, block_length=block, mask_id=MASK,
+                               threshold=1.01, generator=gen())
+    b, cb = llada_generate(m, p, max_new_tokens=6, steps=6, block_length=block, mask_id=MASK, generator=gen())
+    assert torch.equal(a, b) and ca == cb == 6
+
+
+def test_fast_dllm_peer_without_threshold_is_llada() -> None:
+    m = M.TinyLM(seed=11)
+    p = prompts(1, 4)
+    a, ca = fast_dllm_generate(m, p, max_new_tokens=8, steps=4, block_length=4, mask_id=MASK, generator=gen())
+    b, cb = llada_generate(m, p, max_new_tokens=8, steps=4, block_length=4, mask_id=MASK, generator=gen())
+    assert torch.equal(a, b) and ca == cb == 4
+
+
+def test_fast_dllm_choose_rules_by_hand() -> None:
+    c = torch.tensor([0.5, 0.9, 0.3, 0.8], dtype=torch.float64)
+    cand = torch.tensor([True, True, True, True])
+    # threshold 0.7: 0.9 and 0.8
+    assert choose(c, cand, count=None, threshold=0.7, factor=None).tolist() == [False, True, False, True]
+    # threshold 0.95: only the argmax
+    assert choose(c, cand, count=None, threshold=0.95, factor=None).tolist() == [False, True, False, False]
+    # factor 1: sorted 0.9, 0.8, 0.5, 0.3; thresholds (i >= 1) 1 - 1/(i + 2): 0.667, 0.75, 0.8
+    # 0.8 >= 0.667 ok; 0.5 < 0.75 fails at i = 2 (not the last) -> 2 tokens
+    assert choose(c, cand, count=None, threshold=None, factor=1.0).tolist() == [False, True, False, True]
+    # the quirk: failing at the last candidate reveals all (sorted 0.9, 0.8, 0.5: 0.5 < 0.75 at i = 2 = last)
+    c3, cand3 = torch.tensor([0.9, 0.8, 0.5], dtype=torch.float64), torch.tensor([True, True, True])
+    assert choose(c3, cand3, count=None, threshold=None, factor=1.0).tolist() == [True, True, True]
+    # failing at i = 1 -> only the first
+    c4 = torch.tensor([0.9, 0.2, 0.1, 0.05], dtype=torch.float64)
+    assert choose(c4, cand, count=None, threshold=None, factor=1.0).tolist() == [True, False, False, False]
+    # non-candidates are never chosen; a single candidate always is
+    one = torch.tensor([False, False, True, False])
+    assert choose(c, one, count=None, threshold=None, factor=1.0).tolist() == [False, False, True, False]
+    assert choose(c, one, count=None, threshold=0.99, factor=None).tolist() == [False, False, True, False]
+
+
+def test_fast_dllm_cached_peers_reveal_everything_and_count_calls() -> None:
+    m = M.CachedLM(seed=12)
+    p = prompts(1, 5)
+    for cache in ("prefix", "dual"):
+        x, calls = fast_dllm_generate(m, p, max_new_tokens=8, steps=8, block_length=4, mask_id=MASK,
+                                      cache=cache, generator=gen())
+        assert calls == 8 and not bool((x == MASK).any())
+    # one block, first step of it: the full forward, identical to the uncached loop's first step
+    a, _ = fast_dllm_generate(m, p, max_new_tokens=4, steps=1, block_length=4, mask_id=MASK, cache="dual",
+                              generator=gen())
+    b, _ = fast_dllm_generate(m, p, max_new_tokens=4, steps=1, block_length=4, mask_id=MASK, generator=gen())
+    assert torch.equal(a, b)
+
+
+def test_dream_peer_reveals_everything_by_the_last_step() -> None:
+    m = M.TinyLM(seed=13)
+    for alg in ("maskgit_plus", "topk_margin", "entropy", "origin"):
+        x, calls = dream_generate(m, prompts(2, 3), max_new_tokens=5, steps=3, mask_id=MASK, alg=alg,
+                                  generator=gen())
+        assert calls == 3 and not bool((x == MASK).any())
+
+
+def test_mdlm_peer_single_token_follows_p_x0() -> None:
+    """One new token: the MDLM sampler's output law is p_x0 at the all-masked input (mask excluded)."""
+    m = M.TinyLM(vocab=5, mask_id=4, seed=14, mask_bias=0.0)
+    p = torch.tensor([[1, 2]])
+    first = torch.tensor([[1, 2, 4]])
+    logits = m(first)[0, 2].double()
+    logits[4] = float("-inf")
+    probs = torch.softmax(logits, -1)
+    x, _ = mdlm_generate(m, p.repeat(4000, 1), max_new_tokens=1, steps=4, mask_id=4, generator=gen())
+    exact = torch.multinomial(probs, 4000, replacement=True, generator=gen(1))
+    assert two_sample_p(outcomes(x, 2), [(int(v),) for v in exact]) > P_ALPHA
+
+
+def test_bd3lm_peer_block_one_is_autoregressive_and_cache_is_exact() -> None:
+    m = M.BlockCausalLM(vocab=5, mask_id=4, seed=15, block_size=1, mask_bias=0.0)
+    p = torch.tensor([[1, 2]])
+    a, ca = bd3lm_generate(m, p.repeat(3000, 1), max_new_tokens=2, block_length=1, mask_id=4, cache="kv",
+                           generator=gen())
+    b, cb = bd3lm_generate(m, p.repeat(3000, 1), max_new_tokens=2, block_length=1, mask_id=4,
+                           generator=gen())
+    assert ca == cb == 2 and torch.equal(a, b)
+    # exact AR law of the two tokens
+    exact = []
+    l1 = m(torch.tensor([[1, 2, 4]]))[0, 2].double()
+    l1[4] = float("-inf")
+    p1 = torch.softmax(l1, -1)
+    g = gen(2)
+    for v in torch.multinomial(p1, 3000, replacement=True, generator=g).tolist():
+        l2 = m(torch.tensor([[1, 2, v, 4]]))[0, 3].double()
+        l2[4] = float("-inf")
+        exact.append((v, int(torch.multinomial(torch.softmax(l2, -1), 1, generator=g))))
+    assert two_sample_p(outcomes(a, 2), exact) > P_ALPHA
