@@ -243,19 +243,19 @@ def test_mdlm_peer_single_token_follows_p_x0() -> None:
 def test_bd3lm_peer_block_one_is_autoregressive_and_cache_is_exact() -> None:
     m = M.BlockCausalLM(vocab=5, mask_id=4, seed=15, block_size=1, mask_bias=0.0)
     p = torch.tensor([[1, 2]])
-    a, ca = bd3lm_generate(m, p.repeat(3000, 1), max_new_tokens=2, block_length=1, mask_id=4, cache="kv",
+    a, ca = bd3lm_generate(m, p.repeat(2000, 1), max_new_tokens=2, block_length=1, mask_id=4, cache="kv",
                            generator=gen())
-    b, cb = bd3lm_generate(m, p.repeat(3000, 1), max_new_tokens=2, block_length=1, mask_id=4,
+    b, cb = bd3lm_generate(m, p.repeat(2000, 1), max_new_tokens=2, block_length=1, mask_id=4,
                            generator=gen())
     assert ca == cb == 2 and torch.equal(a, b)
-    # exact AR law of the two tokens
-    exact = []
-    l1 = m(torch.tensor([[1, 2, 4]]))[0, 2].double()
-    l1[4] = float("-inf")
-    p1 = torch.softmax(l1, -1)
-    g = gen(2)
-    for v in torch.multinomial(p1, 3000, replacement=True, generator=g).tolist():
-        l2 = m(torch.tensor([[1, 2, v, 4]]))[0, 3].double()
-        l2[4] = float("-inf")
-        exact.append((v, int(torch.multinomial(torch.softmax(l2, -1), 1, generator=g))))
+
+    def law(ctx: list[int]) -> torch.Tensor:
+        lg = m(torch.tensor([ctx + [4]]))[0, -1].double()
+        lg[4] = float("-inf")
+        return torch.softmax(lg, -1)
+
+    # exact AR law of the two tokens: p(v1) p(v2 | v1)
+    p1 = law([1, 2])
+    joint = torch.stack([p1[v] * law([1, 2, v]) for v in range(5)]).flatten()
+    exact = [divmod(int(i), 5) for i in torch.multinomial(joint, 2000, replacement=True, generator=gen(2))]
     assert two_sample_p(outcomes(a, 2), exact) > P_ALPHA

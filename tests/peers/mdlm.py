@@ -11,11 +11,13 @@ and stays masked with probability ``s / t``; unmasked positions are copied. The 
 (p_x0 reused) when the previous step changed nothing (the model is time-free). After the loop one more
 forward, and every still-masked position takes the argmax of p_x0 (noise removal).
 
-DUO (uniform prior, ``alpha_t = 1 - t``): generated positions start uniform over the vocabulary; a step
+DUO (uniform prior, log-linear ``alpha_t = 1 - (1 - eps) t``): generated positions start uniform over the
+vocabulary; a step
 draws x_s from the exact posterior ``q(x_s | x_t, x0 = x_theta)``
 ``∝ alpha_t V x x[x_t]-onehot + (alpha_t / alpha_s - alpha_t) onehot(x_t) + (alpha_s - alpha_t) x
-+ (1 - alpha_t / alpha_s)(1 - alpha_s) / V`` with x = softmax(logits); p_x0 is reused when nothing
-changed; the final step is greedy noise removal (argmax of one more forward).
++ (1 - alpha_t / alpha_s)(1 - alpha_s) / V`` with x = softmax(logits), one forward every step (DUO's
+``_ancestral_update`` drops the x0 cache); the final step is greedy noise removal (argmax of one more
+forward).
 """
 
 from __future__ import annotations
@@ -84,16 +86,14 @@ def duo_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     x[:, P:] = torch.randint(V, (B, max_new_tokens), generator=generator)
     ts = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
     calls = 0
-    p_x0 = None
 
     def x0_probs() -> torch.Tensor:
         return torch.softmax(call_lm(model, x, am).double() / temperature, dim=-1)
 
     for i in range(steps):
-        a_t, a_s = 1 - float(ts[i]), 1 - float(ts[i + 1])
-        if p_x0 is None:
-            p_x0 = x0_probs()
-            calls += 1
+        a_t, a_s = 1 - (1 - eps) * float(ts[i]), 1 - (1 - eps) * float(ts[i + 1])
+        p_x0 = x0_probs()
+        calls += 1
         xg, pg = x[:, P:], p_x0[:, P:]
         onehot = torch.nn.functional.one_hot(xg, V).double()
         at_xt = pg.gather(-1, xg[..., None])
@@ -101,8 +101,6 @@ def duo_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
              + (1 - a_t / a_s) * (1 - a_s) / V) / (a_t * V * at_xt + 1 - a_t)
         new = x.clone()
         new[:, P:] = _categorical(w.reshape(-1, V), generator).view(B, -1)
-        if not torch.equal(new, x):
-            p_x0 = None
         x = new
     x[:, P:] = x0_probs()[:, P:].argmax(-1)
     calls += 1

@@ -66,30 +66,37 @@ class _Layer(nn.Module):
 class TinyLM(nn.Module):
     """Bidirectional 2-layer transformer, ``model(input_ids, attention_mask=None, position_ids=None)``.
 
+    Positions (``position_ids``, default ``arange(L)``) enter twice: a learned absolute embedding (so that
+    masked positions get clearly different predictions) and rotary queries/keys.
+
     ``block_size`` (optional) makes attention block-causal by column: column ``i`` sees column ``j`` iff
     ``j // block_size <= i // block_size``. The mask token's output logit gets ``mask_bias`` (default
     -20: the model practically never predicts [MASK], as trained diffusion LMs do).
     """
 
     def __init__(self, vocab: int = 50, *, mask_id: int | None = None, width: int = 32, layers: int = 2,
-                 heads: int = 2, seed: int = 0, scale: float = 1.0, mask_bias: float = -20.0,
-                 block_size: int | None = None) -> None:
+                 heads: int = 2, seed: int = 0, scale: float = 2.0, mask_bias: float = -20.0,
+                 block_size: int | None = None, max_len: int = 64) -> None:
         super().__init__()
         self.vocab, self.block_size = vocab, block_size
         self.mask_id = vocab - 1 if mask_id is None else mask_id
         self.config = SimpleNamespace(mask_token_id=self.mask_id, vocab_size=vocab)
         self.emb = nn.Embedding(vocab, width)
+        self.pos_emb = nn.Embedding(max_len, width)
         self.layers = nn.ModuleList(_Layer(width, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for p in self.parameters():
+            for name, p in self.named_parameters():
                 if p.ndim == 2:
-                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+                    fan = 1 if "emb" in name else p.shape[1]
+                    p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan))
+                elif "ln" in name and name.endswith("weight"):
+                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
                 else:
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            self.head.weight.mul_(scale * 3.0)
+            self.head.weight.mul_(scale)
             self.head.bias[self.mask_id] += mask_bias
         self.calls = 0
         self.eval()
@@ -118,7 +125,7 @@ class TinyLM(nn.Module):
         pos = self._pos(position_ids, B, L)
         cols = torch.arange(L)
         allowed = self._allowed(cols, cols, attention_mask, B)
-        h = self.emb(x)
+        h = self.emb(x) + self.pos_emb(pos)
         cache: Cache = []
         for layer in self.layers:
             q, k, v = layer.qkv_of(h, pos)
@@ -178,7 +185,7 @@ class CachedLM(TinyLM):
         L = cache[0][0].shape[2]
         pos = self._pos(position_ids, B, L)[:, start:start + n]
         allowed = self._allowed(torch.arange(start, start + n), torch.arange(L), attention_mask, B)
-        h = self.emb(x_win)
+        h = self.emb(x_win) + self.pos_emb(pos)
         for layer, (kc, vc) in zip(self.layers, cache):
             q, k, v = layer.qkv_of(h, pos)
             K, V = kc.clone(), vc.clone()
@@ -210,7 +217,7 @@ class BlockCausalLM(TinyLM):
             raise ValueError(f"cache holds {cache[0][0].shape[2]} columns, start={start}")
         pos = torch.arange(start, start + n).expand(B, n)
         allowed = self._allowed(torch.arange(start, start + n), torch.arange(start + n), None, B)
-        h = self.emb(x_block)
+        h = self.emb(x_block) + self.pos_emb(pos)
         new: Cache = []
         for layer, (kc, vc) in zip(self.layers, cache):
             q, k, v = layer.qkv_of(h, pos)
