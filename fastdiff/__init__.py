@@ -5,7 +5,7 @@ with its few justified exceptions)::
 
     errors, random, _checks, _protocols, _reduce, _backends, _threads, _deprecate, distributed
     -> ops (with the backend modules _cpp, _cuda, kernels) -> schedules -> discrete / continuous
-    -> timesteps -> sampling -> data, metrics, models, testing -> training -> pipeline, evaluation -> cli
+    -> timesteps -> sampling -> data, metrics, models, testing, generation -> training -> pipeline, evaluation -> cli
 
 ``distributed`` is the scale-out layer on ``torch.distributed`` (torchrun): sharded generation and
 DDP / FSDP training use it; outside torchrun it is a world of one process.
@@ -29,10 +29,12 @@ from . import _deprecate
 __version__ = "0.2.0"
 
 # the public sub-packages and modules, imported on first attribute access
-_SUBMODULES = ("cli", "continuous", "data", "discrete", "distributed", "errors", "evaluation", "metrics", "models",
+_SUBMODULES = ("cli", "continuous", "data", "discrete", "distributed", "errors", "evaluation", "generation", "metrics",
+               "models",
                "ops", "pipeline", "random", "sampling", "schedules", "testing", "timesteps", "training")
 # name -> (module, attribute)
-_ATTRIBUTES = {"TextDiffusion": ("pipeline", "TextDiffusion"), "available_backends": ("_backends", "available")}
+_ATTRIBUTES = {"TextDiffusion": ("pipeline", "TextDiffusion"), "available_backends": ("_backends", "available"),
+               "generate": ("generation", "generate")}
 
 __all__ = [
     "TextDiffusion",
@@ -43,6 +45,8 @@ __all__ = [
     "discrete",
     "distributed",
     "errors",
+    "generate",
+    "generation",
     "metrics",
     "models",
     "ops",
@@ -62,6 +66,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         discrete,
         distributed,
         errors,
+        generation,
         metrics,
         models,
         ops,
@@ -73,6 +78,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     )
     from . import cli, evaluation, pipeline, testing  # noqa: F401  (lazy too, but not in __all__)
     from ._backends import available as available_backends
+    from .generation import generate
     from .pipeline import TextDiffusion
 
 

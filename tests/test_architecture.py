@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("discrete", "continuous"),
     ("timesteps",),
     ("sampling",),
-    ("data", "metrics", "models", "testing"),
+    ("data", "metrics", "models", "testing", "generation"),
     ("training",),
     ("pipeline", "evaluation"),
     ("cli", "__main__"),
