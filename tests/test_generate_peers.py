@@ -259,3 +259,232 @@ def test_bd3lm_peer_block_one_is_autoregressive_and_cache_is_exact() -> None:
     joint = torch.stack([p1[v] * law([1, 2, v]) for v in range(5)]).flatten()
     exact = [divmod(int(i), 5) for i in torch.multinomial(joint, 2000, replacement=True, generator=gen(2))]
     assert two_sample_p(outcomes(a, 2), exact) > P_ALPHA
+
+
+# ================================================================================================
+# Part 2: fastdiff.generate against the peers
+# ================================================================================================
+import fastdiff  # noqa: E402
+
+
+def fd(model: Any, ids: torch.Tensor, am: torch.Tensor | None = None, **kw: Any) -> Any:
+    return fastdiff.generate(model, ids, am, **kw)
+
+
+def generated(out: Any, ids: torch.Tensor, am: torch.Tensor | None, N: int) -> torch.Tensor:
+    """The (B, N) generated tokens of a fastdiff output, whatever its padding side."""
+    seq = out.sequences
+    P = ids.shape[1]
+    if am is None or bool(am[:, -1].all()):  # no padding, or left padding
+        return seq[:, P:P + N]
+    lens = am.long().sum(1)
+    return torch.stack([seq[b, int(lens[b]):int(lens[b]) + N] for b in range(seq.shape[0])])
+
+
+LLADA_CASES = [  # (B, P, N, steps, block, cfg)
+    (1, 1, 8, 8, 8, 0.0),
+    (1, 5, 8, 4, 4, 0.0),
+    (3, 7, 8, 8, 4, 0.0),
+    (3, 5, 8, 4, 8, 0.0),
+    (1, 5, 6, 6, 2, 0.5),
+    (3, 7, 8, 8, 4, 1.0),
+]
+
+
+@pytest.mark.parametrize("B,P,N,steps,block,cfg", LLADA_CASES)
+def test_llada_greedy_matches_peer(B: int, P: int, N: int, steps: int, block: int, cfg: float) -> None:
+    m = M.TinyLM(seed=20 + P)
+    ids = prompts(B, P, seed=P)
+    out = fd(m, ids, max_new_tokens=N, steps=steps, block_length=block, preset="llada", mask_id=MASK,
+             cfg_scale=cfg)
+    ref, calls = llada_generate(m, ids, max_new_tokens=N, steps=steps, block_length=block, mask_id=MASK,
+                                cfg_scale=cfg, generator=gen())
+    assert torch.equal(generated(out, ids, None, N), ref[:, P:])
+    assert out.stats["network_calls"] == calls
+
+
+@pytest.mark.parametrize("cls", [M.DictLM, M.MaskedLMOutputLM])
+def test_llada_output_wrappers_match_peer(cls: type) -> None:
+    m = cls(seed=30)
+    ids = prompts(3, 5)
+    out = fd(m, ids, max_new_tokens=8, steps=4, block_length=4, preset="llada", mask_id=MASK)
+    ref, _ = llada_generate(m, ids, max_new_tokens=8, steps=4, block_length=4, mask_id=MASK, generator=gen())
+    assert torch.equal(generated(out, ids, None, 8), ref[:, 5:])
+
+
+FAST_CASES = [  # (B, P, threshold, factor, cache)
+    (1, 5, 0.9, None, None),
+    (3, 7, 0.7, None, None),
+    (3, 1, None, 1.0, None),
+    (1, 5, None, None, "prefix"),
+    (3, 7, 0.9, None, "prefix"),
+    (3, 5, 0.7, None, "dual"),
+    (1, 7, None, 1.0, "dual"),
+    (3, 5, None, 1.0, "prefix"),
+    (1, 1, None, None, "dual"),
+]
+
+
+@pytest.mark.parametrize("B,P,threshold,factor,cache", FAST_CASES)
+@pytest.mark.parametrize("block", [4, 8])
+def test_fast_dllm_greedy_matches_peer(B: int, P: int, threshold: float | None, factor: float | None,
+                                       cache: str | None, block: int) -> None:
+    m = M.CachedLM(seed=40 + P, scale=5.0)
+    ids = prompts(B, P, seed=P + 1)
+    kw = dict(max_new_tokens=8, steps=8, block_length=block, mask_id=MASK, threshold=threshold,
+              factor=factor, cache=cache)
+    out = fd(m, ids, preset="fast_dllm", **kw)
+    ref, calls = fast_dllm_generate(m, ids, generator=gen(), **kw)
+    assert torch.equal(generated(out, ids, None, 8), ref[:, P:])
+    assert out.stats["network_calls"] == calls
+
+
+DREAM_CASES = [  # (B, P, N, steps)
+    (1, 1, 8, 8),
+    (1, 5, 8, 4),
+    (3, 7, 8, 3),
+    (3, 5, 6, 6),
+]
+
+
+@pytest.mark.parametrize("B,P,N,steps", DREAM_CASES)
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_dream_greedy_matches_peer(B: int, P: int, N: int, steps: int, alg: str) -> None:
+    m = M.TinyLM(seed=50 + P)
+    ids = prompts(B, P, seed=P + 2)
+    out = fd(m, ids, max_new_tokens=N, steps=steps, preset="dream", mask_id=MASK, alg=alg)
+    ref, calls = dream_generate(m, ids, max_new_tokens=N, steps=steps, mask_id=MASK, alg=alg, generator=gen())
+    assert torch.equal(generated(out, ids, None, N), ref[:, P:])
+    assert out.stats["network_calls"] == calls
+
+
+# -- padding -------------------------------------------------------------------------------------
+def _ragged(lengths: list[int], P: int, side: str, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = gen(seed)
+    ids = torch.zeros(len(lengths), P, dtype=torch.long)
+    am = torch.zeros(len(lengths), P, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        toks = torch.randint(1, V - 1, (n,), generator=g)
+        sl = slice(P - n, P) if side == "left" else slice(0, n)
+        ids[b, sl], am[b, sl] = toks, 1
+    return ids, am
+
+
+PAD_PRESETS = {
+    "llada": (dict(preset="llada", steps=8, block_length=4), lambda m, ids: llada_generate(
+        m, ids, max_new_tokens=8, steps=8, block_length=4, mask_id=MASK, generator=gen())),
+    "dream": (dict(preset="dream", steps=4, alg="maskgit_plus"), lambda m, ids: dream_generate(
+        m, ids, max_new_tokens=8, steps=4, mask_id=MASK, alg="maskgit_plus", generator=gen())),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PAD_PRESETS))
+def test_left_padded_batch_equals_prompts_one_by_one(preset: str) -> None:
+    kw, peer = PAD_PRESETS[preset]
+    m = M.TinyLM(seed=60)
+    lengths = [7, 3, 1, 5]
+    ids, am = _ragged(lengths, 7, "left")
+    out = generated(fd(m, ids, am, max_new_tokens=8, mask_id=MASK, **kw), ids, am, 8)
+    for b, n in enumerate(lengths):
+        alone = ids[b:b + 1, 7 - n:]
+        ref, _ = peer(m, alone)
+        assert torch.equal(out[b], ref[0, n:]), f"row {b} (prompt length {n})"
+        solo = generated(fd(m, alone, max_new_tokens=8, mask_id=MASK, **kw), alone, None, 8)
+        assert torch.equal(out[b], solo[0])
+
+
+@pytest.mark.parametrize("preset", sorted(PAD_PRESETS))
+def test_right_padded_equals_left_padded(preset: str) -> None:
+    kw, _ = PAD_PRESETS[preset]
+    m = M.TinyLM(seed=61)
+    lengths = [2, 6, 4]
+    left, am_l = _ragged(lengths, 6, "left", seed=9)
+    right, am_r = _ragged(lengths, 6, "right", seed=9)
+    a = generated(fd(m, left, am_l, max_new_tokens=8, mask_id=MASK, **kw), left, am_l, 8)
+    out_r = fd(m, right, am_r, max_new_tokens=8, mask_id=MASK, **kw)
+    b = generated(out_r, right, am_r, 8)
+    assert torch.equal(a, b)
+    # the right-padded output keeps each prompt at the start of its row
+    for r, n in enumerate(lengths):
+        assert torch.equal(out_r.sequences[r, :n], right[r, :n])
+
+
+# -- in distribution -----------------------------------------------------------------------------
+SV, SMASK = 6, 5  # small vocabulary: 5 tokens and [MASK]
+
+
+def small_model(cls: type = M.TinyLM, **kw: Any) -> Any:
+    """Scale 3: peaked enough that the order of decisions changes the joint law (the tests' power: e.g.
+    Dream's alg_temp 0.5 vs 2 or MDLM's 4 vs 1 steps give p < 1e-3 with these sample sizes)."""
+    return cls(vocab=SV, mask_id=SMASK, seed=70, scale=3.0, **kw)
+
+
+def fd_samples(model: Any, ids: torch.Tensor, N: int, *, seeds: int = 10, per_seed: int = 200,
+               mask_id: int = SMASK, **kw: Any) -> list[tuple]:
+    res: list[tuple] = []
+    for s in range(seeds):
+        out = fd(model, ids.repeat(per_seed, 1), max_new_tokens=N, seed=s, mask_id=mask_id, **kw)
+        res += outcomes(generated(out, ids, None, N), 0)
+    return res
+
+
+def peer_samples(fn: Callable[..., tuple[torch.Tensor, int]], model: Any, ids: torch.Tensor, N: int,
+                 n: int = 2000, **kw: Any) -> list[tuple]:
+    x, _ = fn(model, ids.repeat(n, 1), max_new_tokens=N, mask_id=SMASK, generator=gen(123), **kw)
+    return outcomes(x, ids.shape[1])
+
+
+SMALL_IDS = torch.tensor([[1, 2]])
+
+DIST_CASES = {
+    "llada-temperature": (dict(preset="llada", steps=3, temperature=0.5), llada_generate,
+                          dict(steps=3, temperature=0.5)),
+    "llada-random-greedy": (dict(preset="llada", steps=3, remasking="random"), llada_generate,
+                            dict(steps=3, remasking="random")),
+    "llada-random-temperature": (dict(preset="llada", steps=3, remasking="random", temperature=0.7),
+                                 llada_generate, dict(steps=3, remasking="random", temperature=0.7)),
+    "fast_dllm-threshold-temperature": (dict(preset="fast_dllm", steps=3, threshold=0.5, temperature=1.0),
+                                        fast_dllm_generate, dict(steps=3, threshold=0.5, temperature=1.0)),
+    "dream-origin-greedy": (dict(preset="dream", steps=3, alg="origin"), dream_generate,
+                            dict(steps=3, alg="origin")),
+    "dream-origin-temperature": (dict(preset="dream", steps=3, alg="origin", temperature=1.0), dream_generate,
+                                 dict(steps=3, alg="origin", temperature=1.0)),
+    "dream-maskgit-temperature": (dict(preset="dream", steps=3, alg="maskgit_plus", temperature=0.8),
+                                  dream_generate, dict(steps=3, alg="maskgit_plus", temperature=0.8)),
+    "dream-alg_temp": (dict(preset="dream", steps=3, alg="maskgit_plus", alg_temp=0.5), dream_generate,
+                       dict(steps=3, alg="maskgit_plus", alg_temp=0.5)),
+    "dream-entropy-alg_temp-temperature": (dict(preset="dream", steps=2, alg="entropy", alg_temp=0.3,
+                                                temperature=1.0),
+                                           dream_generate, dict(steps=2, alg="entropy", alg_temp=0.3,
+                                                                temperature=1.0)),
+    "mdlm": (dict(preset="mdlm", steps=4, temperature=1.0), mdlm_generate, dict(steps=4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIST_CASES))
+def test_random_strategies_match_peer_in_distribution(case: str) -> None:
+    fkw, peer, pkw = DIST_CASES[case]
+    m = small_model(mask_bias=0.0 if case == "mdlm" else -20.0)
+    a = fd_samples(m, SMALL_IDS, 3, **fkw)
+    b = peer_samples(peer, m, SMALL_IDS, 3, **pkw)
+    p = two_sample_p(a, b)
+    assert p > P_ALPHA, f"{case}: p = {p:.2e}"
+
+
+def test_duo_matches_peer_in_distribution() -> None:
+    m = M.TinyLM(vocab=5, mask_id=4, seed=71, scale=3.0)
+    a = fd_samples(m, SMALL_IDS, 2, preset="duo", steps=3, temperature=1.0, mask_id=4)
+    x, _ = duo_generate(m, SMALL_IDS.repeat(2000, 1), max_new_tokens=2, steps=3, generator=gen(5))
+    p = two_sample_p(a, outcomes(x, 2))
+    assert p > P_ALPHA, f"p = {p:.2e}"
+
+
+@pytest.mark.parametrize("cache", [None, "kv"])
+def test_bd3lm_matches_peer_in_distribution(cache: str | None) -> None:
+    m = M.BlockCausalLM(vocab=4, mask_id=3, seed=72, scale=3.0, block_size=2, mask_bias=0.0)
+    a = fd_samples(m, SMALL_IDS, 4, preset="bd3lm", steps=4, block_length=2, cache=cache, temperature=1.0,
+                   mask_id=3)
+    x, _ = bd3lm_generate(m, SMALL_IDS.repeat(2000, 1), max_new_tokens=4, block_length=2, mask_id=3,
+                          cache=cache, generator=gen(6))
+    p = two_sample_p(a, outcomes(x, 2))
+    assert p > P_ALPHA, f"p = {p:.2e}"
