@@ -488,3 +488,27 @@ def test_bd3lm_matches_peer_in_distribution(cache: str | None) -> None:
                           cache=cache, generator=gen(6))
     p = two_sample_p(a, outcomes(x, 2))
     assert p > P_ALPHA, f"p = {p:.2e}"
+
+
+def test_network_calls_of_the_random_presets_match_peers() -> None:
+    """MDLM's cache makes its call count random (a step that changed nothing reuses p_x0): same law as the
+    peer's; DUO calls every step plus the noise removal; BD3-LM's first hitting one call per token."""
+    m = small_model(mask_bias=0.0)
+    a = [(fd(m, SMALL_IDS, max_new_tokens=3, steps=6, preset="mdlm", temperature=1.0, mask_id=SMASK,
+             seed=s).stats["network_calls"],) for s in range(250)]
+    g = gen(7)
+    b = [(mdlm_generate(m, SMALL_IDS, max_new_tokens=3, steps=6, mask_id=SMASK, generator=g)[1],)
+         for _ in range(250)]
+    assert len(set(b)) > 1
+    p = two_sample_p(a, b)
+    assert p > P_ALPHA, f"mdlm network calls: p = {p:.2e}"
+    m5 = M.TinyLM(vocab=5, mask_id=4, seed=71)
+    out = fd(m5, SMALL_IDS, max_new_tokens=2, steps=3, preset="duo", temperature=1.0, mask_id=4)
+    assert out.stats["network_calls"] == duo_generate(m5, SMALL_IDS, max_new_tokens=2, steps=3,
+                                                      generator=gen())[1]
+    mb = M.BlockCausalLM(vocab=4, mask_id=3, seed=72, block_size=2)
+    for cache in (None, "kv"):
+        out = fd(mb, SMALL_IDS, max_new_tokens=4, steps=4, block_length=2, preset="bd3lm", cache=cache,
+                 temperature=1.0, mask_id=3)
+        assert out.stats["network_calls"] == bd3lm_generate(mb, SMALL_IDS, max_new_tokens=4, block_length=2,
+                                                            mask_id=3, cache=cache, generator=gen())[1]
