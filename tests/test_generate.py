@@ -329,3 +329,79 @@ def test_mdlm_first_step_is_the_absorbing_posterior(model: Bidir) -> None:
     toks = [int(next(iterate(model, ids, max_new_tokens=1, steps=2, mask_id=MASK, preset="mdlm", eps=eps,
                              seed=k)).tokens[0, -1]) for k in range(n)]
     assert _chi2_p(torch.bincount(torch.tensor(toks), minlength=V), probs) > 1e-3
+
+
+# --- streaming in the sampler and the CLI -----------------------------------------------------------------
+def _sampler_setup() -> tuple:
+    from fastdiff.discrete import Absorbing
+    from fastdiff.sampling import Sampler
+    from fastdiff.schedules import cosine
+    from fastdiff.testing import TinyDenoiser
+
+    torch.manual_seed(0)
+    return Sampler(Absorbing(V, MASK, cosine(100)), steps=6), TinyDenoiser(V)
+
+
+def test_sampler_iterate_yields_every_step_and_returns_the_sample() -> None:
+    sampler, net = _sampler_setup()
+    ref = sampler.sample(net, shape=(2, 8), seed=4)
+    it = sampler.iterate(net, shape=(2, 8), seed=4)
+    steps = []
+    while True:
+        try:
+            steps.append(next(it))
+        except StopIteration as stop:
+            out = stop.value
+            break
+    assert [s.step for s in steps] == list(range(1, 7))
+    assert torch.equal(steps[-1].tokens, ref.tokens) and torch.equal(out.tokens, ref.tokens)
+    assert (steps[0].tokens == MASK).sum() > (steps[-1].tokens == MASK).sum()  # kept steps are copies
+    seen = []
+    again = sampler.sample(net, shape=(2, 8), seed=4, callback=lambda s: seen.append(s.tokens.clone()))
+    assert all(torch.equal(a, b.tokens) for a, b in zip(seen, steps)) and torch.equal(again.tokens, ref.tokens)
+
+
+def test_sampler_iterate_stops_early_and_reraises_in_the_caller() -> None:
+    import threading
+
+    sampler, net = _sampler_setup()
+    before = threading.active_count()
+    it = sampler.iterate(net, shape=(2, 8), seed=4)
+    next(it)
+    it.close()  # leaving the loop stops the worker
+    assert threading.active_count() == before
+
+    def nan_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.full((*x.shape, V), float("nan"))
+
+    with pytest.raises(InputError, match="NaN"):
+        list(sampler.iterate(nan_model, shape=(2, 8)))
+    with pytest.raises(InputTypeError, match="^callback: "):
+        sampler.sample(net, shape=(2, 8), callback=5)
+
+
+def test_guidance_with_uncond_equal_to_cond_is_an_error() -> None:
+    from fastdiff.discrete import Absorbing
+    from fastdiff.sampling import sample
+    from fastdiff.schedules import cosine
+
+    def net(x: torch.Tensor, t: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*x.shape, V)
+
+    y = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(InputError, match="^uncond: holds the same values as cond"):
+        sample(net, Absorbing(V, MASK, cosine(100)), shape=(2, 4), steps=2, guidance_scale=2.0,
+               cond={"label": y}, uncond={"label": y.clone()})
+
+
+def test_cli_stream_shows_sample_zero_step_by_step(capsys) -> None:
+    from fastdiff import cli
+
+    assert cli.main(["generate", "-n", "2", "--steps", "5", "--stream", "--quiet", "--seed", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert [int(ln.split(":")[0].split()[1]) for ln in steps] == [1, 2, 3, 4, 5]
+    masked = [ln.count(" _") for ln in steps]
+    assert masked[0] > masked[-1] and masked == sorted(masked, reverse=True)  # (the text may hold a '_' too)
+    final = next(ln for ln in lines if ln.startswith("[0] "))
+    assert steps[-1].split(": ", 1)[1] == final[4:]
