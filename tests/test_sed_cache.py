@@ -19,6 +19,7 @@ float64 oracle 1e-4.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -420,3 +421,26 @@ def test_shipped_bd3_model_kv_sampling_equals_uncached() -> None:
     b = sample(m, ck.process, kv_cache=True, **kw)
     assert torch.equal(a.tokens, b.tokens)
     assert not bool((a.tokens == ck.process.mask_id).any())
+
+
+def test_train_cli_fine_tunes_a_block_causal_model_from_a_checkpoint(tmp_path) -> None:
+    """``fastdiff train --set model.block_size=4 --init-from CKPT``: the new run starts from the checkpoint's
+    (EMA) weights and trains with the BD3-LM objective."""
+    from fastdiff import cli
+    from fastdiff.training import load_checkpoint
+    from tests.conftest import tiny_corpus
+
+    corpus = tiny_corpus(tmp_path / "corpus.txt", seed=2, words=["a", "class", "returns", "the", "value", "of"],
+                         lines=20, words_per_line=16)
+    base = ["--data", str(corpus), "--family", "discrete", "--task", "lm", "--seq-len", "8", "--batch-size", "2",
+            "--width", "16", "--layers", "1", "--heads", "2", "--device", "cpu", "--no-progress", "--threads", "1"]
+    assert cli.main(["train", *base, "--steps", "3", "--lr", "1e-2", "--seed", "0", "--out", str(tmp_path / "a")]) == 0
+    src = load_checkpoint(tmp_path / "a")
+    assert cli.main(["train", *base, "--steps", "1", "--lr", "1e-12", "--warmup", "0", "--log-every", "1", "--set", "model.block_size=4",
+                     "--seed", "1", "--init-from", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    dst = load_checkpoint(tmp_path / "b", weights="raw")
+    assert dst.model.config.block_size == 4
+    for (name, a), (_, b) in zip(src.model.state_dict().items(), dst.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    log = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    assert log and all(math.isfinite(json.loads(line).get("loss", 0.0)) for line in log)
