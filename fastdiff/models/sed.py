@@ -34,6 +34,12 @@ that classifier-free guidance training drops to, Ho & Salimans 2022), ``cond_tok
 clean and prepended (frozen concatenation for text-to-text; PAD positions are masked out); only the ``L``
 target positions are returned. With ``cross_attention=True`` (encoder–decoder), :meth:`SEDDenoiser.encode`
 runs a source encoder once and every layer cross-attends to its ``memory``.
+
+KV caches: Fast-dLLM's prefix / dual cache (Wu et al. 2025, "Fast-dLLM") through :meth:`SEDDenoiser.kv_forward`
+and :meth:`SEDDenoiser.kv_window`, and a block-causal variant (``block_size`` > 0; Arriola et al. 2025,
+"Block Diffusion", BD3-LM) with an exact block KV cache and BD3-LM's vectorised training forward. The
+relative positions make both cheap: a window's queries are scored at their absolute positions against
+the cached keys at theirs.
 """
 
 from __future__ import annotations
@@ -252,6 +258,12 @@ class SEDDenoiser(nn.Module):
 
     ``forward(x_t, t, *, x_self_cond=None, label=None, cond_tokens=None, memory=None, memory_mask=None,
     attention_mask=None)`` -> ``(B, L, V)`` logits or ``(B, L, D)``; a :mod:`fastdiff.sampling` denoiser as is.
+
+    KV caches (discrete models): :meth:`kv_forward` / :meth:`kv_window`, Fast-dLLM's prefix and dual cache
+    (Wu et al. 2025; approximate for a bidirectional model: the cached keys go stale); with
+    ``block_size`` > 0 (BD3-LM) the exact block cache :meth:`new_cache` / ``forward(x_block, t, cache=,
+    start=)`` / :meth:`extend_cache` (``sample(..., kv_cache=True)``) and the two-stream training forward
+    ``forward(x_t, t, clean=x_0)``.
     """
 
     arch = "sed"
