@@ -2,8 +2,9 @@
 # Rebuild the checkpoints that ship in fastdiff/assets/ (CPU; the exact commands behind the bundled models).
 # Each run writes runs/<name>/ (resumable checkpoints, train_log.jsonl) and exports a small fp16 copy with
 # its log to fastdiff/assets/<name>/. The two diffusion models train side by side with one thread each.
-#   bash scripts/train_bundled.sh            all four
+#   bash scripts/train_bundled.sh            all five (the block-causal one after the discrete one it starts from)
 #   bash scripts/train_bundled.sh scorers    only the causal LM and the classifier
+#   bash scripts/train_bundled.sh bd3        only the block-causal (BD3-LM) fine-tune of the discrete model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FD=${FASTDIFF:-.venv/bin/fastdiff}
@@ -33,6 +34,22 @@ e('runs/discrete/best', 'fastdiff/assets/discrete', generation={'temperature': 0
   for f in train_log.jsonl command.txt train_config.json; do cp "runs/discrete/$f" fastdiff/assets/discrete/; done
 }
 
+bd3() {
+  # Block-causal (BD3-LM, Arriola et al. 2025) fine-tune of the bundled discrete model, as BD3-LM fine-tunes
+  # from MDLM: the same architecture with block_size 16, the two-stream BD3-LM objective (one step per block,
+  # noisy blocks attend to the clean blocks before them), the bundled model's EMA weights as the start
+  # (--init-from), constant learning rate 3e-4 after 50 warm-up updates (so a run cut short is the run of
+  # that many --steps), EMA 0.99 (a short run: 0.999 would keep most of the bidirectional start), one thread.
+  # The shipped copy is the best held-out checkpoint of the run (fastdiff/assets/bd3/command.txt).
+  $FD train --overwrite --family discrete --task attribute --seq-len 64 --steps "${BD3_STEPS:-__BD3_STEPS__}" --batch-size 32 \
+    --width 192 --layers 6 --heads 6 --dropout 0.1 --cond-drop 0.25 --set model.block_size=16 \
+    --init-from fastdiff/assets/discrete --lr 3e-4 --warmup 50 --ema-decay 0.99 --set lr_schedule=\"constant\" \
+    --eval-every 100 --keep-best --log-every 10 --ckpt-every 100 --seed 0 --threads 1 --out runs/bd3 --no-progress
+  .venv/bin/python -c "from fastdiff.training.checkpoint import export_checkpoint as e; \
+e('runs/bd3/best', 'fastdiff/assets/bd3', generation={'temperature': 0.9})"
+  for f in train_log.jsonl command.txt train_config.json; do cp "runs/bd3/$f" fastdiff/assets/bd3/; done
+}
+
 scorers() {
   $FD train --overwrite --scorer causal_lm --seq-len 64 --steps 1500 --batch-size 32 --width 128 --layers 2 --heads 4 \
     --lr 1e-3 --warmup 100 --seed 0 --out runs/causal_lm --export fastdiff/assets/causal_lm --no-progress &
@@ -42,8 +59,9 @@ scorers() {
 }
 
 case "${1:-all}" in
-  all) diffusion; scorers ;;
+  all) diffusion; bd3; scorers ;;
   diffusion) diffusion ;;
   scorers) scorers ;;
-  *) echo "usage: $0 [all|diffusion|scorers]" >&2; exit 2 ;;
+  bd3) bd3 ;;
+  *) echo "usage: $0 [all|diffusion|scorers|bd3]" >&2; exit 2 ;;
 esac

@@ -171,6 +171,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-embeddings", metavar="HF_DIR",
                    help="initialise the token embeddings from a pretrained model in a local Hugging Face directory "
                    "(default: random initialisation)")
+    p.add_argument("--init-from", metavar="CKPT_DIR",
+                   help="initialise the model's weights from a checkpoint (its EMA weights; the same architecture and "
+                   "tokenizer), e.g. to fine-tune a block-causal model (--set model.block_size=16) from a "
+                   "bidirectional one as BD3-LM does (default: random initialisation)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run (its newest complete checkpoint) in DIR, or in --out (default: a fresh run)")
     p.add_argument("--scorer", choices=("causal_lm", "classifier"),
@@ -408,7 +412,7 @@ def _check_resume_flags(args: argparse.Namespace) -> None:
 
     fixed = [dest for dest in (*_FLAG_FIELDS, *_MODEL_FLAGS) if dest not in (*_RESUME_FLAGS, "out")
              and getattr(args, dest, None) is not None]
-    fixed += [dest for dest in ("config", "tokenizer", "train_tokenizer", "init_embeddings")
+    fixed += [dest for dest in ("config", "tokenizer", "train_tokenizer", "init_embeddings", "init_from")
               if getattr(args, dest, None) is not None]
     if fixed:
         raise InputError(f"{_flag(fixed[0])}: cannot change on --resume (the run keeps its own value); with "
@@ -532,6 +536,13 @@ def _run(args: argparse.Namespace, ctx: Context, plan: _Plan) -> int:
                 else model.token_embedding
             found = init_embeddings_from_pretrained(table, tok, args.init_embeddings)
             say(f"embeddings: {int(found.sum())} of {tok.vocab_size} rows from {args.init_embeddings}")
+        if args.init_from:  # the weights of a checkpoint (block_size and dropout add no parameters)
+            from ..training.checkpoint import load_checkpoint
+            from ..training.setup import build_model
+
+            model = model if model is not None else build_model(cfg, tok, train)
+            ck = load_checkpoint(args.init_from, tokenizer=tok, model=model)
+            say(f"weights: from {ck.path} (step {ck.step})")
         trainer = Trainer(cfg, train, valid, tokenizer=tok, model=model)
         if main:  # only once everything is set up: a run that fails to start leaves no files behind
             out_dir.mkdir(parents=True, exist_ok=True)

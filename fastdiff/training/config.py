@@ -42,7 +42,9 @@ class TrainConfig:
         model's token embeddings when training starts, or of a ``.safetensors`` file's); dense ``{"Q": FILE}``
         (a ``.safetensors`` file holding ``Q``, ``(T, V, V)`` or ``(V, V)``). The tensors are copied into
         every checkpoint (``process.safetensors``); a resume never reads the files again.
-    arch, model : the model for :func:`fastdiff.models.build_model` (``model`` holds SED config overrides).
+    arch, model : the model for :func:`fastdiff.models.build_model` (``model`` holds SED config overrides;
+        ``model.block_size`` > 0 trains a block-causal model with BD3-LM's objective, see
+        :mod:`fastdiff.training.objectives`).
     loss, hybrid_lambda : discrete objective, "hybrid" (``L_vlb + λ·CE``) or "mdlm".
     parameterization, lam_round, lam_anchor, embedding_layernorm, self_condition_prob : continuous.
     timestep_sampler : "uniform" or "loss-aware" (Nichol & Dhariwal 2021).
@@ -127,6 +129,7 @@ class TrainConfig:
                 raise InputTypeError(f"{name}: expected a dict, got {type(getattr(self, name)).__name__}")
         if self.family == "discrete":
             self._check_kind(kind)
+        self._check_block_size()
         _checks.positive_int("refit_every", self.refit_every)
         _checks.choice("timestep_sampler", self.timestep_sampler, ("uniform", "loss-aware"))
         if not isinstance(self.arch, str) or not self.arch:
@@ -169,6 +172,23 @@ class TrainConfig:
         if not isinstance(self.out_dir, (str, os.PathLike)):
             raise InputTypeError(f"out_dir: expected a path, got {self.out_dir!r}")
         self.out_dir = str(self.out_dir)
+
+    def _check_block_size(self) -> None:
+        """``model.block_size`` > 0 (a block-causal model, trained with BD3-LM's objective) needs an absorbing
+        discrete process, uniform steps and an unconditional or attribute task."""
+        bs = self.model.get("block_size", 0)
+        if bs in (0, None):
+            return
+        _checks.positive_int("model.block_size", bs, 0)
+        if self.family != "discrete" or self.kind != "absorbing":
+            raise InputError("model.block_size: BD3-LM block-causal training needs family='discrete', "
+                             "kind='absorbing'")
+        if self.timestep_sampler != "uniform" or self.schedule == "adaptive":
+            raise InputError("model.block_size: BD3-LM draws one step per block uniformly; use "
+                             "timestep_sampler='uniform' and a fixed schedule")
+        if self.task == "word_order":
+            raise InputError("model.block_size: a block-causal model takes a label at most (task 'lm' or "
+                             "'attribute')")
 
     def _check_kind(self, kind: Any) -> None:
         unknown = sorted(set(self.process_kw) - set(kind.params) - set(kind.tensors))

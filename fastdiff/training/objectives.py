@@ -9,6 +9,12 @@ Continuous (Diffusion-LM, Li et al. 2022; SED, Strudel et al. 2022; Difformer, G
 plus ``lam_round·L_round``; self-conditioning on half the steps (Chen et al. 2022). Labels are dropped to
 the null label with probability ``cond_drop`` for classifier-free guidance (Ho & Salimans 2022).
 
+A block-causal model (``model.block_size`` > 0) is trained with BD3-LM's objective (Arriola et al. 2025,
+"Block Diffusion", §3.2): every block of ``block_size`` tokens gets its own step ``t_b``, the noisy
+sequence is drawn block by block, and one forward over ``[x_t, x_0]`` (``model(x_t, t, clean=x_0)``: noisy
+block ``b`` sees itself and the clean blocks before it) gives every block's x0 logits; the loss is the
+same per-token objective on the noisy half with each token's own block step.
+
 Each draw is made for the whole global batch (each rank keeps its rows), in a fixed order from the step's
 generators (:mod:`fastdiff.training.rng`), so the losses do not depend on how the batch is split.
 """
@@ -150,20 +156,42 @@ class Objective:
         raise NotImplementedError
 
 
+def block_steps(t_blocks: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
+    """``(B, L)``: every token's step, the step ``t_blocks[:, i // block_size]`` of its block."""
+    return t_blocks.repeat_interleave(block_size, dim=1)[:, :length]
+
+
 class DiscreteObjective(Objective):
-    """``x_t ~ q(x_t | x_0)``; :func:`fastdiff.discrete.losses` of the x0 logits."""
+    """``x_t ~ q(x_t | x_0)``; :func:`fastdiff.discrete.losses` of the x0 logits. With ``model.block_size``
+    > 0, BD3-LM's per-block steps and two-stream forward (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.block_size = int(self.config.model.get("block_size", 0) or 0)
 
     def _family_draws(self, d: dict[str, Any], x0: torch.Tensor, t: torch.Tensor, cpu_gen: torch.Generator,
                       gen: torch.Generator) -> None:
+        if self.block_size:
+            G, L = x0.shape
+            nb = -(-L // self.block_size)
+            tb = torch.randint(1, self.config.T + 1, (G, nb), generator=cpu_gen).to(self.device)
+            d["t"] = tb[:, 0]  # what the (uniform) timestep sampler is shown; it ignores it
+            d["t_tokens"] = block_steps(tb, self.block_size, L)
+            d["x_t"] = self.process.q_sample(x0, d["t_tokens"], generator=gen)
+            return
         d["x_t"] = self.process.q_sample(x0, t, generator=gen)
 
     def _loss(self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, cond: dict[str, torch.Tensor],
               draws: dict[str, Any], rows: torch.Tensor, train: bool) -> BatchLoss:
         cfg = self.config
         x_t = draws["x_t"][rows]
+        t_loss: torch.Tensor = t
+        if self.block_size:
+            t_loss = draws["t_tokens"][rows]
+            cond = {**cond, "clean": x0}
         with self.autocast():
             logits = net(x_t, t, **cond)
-        out = discrete.losses(self.process, x0, x_t, t, logits.float(), objective=cfg.loss, lam=cfg.hybrid_lambda,
+        out = discrete.losses(self.process, x0, x_t, t_loss, logits.float(), objective=cfg.loss, lam=cfg.hybrid_lambda,
                               reduction="sequence", weights=w)
         per_seq, ce = out["per_sequence"].detach(), out["ce"].detach()
         terms = {"loss": out["loss"], cfg.loss: per_seq.mean(), "ce": ce.mean()}
