@@ -14,6 +14,8 @@ import fastdiff
 from fastdiff.errors import InputError, InputTypeError
 from fastdiff.generation import GenerationStep, iterate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, MASK = 12, 11
 
 

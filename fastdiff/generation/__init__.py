@@ -143,6 +143,7 @@ class _Options:
     noise_removal: bool
     vocab_size: int | None
     backend: str
+    suppress_mask: bool = False
     max_block_steps: int = 0
 
 
@@ -323,7 +324,8 @@ def iterate(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: 
             threshold: float | None = None, factor: float | None = None, alg: str = "origin",
             alg_temp: float | None = None, eps: float = 1e-3, cache: str | None = None,
             shift_logits: bool | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
-            noise_removal: bool = True, vocab_size: int | None = None, seed: int | torch.Generator = 0,
+            noise_removal: bool = True, vocab_size: int | None = None, suppress_mask: bool | None = None,
+            seed: int | torch.Generator = 0,
             logits_processor: object = None, output_scores: bool = False, backend: str = "auto",
             _result: dict | None = None) -> Iterator[GenerationStep]:
     """The steps of :func:`generate`, one :class:`GenerationStep` after each (arguments as there). The
@@ -373,6 +375,11 @@ def iterate(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: 
     if preset == "bd3lm" and am_p is not None:
         raise InputError("attention_mask: preset 'bd3lm' decodes on the model's block grid from position 0; pass "
                          "prompts of one length (no padding)")
+    if suppress_mask is not None and not isinstance(suppress_mask, bool):
+        raise InputTypeError(f"suppress_mask: expected True, False or None, got {suppress_mask!r}")
+    # LLaDA's and Dream's code let the mask token be predicted (their training never targets it); fastdiff's
+    # absorbing models are SUBS-parameterised (Sahoo et al. 2024): their mask logit is untrained, never drawn
+    o.suppress_mask = (is_fastdiff_denoiser(model) if suppress_mask is None else suppress_mask) and o.preset != "duo"
     shift = o.shift_logits if o.shift_logits is not None else bool(getattr(model, "shifted_logits", preset == "dream"))
     lm = LM(model, shift=shift, time_input="sigma" if preset in ("mdlm", "duo") else "none")
     dev = ids.device
@@ -469,6 +476,9 @@ cache : None | "prefix" | "dual" (llada, fast_dllm) | "kv" (bd3lm).
 shift_logits : bool or None; None: the model's ``shifted_logits`` attribute, else True for "dream".
 eos_token_id, pad_token_id : after the first generated EOS a row is padded; it counts as finished.
 noise_removal : mdlm / duo: the final argmax step (default True).
+suppress_mask : bool or None; True: the mask token is never predicted (its logit set to ``-inf``, SUBS).
+    None: True for fastdiff's own denoisers (SUBS-trained), False otherwise (LLaDA's and Dream's code keep
+    the column). mdlm and bd3lm always suppress it (their published samplers do).
 vocab_size : duo's vocabulary when the model has no ``config.vocab_size``.
 seed : int or torch.Generator.
 logits_processor : HF-style processors ``proc(input_ids, scores) -> scores``, applied to the x0 logits of
@@ -491,4 +501,3 @@ InputError, InputTypeError
 if generate.__doc__ is not None:
     generate.__doc__ = _GENERATE_DOC
 
-_ = is_fastdiff_denoiser  # re-exported for fastdiff.models.hf

@@ -67,8 +67,11 @@ class Run:
         return k
 
     def processed(self, lg: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The HF-style logits processors on the candidates' rows: ``proc(input_ids, scores)`` with
+        """The candidates' logits rows ``lg (M, V)`` (a gathered copy) with the mask column at ``-inf`` when
+        ``suppress_mask`` (SUBS), then the HF-style logits processors: ``proc(input_ids, scores)`` with
         ``input_ids`` the current sequence of each candidate's batch row, ``scores (M, V)``."""
+        if self.o.suppress_mask and lg.numel():
+            lg[:, self.mask_id] = float("-inf")
         if not self.processors or not lg.numel():
             return lg
         ids = self.x.index_select(0, rows)
