@@ -1,0 +1,221 @@
+"""Issue 17's rows: ReMDM at η > 0 against its exact finite-step law, clamping at the last step only
+where it changes the result, classifier guidance through the DDIM sampler against a hand computation,
+and classifier guidance for discrete diffusion (first-order Taylor over one-hot inputs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import continuous, discrete, schedules
+from fastdiff import random as R
+from fastdiff.sampling import sample
+from tests import _exact as E
+
+V, MASK, L, T = 5, 4, 3, 12
+N_SAMPLES = 100_000
+P_MIN = 1e-4  # fixed seeds make every test deterministic; this only sets how unlucky a seed may be
+
+
+def _absorbing():
+    return discrete.Absorbing(V, MASK, schedules.mutual_info(T))
+
+
+@pytest.fixture(scope="module")
+def joint():
+    return E.Joint(V, L, data_tokens=[0, 1, 2], seed=3, zero_some=False)  # token 3: never data
+
+
+def _den(joint, process):
+    return E.ExactDenoiser(joint, "absorbing", process.schedule.alpha_bar, MASK, time_free=True)
+
+
+def _check(samples, dist):
+    p, outside = E.chi_square_pvalue(samples, dist)
+    assert outside == 0, f"{outside} samples outside the support of the exact distribution"
+    assert p > P_MIN, f"chi-square p = {p:.2e}"
+
+
+def _tv(a: dict, b: dict) -> float:
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# row 5: ReMDM at η > 0, exact law by dynamic programming
+# ------------------------------------------------------------------------------------------------
+def _toy(process):
+    return E.ToyDenoiser(V, L, MASK, process.schedule.alpha_bar, seed=0)
+
+
+@pytest.mark.parametrize("steps, eta, schedule, window, top_k, seed", [
+    (4, 1.0, "rescale", None, None, 21),
+    (6, 0.6, "rescale", None, None, 22),
+    (6, 0.3, "cap", None, None, 23),
+    (6, 2.0, "cap", None, None, 24),  # cap takes η > 1: σ = σ_max wherever η exceeds it
+    (6, 1.0, "rescale", (0.6, 0.9), None, 25),  # ReMDM-loop: remask only at t ∈ {10, 8}
+    (6, 1.0, "rescale", (0.0, 0.4), None, 26),  # only at t ∈ {4, 2} (σ_max = 0 at the last step)
+    (6, 0.8, "rescale", None, 2, 27),  # the two-stage (filtered x0) path
+])
+def test_remask_matches_its_exact_law(steps, eta, schedule, window, top_k, seed):
+    """ReMDM (Wang et al. 2025) with a fixed toy denoiser, against its exact law by dynamic programming
+    over every sequence (tests/_exact.py ``remdm_distribution``), by Pearson's chi-square."""
+    p = _absorbing()
+    den = _toy(p)
+    kw = {} if window is None else {"remask_window": window}
+    if top_k is not None:
+        kw["top_k"] = top_k
+    out = sample(den, p, shape=(N_SAMPLES, L), steps=steps, seed=seed, strategy="remask", eta=eta,
+                 remask_schedule=schedule, **kw)
+    start = {(MASK,) * L: 1.0}
+    dist = E.remdm_distribution(den, steps, start, T, MASK, eta, schedule, window, top_k)
+    assert abs(sum(dist.values()) - 1) < 1e-12
+    # the test can fail: remasking moves the law away from the ancestral sampler's (η = 0) by far more
+    # than the chi-square test resolves at this sample size (TV ~ 0.005)
+    plain = E.remdm_distribution(den, steps, start, T, MASK, 0.0, schedule, None, top_k)
+    assert _tv(dist, plain) > 0.02
+    _check(out.tokens, dist)
+
+
+def test_remask_oracle_at_eta_zero_is_the_ancestral_law(joint):
+    """The ReMDM oracle is written separately from the ancestral one; at η = 0 they must agree."""
+    p = _absorbing()
+    den = _den(joint, p)
+    start = {(MASK,) * L: 1.0}
+    a = E.remdm_distribution(den, 4, start, T, MASK, 0.0)
+    b = E.ancestral_distribution(den, 4, start, [(0, L)], T, "absorbing", MASK)
+    assert _tv(a, b) < 1e-12
+
+
+def test_remask_window_and_schedule_change_the_law():
+    """The options the chi-square tests vary change the exact law by more than the test resolves (so a
+    sampler that ignored the window or mixed up the schedules would fail it)."""
+    p = _absorbing()
+    den = _toy(p)
+    start = {(MASK,) * L: 1.0}
+    law = lambda *a: E.remdm_distribution(den, 6, start, T, MASK, *a)  # noqa: E731
+    full = law(1.0, "rescale")
+    assert _tv(full, law(1.0, "rescale", (0.6, 0.9))) > 0.02
+    assert _tv(full, law(1.0, "rescale", (0.0, 0.4))) > 0.02
+    assert _tv(law(0.3, "cap"), law(0.3, "rescale")) > 0.02
+    assert _tv(law(0.6, "rescale"), law(0.5, "rescale")) > 0.005
+
+
+# ------------------------------------------------------------------------------------------------
+# row 5: clamping at the last step only, where it changes the result
+# ------------------------------------------------------------------------------------------------
+def _emb(Vc=12, D=4):
+    return torch.randn(Vc, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _nearest(x, emb):
+    d = ((x[..., None, :] - emb) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+@pytest.mark.parametrize("strategy", ["ddpm", "ddim"])
+def test_clamp_last_snaps_only_the_final_estimate(strategy):
+    """clamp="last" (Diffusion-LM §4.2 applied at the final step only): every step but the last uses the
+    network's x0 as is, the last one its nearest embedding. Computed by hand both ways; the final
+    vectors differ between clamp="last" and clamp="never" (the tokens are the same rounding of them)."""
+    emb = _emb()
+    diff = continuous.GaussianDiffusion(schedules.sqrt(30), parameterization="x0")
+    W = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model = lambda x, t: 2 * torch.tanh(x @ W) + 0.01 * t.to(x.dtype)[:, None, None]  # noqa: E731
+    kw = {"eta": 0.7} if strategy == "ddim" else {}
+    got = {c: sample(model, diff, shape=(2, 3), steps=3, strategy=strategy, embedding=emb, clamp=c, seed=8, **kw)
+           for c in ("last", "never", "every")}
+    ab = diff.alpha_bar
+    grid = [30, 20, 10, 0]
+
+    def hand(clamp_at_last: bool, clamp_every: bool) -> torch.Tensor:
+        x = R.randn((2, 3, 4), seed=8, offset=0, dtype=torch.float64)
+        for k, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+            x0 = model(x, torch.full((2,), t))
+            if clamp_every or (clamp_at_last and s == 0):
+                x0 = emb[_nearest(x0, emb)]
+            a_t, a_s = ab[t], ab[s]
+            if strategy == "ddpm":
+                r = a_t / a_s
+                mean = a_s.sqrt() * (1 - r) / (1 - a_t) * x0 + r.sqrt() * (1 - a_s) / (1 - a_t) * x
+                var = (1 - a_s) / (1 - a_t) * (1 - r)
+                x = mean if s == 0 else mean + var.sqrt() * R.randn((2, 3, 4), seed=8, offset=k + 1,
+                                                                     dtype=torch.float64)
+            else:
+                eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+                sig = 0.7 * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
+                x = a_s.sqrt() * x0 + (1 - a_s - sig**2).sqrt() * eps
+                if s > 0:
+                    x = x + sig * R.randn((2, 3, 4), seed=8, offset=k + 1, dtype=torch.float64)
+        return x
+
+    last, never, every = hand(True, False), hand(False, False), hand(True, True)
+    torch.testing.assert_close(got["last"].x, last, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got["never"].x, never, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got["every"].x, every, rtol=1e-10, atol=1e-10)
+    # where it changes the result: the final vectors are embedding rows with "last", not with "never"
+    assert (last - never).abs().max() > 1e-3
+    assert torch.equal(got["last"].tokens, _nearest(last, emb))
+    torch.testing.assert_close(got["last"].x, emb[got["last"].tokens])
+    assert torch.equal(got["never"].tokens, _nearest(never, emb))
+    # and the earlier steps were not clamped: "every" ends elsewhere
+    assert (every - last).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# row 5: classifier guidance through the DDIM sampler
+# ------------------------------------------------------------------------------------------------
+class _LinearClassifier:
+    """``log p(y | x) = log softmax_c(Σ_l x_l · w_c)_y``; its gradient by hand:
+    ``∂/∂x_l = w_y - Σ_c p_c w_c`` (the same for every position ``l``)."""
+
+    def __init__(self, C: int, D: int, y: torch.Tensor) -> None:
+        self.w = torch.randn(C, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        self.y = y
+        self.seen: list[torch.Tensor] = []
+
+    def autograd(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What a user writes: the classifier's log-likelihood differentiated by autograd."""
+        self.seen.append(t.clone())
+        x = x.detach().requires_grad_(True)
+        logp = torch.log_softmax(x.sum(1) @ self.w.T, -1).gather(1, self.y[:, None]).sum()
+        return torch.autograd.grad(logp, x)[0]
+
+    def by_hand(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(x.sum(1) @ self.w.T, -1)  # (B, C)
+        g = self.w[self.y] - p @ self.w  # (B, D)
+        return g[:, None, :].expand_as(x)
+
+
+@pytest.mark.parametrize("param", ["x0", "eps"])
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_sampler_classifier_guidance_matches_a_hand_computation(param, eta):
+    """Dhariwal & Nichol 2021 Alg. 2 on Song et al. 2021's update: ``ε̂ = ε - sqrt(1 - ᾱ_t)·s·∇ log p(y|x_t)``,
+    ``x0̂ = (x_t - sqrt(1 - ᾱ_t)·ε̂)/sqrt(ᾱ_t)``, ``x_s = sqrt(ᾱ_s)·x0̂ + sqrt(1 - ᾱ_s - σ²)·ε̂ + σ·z``;
+    the gradient is computed here by hand, in the sampler by autograd through the user's callable."""
+    emb = _emb()
+    diff = continuous.GaussianDiffusion(schedules.cosine(40), parameterization=param)
+    W = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model = lambda x, t: torch.tanh(x @ W) * (t.to(x.dtype)[:, None, None] / 40)  # noqa: E731
+    y = torch.tensor([0, 2])
+    clf = _LinearClassifier(3, 4, y)
+    scale = 3.0
+    out = sample(model, diff, shape=(2, 3), steps=4, strategy="ddim", eta=eta, embedding=emb, clamp="never",
+                 seed=6, classifier_grad=clf.autograd, classifier_scale=scale)
+    plain = sample(model, diff, shape=(2, 3), steps=4, strategy="ddim", eta=eta, embedding=emb, clamp="never",
+                   seed=6)
+    ab = diff.alpha_bar
+    grid = [40, 30, 20, 10, 0]
+    x = R.randn((2, 3, 4), seed=6, offset=0, dtype=torch.float64)
+    for k, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
+        a_t, a_s = ab[t], ab[s]
+        o = model(x, torch.full((2,), t))
+        eps = o if param == "eps" else (x - a_t.sqrt() * o) / (1 - a_t).sqrt()
+        eps = eps - (1 - a_t).sqrt() * scale * clf.by_hand(x)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        sig = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
+        x = a_s.sqrt() * x0 + (1 - a_s - sig**2).sqrt() * eps
+        if eta > 0 and s > 0:
+            x = x + sig * R.randn((2, 3, 4), seed=6, offset=k + 1, dtype=torch.float64)
+    torch.testing.assert_close(out.x, x, rtol=1e-9, atol=1e-9)
+    assert (out.x - plain.x).abs().max() > 1e-2  # guidance moved the result
+    assert [tt.tolist() for tt in clf.seen] == [[t, t] for t in grid[:-1]]  # the step, per row
