@@ -54,6 +54,7 @@ def _toy(process):
     (6, 2.0, "cap", None, None, 24),  # cap takes η > 1: σ = σ_max wherever η exceeds it
     (6, 1.0, "rescale", (0.6, 0.9), None, 25),  # ReMDM-loop: remask only at t ∈ {10, 8}
     (6, 1.0, "rescale", (0.0, 0.4), None, 26),  # only at t ∈ {4, 2} (σ_max = 0 at the last step)
+    (6, 1.0, "rescale", (0.25, 0.5), None, 28),  # both ends inclusive: t = 6 = 0.5·T remasks
     (6, 0.8, "rescale", None, 2, 27),  # the two-stage (filtered x0) path
 ])
 def test_remask_matches_its_exact_law(steps, eta, schedule, window, top_k, seed):
@@ -96,6 +97,7 @@ def test_remask_window_and_schedule_change_the_law():
     full = law(1.0, "rescale")
     assert _tv(full, law(1.0, "rescale", (0.6, 0.9))) > 0.02
     assert _tv(full, law(1.0, "rescale", (0.0, 0.4))) > 0.02
+    assert _tv(law(1.0, "rescale", (0.25, 0.5)), law(1.0, "rescale", (0.25, 0.49))) > 0.01
     assert _tv(law(0.3, "cap"), law(0.3, "rescale")) > 0.02
     assert _tv(law(0.6, "rescale"), law(0.5, "rescale")) > 0.005
 
