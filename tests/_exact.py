@@ -239,8 +239,10 @@ class ToyDenoiser:
     run on it are held to their exact law *for this model*, which, unlike the exact denoiser's, is not
     close to the data law, so small changes of the sampler's kernel show."""
 
-    def __init__(self, V: int, L: int, mask_id: int, alpha_bar: torch.Tensor, seed: int = 0) -> None:
+    def __init__(self, V: int, L: int, mask_id: int, alpha_bar: torch.Tensor, seed: int = 0,
+                 sharpness: float = 1.0) -> None:
         g = torch.Generator().manual_seed(seed)
+        self.sharpness = sharpness
         self.own = 1.5 * torch.randn(L, V, V, generator=g)
         self.right = 3.0 * torch.randn(V, V, generator=g)
         self.time = torch.randn(V, generator=g)
@@ -252,6 +254,7 @@ class ToyDenoiser:
         pos = torch.arange(n)
         out = self.own[pos[None, :], x_t] + self.right[torch.roll(x_t, -1, 1)]
         out = out + 0.1 * t.to(torch.float32)[:, None, None] * self.time
+        out = self.sharpness * out
         out[..., self.mask_id] = float("-inf")
         return out
 
@@ -313,5 +316,29 @@ def remdm_distribution(den: ExactDenoiser, steps: int, start: dict[tuple, float]
                     rows[j, st[j]] = 1 - sigma
                     rows[j, mask_id] += sigma
             _spread(new, st, 0, rows, dist[st])
+        dist = new
+    return {k: v for k, v in dist.items() if v > 0}
+
+
+def guided_ancestral_distribution(den, steps: int, start: dict[tuple, float], T: int, kind: str,
+                                  mask_id: int | None, grad, scale: float) -> dict[tuple, float]:
+    """Exact law of the ancestral sampler under first-order discrete classifier guidance (one block):
+    each step moves every position independently by its posterior ``p(x_s | x_t)`` (dense matrices, as
+    :func:`ancestral_distribution`) tilted by ``exp(scale·g[l, x_s])`` and renormalised, with
+    ``g = grad(x_t)`` the classifier's ``(n, L, V)`` gradient with respect to the one-hot ``x_t``
+    (DiGress §5, Vignac et al. 2023)."""
+    dist = dict(start)
+    ab = den.ab
+    for t, s in zip(_grid(T, steps)[:-1], _grid(T, steps)[1:]):
+        states = list(dist)
+        xs = torch.tensor(states, dtype=torch.int64)
+        p0 = den.probs(xs, torch.full((len(states),), t))
+        g = grad(xs).to(torch.float64)
+        V = p0.shape[-1]
+        new: dict[tuple, float] = {}
+        for i, st in enumerate(states):
+            post = _posterior_rows(kind, V, mask_id, p0[i], xs[i], float(ab[t]), float(ab[s]))
+            w = post * torch.exp(scale * g[i])
+            _spread(new, st, 0, w / w.sum(1, keepdim=True), dist[st])
         dist = new
     return {k: v for k, v in dist.items() if v > 0}

@@ -41,9 +41,11 @@ def _classifier_grad(run: _Run, t: int) -> Callable | None:
         return None
 
     def grad(x_t: torch.Tensor, _t: object) -> torch.Tensor:
-        tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
-        with torch.enable_grad():
-            g = fn(x_t, tt)
+        # autograd on, also under an outer torch.inference_mode (the pipeline's): the callable gets
+        # ordinary tensors it may differentiate through
+        with torch.inference_mode(False), torch.enable_grad():
+            tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
+            g = fn(x_t.clone(), tt)
         if not isinstance(g, torch.Tensor) or g.shape != x_t.shape:
             raise InputError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
         if not bool(torch.isfinite(g).all()):

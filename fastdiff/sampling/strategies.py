@@ -93,6 +93,13 @@ def _remask_eta(o: Options) -> None:
                          f"σ_max), got {o.eta}; remask_schedule='cap' takes any η >= 0")
 
 
+def _guided_draw(o: Options) -> None:
+    if o.classifier_grad is not None and (o.top_k is not None or o.top_p is not None):
+        filt = "top_k" if o.top_k is not None else "top_p"
+        raise InputError(f"{filt}: does not combine with classifier_grad in the discrete family (the guided "
+                         "posterior is tilted by the classifier, not drawn in two stages)")
+
+
 LOOPS = {"discrete": _discrete.run_discrete, "continuous": _continuous.run_continuous}
 
 #: name -> Strategy, in the order the docs and messages list them.
@@ -101,8 +108,11 @@ TABLE: dict[str, Strategy] = {s.name: s for s in (
         "ancestral", "discrete", "D3PM", "D3PM ancestral sampling (Austin et al. 2021)",
         "``x_s ~ p(x_s | x_t)``, the posterior of the x0 prediction, over an evenly spaced grid of ``steps`` "
         "transitions from T to 0 (the skip posterior); with ``cache=True`` the network is skipped for every "
-        "sequence whose input did not change (MDLM, Sahoo et al. 2024).",
-        _discrete.ancestral_block, options=_DRAW + ("cache",), filter_scalar_schedule=True),
+        "sequence whose input did not change (MDLM, Sahoo et al. 2024); with ``classifier_grad`` each "
+        "position's posterior is tilted by ``exp(s·g[x_s])``, ``g`` the classifier's gradient with respect "
+        "to the one-hot ``x_t`` (DiGress, Vignac et al. 2023; TAG, Nisonoff et al. 2024).",
+        _discrete.ancestral_block, options=_DRAW + ("cache", "classifier_grad", "classifier_scale"),
+        filter_scalar_schedule=True, rules=(_guided_draw,)),
     Strategy(
         "confidence", "discrete", "LLaDA", "LLaDA low-confidence remasking (Nie et al. 2025, Alg. 5)",
         "Predict every masked token and keep the ``tokens_per_step`` most confident ones (LLaDA's even split "
