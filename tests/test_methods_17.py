@@ -355,3 +355,33 @@ def test_text_classifier_onehot_grad_matches_finite_differences():
     # the guidance_grad callable is onehot_grad at a fixed label
     g = clf.guidance_grad(2)(tokens, torch.tensor([5, 5]))
     torch.testing.assert_close(g, clf.onehot_grad(tokens, torch.tensor([2, 2])))
+
+
+def test_cli_generate_classifier_scale_is_the_pipeline_with_the_classifiers_gradient(capsys, tmp_path):
+    """``fastdiff generate --classifier-scale`` samples what TextDiffusion.generate samples with the bundled
+    classifier's one-hot gradient towards the label; bad combinations are named before any work."""
+    import json
+
+    from fastdiff import cli, evaluation
+    from fastdiff.pipeline import TextDiffusion
+
+    torch.set_num_threads(1)
+    out = tmp_path / "g.jsonl"
+    code = cli.main(["generate", "-n", "2", "--steps", "4", "--length", "12", "--seed", "1", "--classifier-label",
+                     "library", "--classifier-scale", "2.5", "--threads", "1", "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "classifier guidance 2.5" in text
+    got = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    td = TextDiffusion.load("discrete")
+    clf = evaluation.load_scorer("classifier")
+    want = td.generate(2, length=12, steps=4, seed=1, classifier_grad=clf.guidance_grad(1), classifier_scale=2.5)
+    assert got == want.texts
+    for argv, match in [(["--classifier-scale", "2"], "needs an attribute"),
+                        (["--classifier-label", "library"], "give a scale"),
+                        (["--classifier-scale", "2", "--label", "nope"], "not one of"),
+                        (["--classifier-scale", "2", "--label", "library", "--strategy", "confidence"],
+                         "classifier_grad: applies to strategy"),
+                        (["-c", "continuous", "--classifier-scale", "2", "--label", "library"], "discrete checkpoints")]:
+        code = cli.main(["generate", "-n", "1", "--steps", "2", "--length", "8", "--quiet", *argv])
+        assert code != 0
+        assert match in capsys.readouterr().err, argv
