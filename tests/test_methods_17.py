@@ -385,3 +385,65 @@ def test_cli_generate_classifier_scale_is_the_pipeline_with_the_classifiers_grad
         code = cli.main(["generate", "-n", "1", "--steps", "2", "--length", "8", "--quiet", *argv])
         assert code != 0
         assert match in capsys.readouterr().err, argv
+
+
+# ------------------------------------------------------------------------------------------------
+# row 3: AR-Diffusion's anchor-point timesteps and the per-position skip step
+# ------------------------------------------------------------------------------------------------
+def test_ar_timesteps_by_hand():
+    """Wu et al. 2023 §3.1 with N = 4, T = 10, anchor (2N, T) = (8, 10); f rounded half up.
+
+    t = 4 (= N): start (0, 0), slope 10/8: f(n) = 1.25 n -> 1.25, 2.5, 3.75, 5 -> 1, 3, 4, 5.
+    t = 2: start (2, 0), slope 10/6: f = (n - 2)·10/6 -> -1.67, 0, 1.67, 3.33 -> 0, 0, 2, 3.
+    t = 9 (= N + 5): start (0, 5), slope 5/8: f = 5 + 0.625 n -> 5.625, 6.25, 6.875, 7.5 -> 6, 6, 7, 8.
+    t = 0: start (4, 0): every n <= 4 gets <= 0 -> 0. t = 14 (= N + T): start (0, 10): every n at 10."""
+    from fastdiff.continuous import ar_timesteps
+
+    assert ar_timesteps(4, 10, 4).tolist() == [1, 3, 4, 5]
+    assert ar_timesteps(4, 10, 2).tolist() == [0, 0, 2, 3]
+    assert ar_timesteps(4, 10, 9).tolist() == [6, 6, 7, 8]
+    assert ar_timesteps(4, 10, 0).tolist() == [0, 0, 0, 0]
+    assert ar_timesteps(4, 10, 14).tolist() == [10, 10, 10, 10]
+    # a batch of sentence-level steps, and a custom anchor (n_e, t_e) = (6, 10) at t = 4: f = 10 n / 6
+    # -> 1.67, 3.33, 5, 6.67 -> 2, 3, 5, 7
+    assert ar_timesteps(4, 10, torch.tensor([4, 2])).tolist() == [[1, 3, 4, 5], [0, 0, 2, 3]]
+    assert ar_timesteps(4, 10, 4, anchor=(6, 10)).tolist() == [2, 3, 5, 7]
+    # monotone in n and in t, left positions first
+    f = ar_timesteps(16, 50, torch.arange(0, 67))
+    assert bool((f[:, 1:] >= f[:, :-1]).all()) and bool((f[1:] >= f[:-1]).all())
+    from fastdiff.errors import InputError
+    with pytest.raises(InputError, match="^t:"):
+        ar_timesteps(4, 10, 15)
+    with pytest.raises(InputError, match="^anchor:"):
+        ar_timesteps(4, 10, 3, anchor=(4, 10))
+
+
+def test_ar_step_pairs_skip_the_sentence_grid():
+    """steps = 3 over N + T = 14: sentence steps 14, 9, 5, 0 (linspace 14, 9.33, 4.67, 0 rounded)."""
+    from fastdiff.continuous import ar_step_pairs, ar_timesteps
+
+    pairs = ar_step_pairs(4, 10, 3)
+    want = [ar_timesteps(4, 10, t) for t in (14, 9, 5, 0)]
+    assert len(pairs) == 3
+    for (t, s), a, b in zip(pairs, want, want[1:]):
+        assert t.tolist() == a.tolist() and s.tolist() == b.tolist()
+    # t = 5: start (0, 1)... no: t - N = 1 -> start (0, 1), slope 9/8: 2.125, 3.25, 4.375, 5.5 -> 2, 3, 4, 6
+    assert pairs[1][1].tolist() == [2, 3, 4, 6]
+    assert pairs[-1][1].tolist() == [0, 0, 0, 0]
+
+
+def test_ar_ddim_step_moves_each_position_from_its_own_step():
+    from fastdiff.continuous import ar_ddim_step
+
+    diff = continuous.GaussianDiffusion(schedules.cosine(40), parameterization="x0")
+    g = torch.Generator().manual_seed(4)
+    x, out = torch.randn(2, 4, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    t_tok, s_tok = torch.tensor([0, 10, 25, 40]), torch.tensor([0, 0, 12, 40])  # done, to 0, skip, not started
+    got = ar_ddim_step(diff, out, x, t_tok, s_tok)
+    ab = diff.alpha_bar
+    want = x.clone()
+    for n in (1, 2):
+        a_t, a_s = ab[t_tok[n]], ab[s_tok[n]]
+        eps = (x[:, n] - a_t.sqrt() * out[:, n]) / (1 - a_t).sqrt()
+        want[:, n] = a_s.sqrt() * out[:, n] + (1 - a_s).sqrt() * eps
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
