@@ -447,3 +447,58 @@ def test_ar_ddim_step_moves_each_position_from_its_own_step():
         eps = (x[:, n] - a_t.sqrt() * out[:, n]) / (1 - a_t).sqrt()
         want[:, n] = a_s.sqrt() * out[:, n] + (1 - a_s).sqrt() * eps
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("clamp", ["never", "last"])
+def test_ar_strategy_matches_a_hand_written_loop(clamp):
+    """strategy="ar": the model sees each position's own step ``(B, L)``; each transition moves the
+    positions whose step decreases by the DDIM formula (η = 0) and keeps the others; with clamp="last"
+    a position's x0 is snapped at the transition that brings it to 0."""
+    from fastdiff.continuous import ar_timesteps
+
+    emb = _emb()
+    Tn, N = 30, 4
+    diff = continuous.GaussianDiffusion(schedules.cosine(Tn), parameterization="x0")
+    W = torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    seen = []
+
+    def model(x, t):
+        seen.append(t.clone())
+        return 2 * torch.tanh(x @ W) * (1 + t.to(x.dtype)[..., None] / Tn)
+
+    out = sample(model, diff, shape=(2, N), steps=5, strategy="ar", embedding=emb, clamp=clamp, seed=3)
+    ab = diff.alpha_bar
+    sent = [34, 27, 20, 14, 7, 0]  # linspace(N + T = 34, 0, 6) rounded
+    x = R.randn((2, N, 4), seed=3, offset=0, dtype=torch.float64)
+    for k, (a, b) in enumerate(zip(sent[:-1], sent[1:])):
+        t_tok, s_tok = ar_timesteps(N, Tn, a), ar_timesteps(N, Tn, b)
+        assert torch.equal(seen[k], t_tok.expand(2, N))
+        x0 = 2 * torch.tanh(x @ W) * (1 + t_tok.to(x.dtype)[None, :, None] / Tn)
+        new = x.clone()
+        for n in range(N):
+            tn, sn = int(t_tok[n]), int(s_tok[n])
+            if sn == tn:
+                continue
+            x0n = x0[:, n]
+            if clamp == "last" and sn == 0:
+                x0n = emb[_nearest(x0n, emb)]
+            eps = (x[:, n] - ab[tn].sqrt() * x0n) / (1 - ab[tn]).sqrt()
+            new[:, n] = ab[sn].sqrt() * x0n + (1 - ab[sn]).sqrt() * eps
+        x = new
+    assert len(seen) == 5
+    torch.testing.assert_close(out.x, x, rtol=1e-10, atol=1e-10)
+    assert torch.equal(out.tokens, _nearest(x, emb))
+    if clamp == "last":  # every position ended on an embedding row
+        torch.testing.assert_close(out.x, emb[out.tokens])
+
+
+def test_ar_strategy_rejects_what_it_does_not_define():
+    from fastdiff.errors import InputError
+
+    emb = _emb()
+    diff = continuous.GaussianDiffusion(schedules.cosine(30), parameterization="x0")
+    model = lambda x, t: x  # noqa: E731
+    with pytest.raises(InputError, match="^block_size: AR-Diffusion"):
+        sample(model, diff, shape=(1, 4), steps=3, strategy="ar", embedding=emb, block_size=2)
+    with pytest.raises(InputError, match="^classifier_grad: applies to strategy"):
+        sample(model, diff, shape=(1, 4), steps=3, strategy="ar", embedding=emb, classifier_grad=lambda x, t: x)

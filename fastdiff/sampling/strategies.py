@@ -61,6 +61,7 @@ class Strategy:
     greedy : ``temperature=0`` (argmax) is allowed.
     rules : further checks among its options, ``rule(options)`` raising ``InputError``; they run after every
         option's own checks and before the check of options it does not read.
+    own_loop : a loop of its own instead of the family's (AR-Diffusion walks per-position steps).
     """
 
     name: str
@@ -76,6 +77,7 @@ class Strategy:
     filter_scalar_schedule: bool = False
     greedy: bool = False
     rules: tuple[Callable, ...] = ()
+    own_loop: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -83,8 +85,8 @@ class Strategy:
 
     @property
     def loop(self) -> Callable:
-        """The family's loop, ``loop(run) -> (tokens, x or None)``."""
-        return LOOPS[self.family]
+        """The family's loop (or the strategy's own), ``loop(run) -> (tokens, x or None)``."""
+        return self.own_loop or LOOPS[self.family]
 
 
 def _remask_eta(o: Options) -> None:
@@ -98,6 +100,12 @@ def _guided_draw(o: Options) -> None:
         filt = "top_k" if o.top_k is not None else "top_p"
         raise InputError(f"{filt}: does not combine with classifier_grad in the discrete family (the guided "
                          "posterior is tilted by the classifier, not drawn in two stages)")
+
+
+def _ar_rules(o: Options) -> None:
+    if o.block_size is not None:
+        raise InputError("block_size: AR-Diffusion orders the positions itself (left to right by its timesteps); "
+                         "it does not take semi-autoregressive blocks")
 
 
 LOOPS = {"discrete": _discrete.run_discrete, "continuous": _continuous.run_continuous}
@@ -142,6 +150,14 @@ TABLE: dict[str, Strategy] = {s.name: s for s in (
         "One :meth:`GaussianDiffusion.ddim_step` (``eta``) per grid transition, the x0 estimate clamped "
         "(``clamp``), the result rounded to the nearest embedding's token.",
         _continuous.ddim_step, options=_EMBEDDING + ("eta",)),
+    Strategy(
+        "ar", "continuous", "AR-Diffusion", "AR-Diffusion (Wu et al. 2023) in embedding space",
+        "Position-dependent steps: ``steps`` sentence-level transitions from ``N + T`` to 0 with the paper's "
+        "anchor-point schedule (:func:`fastdiff.continuous.ar_timesteps`), left positions reaching 0 sooner; "
+        "each transition moves every position by DDIM (``eta``) from its own step to its next, the model "
+        "called with the ``(B, L)`` per-position steps (a model trained with per-position steps; "
+        "the bundled SED denoiser takes one step per sequence, so it cannot be sampled this way).",
+        _continuous.ar_step, options=_EMBEDDING[:5] + ("eta",), rules=(_ar_rules,), own_loop=_continuous.run_ar),
 )}
 
 
