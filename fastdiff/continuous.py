@@ -33,6 +33,9 @@ __all__ = [
     "clamp_hook",
     "rounding_loss",
     "anchor_loss",
+    "ar_timesteps",
+    "ar_step_pairs",
+    "ar_ddim_step",
 ]
 
 PARAMETERIZATIONS = ("eps", "x0", "mean")
@@ -433,3 +436,79 @@ class TokenEmbedding(nn.Module):
         _checks.token_ids("tokens", tokens, self.embedding.num_embeddings)
         x = self.embedding(tokens)
         return self.norm(x) if self.norm is not None else x
+
+
+# --- AR-Diffusion (Wu et al. 2023): position-dependent timesteps ------------------------------------
+def ar_timesteps(length: int, T: int, t: int | torch.Tensor, anchor: tuple[float, float] | None = None
+                 ) -> torch.Tensor:
+    """AR-Diffusion's token-level timesteps (Wu et al. 2023, §3.1): ``(..., length)`` int64 steps of the
+    positions ``n = 1 .. N`` (``N = length``) at the sentence-level timestep ``t ∈ [0, N + T]`` (an int
+    or an integer tensor ``(...)``).
+
+    In the plane (position ``n``, step), every position's step lies on the line through the anchor point
+    ``(n_e, t_e)`` (default ``(2N, T)``, the paper's) and the start point
+    ``(n_s, t_s) = (clip(N - t, 0, N), clip(t - N, 0, T))``:
+    ``f(n, t) = clip((t_e - t_s)/(n_e - n_s)·(n - n_s) + t_s, 0, T)``, rounded half up to an integer step.
+    ``t = 0`` puts every position at step 0, ``t = N + T`` every position at ``T``; in between, the left
+    positions are less noisy than the right ones (they reach 0 sooner), and ``f`` never decreases in ``n``
+    or in ``t``."""
+    N = _checks.positive_int("length", length)
+    T = _checks.positive_int("T", T)
+    tt = _checks.steps("t", t, N + T, 0, t.device if isinstance(t, torch.Tensor) else None)
+    if anchor is None:
+        n_e, t_e = 2.0 * N, float(T)
+    else:
+        if not (isinstance(anchor, (tuple, list)) and len(anchor) == 2):
+            raise InputTypeError(f"anchor: expected (n_e, t_e), got {anchor!r}")
+        n_e, t_e = (float(_checks.real("anchor", v)) for v in anchor)
+        if not n_e > N:
+            raise InputError(f"anchor: n_e must exceed the length N = {N} (the line must not be vertical), got {n_e}")
+    tf = tt.to(torch.float64)[..., None]
+    n_s = (N - tf).clamp(0, N)
+    t_s = (tf - N).clamp(0, T)
+    n = torch.arange(1, N + 1, dtype=torch.float64, device=tt.device)
+    f = ((t_e - t_s) / (n_e - n_s) * (n - n_s) + t_s).clamp(0, T)
+    return torch.floor(f + 0.5).long()
+
+
+def ar_step_pairs(length: int, T: int, steps: int, anchor: tuple[float, float] | None = None
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """AR-Diffusion's sampling with step skipping (Wu et al. 2023, §3.2): ``steps`` sentence-level
+    timesteps evenly spaced from ``N + T`` down to 0 (rounded, never repeated), each giving every position
+    its step by :func:`ar_timesteps`. Returns the transitions ``(t_tok, s_tok)`` ``(N,)`` int64 each, with
+    ``s_tok <= t_tok``; a position with ``s_tok == t_tok`` does not move in that transition."""
+    N = _checks.positive_int("length", length)
+    K = _checks.positive_int("steps", steps)
+    if K > N + T:
+        raise InputError(f"steps: at most N + T = {N + T} sentence-level transitions, got {K}")
+    grid = torch.linspace(N + T, 0, K + 1, dtype=torch.float64).round().long().tolist()
+    pts = [grid[0]] + [g for prev, g in zip(grid, grid[1:]) if g < prev]
+    f = ar_timesteps(N, T, torch.tensor(pts), anchor)
+    return [(f[i], f[i + 1]) for i in range(len(pts) - 1)]
+
+
+def ar_ddim_step(diff: GaussianDiffusion, model_output: torch.Tensor, x_t: torch.Tensor, t_tok: torch.Tensor,
+                 s_tok: torch.Tensor, *, eta: float = 0.0, noise: torch.Tensor | Noise | None = None,
+                 generator: torch.Generator | None = None, denoised_fn: Denoise | None = None) -> torch.Tensor:
+    """One AR-Diffusion transition: every position ``n`` with ``s_tok[n] < t_tok[n]`` takes the DDIM skip
+    step (:meth:`GaussianDiffusion.ddim_step`, ``eta``) from its own ``t_tok[n]`` to ``s_tok[n]``; the
+    others (not started, or already at 0) keep ``x_t``. ``t_tok, s_tok``: ``(L,)`` or ``(B, L)`` int steps for
+    ``x_t: (B, L, D)``."""
+    x_t = diff._x("x_t", x_t)
+    if x_t.ndim != 3:
+        raise InputError(f"x_t: expected (B, L, D), got {tuple(x_t.shape)}")
+    tt = _checks.steps("t_tok", t_tok, diff.T, 0, x_t.device)
+    ss = _checks.steps("s_tok", s_tok, diff.T, 0, x_t.device)
+    B, L = x_t.shape[:2]
+    for name, v in (("t_tok", tt), ("s_tok", ss)):
+        if tuple(v.shape) not in ((L,), (B, L)):
+            raise InputError(f"{name}: expected shape ({L},) or ({B}, {L}), got {tuple(v.shape)}")
+    tt, ss = tt.expand(B, L), ss.expand(B, L)
+    if bool((ss > tt).any()):
+        raise InputError("s_tok: a position's step must not increase (s_tok <= t_tok)")
+    moving = ss < tt
+    t_eff = torch.where(moving, tt, tt.clamp_min(1))  # stationary positions: any valid pair, result unused
+    s_eff = torch.where(moving, ss, t_eff - 1)
+    out = diff.ddim_step(model_output, x_t, t_eff, s_eff, eta=eta, noise=noise, generator=generator,
+                         denoised_fn=denoised_fn)
+    return torch.where(moving.unsqueeze(-1), out, x_t)

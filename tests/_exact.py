@@ -231,3 +231,114 @@ def chi_square_pvalue(samples: torch.Tensor, dist: dict[tuple, float], min_expec
     obs_b, exp_b = np.array(obs_b), np.array(exp_b)
     exp_b *= obs_b.sum() / exp_b.sum()
     return float(stats.chisquare(obs_b, exp_b).pvalue), outside
+
+
+class ToyDenoiser:
+    """A fixed, deliberately wrong denoiser: float32 logits from random tables of the position, the
+    token there, its right neighbour's token and ``t`` (the mask column at ``-inf``, as SUBS). Samplers
+    run on it are held to their exact law *for this model*, which, unlike the exact denoiser's, is not
+    close to the data law, so small changes of the sampler's kernel show."""
+
+    def __init__(self, V: int, L: int, mask_id: int, alpha_bar: torch.Tensor, seed: int = 0,
+                 sharpness: float = 1.0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.sharpness = sharpness
+        self.own = 1.5 * torch.randn(L, V, V, generator=g)
+        self.right = 3.0 * torch.randn(V, V, generator=g)
+        self.time = torch.randn(V, generator=g)
+        self.V, self.L, self.mask_id, self.ab = V, L, mask_id, alpha_bar
+        self.uses_time = True
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        n = x_t.shape[1]
+        pos = torch.arange(n)
+        out = self.own[pos[None, :], x_t] + self.right[torch.roll(x_t, -1, 1)]
+        out = out + 0.1 * t.to(torch.float32)[:, None, None] * self.time
+        out = self.sharpness * out
+        out[..., self.mask_id] = float("-inf")
+        return out
+
+    def probs(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``softmax`` of the same float32 logits, in float64: ``(B, n, V)``."""
+        return torch.softmax(self(x_t, t).to(torch.float64), -1)
+
+
+def remdm_sigma(a_t: float, a_s: float, t: int, T: int, eta: float, schedule: str,
+                window: tuple[float, float] | None) -> float:
+    """ReMDM's remasking probability (Wang et al. 2025, §3 and §4.1), from the paper's definitions:
+    ``σ_max = min(1, (1 - α_s)/α_t)`` (the largest σ that keeps the posterior a distribution),
+    "rescale" ``σ = η·σ_max``, "cap" ``σ = min(η, σ_max)``; ReMDM-loop remasks only while ``t/T`` lies in
+    the window."""
+    if window is not None and not (window[0] <= t / T <= window[1]):
+        return 0.0
+    if a_t == 0:  # every position is masked at α_t = 0: σ moves nothing
+        return 0.0
+    smax = min(1.0, (1.0 - a_s) / a_t)
+    return eta * smax if schedule == "rescale" else min(eta, smax)
+
+
+def remdm_distribution(den: ExactDenoiser, steps: int, start: dict[tuple, float], T: int, mask_id: int,
+                       eta: float, schedule: str = "rescale", window: tuple[float, float] | None = None,
+                       top_k: int | None = None) -> dict[tuple, float]:
+    """Exact law of ReMDM's output (one block), by dynamic programming over whole sequences.
+
+    Each step ``t -> s`` moves every position independently by ReMDM's reverse kernel (Wang et al.
+    2025, eq. 7), with ``x`` the denoiser's x0 marginal (restricted to its ``top_k`` tokens and
+    renormalised when ``top_k`` is given):
+
+    * a masked position becomes token ``v`` with probability ``(α_s - (1 - σ)·α_t)/(1 - α_t)·x[v]`` and
+      stays masked with probability ``(1 - α_s - σ·α_t)/(1 - α_t)``;
+    * a decoded token stays with probability ``1 - σ`` and goes back to the mask with probability ``σ``.
+    """
+    dist = dict(start)
+    ab = den.ab
+    grid = _grid(T, steps)
+    L = len(next(iter(start)))
+    for t, s in zip(grid[:-1], grid[1:]):
+        a_t, a_s = float(ab[t]), float(ab[s])
+        sigma = remdm_sigma(a_t, a_s, t, T, eta, schedule, window)
+        states = list(dist)
+        xs = torch.tensor(states, dtype=torch.int64)
+        p0 = den.probs(xs, torch.full((len(states),), t))
+        V = p0.shape[-1]
+        if top_k is not None:
+            kth = p0.topk(top_k, dim=-1).values[..., -1:]
+            p0 = torch.where(p0 >= kth, p0, torch.zeros_like(p0))
+            p0 = p0 / p0.sum(-1, keepdim=True)
+        new: dict[tuple, float] = {}
+        for i, st in enumerate(states):
+            rows = torch.zeros(L, V, dtype=torch.float64)
+            for j in range(L):
+                if st[j] == mask_id:
+                    rows[j] = (a_s - (1 - sigma) * a_t) / (1 - a_t) * p0[i, j]
+                    rows[j, mask_id] = (1 - a_s - sigma * a_t) / (1 - a_t)
+                else:
+                    rows[j, st[j]] = 1 - sigma
+                    rows[j, mask_id] += sigma
+            _spread(new, st, 0, rows, dist[st])
+        dist = new
+    return {k: v for k, v in dist.items() if v > 0}
+
+
+def guided_ancestral_distribution(den, steps: int, start: dict[tuple, float], T: int, kind: str,
+                                  mask_id: int | None, grad, scale: float) -> dict[tuple, float]:
+    """Exact law of the ancestral sampler under first-order discrete classifier guidance (one block):
+    each step moves every position independently by its posterior ``p(x_s | x_t)`` (dense matrices, as
+    :func:`ancestral_distribution`) tilted by ``exp(scale·g[l, x_s])`` and renormalised, with
+    ``g = grad(x_t)`` the classifier's ``(n, L, V)`` gradient with respect to the one-hot ``x_t``
+    (DiGress §5, Vignac et al. 2023)."""
+    dist = dict(start)
+    ab = den.ab
+    for t, s in zip(_grid(T, steps)[:-1], _grid(T, steps)[1:]):
+        states = list(dist)
+        xs = torch.tensor(states, dtype=torch.int64)
+        p0 = den.probs(xs, torch.full((len(states),), t))
+        g = grad(xs).to(torch.float64)
+        V = p0.shape[-1]
+        new: dict[tuple, float] = {}
+        for i, st in enumerate(states):
+            post = _posterior_rows(kind, V, mask_id, p0[i], xs[i], float(ab[t]), float(ab[s]))
+            w = post * torch.exp(scale * g[i])
+            _spread(new, st, 0, w / w.sum(1, keepdim=True), dist[st])
+        dist = new
+    return {k: v for k, v in dist.items() if v > 0}

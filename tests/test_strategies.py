@@ -36,7 +36,7 @@ def _logits(x, t, **kw):
 # the table
 # ------------------------------------------------------------------------------------------------
 def test_the_public_strategy_names_come_from_the_table():
-    assert S.STRATEGIES == ("ancestral", "confidence", "threshold", "remask", "ddpm", "ddim")
+    assert S.STRATEGIES == ("ancestral", "confidence", "threshold", "remask", "ddpm", "ddim", "ar")
     assert S.STRATEGIES == tuple(strategies.TABLE)
     assert S.DISCRETE_STRATEGIES == tuple(n for n, s in strategies.TABLE.items() if s.family == "discrete")
     assert S.CONTINUOUS_STRATEGIES == tuple(n for n, s in strategies.TABLE.items() if s.family == "continuous")
@@ -95,7 +95,7 @@ def test_a_new_strategy_is_one_table_entry_and_its_step(monkeypatch):
     x0 = torch.full((2, 5), MASK)
     assert torch.equal(out.tokens, _logits(x0, None)[..., :MASK].argmax(-1))
     assert out.stats["steps"] == 1 and out.stats["network_calls"] == 1
-    with pytest.raises(InputError, match=r"^eta: applies to strategy 'remask' / 'ddim' only, not 'greedy'"):
+    with pytest.raises(InputError, match=r"^eta: applies to strategy 'remask' / 'ddim' / 'ar' only, not 'greedy'"):
         sample(_logits, _absorbing(), shape=(2, 5), steps=4, strategy="greedy", eta=0.5)
     with pytest.raises(InputError, match=r"^top_k: applies to strategy .* only, not 'greedy'"):
         sample(_logits, _absorbing(), shape=(2, 5), steps=4, strategy="greedy", top_k=2)

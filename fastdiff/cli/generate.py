@@ -9,6 +9,7 @@ import shutil
 import sys
 from typing import IO, TYPE_CHECKING
 
+from ..errors import InputError
 from ._common import (
     _add_sampling,
     _check_backend,
@@ -20,6 +21,7 @@ from ._common import (
     _sampling_defaults,
     _sampling_options,
     check_writable,
+    finite_float,
     plan_batch,
     positive_int,
     write_atomic,
@@ -49,6 +51,15 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a "
                                                               "terminal)")
     g.add_argument("--quiet", action="store_true", help="no header line")
+    g.add_argument("--classifier-scale", type=finite_float, default=0.0,
+                   help="discrete classifier guidance (first order over one-hot inputs, DiGress / TAG) by the "
+                        "attribute classifier towards --label (or --classifier-label): the scale s of its gradient "
+                        "(0 = off; strategy ancestral)")
+    g.add_argument("--classifier", default="classifier",
+                   help="the guiding classifier with --classifier-scale (bundled name or directory)")
+    g.add_argument("--classifier-label",
+                   help="the attribute --classifier-scale steers towards without conditioning the model on it "
+                        "(default: --label)")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -64,6 +75,35 @@ def command(args: argparse.Namespace) -> int:
     # slice of the samples, rank 0 prints and writes them all in global order. Alone: a world of one.
     with distributed.session(device) as ctx:
         return _generate_on(args, ctx, threads)
+
+
+def _classifier_guidance(td: object, args: argparse.Namespace) -> dict:
+    """``classifier_grad`` / ``classifier_scale`` for ``--classifier-scale``: the attribute classifier's
+    gradient with respect to the one-hot ``x_t`` (:meth:`TextClassifier.guidance_grad`), towards
+    ``--classifier-label`` or ``--label``. Checked before any generation."""
+    if args.classifier_scale == 0.0:
+        if args.classifier_label is not None:
+            raise InputError("--classifier-label: names the attribute of --classifier-scale; give a scale")
+        return {}
+    if td.continuous:
+        raise InputError("--classifier-scale: guidance by the token classifier applies to discrete checkpoints")
+    target = args.classifier_label if args.classifier_label is not None else args.label
+    if target is None or not td.num_labels:
+        raise InputError("--classifier-scale: needs an attribute to steer towards (--label or --classifier-label) "
+                         "on a label-conditioned checkpoint")
+    try:
+        idx = td._label_id(target)
+    except InputError as e:
+        raise InputError(f"--classifier-label: {e}") from e
+    from ..evaluation import load_scorer
+
+    clf = load_scorer(args.classifier).to(td.device)
+    if getattr(clf, "arch", None) != "classifier":
+        raise InputError(f"--classifier: {args.classifier!r} is not a text classifier")
+    if clf.config_dict()["vocab_size"] != td.tokenizer.vocab_size:
+        raise InputError(f"--classifier: its vocabulary ({clf.config_dict()['vocab_size']}) is not the checkpoint's "
+                         f"({td.tokenizer.vocab_size})")
+    return {"classifier_grad": clf.guidance_grad(idx), "classifier_scale": args.classifier_scale}
 
 
 def _backend_text(backend: str, device: str | torch.device) -> str:
@@ -94,7 +134,8 @@ def _generate_on(args: argparse.Namespace, ctx: Context, threads: int | None = N
               f"{args.num_samples} samples x {length} tokens, {args.steps} steps, "
               f"{args.strategy or td.default_strategy()}"
               + (f", temperature {args.temperature:g}" if args.temperature != 1.0 else "")
-              + (f", top-p {args.top_p:g}" if args.top_p is not None else "") + chosen +
+              + (f", top-p {args.top_p:g}" if args.top_p is not None else "")
+              + (f", classifier guidance {args.classifier_scale:g}" if args.classifier_scale else "") + chosen +
               f", device {td.device}, "
               f"backend {_backend_text(args.backend, td.device)}{threads}{ranks}", flush=True)
     gen = td.generate(args.num_samples, length=args.length, steps=args.steps, strategy=args.strategy,
@@ -102,7 +143,8 @@ def _generate_on(args: argparse.Namespace, ctx: Context, threads: int | None = N
                       template=template, source=args.source, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, trajectory=args.trajectory,
                       progress=main and _progress(args) and not args.stream,
-                      stream=_Stream(sys.stdout) if (args.stream and main) else None, **_sampling_options(args))
+                      stream=_Stream(sys.stdout) if (args.stream and main) else None, **_sampling_options(args),
+                      **_classifier_guidance(td, args))
     if args.stream and main:
         _Stream.end(sys.stdout)
     if not main:

@@ -78,11 +78,49 @@ class TextClassifier(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.ndim != 2:
             raise InputTypeError("tokens: expected a (B, L) int64 tensor")
         _checks.token_ids("tokens", tokens, self._cfg["vocab_size"])
+        mask = self._mask(tokens, attention_mask)
+        return self._from_embedded(self.embedding(tokens), mask)
+
+    def _mask(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         mask = tokens != self._cfg["pad_id"] if attention_mask is None else attention_mask.to(torch.bool)
         if mask.shape != tokens.shape:
             raise InputError(f"attention_mask: expected shape {tuple(tokens.shape)}, got {tuple(mask.shape)}")
-        mask = mask | ~mask.any(1, keepdim=True)  # an all-PAD row attends to everything rather than nothing
-        h = self.embedding(tokens)
+        return mask | ~mask.any(1, keepdim=True)  # an all-PAD row attends to everything rather than nothing
+
+    def onehot_grad(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``∇_{onehot(tokens)} log p(labels | tokens)``: ``(B, L, V)`` float32, the gradient of the
+        classifier's log-likelihood with respect to the one-hot encoding of its input (the first-order
+        term of discrete classifier guidance: DiGress, Vignac et al. 2023, §5; TAG, Nisonoff et al. 2024).
+
+        The embedding is linear in the one-hot input (``E[x] = onehot(x) @ E``), so the gradient is the
+        one with respect to the embedded input times ``Eᵀ``; computed with autograd on, also under an
+        outer ``torch.inference_mode``. The model's parameters get no gradient."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.ndim != 2:
+            raise InputTypeError("tokens: expected a (B, L) int64 tensor")
+        _checks.token_ids("tokens", tokens, self._cfg["vocab_size"])
+        if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.shape != tokens.shape[:1]:
+            raise InputTypeError(f"labels: expected a ({tokens.shape[0]},) int64 tensor")
+        if bool(((labels < 0) | (labels >= self._cfg["num_labels"])).any()):
+            raise InputError(f"labels: expected label ids in [0, {self._cfg['num_labels']})")
+        with torch.inference_mode(False), torch.enable_grad():
+            tokens, labels = tokens.clone(), labels.clone()
+            weight = self.embedding.weight.detach().clone()
+            h = torch.nn.functional.embedding(tokens, weight).requires_grad_(True)
+            logp = torch.log_softmax(self._from_embedded(h, self._mask(tokens, None)).float(), -1)
+            (g,) = torch.autograd.grad(logp.gather(1, labels[:, None]).sum(), h)
+        return (g @ weight.t()).float()
+
+    def guidance_grad(self, label: int | torch.Tensor) -> Any:
+        """The ``classifier_grad`` of :func:`fastdiff.sampling.sample` for the discrete family that steers
+        towards ``label`` (an int for every row, or a ``(B,)`` tensor): ``grad(x_t, t) ->``
+        :meth:`onehot_grad` ``(x_t, label)`` (``t`` unused: the classifier sees ``x_t`` as it is)."""
+        def grad(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            y = label if isinstance(label, torch.Tensor) else torch.full((x_t.shape[0],), int(label), dtype=torch.long)
+            return self.onehot_grad(x_t, y.to(x_t.device))
+
+        return grad
+
+    def _from_embedded(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             h = blk(h, mask)
         w = mask.to(h.dtype).unsqueeze(-1)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from .. import ops
+from ..continuous import ar_ddim_step, ar_step_pairs
 from ..errors import InputError
 from ._engine import _Run, step_grid
 
@@ -41,9 +42,11 @@ def _classifier_grad(run: _Run, t: int) -> Callable | None:
         return None
 
     def grad(x_t: torch.Tensor, _t: object) -> torch.Tensor:
-        tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
-        with torch.enable_grad():
-            g = fn(x_t, tt)
+        # autograd on, also under an outer torch.inference_mode (the pipeline's): the callable gets
+        # ordinary tensors it may differentiate through
+        with torch.inference_mode(False), torch.enable_grad():
+            tt = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
+            g = fn(x_t.clone(), tt)
         if not isinstance(g, torch.Tensor) or g.shape != x_t.shape:
             raise InputError(f"classifier_grad: must return a tensor of shape {tuple(x_t.shape)}")
         if not bool(torch.isfinite(g).all()):
@@ -129,3 +132,63 @@ def _round(run: _Run, x: torch.Tensor, emb: torch.Tensor, known: torch.Tensor, v
     """Rounding: the nearest embedding's token wherever the token is not decided yet."""
     tok = ops.nearest_embedding(x, emb.to(x.dtype), run.o.metric, backend=run.o.backend)[0]
     return torch.where(known, vals, tok)
+
+
+def ar_step(run: _Run, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+            denoised_fn: Callable | None) -> torch.Tensor:
+    """AR-Diffusion's transition: every position from its own step ``t[n]`` to ``s[n]`` by DDIM (``eta``)."""
+    return ar_ddim_step(run.process, out, x_t, t, s, eta=run.o.eta, noise=run.noise, denoised_fn=denoised_fn)
+
+
+def run_ar(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """AR-Diffusion's loop (Wu et al. 2023): ``x_T ~ N(0, I)``, fixed positions as clean embeddings, then
+    ``steps`` sentence-level transitions from ``N + T`` to 0 (:func:`fastdiff.continuous.ar_step_pairs`,
+    the anchor-point schedule with step skipping), the model called with the ``(B, L)`` per-position
+    steps; a position is clamped (``clamp="last"``) at the transition that brings it to 0. Returns
+    ``(tokens, x)``."""
+    o, diff = run.o, run.process
+    emb = o.embedding.detach().to(run.device)
+    B, L, D = run.B, run.L, emb.shape[1]
+    known, vals = run.fixed, run.values
+    clean = torch.nn.functional.embedding(vals, emb)
+    frozen = known.unsqueeze(-1)
+    x = torch.where(frozen, clean, run.randn((B, L, D), emb.dtype))
+    pairs = ar_step_pairs(L, diff.T, run.steps)
+    prev_x0 = torch.zeros(B, L, D, dtype=emb.dtype, device=run.device) if o.self_condition else None
+    bar = run.progress(len(pairs))
+    try:
+        for t_tok, s_tok in pairs:
+            t_tok, s_tok = t_tok.to(run.device), s_tok.to(run.device)
+            extra = {o.self_cond_kwarg: prev_x0} if o.self_condition else None
+            out, _ = run.evaluate(x, t_tok, extra=extra)
+            snap = (s_tok < t_tok) & (s_tok == 0) if o.clamp == "last" else None
+            hook = _X0Hook(run, emb, o.clamp != "never") if o.clamp != "never" or o.self_condition else None
+            if hook is not None and snap is not None:
+                hook = _Masked(hook, snap)
+            x_s = run.spec.step(run, out.to(x.dtype), x, t_tok, s_tok, hook)
+            if o.self_condition:
+                prev_x0 = hook.x0.detach()
+            x = torch.where(frozen, clean, x_s)
+            run.after_step(_round(run, x, emb, known, vals) if run.trajectory is not None else x, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    tokens = _round(run, x, emb, known, vals)
+    if o.eos_id is not None:
+        tokens = run.cut_at_eos(tokens)
+    return tokens, x
+
+
+class _Masked:
+    """A clamping hook applied at the positions ``where`` only (the positions reaching 0 this step)."""
+
+    def __init__(self, hook: _X0Hook, where: torch.Tensor) -> None:
+        self.hook, self.where = hook, where
+
+    @property
+    def x0(self) -> torch.Tensor | None:
+        return self.hook.x0
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        snapped = self.hook(x0)
+        return torch.where(self.where.unsqueeze(-1), snapped, x0)

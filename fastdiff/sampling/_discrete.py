@@ -157,13 +157,51 @@ def _ab(process: DiscreteProcess, t: int) -> float:
     return float(process.schedule.alpha_bar[t])
 
 
+def classifier_rows(run: _Run, x: torch.Tensor, a: int, b: int, t: int) -> torch.Tensor:
+    """``classifier_grad(x_t, t)`` for the block: the user's callable gets the whole sequence ``x``
+    ``(B, L)`` (a copy) and the step as a ``(B,)`` tensor, with autograd on (also under an outer
+    ``torch.inference_mode``); its ``(B, L, V)`` output is checked (shape, finite) and the block's rows
+    returned in float64."""
+    fn = run.o.classifier_grad
+    with torch.inference_mode(False), torch.enable_grad():
+        tt = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        g = fn(x.clone(), tt)
+    want = (x.shape[0], x.shape[1], run.vocab_size)
+    if not isinstance(g, torch.Tensor) or tuple(g.shape) != want:
+        raise InputError(f"classifier_grad: must return a tensor of shape {want} (the gradient with respect "
+                         "to the one-hot x_t)")
+    if not g.is_floating_point() or not bool(torch.isfinite(g).all()):
+        raise InputError("classifier_grad: returned a non-float tensor, NaN or inf")
+    return g[:, a:b].detach().to(torch.float64)
+
+
+def _guided_posterior(run: _Run, lr: torch.Tensor, x: torch.Tensor, a: int, b: int, t: int, s: int) -> torch.Tensor:
+    """One ancestral step under discrete classifier guidance, first order (DiGress, Vignac et al. 2023,
+    §5; TAG, Nisonoff et al. 2024): ``log p(y | x_s) - log p(y | x_t) ≈ g·(onehot(x_s) - onehot(x_t))`` with
+    ``g = ∇_{onehot(x_t)} log p(y | x_t)``, so each position's posterior is tilted by its gradient row:
+    ``p(x_s | x_t, y) ∝ p(x_s | x_t)·exp(scale·g[x_s])`` (the ``x_t`` term is constant per position). The
+    posterior is the process's own (:meth:`posterior_probs`, any kind), the draw
+    :func:`fastdiff.ops.sample_categorical`'s, at the same counter offset as the unguided step."""
+    o, process = run.o, run.process
+    xr = x[:, a:b]
+    g = classifier_rows(run, x, a, b, t)
+    with run.op_values(t):
+        check_finite_above("logits", lr)
+        post = process.posterior_probs(process.x0_probs(lr, o.temperature), xr, t, s).to(torch.float64)
+        guided = post.log() + o.classifier_scale * g  # -inf stays -inf: the tilt never adds support
+        return ops.sample_categorical(guided, seed=run.seed, offset=run.next_offset(),
+                                      row_offset=run.row_offset(xr.shape), backend=o.backend)
+
+
 def ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None) -> None:
     o, process = run.o, run.process
     grid = step_grid(process.T, run.steps)
     for t, s in zip(grid[:-1], grid[1:]):
         lr, owned = logits(x, t)
         xr = x[:, a:b]
-        if o.top_k is not None or o.top_p is not None:
+        if o.classifier_grad is not None:
+            new = _guided_posterior(run, lr, x, a, b, t, s)
+        elif o.top_k is not None or o.top_p is not None:
             a_t, a_s = _ab(process, t), _ab(process, s)
             new = _two_stage(run, lr, owned, xr, (a_s - a_t) / (1 - a_t) if a_t < 1 else 0.0, t)
         else:

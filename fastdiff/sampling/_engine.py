@@ -347,8 +347,11 @@ class _Run:
             out[k] = v.index_select(0, rows) if (rows is not None and isinstance(v, torch.Tensor)) else v
         return out
 
-    def _call(self, x_in: torch.Tensor, t: int, kw: dict) -> torch.Tensor:
-        tt = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x_in.device)
+    def _call(self, x_in: torch.Tensor, t: int | torch.Tensor, kw: dict) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):  # per-position steps (L,) (AR-Diffusion): (rows, L) for the model
+            tt = t.to(device=x_in.device, dtype=torch.int64).expand(x_in.shape[0], -1)
+        else:
+            tt = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x_in.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -361,7 +364,8 @@ class _Run:
         self._check_output(out, x_in, t)
         return out
 
-    def _where(self, t: int) -> str:
+    def _where(self, t: int | torch.Tensor) -> str:
+        t = t.tolist() if isinstance(t, torch.Tensor) else t
         return f"model output at step {self._stats['steps'] + 1} (t={t})"
 
     def _check_output(self, out: object, x_in: torch.Tensor, t: int) -> None:

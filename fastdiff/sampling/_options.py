@@ -206,10 +206,14 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
     "self_cond_kwarg": ("str", "The keyword under which a self-conditioned model receives its previous "
                         "estimate; needs ``self_condition=True``."),
     "classifier_grad": ("callable or None", "Classifier guidance (Dhariwal & Nichol 2021; Diffusion-LM's "
-                        "plug-and-play control): ``grad(x_t, t) -> ∇ log p(y | x_t)`` of shape "
-                        "``(B, L, D)``, called with autograd enabled. ddpm shifts the mean by "
-                        "``s·var·grad`` (Alg. 1), ddim shifts ε by ``-sqrt(1 - ᾱ_t)·s·grad`` (Alg. 2); "
-                        "see :meth:`GaussianDiffusion.ddpm_step`."),
+                        "plug-and-play control): ``grad(x_t, t) -> ∇ log p(y | x_t)``, called with autograd "
+                        "enabled and ``t`` a ``(B,)`` tensor. Continuous: of shape ``(B, L, D)``; ddpm shifts "
+                        "the mean by ``s·var·grad`` (Alg. 1), ddim shifts ε by ``-sqrt(1 - ᾱ_t)·s·grad`` "
+                        "(Alg. 2); see :meth:`GaussianDiffusion.ddpm_step`. Discrete (ancestral): ``x_t`` "
+                        "is the ``(B, L)`` token sequence and the gradient is with respect to its one-hot "
+                        "encoding, ``(B, L, V)``; each position's posterior is tilted by ``exp(s·grad[x_s])`` "
+                        "(first order, DiGress §5, Vignac et al. 2023; TAG, Nisonoff et al. 2024), e.g. "
+                        ":meth:`fastdiff.models.TextClassifier.guidance_grad`; not with top-k / top-p."),
     "classifier_scale": ("float", "The scale ``s`` of ``classifier_grad``'s gradient; needs "
                          "``classifier_grad``."),
     "backend": ("{{'auto', 'reference', 'cpp', 'triton', 'cuda'}}", "The backend of every fused op "
@@ -441,11 +445,9 @@ def check_static(process: Process, strategy: str, steps: object, o: Options) -> 
         V = _check_embedding(o.embedding)
     elif o.embedding is not None:
         raise InputError("embedding: applies to continuous processes (a GaussianDiffusion) only")
-    if o.classifier_grad is not None:
-        if not continuous:
-            raise InputError("classifier_grad: classifier guidance by gradients applies to continuous processes")
-        if not callable(o.classifier_grad):
-            raise InputTypeError("classifier_grad: expected a callable grad(x_t, t) -> (B, L, D)")
+    if o.classifier_grad is not None and not callable(o.classifier_grad):
+        shape = "(B, L, D)" if continuous else "(B, L, V)"
+        raise InputTypeError(f"classifier_grad: expected a callable grad(x_t, t) -> {shape}")
     _finite("classifier_scale", o.classifier_scale)
     if o.classifier_scale != 1.0 and o.classifier_grad is None:
         raise InputError("classifier_scale: scales classifier_grad's gradient; give classifier_grad= (or leave "

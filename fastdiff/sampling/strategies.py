@@ -61,6 +61,7 @@ class Strategy:
     greedy : ``temperature=0`` (argmax) is allowed.
     rules : further checks among its options, ``rule(options)`` raising ``InputError``; they run after every
         option's own checks and before the check of options it does not read.
+    own_loop : a loop of its own instead of the family's (AR-Diffusion walks per-position steps).
     """
 
     name: str
@@ -76,6 +77,7 @@ class Strategy:
     filter_scalar_schedule: bool = False
     greedy: bool = False
     rules: tuple[Callable, ...] = ()
+    own_loop: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -83,14 +85,27 @@ class Strategy:
 
     @property
     def loop(self) -> Callable:
-        """The family's loop, ``loop(run) -> (tokens, x or None)``."""
-        return LOOPS[self.family]
+        """The family's loop (or the strategy's own), ``loop(run) -> (tokens, x or None)``."""
+        return self.own_loop or LOOPS[self.family]
 
 
 def _remask_eta(o: Options) -> None:
     if o.remask_schedule == "rescale" and o.eta > 1:
         raise InputError(f"eta: must be <= 1 with remask_schedule='rescale' (σ_t = η·σ_max must not exceed "
                          f"σ_max), got {o.eta}; remask_schedule='cap' takes any η >= 0")
+
+
+def _guided_draw(o: Options) -> None:
+    if o.classifier_grad is not None and (o.top_k is not None or o.top_p is not None):
+        filt = "top_k" if o.top_k is not None else "top_p"
+        raise InputError(f"{filt}: does not combine with classifier_grad in the discrete family (the guided "
+                         "posterior is tilted by the classifier, not drawn in two stages)")
+
+
+def _ar_rules(o: Options) -> None:
+    if o.block_size is not None:
+        raise InputError("block_size: AR-Diffusion orders the positions itself (left to right by its timesteps); "
+                         "it does not take semi-autoregressive blocks")
 
 
 LOOPS = {"discrete": _discrete.run_discrete, "continuous": _continuous.run_continuous}
@@ -101,8 +116,11 @@ TABLE: dict[str, Strategy] = {s.name: s for s in (
         "ancestral", "discrete", "D3PM", "D3PM ancestral sampling (Austin et al. 2021)",
         "``x_s ~ p(x_s | x_t)``, the posterior of the x0 prediction, over an evenly spaced grid of ``steps`` "
         "transitions from T to 0 (the skip posterior); with ``cache=True`` the network is skipped for every "
-        "sequence whose input did not change (MDLM, Sahoo et al. 2024).",
-        _discrete.ancestral_block, options=_DRAW + ("cache",), filter_scalar_schedule=True),
+        "sequence whose input did not change (MDLM, Sahoo et al. 2024); with ``classifier_grad`` each "
+        "position's posterior is tilted by ``exp(s·g[x_s])``, ``g`` the classifier's gradient with respect "
+        "to the one-hot ``x_t`` (DiGress, Vignac et al. 2023; TAG, Nisonoff et al. 2024).",
+        _discrete.ancestral_block, options=_DRAW + ("cache", "classifier_grad", "classifier_scale"),
+        filter_scalar_schedule=True, rules=(_guided_draw,)),
     Strategy(
         "confidence", "discrete", "LLaDA", "LLaDA low-confidence remasking (Nie et al. 2025, Alg. 5)",
         "Predict every masked token and keep the ``tokens_per_step`` most confident ones (LLaDA's even split "
@@ -132,6 +150,14 @@ TABLE: dict[str, Strategy] = {s.name: s for s in (
         "One :meth:`GaussianDiffusion.ddim_step` (``eta``) per grid transition, the x0 estimate clamped "
         "(``clamp``), the result rounded to the nearest embedding's token.",
         _continuous.ddim_step, options=_EMBEDDING + ("eta",)),
+    Strategy(
+        "ar", "continuous", "AR-Diffusion", "AR-Diffusion (Wu et al. 2023) in embedding space",
+        "Position-dependent steps: ``steps`` sentence-level transitions from ``N + T`` to 0 with the paper's "
+        "anchor-point schedule (:func:`fastdiff.continuous.ar_timesteps`), left positions reaching 0 sooner; "
+        "each transition moves every position by DDIM (``eta``) from its own step to its next, the model "
+        "called with the ``(B, L)`` per-position steps (a model trained with per-position steps; "
+        "the bundled SED denoiser takes one step per sequence, so it cannot be sampled this way).",
+        _continuous.ar_step, options=_EMBEDDING[:5] + ("eta",), rules=(_ar_rules,), own_loop=_continuous.run_ar),
 )}
 
 
