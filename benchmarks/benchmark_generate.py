@@ -18,7 +18,7 @@ Providers (group ``generate N=<N>``):
   caches; ``fastdiff-threshold``: ``preset="fast_dllm", threshold=0.9`` uncached; ``fastdiff-dual-threshold``:
   the same with the dual cache.
 
-``extra_info``: ``tokens_per_s``, ``network_calls``, ``model_time_s``, ``overhead_fraction`` (1 − network time /
+``FASTDIFF_BENCH_THREADS=n`` sets torch's threads for the module. ``extra_info``: ``tokens_per_s``, ``network_calls``, ``model_time_s``, ``overhead_fraction`` (1 − network time /
 wall time: the non-network part of the steps; the target is ≤ 10%), ``speedup_vs_llada`` (tokens/s ÷ the
 LLaDA loop's, when it ran earlier in the session) and, for the cached runs, ``tokens_differing`` /
 ``fraction_differing`` against the uncached run of the same rule (the caches are approximate). A random
@@ -47,7 +47,19 @@ LENGTHS = (64,) if SMALL else (256, 512)
 PROMPT, BLOCK, THRESHOLD = 32, 32, 0.9
 MASK = V - 1
 ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "1"))
+THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))  # torch threads for this module; 0: torch's default
 _RESULTS: dict[tuple[int, str], dict] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    """``FASTDIFF_BENCH_THREADS=n``: torch's intra-op threads for this module (one thread keeps the figures
+    stable on a shared machine, where OpenMP threads fighting other processes spin)."""
+    n = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +224,8 @@ def test_generate(benchmark, lm: HFBidirectional, prompt: torch.Tensor, N: int, 
         out = benchmark.pedantic(call)
     info = benchmark.extra_info
     info.update(stats)
+    info["threads"] = torch.get_num_threads()
+    info["load_average_1min"] = os.getloadavg()[0]
     info["tokens_per_s"] = N / stats["time_s"]
     info["overhead_fraction"] = max(0.0, 1 - stats["model_time_s"] / stats["time_s"])
     _RESULTS[(N, provider)] = {"tokens": out[:, PROMPT:].cpu(), "rate": info["tokens_per_s"]}

@@ -414,3 +414,62 @@ def test_flash_attention_and_non_modules_are_refused() -> None:
         ad(torch.zeros(B, L))
     with pytest.raises(InputError, match="attention_mask"):
         ad(_tokens(0), attention_mask=torch.ones(B, L + 1))
+
+
+# --- logits_to_keep: the LM head on the positions a step reads -------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shifted", [False, True])
+def test_logits_to_keep_equals_the_slice_of_the_full_logits(arch: str, shifted: bool) -> None:
+    ad = HFBidirectional(model_for(arch, "sdpa"), mask_id=MASK, shifted=shifted)
+    ids, am, _ = _left_padded()
+    keep = torch.tensor([0, 2, 3, 7])
+    with torch.no_grad():
+        full = ad(ids, am)
+        _close(ad(ids, am, logits_to_keep=keep), full[:, keep])
+        logits, cache = ad.kv_forward(ids, attention_mask=am)
+        kept, _ = ad.kv_forward(ids, attention_mask=am, logits_to_keep=keep)
+        _close(kept, logits[:, keep])
+        for a, b in WINDOWS.values():
+            win = ad.kv_window(ids[:, a:b], cache=cache, start=a, attention_mask=am)
+            sub = torch.arange(a, b)[::2]
+            _close(ad.kv_window(ids[:, a:b], cache=cache, start=a, attention_mask=am, logits_to_keep=sub),
+                   win[:, (sub - a)])
+    with pytest.raises(InputError, match="^logits_to_keep: positions must lie in the window"):
+        ad.kv_window(ids[:, 3:7], cache=cache, start=3, logits_to_keep=torch.tensor([2]))
+    with pytest.raises(InputTypeError, match="^logits_to_keep: "):
+        ad(ids, logits_to_keep=torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("kw", [dict(preset="llada", block_length=4), dict(preset="llada", cfg_scale=1.0),
+                                dict(preset="fast_dllm", threshold=0.3, block_length=4, cache="prefix"),
+                                dict(preset="fast_dllm", factor=1.0, block_length=4, cache="dual"),
+                                dict(preset="dream", alg="entropy")])
+def test_generate_through_logits_to_keep_gives_the_full_logits_tokens(kw: dict) -> None:
+    """fastdiff.generate asks an adapter for the logits of the positions a step reads only; a wrapper that
+    hides logits_to_keep (so every position is computed and sliced by generate) gives the same tokens."""
+    import fastdiff
+
+    ad = (DreamAdapter if kw["preset"] == "dream" else HFBidirectional)(model_for("llama", "sdpa"), mask_id=MASK)
+    ids, am, _ = _left_padded()
+
+    class Hidden(torch.nn.Module):
+        shifted_logits = False  # the adapter inside realigns (Dream)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = ad
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+            return self.inner(input_ids, attention_mask, position_ids)
+
+        def kv_forward(self, x: torch.Tensor, t: object = None, **kw: object) -> tuple:
+            return self.inner.kv_forward(x, t, **kw)
+
+        def kv_window(self, x: torch.Tensor, t: object = None, **kw: object) -> torch.Tensor:
+            return self.inner.kv_window(x, t, **kw)
+
+    args = dict(max_new_tokens=8, steps=8, mask_id=MASK, **kw)
+    a = fastdiff.generate(ad, ids, am, **args)
+    b = fastdiff.generate(Hidden(), ids, am, **args)
+    assert torch.equal(a.sequences, b.sequences)

@@ -91,6 +91,11 @@ class LM:
         names, var_kw, positional = _keywords(model)
         self.takes_mask = var_kw or "attention_mask" in names
         self.takes_positions = var_kw or "position_ids" in names
+        # Hugging Face's ``logits_to_keep``: the model computes the LM head only at these positions (the head
+        # is most of a step's work at V = 32k and short windows); only a model that names it explicitly gets it
+        self.takes_keep = "logits_to_keep" in names and not self.fastdiff
+        self.kv_takes_keep = any("logits_to_keep" in _keywords(getattr(model, m, None) or (lambda: None))[0]
+                                 for m in ("kv_forward",)) and not self.fastdiff
         self.time_kw: str | None = None
         self.time_positional = False
         if time_input == "sigma" and not self.fastdiff:
@@ -164,31 +169,60 @@ class LM:
         """Dream's realignment: the logits at ``i - 1`` predict token ``i``; position 0 keeps its own."""
         return torch.cat([logits[:, :1], logits[:, :-1]], 1)
 
+    def _keep(self, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+        """The ``logits_to_keep`` indices of positions ``[lo, hi)`` (raw positions of a shifted model: the
+        logits at ``i - 1`` predict ``i``; position 0 keeps its own)."""
+        idx = torch.arange(lo, hi, device=device)
+        return (idx - 1).clamp_min(0) if self.shift else idx
+
     def __call__(self, x: torch.Tensor, t: float | int, am: torch.Tensor | None, pos: torch.Tensor | None,
-                 vocab: int | None = None) -> torch.Tensor:
+                 vocab: int | None = None, keep: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits ``(B, L, V)``, or ``(B, hi - lo, V)`` of positions ``[lo, hi)`` when ``keep = (lo, hi)``
+        (computed only there when the model takes ``logits_to_keep``)."""
         kw = self._kwargs(am, pos)
+        lo, hi = keep if keep is not None else (0, x.shape[1])
+        if keep is not None and self.takes_keep:
+            kw["logits_to_keep"] = self._keep(lo, hi, x.device)
+            out = self._timed(lambda: self._invoke(self.model, x, t, kw), x)
+            return self._check(out, x.shape[0], hi - lo, vocab)  # already aligned (see _keep)
         out = self._timed(lambda: self._invoke(self.model, x, t, kw), x)
         logits = self._check(out, x.shape[0], x.shape[1], vocab)
-        return self._shifted(logits) if self.shift else logits
+        logits = self._shifted(logits) if self.shift else logits
+        return logits if keep is None else logits[:, lo:hi]
 
     # --- Fast-dLLM caches --------------------------------------------------------------------------
     def kv_forward(self, x: torch.Tensor, t: float | int, am: torch.Tensor | None, pos: torch.Tensor | None,
-                   vocab: int | None = None) -> tuple[torch.Tensor, object]:
+                   vocab: int | None = None, keep: tuple[int, int] | None = None) -> tuple[torch.Tensor, object]:
         kw = self._kwargs(am, pos)
         B = x.shape[0]
         tt = self._time(B, t, x.device)
+        lo, hi = keep if keep is not None else (0, x.shape[1])
+        if keep is not None and self.kv_takes_keep:
+            kw["logits_to_keep"] = self._keep(lo, hi, x.device)
         res = self._timed(lambda: self.model.kv_forward(x, tt, **kw), x)
         if not isinstance(res, tuple) or len(res) != 2:
             raise InputTypeError("model.kv_forward: expected (logits, cache)")
+        if "logits_to_keep" in kw:
+            return self._check(res[0], B, hi - lo, vocab), res[1]
         logits = self._check(res[0], B, x.shape[1], vocab)
-        return (self._shifted(logits) if self.shift else logits), res[1]
+        logits = self._shifted(logits) if self.shift else logits
+        return (logits if keep is None else logits[:, lo:hi]), res[1]
 
     def kv_window(self, x: torch.Tensor, start: int, end: int, t: float | int, cache: object,
-                  am: torch.Tensor | None, pos: torch.Tensor | None, vocab: int | None = None) -> torch.Tensor:
-        """Logits of positions ``[start, end)`` of ``x`` through the cache. A shifted model needs the raw
-        logits of ``[start - 1, end - 1)``: its window then starts one position earlier."""
+                  am: torch.Tensor | None, pos: torch.Tensor | None, vocab: int | None = None,
+                  keep_to: int | None = None) -> torch.Tensor:
+        """Logits of positions ``[start, end)`` of ``x`` through the cache (only ``[start, keep_to)`` when
+        given, computed only there when the model's ``kv_window`` takes ``logits_to_keep``). A shifted model
+        needs the raw logits of ``[start - 1, end - 1)``: its window then starts one position earlier."""
         a = start - 1 if (self.shift and start > 0) else start
         kw = self._kwargs(am, pos)
+        if keep_to is not None and self.kv_takes_keep and not self.shift:
+            B = x.shape[0]
+            kw["logits_to_keep"] = torch.arange(start, keep_to, device=x.device)
+            tt = self._time(B, t, x.device)
+            win = x[:, start:end]
+            out = self._timed(lambda: self.model.kv_window(win, tt, cache=cache, start=start, **kw), win)
+            return self._check(out, B, keep_to - start, vocab)
         B = x.shape[0]
         tt = self._time(B, t, x.device)
         win = x[:, a:end]

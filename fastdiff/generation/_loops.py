@@ -102,7 +102,16 @@ class Run:
 # ----------------------------------------------------------------------------------------------------
 # LLaDA / Fast-dLLM
 # ----------------------------------------------------------------------------------------------------
-def _guided(run: Run, t: float) -> torch.Tensor:
+def _masked_span(run: Run, lo: int, hi: int) -> tuple[int, int]:
+    """``[first, last + 1)`` of the columns in ``[lo, hi)`` holding a mask in some row (``(hi, hi)`` when none):
+    the only positions whose logits a step reads."""
+    cols = (run.x[:, lo:hi] == run.mask_id).any(0).nonzero()
+    if not cols.numel():
+        return hi, hi
+    return lo + int(cols[0]), lo + int(cols[-1]) + 1
+
+
+def _guided(run: Run, t: float, keep: tuple[int, int] | None = None) -> torch.Tensor:
     """LLaDA's unsupervised classifier-free guidance: the unconditional pass has the prompt region masked,
     ``logits = un + (cfg_scale + 1)(cond - un)``, both passes in one batch."""
     x, P = run.x, run.P
@@ -112,7 +121,7 @@ def _guided(run: Run, t: float) -> torch.Tensor:
     x_u[prompt] = run.mask_id
     am = None if run.am is None else torch.cat([run.am, run.am])
     pos = None if run.pos is None else torch.cat([run.pos, run.pos])
-    out = run.lm(torch.cat([x, x_u]), t, am, pos, run.mask_id + 1)
+    out = run.lm(torch.cat([x, x_u]), t, am, pos, run.mask_id + 1, keep=keep)
     cond, un = out.float().chunk(2)
     return un + (run.o.cfg_scale + 1.0) * (cond - un)
 
@@ -199,18 +208,22 @@ def llada_loop(run: Run) -> Iterator[GenerationStep]:
                     break
             t = _llada_time(i, spb)
             if o.cache is None or i == 0:
+                # the candidates are the masked positions before the block's end; logits are needed only
+                # from the first of them (the model computes only those when it takes logits_to_keep)
+                lo, _ = _masked_span(run, 0, e)
+                lo = min(lo, s)
                 if o.cache is None and o.cfg_scale > 0:
-                    logits = _guided(run, t)
+                    logits = _guided(run, t, (lo, e))
                 elif o.cache is None:
-                    logits = run.lm(run.x, t, run.am, run.pos, V)
+                    logits = run.lm(run.x, t, run.am, run.pos, V, keep=(lo, e))
                 else:
-                    logits, kvc = run.lm.kv_forward(run.x, t, run.am, run.pos, V)
-                cand = run.x[:, :e] == mask
-                chosen = _decide(run, logits[:, :e], 0, cand, k)
-                new = _full(run, chosen, 0)
+                    logits, kvc = run.lm.kv_forward(run.x, t, run.am, run.pos, V, keep=(lo, e))
+                cand = run.x[:, lo:e] == mask
+                chosen = _decide(run, logits, lo, cand, k)
+                new = _full(run, chosen, lo)
             else:
                 end = run.L if o.cache == "prefix" else e
-                logits = run.lm.kv_window(run.x, s, end, t, kvc, run.am, run.pos, V)
+                logits = run.lm.kv_window(run.x, s, end, t, kvc, run.am, run.pos, V, keep_to=e)
                 cand = run.x[:, s:e] == mask
                 chosen = _decide(run, logits[:, :e - s], s, cand, k)
                 new = _full(run, chosen, s)
@@ -247,9 +260,10 @@ def dream_loop(run: Run) -> Iterator[GenerationStep]:
             break
         t, s = ts[i], ts[i + 1]
         last = i == o.steps - 1
-        logits = run.lm(run.x, _dream_time(float(t)), run.am, run.pos, V)
+        lo, hi = _masked_span(run, 0, L)
+        logits = run.lm(run.x, _dream_time(float(t)), run.am, run.pos, V, keep=(lo, hi))
         rows, cols = cand.nonzero(as_tuple=True)
-        lg = run.processed(logits[rows, cols], rows)
+        lg = run.processed(logits[rows, cols - lo], rows)
         sel.check_values(lg)
         spans = sel.row_spans(rows, B)
         if o.alg == "origin":

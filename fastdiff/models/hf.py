@@ -57,6 +57,28 @@ def unwrap_logits(out: Any) -> torch.Tensor:
     return _unwrap(out, "model")
 
 
+class _KeptOutput:
+    """A model output whose logits were sliced to the kept positions (its cache kept for kv_forward)."""
+
+    def __init__(self, logits: torch.Tensor, out: Any) -> None:
+        self.logits = logits
+        self.past_key_values = None
+        for name in ("cache", "past_key_values"):
+            c = out.get(name) if isinstance(out, dict) else getattr(out, name, None)
+            if c is not None:
+                self.past_key_values = c
+                break
+
+
+def _check_keep(keep: object, L: int) -> torch.Tensor:
+    """``logits_to_keep``: a 1-D integer tensor of positions in ``[0, L)``."""
+    if not isinstance(keep, torch.Tensor) or keep.ndim != 1 or keep.is_floating_point() or keep.dtype == torch.bool:
+        raise InputTypeError("logits_to_keep: expected a 1-D integer tensor of positions")
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= L):
+        raise InputError(f"logits_to_keep: positions must lie in [0, {L})")
+    return keep.to(torch.int64)
+
+
 def _output_vocab(model: nn.Module) -> int:
     """The number of logits per position the model returns: its output embedding's rows, else its config's
     ``vocab_size``."""
@@ -177,6 +199,7 @@ class HFBidirectional(nn.Module):
         # transformers 5 renamed the forward's ``past_key_values`` to ``cache``; remote code keeps the old name
         self._cache_kw = "cache" if _has_param(model.forward, "cache") else "past_key_values"
         self._takes_use_cache = _has_param(model.forward, "use_cache")
+        self._takes_keep = _has_param(model.forward, "logits_to_keep")
 
     @property
     def config(self) -> Any:
@@ -197,13 +220,31 @@ class HFBidirectional(nn.Module):
         bias.masked_fill_(~key_ok, torch.finfo(dtype).min)
         return bias[:, None, None, :].expand(key_ok.shape[0], 1, q, key_ok.shape[1])
 
-    def _run(self, ids: torch.Tensor, key_ok: torch.Tensor, pos: torch.Tensor, cache: Any = None) -> Any:
+    def _run(self, ids: torch.Tensor, key_ok: torch.Tensor, pos: torch.Tensor, cache: Any = None,
+             keep: torch.Tensor | None = None) -> Any:
+        """The model's output; with ``keep`` (query indices), its logits only there: the model's own
+        ``logits_to_keep`` when it takes one (the LM head then runs on those rows only), else a slice."""
         kw: dict[str, Any] = {"attention_mask": self._mask(key_ok, ids.shape[1]), "position_ids": pos}
         if cache is not None:
             kw[self._cache_kw] = cache
         if self._takes_use_cache:  # without a cache, none is built and returned
             kw["use_cache"] = cache is not None
-        return self.model(ids, **kw)
+        if keep is not None and self._takes_keep:
+            kw["logits_to_keep"] = keep
+        out = self.model(ids, **kw)
+        if keep is not None and not self._takes_keep:
+            return _KeptOutput(unwrap_logits(out)[:, keep], out)
+        return out
+
+    def _keep(self, logits_to_keep: torch.Tensor | None, q_lo: int, L: int) -> torch.Tensor | None:
+        """Query indices of the raw logits behind the (realigned) positions ``logits_to_keep``, for queries
+        that start at position ``q_lo``."""
+        if logits_to_keep is None:
+            return None
+        idx = _check_keep(logits_to_keep, L)
+        if self.shifted:
+            return (idx - 1 - q_lo).clamp_min(0)
+        return idx - q_lo
 
     @staticmethod
     def _realign(raw: torch.Tensor) -> torch.Tensor:
@@ -223,28 +264,33 @@ class HFBidirectional(nn.Module):
 
     # --- the LM calling convention -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, L, V)`` of every position with full attention over the real (non-padding) tokens."""
+                position_ids: torch.Tensor | None = None, logits_to_keep: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Logits ``(B, L, V)`` of every position with full attention over the real (non-padding) tokens;
+        ``logits_to_keep`` (1-D positions): ``(B, len(logits_to_keep), V)`` of those positions only."""
         ids, key_ok, pos, _ = self._prepare(input_ids, attention_mask, position_ids)
-        raw = unwrap_logits(self._run(ids, key_ok, pos))
-        return self._realign(raw) if self.shifted else raw
+        keep = self._keep(logits_to_keep, 0, ids.shape[1])
+        raw = unwrap_logits(self._run(ids, key_ok, pos, keep=keep))
+        return self._realign(raw) if (self.shifted and keep is None) else raw
 
     # --- the prefix / dual cache protocol ------------------------------------------------------------------
     def kv_forward(self, x: torch.Tensor, t: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None, **cond: Any) -> tuple[torch.Tensor, HFKVCache]:
+                   position_ids: torch.Tensor | None = None, logits_to_keep: torch.Tensor | None = None,
+                   **cond: Any) -> tuple[torch.Tensor, HFKVCache]:
         """One full forward over ``x (B, L)``: ``(logits (B, L, V), cache)`` with every layer's keys and values
-        at every position. ``t`` is ignored (the model is time-free)."""
+        at every position (logits of ``logits_to_keep`` only, when given). ``t`` is ignored (time-free)."""
         _no_cond(cond)
         ids, key_ok, pos, _ = self._prepare(x, attention_mask, position_ids)
-        out = self._run(ids, key_ok, pos, cache=_new_dynamic_cache())
+        keep = self._keep(logits_to_keep, 0, ids.shape[1])
+        out = self._run(ids, key_ok, pos, cache=_new_dynamic_cache(), keep=keep)
         raw = unwrap_logits(out)
         layers = tuple((k, v) for k, v in _cache_layers(_output_cache(out)))
-        logits = self._realign(raw) if self.shifted else raw
+        logits = self._realign(raw) if (self.shifted and keep is None) else raw
         return logits, HFKVCache(layers=layers, tokens=ids.detach().clone())
 
     def kv_window(self, x_win: torch.Tensor, t: torch.Tensor | None = None, *, cache: HFKVCache, start: int,
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  **cond: Any) -> torch.Tensor:
+                  logits_to_keep: torch.Tensor | None = None, **cond: Any) -> torch.Tensor:
         """Logits ``(B, n, V)`` of the tokens ``x_win (B, n)`` at positions ``[start, start + n)``.
 
         In every layer the queries are the window's; the keys and values are the cache's outside the window
@@ -287,8 +333,16 @@ class HFBidirectional(nn.Module):
         new_ok = key_ok[:, q_lo:end].clone()
         new_ok[:, :extra] = False
         keys_ok = torch.cat([key_ok[:, :start], key_ok[:, end:], new_ok], dim=1)
-        out = self._run(q_ids, keys_ok, pos[:, q_lo:end], cache=_new_dynamic_cache(outside))
+        keep = None
+        if logits_to_keep is not None:
+            idx = _check_keep(logits_to_keep, L)
+            if bool(((idx < start) | (idx >= end)).any()):
+                raise InputError(f"logits_to_keep: positions must lie in the window [{start}, {end})")
+            keep = self._keep(idx, q_lo, L)
+        out = self._run(q_ids, keys_ok, pos[:, q_lo:end], cache=_new_dynamic_cache(outside), keep=keep)
         raw = unwrap_logits(out)
+        if keep is not None:
+            return raw
         if not self.shifted:
             return raw
         if extra:
