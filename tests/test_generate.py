@@ -407,3 +407,23 @@ def test_cli_stream_shows_sample_zero_step_by_step(capsys) -> None:
     assert masked[0] > masked[-1] and masked == sorted(masked, reverse=True)  # (the text may hold a '_' too)
     final = next(ln for ln in lines if ln.startswith("[0] "))
     assert steps[-1].split(": ", 1)[1] == final[4:]
+
+
+def test_hugging_face_logits_processors_work_as_given(model: Bidir) -> None:
+    """transformers' own processors run on fastdiff's (rows, V) scores: a repetition penalty that forbids
+    every token already in the row (penalty -> inf) leaves no generated token equal to a token before it."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
+
+    out = gen(model, logits_processor=LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1e9)]))
+    for row in out.sequences.tolist():
+        prompt, new = row[:4], row[4:]
+        seen = set(prompt)
+        for tok in new:  # decided in some order; none repeats the prompt, none repeats another new token
+            assert tok not in prompt
+        assert len(set(new)) == len(new)
+        assert not seen & set(new)
+    # top-1 filtering before the draw leaves nothing random: every seed gives the same tokens
+    top1 = [gen(model, temperature=1.0, seed=s, logits_processor=LogitsProcessorList([TopKLogitsWarper(1)])).sequences
+            for s in range(4)]
+    assert all(torch.equal(t, top1[0]) for t in top1)
+    assert not all(torch.equal(gen(model, temperature=1.0, seed=s).sequences, top1[0]) for s in range(4))
