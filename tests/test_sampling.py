@@ -335,8 +335,10 @@ def test_kv_cache_path_equals_full_recompute(strategy):
     V_ = 30
     p = discrete.Absorbing(V_, V_ - 1, schedules.cosine(40))
     m = BlockCausal(V_, 3).eval()
+    # the protocol's uncached reference is the model on x[:, :start + block] (this toy's time input marks
+    # the last block of its input as the current one): block_context="prefix"
     kw = dict(shape=(5, 10), steps=4, seed=3, block_size=3, strategy=strategy)
-    a = sample(m, p, **kw)
+    a = sample(m, p, block_context="prefix", **kw)
     b = sample(m, p, kv_cache=True, **kw)
     assert torch.equal(a.tokens, b.tokens)
     assert not bool((a.tokens == V_ - 1).any())

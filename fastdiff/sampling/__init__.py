@@ -13,6 +13,14 @@ strategy's family, paper, options, rules and step function) and from the documen
 :class:`Options`. A strategy rejects a non-default option it would ignore (``eta`` for "ancestral",
 ``temperature`` for "ddim"), naming it.
 
+Blocks: ``block_size=b`` decodes positions ``[0, b)``, ``[b, 2b)``, ... left to right (counted from position
+0, prompt positions included, which stay fixed), ``steps`` per block (a budget of rounds for "confidence" /
+"threshold"); ``block_context`` says what the model sees meanwhile: ``"full"`` (default) the whole
+sequence with later blocks still noised, as LLaDA and a bidirectionally trained model expect, or
+``"prefix"`` the sequence up to the block's end; ``kv_cache=True`` keeps a block-causal model's keys and
+values of finished blocks. For LLaDA's own convention (blocks from the end of the prompt, ``steps`` in
+total, its ``cfg_scale``), use :func:`fastdiff.generate`.
+
 What is checked: every option before anything runs (an :class:`~fastdiff.errors.InputError` /
 :class:`~fastdiff.errors.InputTypeError` naming it, the same on every backend); the memory the run will
 allocate (network outputs, the model's activations when it reports ``forward_memory(batch_size,

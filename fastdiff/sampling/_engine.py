@@ -309,7 +309,7 @@ class _Run:
         if o.cond is not None and o.uncond is not None and set(o.cond) != set(o.uncond):
             raise InputError(f"uncond: keys {sorted(o.uncond)} differ from cond's {sorted(o.cond)}")
         if o.guidance_scale != 1.0 and o.cond is not None and o.uncond is not None and _same_keywords(o.cond, o.uncond):
-            raise InputError("uncond: holds the same values as cond, so classifier-free guidance would change "
+            raise InputError("uncond: is cond itself (the same tensors), so classifier-free guidance would change "
                              "nothing (uncond + s·(cond - uncond) = cond); give the null condition (e.g. the null "
                              "label) or leave guidance_scale at 1")
         if o.cuda_graph and self.device.type != "cuda":
@@ -612,17 +612,9 @@ class SampleStep:
 
 
 def _same_keywords(a: dict, b: dict) -> bool:
-    """``cond`` and ``uncond`` hold the same objects or equal values under every key."""
-    for k in a:
-        x, y = a[k], b.get(k)
-        if x is y:
-            continue
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
-                return False
-        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
-            return False
-    return True
+    """``uncond`` passes the very objects of ``cond`` under every key (``uncond=cond``, a copy of the dict,
+    or the same tensors): a mistake, not a batch whose condition happens to equal the null one."""
+    return a is b or all(a[k] is b.get(k) for k in a)
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -35,7 +35,7 @@ MAX_STEPS = 2**62
 
 #: The values of every option that is a choice among names (the first is the default).
 CHOICES = {
-    "block_context": ("prefix", "full"),
+    "block_context": ("full", "prefix"),
     "remasking": ("low_confidence", "random"),
     "remask_schedule": ("rescale", "cap"),
     "clamp": ("never", "every", "last"),
@@ -70,7 +70,7 @@ class Options:
     lengths: torch.Tensor | None = None
     pad_id: int | None = None
     block_size: int | None = None
-    block_context: str = "prefix"
+    block_context: str = "full"
     kv_cache: bool = False
     eos_id: int | None = None
     cache: bool = False
@@ -164,10 +164,14 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
                "after a sequence's EOS."),
     "block_size": ("int or None", "Semi-autoregressive decoding (SSD-LM, Han et al. 2023; LLaDA's "
                    "semi-autoregressive remasking; Block Diffusion, Arriola et al. 2025): blocks of this "
-                   "many positions, left to right, ``steps`` per block, earlier blocks as clean context."),
-    "block_context": ("{{'prefix', 'full'}}", "What the model sees while a block is decoded: the sequence up "
-                      "to the block's end (``'prefix'``) or the whole sequence, later blocks still noised "
-                      "(``'full'``, as LLaDA)."),
+                   "many positions counted from position 0 (prompt positions included; "
+                   ":func:`fastdiff.generate` counts LLaDA's blocks from the end of the prompt), left to right, "
+                   "``steps`` per block, earlier blocks as clean context (see ``block_context``)."),
+    "block_context": ("{{'full', 'prefix'}}", "What the model sees while a block is decoded: the whole sequence, "
+                      "later blocks still noised (``'full'``, the default: LLaDA's semi-autoregressive "
+                      "remasking, and what a bidirectional model was trained on), or the sequence up to the "
+                      "block's end (``'prefix'``, SSD-LM's view; cheaper). A block-causal model "
+                      "(``kv_cache``) sees the earlier blocks only either way."),
     "kv_cache": ("bool", "For block-causal models (:class:`BlockCausalDenoiser`, Block Diffusion): keep the "
                  "keys/values of finished blocks. Needs ``block_size``; not with guidance, ``cache`` or "
                  "``micro_batch``. The continuous loop does not use it: it calls the model as without the cache (the "
