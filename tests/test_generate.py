@@ -291,7 +291,6 @@ def _chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 def test_llada_at_a_temperature_draws_from_the_tempered_softmax(model: Bidir) -> None:
-    pytest.importorskip("scipy")
     T = 0.7
     ids = PROMPT[:1]
     logits = model(torch.cat([ids, torch.full((1, 1), MASK)], 1))[0, -1].double()
@@ -305,7 +304,6 @@ def test_llada_at_a_temperature_draws_from_the_tempered_softmax(model: Bidir) ->
 def test_random_remasking_decides_a_uniform_position(model: Bidir) -> None:
     """LLaDA remasking='random', 3 new tokens, 3 steps: the first step decides one of the 3 masked
     positions uniformly at random."""
-    pytest.importorskip("scipy")
     n = 1000
     firsts = []
     for s in range(n):
@@ -317,7 +315,6 @@ def test_random_remasking_decides_a_uniform_position(model: Bidir) -> None:
 def test_mdlm_first_step_is_the_absorbing_posterior(model: Bidir) -> None:
     """MDLM, 2 steps, eps: after the first step a masked position is still masked with probability
     move_s / move_t = 1/2 and otherwise holds a token drawn from softmax(logits) without the mask column."""
-    pytest.importorskip("scipy")
     ids = PROMPT[:1]
     eps = 1e-3
     x = torch.cat([ids, torch.full((1, 1), MASK)], 1)
