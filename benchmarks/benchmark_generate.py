@@ -5,7 +5,7 @@ Model: a randomly initialised Llama-architecture LM run bidirectionally through
 :class:`fastdiff.models.hf.HFBidirectional` (LLaDA is a Llama-like network run without the causal mask):
 full size 6 layers, width 512, 8 heads, FFN 1376, ``V = 32768``; ``FASTDIFF_BENCH_SMALL=1``: 2 layers,
 width 128, ``V = 4096``. One prompt of 32 tokens (batch 1, as Fast-dLLM reports), generation length
-``N`` = 256 and 512 (small: 64), blocks of 32, ``steps = N`` (LLaDA's one token per step), greedy.
+``N`` = 256 and 512 (small: 32), blocks of 32, ``steps = N`` (LLaDA's one token per step), greedy.
 
 Providers (group ``generate N=<N>``):
 
@@ -43,7 +43,7 @@ from fastdiff.models.hf import HFBidirectional
 
 V = 4096 if SMALL else 32768
 WIDTH, LAYERS, FFN = (128, 2, 344) if SMALL else (512, 6, 1376)
-LENGTHS = (64,) if SMALL else (256, 512)
+LENGTHS = (32,) if SMALL else (256, 512)
 PROMPT, BLOCK, THRESHOLD = 32, 32, 0.9
 MASK = V - 1
 ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "1"))
