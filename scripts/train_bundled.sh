@@ -41,7 +41,7 @@ bd3() {
   # (--init-from), constant learning rate 3e-4 after 50 warm-up updates (so a run cut short is the run of
   # that many --steps), EMA 0.99 (a short run: 0.999 would keep most of the bidirectional start), one thread.
   # The shipped copy is the best held-out checkpoint of the run (fastdiff/assets/bd3/command.txt).
-  $FD train --overwrite --family discrete --task attribute --seq-len 64 --steps "${BD3_STEPS:-__BD3_STEPS__}" --batch-size 32 \
+  $FD train --overwrite --family discrete --task attribute --seq-len 64 --steps "${BD3_STEPS:-1000}" --batch-size 32 \
     --width 192 --layers 6 --heads 6 --dropout 0.1 --cond-drop 0.25 --set model.block_size=16 \
     --init-from fastdiff/assets/discrete --lr 3e-4 --warmup 50 --ema-decay 0.99 --set lr_schedule=\"constant\" \
     --eval-every 100 --keep-best --log-every 10 --ckpt-every 100 --seed 0 --threads 1 --out runs/bd3 --no-progress

@@ -9,8 +9,8 @@
   uncached forward on the prefix, the sampler's ``kv_cache=True`` against ``kv_cache=False``.
 * BD3-LM training: the two-stream loss against one forward per block on ``[clean prefix, noisy block]``
   with the MDLM / hybrid loss written out here.
-* The shipped block-causal model (fastdiff/assets/bd3), when present: it loads, and its kv-cached sampling
-  equals its uncached sampling token for token.
+* The shipped block-causal model (fastdiff/assets/bd3): it loads, and its kv-cached sampling equals its
+  uncached sampling token for token.
 
 Tolerances: fp32 model against fp32 model 1e-5 (different matmul shapes only); fp32 model against the
 float64 oracle 1e-4.
@@ -35,6 +35,8 @@ V, W, H, F = 23, 32, 4, 4
 MASK = 1
 TOL = 1e-5  # model against model (fp32)
 ORACLE_TOL = 1e-4  # fp32 model against the float64 oracle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(time_conditioning: str = "adaln", num_labels: int = 0, block_size: int = 0, seed: int = 0) -> SEDDenoiser:
@@ -407,7 +409,6 @@ def test_block_size_training_config_checks() -> None:
 BD3 = Path(__file__).resolve().parents[1] / "fastdiff" / "assets" / "bd3"
 
 
-@pytest.mark.skipif(not (BD3 / "config.json").is_file(), reason="no block-causal model shipped in fastdiff/assets/bd3")
 def test_shipped_bd3_model_kv_sampling_equals_uncached() -> None:
     from fastdiff.training.checkpoint import load_checkpoint
 
