@@ -38,6 +38,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 #: name -> directory of the checkpoints that ship inside the package
 BUNDLED = {
     "discrete": "discrete",
+    "bd3": "bd3",
     "continuous": "continuous",
     "causal_lm": "causal_lm",
     "classifier": "classifier",
@@ -321,7 +322,12 @@ class TextDiffusion:
         x_init = fixed = None
         if template is not None:
             x_init, fixed = self.parse_template(template, L)
-        if "cache" not in options and self.auto_cache(strategy):
+        block = self.block_size
+        if block and "block_size" not in options:  # a block-causal (BD3-LM) model decodes on its block grid,
+            options = {**options, "block_size": block}  # with its exact KV cache where the run allows it
+            if "kv_cache" not in options and guidance == 1.0 and micro_batch is None and "cache" not in options:
+                options["kv_cache"] = True
+        if "cache" not in options and not options.get("kv_cache") and self.auto_cache(strategy):
             options = {**options, "cache": True}
 
         texts: list[str] = []
@@ -393,6 +399,14 @@ class TextDiffusion:
         name = None if lab is None or lab == self.num_labels else self.label_names[lab]
         return Generation(texts=texts, tokens=tokens, stats=total, trajectory=traj, labels=[name] * len(texts),
                           start=lo)
+
+    @property
+    def block_size(self) -> int:
+        """The block size of a block-causal (BD3-LM) model, 0 for a bidirectional one. :meth:`generate`
+        decodes such a model block by block on its grid with the exact KV cache (``kv_cache=True``) unless
+        told otherwise."""
+        cfg = getattr(self.model, "config", None)
+        return int(getattr(cfg, "block_size", 0) or 0)
 
     def auto_cache(self, strategy: str) -> bool:
         """Whether :meth:`generate` turns on the sampler's ``cache`` (MDLM's caching sampler) by itself: for

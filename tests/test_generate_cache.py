@@ -98,3 +98,22 @@ def test_the_approximate_caches_on_the_bundled_model(preset: str, kw: dict, reco
         print(f"{preset} {cache}: {frac:.3f} of the generated tokens differ from the uncached run")
         assert frac <= 0.35, (cache, frac)
         assert torch.equal(next(iterate(td.model, ids, cache=cache, **args)).tokens, first)
+
+
+def test_the_shipped_block_causal_model_through_generate_and_the_pipeline() -> None:
+    """fastdiff/assets/bd3 (BD3-LM fine-tune of the bundled model, blocks of 16): ``fastdiff.generate``'s
+    bd3lm preset with the exact KV cache equals recomputation, and ``TextDiffusion`` decodes it on its block
+    grid with the KV cache by default, the same tokens as without the cache."""
+    from fastdiff.pipeline import TextDiffusion
+
+    td = TextDiffusion.load("bd3")
+    assert td.block_size == 16
+    ids = torch.tensor([td.tokenizer.encode(PROMPTS[0])[:16]])
+    args = dict(max_new_tokens=32, steps=32, preset="bd3lm", mask_id=td.mask_id, temperature=0.9, seed=5)
+    a = fastdiff.generate(td.model, ids, **args)
+    b = fastdiff.generate(td.model, ids, cache="kv", **args)
+    assert torch.equal(a.sequences, b.sequences) and not bool((a.sequences == td.mask_id).any())
+    kv = td.generate(2, steps=8, seed=3)
+    plain = td.generate(2, steps=8, seed=3, kv_cache=False)
+    assert kv.stats["network_calls"] == plain.stats["network_calls"] == 4 * 8
+    assert torch.equal(kv.tokens, plain.tokens)
