@@ -45,7 +45,7 @@ _FLAG_FIELDS = {  # flag dest -> TrainConfig field
     "ckpt_every": "ckpt_every", "log_every": "log_every", "eval_every": "eval_every",
     "lam_anchor": "lam_anchor", "grad_accum": "grad_accum", "parallel": "parallel", "keep_best": "keep_best",
     "dropout": "model.dropout", "hybrid_lambda": "hybrid_lambda", "lr_schedule": "lr_schedule",
-    "min_lr_ratio": "min_lr_ratio",
+    "min_lr_ratio": "min_lr_ratio", "ar_diffusion": "ar_diffusion",
 }
 _MODEL_FLAGS = ("width", "layers", "heads", "embed_dim")
 #: flags that may be given with --resume (everything else is the run's and cannot change)
@@ -140,6 +140,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cond-drop", type=float, help="classifier-free guidance dropout probability" + d("cond_drop"))
     p.add_argument("--timestep-sampler", choices=("uniform", "loss-aware"), help="timestep sampling"
                    + d("timestep_sampler"))
+    p.add_argument("--ar-diffusion", action="store_true", default=None,
+                   help="continuous: AR-Diffusion's token-level steps (Wu et al. 2023; sample it with "
+                   "--strategy ar)" + d("ar_diffusion"))
     p.add_argument("--ema-decay", type=float, help="EMA decay, 0 = no EMA" + d("ema_decay"))
     p.add_argument("--lam-anchor", type=float, help="continuous: anchor loss weight" + d("lam_anchor"))
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps, 0 = only at the end" + d("ckpt_every"))

@@ -35,6 +35,11 @@ clean and prepended (frozen concatenation for text-to-text; PAD positions are ma
 target positions are returned. With ``cross_attention=True`` (encoder–decoder), :meth:`SEDDenoiser.encode`
 runs a source encoder once and every layer cross-attends to its ``memory``.
 
+Per-position steps (AR-Diffusion, Wu et al. 2023): the ordinary forward also takes ``t: (B, L)``, one step
+per target position; each position is then modulated (adaLN) or shifted (``"add"``) by its own step's
+embedding, and the condition prefix (label, condition tokens) by the first position's, so a constant
+``(B, L)`` t is the ``(B,)`` forward. The KV-cache calls take ``(B,)`` steps only.
+
 KV caches: Fast-dLLM's prefix / dual cache (Wu et al. 2025, "Fast-dLLM") through :meth:`SEDDenoiser.kv_forward`
 and :meth:`SEDDenoiser.kv_window`, and a block-causal variant (``block_size`` > 0; Arriola et al. 2025,
 "Block Diffusion", BD3-LM) with an exact block KV cache and BD3-LM's vectorised training forward. The
@@ -158,17 +163,24 @@ def _capturing() -> bool:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of the diffusion step (Vaswani et al. 2017 / DDPM): ``(B,) -> (B, dim)``."""
+    """Sinusoidal embedding of the diffusion step (Vaswani et al. 2017 / DDPM): ``(...) -> (..., dim)``
+    (``(B,)`` per sequence, or ``(B, L)`` per position)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    ang = t.float()[:, None] * freqs[None]
+    ang = t.float()[..., None] * freqs
     emb = torch.cat([ang.sin(), ang.cos()], -1)
     return torch.nn.functional.pad(emb, (0, dim - 2 * half))
 
 
+def _per_seq(v: torch.Tensor) -> torch.Tensor:
+    """A modulation ``(B, W)`` (per sequence) as ``(B, 1, W)``; one ``(B, S, W)`` (per position) as it is."""
+    return v[:, None] if v.ndim == 2 else v
+
+
 def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN (DiT): ``h * (1 + scale) + shift`` with per-sequence ``shift, scale: (B, W)`` over ``h: (B, S, W)``."""
-    return h * (1 + scale[:, None]) + shift[:, None]
+    """adaLN (DiT): ``h * (1 + scale) + shift`` over ``h: (B, S, W)``, with per-sequence ``shift, scale: (B, W)``
+    or per-position ones ``(B, S, W)`` (AR-Diffusion's token-level steps)."""
+    return h * (1 + _per_seq(scale)) + _per_seq(shift)
 
 
 class Block(nn.Module):
@@ -176,7 +188,8 @@ class Block(nn.Module):
 
     ``adaln=True``: the step embedding ``c: (B, W)`` modulates the self-attention and feed-forward
     branches (DiT's adaLN-Zero: shift and scale after each norm, a gate on each residual branch, from one
-    zero-initialised projection, so the block starts as the identity).
+    zero-initialised projection, so the block starts as the identity). ``c: (B, S, W)``, one per position
+    of ``h: (B, S, W)``, modulates each position with its own step (AR-Diffusion).
     """
 
     def __init__(self, width: int, heads: int, ff_mult: int, dropout: float, rel_freqs: int, cross: bool,
@@ -206,19 +219,19 @@ class Block(nn.Module):
         kw = dict(attn_mask=attn_mask, positions=positions, context=context, return_kv=return_kv)
         if self.ada is not None:
             if c is None:
-                raise InputError("c: this adaLN block needs the step embedding c=(B, width)")
+                raise InputError("c: this adaLN block needs the step embedding c=(B, width) or (B, S, width)")
             sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).to(h.dtype).chunk(6, -1)
             a = self.attn(modulate(self.norm1(h), sh1, sc1), mask, **kw)
         else:
             a = self.attn(self.norm1(h), mask, **kw)
         a, kv = a if return_kv else (a, None)
-        h = h + (g1[:, None] * self.drop(a) if self.ada is not None else self.drop(a))
+        h = h + (_per_seq(g1) * self.drop(a) if self.ada is not None else self.drop(a))
         if self.cross is not None:
             if memory is None:
                 raise InputError("memory: this encoder-decoder model needs memory= (from model.encode(src))")
             h = h + self.drop(self.cross(self.norm_x(h), memory, memory_mask))
         if self.ada is not None:
-            h = h + g2[:, None] * self.drop(self.ff(modulate(self.norm2(h), sh2, sc2)))
+            h = h + _per_seq(g2) * self.drop(self.ff(modulate(self.norm2(h), sh2, sc2)))
         else:
             h = h + self.drop(self.ff(self.norm2(h)))
         return (h, kv) if return_kv else h
@@ -411,13 +424,16 @@ class SEDDenoiser(nn.Module):
             inp = x_t
         return self.input_proj(inp.to(self.input_proj.weight.dtype)).to(self._body_dtype())
 
-    def _step_embedding(self, t: torch.Tensor, B: int, h: torch.Tensor) -> torch.Tensor | None:
-        """The step embedding ``(B, W)`` (None for ``time_conditioning="none"``), ``t`` checked."""
+    def _step_embedding(self, t: torch.Tensor, B: int, h: torch.Tensor, L: int | None = None) -> torch.Tensor | None:
+        """The step embedding ``(B, W)`` (None for ``time_conditioning="none"``), ``t`` checked. With ``L``
+        (the ordinary forward) ``t`` may also be ``(B, L)``, one step per position (AR-Diffusion), and the
+        embedding is then ``(B, L, W)``."""
         t = torch.as_tensor(t, device=h.device)
         if t.ndim == 0:
             t = t.expand(B)
-        if t.shape != (B,) or t.is_floating_point():
-            raise InputError(f"t: expected ({B},) integer steps, got {tuple(t.shape)} {t.dtype}")
+        if (t.shape != (B,) and (L is None or t.shape != (B, L))) or t.is_floating_point():
+            want = f"({B},)" if L is None else f"({B},) or ({B}, {L})"
+            raise InputError(f"t: expected {want} integer steps, got {tuple(t.shape)} {t.dtype}")
         if self.time_mlp is None:
             return None
         return self.time_mlp(timestep_embedding(t, self.config.width).to(self.time_mlp[0].weight.dtype)).to(h.dtype)
@@ -527,16 +543,21 @@ class SEDDenoiser(nn.Module):
         c = self.config
         h = self._embed_tokens(x_t, x_self_cond)
         B, L = h.shape[:2]
-        temb = self._step_embedding(t, B, h)
+        temb = self._step_embedding(t, B, h, L)
         prefix, pmask, label, cond_tokens = self._prefix(label, cond_tokens, B, h)
         mm = self._memory(memory, memory_mask)
         if attention_mask is not None:
             attention_mask = self._mask("attention_mask", attention_mask, (B, L))
         seq = h if prefix is None else torch.cat([prefix, h], 1)
-        if c.time_conditioning == "add":
-            seq = seq + temb[:, None]
-        ada = temb if c.time_conditioning == "adaln" else None
         P = seq.shape[1] - L
+        if temb is not None and temb.ndim == 3 and P:
+            # per-position steps: the prefix positions (label, condition tokens) take the sequence's first
+            # step, so a constant (B, L) t gives the (B,) forward, and the prefix's modulation moves with
+            # the left end of the sentence, the part AR-Diffusion denoises first
+            temb = torch.cat([temb[:, :1].expand(B, P, temb.shape[2]), temb], 1)
+        if c.time_conditioning == "add":
+            seq = seq + _per_seq(temb)
+        ada = temb if c.time_conditioning == "adaln" else None
         mask = self._key_mask(B, P, pmask, attention_mask, L, h.device)
         attn_mask = None
         if c.block_size:
@@ -550,7 +571,7 @@ class SEDDenoiser(nn.Module):
                 keys.append(k), values.append(v)
             else:
                 seq = blk(seq, mask, memory, mm, ada, attn_mask=attn_mask)
-        out = self._head(seq[:, P:], ada)
+        out = self._head(seq[:, P:], ada if ada is None or ada.ndim == 2 else ada[:, P:])
         if not keep:
             return out, None
         return out, SEDKVCache(tuple(keys), tuple(values), P, L, B, pmask, label, cond_tokens)

@@ -48,6 +48,9 @@ class TrainConfig:
     loss, hybrid_lambda : discrete objective, "hybrid" (``L_vlb + λ·CE``) or "mdlm".
     parameterization, lam_round, lam_anchor, embedding_layernorm, self_condition_prob : continuous.
     timestep_sampler : "uniform" or "loss-aware" (Nichol & Dhariwal 2021).
+    ar_diffusion : continuous only: AR-Diffusion's token-level steps (Wu et al. 2023; a sentence-level step
+        ``n ~ U{0..N+T}`` per sequence, each position at its anchor-point step, see
+        :mod:`fastdiff.training.objectives`); needs parameterization "x0", uniform steps and a fixed schedule.
     lr, betas, weight_decay, warmup_steps, lr_schedule ("cosine" | "constant"), min_lr_ratio, grad_clip
         (0 = no clipping), ema_decay (0 = no EMA), amp ("auto": bf16 autocast on CUDA; "off"), device.
     seq_len, src_len : sequence lengths (0: taken from the data); label_names : attribute names.
@@ -77,6 +80,7 @@ class TrainConfig:
     process_kw: dict[str, Any] = field(default_factory=dict)
     refit_every: int = 100
     timestep_sampler: str = "uniform"
+    ar_diffusion: bool = False
     arch: str = "sed"
     model: dict[str, Any] = field(default_factory=dict)
     loss: str = "hybrid"
@@ -130,6 +134,7 @@ class TrainConfig:
         if self.family == "discrete":
             self._check_kind(kind)
         self._check_block_size()
+        self._check_ar_diffusion()
         _checks.positive_int("refit_every", self.refit_every)
         _checks.choice("timestep_sampler", self.timestep_sampler, ("uniform", "loss-aware"))
         if not isinstance(self.arch, str) or not self.arch:
@@ -189,6 +194,22 @@ class TrainConfig:
         if self.task == "word_order":
             raise InputError("model.block_size: a block-causal model takes a label at most (task 'lm' or "
                              "'attribute')")
+
+    def _check_ar_diffusion(self) -> None:
+        """``ar_diffusion`` (AR-Diffusion's per-position steps) needs the continuous family, the x0
+        parameterisation (positions at step 0 are clean), uniform sentence-level steps and a fixed schedule."""
+        if not isinstance(self.ar_diffusion, bool):
+            raise InputTypeError(f"ar_diffusion: expected True or False, got {self.ar_diffusion!r}")
+        if not self.ar_diffusion:
+            return
+        if self.family != "continuous":
+            raise InputError("ar_diffusion: AR-Diffusion's token-level steps are for family='continuous'")
+        if self.parameterization != "x0":
+            raise InputError("ar_diffusion: needs parameterization='x0' (positions at step 0 keep their x0 "
+                             f"target), got {self.parameterization!r}")
+        if self.timestep_sampler != "uniform" or self.schedule == "adaptive":
+            raise InputError("ar_diffusion: AR-Diffusion draws its sentence-level step uniformly; use "
+                             "timestep_sampler='uniform' and a fixed schedule")
 
     def _check_kind(self, kind: Any) -> None:
         unknown = sorted(set(self.process_kw) - set(kind.params) - set(kind.tensors))

@@ -15,6 +15,13 @@ sequence is drawn block by block, and one forward over ``[x_t, x_0]`` (``model(x
 block ``b`` sees itself and the clean blocks before it) gives every block's x0 logits; the loss is the
 same per-token objective on the noisy half with each token's own block step.
 
+AR-Diffusion (Wu et al. 2023, §3.1; ``TrainConfig.ar_diffusion``, continuous family): each sequence draws a
+sentence-level step ``n ~ U{0, ..., N + T}`` (``N`` = its length) and every position ``i`` its own step
+``t_i = f(i, n)`` on the anchor-point line (:func:`fastdiff.continuous.ar_timesteps`); position ``i`` is
+noised with ``alpha_bar[t_i]``, the model sees the ``(B, L)`` steps, and each position's loss is taken at
+its own step. Positions at step 0 hold their clean embedding (``alpha_bar[0] = 1``) and keep their x0
+term, which is why this needs the x0 parameterisation (eps is undefined there).
+
 Each draw is made for the whole global batch (each rank keeps its rows), in a fixed order from the step's
 generators (:mod:`fastdiff.training.rng`), so the losses do not depend on how the batch is split.
 """
@@ -27,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from .. import discrete, schedules, timesteps
+from .. import continuous, discrete, schedules, timesteps
 from .config import TrainConfig
 from .process import sync_schedule
 
@@ -198,11 +205,24 @@ class DiscreteObjective(Objective):
         return BatchLoss(terms, per_seq, ce, t)
 
 
+def ar_token_steps(length: int, T: int, n: torch.Tensor) -> torch.Tensor:
+    """AR-Diffusion's training steps: ``(B, length)``, each row's positions at its sentence-level step
+    ``n: (B,)`` (in ``[0, length + T]``) on the anchor-point line (:func:`fastdiff.continuous.ar_timesteps`)."""
+    return continuous.ar_timesteps(length, T, n)
+
+
 class ContinuousObjective(Objective):
-    """Gaussian noise on the jointly learned embeddings; :meth:`GaussianDiffusion.losses` of the output."""
+    """Gaussian noise on the jointly learned embeddings; :meth:`GaussianDiffusion.losses` of the output.
+    With ``config.ar_diffusion``, AR-Diffusion's per-position steps (see the module docstring)."""
 
     def _family_draws(self, d: dict[str, Any], x0: torch.Tensor, t: torch.Tensor, cpu_gen: torch.Generator,
                       gen: torch.Generator) -> None:
+        if self.config.ar_diffusion:
+            G, L = x0.shape
+            n = torch.randint(0, L + self.config.T + 1, (G,), generator=cpu_gen)
+            d["t"] = n.to(self.device)  # the sentence-level step (what BatchLoss.t reports)
+            d["w"] = torch.ones(G, device=self.device)
+            d["t_tokens"] = ar_token_steps(L, self.config.T, n).to(self.device)
         table = self.model.embedding_table()
         shape = (x0.shape[0], x0.shape[1], table.shape[1])
         d["noise"] = torch.randn(shape, generator=gen, device=self.device, dtype=table.dtype)
@@ -214,7 +234,13 @@ class ContinuousObjective(Objective):
         cfg, process = self.config, self.process
         emb = self.model.embedding(x0)  # (b, L, D), learned jointly
         noise = draws["noise"][rows]
+        t_out = t  # what BatchLoss reports: the sequence's step
+        if cfg.ar_diffusion:  # AR-Diffusion: every position at its own step, (b, L)
+            t = draws["t_tokens"][rows]
         x_t = process.q_sample(emb, t, noise=noise)
+        # the loss's step: a position at step 0 (AR-Diffusion) is clean and keeps its x0 target, which the
+        # x0 parameterisation computes at any step; the maths checks ask for t >= 1
+        t_loss = t.clamp_min(1) if cfg.ar_diffusion else t
         extra: dict[str, torch.Tensor] = {}
         if self.self_condition:
             zeros = torch.zeros_like(x_t)
@@ -222,14 +248,14 @@ class ContinuousObjective(Objective):
             if train and draws["coin"] < cfg.self_condition_prob:  # Chen et al. 2022: estimate x0 once without grad
                 with torch.no_grad(), self.autocast():
                     first = self.model(x_t, t, x_self_cond=zeros, **cond)
-                extra["x_self_cond"] = process.to_x0(first.float(), x_t, t).detach()
+                extra["x_self_cond"] = process.to_x0(first.float(), x_t, t_loss).detach()
         with self.autocast():
             out = net(x_t, t, **extra, **cond)
         table = self.model.embedding_table().float()
-        res = process.losses(out.float(), emb, x_t, t, noise, tokens=x0, weight=table,
+        res = process.losses(out.float(), emb, x_t, t_loss, noise, tokens=x0, weight=table,
                              lam_round=cfg.lam_round if cfg.lam_round > 0 else None, lam_anchor=cfg.lam_anchor,
                              weights=w)
         per_seq = res["per_sequence"].detach()
         terms = {k: res[k].detach() for k in ("mse", "anchor", "round") if k in res}
         terms["loss"] = res["loss"]
-        return BatchLoss(terms, per_seq, per_seq, t)
+        return BatchLoss(terms, per_seq, per_seq, t_out)
