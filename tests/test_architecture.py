@@ -315,3 +315,15 @@ def test_cli_package_keeps_its_public_names_and_module_entry_points() -> None:
         r = subprocess.run([sys.executable, "-m", module, "info"], capture_output=True, text=True, env=env, cwd=ROOT,
                            timeout=300)
         assert r.returncode == 0 and r.stdout.startswith("reference"), (module, r.stderr[-2000:])
+
+
+def test_every_package_is_in_pyprojects_package_list() -> None:
+    """pyproject.toml lists the packages an install (wheel, sdist) carries; a sub-package missing there works
+    in a checkout and is absent from every install (fastdiff.generation once was)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    found |= {"fastdiff.kernels"}  # package-dir maps it to the top-level kernels/
+    assert found <= listed, f"add to pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
