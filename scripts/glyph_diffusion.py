@@ -4,6 +4,8 @@
     nice -n 19 python scripts/glyph_diffusion.py train --out /work/runs/glyph --minutes 38
     # sample: recognised text, and the images as ASCII art
     python scripts/glyph_diffusion.py sample -c /work/runs/glyph/last.pt -n 4 --label library --show
+    # the recogniser's character accuracy vs Gaussian pixel noise
+    python scripts/glyph_diffusion.py noise
     # evaluate: gen-PPL (bundled causal LM), distinct-n, real words, legibility, attribute accuracy
     python scripts/glyph_diffusion.py eval -c /work/runs/glyph/last.pt --json benchmarks/results/eval-glyph.json
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import re
 import sys
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -27,8 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastdiff import evaluation, metrics  # noqa: E402
+from fastdiff.errors import InputError  # noqa: E402
 from fastdiff.data import default_tokenizer, python_docs  # noqa: E402
-from fastdiff.glyph import CHARSET, GlyphDiffusion, Layout, cell_distances, char_chunks, train  # noqa: E402
+from fastdiff.glyph import (CHARSET, GlyphDiffusion, Layout, cell_distances, char_chunks, recognise,  # noqa: E402
+                            render, train)
 
 WORD = re.compile(r"[A-Za-z]+")
 
@@ -80,18 +85,67 @@ def _legibility(model: GlyphDiffusion, x: torch.Tensor) -> dict:
 
 
 def text_stats(texts: list[str], vocab: set[str]) -> dict:
-    """Character and word make-up: letters, spaces, words (runs of letters) that occur in the corpus."""
+    """Character and word make-up. A "word" is a run of 3 or more letters (shorter runs are real words by
+    chance too often: random characters would score well); it is real when it occurs (case-folded) at
+    least 3 times in the corpus. ``real_word_chars``: the share of non-space characters inside real words."""
     chars = "".join(texts)
-    words = [w for t in texts for w in WORD.findall(t)]
+    words = [w for t in texts for w in WORD.findall(t) if len(w) >= 3]
+    real = [w for w in words if w.lower() in vocab]
+    ink = sum(not c.isspace() for c in chars)
     return {"letter_fraction": sum(c.isalpha() for c in chars) / max(1, len(chars)),
             "space_fraction": chars.count(" ") / max(1, len(chars)),
-            "real_word_fraction": sum(w.lower() in vocab for w in words) / max(1, len(words)),
+            "real_word_fraction": len(real) / max(1, len(words)),
+            "real_word_chars": sum(map(len, real)) / max(1, ink),
             "words_per_text": len(words) / max(1, len(texts))}
 
 
 def _scores(texts: list[str], tok, lm, vocab: set[str], L: int) -> dict:
-    out = evaluation.score_texts(texts, tok, lm=lm, length=L)
+    try:
+        out = evaluation.score_texts(texts, tok, lm=lm, length=L)
+    except InputError:  # nothing to score (every text empty or one token)
+        out = {**evaluation.score_texts(texts, tok, length=L), "gen_ppl": None}
+    out["empty_texts"] = sum(not t.strip() for t in texts)
     out.update(text_stats(texts, vocab))
+    return out
+
+
+def noise_table(texts: list[str], layout: Layout, sigmas: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0),
+                seed: int = 0) -> dict[str, float]:
+    """Character accuracy of the recogniser on ``render(texts) + sigma·N(0, 1)`` (pixel scale 0..1)."""
+    clean = render(texts, layout)
+    want = recognise(clean, strip=False)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for sigma in sigmas:
+        got = recognise(clean + sigma * torch.randn(clean.shape, generator=g), strip=False)
+        out[str(sigma)] = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y)) / sum(map(len, want))
+    return out
+
+
+def cmd_noise(a: argparse.Namespace) -> None:
+    layout = Layout()
+    _, _, va, _ = _corpus(layout.capacity, True)
+    g = torch.Generator().manual_seed(0)
+    printable = CHARSET[:-1]
+    rand = ["".join(printable[i] for i in torch.randint(0, len(printable), (64,), generator=g).tolist())
+            for _ in range(300)]
+    print(json.dumps({"corpus_chunks": noise_table(va[:300], layout), "random_chars": noise_table(rand, layout)},
+                     indent=1))
+
+
+def _other_families() -> dict:
+    """The other families' figures from ``benchmarks/results/eval-*.json`` (64-token samples: their gen-PPL
+    is over ~4x more tokens per text than ours, so compare each against its own ``reference`` row)."""
+    out = {"note": "fastdiff eval on 64-token samples; glyph texts are 64 characters (~16 tokens): compare "
+                   "each family's gen_ppl with its own reference gen_ppl"}
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    for name in ("discrete", "continuous", "continuous-retrain-5000"):
+        f = root / f"eval-{name}.json"
+        if f.is_file():
+            d = json.loads(f.read_text())
+            out[name] = {"step": d["checkpoint"].get("step"), "samples": d.get("samples"),
+                         "reference_gen_ppl": d.get("reference", {}).get("gen_ppl"),
+                         "attribute_mean": d.get("attribute", {}).get("mean")}
     return out
 
 
@@ -100,7 +154,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     model = GlyphDiffusion.load(a.checkpoint)
     cap = model.layout.capacity
     docs = python_docs()
-    vocab = {w.lower() for d in docs for w in WORD.findall(d.text)}
+    counts = Counter(w.lower() for d in docs for w in WORD.findall(d.text))
+    vocab = {w for w, c in counts.items() if c >= 3}
     _, _, va, val = _corpus(cap, True)
     tok = default_tokenizer()
     lm = evaluation.load_scorer("causal_lm")
@@ -147,6 +202,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         result["attribute"] = {"per_label": per, "mean": sum(per.values()) / len(per), "examples": examples,
                                "classifier_on_real_chunks": {"per_label": ref_per,
                                                              "mean": sum(ref_per.values()) / len(ref_per)}}
+    result["other_families"] = _other_families()
     print(json.dumps({k: result[k] for k in ("samples", "reference", "random_chars")}, indent=1))
     if "attribute" in result:
         print(json.dumps(result["attribute"], indent=1))
@@ -195,10 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--samples", type=int, default=64)
     e.add_argument("--token-len", type=int, default=32, help="tokens scored per text (64 characters ~ 16 tokens)")
     e.add_argument("--json", default=None)
+    sub.add_parser("noise")
     for q in sub.choices.values():
         q.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
-    {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[a.cmd](a)
+    {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "noise": cmd_noise}[a.cmd](a)
 
 
 if __name__ == "__main__":
