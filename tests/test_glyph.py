@@ -452,3 +452,24 @@ def test_gaussian_diffusion_is_the_process() -> None:
     m = _model()
     assert isinstance(m.diffusion, continuous.GaussianDiffusion)
     assert torch.equal(m.diffusion.alpha_bar, schedules.cosine(100).alpha_bar)
+
+
+# --- the command line --------------------------------------------------------------------------------------------
+def test_cli_generate_from_a_glyph_checkpoint(tmp_path, capsys) -> None:
+    from fastdiff.cli import main
+    from fastdiff.glyph import is_glyph_checkpoint
+
+    m = _model()
+    # a trained-looking model: recognisable text needs weights that draw glyphs, any output will do here
+    m.save(tmp_path / "g.pt", step=3)
+    assert is_glyph_checkpoint(tmp_path / "g.pt") and not is_glyph_checkpoint(tmp_path) \
+        and not is_glyph_checkpoint("discrete")
+    code = main(["generate", "-c", str(tmp_path / "g.pt"), "-n", "2", "--steps", "3", "--label", "b",
+                 "--guidance", "2", "--seed", "4", "--quiet", "--threads", "1"])
+    assert code == 0
+    want = m.generate(2, steps=3, labels="b", guidance=2.0, seed=4)
+    assert capsys.readouterr().out.split("\n")[:2] == want
+    assert main(["generate", "-c", str(tmp_path / "g.pt"), "--prompt", "x"]) == 2
+    assert "--prompt: not available for a glyph-diffusion checkpoint" in capsys.readouterr().err
+    assert main(["generate", "-c", str(tmp_path / "g.pt"), "--strategy", "ancestral"]) == 2
+    assert "--strategy" in capsys.readouterr().err

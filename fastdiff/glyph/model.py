@@ -30,9 +30,21 @@ from .recognise import recognise, recognise_ids
 from .render import Layout, render, render_ids
 from .unet import SOURCE_PAD, GlyphUNet
 
-__all__ = ["FORMAT", "GlyphDiffusion", "step_grid"]
+__all__ = ["FORMAT", "GlyphDiffusion", "is_glyph_checkpoint", "step_grid"]
 
 FORMAT = "fastdiff-glyph/1"
+
+
+def is_glyph_checkpoint(path: object) -> bool:
+    """Whether ``path`` names a file saved by :meth:`GlyphDiffusion.save` (False for directories, bundled
+    model names and anything unreadable)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file: not ours
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
 
 
 def step_grid(T: int, steps: int) -> list[tuple[int, int]]:
