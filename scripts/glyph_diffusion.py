@@ -1,13 +1,13 @@
 """GlyphDiffusion (Li et al. 2023) on the bundled corpus: train, sample, evaluate.
 
     # train (CPU, one thread): 2 lines x 32 characters, label-conditioned on the source (attribute task)
-    nice -n 19 python scripts/glyph_diffusion.py train --out /work/runs/glyph --minutes 38
+    nice -n 19 python scripts/glyph_diffusion.py train --out runs/glyph --minutes 39   # 8061 updates here
     # sample: recognised text, and the images as ASCII art
-    python scripts/glyph_diffusion.py sample -c /work/runs/glyph/last.pt -n 4 --label library --show
+    python scripts/glyph_diffusion.py sample -c runs/glyph/last.pt -n 4 --label library --show
     # the recogniser's character accuracy vs Gaussian pixel noise
     python scripts/glyph_diffusion.py noise
     # evaluate: gen-PPL (bundled causal LM), distinct-n, real words, legibility, attribute accuracy
-    python scripts/glyph_diffusion.py eval -c /work/runs/glyph/last.pt --json benchmarks/results/eval-glyph.json
+    python scripts/glyph_diffusion.py eval -c runs/glyph/last.pt --json benchmarks/results/eval-glyph.json
 
 ``eval`` scores the recognised text the way ``fastdiff eval`` scores the other families (same causal LM,
 classifier, tokenizer, distinct-n), beside real validation chunks and random characters of the same length.
@@ -222,13 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--T", type=int, default=1000)
     t.add_argument("--param", default="x0", choices=("x0", "eps"))
     t.add_argument("--scale", type=float, default=0.5)
-    t.add_argument("--base", type=int, default=16)
+    t.add_argument("--base", type=int, default=8)
     t.add_argument("--width", type=int, default=96)
     t.add_argument("--depth", type=int, default=2)
     t.add_argument("--heads", type=int, default=4)
     t.add_argument("--steps", type=int, default=100000)
     t.add_argument("--minutes", type=float, default=38.0)
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--cond-drop", type=float, default=0.1)
