@@ -66,6 +66,10 @@ def command(args: argparse.Namespace) -> int:
     """Run ``fastdiff generate``; returns the exit status."""
     from .. import distributed
 
+    from ..glyph import is_glyph_checkpoint
+
+    if is_glyph_checkpoint(args.checkpoint):
+        return _generate_glyph(args)
     threads = _configure_threads(args)
     device = _check_device(args.device)
     _check_backend(args.backend, _device(device))
@@ -75,6 +79,35 @@ def command(args: argparse.Namespace) -> int:
     # slice of the samples, rank 0 prints and writes them all in global order. Alone: a world of one.
     with distributed.session(device) as ctx:
         return _generate_on(args, ctx, threads)
+
+
+def _generate_glyph(args: argparse.Namespace) -> int:
+    """``fastdiff generate -c <glyph checkpoint>``: GlyphDiffusion (``scripts/glyph_diffusion.py`` trains one),
+    DDIM / DDPM steps on the CPU, images read back as text, one line per sample."""
+    from ..glyph import GlyphDiffusion
+
+    unsupported = [name for name, on in (("--prompt", args.prompt), ("--template", args.template),
+                                         ("--trajectory", args.trajectory), ("--stream", args.stream),
+                                         ("--classifier-scale", args.classifier_scale), ("--length", args.length),
+                                         ("--output", args.output)) if on]
+    if unsupported:
+        raise InputError(f"{unsupported[0]}: not available for a glyph-diffusion checkpoint")
+    strategy = args.strategy or "ddim"
+    if strategy not in ("ddim", "ddpm"):
+        raise InputError(f"--strategy: a glyph-diffusion checkpoint samples with ddim or ddpm, got {strategy!r}")
+    _configure_threads(args)
+    model = GlyphDiffusion.load(args.checkpoint)
+    steps = args.steps or 50
+    if not args.quiet:
+        print(f"fastdiff generate: {args.checkpoint} (glyph, {model.layout.rows} x {model.layout.cols} characters, "
+              f"step {getattr(model, 'extra', {}).get('step')}) | {args.num_samples} samples, {steps} steps, "
+              f"{strategy}", flush=True)
+    texts = model.generate(args.num_samples, steps=steps, strategy=strategy, eta=args.eta or 0.0,
+                           labels=args.label, guidance=args.guidance, seed=args.seed % 2**63,
+                           source=None if args.source is None else [args.source] * args.num_samples)
+    for t in texts:
+        print(t)
+    return 0
 
 
 def _classifier_guidance(td: object, args: argparse.Namespace) -> dict:
