@@ -11,7 +11,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -398,12 +398,31 @@ def test_fuzz_float64_rows_cpp(n, V, data, seed, offset, temperature, top_k, top
        offset=st.integers(0, 2**40), temperature=st.sampled_from([0.0, 0.05, 1.0, 3.0]),
        top_k=st.sampled_from([None, 1, 2, 7, 300]), top_p=st.sampled_from([None, 0.05, 0.5, 0.99]))
 def test_fuzz_every_dtype_triton(x, dtype, seed, offset, temperature, top_k, top_p):
+    """Exact agreement, except for inputs where the two top-k sets legitimately differ: the Triton kernel
+    ranks the logits themselves (integer keys), the reference ranks ``(x - max) / temperature`` in float64,
+    and that shift can round two distinct logits together (1.3e-194 and 0.0 both become -1.0 next to a
+    maximum of 1.0), which makes a tie the tie-inclusive top-k keeps whole."""
     if "triton" not in C.HERE:
         pytest.skip("the Triton backend is not selected or not installed")
     x = x.to(C.device("triton"), dtype)
+    assume(not _shift_merges_the_top_k_edge(x, top_k, temperature))
     kw = dict(seed=seed, offset=offset, temperature=temperature, top_k=top_k, top_p=top_p)
     assert torch.equal(ops.sample_categorical(x, backend="triton", **kw),
                        ops.sample_categorical(x, backend="reference", **kw))
+
+
+def _shift_merges_the_top_k_edge(x: torch.Tensor, top_k: int | None, temperature: float) -> bool:
+    """Some row's top-k set (tie-inclusive) differs between the raw logits and ``(x - max) / temperature``."""
+    if top_k is None:
+        return False
+    raw = x.double()
+    m = raw.amax(-1, keepdim=True)
+    z = (raw - m) / temperature if temperature > 0 else raw - m
+    for r, zr in zip(raw, z):
+        k = min(top_k, r.numel())
+        if int((r >= r.topk(k).values[-1]).sum()) != int((zr >= zr.topk(k).values[-1]).sum()):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------------------
