@@ -202,16 +202,12 @@ def test_generate(benchmark, lm: HFBidirectional, prompt: torch.Tensor, N: int, 
 
     def call() -> torch.Tensor:
         with torch.inference_mode():
-            if provider == "llada-loop":
+            peers = {"llada-loop": lambda t: llada_loop(t, prompt, N, N, BLOCK),
+                     "fast-dllm-loop": lambda t: fast_dllm_dual_loop(t, prompt, N, BLOCK, THRESHOLD)}
+            if provider in peers:
                 t = Timed(lm)
                 t0 = time.perf_counter()
-                out = llada_loop(t, prompt, N, N, BLOCK)
-                stats.update(time_s=time.perf_counter() - t0, model_time_s=t.seconds, network_calls=t.calls)
-                return out
-            if provider == "fast-dllm-loop":
-                t = Timed(lm)
-                t0 = time.perf_counter()
-                out = fast_dllm_dual_loop(t, prompt, N, BLOCK, THRESHOLD)
+                out = peers[provider](t)
                 stats.update(time_s=time.perf_counter() - t0, model_time_s=t.seconds, network_calls=t.calls)
                 return out
             res = fastdiff.generate(lm, prompt, max_new_tokens=N, steps=N, block_length=BLOCK, **PROVIDERS[provider])

@@ -57,6 +57,13 @@ def unwrap_logits(out: Any) -> torch.Tensor:
     return _unwrap(out, "model")
 
 
+def _check_adapter_args(model: object, shifted: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(shifted, bool):
+        raise InputTypeError(f"shifted: expected a bool, got {type(shifted).__name__}")
+
+
 class _KeptOutput:
     """A model output whose logits were sliced to the kept positions (its cache kept for kv_forward)."""
 
@@ -184,10 +191,7 @@ class HFBidirectional(nn.Module):
     def __init__(self, model: nn.Module, *, mask_id: int | None = None, tokenizer: Any = None,
                  shifted: bool = False) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise InputTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(shifted, bool):
-            raise InputTypeError(f"shifted: expected a bool, got {type(shifted).__name__}")
+        _check_adapter_args(model, shifted)
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl in _FLASH:
             raise InputError(f"model: attention implementation {impl!r} takes no 4-D mask, so it cannot be run "
@@ -372,10 +376,7 @@ class HFMaskedLMAdapter(nn.Module):
     def __init__(self, model: nn.Module, *, mask_id: int | None = None, tokenizer: Any = None,
                  shifted: bool = False) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise InputTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(shifted, bool):
-            raise InputTypeError(f"shifted: expected a bool, got {type(shifted).__name__}")
+        _check_adapter_args(model, shifted)
         self.model = model
         self.vocab_size = _output_vocab(model)
         self.mask_id = _resolve_mask_id(model, mask_id, tokenizer, self.vocab_size)
