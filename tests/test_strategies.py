@@ -36,7 +36,7 @@ def _logits(x, t, **kw):
 # the table
 # ------------------------------------------------------------------------------------------------
 def test_the_public_strategy_names_come_from_the_table():
-    assert S.STRATEGIES == ("ancestral", "confidence", "threshold", "remask", "ddpm", "ddim", "ar")
+    assert S.STRATEGIES == ("ancestral", "confidence", "threshold", "remask", "ar_ancestral", "ddpm", "ddim", "ar")
     assert S.STRATEGIES == tuple(strategies.TABLE)
     assert S.DISCRETE_STRATEGIES == tuple(n for n, s in strategies.TABLE.items() if s.family == "discrete")
     assert S.CONTINUOUS_STRATEGIES == tuple(n for n, s in strategies.TABLE.items() if s.family == "continuous")

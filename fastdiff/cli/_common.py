@@ -347,8 +347,8 @@ def plan_batch(td: TextDiffusion, device: str | torch.device, *, num_samples: in
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "-c", default="discrete",
                    help="bundled name (discrete, continuous) or a checkpoint directory")
-    p.add_argument("--strategy", help="ancestral | confidence | threshold | remask (discrete), ddpm | ddim | ar "
-                                      "(continuous); default: ancestral (discrete), ddim (continuous)")
+    p.add_argument("--strategy", help="ancestral | confidence | threshold | remask | ar_ancestral (discrete), "
+                                      "ddpm | ddim | ar (continuous); default: ancestral (discrete), ddim (continuous)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="denoising steps (default: the checkpoint's recommended value, else 64)")
     p.add_argument("--batch-size", type=positive_int,

@@ -244,6 +244,9 @@ class _Run:
     def _check_batch_options(self) -> None:
         o, B, L = self.o, self.B, self.L
         V = self.vocab_size
+        if self.spec.per_position and self.steps > L + self.process.T:
+            raise InputError(f"steps: at most N + T = {L + self.process.T} sentence-level transitions "
+                             f"(AR-Diffusion; N = {L} the length), got {self.steps}")
         if o.fixed is not None or o.x_init is not None:
             fixed = o.fixed
             if fixed.dtype != torch.bool:

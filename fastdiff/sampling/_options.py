@@ -374,7 +374,7 @@ def check_static(process: Process, strategy: str, steps: object, o: Options) -> 
     steps = _checks.positive_int("steps", steps)
     if steps > MAX_STEPS:
         raise InputError(f"steps: at most 2**62, got {steps}")
-    if spec.walks_grid and steps > process.T:
+    if spec.walks_grid and not spec.per_position and steps > process.T:
         raise InputError(f"steps: {steps} exceeds the process's T = {process.T}")
     kind = getattr(process, "kind", None)
     if spec.needs_absorbing and kind != "absorbing":

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from . import _continuous, _discrete
+from . import _ar, _continuous, _discrete
 
 if TYPE_CHECKING:
     from ._options import Options
@@ -62,6 +62,8 @@ class Strategy:
     rules : further checks among its options, ``rule(options)`` raising ``InputError``; they run after every
         option's own checks and before the check of options it does not read.
     own_loop : a loop of its own instead of the family's (AR-Diffusion walks per-position steps).
+    per_position : AR-Diffusion's sentence-level steps: ``steps`` transitions from ``N + T`` to 0, so
+        ``steps <= N + T`` (``N`` the length) rather than ``<= T``.
     """
 
     name: str
@@ -78,6 +80,7 @@ class Strategy:
     greedy: bool = False
     rules: tuple[Callable, ...] = ()
     own_loop: Callable | None = None
+    per_position: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -140,6 +143,16 @@ TABLE: dict[str, Strategy] = {s.name: s for s in (
         _discrete.remask_block, options=_DRAW + ("eta", "remask_schedule", "remask_window"),
         needs_absorbing=True, scalar_schedule=True, filter_scalar_schedule=True, rules=(_remask_eta,)),
     Strategy(
+        "ar_ancestral", "discrete", "AR-Diffusion", "AR-Diffusion (Wu et al. 2023) carried over to discrete processes",
+        "Position-dependent steps as in ``'ar'`` (the anchor-point schedule with step skipping, "
+        ":func:`fastdiff.continuous.ar_step_pairs`): ``steps`` sentence-level transitions from ``N + T`` to 0; at "
+        "each, every position whose own step moves is drawn from the D3PM posterior from its step to its next "
+        "(:func:`fastdiff.ops.posterior_sample` with per-position ``t`` and ``s``), the others kept, so with an "
+        "absorbing process the left positions are decoded sooner; the model is called with the ``(L,)`` "
+        "per-position steps.",
+        _ar.ar_discrete_step, options=("temperature",), rules=(_ar_rules,), own_loop=_ar.run_ar_discrete,
+        per_position=True),
+    Strategy(
         "ddpm", "continuous", "DDPM", "DDPM ancestral sampling (Ho et al. 2020) in embedding space "
         "(Diffusion-LM, Li et al. 2022)",
         "One :meth:`GaussianDiffusion.ddpm_step` per grid transition, the x0 estimate clamped (``clamp``), the "
@@ -157,7 +170,8 @@ TABLE: dict[str, Strategy] = {s.name: s for s in (
         "each transition moves every position by DDIM (``eta``) from its own step to its next, the model "
         "called with the ``(B, L)`` per-position steps (a model trained with per-position steps; "
         "the bundled SED denoiser takes one step per sequence, so it cannot be sampled this way).",
-        _continuous.ar_step, options=_EMBEDDING[:5] + ("eta",), rules=(_ar_rules,), own_loop=_continuous.run_ar),
+        _continuous.ar_step, options=_EMBEDDING[:5] + ("eta",), rules=(_ar_rules,), own_loop=_continuous.run_ar,
+        per_position=True),
 )}
 
 
