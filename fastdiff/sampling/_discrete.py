@@ -16,6 +16,7 @@ from .. import ops
 from ..discrete import Absorbing
 from ..errors import InputError
 from ..ops._common import check_finite_above
+from ..ops.select_tokens import kernel_backend
 from ..schedules import Schedule
 from ._engine import _Run, num_transfer, step_grid
 
@@ -282,6 +283,25 @@ def _threshold_count(run: _Run, k: int, n_steps: int, masked: torch.Tensor, rema
     return torch.maximum(above, need).clamp_min(1)
 
 
+def _fused_tokens(run: _Run, lr: torch.Tensor, random: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 and its confidence for every position of the block (``lr (B, W, V)``) in one
+    :func:`fastdiff.ops.select_tokens` (which also checks every row's values): the draw keyed as
+    :func:`fastdiff.ops.sample_categorical` keys it over the block, the confidence ``log p(x0)`` (or the
+    step's uniforms when ``random``)."""
+    o = run.o
+    B, W = lr.shape[:2]
+    offset = run.next_offset() if o.temperature > 0 else 0
+    counters = None
+    if o.temperature > 0:
+        counters = run.row_offset((B, W)) + torch.arange(B * W, device=lr.device, dtype=torch.int64).reshape(B, W)
+    everywhere = torch.ones(B, W, dtype=torch.bool, device=lr.device)
+    x0, conf, _ = ops.select_tokens(lr, everywhere, confidence="logprob", temperature=o.temperature, seed=run.seed,
+                                    offset=offset, counter_rows=counters, backend=kernel_backend(o.backend, lr.device))
+    if random:  # the uniforms themselves (float64), drawn after the tokens as before
+        conf = run.uniform((B, W))
+    return x0, conf
+
+
 def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None, *,
                   count: Callable[..., torch.Tensor], random: bool) -> None:
     """Predict every masked token, keep the most confident ones (by ``random`` uniforms instead when
@@ -309,7 +329,9 @@ def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
         lr, owned = logits(x, t)
         with run.op_values(t):
             lr = _without_mask(run, lr, owned)  # SUBS: never predict the mask
-            if o.temperature == 0:
+            if o.top_k is None and o.top_p is None:
+                x0, conf = _fused_tokens(run, lr, random)
+            elif o.temperature == 0:
                 x0 = lr.argmax(-1)
             else:
                 x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(),
