@@ -137,7 +137,7 @@ def _decide(run: Run, logits: torch.Tensor, c0: int, cand: torch.Tensor, k: torc
     copy of the candidates' logits); logits processors, top-k / top-p filtering and the factor rule take
     the gathered path (:func:`_decide_gathered`), which draws and scores the same way."""
     o = run.o
-    if run.processors or o.top_k is not None or o.top_p is not None or o.factor is not None:
+    if not _llada_fusable(run):
         return _decide_gathered(run, logits, c0, cand, k)
     B, W = cand.shape
     offset = run.next_offset()
@@ -155,6 +155,18 @@ def _decide(run: Run, logits: torch.Tensor, c0: int, cand: torch.Tensor, k: torc
     run.x[:, c0:c0 + W] = torch.where(chosen, tokens, win)
     run.record(chosen, c0, conf)
     return chosen
+
+
+def _llada_fusable(run: Run) -> bool:
+    """Whether a LLaDA / Fast-dLLM step runs as one :func:`fastdiff.ops.select_tokens`."""
+    o = run.o
+    return not run.processors and o.top_k is None and o.top_p is None and o.factor is None
+
+
+def _dream_fusable(run: Run) -> bool:
+    """Whether a Dream step runs as one :func:`fastdiff.ops.select_tokens` (confidence algs, no filtering)."""
+    o = run.o
+    return o.alg != "origin" and not run.processors and o.top_k is None and (o.top_p is None or o.top_p >= 1)
 
 
 def _decide_gathered(run: Run, logits: torch.Tensor, c0: int, cand: torch.Tensor, k: torch.Tensor | None
@@ -290,7 +302,7 @@ def dream_loop(run: Run) -> Iterator[GenerationStep]:
         last = i == o.steps - 1
         lo, hi = _masked_span(run, 0, L)
         logits = run.lm(run.x, _dream_time(float(t)), run.am, run.pos, V, keep=(lo, hi))
-        if o.alg != "origin" and not run.processors and o.top_k is None and (o.top_p is None or o.top_p >= 1):
+        if _dream_fusable(run):
             chosen, conf_d, x0_d = _dream_fused(run, logits, lo, hi, cand, t, s, last)
             run.x = torch.where(chosen, x0_d, run.x)
             run.record(chosen, 0, conf_d)

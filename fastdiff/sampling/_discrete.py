@@ -283,6 +283,12 @@ def _threshold_count(run: _Run, k: int, n_steps: int, masked: torch.Tensor, rema
     return torch.maximum(above, need).clamp_min(1)
 
 
+def _fusable(run: _Run) -> bool:
+    """Whether a confidence / threshold step draws through :func:`fastdiff.ops.select_tokens` (no top-k /
+    top-p filter)."""
+    return run.o.top_k is None and run.o.top_p is None
+
+
 def _fused_tokens(run: _Run, lr: torch.Tensor, random: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x0 and its confidence for every position of the block (``lr (B, W, V)``) in one
     :func:`fastdiff.ops.select_tokens` (which also checks every row's values): the draw keyed as
@@ -329,20 +335,21 @@ def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
         lr, owned = logits(x, t)
         with run.op_values(t):
             lr = _without_mask(run, lr, owned)  # SUBS: never predict the mask
-            if o.top_k is None and o.top_p is None:
+            if _fusable(run):  # one pass: draws, log p(x0), and the value check of every row
                 x0, conf = _fused_tokens(run, lr, random)
-            elif o.temperature == 0:
-                x0 = lr.argmax(-1)
             else:
-                x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(),
-                                            row_offset=run.row_offset(xr.shape), temperature=o.temperature,
-                                            top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
-            if random:
-                if o.temperature == 0:  # nothing above read the values: one reduction checks them
-                    check_finite_above("logits", lr)
-                conf = run.uniform(xr.shape)
-            else:  # log p(x0) under softmax(logits); its row maxima check the values
-                conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
+                if o.temperature == 0:
+                    x0 = lr.argmax(-1)
+                else:
+                    x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(),
+                                                row_offset=run.row_offset(xr.shape), temperature=o.temperature,
+                                                top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
+                if random:
+                    if o.temperature == 0:  # nothing above read the values: one reduction checks them
+                        check_finite_above("logits", lr)
+                    conf = run.uniform(xr.shape)
+                else:  # log p(x0) under softmax(logits); its row maxima check the values
+                    conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
         conf = torch.where(masked, conf.to(torch.float64), torch.full_like(conf, float("-inf"), dtype=torch.float64))
         if tps is not None:
             num = remaining.clamp_max(tps)
