@@ -94,8 +94,11 @@ void score_rows(const T* logits, int64_t V, int64_t s0, int64_t s1, int64_t L, c
       }
       const double Zq = rs.Z;
       int64_t tok;
-      if (temp == 0.0) {  // the first maximum
+      if (temp == 0.0) {  // the first maximum: float rows start at the first chunk whose maximum is M
         tok = 0;
+        if constexpr (std::is_same<C, float>::value) {
+          for (int64_t c = 0; c < static_cast<int64_t>(cmax.size()) && !(cmax[c] == M); ++c) tok += CH;
+        }
         while (tok + 1 < V && !(x[tok] == M)) ++tok;
       } else {  // fastdiff_cpp::sample_categorical's plain draw, on the same chunk sums
         AffineRow<C> row{x, V, M, temp, static_cast<C>(-kInf), -1, -1, 1.0, 0.0, 0.0};

@@ -44,6 +44,15 @@ RULE_CODES = {r: i for i, r in enumerate(RULES)}  # the kernels' rule argument (
 MODE_ALL, MODE_TOP_K, MODE_THRESHOLD = 0, 1, 2
 
 
+def _non_negative(name: str, t: torch.Tensor) -> None:
+    if not t.numel():
+        return
+    if _checks.tracing():
+        _checks.graph_assert(t.min() >= 0, f"{name}: must be >= 0")
+    elif int(t.min()) < 0:
+        raise InputError(f"{name}: must be >= 0")
+
+
 def _check(logits: torch.Tensor, candidates: torch.Tensor, confidence: str, temperature: float, seed: int,
            offset: int, counter_rows: torch.Tensor | None, k: torch.Tensor | None, threshold: float | None,
            exclude: int | None, uniform: torch.Tensor | None) -> tuple[int, float, float | None]:
@@ -74,8 +83,7 @@ def _check(logits: torch.Tensor, candidates: torch.Tensor, confidence: str, temp
         if tuple(counter_rows.shape) != (B, L):
             raise InputError(f"counter_rows: shape {tuple(counter_rows.shape)} does not match (B, L) = {(B, L)}")
         _checks.same_device(logits=logits, counter_rows=counter_rows)
-        if counter_rows.numel() and int(counter_rows.min()) < 0:
-            raise InputError("counter_rows: must be >= 0")
+        _non_negative("counter_rows", counter_rows)
     if (confidence == "random") != (uniform is not None):
         raise InputError("uniform: required with confidence='random' and only then")
     if uniform is not None:
@@ -93,8 +101,7 @@ def _check(logits: torch.Tensor, candidates: torch.Tensor, confidence: str, temp
         if tuple(k.shape) != (B,):
             raise InputError(f"k: expected shape (B,) = {(B,)}, got {tuple(k.shape)}")
         _checks.same_device(logits=logits, k=k)
-        if k.numel() and int(k.min()) < 0:
-            raise InputError("k: must be >= 0")
+        _non_negative("k", k)
     if threshold is not None:
         threshold = _checks.real("threshold", threshold)
     if exclude is not None:
@@ -242,9 +249,12 @@ def select_tokens(logits: torch.Tensor, candidates: torch.Tensor, *, confidence:
         return _select_tokens_ref(logits, candidates, confidence=confidence, temperature=temperature, seed=seed,
                                   offset=offset, counter_rows=counter_rows, k=k, threshold=threshold,
                                   exclude=exclude, uniform=uniform)
-    if logits.dtype == torch.float64 and 0 < temperature < 1 and bool(candidates.any()):
-        rows, cols = candidates.nonzero(as_tuple=True)  # float64 z / T may overflow: the reference's check
-        check_finite_above("logits", logits[rows, cols], temperature)
+    if logits.dtype == torch.float64 and 0 < temperature < 1:  # float64 z / T may overflow: the reference's check
+        if _checks.tracing():
+            check_finite_above("logits", torch.where(candidates[..., None], logits, 0.0), temperature)
+        elif bool(candidates.any()):
+            rows, cols = candidates.nonzero(as_tuple=True)
+            check_finite_above("logits", logits[rows, cols], temperature)
     # The kernel ABI (FASTDIFF_SCHEMA_SELECT_TOKENS): logits with a unit column stride (any (B, L) strides),
     # the (B, L) / (B,) side tensors contiguous, "no selection" / "no exclusion" as mode 0 / exclude -1.
     if logits.stride(-1) != 1 and logits.shape[-1] != 1:

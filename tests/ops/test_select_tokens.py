@@ -5,6 +5,7 @@ including 0 and more than the candidates, threshold edge cases, value checks and
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -279,3 +280,40 @@ def test_inputs_are_not_modified():
               k=torch.tensor([1, 2]))
         _call(be, logits, cand, confidence="random", uniform=uniform, exclude=2)
     assert all(torch.equal(a, b) for a, b in zip(copies, (logits, cand, counters, uniform)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# As torch.library ops: one schema on every backend, opcheck, torch.compile(fullgraph=True)
+# --------------------------------------------------------------------------------------------------------
+def _kernel_op(backend: str):
+    importlib.import_module(f"fastdiff.ops.backends.{backend}.select_tokens")
+    return C.op(backend, "select_tokens")
+
+
+def test_one_schema_on_every_backend():
+    names = [b for b in ("cpp", "triton") if b in C.HERE]
+    if len(names) < 2:
+        pytest.skip("needs the C++ and the Triton backends")
+    assert len({str(_kernel_op(b)._schema).split("::", 1)[1] for b in names}) == 1
+
+
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_opcheck_select_tokens(backend):
+    dev = C.device(backend)
+    logits, cand, counters, uniform = (t.to(dev) for t in _inputs(2, 5, 9, seed=8))
+    k = torch.tensor([2, 1], device=dev)
+    for args in ((None, k, None, 1, 0.0, 3, 1, 0.0, 1, -1), (counters, None, None, 0, 0.7, -5, 2, 0.2, 2, 4),
+                 (counters, None, uniform, 5, 1.0, 3, 1, 0.0, 0, -1)):
+        torch.library.opcheck(_kernel_op(backend), (logits, cand, *args))
+
+
+@pytest.mark.parametrize("backend", C.KERNELS)
+def test_torch_compile_traces_without_a_graph_break(backend):
+    dev = C.device(backend)
+    logits, cand, counters, _ = (t.to(dev) for t in _inputs(2, 5, 9, seed=8))
+    k = torch.tensor([2, 1], device=dev)
+    fn = lambda lg, c, r, kk: ops.select_tokens(lg, c, confidence="llada", temperature=0.8, seed=3,  # noqa: E731
+                                                offset=1, counter_rows=r, k=kk, backend=backend)
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(logits, cand, counters, k)
+    for a, b in zip(got, fn(logits, cand, counters, k)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
