@@ -296,13 +296,22 @@ def _fused_tokens(run: _Run, lr: torch.Tensor, random: bool) -> tuple[torch.Tens
     step's uniforms when ``random``)."""
     o = run.o
     B, W = lr.shape[:2]
+    mask_id = run.process.mask_id
+    # SUBS: the op reads the mask column as -inf (no copy of the model's output, as _without_mask makes);
+    # its values are checked first, as _without_mask checks them
+    top = lr[..., mask_id].amax() if lr.numel() else lr.new_full((), float("-inf"))
+    if bool(torch.isnan(top)):
+        raise InputError("logits: contains NaN")
+    if bool(torch.isposinf(top)):
+        raise InputError("logits: contains +inf")
     offset = run.next_offset() if o.temperature > 0 else 0
     counters = None
     if o.temperature > 0:
         counters = run.row_offset((B, W)) + torch.arange(B * W, device=lr.device, dtype=torch.int64).reshape(B, W)
     everywhere = torch.ones(B, W, dtype=torch.bool, device=lr.device)
     x0, conf, _ = ops.select_tokens(lr, everywhere, confidence="logprob", temperature=o.temperature, seed=run.seed,
-                                    offset=offset, counter_rows=counters, backend=kernel_backend(o.backend, lr.device))
+                                    offset=offset, counter_rows=counters, exclude=mask_id,
+                                    backend=kernel_backend(o.backend, lr.device))
     if random:  # the uniforms themselves (float64), drawn after the tokens as before
         conf = run.uniform((B, W))
     return x0, conf
@@ -334,10 +343,10 @@ def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
         t = max(1, min(T, round(T * (n_steps - k) / n_steps)))
         lr, owned = logits(x, t)
         with run.op_values(t):
-            lr = _without_mask(run, lr, owned)  # SUBS: never predict the mask
             if _fusable(run):  # one pass: draws, log p(x0), and the value check of every row
                 x0, conf = _fused_tokens(run, lr, random)
             else:
+                lr = _without_mask(run, lr, owned)  # SUBS: never predict the mask
                 if o.temperature == 0:
                     x0 = lr.argmax(-1)
                 else:
