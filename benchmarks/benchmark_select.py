@@ -19,7 +19,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE, LOGITS, OP_PROVIDERS, grouped, op_callable, record_read, resolved_backend, run
+from benchmarks.conftest import (DEVICE, LOGITS, OP_PROVIDERS, grouped, op_callable, record_read, resolved_backend,
+                                 run)
 from fastdiff.generation import _select as sel
 from fastdiff.ops import select_tokens, select_tokens_ref
 
@@ -61,7 +62,7 @@ def torch_multipass(logits: torch.Tensor, cand: torch.Tensor, k: torch.Tensor, t
     chosen = sel.select_top(conf_d, cand, k)
     x0_d = torch.zeros(Bn, W, dtype=torch.int64, device=cand.device)
     x0_d[rows, cols] = x0
-    return chosen
+    return torch.where(chosen, x0_d, -1), chosen
 
 
 def llada_step(logits: torch.Tensor, cand: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -92,7 +93,7 @@ def test_select_tokens(benchmark, provider: str, mode: str, logits: torch.Tensor
     T = TEMPERATURE[mode]
     if provider == "torch-multipass":
         benchmark.extra_info["backend"] = "torch (sample_categorical auto)"
-        chosen = run(benchmark, torch_multipass, lg, cand, k, T)
+        _, chosen = run(benchmark, torch_multipass, lg, cand, k, T)
     elif provider == "llada":
         benchmark.extra_info["backend"] = "torch (LLaDA generate)"
         chosen = run(benchmark, llada_step, lg, cand, k, T)
