@@ -5,6 +5,8 @@ twice, once with the fused step switched off (``_llada_fusable`` / ``_dream_fusa
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -68,12 +70,17 @@ def test_generation_fused_equals_gathered(monkeypatch, backend, kw):
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
-@pytest.mark.parametrize("strategy, kw", [("confidence", {}), ("confidence", {"temperature": 0.0}),
-                                          ("confidence", {"remasking": "random"}),
-                                          ("confidence", {"temperature": 0.0, "remasking": "random"}),
-                                          ("threshold", {"temperature": 0.0, "threshold": 0.4}),
-                                          ("threshold", {"threshold": 0.3})])
+_STRATS = [("confidence", {}), ("confidence", {"temperature": 0.0}), ("confidence", {"remasking": "random"}),
+           ("confidence", {"temperature": 0.0, "remasking": "random"}),
+           ("threshold", {"temperature": 0.0, "threshold": 0.4}), ("threshold", {"threshold": 0.3})]
+_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                             reason="optional backend: triton is not installed")
+
+
+@pytest.mark.parametrize("backend, strategy, kw", [
+    *[(b, s, kw) for b in ("reference", "cpp") for s, kw in _STRATS],
+    *[pytest.param("triton", s, kw, marks=_TRITON) for s, kw in (_STRATS[0], _STRATS[4])],  # interpreted: two
+])
 def test_sampling_fused_equals_gathered(monkeypatch, backend, strategy, kw):
     p = _absorbing(T=40)
 
