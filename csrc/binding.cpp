@@ -48,6 +48,14 @@ at::Tensor posterior(const at::Tensor& logits, const at::Tensor& x_t, const at::
 at::Tensor sample_categorical(const at::Tensor& logits, int64_t seed, int64_t offset, double temperature,
                               int64_t top_k, double top_p, int64_t row_offset);
 
+// FASTDIFF_SCHEMA_SELECT_TOKENS (schema.h); checks the candidate rows' values as sample_categorical does.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tokens(const at::Tensor& logits, const at::Tensor& candidates,
+                                                             const std::optional<at::Tensor>& counter_rows,
+                                                             const std::optional<at::Tensor>& k,
+                                                             const std::optional<at::Tensor>& uniform, int64_t rule,
+                                                             double temperature, int64_t seed, int64_t offset,
+                                                             double threshold, int64_t mode, int64_t exclude);
+
 // ---- helpers that are not ops -----------------------------------------------------------------------
 
 // The four Philox words of counters (start + i, offset), i = 0..n-1, as int64 (n, 4): what fastdiff.random's
@@ -75,6 +83,7 @@ TORCH_LIBRARY(fastdiff_cpp, m) {
   m.def(FASTDIFF_SCHEMA_ROUNDING_LOSS);
   m.def("nearest_embedding_screen(Tensor x, Tensor weight, Tensor stat, bool cosine, int block_rows, "
         "int block_cols) -> (Tensor, Tensor, Tensor)");
+  m.def(FASTDIFF_SCHEMA_SELECT_TOKENS);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_cpp, CPU, m) {
@@ -82,6 +91,7 @@ TORCH_LIBRARY_IMPL(fastdiff_cpp, CPU, m) {
   m.impl("sample_categorical", &fastdiff::sample_categorical);
   m.impl("rounding_loss", &fastdiff::rounding_loss);
   m.impl("nearest_embedding_screen", &fastdiff::nearest_embedding_screen);
+  m.impl("select_tokens", &fastdiff::select_tokens);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -102,6 +112,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_categorical", &fastdiff::sample_categorical, "temperature / top-k / top-p draws", py::arg("logits"),
         py::arg("seed"), py::arg("offset"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("row_offset"));
+  m.def("select_tokens", &fastdiff::select_tokens, "one confidence-decoding step: tokens, scores, selection",
+        py::arg("logits"), py::arg("candidates"), py::arg("counter_rows"), py::arg("k"), py::arg("uniform"),
+        py::arg("rule"), py::arg("temperature"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
+        py::arg("mode"), py::arg("exclude"));
   m.def("philox_words", &fastdiff::philox_words,
         "Philox4x32-10 words of counters (start..start+n-1, offset), int64 (n, 4)", py::arg("seed"),
         py::arg("offset"), py::arg("n"), py::arg("start") = 0);

@@ -46,3 +46,13 @@ enum PosteriorKindCode : int64_t {
 #define FASTDIFF_SCHEMA_ROUNDING_LOSS                                                                       \
   "rounding_loss(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, Tensor row_scale, " \
   "bool need_gx, bool need_gw, bool need_gb, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)"
+
+// select_tokens (fastdiff/ops/select_tokens.py): logits (B, L, V) with a unit column stride, candidates (B, L)
+// bool; counter_rows (B, L) int64 (needed when temperature > 0), k (B,) int64 (mode 1), uniform (B, L) float64
+// (rule 5), all contiguous. rule: 0 prob, 1 llada, 2 logprob, 3 margin, 4 entropy, 5 random; mode: 0 every
+// candidate, 1 top-k, 2 threshold; exclude: a column read as -inf (-1: none). Returns tokens (B, L) int64,
+// confidence (B, L) float32 and the selection (B, L) bool.
+#define FASTDIFF_SCHEMA_SELECT_TOKENS                                                                       \
+  "select_tokens(Tensor logits, Tensor candidates, Tensor? counter_rows, Tensor? k, Tensor? uniform, "      \
+  "int rule, float temperature, int seed, int offset, float threshold, int mode, int exclude) "             \
+  "-> (Tensor, Tensor, Tensor)"

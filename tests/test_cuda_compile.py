@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CUDA_SRC = ROOT / "csrc" / "cuda"
 ARCH = os.environ.get("FASTDIFF_CUDA_CHECK_ARCH", "sm_80")
 # One kernel family a file, as csrc/*.cpp and kernels/*.py.
-KERNEL_UNITS = ["nearest_embedding.cu", "rounding_loss.cu", "posterior.cu", "sample_categorical.cu"]
+KERNEL_UNITS = ["nearest_embedding.cu", "rounding_loss.cu", "posterior.cu", "sample_categorical.cu",
+                "select_tokens.cu"]
 
 
 def _nvcc() -> str | None:

@@ -264,6 +264,88 @@ Tensor sample_categorical(const Tensor& logits, int64_t seed, int64_t offset, do
   return out;
 }
 
+// ---- select_tokens --------------------------------------------------------------------------------
+// FASTDIFF_SCHEMA_SELECT_TOKENS (schema.h): the kernel per candidate row, the selection here (ATen).
+std::tuple<Tensor, Tensor, Tensor> select_tokens(const Tensor& logits, const Tensor& candidates,
+                                                 const OptTensor& counter_rows, const OptTensor& k,
+                                                 const OptTensor& uniform, int64_t rule, double temperature,
+                                                 int64_t seed, int64_t offset, double threshold, int64_t mode,
+                                                 int64_t exclude) {
+  check_cuda(logits, "logits", logits);
+  const DType dt = dtype_of(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(2) >= 1, "logits: expected shape (B, L, V)");
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(V <= 1 || logits.stride(2) == 1, "logits: the last dimension must be contiguous");
+  TORCH_CHECK_VALUE(logits.stride(0) >= 0 && logits.stride(1) >= 0, "logits: negative stride");
+  check_cuda(candidates, "candidates", logits);
+  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kBool, "candidates: expected bool");
+  TORCH_CHECK_VALUE(candidates.dim() == 2 && candidates.size(0) == B && candidates.size(1) == L,
+                    "candidates: expected shape (B, L)");
+  TORCH_CHECK_VALUE(rule >= 0 && rule <= 5 && mode >= 0 && mode <= 2, "select_tokens: rule / mode out of range");
+  TORCH_CHECK_VALUE(temperature >= 0.0, "temperature: must be non-negative, got ", temperature);
+  TORCH_CHECK_VALUE(exclude >= -1 && exclude < V, "exclude: out of range");
+  if (temperature > 0.0) {
+    TORCH_CHECK_VALUE(counter_rows.has_value(), "counter_rows: required when temperature > 0");
+    check_cuda(*counter_rows, "counter_rows", logits);
+    TORCH_CHECK_VALUE(counter_rows->scalar_type() == at::kLong && counter_rows->dim() == 2 &&
+                          counter_rows->size(0) == B && counter_rows->size(1) == L,
+                      "counter_rows: expected a (B, L) int64 tensor");
+  }
+  if (rule == 5) {
+    TORCH_CHECK_VALUE(uniform.has_value(), "uniform: required with the random rule");
+    check_cuda(*uniform, "uniform", logits);
+    TORCH_CHECK_VALUE(uniform->scalar_type() == at::kDouble && uniform->dim() == 2 && uniform->size(0) == B &&
+                          uniform->size(1) == L,
+                      "uniform: expected a (B, L) float64 tensor");
+  }
+  if (mode == 1) {
+    TORCH_CHECK_VALUE(k.has_value(), "k: required for top-k");
+    check_vec(*k, "k", B, at::kLong, logits);
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Tensor pos = candidates.reshape(-1).nonzero().squeeze(1);
+  const int64_t M = pos.size(0);
+  Tensor tok_m = at::empty({M}, logits.options().dtype(at::kLong));
+  Tensor key_m = at::empty({M}, logits.options().dtype(at::kDouble));
+  Tensor status = at::zeros({M}, logits.options().dtype(at::kInt));
+  if (M) {
+    const Tensor row_off = (at::div(pos, L, "floor") * logits.stride(0) + at::remainder(pos, L) * logits.stride(1))
+                               .contiguous();
+    const Tensor counters =
+        temperature > 0.0 ? counter_rows->reshape(-1).index_select(0, pos).contiguous() : row_off;
+    check_launch(select_tokens_launch(logits.data_ptr(), row_off.data_ptr<int64_t>(), counters.data_ptr<int64_t>(), M,
+                                      V, dt, exclude, static_cast<int>(rule), temperature,
+                                      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
+                                      tok_m.data_ptr<int64_t>(), key_m.data_ptr<double>(), status.data_ptr<int>(),
+                                      stream_of(logits)),
+                 "select_tokens");
+    const int worst = status.max().item<int>();
+    // ops._common's messages, word for word (the same ValueError as every backend's value check).
+    TORCH_CHECK_VALUE(worst != 4, "logits: contains NaN");
+    TORCH_CHECK_VALUE(worst != 3, "logits: contains +inf");
+    TORCH_CHECK_VALUE(worst != 2, "logits: a row has every logit at -inf (no category can be drawn)");
+    if (rule == 5) key_m = uniform->reshape(-1).index_select(0, pos);
+  }
+  Tensor tokens = at::zeros({B * L}, tok_m.options()).index_copy_(0, pos, tok_m).reshape({B, L});
+  Tensor key = at::full({B * L}, -INFINITY, key_m.options()).index_copy_(0, pos, key_m).reshape({B, L});
+  Tensor conf = at::where(candidates, key.to(at::kFloat), at::full({}, -INFINITY, key.options().dtype(at::kFloat)));
+  if (mode == 0) return {tokens, conf, candidates.clone()};
+  // best first, ties to the lower position; candidates before every non-candidate (two stable sorts)
+  Tensor order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/1, /*descending=*/true));
+  order = order.gather(1, std::get<1>(at::sort(candidates.gather(1, order).to(at::kChar), /*stable=*/true,
+                                               /*dim=*/1, /*descending=*/true)));
+  if (mode == 1) {
+    Tensor rank = at::empty_like(order).scatter_(1, order, at::arange(L, order.options()).expand_as(order));
+    return {tokens, conf, candidates & (rank < k->unsqueeze(1))};
+  }
+  Tensor sel = candidates & (key >= threshold);
+  if (L) {
+    Tensor best = at::zeros_like(sel).scatter_(1, order.narrow(1, 0, 1), true);
+    sel = sel | (best & candidates.any(1, /*keepdim=*/true));
+  }
+  return {tokens, conf, sel};
+}
+
 }  // namespace
 }  // namespace fastdiff
 
@@ -272,6 +354,7 @@ TORCH_LIBRARY(fastdiff_cuda, m) {
   m.def(FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL);
   m.def(FASTDIFF_SCHEMA_ROUNDING_LOSS);
   m.def("nearest_embedding_screen(Tensor x, Tensor weight, Tensor stat, bool cosine) -> (Tensor, Tensor, Tensor)");
+  m.def(FASTDIFF_SCHEMA_SELECT_TOKENS);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_cuda, CUDA, m) {
@@ -279,6 +362,7 @@ TORCH_LIBRARY_IMPL(fastdiff_cuda, CUDA, m) {
   m.impl("sample_categorical", &fastdiff::sample_categorical);
   m.impl("rounding_loss", &fastdiff::rounding_loss);
   m.impl("nearest_embedding_screen", &fastdiff::nearest_embedding_screen);
+  m.impl("select_tokens", &fastdiff::select_tokens);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -297,4 +381,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row_offset"));
   m.def("sample_categorical", &sample_categorical, py::arg("logits"), py::arg("seed"), py::arg("offset"),
         py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("row_offset"));
+  m.def("select_tokens", &select_tokens, py::arg("logits"), py::arg("candidates"), py::arg("counter_rows"),
+        py::arg("k"), py::arg("uniform"), py::arg("rule"), py::arg("temperature"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("mode"), py::arg("exclude"));
 }

@@ -80,4 +80,13 @@ cudaError_t sample_categorical_launch(const void* logits, int64_t ld, int64_t N,
                                       double temperature, int64_t top_k, double top_p, uint64_t seed,
                                       uint64_t offset, uint64_t row0, int64_t* out, cudaStream_t stream);
 
+// ---- select_tokens (fastdiff/ops/select_tokens.py) ------------------------------------------------
+// M candidate rows of V logits at logits + row_off[r] (elements), column `exclude` read as -inf (-1: none).
+// Per row: tok (first maximum at temperature 0, else sample_categorical's draw with the uniform of Philox
+// counter (counters[r], offset)), key (the score of rule: 0 prob, 1 llada, 2 logprob, 3 margin, 4 entropy,
+// 5 none: the caller fills it) and status (0, or 4 NaN / 3 +inf / 2 every logit -inf).
+cudaError_t select_tokens_launch(const void* logits, const int64_t* row_off, const int64_t* counters, int64_t M,
+                                 int64_t V, DType dtype, int64_t exclude, int rule, double temperature, uint64_t seed,
+                                 uint64_t offset, int64_t* tok, double* key, int* status, cudaStream_t stream);
+
 }  // namespace fastdiff

@@ -131,7 +131,47 @@ def _decide(run: Run, logits: torch.Tensor, c0: int, cand: torch.Tensor, k: torc
     and candidates ``cand (B, W)``: draw x0 (Gumbel-max law: argmax at temperature 0, else a categorical
     draw at the temperature), confidence = the softmax probability of x0 under the untempered logits
     (LLaDA's ``low_confidence``, the mask column included) or a uniform (``random``), then keep the ``k``
-    most confident (per row), or Fast-dLLM's threshold / factor rule. Returns the decided positions."""
+    most confident (per row), or Fast-dLLM's threshold / factor rule. Returns the decided positions.
+
+    The top-k and threshold rules run as one :func:`fastdiff.ops.select_tokens` over the window (no gathered
+    copy of the candidates' logits); logits processors, top-k / top-p filtering and the factor rule take
+    the gathered path (:func:`_decide_gathered`), which draws and scores the same way."""
+    o = run.o
+    if not _llada_fusable(run):
+        return _decide_gathered(run, logits, c0, cand, k)
+    B, W = cand.shape
+    offset = run.next_offset()
+    uniform = None
+    if o.remasking == "random":
+        uniform = _random.uniform((B, run.L), seed=run.seed, offset=run.next_offset(), device=cand.device)
+        uniform = uniform[:, c0:c0 + W]
+    tokens, conf, chosen = sel.fused_step(
+        logits, cand, backend=o.backend, confidence="random" if uniform is not None else "llada",
+        temperature=o.temperature, seed=run.seed, offset=offset,
+        counter_rows=sel.rank_counters(cand, run.L) if o.temperature > 0 else None,
+        k=None if o.threshold is not None else k, threshold=o.threshold,
+        exclude=run.mask_id if o.suppress_mask else None, uniform=uniform)
+    win = run.x[:, c0:c0 + W]
+    run.x[:, c0:c0 + W] = torch.where(chosen, tokens, win)
+    run.record(chosen, c0, conf)
+    return chosen
+
+
+def _llada_fusable(run: Run) -> bool:
+    """Whether a LLaDA / Fast-dLLM step runs as one :func:`fastdiff.ops.select_tokens`."""
+    o = run.o
+    return not run.processors and o.top_k is None and o.top_p is None and o.factor is None
+
+
+def _dream_fusable(run: Run) -> bool:
+    """Whether a Dream step runs as one :func:`fastdiff.ops.select_tokens` (confidence algs, no filtering)."""
+    o = run.o
+    return o.alg != "origin" and not run.processors and o.top_k is None and (o.top_p is None or o.top_p >= 1)
+
+
+def _decide_gathered(run: Run, logits: torch.Tensor, c0: int, cand: torch.Tensor, k: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """:func:`_decide` on the gathered ``(M, V)`` candidate rows, for what the fused op does not do."""
     o = run.o
     B, W = cand.shape
     rows, cols = cand.nonzero(as_tuple=True)
@@ -262,6 +302,12 @@ def dream_loop(run: Run) -> Iterator[GenerationStep]:
         last = i == o.steps - 1
         lo, hi = _masked_span(run, 0, L)
         logits = run.lm(run.x, _dream_time(float(t)), run.am, run.pos, V, keep=(lo, hi))
+        if _dream_fusable(run):
+            chosen, conf_d, x0_d = _dream_fused(run, logits, lo, hi, cand, t, s, last)
+            run.x = torch.where(chosen, x0_d, run.x)
+            run.record(chosen, 0, conf_d)
+            yield run.step_done(chosen, 0)
+            continue
         rows, cols = cand.nonzero(as_tuple=True)
         lg = run.processed(logits[rows, cols - lo], rows)
         sel.check_values(lg)
@@ -296,6 +342,42 @@ def dream_loop(run: Run) -> Iterator[GenerationStep]:
         run.x = torch.where(chosen, x0_d, run.x)
         run.record(chosen, 0, conf_d)
         yield run.step_done(chosen, 0)
+
+
+_DREAM_RULES = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "entropy"}
+
+
+def _dream_fused(run: Run, logits: torch.Tensor, lo: int, hi: int, cand: torch.Tensor, t: torch.Tensor,
+                 s: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Dream confidence step (no filtering, no processors) as one :func:`fastdiff.ops.select_tokens`
+    over the logits of columns ``[lo, hi)``: ``(chosen, confidences, tokens)``, all ``(B, L)``.
+
+    The same law as the gathered path: Dream draws from ``log(float32 softmax(z / T))`` and this from
+    ``z / T`` (one rounding less), so a draw can differ only where the uniform lies within float32 rounding
+    of a CDF boundary; at temperature 0 the token is the argmax of the logits rather than of their float32
+    softmax, which differ only between logits that round to the same probability."""
+    o, mask = run.o, run.mask_id
+    B, L = run.B, run.L
+    win = cand[:, lo:hi]
+    offset = run.next_offset() if o.temperature > 0 else 0
+    mean = cand.sum().to(torch.float32) / B
+    n = sel.dream_count(mean, s, t, last)
+    k = torch.minimum(torch.full((B,), n, dtype=torch.int64, device=cand.device), cand.sum(1))
+    tokens, conf, chosen = sel.fused_step(
+        logits, win, backend=o.backend, confidence=_DREAM_RULES[o.alg], temperature=o.temperature, seed=run.seed,
+        offset=offset, counter_rows=sel.rank_counters(win, L) if o.temperature > 0 else None,
+        k=None if o.alg_temp else k, exclude=mask if o.suppress_mask else None)
+    conf_d = torch.full((B, L), float("-inf"), dtype=torch.float64, device=cand.device)
+    conf_d[:, lo:hi] = torch.where(win, conf.double(), conf_d[:, lo:hi])
+    if o.alg_temp:
+        u = _random.uniform((B, L), seed=run.seed, offset=run.next_offset(), device=run.x.device)
+        full = sel.gumbel_top(conf_d, cand, k, o.alg_temp, u)
+    else:
+        full = torch.zeros(B, L, dtype=torch.bool, device=cand.device)
+        full[:, lo:hi] = chosen
+    x0_d = torch.zeros(B, L, dtype=torch.int64, device=cand.device)
+    x0_d[:, lo:hi] = tokens
+    return full, conf_d, x0_d
 
 
 def _dream_time(t: float) -> int:

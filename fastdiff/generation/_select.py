@@ -19,6 +19,8 @@ import torch
 from .. import ops
 from .. import random as _random
 from ..errors import InputError
+from ..ops._common import ALL_NEGINF_MSG, NAN_MSG, POSINF_MSG
+from ..ops.select_tokens import kernel_backend
 from ..ops.sample_categorical import filter_weights
 
 
@@ -34,6 +36,33 @@ def check_values(lg: torch.Tensor) -> None:
         raise InputError("model output: the logits contain +inf")
     if bool(torch.isneginf(m).any()):
         raise InputError("model output: a position has every logit at -inf (no token can be drawn)")
+
+
+_VALUE_MESSAGES = {
+    f"logits: {NAN_MSG}": "model output: the logits contain NaN",
+    f"logits: {POSINF_MSG}": "model output: the logits contain +inf",
+    f"logits: {ALL_NEGINF_MSG}": "model output: a position has every logit at -inf (no token can be drawn)",
+}
+
+
+def fused_step(logits: torch.Tensor, cand: torch.Tensor, *, backend: str, **kw: object
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fastdiff.ops.select_tokens` on the step's window (``logits (B, W, V)``, candidates ``cand
+    (B, W)``), its value errors worded as :func:`check_values` words them."""
+    try:
+        return ops.select_tokens(logits, cand, backend=kernel_backend(backend, logits.device), **kw)
+    except InputError as e:
+        if str(e) in _VALUE_MESSAGES:
+            raise InputError(_VALUE_MESSAGES[str(e)]) from None
+        raise
+
+
+def rank_counters(cand: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, W)`` int64 Philox counter rows of :func:`draw`'s keying: the ``j``-th candidate of batch row
+    ``b`` (in position order) draws with counter row ``b·width + j`` (values off candidates unused)."""
+    B = cand.shape[0]
+    rank = (cand.cumsum(1) - 1).clamp_min(0)
+    return torch.arange(B, device=cand.device, dtype=torch.int64)[:, None] * width + rank
 
 
 def row_spans(rows: torch.Tensor, B: int) -> list[tuple[int, int]]:

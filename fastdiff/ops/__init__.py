@@ -24,6 +24,7 @@ from .nearest_embedding import nearest_embedding, nearest_embedding_ref
 from .posterior_sample import posterior_sample, posterior_sample_ref
 from .rounding_loss import rounding_loss, rounding_loss_ref
 from .sample_categorical import filter_weights, sample_categorical, sample_categorical_ref
+from .select_tokens import select_tokens, select_tokens_ref
 
 __all__ = [
     "BACKENDS",
@@ -40,4 +41,6 @@ __all__ = [
     "sample_categorical",
     "sample_categorical_ref",
     "filter_weights",
+    "select_tokens",
+    "select_tokens_ref",
 ]

@@ -16,6 +16,7 @@ from .. import ops
 from ..discrete import Absorbing
 from ..errors import InputError
 from ..ops._common import check_finite_above
+from ..ops.select_tokens import kernel_backend
 from ..schedules import Schedule
 from ._engine import _Run, num_transfer, step_grid
 
@@ -282,6 +283,40 @@ def _threshold_count(run: _Run, k: int, n_steps: int, masked: torch.Tensor, rema
     return torch.maximum(above, need).clamp_min(1)
 
 
+def _fusable(run: _Run) -> bool:
+    """Whether a confidence / threshold step draws through :func:`fastdiff.ops.select_tokens` (no top-k /
+    top-p filter)."""
+    return run.o.top_k is None and run.o.top_p is None
+
+
+def _fused_tokens(run: _Run, lr: torch.Tensor, random: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 and its confidence for every position of the block (``lr (B, W, V)``) in one
+    :func:`fastdiff.ops.select_tokens` (which also checks every row's values): the draw keyed as
+    :func:`fastdiff.ops.sample_categorical` keys it over the block, the confidence ``log p(x0)`` (or the
+    step's uniforms when ``random``)."""
+    o = run.o
+    B, W = lr.shape[:2]
+    mask_id = run.process.mask_id
+    # SUBS: the op reads the mask column as -inf (no copy of the model's output, as _without_mask makes);
+    # its values are checked first, as _without_mask checks them
+    top = lr[..., mask_id].amax() if lr.numel() else lr.new_full((), float("-inf"))
+    if bool(torch.isnan(top)):
+        raise InputError("logits: contains NaN")
+    if bool(torch.isposinf(top)):
+        raise InputError("logits: contains +inf")
+    offset = run.next_offset() if o.temperature > 0 else 0
+    counters = None
+    if o.temperature > 0:
+        counters = run.row_offset((B, W)) + torch.arange(B * W, device=lr.device, dtype=torch.int64).reshape(B, W)
+    everywhere = torch.ones(B, W, dtype=torch.bool, device=lr.device)
+    x0, conf, _ = ops.select_tokens(lr, everywhere, confidence="logprob", temperature=o.temperature, seed=run.seed,
+                                    offset=offset, counter_rows=counters, exclude=mask_id,
+                                    backend=kernel_backend(o.backend, lr.device))
+    if random:  # the uniforms themselves (float64), drawn after the tokens as before
+        conf = run.uniform((B, W))
+    return x0, conf
+
+
 def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None, *,
                   count: Callable[..., torch.Tensor], random: bool) -> None:
     """Predict every masked token, keep the most confident ones (by ``random`` uniforms instead when
@@ -308,19 +343,22 @@ def _decode_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, b
         t = max(1, min(T, round(T * (n_steps - k) / n_steps)))
         lr, owned = logits(x, t)
         with run.op_values(t):
-            lr = _without_mask(run, lr, owned)  # SUBS: never predict the mask
-            if o.temperature == 0:
-                x0 = lr.argmax(-1)
+            if _fusable(run):  # one pass: draws, log p(x0), and the value check of every row
+                x0, conf = _fused_tokens(run, lr, random)
             else:
-                x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(),
-                                            row_offset=run.row_offset(xr.shape), temperature=o.temperature,
-                                            top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
-            if random:
-                if o.temperature == 0:  # nothing above read the values: one reduction checks them
-                    check_finite_above("logits", lr)
-                conf = run.uniform(xr.shape)
-            else:  # log p(x0) under softmax(logits); its row maxima check the values
-                conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
+                lr = _without_mask(run, lr, owned)  # SUBS: never predict the mask
+                if o.temperature == 0:
+                    x0 = lr.argmax(-1)
+                else:
+                    x0 = ops.sample_categorical(lr, seed=run.seed, offset=run.next_offset(),
+                                                row_offset=run.row_offset(xr.shape), temperature=o.temperature,
+                                                top_k=_top_k(run), top_p=o.top_p, backend=o.backend)
+                if random:
+                    if o.temperature == 0:  # nothing above read the values: one reduction checks them
+                        check_finite_above("logits", lr)
+                    conf = run.uniform(xr.shape)
+                else:  # log p(x0) under softmax(logits); its row maxima check the values
+                    conf = lr.gather(-1, x0.unsqueeze(-1)).squeeze(-1).float() - _logsumexp(lr)
         conf = torch.where(masked, conf.to(torch.float64), torch.full_like(conf, float("-inf"), dtype=torch.float64))
         if tps is not None:
             num = remaining.clamp_max(tps)
