@@ -27,6 +27,12 @@ def posterior_sample_ref(process: DiscreteProcess, x0_logits: torch.Tensor, x_t:
     give the same tokens alone with ``row_offset=k``. For absorbing processes an unmasked token is
     carried over (its posterior is one-hot) without evaluating the row. Arguments, values and the rows
     without posterior weight (``x_t`` kept) as in :func:`~fastdiff.ops.categorical_posterior_ref`.
+
+    Absorbing (scalar schedule) and uniform processes are drawn from the closed-form posterior with a
+    two-level inverse CDF (one softmax pass per row, float64 only in the block where the CDF crosses;
+    a masked row whose uniform falls in the mask's share of an end-positioned mask is not read again);
+    tokens equal the dense float64 computation's except within about 1e-7 of a CDF boundary on wide
+    float32 rows. Other processes use their ``x0_log_probs`` / ``posterior_probs`` in float64 row blocks.
     """
     x_t, tt, ss = check_posterior_args(process, x0_logits, x_t, t, s, temperature, values=False)
     seed = _random._check_seed(seed)
@@ -76,10 +82,11 @@ def _dense_sample(process: DiscreteProcess, logits: torch.Tensor, xt: torch.Tens
     return out
 
 
-# The closed form: categories per block of the two-level inverse CDF, and the float32 elements one block of
-# rows holds (4 MiB: the exp pass and the block sums re-read it from cache, not memory).
-_BLOCK = 1024
-_CHUNK = 1 << 20
+# The closed form: categories per block of the two-level inverse CDF, and the elements of one block of rows
+# (8 MiB of float32: fewer, larger PyTorch calls; measured against 0.5-4 MiB on one thread).
+_BLOCK = 256
+_CHUNK = 1 << 21
+_EXACT_V = 2048  # rows this narrow are computed in float64 throughout, as the C++ kernel does (csrc/rows.h)
 
 
 def _affine_schedule(process: DiscreteProcess) -> torch.Tensor | None:
@@ -106,12 +113,14 @@ def _affine_sample(process: DiscreteProcess, logits: torch.Tensor, xt: torch.Ten
 
     (:mod:`fastdiff.ops._plan`'s formulas, the ones :class:`~fastdiff.discrete.Absorbing` and
     :class:`~fastdiff.discrete.Uniform` compute). The draw is the same inverse CDF in index order: block sums
-    of ``e`` (float32 exp, float64 sums) locate the block where the cumulative weight crosses ``u · Σ w``,
-    and only that block's weights are computed in float64 and accumulated. Absorbing rows whose mask is the
-    last (or first) category need no logits when ``u`` falls in the mask's closed-form share. A token can
-    differ from the dense computation's only where ``u · Σ w`` lies within about 1e-7 of a CDF boundary;
-    rows the block search cannot settle (rounding at a block edge, ``u · Σ w`` past the last cumulative
-    weight) are drawn by :func:`_dense_sample`.
+    of ``e`` (one softmax pass, no float64 ``(rows, V)`` temporary) locate the block where the cumulative
+    weight crosses ``u · Σ w``, and only that block's weights are computed in float64 and accumulated.
+    Absorbing rows whose mask is the last (or first) category need no logits when ``u`` falls in the mask's
+    closed-form share ``1 - a_s`` of ``W = 1 - a_t``. Wide float32 rows: a token can differ from the dense
+    computation's only where ``u · Σ w`` lies within about 1e-7 of a CDF boundary (float64 logits and rows
+    of at most 2048 categories: float64 throughout, within 1e-12). Rows the block search cannot settle
+    (rounding at a block edge, ``u · Σ w`` past the last cumulative weight) are drawn by
+    :func:`_dense_sample`; so is every row of a schedule that is not decreasing.
     """
     V = logits.shape[1]
     ab = _affine_schedule(process).to(rows.device)
@@ -142,7 +151,7 @@ def _affine_sample(process: DiscreteProcess, logits: torch.Tensor, xt: torch.Ten
         k = sel[c0:c0 + step]
         r = rows[k]
         x = logits[c0:c0 + step] if every_row else logits[r]
-        tok, bad = _affine_rows(x, xt[r], a_t[k], a_s[k], u[k], mask, temperature)
+        tok, bad = _affine_rows(x, not every_row, xt[r], a_t[k], a_s[k], u[k], mask, temperature)
         out[k] = tok
         if bool(bad.any()):
             fallback.append(k[bad])
@@ -152,41 +161,37 @@ def _affine_sample(process: DiscreteProcess, logits: torch.Tensor, xt: torch.Ten
     return out
 
 
-def _affine_rows(x: torch.Tensor, xt: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor, u: torch.Tensor,
-                 mask: int | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two-level inverse CDF of :func:`_affine_sample` on a block of rows ``x (n, V)``: ``(tokens, bad)``,
-    ``bad`` marking the rows left to the dense computation."""
+def _affine_rows(x: torch.Tensor, owned: bool, xt: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor,
+                 u: torch.Tensor, mask: int | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-level inverse CDF of :func:`_affine_sample` on a block of rows ``x (n, V)`` (``owned``: a
+    gathered copy this function may overwrite, else a view of the caller's logits): ``(tokens, bad)``, ``bad``
+    marking the rows left to the dense computation.
+
+    Coarse level: ``p = softmax(x / temperature)`` (one fused pass; float64 for float64 logits and rows of at
+    most ``_EXACT_V`` categories, else float32) summed per block of ``_BLOCK`` categories. Fine level, the
+    crossing block only: float64 ``exp`` of its logits, normalised to the block's coarse sum, so the two
+    levels agree and the proportions inside the block are exact."""
     n, V = x.shape
     dev = x.device
     f64 = torch.float64
-    cdt = f64 if x.dtype == f64 else torch.float32
+    cdt = f64 if x.dtype == f64 or V <= _EXACT_V else torch.float32
+    zero = torch.zeros((), dtype=f64, device=dev)
     ar = torch.arange(n, device=dev)
-    if mask is None:
-        M = x.amax(-1)
-    else:
-        parts = [p.amax(-1) for p in (x[:, :mask], x[:, mask + 1:]) if p.shape[1]]
-        M = torch.maximum(parts[0], parts[1]) if len(parts) == 2 else parts[0]
-    M = M.to(cdt)
-    e = torch.sub(x, M.unsqueeze(-1)) if x.dtype == cdt else torch.sub(x.to(cdt), M.unsqueeze(-1))
-    if temperature != 1.0:
-        e.div_(temperature)
-    e.exp_()
-    if mask is not None:
-        e[:, mask] = 0.0
+    z = x.to(cdt) if temperature == 1.0 else x.to(cdt) / temperature
+    if mask is not None:  # the mask logit is ignored: -inf (on a copy, never the caller's tensor)
+        z = z.clone() if z is x and not owned else z
+        z[:, mask] = float("-inf")
+    p = torch.softmax(z, -1)
     B = min(_BLOCK, V)
     nb_full = V // B
-    Eb = e[:, :nb_full * B].unflatten(1, (nb_full, B)).sum(-1, dtype=f64)
+    # block sums in p's dtype (a float32 sum is pairwise: ~1e-7 relative, as the exp's rounding), then float64
+    Eb = p[:, :nb_full * B].unflatten(1, (nb_full, B)).sum(-1).to(f64)
     lens = torch.full((nb_full,), float(B), dtype=f64, device=dev)
     if nb_full * B < V:
-        Eb = torch.cat([Eb, e[:, nb_full * B:].sum(-1, dtype=f64, keepdim=True)], 1)
+        Eb = torch.cat([Eb, p[:, nb_full * B:].sum(-1, keepdim=True).to(f64)], 1)
         lens = torch.cat([lens, torch.tensor([float(V - nb_full * B)], dtype=f64, device=dev)])
     nb = Eb.shape[1]
     Z = Eb.sum(-1)
-    M64, T = M.to(f64), float(temperature)
-
-    def weight_e(xv: torch.Tensor) -> torch.Tensor:  # exact float64 e of logits xv (n, k)
-        return torch.exp(xv.to(f64) / T - (M64 / T).unsqueeze(-1))
-
     if mask is not None:
         a = (a_s - a_t) / Z
         b = torch.zeros_like(a)
@@ -197,7 +202,7 @@ def _affine_rows(x: torch.Tensor, xt: torch.Tensor, a_t: torch.Tensor, a_s: torc
         a = (1.0 - r) / V * a_s / Z
         b = (1.0 - r) / V * (1.0 - a_s) / V
         spike_at = xt
-        spike = r * (a_s * weight_e(x.gather(1, xt.unsqueeze(-1))).squeeze(-1) / Z + (1.0 - a_s) / V)
+        spike = r * (a_s * p.gather(1, xt.unsqueeze(-1)).squeeze(-1).to(f64) / Z + (1.0 - a_s) / V)
     Wb = a.unsqueeze(-1) * Eb + b.unsqueeze(-1) * lens
     Wb[ar, spike_at // B] += spike
     Cb = Wb.cumsum(-1)
@@ -207,20 +212,33 @@ def _affine_rows(x: torch.Tensor, xt: torch.Tensor, a_t: torch.Tensor, a_s: torc
     blk = torch.searchsorted(Cb, target.unsqueeze(-1), right=True).squeeze(-1)
     bad = (blk >= nb) & ~dead
     blk = blk.clamp_max(nb - 1)
-    before = torch.where(blk > 0, Cb.gather(1, (blk - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1),
-                         torch.zeros((), dtype=f64, device=dev))
+    before = torch.where(blk > 0, Cb.gather(1, (blk - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1), zero)
     idx = blk.unsqueeze(-1) * B + torch.arange(B, device=dev)
-    inside = idx < V
-    idx = idx.clamp_max(V - 1)
-    w = weight_e(x.gather(1, idx)) * a.unsqueeze(-1) + b.unsqueeze(-1)
-    if mask is not None:
-        w = torch.where(idx == mask, torch.zeros((), dtype=f64, device=dev), w)
-    w = w + torch.where(idx == spike_at.unsqueeze(-1), spike.unsqueeze(-1), torch.zeros((), dtype=f64, device=dev))
-    w = torch.where(inside, w, torch.zeros((), dtype=f64, device=dev))
-    cum = before.unsqueeze(-1) + w.cumsum(-1)
+    ragged = V % B != 0
+    if ragged:  # the last block is short: its missing categories get no weight
+        inside = idx < V
+        idx = idx.clamp_max(V - 1)
+    # the crossing block's logits / temperature in float64, as the dense computation takes them
+    zb = (z if cdt == f64 else x).gather(1, idx).to(f64)
+    if cdt != f64 and temperature != 1.0:
+        zb = zb / temperature
+    if mask is not None and cdt != f64:
+        zb.masked_fill_(idx == mask, float("-inf"))
+    if ragged:
+        zb.masked_fill_(~inside, float("-inf"))
+    e = zb.sub_(zb.amax(-1, keepdim=True).clamp_min_(torch.finfo(f64).min)).exp_()  # a block of -inf: e = 0
+    se = e.sum(-1)
+    eb = Eb.gather(1, blk.unsqueeze(-1)).squeeze(-1)
+    w = e.mul_(torch.where(se > 0, a * eb / torch.where(se > 0, se, 1.0), zero).unsqueeze(-1))
+    if mask is None:
+        w.add_((b.unsqueeze(-1) * inside) if ragged else b.unsqueeze(-1))
+    pos = spike_at - blk * B
+    hit = (pos >= 0) & (pos < B)
+    w[ar, pos.clamp(0, B - 1)] += torch.where(hit, spike, zero)
+    cum = w.cumsum_(-1).add_(before.unsqueeze(-1))
     j = torch.searchsorted(cum, target.unsqueeze(-1), right=True).squeeze(-1)
-    bad |= (j >= B) & ~dead
     tok = blk * B + j.clamp_max(B - 1)
+    bad |= ((j >= B) | (tok >= V)) & ~dead
     tok = torch.where(dead | bad, xt, tok)
     return tok, bad
 
