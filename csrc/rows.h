@@ -2,10 +2,11 @@
 // check's status codes, vectorised max / exp-sum passes, the "affine" row of weights with its chunked
 // inverse-CDF draw, and the per-row statistics pass.
 //
-// One row at a time (rows in parallel): a max pass, then a pass that sums the row's exp weights per
-// chunk of CH categories (the row is cache-resident by then), then the inverse-CDF draw: the chunk
-// sums locate the chunk where the cumulative weight crosses u * W, and only that chunk is walked
-// element by element with float64 weights, as the reference computes them. No (N, V) buffer exists.
+// One row at a time (rows in parallel): one pass over the row that takes each chunk of CH categories'
+// max and exp-sum while the chunk is in L1, then the inverse-CDF draw: the chunk sums locate the chunk
+// where the cumulative weight crosses u * W, sums of 32 categories inside it the sub-chunk, and only
+// that sub-chunk is walked element by element with float64 weights, as the reference computes them.
+// No (N, V) buffer exists.
 //
 // Precision: float64 logits, and rows of at most kExactV categories, are computed in float64
 // throughout (exp from libm). Wider float32/float16/bfloat16 rows sum their weights with a vectorised
