@@ -28,6 +28,16 @@ int64_t draw_dense(const double* w, int64_t V, double u) {
 }
 
 
+// The value check of a masked absorbing row (status as row_stats reports it), without its statistics.
+template <typename C>
+int check_masked(const C* x, int64_t V, int64_t mask) {
+  int nan = 0;
+  const C m = std::max(vmax(x, mask, &nan), vmax(x + mask + 1, V - mask - 1, &nan));
+  const int status = finish_stats<C>(m, x[mask], nan, 0.0).status;
+  if (status != kOk) return status;
+  return m == static_cast<C>(-kInf) ? kOnlyMask : kOk;
+}
+
 // ---- posterior ----------------------------------------------------------------------------------------
 struct PostArgs {
   int64_t kind;  // PosteriorKindCode (schema.h)
@@ -53,6 +63,19 @@ int64_t posterior_row(const PostArgs& A, int64_t r, const C* x, O* out, std::vec
     return xt;
   };
   const double temp = A.temp;
+  if (A.kind == kKindAbsorbing && A.sample && (A.mask == V - 1 || A.mask == 0)) {
+    // The mask's weight is closed form (1 - a_s, out of W = 1 - a_t), and with the mask the last (first)
+    // category its CDF interval is the last (first) one: when u * W falls in it, or the row has no weight
+    // at all, the row stays mask and is only read for the value check.
+    const double a_t = A.a_t[r], a_s = A.a_s[r], W = 1.0 - a_t;
+    if (a_s >= a_t && a_s <= 1.0) {  // a decreasing schedule: both shares non-negative
+      const double target = row_uniform(A.seed, A.offset, A.row0 + static_cast<uint64_t>(r)) * W;
+      if (!(W > 0.0) || (A.mask == V - 1 ? target >= a_s - a_t : target < 1.0 - a_s)) {
+        *status = check_masked(x, V, A.mask);
+        return xt;
+      }
+    }
+  }
   if (A.kind == kKindAbsorbing || A.kind == kKindUniform) {
     const bool absorbing = A.kind == kKindAbsorbing;
     const int64_t skip = absorbing ? A.mask : -1;

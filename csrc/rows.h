@@ -2,10 +2,11 @@
 // check's status codes, vectorised max / exp-sum passes, the "affine" row of weights with its chunked
 // inverse-CDF draw, and the per-row statistics pass.
 //
-// One row at a time (rows in parallel): a max pass, then a pass that sums the row's exp weights per
-// chunk of CH categories (the row is cache-resident by then), then the inverse-CDF draw: the chunk
-// sums locate the chunk where the cumulative weight crosses u * W, and only that chunk is walked
-// element by element with float64 weights, as the reference computes them. No (N, V) buffer exists.
+// One row at a time (rows in parallel): one pass over the row that takes each chunk of CH categories'
+// max and exp-sum while the chunk is in L1, then the inverse-CDF draw: the chunk sums locate the chunk
+// where the cumulative weight crosses u * W, sums of 32 categories inside it the sub-chunk, and only
+// that sub-chunk is walked element by element with float64 weights, as the reference computes them.
+// No (N, V) buffer exists.
 //
 // Precision: float64 logits, and rows of at most kExactV categories, are computed in float64
 // throughout (exp from libm). Wider float32/float16/bfloat16 rows sum their weights with a vectorised
@@ -72,11 +73,24 @@ FASTDIFF_CLONES double esum_f32(const float* x, int64_t n, float M, float inv_t,
   return static_cast<double>(s);
 }
 
+// Four independent accumulators over the four quarters of the range: four exp polynomials in flight per
+// step instead of one chain of vector additions. M is the range's maximum (row_stats), so every argument
+// is <= 0: exp_f32_nonpos.
 FASTDIFF_CLONES double esum_all_f32(const float* x, int64_t n, float M, float inv_t) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp_f32((x[i] - M) * inv_t);
-  return static_cast<double>(s);
+  const int64_t q = n / 4;
+  const float* x1 = x + q;
+  const float* x2 = x + 2 * q;
+  const float* x3 = x + 3 * q;
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < q; ++i) {
+    s0 += exp_f32_nonpos((x[i] - M) * inv_t);
+    s1 += exp_f32_nonpos((x1[i] - M) * inv_t);
+    s2 += exp_f32_nonpos((x2[i] - M) * inv_t);
+    s3 += exp_f32_nonpos((x3[i] - M) * inv_t);
+  }
+  for (int64_t i = 4 * q; i < n; ++i) s0 += exp_f32_nonpos((x[i] - M) * inv_t);
+  return static_cast<double>((s0 + s1) + (s2 + s3));
 }
 
 FASTDIFF_CLONES void eprobs_f32(const float* x, int64_t n, float M, float inv_t, float thr, float ca, float cb,
@@ -166,20 +180,46 @@ struct AffineRow {
     return W;
   }
 
-  // min{j : cumsum(w)_j > u * W}, chunk sums first, the crossing chunk in float64; else the last
+  // Weight of [lo, hi) from the vectorised e sums (the same sums as chunk_e, float32 exp for float rows).
+  double range_w(int64_t lo, int64_t hi) const {
+    double e;
+    if (skip >= lo && skip < hi) {
+      e = esum(x + lo, skip - lo, M, temp, thr) + esum(x + skip + 1, hi - skip - 1, M, temp, thr);
+    } else {
+      e = esum(x + lo, hi - lo, M, temp, thr);
+    }
+    double w = a * e + b * static_cast<double>(hi - lo);
+    if (spike >= lo && spike < hi) w += spike_val;
+    return w;
+  }
+
+  // min{j : cumsum(w)_j > u * W}: chunk sums first; the crossing chunk by SUB-category sums (vectorised);
+  // only the crossing sub-chunk element by element in float64, as the reference computes the weights.
+  // A (sub-)chunk is entered whenever its sum could reach the target within the float32 sums' error;
+  // if the float64 walk does not cross there, the walk goes on with the next one. Else the last
   // positive-weight category.
   int64_t draw(const double* Wc, double W, double u) const {
+    constexpr int64_t SUB = 32;
     const double target = u * W;
     double cum = 0.0;
+    auto near = [&](double w) { return cum + w * (1.0 + 1e-5) + 1e-6 * W >= target; };
     for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
       const int64_t hi = std::min(V, lo + CH);
-      if (cum + Wc[c] * (1.0 + 1e-5) + 1e-6 * W >= target) {
-        for (int64_t j = lo; j < hi; ++j) {
+      if (!near(Wc[c])) {
+        cum += Wc[c];
+        continue;
+      }
+      for (int64_t slo = lo; slo < hi; slo += SUB) {
+        const int64_t shi = std::min(hi, slo + SUB);
+        const double ws = range_w(slo, shi);
+        if (!near(ws)) {
+          cum += ws;
+          continue;
+        }
+        for (int64_t j = slo; j < shi; ++j) {
           cum += weight(j);
           if (cum > target) return j;
         }
-      } else {
-        cum += Wc[c];
       }
     }
     for (int64_t j = V - 1; j >= 0; --j) {

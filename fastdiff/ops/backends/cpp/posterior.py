@@ -3,9 +3,11 @@
 
 Rows in parallel; per row one pass over 512-category chunks (max and float32 exp-sum while the chunk is in
 L1) that also checks the values (NaN, +inf, all -inf, a masked row with only the mask logit), then the
-inverse-CDF draw that walks the chunk sums and only the crossing chunk in float64. Rows of float64 logits
-or V <= 2048 are computed in float64 throughout; per-token absorbing and matrix rows use float64 weight
-vectors.
+inverse-CDF draw that walks the chunk sums, then 32-category sums of the crossing chunk, and only the crossing
+32 categories in float64. A masked absorbing row (scalar schedule) whose mask is the last or first category and
+whose uniform falls in the mask's closed-form share (``1 - a_s`` of ``1 - a_t``) is only read for the value
+check. Rows of float64 logits or V <= 2048 are computed in float64 throughout; per-token absorbing and matrix
+rows use float64 weight vectors.
 """
 
 from __future__ import annotations
