@@ -404,18 +404,24 @@ class _Run:
                     raise InputError(f"{self._where(t)}{guided}: {msg[len(prefix):]}") from e
             raise
 
+    def _own(self, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(out, owned)`` for a model's output: the sampler may write into it only when the model declares
+        ``fresh_output`` (a new tensor every call, kept nowhere) and the tensor is contiguous (no expanded,
+        self-overlapping view)."""
+        return out, self.model.fresh_output and out.is_contiguous()
+
     def _forward(self, x_all: torch.Tensor, kw: dict, halves: int, t: int,
                  rows: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
         """The network on ``x_all`` (``halves`` stacked copies of ``n`` batch rows ``rows``, all rows when
         None): ``(output, owned)``, ``owned`` when the tensor is the sampler's (not the model's)."""
         m = self.o.micro_batch
         if m is None:
-            return self._call(x_all, t, kw), False
+            return self._own(self._call(x_all, t, kw))
         n = x_all.shape[0] // halves
         local = list(range(n)) if rows is None else rows.tolist()
         glob = [self.sample_offset + r for r in local]
         if n == m and glob[0] % m == 0 and all(g == glob[0] + i for i, g in enumerate(glob)):
-            return self._call(x_all, t, kw), False  # already one aligned call of m rows
+            return self._own(self._call(x_all, t, kw))  # already one aligned call of m rows
         chunks: dict[int, list[tuple[int, int]]] = {}
         for pos, g in enumerate(glob):
             chunks.setdefault(g // m, []).append((pos, g % m))
