@@ -46,6 +46,7 @@ from ._adapters import Denoiser
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from ._graph import StepGraphs
     from ._options import Options, Process
     from .strategies import Strategy
 
@@ -109,6 +110,8 @@ class _Run:
         self._finished = torch.zeros(self.B, dtype=torch.bool, device=self.device)
         self._stopped = self._finished
         self._kv: object | None = None
+        #: whole ancestral steps replayed as CUDA graphs (``cuda_graph=True`` where they apply: _graph.py)
+        self.step_graphs: StepGraphs | None = None
 
     # ------------------------------------------------------------------------------------------------
     # state, read-only from outside
@@ -363,6 +366,21 @@ class _Run:
         self._stats["sequences_evaluated"] += x_in.shape[0]
         self._check_output(out, x_in, t)
         return out
+
+    def count_call(self, rows: int, seconds: float) -> None:
+        """Count one network call made outside :meth:`_call` (a CUDA graph replay of a whole step, whose
+        time, network and op together, goes to ``model_time_s``)."""
+        self._stats["model_time_s"] += seconds
+        self._stats["network_calls"] += 1
+        self._stats["sequences_evaluated"] += rows
+
+    def call_kw(self, Lc: int) -> dict:
+        """The keywords of a network call over all rows and ``Lc`` context positions (no guidance): the
+        condition, and the attention mask when the model takes one."""
+        kw = self._kw(self.o.cond, None)
+        if self._attention_mask is not None and self.model.accepts_attention_mask:
+            kw["attention_mask"] = self._attention_mask[:, :Lc]
+        return kw
 
     def _where(self, t: int | torch.Tensor) -> str:
         t = t.tolist() if isinstance(t, torch.Tensor) else t
