@@ -11,8 +11,11 @@ Providers (one group per strategy: ``ancestral`` (the default), ``confidence``, 
 * ``network``: the floor: one forward of the model on the ``(B, L)`` input the first step gives it (every
   position masked, ``t = T``), under ``inference_mode``, as the sampler calls it. Timed per call.
 * ``step``: a whole :func:`sample` run; ``extra_info`` divides by the steps it made.
+* ``graph`` (CUDA only; skipped on CPU with the reason): the same run with ``cuda_graph=True`` (ancestral: network
+  and posterior op of a step replayed as one CUDA graph, its ``model_time_s`` covering both; the others: the
+  network's forward replayed alone), one sampler across rounds so the capture happens in the warm-up.
 
-``extra_info`` (``step``): ``steps``, ``step_s`` (best round's time per step), ``network_s`` (that round's
+``extra_info`` (``step``, ``graph``): ``steps``, ``step_s`` (best round's time per step), ``network_s`` (that round's
 time inside the network calls per step, the sampler's own ``model_time_s``), ``non_network_fraction`` (``1 -
 model_time_s / time_s`` of that round, the quantity the issue bounds at 5%), ``target_met``
 (``non_network_fraction <= 0.05``), and, when the ``network`` floor ran earlier in the session,
@@ -32,14 +35,14 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICE, SMALL, run
-from fastdiff.sampling import sample
+from fastdiff.sampling import Sampler, sample
 
 B, L, STEPS = (8, 32, 4) if SMALL else (64, 64, 16)
 THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))
 TEMPERATURE = 0.9  # the bundled checkpoint's generation default
 THRESHOLD = 0.9
 STRATEGIES = ("ancestral", "confidence", "threshold")
-PROVIDERS = ("network", "step")
+PROVIDERS = ("network", "step", "graph")
 TARGET = 0.05  # issue 16: the non-network time of a step at most 5% of the step
 _FLOOR: dict[str, float] = {}  # "network" -> best forward time (s)
 
@@ -93,10 +96,23 @@ def test_step(benchmark, bundled, strategy: str, provider: str) -> None:
         return
 
     stats: list[dict] = []
+    if provider == "graph":
+        if DEVICE.type != "cuda":
+            pytest.skip("cuda_graph=True needs a CUDA device")
+        kw = _options(strategy)
+        shape, seed = kw.pop("shape"), kw.pop("seed")
+        steps, strat = kw.pop("steps"), kw.pop("strategy")
+        sampler = Sampler(process, steps=steps, strategy=strat, cuda_graph=True, **kw)
+
+        def call() -> object:
+            return sampler.sample(model, shape=shape, seed=seed)
+    else:
+        def call() -> object:
+            return sample(model, process, **_options(strategy))
 
     def whole_run() -> torch.Tensor:
         with torch.inference_mode():
-            res = sample(model, process, **_options(strategy))
+            res = call()
         stats.append(res.stats)
         return res.tokens
 

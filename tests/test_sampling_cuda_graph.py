@@ -70,7 +70,7 @@ def _graph_run(model, process, shape, steps, seed, **options):
     den = as_denoiser(model)
     run = _Run(den, process, sampler.spec, steps, shape, seed, sampler.options)
     graphs = StepGraphs(den, process, sampler.options.temperature, run.device, capture=fake_capture, op=counter_op)
-    run.step_graphs = graphs
+    run.use_graphs(graphs)
     with torch.no_grad():
         tokens, _ = sampler.spec.loop(run)
     return tokens, run, graphs
@@ -119,7 +119,7 @@ def test_a_body_that_cannot_be_captured_raises_naming_cuda_graph() -> None:
     sampler = Sampler(p, steps=3, backend="cpp")
     den = as_denoiser(Model())
     run = _Run(den, p, sampler.spec, 3, (2, 6), 0, sampler.options)
-    run.step_graphs = StepGraphs(den, p, 1.0, run.device, capture=failing, op=counter_op)
+    run.use_graphs(StepGraphs(den, p, 1.0, run.device, capture=failing, op=counter_op))
     with pytest.raises(InputError, match="cuda_graph: the step could not be captured"):
         with torch.no_grad():
             sampler.spec.loop(run)

@@ -130,9 +130,8 @@ class Sampler:
         den = as_denoiser(model)
         run = _Run(den, self.process, self.spec, self.steps, (B, L), seed, o)
         if o.cuda_graph:  # whole steps as graphs where they apply, else the network's forward alone
-            run.step_graphs = self._step_graphs(model, den, run, o)
-            if run.step_graphs is None:
-                run.model = CUDAGraphed(den)
+            graphs = self._step_graphs(model, den, run, o)
+            run.use_graphs(graphs, CUDAGraphed(den) if graphs is None else None)
         t0 = time.perf_counter()
         with torch.no_grad(), _eval_mode(den.fn):
             tokens, x = self.spec.loop(run)

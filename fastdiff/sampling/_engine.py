@@ -110,8 +110,7 @@ class _Run:
         self._finished = torch.zeros(self.B, dtype=torch.bool, device=self.device)
         self._stopped = self._finished
         self._kv: object | None = None
-        #: whole ancestral steps replayed as CUDA graphs (``cuda_graph=True`` where they apply: _graph.py)
-        self.step_graphs: StepGraphs | None = None
+        self._step_graphs: StepGraphs | None = None
 
     # ------------------------------------------------------------------------------------------------
     # state, read-only from outside
@@ -143,6 +142,18 @@ class _Run:
     @property
     def trajectory(self) -> list[torch.Tensor] | None:
         return self._trajectory
+
+    @property
+    def step_graphs(self) -> StepGraphs | None:
+        """Whole ancestral steps replayed as CUDA graphs (``cuda_graph=True`` where they apply), or None."""
+        return self._step_graphs
+
+    def use_graphs(self, step_graphs: StepGraphs | None, model: Denoiser | None = None) -> None:
+        """``cuda_graph=True``, set up once before the loop: the captured steps (:mod:`._graph`), or
+        ``model``, the network replayed as a graph alone (:class:`~fastdiff.sampling.CUDAGraphed`)."""
+        self._step_graphs = step_graphs
+        if model is not None:
+            self.model = model
 
     # ------------------------------------------------------------------------------------------------
     # set-up
@@ -364,7 +375,7 @@ class _Run:
         self._stats["model_time_s"] += time.perf_counter() - t0
         self._stats["network_calls"] += 1
         self._stats["sequences_evaluated"] += x_in.shape[0]
-        self._check_output(out, x_in, t)
+        self.check_output(out, x_in, t)
         return out
 
     def count_call(self, rows: int, seconds: float) -> None:
@@ -386,7 +397,7 @@ class _Run:
         t = t.tolist() if isinstance(t, torch.Tensor) else t
         return f"model output at step {self._stats['steps'] + 1} (t={t})"
 
-    def _check_output(self, out: object, x_in: torch.Tensor, t: int) -> None:
+    def check_output(self, out: object, x_in: torch.Tensor, t: int) -> None:
         """Shape, dtype and device of one call's output; the values of a continuous output (one
         reduction). A discrete output's values are checked by the op that reads them (:meth:`op_values`)."""
         where = self._where(t)

@@ -156,7 +156,7 @@ class StepGraphs:
         def body() -> tuple[torch.Tensor, ...]:
             tt = scalars[3:4].expand(B).contiguous()
             out = model(sx, tt, **skw)
-            run._check_output(out, sx, t)  # shape, dtype, device: static, checked while capturing
+            run.check_output(out, sx, t)  # shape, dtype, device: static, checked while capturing
             lr = out[:, a:b]
             tokens = self.op(self._plan(lr, sx[:, a:b], scalars), scalars[:3])
             return tokens, lr
