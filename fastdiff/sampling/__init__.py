@@ -138,8 +138,8 @@ class Sampler:
         return SampleOutput(tokens=tokens, stats=run.finish_stats(t0, tokens), x=x, trajectory=run.trajectory)
 
     def _step_graphs(self, model: object, den: Denoiser, run: _Run, o: Options) -> StepGraphs | None:
-        """The captured steps for ``model`` (kept by this sampler across calls, per model, temperature and
-        device), or None when whole steps cannot be captured (:func:`._graph.unsupported`, or the posterior
+        """The captured steps for ``model`` (kept by this sampler across calls, per model, temperature,
+        device and the addresses of the model's parameters and buffers), or None when whole steps cannot be captured (:func:`._graph.unsupported`, or the posterior
         op does not resolve to the CUDA kernel on this device)."""
         if _graph.unsupported(self.spec, o, self.process) is not None or run.device.type != "cuda":
             return None
@@ -149,7 +149,11 @@ class Sampler:
             return None
         if name != "cuda" or not hasattr(torch.ops.fastdiff_cuda, "posterior_counters"):
             return None
-        key = (id(model), float(o.temperature), str(run.device))
+        fn = den.fn
+        # the graphs read the parameters where they were at capture: a model moved or cast since is recaptured
+        storage = tuple(q.data_ptr() for q in (*fn.parameters(), *fn.buffers())) \
+            if isinstance(fn, torch.nn.Module) else ()
+        key = (id(model), float(o.temperature), str(run.device), storage)
         hit = self._graphs.get(key)
         if hit is None or hit[0] is not model:
             hit = self._graphs[key] = (model, _graph.StepGraphs(den, self.process, o.temperature, run.device))

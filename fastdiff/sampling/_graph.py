@@ -7,7 +7,7 @@ the fused posterior), each paying the host's launch cost; one replay launches th
 What is captured, per key (the ``(B, L_ctx)`` input of the block, the block ``[a, b)``, the shapes and
 dtypes of the condition tensors; the block's position is part of the captured slice, so a ``block_size`` run
 captures one graph per block, each replayed for that block's steps, and a :class:`~fastdiff.sampling.Sampler`
-keeps them for its later calls with the same model, temperature and device):
+keeps them for its later calls with the same model, temperature, device and parameter storage):
 
 * static inputs: the network's token input ``(B, L_ctx)`` int64, the condition tensors, and one ``(5,)``
   int64 device buffer ``(seed, offset, row_offset, t, s)`` (the uint64 counter words' bits): before each
