@@ -98,6 +98,17 @@ def test_graph_plumbing_gives_the_eager_tokens(kind: str, options: dict) -> None
     assert {k[2:4] for k in graphs.entries} == set(run.blocks())
 
 
+def test_graphs_beyond_the_bound_are_released_and_captured_again(monkeypatch) -> None:
+    from fastdiff.sampling import _graph
+
+    monkeypatch.setattr(_graph, "MAX_GRAPHS", 2)
+    p = PROCESSES["absorbing"]()
+    eager = sample(Model(), p, shape=(2, 12), steps=3, seed=4, backend="cpp", block_size=3)
+    tokens, run, graphs = _graph_run(Model(), p, (2, 12), 3, 4, block_size=3)
+    assert torch.equal(tokens, eager.tokens)
+    assert [k[2:4] for k in graphs.entries] == [(6, 9), (9, 12)]  # the two last blocks, oldest first
+
+
 def test_graph_plumbing_with_a_condition_and_fixed_positions() -> None:
     p = PROCESSES["absorbing"]()
     label = torch.tensor([0, 1, 2, 1])

@@ -7,7 +7,9 @@ the fused posterior), each paying the host's launch cost; one replay launches th
 What is captured, per key (the ``(B, L_ctx)`` input of the block, the block ``[a, b)``, the shapes and
 dtypes of the condition tensors; the block's position is part of the captured slice, so a ``block_size`` run
 captures one graph per block, each replayed for that block's steps, and a :class:`~fastdiff.sampling.Sampler`
-keeps them for its later calls with the same model, temperature, device and parameter storage):
+keeps them for its later calls with the same model, temperature, device and parameter storage; each graph holds
+its static ``(B, L_ctx, V)`` logits, so at most :data:`MAX_GRAPHS` are kept, the least recently replayed
+released first: a run with more blocks than that captures its blocks again on every call):
 
 * static inputs: the network's token input ``(B, L_ctx)`` int64, the condition tensors, and one ``(5,)``
   int64 device buffer ``(seed, offset, row_offset, t, s)`` (the uint64 counter words' bits): before each
@@ -41,6 +43,7 @@ only been compile-checked where no GPU was at hand (tests/test_sampling_cuda_gra
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -62,6 +65,8 @@ Capture = Callable[[Callable[[], tuple[torch.Tensor, ...]]], tuple[Callable[[], 
 CounterOp = Callable[[PosteriorPlan, torch.Tensor], torch.Tensor]
 
 WARMUP = 2
+#: captured steps kept per :class:`StepGraphs` (each holds a graph and its static logits)
+MAX_GRAPHS = 8
 
 
 def unsupported(spec: Strategy, o: Options, process: Process) -> str | None:
@@ -119,7 +124,7 @@ class StepGraphs:
             KIND_ABSORBING_PER_TOKEN if ab.ndim == 2 else KIND_ABSORBING)
         self.alpha_bar = ab
         self.mask_id = process.mask_id if process.kind == "absorbing" else -1
-        self.entries: dict[tuple, tuple] = {}
+        self.entries: OrderedDict[tuple, tuple] = OrderedDict()  # least recently replayed first
 
     @staticmethod
     def key(x_ctx: torch.Tensor, a: int, b: int, kw: dict) -> tuple:
@@ -187,7 +192,10 @@ class StepGraphs:
         key = self.key(x_ctx, a, b, kw)
         entry = self.entries.get(key)
         if entry is None:
+            while len(self.entries) >= MAX_GRAPHS:
+                self.entries.popitem(last=False)  # its graph and static tensors go with the last reference
             entry = self.entries[key] = self._build(run, x_ctx, a, b, kw, t, s)
+        self.entries.move_to_end(key)
         replay, sx, skw, scalars, tokens, lr = entry
         sx.copy_(x_ctx)
         for k, v in kw.items():
