@@ -154,12 +154,17 @@ def test_keys_tell_static_shapes_apart() -> None:
     assert k == StepGraphs.key(torch.ones(4, 8, dtype=torch.int64), 0, 8, {})
     assert k != StepGraphs.key(torch.zeros(5, 8, dtype=torch.int64), 0, 8, {})
     assert k != StepGraphs.key(x, 0, 4, {})
-    assert StepGraphs.key(x, 0, 8, {"label": torch.zeros(4)}) != StepGraphs.key(x, 0, 8, {"label": torch.zeros(4).long()})
+    floats, longs = {"label": torch.zeros(4)}, {"label": torch.zeros(4).long()}
+    assert StepGraphs.key(x, 0, 8, floats) != StepGraphs.key(x, 0, 8, longs)
 
 
 def test_which_runs_capture_whole_steps() -> None:
     p = PROCESSES["absorbing"]()
-    spec = lambda s, **o: (Sampler(p, steps=4, strategy=s, **o).spec, Sampler(p, steps=4, strategy=s, **o).options)  # noqa: E731
+
+    def spec(strategy: str, **options: object) -> tuple:
+        sampler = Sampler(p, steps=4, strategy=strategy, **options)
+        return sampler.spec, sampler.options
+
     assert unsupported(*spec("ancestral"), p) is None
     assert unsupported(*spec("ancestral", backend="cuda"), p) is None
     assert "strategy 'confidence'" in unsupported(*spec("confidence"), p)

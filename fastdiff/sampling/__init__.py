@@ -139,8 +139,9 @@ class Sampler:
 
     def _step_graphs(self, model: object, den: Denoiser, run: _Run, o: Options) -> StepGraphs | None:
         """The captured steps for ``model`` (kept by this sampler across calls, per model, temperature,
-        device and the addresses of the model's parameters and buffers), or None when whole steps cannot be captured (:func:`._graph.unsupported`, or the posterior
-        op does not resolve to the CUDA kernel on this device)."""
+        device and the addresses of the model's parameters and buffers), or None when whole steps cannot be
+        captured (:func:`._graph.unsupported`, or the posterior op does not resolve to the CUDA kernel on
+        this device)."""
         if _graph.unsupported(self.spec, o, self.process) is not None or run.device.type != "cuda":
             return None
         try:
