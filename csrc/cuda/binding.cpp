@@ -243,6 +243,23 @@ Tensor posterior(const Tensor& logits, const Tensor& x_t, const Tensor& t, const
   return out;
 }
 
+// posterior_sample with (seed, offset, row_offset) in a (3,) int64 device tensor that the kernel reads: the op a
+// CUDA graph captures (fastdiff/sampling/_graph.py), so each replay draws with the counters of its step.
+Tensor posterior_counters(const Tensor& logits, const Tensor& x_t, const Tensor& t, const Tensor& s, int64_t kind,
+                          int64_t mask_id, double temperature, const OptTensor& a_t, const OptTensor& a_s,
+                          const OptTensor& ab_table, const OptTensor& fact1, const OptTensor& qbar_s,
+                          const OptTensor& pair, const Tensor& counters) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const PosteriorArgs a = posterior_args(logits, x_t, t, s, kind, mask_id, temperature, a_t, a_s, ab_table, fact1,
+                                         qbar_s, pair);
+  check_vec(counters, "counters", 3, at::kLong, logits);
+  Tensor out = at::empty({a.N}, logits.options().dtype(at::kLong));
+  check_launch(posterior_sample_counters_launch(a, counters.data_ptr<int64_t>(), out.data_ptr<int64_t>(),
+                                                stream_of(logits)),
+               "posterior_counters");
+  return out;
+}
+
 // ---- sample_categorical --------------------------------------------------------------------------
 // FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL (schema.h).
 Tensor sample_categorical(const Tensor& logits, int64_t seed, int64_t offset, double temperature, int64_t top_k,
@@ -355,6 +372,9 @@ TORCH_LIBRARY(fastdiff_cuda, m) {
   m.def(FASTDIFF_SCHEMA_ROUNDING_LOSS);
   m.def("nearest_embedding_screen(Tensor x, Tensor weight, Tensor stat, bool cosine) -> (Tensor, Tensor, Tensor)");
   m.def(FASTDIFF_SCHEMA_SELECT_TOKENS);
+  m.def("posterior_counters(Tensor logits, Tensor x_t, Tensor t, Tensor s, int kind, int mask_id, float temperature, "
+        "Tensor? a_t, Tensor? a_s, Tensor? ab_table, Tensor? fact1, Tensor? qbar_s, Tensor? pair, Tensor counters) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_cuda, CUDA, m) {
@@ -363,6 +383,7 @@ TORCH_LIBRARY_IMPL(fastdiff_cuda, CUDA, m) {
   m.impl("rounding_loss", &fastdiff::rounding_loss);
   m.impl("nearest_embedding_screen", &fastdiff::nearest_embedding_screen);
   m.impl("select_tokens", &fastdiff::select_tokens);
+  m.impl("posterior_counters", &fastdiff::posterior_counters);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -384,4 +405,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_tokens", &select_tokens, py::arg("logits"), py::arg("candidates"), py::arg("counter_rows"),
         py::arg("k"), py::arg("uniform"), py::arg("rule"), py::arg("temperature"), py::arg("seed"), py::arg("offset"),
         py::arg("threshold"), py::arg("mode"), py::arg("exclude"));
+  m.def("posterior_counters", &posterior_counters, py::arg("logits"), py::arg("x_t"), py::arg("t"), py::arg("s"),
+        py::arg("kind"), py::arg("mask_id"), py::arg("temperature"), py::arg("a_t"), py::arg("a_s"),
+        py::arg("ab_table"), py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"), py::arg("counters"));
 }

@@ -70,6 +70,10 @@ cudaError_t categorical_posterior_launch(const PosteriorArgs& a, void* probs, DT
 // out: (N,) the inverse-CDF draw of each row with the uniform of Philox counter (row0 + row, offset).
 cudaError_t posterior_sample_launch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* out,
                                     cudaStream_t stream);
+// The same draw with (seed, offset, row0) read by the kernel from `counters`, a device array of three int64
+// (the uint64 words' bits), so that a CUDA graph capturing the launch draws fresh numbers on every replay.
+cudaError_t posterior_sample_counters_launch(const PosteriorArgs& a, const int64_t* counters, int64_t* out,
+                                             cudaStream_t stream);
 
 // ---- sample_categorical -------------------------------------------------------------------------
 // temperature 0: argmax (lowest index). Otherwise softmax(logits / temperature), top-k (top_k <= 0 or

@@ -128,7 +128,7 @@ __device__ double posterior_total(const PosteriorRow<T>& R, RowScratch& sm) {
 template <typename T, typename O, bool kSample>
 __global__ void __launch_bounds__(kThreads)
 _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* __restrict__ tokens,
-                  O* __restrict__ probs, bool stage_p) {
+                  O* __restrict__ probs, bool stage_p, const int64_t* __restrict__ counters) {
   extern __shared__ double p_stage[];
   __shared__ RowScratch sm;
   const int64_t V = a.V;
@@ -160,7 +160,12 @@ _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_
         for (int64_t j = threadIdx.x; j < V; j += blockDim.x) out[j] = j == xt ? O(1) : O(0);
       }
     } else if (kSample) {
-      const double target = row_uniform(seed, offset, row0 + static_cast<uint64_t>(row)) * total;
+      // counters: (seed, offset, row0) read on the device, where a CUDA graph replay finds its step's values
+      const double u = counters == nullptr
+          ? row_uniform(seed, offset, row0 + static_cast<uint64_t>(row))
+          : row_uniform(static_cast<uint64_t>(counters[0]), static_cast<uint64_t>(counters[1]),
+                        static_cast<uint64_t>(counters[2]) + static_cast<uint64_t>(row));
+      const double target = u * total;
       const int64_t tok = cdf_draw(V, [&](int64_t j) { return R.weight(j); }, target, sm);
       if (threadIdx.x == 0) tokens[row] = tok >= 0 ? tok : xt;
     } else {
@@ -172,7 +177,7 @@ _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_
 
 template <typename T, typename O, bool kSample>
 cudaError_t posterior_launch_t(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* tokens,
-                               void* probs,
+                               void* probs, const int64_t* counters,
                                cudaStream_t stream) {
   auto kernel = _posterior_kernel<T, O, kSample>;
   size_t smem = 0;
@@ -194,37 +199,44 @@ cudaError_t posterior_launch_t(const PosteriorArgs& a, uint64_t seed, uint64_t o
       stage = true;
     }
   }
-  kernel<<<grid_for(a.N), kThreads, smem, stream>>>(a, seed, offset, row0, tokens, static_cast<O*>(probs), stage);
+  kernel<<<grid_for(a.N), kThreads, smem, stream>>>(a, seed, offset, row0, tokens, static_cast<O*>(probs), stage,
+                                                    counters);
   return last_launch_error();
 }
 
 template <bool kSample>
 cudaError_t posterior_dispatch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* tokens,
-                               void* probs,
+                               void* probs, const int64_t* counters,
                                DType out_dtype, cudaStream_t stream) {
   if (a.N <= 0 || a.V <= 0) return cudaSuccess;
   if (!kSample && (out_dtype == DType::kFloat64) != (a.dtype == DType::kFloat64)) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::kFloat32:
-      return posterior_launch_t<float, float, kSample>(a, seed, offset, row0, tokens, probs, stream);
+      return posterior_launch_t<float, float, kSample>(a, seed, offset, row0, tokens, probs, counters, stream);
     case DType::kFloat64:
-      return posterior_launch_t<double, double, kSample>(a, seed, offset, row0, tokens, probs, stream);
+      return posterior_launch_t<double, double, kSample>(a, seed, offset, row0, tokens, probs, counters, stream);
     case DType::kFloat16:
-      return posterior_launch_t<__half, float, kSample>(a, seed, offset, row0, tokens, probs, stream);
+      return posterior_launch_t<__half, float, kSample>(a, seed, offset, row0, tokens, probs, counters, stream);
     case DType::kBFloat16:
-      return posterior_launch_t<__nv_bfloat16, float, kSample>(a, seed, offset, row0, tokens, probs, stream);
+      return posterior_launch_t<__nv_bfloat16, float, kSample>(a, seed, offset, row0, tokens, probs, counters, stream);
   }
   return cudaErrorInvalidValue;
 }
 }  // namespace
 
 cudaError_t categorical_posterior_launch(const PosteriorArgs& a, void* probs, DType out_dtype, cudaStream_t stream) {
-  return posterior_dispatch<false>(a, 0, 0, 0, nullptr, probs, out_dtype, stream);
+  return posterior_dispatch<false>(a, 0, 0, 0, nullptr, probs, nullptr, out_dtype, stream);
 }
 
 cudaError_t posterior_sample_launch(const PosteriorArgs& a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* out,
                                     cudaStream_t stream) {
-  return posterior_dispatch<true>(a, seed, offset, row0, out, nullptr, DType::kFloat64, stream);
+  return posterior_dispatch<true>(a, seed, offset, row0, out, nullptr, nullptr, DType::kFloat64, stream);
+}
+
+cudaError_t posterior_sample_counters_launch(const PosteriorArgs& a, const int64_t* counters, int64_t* out,
+                                             cudaStream_t stream) {
+  if (counters == nullptr) return cudaErrorInvalidValue;
+  return posterior_dispatch<true>(a, 0, 0, 0, out, nullptr, counters, DType::kFloat64, stream);
 }
 
 }  // namespace fastdiff

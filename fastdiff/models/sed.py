@@ -282,6 +282,7 @@ class SEDDenoiser(nn.Module):
     arch = "sed"
     uses_time = True
     accepts_attention_mask = True  # the sampler passes attention_mask= for variable lengths
+    fresh_output = True  # each forward returns a new tensor, kept nowhere: the sampler may write into it
 
     def __init__(self, config: SEDConfig | dict | None = None, **kw: Any):
         super().__init__()

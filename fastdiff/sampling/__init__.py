@@ -56,10 +56,12 @@ from typing import Any, Protocol
 
 import torch
 
-from . import strategies
+from . import _graph, strategies
 from ..errors import InputError
+from ..ops import _dispatch
 from ._adapters import CUDAGraphed, Denoiser, HFMaskedLM, as_denoiser, unwrap_output
 from ._engine import SampleStep, _Run, num_transfer, step_grid
+from ._graph import StepGraphs
 from ._options import Options, Process, SampleOutput, check_shape, check_static, options_doc, resolve_strategy, \
     strategies_doc
 from .strategies import Strategy
@@ -117,6 +119,7 @@ class Sampler:
         self.options = Options.from_kwargs(options)
         self.steps = check_static(process, strategy, steps, self.options)
         self.spec = resolve_strategy(process, strategy)
+        self._graphs: dict[tuple, tuple[object, StepGraphs]] = {}  # cuda_graph=True: captured steps per model
 
     def sample(self, model: Callable[..., Any], *, shape: tuple[int, int], seed: int = 0, **overrides: Any
                ) -> SampleOutput:
@@ -125,13 +128,37 @@ class Sampler:
             check_static(self.process, self.strategy, self.steps, o)
         B, L = check_shape(shape)
         den = as_denoiser(model)
-        if o.cuda_graph:
-            den = CUDAGraphed(den)
         run = _Run(den, self.process, self.spec, self.steps, (B, L), seed, o)
+        if o.cuda_graph:  # whole steps as graphs where they apply, else the network's forward alone
+            graphs = self._step_graphs(model, den, run, o)
+            run.use_graphs(graphs, CUDAGraphed(den) if graphs is None else None)
         t0 = time.perf_counter()
         with torch.no_grad(), _eval_mode(den.fn):
             tokens, x = self.spec.loop(run)
         return SampleOutput(tokens=tokens, stats=run.finish_stats(t0, tokens), x=x, trajectory=run.trajectory)
+
+    def _step_graphs(self, model: object, den: Denoiser, run: _Run, o: Options) -> StepGraphs | None:
+        """The captured steps for ``model`` (kept by this sampler across calls, per model, temperature,
+        device and the addresses of the model's parameters and buffers), or None when whole steps cannot be
+        captured (:func:`._graph.unsupported`, or the posterior op does not resolve to the CUDA kernel on
+        this device)."""
+        if _graph.unsupported(self.spec, o, self.process) is not None or run.device.type != "cuda":
+            return None
+        try:
+            _, name = _dispatch.resolve("posterior_sample", "posterior", o.backend, run.device)
+        except (InputError, ImportError, RuntimeError):
+            return None
+        if name != "cuda" or not hasattr(torch.ops.fastdiff_cuda, "posterior_counters"):
+            return None
+        fn = den.fn
+        # the graphs read the parameters where they were at capture: a model moved or cast since is recaptured
+        storage = tuple(q.data_ptr() for q in (*fn.parameters(), *fn.buffers())) \
+            if isinstance(fn, torch.nn.Module) else ()
+        key = (id(model), float(o.temperature), str(run.device), storage)
+        hit = self._graphs.get(key)
+        if hit is None or hit[0] is not model:
+            hit = self._graphs[key] = (model, _graph.StepGraphs(den, self.process, o.temperature, run.device))
+        return hit[1]
 
     def iterate(self, model: Callable[..., Any], *, shape: tuple[int, int], seed: int = 0, **overrides: Any
                 ) -> Iterator[SampleStep]:

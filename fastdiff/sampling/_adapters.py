@@ -12,9 +12,14 @@ Every adapter carries two flags the sampler reads:
   It says nothing about whether ``t`` is passed: that is ``pass_time`` / ``time_kwarg``.
 * ``accepts_attention_mask``: the sampler passes ``attention_mask=(B, L) bool`` (True = real token)
   when sequences have different lengths.
+* ``fresh_output``: True when every call returns a tensor made for that call that the model keeps no
+  reference to (no buffer it reuses, no view of one), e.g. ``h @ W.T + b``. The sampler may then write
+  into it (the mask column at ``-inf`` for the decoding strategies, guidance combined in place), which
+  saves a copy of the ``(B, L, V)`` logits per step. False (the default) for any model that does not say so.
 
 The sampler never writes into what a model returns (it may be a buffer the model keeps, or an expanded
-view); a model may return the same tensor object every call.
+view); a model may return the same tensor object every call. The one exception is a model that declares
+``fresh_output = True`` (above).
 """
 
 from __future__ import annotations
@@ -53,14 +58,16 @@ class Denoiser:
     pass_time : False calls ``fn(x_t, **cond)``, for a model without a step argument (a plain masked
         LM). A model that cannot take a second positional argument while ``pass_time`` is True (and no
         ``time_kwarg``) is rejected here, naming this option.
+    fresh_output : True if every call returns a new tensor the model keeps no reference to; the sampler
+        may then write into it instead of copying it (see the module docstring).
     """
 
     def __init__(self, fn: Callable, *, uses_time: bool = True, time_kwarg: str | None = None,
-                 accepts_attention_mask: bool = False, pass_time: bool = True) -> None:
+                 accepts_attention_mask: bool = False, pass_time: bool = True, fresh_output: bool = False) -> None:
         if not callable(fn):
             raise InputTypeError(f"model: expected a callable, got {type(fn).__name__}")
         for name, v in (("uses_time", uses_time), ("accepts_attention_mask", accepts_attention_mask),
-                        ("pass_time", pass_time)):
+                        ("pass_time", pass_time), ("fresh_output", fresh_output)):
             if not isinstance(v, (bool, int)) or v not in (0, 1):
                 raise InputTypeError(f"{name}: expected True or False, got {v!r}")
         if time_kwarg is not None and (not isinstance(time_kwarg, str) or not time_kwarg.isidentifier()):
@@ -70,6 +77,7 @@ class Denoiser:
         self.time_kwarg = time_kwarg
         self.accepts_attention_mask = bool(accepts_attention_mask)
         self.pass_time = bool(pass_time)
+        self.fresh_output = bool(fresh_output)
         if type(self) is Denoiser and pass_time and time_kwarg is None:
             _check_takes_time(fn)
 
@@ -148,7 +156,8 @@ def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str
     * any other callable is called ``model(x_t, t, **cond)`` (``t`` as ``time_kwarg`` if given;
       ``pass_time=False``: ``model(x_t, **cond)``, for a model without a step argument).
       ``uses_time`` (does the output depend on ``t``? False allows the MDLM cache) defaults to True, or
-      to the model's own ``uses_time`` attribute; it does not change what is passed.
+      to the model's own ``uses_time`` attribute; it does not change what is passed. ``fresh_output`` and
+      ``accepts_attention_mask`` are read from the model's attributes of those names (default False).
     """
     if isinstance(model, Denoiser):
         return model
@@ -164,8 +173,9 @@ def as_denoiser(model: object, *, uses_time: bool | None = None, time_kwarg: str
     if uses_time is None:
         uses_time = bool(getattr(model, "uses_time", True))
     accepts = bool(getattr(model, "accepts_attention_mask", False))
+    fresh = getattr(model, "fresh_output", False) is True
     return Denoiser(model, uses_time=uses_time, time_kwarg=time_kwarg, accepts_attention_mask=accepts,
-                    pass_time=pass_time)
+                    pass_time=pass_time, fresh_output=fresh)
 
 
 class CUDAGraphed(Denoiser):
@@ -177,7 +187,9 @@ class CUDAGraphed(Denoiser):
     """
 
     def __init__(self, inner: Denoiser, warmup: int = 2) -> None:
-        super().__init__(inner, uses_time=inner.uses_time, accepts_attention_mask=inner.accepts_attention_mask)
+        # every call returns a clone of the graph's static output: the sampler's to write into
+        super().__init__(inner, uses_time=inner.uses_time, accepts_attention_mask=inner.accepts_attention_mask,
+                         fresh_output=True)
         self.inner = inner
         self.fn = inner.fn  # the user's model (its parameters tell the sampler the device)
         self.warmup = warmup

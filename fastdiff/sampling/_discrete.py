@@ -197,7 +197,13 @@ def _guided_posterior(run: _Run, lr: torch.Tensor, x: torch.Tensor, a: int, b: i
 def ancestral_block(run: _Run, x: torch.Tensor, a: int, b: int, logits: _Logits, bar: tqdm | None) -> None:
     o, process = run.o, run.process
     grid = step_grid(process.T, run.steps)
+    graphs = run.step_graphs
     for t, s in zip(grid[:-1], grid[1:]):
+        if graphs is not None:  # network and posterior op replayed as one CUDA graph (_graph.py)
+            new = graphs.step(run, x, a, b, logits.ctx_end, t, s, run.call_kw(logits.ctx_end))
+            _restore(run, x, a, b, new)
+            run.after_step(x, bar)
+            continue
         lr, owned = logits(x, t)
         xr = x[:, a:b]
         if o.classifier_grad is not None:

@@ -46,6 +46,7 @@ from ._adapters import Denoiser
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from ._graph import StepGraphs
     from ._options import Options, Process
     from .strategies import Strategy
 
@@ -109,6 +110,7 @@ class _Run:
         self._finished = torch.zeros(self.B, dtype=torch.bool, device=self.device)
         self._stopped = self._finished
         self._kv: object | None = None
+        self._step_graphs: StepGraphs | None = None
 
     # ------------------------------------------------------------------------------------------------
     # state, read-only from outside
@@ -140,6 +142,18 @@ class _Run:
     @property
     def trajectory(self) -> list[torch.Tensor] | None:
         return self._trajectory
+
+    @property
+    def step_graphs(self) -> StepGraphs | None:
+        """Whole ancestral steps replayed as CUDA graphs (``cuda_graph=True`` where they apply), or None."""
+        return self._step_graphs
+
+    def use_graphs(self, step_graphs: StepGraphs | None, model: Denoiser | None = None) -> None:
+        """``cuda_graph=True``, set up once before the loop: the captured steps (:mod:`._graph`), or
+        ``model``, the network replayed as a graph alone (:class:`~fastdiff.sampling.CUDAGraphed`)."""
+        self._step_graphs = step_graphs
+        if model is not None:
+            self.model = model
 
     # ------------------------------------------------------------------------------------------------
     # set-up
@@ -364,14 +378,29 @@ class _Run:
         self._stats["model_time_s"] += time.perf_counter() - t0
         self._stats["network_calls"] += 1
         self._stats["sequences_evaluated"] += x_in.shape[0]
-        self._check_output(out, x_in, t)
+        self.check_output(out, x_in, t)
         return out
+
+    def count_call(self, rows: int, seconds: float) -> None:
+        """Count one network call made outside :meth:`_call` (a CUDA graph replay of a whole step, whose
+        time, network and op together, goes to ``model_time_s``)."""
+        self._stats["model_time_s"] += seconds
+        self._stats["network_calls"] += 1
+        self._stats["sequences_evaluated"] += rows
+
+    def call_kw(self, Lc: int) -> dict:
+        """The keywords of a network call over all rows and ``Lc`` context positions (no guidance): the
+        condition, and the attention mask when the model takes one."""
+        kw = self._kw(self.o.cond, None)
+        if self._attention_mask is not None and self.model.accepts_attention_mask:
+            kw["attention_mask"] = self._attention_mask[:, :Lc]
+        return kw
 
     def _where(self, t: int | torch.Tensor) -> str:
         t = t.tolist() if isinstance(t, torch.Tensor) else t
         return f"model output at step {self._stats['steps'] + 1} (t={t})"
 
-    def _check_output(self, out: object, x_in: torch.Tensor, t: int) -> None:
+    def check_output(self, out: object, x_in: torch.Tensor, t: int) -> None:
         """Shape, dtype and device of one call's output; the values of a continuous output (one
         reduction). A discrete output's values are checked by the op that reads them (:meth:`op_values`)."""
         where = self._where(t)
@@ -407,18 +436,24 @@ class _Run:
                     raise InputError(f"{self._where(t)}{guided}: {msg[len(prefix):]}") from e
             raise
 
+    def _own(self, out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(out, owned)`` for a model's output: the sampler may write into it only when the model declares
+        ``fresh_output`` (a new tensor every call, kept nowhere) and the tensor is contiguous (no expanded,
+        self-overlapping view)."""
+        return out, self.model.fresh_output and out.is_contiguous()
+
     def _forward(self, x_all: torch.Tensor, kw: dict, halves: int, t: int,
                  rows: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
         """The network on ``x_all`` (``halves`` stacked copies of ``n`` batch rows ``rows``, all rows when
         None): ``(output, owned)``, ``owned`` when the tensor is the sampler's (not the model's)."""
         m = self.o.micro_batch
         if m is None:
-            return self._call(x_all, t, kw), False
+            return self._own(self._call(x_all, t, kw))
         n = x_all.shape[0] // halves
         local = list(range(n)) if rows is None else rows.tolist()
         glob = [self.sample_offset + r for r in local]
         if n == m and glob[0] % m == 0 and all(g == glob[0] + i for i, g in enumerate(glob)):
-            return self._call(x_all, t, kw), False  # already one aligned call of m rows
+            return self._own(self._call(x_all, t, kw))  # already one aligned call of m rows
         chunks: dict[int, list[tuple[int, int]]] = {}
         for pos, g in enumerate(glob):
             chunks.setdefault(g // m, []).append((pos, g % m))

@@ -223,8 +223,13 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
     "backend": ("{{'auto', 'reference', 'cpp', 'triton', 'cuda'}}", "The backend of every fused op "
                 "(:mod:`fastdiff.ops`); ``'reference'`` is the PyTorch reference exactly, ``'auto'`` the "
                 "fastest available."),
-    "cuda_graph": ("bool", "Replay the network's forward as a CUDA graph per input shape (CUDA only; not "
-                   "with ``cache``, ``kv_cache`` or EOS-stopping blocks, which change the batch)."),
+    "cuda_graph": ("bool", "CUDA graphs (CUDA only; not with ``cache``, ``kv_cache`` or EOS-stopping blocks, "
+                   "which change the batch). \"ancestral\" with the posterior op on the CUDA kernel (no top-k / "
+                   "top-p / classifier guidance / classifier-free guidance / ``micro_batch``; absorbing or uniform "
+                   "process) captures the network's forward and the op of a step in one graph per block and "
+                   "replays it every step, the Philox counters read from a device buffer "
+                   "(:mod:`fastdiff.sampling._graph`); every other run replays the network's forward alone, one "
+                   "graph per input shape. A model that cannot be captured raises. Same tokens as without."),
     "progress": ("bool", "A tqdm bar on stderr, drawn only when stderr is a terminal."),
     "callback": ("callable or None", "Called after every step with a ``SampleStep(step, tokens, "
                  "network_calls)`` (streaming; ``tokens`` is the sampler's working tensor: clone it to keep "

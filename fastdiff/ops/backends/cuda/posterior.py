@@ -23,3 +23,24 @@ def posterior(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch
     fn = op("posterior") if use_ops() else _C.posterior
     return fn(logits, x_t, t, s, kind, mask_id, temperature, a_t, a_s, ab_table, fact1, qbar_s, pair, sample, seed,
               offset, row_offset)
+
+
+def _posterior_counters_fake(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, kind: int,
+                             mask_id: int, temperature: float, a_t: torch.Tensor | None, a_s: torch.Tensor | None,
+                             ab_table: torch.Tensor | None, fact1: torch.Tensor | None, qbar_s: torch.Tensor | None,
+                             pair: torch.Tensor | None, counters: torch.Tensor) -> torch.Tensor:
+    return x_t.new_empty(x_t.shape, dtype=torch.int64)
+
+
+register_fake("fastdiff_cuda::posterior_counters", _posterior_counters_fake)
+
+
+def posterior_counters(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, kind: int,
+                       mask_id: int, temperature: float, a_t: torch.Tensor | None, a_s: torch.Tensor | None,
+                       ab_table: torch.Tensor | None, fact1: torch.Tensor | None, qbar_s: torch.Tensor | None,
+                       pair: torch.Tensor | None, counters: torch.Tensor) -> torch.Tensor:
+    """``posterior`` with ``sample=True`` whose ``(seed, offset, row_offset)`` the kernel reads from ``counters``, a
+    ``(3,)`` int64 tensor on the logits' device (the uint64 words' bits): the form a CUDA graph captures, so each
+    replay draws with the counters written into that tensor before it (:mod:`fastdiff.sampling._graph`)."""
+    fn = op("posterior_counters") if use_ops() else _C.posterior_counters
+    return fn(logits, x_t, t, s, kind, mask_id, temperature, a_t, a_s, ab_table, fact1, qbar_s, pair, counters)
