@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastdiff.data import Document, TextTokenizer
-from fastdiff.errors import InputError, InputTypeError
+from fastdiff.errors import InputError, InputFileNotFoundError, InputTypeError
 from fastdiff.latent import (Compressor, LatentAutoencoder, LatentConfig, LatentDiffusion, Reconstructor,
                              build_small_plm, is_latent_checkpoint, reconstruction_scores, run_stages, step_pairs,
                              train_autoencoder, train_plm)
@@ -371,3 +371,40 @@ def test_cli_generate_bad_arguments(tiny_model: LatentDiffusion, tmp_path: Path,
     rows = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [r["label"] for r in rows] == ["a", "a"]
     assert [r["text"] for r in rows] == tiny_model.generate(2, steps=3, labels="a", guidance=2.0, seed=0)
+
+
+def test_any_hf_seq2seq_directory_as_the_plm(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A tiny T5 saved as a Hugging Face directory (with the project tokenizer beside it) is loaded by
+    ``--plm`` and used frozen by the autoencoder stage; a non-seq2seq directory is refused by name."""
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    from fastdiff.cli import main
+    from fastdiff.latent import PLM
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=tok.vocab_size, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                             num_decoder_layers=1, num_heads=2, pad_token_id=0, eos_token_id=2,
+                                             decoder_start_token_id=0))
+    t5.save_pretrained(tmp_path / "t5")
+    tok.save(tmp_path / "t5" / "fastdiff_tokenizer.json")
+    plm = PLM.load(tmp_path / "t5")
+    assert plm.d_model == 16
+    ids = _rows(tok, 3, 5)
+    states = plm.encode(ids)
+    want = t5.eval().get_encoder()(input_ids=ids).last_hidden_state
+    assert torch.allclose(states, want, atol=1e-5)
+    assert plm.generate(states, 7).shape == (3, 7)
+    data = _corpus(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--family", "latent", "--stage", "ae", "--plm", str(tmp_path / "t5"), "--task", "lm",
+                 "--seq-len", "8", "--data", str(data), "--out", str(out), "--steps", "2", *TINY]) == 0
+    cfg = json.loads((out / "latent.json").read_text())
+    assert cfg["plm"] == str((tmp_path / "t5").resolve()) and not (out / "plm").exists()
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    capsys.readouterr()
+    with pytest.raises(InputError, match="plm: .* is not a seq2seq"):
+        PLM.load(tmp_path / "bert")
+    with pytest.raises(InputFileNotFoundError, match="plm: .* no config.json"):
+        PLM.load(tmp_path)
