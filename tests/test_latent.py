@@ -406,5 +406,5 @@ def test_any_hf_seq2seq_directory_as_the_plm(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     with pytest.raises(InputError, match="plm: .* is not a seq2seq"):
         PLM.load(tmp_path / "bert")
-    with pytest.raises(InputFileNotFoundError, match="plm: .* no config.json"):
+    with pytest.raises(InputFileNotFoundError, match=r"plm: .* \(no config.json\)"):
         PLM.load(tmp_path)
