@@ -9,7 +9,13 @@ wall-time caps because the machine was shared; every stage writes into one check
     python scripts/latent_diffusion.py copycheck --out $D                      # the PLM's own round trip
     python scripts/latent_diffusion.py stage ae --out $D --minutes 10          # compressor + reconstructor
     python scripts/latent_diffusion.py stage diffusion --out $D --minutes 7    # SED denoiser on the latents
-    fastdiff eval -c $D --samples 64 --steps 64 --fit-rows 78 --threads 1 --json benchmarks/results/eval-latent.json
+    fastdiff eval -c $D --samples 64 --steps 64 --threads 1 --json benchmarks/results/eval-latent.json
+    python scripts/latent_diffusion.py control --out $D --json benchmarks/results/eval-latent.json
+
+``control`` adds a "controls" entry to that JSON: the same scores of texts the frozen decoder produces from
+latents that carry no information about any text (Gaussian vectors, normalised like the compressor's
+output), and from the latents of real held-out chunks (the autoencoder's round trip). The first says how much
+of the generated text's fluency comes from the decoder's own language model rather than from the diffusion.
 
 ``stage`` calls :func:`fastdiff.latent.run_stages` (what ``fastdiff train --family latent --stage S`` runs)
 with batch 16 and a wall-time cap; the step counts reached are in the checkpoint's latent.json and
@@ -68,11 +74,37 @@ def cmd_copycheck(a: argparse.Namespace) -> None:
     print(repr(p.decode(out[:1])[0]))
 
 
+def cmd_control(a: argparse.Namespace) -> None:
+    from fastdiff import evaluation
+    from fastdiff.data import default_tokenizer
+    from fastdiff.latent import LatentDiffusion
+
+    m = LatentDiffusion.load(a.out)
+    lm = evaluation.load_scorer("causal_lm")
+    tok = default_tokenizer()
+    c = m.autoencoder.config
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(a.samples, c["n_latents"], c["d_latent"], generator=g)
+    z = torch.nn.functional.layer_norm(z, z.shape[-1:]) * m.scale
+    noise_texts = m.plm.decode(m.decode_latents(z))
+    x = latent_data(python_docs(), m.plm, m.seq_len, "attribute" if m.num_labels else "lm", "valid")[0][:a.samples]
+    round_trip = m.plm.decode(m.reconstruct(x))
+    controls = {"random_latents": {**evaluation.score_texts(noise_texts, tok, lm=lm, length=m.seq_len),
+                                   "examples": noise_texts[:3]},
+                "round_trip_of_real_chunks": {**evaluation.score_texts(round_trip, tok, lm=lm, length=m.seq_len),
+                                              "rows": int(x.shape[0]), "examples": round_trip[:3]}}
+    print(json.dumps(controls, indent=1))
+    if a.json:
+        res = json.loads(Path(a.json).read_text(encoding="utf-8"))
+        res["controls"] = controls
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("stage", "plm-copy", "copycheck"):
+    for name in ("stage", "plm-copy", "copycheck", "control"):
         p = sub.add_parser(name)
         if name == "stage":
             p.add_argument("stage", choices=("plm", "ae", "diffusion"))
@@ -82,9 +114,11 @@ def main() -> None:
         p.add_argument("--minutes", type=float, default=10.0)
         p.add_argument("--mask-rate", type=float, default=0.0)
         p.add_argument("--rows", type=int, default=32)
+        p.add_argument("--samples", type=int, default=64)
+        p.add_argument("--json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    {"stage": cmd_stage, "plm-copy": cmd_plm_copy, "copycheck": cmd_copycheck}[a.cmd](a)
+    {"stage": cmd_stage, "plm-copy": cmd_plm_copy, "copycheck": cmd_copycheck, "control": cmd_control}[a.cmd](a)
 
 
 if __name__ == "__main__":
