@@ -258,6 +258,10 @@ def test_bad_arguments_name_them(tiny_model: LatentDiffusion) -> None:
         LatentConfig(n_latents=0)
     with pytest.raises(InputError, match="width"):
         LatentConfig(width=130, heads=4)
+    with pytest.raises(InputError, match="ae_lr: must be > 0"):
+        LatentConfig(ae_lr=0.0)
+    with pytest.raises(InputTypeError, match="self_condition"):
+        LatentConfig(self_condition=1)
     with pytest.raises(InputError, match="with stage all"):
         run_stages(LatentConfig(), "/nonexistent/x", stage="all", steps=3)
     assert step_pairs(10, 3) == [(10, 7), (7, 3), (3, 0)]

@@ -82,7 +82,7 @@ class LatentConfig:
             if f.type in ("int", int):
                 _checks.positive_int(f.name, v, 0 if f.name == "seed" or f.name == "warmup" else 1)
             elif f.type in ("float", float):
-                _checks.real(f.name, v, 0.0)
+                _checks.real(f.name, v, 0.0, lo_open=f.name.endswith("lr"))
             elif f.type in ("bool", bool) and not isinstance(v, bool):
                 raise InputTypeError(f"{f.name}: expected true or false, got {v!r}")
         _checks.choice("task", self.task, ("attribute", "lm"))
