@@ -5,7 +5,7 @@ with its few justified exceptions)::
 
     errors, random, _checks, _protocols, _reduce, _backends, _threads, _deprecate, distributed
     -> ops (with the backend modules _cpp, _cuda, kernels) -> schedules -> discrete / continuous
-    -> timesteps -> sampling -> data, metrics, models, testing, generation, glyph -> training -> pipeline, evaluation -> cli
+    -> timesteps -> sampling -> data, metrics, models, testing, generation, glyph, latent -> training -> pipeline, evaluation -> cli
 
 ``distributed`` is the scale-out layer on ``torch.distributed`` (torchrun): sharded generation and
 DDP / FSDP training use it; outside torchrun it is a world of one process.
@@ -30,7 +30,7 @@ __version__ = "0.2.0"
 
 # the public sub-packages and modules, imported on first attribute access
 _SUBMODULES = ("cli", "continuous", "data", "discrete", "distributed", "errors", "evaluation", "generation", "glyph",
-               "metrics", "models",
+               "latent", "metrics", "models",
                "ops", "pipeline", "random", "sampling", "schedules", "testing", "timesteps", "training")
 # name -> (module, attribute)
 _ATTRIBUTES = {"TextDiffusion": ("pipeline", "TextDiffusion"), "available_backends": ("_backends", "available"),

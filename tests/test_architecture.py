@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("discrete", "continuous"),
     ("timesteps",),
     ("sampling",),
-    ("data", "metrics", "models", "testing", "generation", "glyph"),
+    ("data", "metrics", "models", "testing", "generation", "glyph", "latent"),
     ("training",),
     ("pipeline", "evaluation"),
     ("cli", "__main__"),

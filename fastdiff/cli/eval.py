@@ -52,6 +52,10 @@ def command(args: argparse.Namespace) -> int:
     from .. import evaluation
     from ..pipeline import TextDiffusion
 
+    from ..latent import is_latent_checkpoint
+
+    if is_latent_checkpoint(args.checkpoint):
+        return _eval_latent(args)
     _configure_threads(args)
     device = _check_device(args.device)
     _check_backend(args.backend, _device(device))
@@ -149,3 +153,92 @@ def _print_eval(res: dict) -> None:
     print(f"sampling: {res['tokens_per_s']:,.0f} tokens/s")
     if "fit" in res:
         _print_fit(res["fit"])
+
+
+def _eval_latent(args: argparse.Namespace) -> int:
+    """``fastdiff eval -c <latent checkpoint>``: the scores :func:`fastdiff.evaluation.evaluate` gives the
+    other families (the generated texts re-encoded with the scorers' tokenizer, the bundled one), and, in
+    place of the model fit, the autoencoder's round trip on ``--fit-rows`` held-out chunks (exact match,
+    token accuracy, greedy decoding)."""
+    import time
+
+    import torch
+
+    from .. import evaluation, metrics
+    from ..data import corpus, datasets, default_tokenizer
+    from ..latent import LatentDiffusion, latent_data, reconstruction_scores
+    from .generate import LATENT_UNSUPPORTED, latent_unsupported
+
+    latent_unsupported(args, LATENT_UNSUPPORTED)
+    if args.label is not None:
+        raise InputError("--label: eval scores every label of a label-conditioned checkpoint; drop --label")
+    strategy = args.strategy or "ddim"
+    if strategy not in ("ddim", "ddpm"):
+        raise InputError(f"--strategy: a latent-diffusion checkpoint samples with ddim or ddpm, got {strategy!r}")
+    if args.json:
+        check_writable(args.json, "--json")
+    _configure_threads(args)
+    model = LatentDiffusion.load(args.checkpoint)
+    if model.denoiser is None:
+        raise InputError(f"--checkpoint: {args.checkpoint} holds only a latent autoencoder (no diffusion stage yet)")
+    steps = args.steps or 64
+    if steps > model.diffusion.T:
+        raise InputError(f"--steps: at most the checkpoint's T = {model.diffusion.T}, got {steps}")
+    lm = evaluation.load_scorer(args.lm) if args.lm != "none" else None
+    clf = evaluation.load_scorer(args.classifier) if model.num_labels and args.classifier != "none" else None
+    tok = default_tokenizer()  # the scorers' tokenizer
+    L = model.seq_len
+    docs = corpus.load_texts(args.data) if args.data else corpus.python_docs()
+    kw = dict(steps=steps, strategy=strategy, eta=args.eta or 0.0, seed=args.seed % 2**63)
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in
+              (("plm", model.plm.model), ("autoencoder", model.autoencoder), ("denoiser", model.denoiser))}
+    res: dict = {"checkpoint": {"family": "latent", "latents": [model.autoencoder.config["n_latents"],
+                                                                model.autoencoder.config["d_latent"]],
+                                "seq_len": L, "params": params, "labels": model.label_names,
+                                "schedule": list(model.schedule), "step": model.extra.get("diffusion_steps")},
+                 "settings": {"samples": args.samples, "steps": steps, "seed": args.seed, "strategy": strategy,
+                              "guidance": args.guidance, "decoding": "greedy"}}
+    def score(texts: list[str]) -> dict:
+        try:
+            return evaluation.score_texts(texts, tok, lm=lm, length=L)
+        except InputError:  # nothing the LM can score (every text empty): report the rest
+            return {**evaluation.score_texts(texts, tok, length=L), "gen_ppl": None}
+
+    start = time.perf_counter()
+    texts = model.generate(args.samples, **kw)
+    elapsed = time.perf_counter() - start
+    res["samples"] = score(texts)
+    res["tokens_per_s"] = args.samples * L / elapsed
+    res["examples"] = texts[:5]
+    chunks = datasets.lm_chunks(docs, tok, L, "valid")
+    res["reference"] = score([tok.decode(r.tolist()) for r in chunks[:args.samples]])
+    g = torch.Generator().manual_seed(args.seed % 2**63)
+    noise = torch.randint(4, tok.vocab_size, (args.samples, L), generator=g)
+    res["random_tokens"] = score([tok.decode(r.tolist()) for r in noise])
+    if clf is not None:
+        per = {}
+        for idx, name in enumerate(model.label_names):
+            got = model.generate(args.samples, labels=name, guidance=args.guidance, **kw)
+            with torch.inference_mode():
+                per[name] = metrics.attribute_accuracy(clf, evaluation.encode_texts(got, tok, L),
+                                                       torch.full((len(got),), idx))
+        res["attribute"] = {"per_label": per, "mean": sum(per.values()) / len(per)}
+    if args.fit_rows:
+        task = "attribute" if model.num_labels else "lm"
+        held_out = latent_data(docs, model.plm, L, task, "valid")[0][:args.fit_rows]
+        res["reconstruction"] = reconstruction_scores(model, held_out)
+    print("generated: " + " ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in res["samples"].items()))
+    for key, name in (("reference", "real text"), ("random_tokens", "random tokens")):
+        print(f"{name}: " + " ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in res[key].items()))
+    if "attribute" in res:
+        per = ", ".join(f"{k} {v:.3f}" for k, v in res["attribute"]["per_label"].items())
+        print(f"attribute accuracy: mean {res['attribute']['mean']:.3f} ({per})")
+    print(f"sampling: {res['tokens_per_s']:,.0f} tokens/s")
+    if "reconstruction" in res:
+        r = res["reconstruction"]
+        print(f"autoencoder round trip on {r['rows']} held-out chunks: exact match {r['exact_match']:.3f}, "
+              f"token accuracy {r['token_accuracy']:.3f}")
+    if args.json:
+        _write_json(args.json, "--json", res)
+        print(f"wrote {args.json}")
+    return 0

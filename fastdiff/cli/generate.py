@@ -70,6 +70,10 @@ def command(args: argparse.Namespace) -> int:
 
     if is_glyph_checkpoint(args.checkpoint):
         return _generate_glyph(args)
+    from ..latent import is_latent_checkpoint
+
+    if is_latent_checkpoint(args.checkpoint):
+        return _generate_latent(args)
     threads = _configure_threads(args)
     device = _check_device(args.device)
     _check_backend(args.backend, _device(device))
@@ -107,6 +111,74 @@ def _generate_glyph(args: argparse.Namespace) -> int:
                            source=None if args.source is None else [args.source] * args.num_samples)
     for t in texts:
         print(t)
+    return 0
+
+
+def latent_unsupported(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """InputError naming the first option in ``names`` that was given (a latent-diffusion checkpoint
+    samples with DDIM / DDPM on the CPU and takes only -n, --steps, --strategy, --eta, --label,
+    --guidance, --seed, --threads, --quiet, -o)."""
+    defaults = {"--classifier-scale": 0.0, "--backend": "auto", "--device": "cpu"}
+    for name in names:
+        v = getattr(args, name.lstrip("-").replace("-", "_"), None)
+        if name == "--cache":  # --no-cache stores False; not given: None
+            if v is False:
+                raise InputError("--no-cache: not available for a latent-diffusion checkpoint")
+            continue
+        if v is None or v is False or (name in defaults and v == defaults[name]):
+            continue
+        raise InputError(f"{name}: not available for a latent-diffusion checkpoint")
+
+
+#: the sampling options a latent-diffusion checkpoint refuses (``fastdiff generate`` / ``eval``)
+LATENT_UNSUPPORTED = ("--length", "--batch-size", "--temperature", "--top-k", "--top-p", "--threshold",
+                      "--block-size", "--micro-batch", "--cache", "--device", "--backend")
+
+
+def _generate_latent(args: argparse.Namespace) -> int:
+    """``fastdiff generate -c <latent checkpoint>``: LD4LG (``fastdiff train --family latent`` trains one),
+    DDIM / DDPM steps over the latents on the CPU, decoded greedily by the PLM's decoder, one line per
+    sample."""
+    from ..latent import LatentDiffusion
+
+    latent_unsupported(args, ("--prompt", "--template", "--source", "--trajectory", "--stream",
+                              "--classifier-scale", *LATENT_UNSUPPORTED))
+    strategy = args.strategy or "ddim"
+    if strategy not in ("ddim", "ddpm"):
+        raise InputError(f"--strategy: a latent-diffusion checkpoint samples with ddim or ddpm, got {strategy!r}")
+    if args.output:
+        check_writable(args.output, "--output")
+    _configure_threads(args)
+    model = LatentDiffusion.load(args.checkpoint)
+    if model.denoiser is None:
+        raise InputError(f"--checkpoint: {args.checkpoint} holds only a latent autoencoder (no diffusion stage yet); "
+                         "train it with fastdiff train --family latent --stage diffusion")
+    if args.label is not None and not model.num_labels:
+        raise InputError("--label: this latent checkpoint was trained without labels")
+    label = args.label
+    if label is not None and label not in model.label_names:
+        raise InputError(f"--label: {label!r} is not one of {model.label_names}")
+    steps = args.steps or 50
+    if steps > model.diffusion.T:
+        raise InputError(f"--steps: at most the checkpoint's T = {model.diffusion.T}, got {steps}")
+    if not args.quiet:
+        c = model.autoencoder.config
+        print(f"fastdiff generate: {args.checkpoint} (latent, {c['n_latents']} x {c['d_latent']} latents -> "
+              f"{model.seq_len} tokens, step {model.extra.get('diffusion_steps')}) | {args.num_samples} samples, "
+              f"{steps} steps, {strategy}" + (f", label {label}" if label else "")
+              + (f", guidance {args.guidance:g}" if label and args.guidance != 1.0 else ""), flush=True)
+    texts = model.generate(args.num_samples, steps=steps, strategy=strategy, eta=args.eta or 0.0, labels=label,
+                           guidance=args.guidance, seed=args.seed % 2**63)
+    for i, t in enumerate(texts):
+        print(f"[{i}] {' '.join(t.split())}")
+    if args.output:
+        def rows(f: IO[str]) -> None:
+            for i, t in enumerate(texts):
+                f.write(json.dumps({"index": i, "text": t, "label": label, "seed": args.seed,
+                                    "checkpoint": str(args.checkpoint), "strategy": strategy, "steps": steps}) + "\n")
+
+        out = write_atomic(args.output, "--output", rows)
+        print(f"wrote {len(texts)} samples to {out}")
     return 0
 
 

@@ -113,7 +113,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (JSON value); model.KEY for the model config "
                    "(repeatable; default: none)")
-    p.add_argument("--family", choices=("discrete", "continuous"), help="process family" + d("family"))
+    p.add_argument("--family", choices=("discrete", "continuous", "latent"),
+                   help="process family; latent: LD4LG latent diffusion over a frozen encoder-decoder (--stage, "
+                   "--plm; its own --set keys: fastdiff.latent.LatentConfig)" + d("family"))
+    p.add_argument("--stage", choices=("plm", "ae", "diffusion", "all"),
+                   help="--family latent: train the small encoder-decoder (plm), the latent autoencoder (ae), the "
+                   "latent denoiser (diffusion), or all three in turn (default: all)")
+    p.add_argument("--plm", metavar="HF_DIR",
+                   help="--family latent: a local Hugging Face seq2seq model to use frozen instead of training one "
+                   "(default: train a small one on the data)")
     p.add_argument("--task", choices=("lm", "attribute", "word_order"), help="training task" + d("task"))
     from ..training.process import kinds
 
@@ -432,6 +440,11 @@ def run(args: argparse.Namespace) -> int:
 
     _threads.configure(args.threads)
     _check_flags(args)
+    if args.family == "latent":
+        return _run_latent(args)
+    for flag in ("stage", "plm"):
+        if getattr(args, flag, None) is not None:
+            raise InputError(f"--{flag}: only for --family latent")
     if args.scorer:
         if args.resume:
             raise InputError("--resume: a scorer run (--scorer) cannot be resumed; train it again into a new --out")
@@ -633,4 +646,95 @@ def _run_scorer(args: argparse.Namespace) -> int:
         for name in ("train_log.jsonl", "command.txt"):
             shutil.copy(out_dir / name, dst / name)
         print(f"exported {dst}")
+    return 0
+
+
+# --- --family latent (LD4LG) -------------------------------------------------------------------------
+#: flag dest -> fastdiff.latent.LatentConfig field
+_LATENT_FIELDS = {"seq_len": "seq_len", "task": "task", "seed": "seed", "batch_size": "batch_size",
+                  "warmup": "warmup", "lr": "lr", "T": "T", "schedule": "schedule", "cond_drop": "cond_drop",
+                  "width": "width", "layers": "layers", "heads": "heads", "dropout": "dropout",
+                  "ema_decay": "ema_decay"}
+#: flags --family latent reads besides those (the rest are refused, by name)
+_LATENT_OTHER = ("family", "stage", "plm", "steps", "out", "overwrite", "threads", "data", "tokenizer", "config",
+                 "set", "export", "log_every", "no_progress", "balance", "device")
+
+
+def _run_latent(args: argparse.Namespace) -> int:
+    """``fastdiff train --family latent``: :func:`fastdiff.latent.run_stages` into ``--out`` (a latent checkpoint
+    directory). ``--config`` is a LatentConfig JSON, ``--set`` sets its fields; ``--steps`` the chosen stage's
+    steps. A fresh run (stage plm, or all) refuses a directory holding a checkpoint unless ``--overwrite``."""
+    from ..latent import LatentConfig, is_latent_checkpoint, run_stages
+
+    for dest, v in sorted(vars(args).items()):
+        if dest in _LATENT_FIELDS or dest in _LATENT_OTHER or dest in ("command", "func") or v is None \
+                or v is False or v == []:
+            continue
+        raise InputError(f"{_flag(dest)}: not used by --family latent")
+    if args.device not in (None, "cpu", "auto"):
+        raise InputError(f"--device: --family latent trains on the CPU, got {args.device!r}")
+    d: dict = {}
+    if args.config:
+        try:
+            d = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"--config: cannot read {args.config!r} as JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise InputError(f"--config: {args.config!r} is not a JSON object")
+    for dest, field in _LATENT_FIELDS.items():
+        if getattr(args, dest, None) is not None:
+            d[field] = getattr(args, dest)
+    if args.balance:
+        d["balance"] = True
+    d.update(dict(_sets(args)))
+    try:
+        cfg = LatentConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise (InputTypeError if isinstance(e, TypeError) else InputError)(f"--set/--config: {e}") from None
+    stage = args.stage or "all"
+    if args.steps is not None and stage == "all":
+        raise InputError("--steps: with --stage all give each stage's steps (--set plm_steps=N --set ae_steps=N "
+                         "--set diffusion_steps=N), or choose one --stage")
+    if args.plm is not None and stage in ("plm", "diffusion"):
+        raise InputError(f"--plm: used by --stage ae or all (stage {stage} "
+                         + ("trains its own encoder-decoder)" if stage == "plm" else "reads the checkpoint's)"))
+    out = Path(args.out or "runs/latent")
+    from ..training.checkpoint import ensure_directory_target
+
+    ensure_directory_target(out, "--out")
+    fresh = stage == "plm" or (stage in ("all", "ae") and (stage == "all" or args.plm is not None))
+    if fresh and is_latent_checkpoint(out) and not args.overwrite:
+        raise InputError(f"--out: {out} already holds a latent checkpoint; choose another directory, or add "
+                         "--overwrite to replace it")
+    if args.export:
+        export = Path(args.export)
+        if _inside(export, out) or _inside(out, export):
+            raise InputError(f"--export: {export} overlaps the run directory {out}; export elsewhere")
+        if export.exists() and any(export.iterdir()) and not is_latent_checkpoint(export):
+            raise InputError(f"--export: {export} is neither empty nor a latent checkpoint")
+    if fresh and args.overwrite and out.is_dir():
+        for name in ("latent.json", "autoencoder.safetensors", "denoiser.safetensors", "train_log.jsonl",
+                     "latent_config.json", "command.txt"):
+            (out / name).unlink(missing_ok=True)
+        if (out / "plm").is_dir():
+            shutil.rmtree(out / "plm")
+    tok = None
+    if args.tokenizer:
+        from ..data import TextTokenizer
+
+        tok = TextTokenizer.load(args.tokenizer)
+    model = run_stages(cfg, out, stage=stage, docs=_docs(args) if args.data else None, plm=args.plm, tokenizer=tok, steps=args.steps,
+                       log_every=args.log_every or 50, print_fn=lambda s: print(s, flush=True))
+    with open(out / "command.txt", "a", encoding="utf-8") as f:
+        f.write("fastdiff " + " ".join(shlex.quote(a) for a in sys.argv[1:]) + "\n")
+    print(f"done: stage {stage}; checkpoint in {out}")
+    if args.export:
+        if Path(args.export).is_dir():
+            shutil.rmtree(args.export)
+        where = None if model.plm_path in (None, "plm") else model.plm_path
+        model.save(args.export, plm=where, fp16=True)
+        for name in ("train_log.jsonl", "command.txt", "latent_config.json"):
+            if (out / name).is_file():
+                shutil.copy(out / name, Path(args.export) / name)
+        print(f"exported {args.export}")
     return 0
