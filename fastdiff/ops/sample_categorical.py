@@ -47,9 +47,12 @@ def filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None) -> t
     return _filter_weights(z, top_k, top_p, inplace=False)
 
 
-def _filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None, inplace: bool) -> torch.Tensor:
+def _filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None, inplace: bool,
+                    work: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`filter_weights`; ``inplace=True`` reuses ``z`` (a float64 temporary the caller owns) for the
-    weights, so that a row block holds one full-size float64 tensor fewer."""
+    weights, so that a row block holds one full-size float64 tensor fewer; ``work`` keeps the top-p
+    scratch tensors from one row block to the next (a fresh large tensor costs its page faults, on the
+    CPU about as much as a pass)."""
     zmax = z.max(dim=-1, keepdim=True).values
     z = z.sub_(zmax) if inplace else z - zmax
     V = z.shape[-1]
@@ -57,7 +60,7 @@ def _filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None, inp
         _zero_below(z, torch.topk(z, top_k, dim=-1).values[:, -1:], float("-inf"))  # exp(-inf) = 0
     w = z.exp_()
     if top_p is not None and top_p < 1.0:
-        _zero_below(w, _top_p_threshold(w, top_p), 0.0)
+        _zero_below(w, _top_p_threshold(w, top_p, {} if work is None else work), 0.0)
     return w
 
 
@@ -81,17 +84,26 @@ _OCTAVES = 40
 
 
 def _bucket_bits(V: int) -> int:
-    """Mantissa bits ``m`` of the buckets: up to 8, with at most ~V / 2 buckets per row."""
-    return max(0, min(8, (V // (2 * _OCTAVES)).bit_length() - 1))
+    """Mantissa bits ``m`` of the buckets: up to 6, with at most ~V / 2 buckets per row."""
+    return max(0, min(6, (V // (2 * _OCTAVES)).bit_length() - 1))
 
 
-def _bucket_keys(w: torch.Tensor, m: int) -> torch.Tensor:
-    """int64 bucket of each ``w in [0, 1]`` in ``[0, _OCTAVES << m]`` (``w = 1``: the last)."""
-    key = w.view(torch.int64) >> (52 - m)
-    return key.sub_((1023 - _OCTAVES) << m).clamp_(min=0)
+def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor shaped as ``like`` (row-major), kept in ``work`` for the next, no larger, block."""
+    buf = work.get(name)
+    if buf is None or buf.dtype != dtype or buf.device != like.device or buf.shape[1:] != like.shape[1:] \
+            or buf.shape[0] < like.shape[0]:
+        buf = work[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return buf[:like.shape[0]]
 
 
-def _top_p_threshold(w: torch.Tensor, top_p: float) -> torch.Tensor:
+def _bucket_keys(w: torch.Tensor, m: int, out: torch.Tensor) -> torch.Tensor:
+    """int64 bucket of each ``w in [0, 1]`` in ``[0, _OCTAVES << m]`` (``w = 1``: the last), into ``out``."""
+    torch.bitwise_right_shift(w.view(torch.int64), 52 - m, out=out)
+    return out.sub_((1023 - _OCTAVES) << m).clamp_(min=0)
+
+
+def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per row of non-negative float64 weights ``w: (n, V)`` (a positive sum per row), the smallest kept
     weight ``t: (n, 1)`` of the tie-inclusive top-p set of ``p = w / sum(w)`` (the definition's
     probabilities; ties are equal ``p``): ``v`` is kept iff ``w_v >= t`` (``t = 0``: every category).
@@ -112,7 +124,7 @@ def _top_p_threshold(w: torch.Tensor, top_p: float) -> torch.Tensor:
     S = w.sum(-1, keepdim=True)  # as the definition's w.sum(-1): the same p = w / S
     # w in [0, 1] (its maximum is exp(0)): bucket keys in [0, B - 1], B - 1 the bucket of 1
     m = _bucket_bits(V)
-    key = _bucket_keys(w, m)
+    key = _bucket_keys(w, m, _scratch(work, "key", w, torch.int64))
     B = (_OCTAVES << m) + 1
     hist = torch.zeros(n, B, dtype=w.dtype, device=w.device).scatter_add_(1, key, w)
     incl = hist.flip(-1).cumsum(-1)  # weight of the buckets >= each bucket, most probable first
@@ -121,10 +133,8 @@ def _top_p_threshold(w: torch.Tensor, top_p: float) -> torch.Tensor:
     if not bool(crossing.any()):
         return torch.zeros_like(S)
     above = torch.where(j > 0, incl.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(S[:, 0]))
-    sel = key == torch.where(crossing, B - 1 - j, -1)[:, None]  # the crossing bucket's members (zeros too)
-    del key
-    flat = sel.view(-1).nonzero()[:, 0]  # row-major: row by row
-    del sel
+    sel = torch.eq(key, torch.where(crossing, B - 1 - j, -1)[:, None], out=_scratch(work, "sel", w, torch.bool))
+    flat = sel.view(-1).nonzero()[:, 0]  # the crossing bucket's members (zeros too), row by row
     rows = flat // V
     wv = w.reshape(-1)[flat]
     counts = torch.bincount(rows, minlength=n)
@@ -178,9 +188,12 @@ def _sample_categorical(logits: torch.Tensor, *, seed: int, offset: int, tempera
     out = torch.empty(flat.shape[0], dtype=torch.int64, device=logits.device)
     # top-p holds the weights and their int64 bucket keys at once, as the plain draw its weights and CDF.
     step = rows_per_chunk(V)
+    work: dict[str, torch.Tensor] = {}
     for r0 in range(0, flat.shape[0], step):
-        z = flat[r0:r0 + step].to(torch.float64) / temperature  # a fresh tensor: the weights reuse it
-        w = _filter_weights(z, top_k, top_p, inplace=True)
+        block = flat[r0:r0 + step]
+        # x / temperature in float64, in a tensor reused from block to block (the weights overwrite it)
+        z = _scratch(work, "z", block, torch.float64).copy_(block).div_(temperature)
+        w = _filter_weights(z, top_k, top_p, inplace=True, work=work)
         del z
         rows = torch.arange(r0, r0 + w.shape[0], device=logits.device)
         out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows, start=row_offset))
