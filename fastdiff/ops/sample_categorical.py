@@ -78,9 +78,12 @@ def _zero_below(x: torch.Tensor, thr: torch.Tensor, fill: float) -> None:
 
 
 # top-p without a sort: weights in [0, 1] are bucketed by the top bits of their float64 bit pattern (monotone
-# in the value for w >= 0): the sign, the 11 exponent bits and ``m`` mantissa bits (2**m buckets per
-# octave), over the top ``_OCTAVES`` octaves below 1 (every smaller w, zeros included, shares bucket 0).
+# in the value for w >= 0): the exponent and ``m`` mantissa bits (2**m buckets per octave) of
+# ``w * 2**-_SCALE``: the top ``_OCTAVES`` octaves below 1 become the smallest normal exponents, so every
+# smaller w (subnormal or zero after the exact power-of-two scaling, zeros included) falls in the lowest
+# 2**m buckets, and the keys need no offset and no clamp (one pass fewer).
 _OCTAVES = 40
+_SCALE = 1022 - _OCTAVES  # 2**-40 * 2**-_SCALE = 2**-1022, the smallest normal float64
 
 
 def _bucket_bits(V: int) -> int:
@@ -98,9 +101,10 @@ def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype
 
 
 def _bucket_keys(w: torch.Tensor, m: int, out: torch.Tensor) -> torch.Tensor:
-    """int64 bucket of each ``w in [0, 1]`` in ``[0, _OCTAVES << m]`` (``w = 1``: the last), into ``out``."""
-    torch.bitwise_right_shift(w.view(torch.int64), 52 - m, out=out)
-    return out.sub_((1023 - _OCTAVES) << m).clamp_(min=0)
+    """int64 bucket of each ``w in [0, 1]`` in ``[0, (_OCTAVES + 1) << m]`` (``w = 1``: the last), into
+    ``out``: the bits of ``w * 2**-_SCALE`` (exact, or rounded monotonically into subnormals) >> (52 - m)."""
+    torch.mul(w, 2.0 ** -_SCALE, out=out.view(torch.float64))
+    return out.bitwise_right_shift_(52 - m)
 
 
 def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,7 +129,7 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
     # w in [0, 1] (its maximum is exp(0)): bucket keys in [0, B - 1], B - 1 the bucket of 1
     m = _bucket_bits(V)
     key = _bucket_keys(w, m, _scratch(work, "key", w, torch.int64))
-    B = (_OCTAVES << m) + 1
+    B = ((_OCTAVES + 1) << m) + 1
     hist = torch.zeros(n, B, dtype=w.dtype, device=w.device).scatter_add_(1, key, w)
     incl = hist.flip(-1).cumsum(-1)  # weight of the buckets >= each bucket, most probable first
     j = (incl < top_p * S).sum(-1)  # the crossing bucket's position in that order (B: none, keep the row)
