@@ -2,7 +2,7 @@
 // (fastdiff.ops.filter_weights), then the inverse-CDF draw with the row's Philox uniform. Rows in parallel
 // (parallel.h); the row machinery is shared with posterior.cpp in rows.h. top-k ranks x/temp - max/temp in
 // float64 with a size-k heap; top-p finds the crossing bucket of a 1024-bucket histogram of the weights'
-// float32 bit patterns and sorts only that bucket.
+// float32 bit patterns, splits a large one by the next 12 bits, and sorts only the crossing part.
 #include "parallel.h"
 #include "rows.h"
 
@@ -66,6 +66,49 @@ inline int weight_bucket(double e) {
   return b < kBuckets ? b : kBuckets - 1;
 }
 
+// A crossing bucket with many members (a flat row: the nucleus spans a few buckets of thousands) is
+// split again by the next 12 bits of the float32 pattern, scanning only its members: the sub-buckets
+// above the crossing one are kept whole (their mass added to G, their smallest logit to kept), those
+// below dropped, and only the crossing sub-bucket is left in pairs to be sorted.
+constexpr size_t kSubMin = 64;
+constexpr int kSubBuckets = 4096;
+
+inline int weight_sub_bucket(double e) {
+  const float f = static_cast<float>(e);
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return static_cast<int>((bits >> 8) & (kSubBuckets - 1));
+}
+
+template <typename C>
+void narrow_to_sub_bucket(std::vector<std::pair<double, C>>& pairs, double P, double& G, C& kept,
+                          std::vector<double>& sub) {
+  sub.assign(kSubBuckets, 0.0);
+  for (const auto& pr : pairs) sub[weight_sub_bucket(pr.first)] += pr.first;
+  int sstar = -1;
+  double g = G;
+  for (int b = kSubBuckets - 1; b >= 0; --b) {  // most probable first
+    if (sub[b] == 0.0) continue;
+    if (g + sub[b] > P) {
+      sstar = b;
+      break;
+    }
+    g += sub[b];
+  }
+  if (sstar < 0) return;  // rounding: the bucket's total crossed, its parts do not; sort it whole
+  size_t n = 0;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const int b = weight_sub_bucket(pairs[i].first);
+    if (b > sstar) {
+      kept = std::min(kept, pairs[i].second);
+    } else if (b == sstar) {
+      pairs[n++] = pairs[i];
+    }
+  }
+  pairs.resize(n);
+  G = g;
+}
+
 template <typename C>
 C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, std::vector<double>& mass,
                   std::vector<C>& xmin, std::vector<std::pair<double, C>>& pairs, std::vector<C>& ebuf) {
@@ -108,8 +151,9 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
     if (e == 0.0 || weight_bucket(e) != bstar) continue;
     pairs.emplace_back(e, x[j]);
   }
-  std::sort(pairs.begin(), pairs.end(), [](const auto& p, const auto& q) { return p.first > q.first; });
   C kept = last_min;
+  if (pairs.size() > kSubMin) narrow_to_sub_bucket(pairs, P, G, kept, mass);
+  std::sort(pairs.begin(), pairs.end(), [](const auto& p, const auto& q) { return p.first > q.first; });
   for (size_t i = 0; i < pairs.size();) {
     if (!(G < P)) break;
     size_t k = i;

@@ -41,28 +41,125 @@ def filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None) -> t
     * top-p (on the distribution left by top-k) keeps ``v`` iff the probability mass of the categories
       strictly more probable than ``v`` is below ``p``: the smallest "nucleus" whose mass reaches ``p``,
       plus any category tied with its least probable member.
+
+    The top-p set is found without sorting the row (see :func:`_top_p_threshold`). ``z`` is not modified.
     """
-    z = z - z.max(dim=-1, keepdim=True).values
-    w = torch.exp(z)
+    return _filter_weights(z, top_k, top_p, inplace=False)
+
+
+def _filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None, inplace: bool,
+                    work: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`filter_weights`; ``inplace=True`` reuses ``z`` (a float64 temporary the caller owns) for the
+    weights, so that a row block holds one full-size float64 tensor fewer; ``work`` keeps the top-p
+    scratch tensors from one row block to the next (a fresh large tensor costs its page faults, on the
+    CPU about as much as a pass)."""
+    zmax = z.max(dim=-1, keepdim=True).values
+    z = z.sub_(zmax) if inplace else z - zmax
     V = z.shape[-1]
     if top_k is not None and top_k < V:
-        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
-        w = torch.where(z >= kth, w, torch.zeros_like(w))
+        _zero_below(z, torch.topk(z, top_k, dim=-1).values[:, -1:], float("-inf"))  # exp(-inf) = 0
+    w = z.exp_()
     if top_p is not None and top_p < 1.0:
-        p = w / w.sum(-1, keepdim=True)
-        sp, order = torch.sort(p, dim=-1, descending=True)  # order within ties is irrelevant below
-        excl = torch.cumsum(sp, -1) - sp  # mass before each sorted position
-        # Each position's tie group starts at the last index (so far) where the value changed; the mass
-        # before that start is the mass strictly greater than the value.
-        pos = torch.arange(V, device=z.device).expand_as(sp)
-        starts = torch.ones_like(sp, dtype=torch.bool)
-        starts[:, 1:] = sp[:, 1:] != sp[:, :-1]
-        first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=-1).values
-        mass_greater = excl.gather(-1, first)
-        keep_sorted = mass_greater < top_p
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        w = torch.where(keep, w, torch.zeros_like(w))
+        _zero_below(w, _top_p_threshold(w, top_p, {} if work is None else work), 0.0)
     return w
+
+
+def _zero_below(x: torch.Tensor, thr: torch.Tensor, fill: float) -> None:
+    """``x[r, v] = fill`` where ``x[r, v] < thr[r]``, in place (``thr: (n, 1)``, -inf: nothing)."""
+    if x.shape[-1] < 2048 or x.device.type != "cpu":
+        x.masked_fill_(x < thr, fill)
+        return
+    # On the CPU a boolean mask costs about ten plain passes; threshold_ (x if x > t else fill), a row at
+    # a time with t just below thr, costs one.
+    below = torch.nextafter(thr[:, 0], torch.tensor(float("-inf"), dtype=thr.dtype)).tolist()
+    for row, t in zip(x.unbind(0), below):
+        if t != float("-inf"):
+            torch.nn.functional.threshold_(row, t, fill)
+
+
+# top-p without a sort: weights in [0, 1] are bucketed by the top bits of their float64 bit pattern (monotone
+# in the value for w >= 0): the exponent and ``m`` mantissa bits (2**m buckets per octave) of
+# ``w * 2**-_SCALE``: the top ``_OCTAVES`` octaves below 1 become the smallest normal exponents, so every
+# smaller w (subnormal or zero after the exact power-of-two scaling, zeros included) falls in the lowest
+# 2**m buckets, and the keys need no offset and no clamp (one pass fewer).
+_OCTAVES = 40
+_SCALE = 1022 - _OCTAVES  # 2**-40 * 2**-_SCALE = 2**-1022, the smallest normal float64
+
+
+def _bucket_bits(V: int) -> int:
+    """Mantissa bits ``m`` of the buckets: up to 6, with at most ~V / 2 buckets per row."""
+    return max(0, min(6, (V // (2 * _OCTAVES)).bit_length() - 1))
+
+
+def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor shaped as ``like`` (row-major), kept in ``work`` for the next, no larger, block."""
+    buf = work.get(name)
+    if buf is None or buf.dtype != dtype or buf.device != like.device or buf.shape[1:] != like.shape[1:] \
+            or buf.shape[0] < like.shape[0]:
+        buf = work[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
+    return buf[:like.shape[0]]
+
+
+def _bucket_keys(w: torch.Tensor, m: int, out: torch.Tensor) -> torch.Tensor:
+    """int64 bucket of each ``w in [0, 1]`` in ``[0, (_OCTAVES + 1) << m]`` (``w = 1``: the last), into
+    ``out``: the bits of ``w * 2**-_SCALE`` (exact, or rounded monotonically into subnormals) >> (52 - m)."""
+    torch.mul(w, 2.0 ** -_SCALE, out=out.view(torch.float64))
+    return out.bitwise_right_shift_(52 - m)
+
+
+def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row of non-negative float64 weights ``w: (n, V)`` (a positive sum per row), the smallest kept
+    weight ``t: (n, 1)`` of the tie-inclusive top-p set of ``p = w / sum(w)`` (the definition's
+    probabilities; ties are equal ``p``): ``v`` is kept iff ``w_v >= t`` (``t = 0``: every category).
+
+    A radix select in a few passes instead of a full sort (the idea of the histogram / radix selections
+    of GPU top-k / top-p samplers, e.g. "RadiK", Li et al. 2024, and FlashInfer's sampling kernels): one
+    per-row histogram of the weight per bucket of the weight's top bits (a ``scatter_add``), a cumulative
+    sum over the buckets, most probable first, finds the crossing bucket ``b*`` (the mass above it is
+    ``< top_p``, with it ``>= top_p``); every bucket above is kept whole, every bucket below dropped, and
+    only the members of ``b*`` are sorted (per row, padded) by their probability ``w / sum(w)`` to resolve
+    the boundary exactly, tie groups whole, as the full sort of the definition does. The masses are
+    summed in another order than a sorted cumulative sum, so a boundary within float64 rounding of
+    ``top_p`` may fall the other way (as may a tie of two probabilities whose weights differ in the last
+    bit and straddle a bucket edge). The kept set is upward closed in ``p``, hence in ``w``: a weight
+    threshold.
+    """
+    n, V = w.shape
+    S = w.sum(-1, keepdim=True)  # as the definition's w.sum(-1): the same p = w / S
+    # w in [0, 1] (its maximum is exp(0)): bucket keys in [0, B - 1], B - 1 the bucket of 1
+    m = _bucket_bits(V)
+    key = _bucket_keys(w, m, _scratch(work, "key", w, torch.int64))
+    B = ((_OCTAVES + 1) << m) + 1
+    hist = torch.zeros(n, B, dtype=w.dtype, device=w.device).scatter_add_(1, key, w)
+    incl = hist.flip(-1).cumsum(-1)  # weight of the buckets >= each bucket, most probable first
+    j = (incl < top_p * S).sum(-1)  # the crossing bucket's position in that order (B: none, keep the row)
+    crossing = j < B
+    if not bool(crossing.any()):
+        return torch.zeros_like(S)
+    above = torch.where(j > 0, incl.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(S[:, 0]))
+    sel = torch.eq(key, torch.where(crossing, B - 1 - j, -1)[:, None], out=_scratch(work, "sel", w, torch.bool))
+    flat = sel.view(-1).nonzero()[:, 0]  # the crossing bucket's members (zeros too), row by row
+    rows = flat // V
+    wv = w.reshape(-1)[flat]
+    counts = torch.bincount(rows, minlength=n)
+    L = int(counts.max())
+    pos = torch.arange(flat.numel(), device=w.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    pad = torch.zeros(n, L, dtype=w.dtype, device=w.device)
+    pad[rows, pos] = wv
+    sw = pad.sort(dim=-1, descending=True).values  # order within ties is irrelevant below
+    sp = sw / S  # the members' probabilities, as the definition's
+    cum = sp.cumsum(-1)
+    excl = torch.zeros_like(cum)
+    excl[:, 1:] = cum[:, :-1]  # mass before each sorted member, within the bucket
+    # Each member's tie group starts at the last index (so far) where the value changed; the mass before
+    # that start (plus the buckets above) is the mass strictly greater than the value.
+    idx = torch.arange(L, device=w.device).expand_as(sp)
+    starts = torch.ones_like(sp, dtype=torch.bool)
+    starts[:, 1:] = sp[:, 1:] != sp[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=-1).values
+    keep = (((above / S[:, 0])[:, None] + excl.gather(-1, first)) < top_p) & (sp > 0)
+    kept_min = torch.where(keep, sw, torch.full_like(sw, float("inf"))).amin(-1)
+    return torch.where(crossing, kept_min, torch.zeros_like(kept_min))[:, None]
 
 
 def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
@@ -93,12 +190,16 @@ def _sample_categorical(logits: torch.Tensor, *, seed: int, offset: int, tempera
     if temperature == 0:
         return torch.argmax(flat, dim=-1).reshape(logits.shape[:-1])
     out = torch.empty(flat.shape[0], dtype=torch.int64, device=logits.device)
-    # top-p sorts: about ten (rows, V) temporaries at once, so it takes smaller blocks.
-    step = rows_per_chunk(V) if top_p is None else max(1, rows_per_chunk(V) // 4)
+    # top-p holds the weights and their int64 bucket keys at once, as the plain draw its weights and CDF.
+    step = rows_per_chunk(V)
+    work: dict[str, torch.Tensor] = {}
     for r0 in range(0, flat.shape[0], step):
-        z = flat[r0:r0 + step].to(torch.float64) / temperature
-        w = filter_weights(z, top_k, top_p)
-        rows = torch.arange(r0, r0 + z.shape[0], device=logits.device)
+        block = flat[r0:r0 + step]
+        # x / temperature in float64, in a tensor reused from block to block (the weights overwrite it)
+        z = _scratch(work, "z", block, torch.float64).copy_(block).div_(temperature)
+        w = _filter_weights(z, top_k, top_p, inplace=True, work=work)
+        del z
+        rows = torch.arange(r0, r0 + w.shape[0], device=logits.device)
         out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows, start=row_offset))
     return out.reshape(logits.shape[:-1])
 

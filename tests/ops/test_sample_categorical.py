@@ -564,3 +564,70 @@ def test_bad_input_is_rejected_before_the_kernel(backend, case, monkeypatch):
         kwargs["logits"] = kwargs["logits"].to(dev)
     with pytest.raises(err, match=match):
         ops.sample_categorical(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# top-p without a sort: the kept set equals a full sort's (the definition), exactly, ties included
+# --------------------------------------------------------------------------------------------------------
+def _sorted_filter_weights(z: torch.Tensor, top_k, top_p) -> torch.Tensor:
+    """The definition by a full sort (the reference's former implementation): the slow oracle."""
+    z = z - z.max(dim=-1, keepdim=True).values
+    w = torch.exp(z)
+    V = z.shape[-1]
+    if top_k is not None and top_k < V:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        w = torch.where(z >= kth, w, torch.zeros_like(w))
+    if top_p is not None and top_p < 1.0:
+        p = w / w.sum(-1, keepdim=True)
+        sp, order = torch.sort(p, dim=-1, descending=True)
+        excl = torch.cumsum(sp, -1) - sp
+        pos = torch.arange(V).expand_as(sp)
+        starts = torch.ones_like(sp, dtype=torch.bool)
+        starts[:, 1:] = sp[:, 1:] != sp[:, :-1]
+        first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=-1).values
+        keep = torch.zeros_like(sp, dtype=torch.bool).scatter(-1, order, excl.gather(-1, first) < top_p)
+        w = torch.where(keep, w, torch.zeros_like(w))
+    return w
+
+
+_ORACLE_ROWS = [  # (name, rows, V, scale): peaked rows keep a handful, flat rows most of the vocabulary
+    ("peaked", 6, 3000, 8.0), ("normal", 8, 2500, 2.0), ("flat", 6, 4000, 0.05), ("small", 40, 9, 1.5),
+    ("wide", 3, 9000, 1.0)]
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 7, 200])
+@pytest.mark.parametrize("top_p", [1e-9, 0.05, 0.5, 0.9, 0.999, 1 - 1e-9])
+def test_top_p_kept_set_equals_the_full_sort(top_k, top_p):
+    """filter_weights (radix histogram + sort of the crossing bucket) keeps exactly the full sort's set, on
+    random, rounded (ties everywhere), -inf-masked, long-tie and two-valued rows."""
+    g = C.gen(int(top_p * 1e6) + (top_k or 0))
+    for name, n, V, scale in _ORACLE_ROWS:
+        z = torch.randn(n, V, generator=g, dtype=torch.float64) * scale
+        z[0] = z[0].round()  # many ties
+        if n > 2:
+            z[1, ::3] = float("-inf")
+            z[2, : V // 2] = z[2, 0]  # a long tie group
+        if n > 3:
+            z[3] = (torch.rand(V, generator=g) < 0.3).double()  # two values only
+        got = filter_weights(z, top_k, top_p)
+        want = _sorted_filter_weights(z, top_k, top_p)
+        assert torch.equal(got > 0, want > 0), (name, top_k, top_p)
+        assert torch.equal(got, want), (name, top_k, top_p)  # the kept weights themselves are exp(z - max)
+
+
+@pytest.mark.parametrize("backend", C.backends("reference", "cpp", "triton"))
+@pytest.mark.parametrize("scale,top_p", [(8.0, 0.9), (2.0, 0.9), (0.05, 0.9), (2.0, 0.3)])
+def test_top_p_draws_stay_in_the_full_sort_set(backend, scale, top_p):
+    """Every backend's draws (u all over (0, 1), many rows) lie in the full sort's kept set and are its
+    inverse CDF at the row's uniform (a kept set too large or too small moves the draws at u near 1), up to
+    one float32 CDF near-tie on a kernel."""
+    n, V = (64, 2000) if backend != "triton" else (6, 300)
+    row = torch.randn(V, generator=C.gen(11)) * scale
+    logits = row.expand(n, V).contiguous()
+    out = ops.sample_categorical(logits.to(C.device(backend)), seed=5, top_p=top_p, backend=backend).cpu()
+    keep = _sorted_filter_weights(row.double()[None], None, top_p)[0] > 0
+    assert bool(keep[out].all())
+    # The kept set seen through the reference's draw: its tokens are the full sort's inverse CDF
+    w = _sorted_filter_weights(row.double()[None], None, top_p)[0].numpy()
+    want = np.array([O.inverse_cdf(w, O.row_uniform(5, 0, r)) for r in range(n)])
+    assert int((out.numpy() != want).sum()) <= (0 if backend == "reference" else 1)

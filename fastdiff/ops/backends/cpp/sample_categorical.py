@@ -1,7 +1,8 @@
 """``sample_categorical`` on the C++ backend (``csrc/sample_categorical.cpp``): temperature, then top-k and
 top-p with the reference's tie-inclusive sets (top-k: the k-th largest ``x/temp - max/temp`` in float64 by a
-size-k heap; top-p: the crossing bucket of a histogram of the weights' float32 bit patterns, sorted alone),
-then the inverse-CDF draw of the row's Philox uniform. Rows in parallel; the row pass checks the values."""
+size-k heap; top-p: the crossing bucket of a histogram of the weights' float32 bit patterns, split by the
+next bits when large, sorted alone), then the inverse-CDF draw of the row's Philox uniform. Rows in
+parallel; the row pass checks the values."""
 
 from __future__ import annotations
 
