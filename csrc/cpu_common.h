@@ -22,6 +22,15 @@
 #define FASTDIFF_CLONES
 #endif
 
+// The scalar helpers the cloned loops call must be inlined into each clone to be vectorised there; GCC's
+// heuristics sometimes keep one out-of-line copy instead (seen: exp_f32_nonpos called per element from
+// esum_all_f32 in select_tokens.cpp, 10x slower), so force it.
+#if defined(__GNUC__)
+#define FASTDIFF_INLINE inline __attribute__((always_inline))
+#else
+#define FASTDIFF_INLINE inline
+#endif
+
 namespace fastdiff {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -61,7 +70,7 @@ inline double row_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
 // exp for float, branch-free so that loops over it vectorise (Cephes expf: Cody-Waite reduction and
 // a degree-6 polynomial, about 1 ulp). Arguments below -87.3 (including -inf) give exactly 0: such
 // weights are below 2^-126 of the row maximum, and -inf logits must have weight 0.
-inline float exp_f32(float x) {
+FASTDIFF_INLINE float exp_f32(float x) {
   const bool under = x < -87.3f;
   float xc = x < -87.3f ? -87.3f : x;
   xc = xc > 88.3f ? 88.3f : xc;
@@ -84,7 +93,7 @@ inline float exp_f32(float x) {
 
 // exp_f32 for arguments known to be <= 0 (or NaN), such as (x - max) / temperature: the same polynomial and
 // underflow rule without the overflow clamp, two vector operations fewer in the hot exp-sum loop.
-inline float exp_f32_nonpos(float x) {
+FASTDIFF_INLINE float exp_f32_nonpos(float x) {
   const bool under = x < -87.3f;
   const float xc = under ? -87.3f : x;
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;

@@ -93,7 +93,7 @@ FASTDIFF_CLONES double esum_all_f32(const float* x, int64_t n, float M, float in
   return static_cast<double>((s0 + s1) + (s2 + s3));
 }
 
-FASTDIFF_CLONES void eprobs_f32(const float* x, int64_t n, float M, float inv_t, float thr, float ca, float cb,
+[[maybe_unused]] FASTDIFF_CLONES void eprobs_f32(const float* x, int64_t n, float M, float inv_t, float thr, float ca, float cb,
                                 float* out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
