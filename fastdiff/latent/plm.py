@@ -95,7 +95,11 @@ class PLM:
         p = Path(path)
         if not (p / "config.json").is_file():
             raise InputFileNotFoundError(f"plm: {str(path)!r} is not a Hugging Face model directory (no config.json)")
-        from transformers import AutoModelForSeq2SeqLM
+        try:
+            from transformers import AutoModelForSeq2SeqLM
+        except ImportError as e:  # the optional hf extra; the bundled latent checkpoint needs it too
+            raise InputError(f"plm: loading the encoder-decoder in {str(path)!r} needs transformers: "
+                             "pip install 'fastdiff[hf]'") from e
 
         try:
             model = AutoModelForSeq2SeqLM.from_pretrained(str(p))
