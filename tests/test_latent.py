@@ -453,3 +453,71 @@ def test_any_hf_seq2seq_directory_as_the_plm(tmp_path: Path, capsys: pytest.Capt
         PLM.load(tmp_path / "bert")
     with pytest.raises(InputFileNotFoundError, match=r"plm: .* \(no config.json\)"):
         PLM.load(tmp_path)
+
+
+# --- the bundled checkpoint (fastdiff/assets/latent) -----------------------------------------------------
+def test_bundled_latent_json_names_files_that_ship() -> None:
+    """latent.json's PLM is the relative plm/ inside the package (no path of the machine that trained it),
+    every file it needs exists, and each is matched by a package-data glob of pyproject.toml (what a wheel
+    installs; the glob expanded as setuptools does, from the package directory)."""
+    import glob
+
+    from fastdiff.latent.model import AE_FILE, CONFIG_FILE, DENOISER_FILE
+    from fastdiff.pipeline import bundled_path
+
+    d = bundled_path("latent")
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    assert cfg["format"] == "fastdiff-latent/1" and cfg["plm"] == "plm"
+    needed = [CONFIG_FILE, AE_FILE, DENOISER_FILE, "plm/config.json", "plm/model.safetensors",
+              "plm/fastdiff_tokenizer.json", "plm/generation_config.json", "command.txt", "train_log.jsonl"]
+    assert all((d / f).is_file() for f in needed), [f for f in needed if not (d / f).is_file()]
+    pkg = d.parent.parent
+    pyproject = pkg.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("an installed package (no pyproject.toml beside it)")
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["fastdiff"]
+    installed = {f for g in globs for f in glob.glob(g, root_dir=pkg)}
+    shipped = {str(f.relative_to(pkg)) for f in d.rglob("*") if f.is_file()}
+    assert shipped <= installed, sorted(shipped - installed)
+    assert {f"assets/latent/{f}" for f in needed} <= shipped
+
+
+@pytest.fixture(scope="module")
+def bundled() -> LatentDiffusion:
+    from fastdiff.pipeline import bundled_path
+
+    torch.set_num_threads(1)
+    return LatentDiffusion.load(bundled_path("latent"))
+
+
+def test_bundled_latent_generates_from_the_command_line(bundled: LatentDiffusion, capsys: pytest.CaptureFixture
+                                                        ) -> None:
+    from fastdiff.cli import main
+    from fastdiff.pipeline import TextDiffusion
+
+    cfg = bundled.autoencoder.config
+    assert (cfg["n_latents"], cfg["d_latent"], bundled.seq_len) == (16, 64, 64)
+    assert bundled.label_names == ["reference", "library"]
+    assert main(["generate", "-c", "latent", "-n", "2", "--steps", "8", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert lines[0].startswith("fastdiff generate: latent (latent, 16 x 64 latents -> 64 tokens, step 3444)")
+    assert [line.split(" ")[0] for line in lines[1:]] == ["[0]", "[1]"]
+    want = bundled.generate(2, steps=8, seed=0)
+    assert [line[4:] for line in lines[1:]] == [" ".join(t.split()) for t in want]
+    assert all(len(t.split()) >= 5 for t in want)  # text, not an empty decoding
+    # TextDiffusion (token-space checkpoints) names the class that loads this one
+    with pytest.raises(InputError, match=r"latent-diffusion .*LatentDiffusion\.load"):
+        TextDiffusion.load("latent")
+
+
+def test_bundled_latent_evaluates_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fastdiff.cli import main
+
+    out = tmp_path / "e.json"
+    assert main(["eval", "-c", "latent", "--samples", "2", "--steps", "2", "--fit-rows", "2", "--lm", "none",
+                 "--classifier", "none", "--threads", "1", "--json", str(out)]) == 0
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert res["checkpoint"]["family"] == "latent" and res["checkpoint"]["step"] == 3444
+    assert res["reconstruction"]["rows"] == 2 and "distinct_2" in res["samples"]
