@@ -42,6 +42,7 @@ BUNDLED = {
     "continuous": "continuous",
     "causal_lm": "causal_lm",
     "classifier": "classifier",
+    "latent": "latent",  # LD4LG (fastdiff.latent): loaded by LatentDiffusion.load, not TextDiffusion
 }
 _MASK_RUN = re.compile(r"\[MASK(?:\*(\d+))?\]")
 #: sampler options that TextDiffusion.generate sets per batch (a user's value could not be right for every
@@ -52,11 +53,12 @@ _SET_BY_GENERATE = frozenset({"shape", "steps", "strategy", "seed", "temperature
 
 
 def bundled_path(name: str) -> Path:
-    """Directory of a bundled checkpoint (``discrete``, ``continuous``, ``causal_lm``, ``classifier``)."""
+    """Directory of a bundled checkpoint (``discrete``, ``bd3``, ``continuous``, ``causal_lm``, ``classifier``,
+    ``latent``)."""
     if name not in BUNDLED:
         raise InputError(f"checkpoint: unknown bundled checkpoint {name!r}; bundled: {sorted(BUNDLED)}")
     path = ASSETS / BUNDLED[name]
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or (path / "latent.json").is_file()):
         raise FileNotFoundError(f"checkpoint: the bundled checkpoint {name!r} is missing from {path} "
                                 "(a source checkout without assets? reinstall fastdiff)")
     return path
@@ -157,11 +159,17 @@ class TextDiffusion:
     @classmethod
     def load(cls, name_or_path: str | Path = "discrete", device: str | torch.device | None = None,
              backend: str = "auto", weights: str = "ema") -> TextDiffusion:
-        """Load a bundled checkpoint by name or a checkpoint directory."""
+        """Load a bundled checkpoint by name or a checkpoint directory (not a latent-diffusion one: InputError
+        naming :meth:`fastdiff.latent.LatentDiffusion.load`)."""
+        from .latent import is_latent_checkpoint
         from .training import load_checkpoint
 
-        return cls(load_checkpoint(resolve_checkpoint(name_or_path), weights=weights), device=device,
-                   backend=backend)
+        path = resolve_checkpoint(name_or_path)
+        if is_latent_checkpoint(path):
+            raise InputError(f"checkpoint: {str(name_or_path)!r} is a latent-diffusion (LD4LG) checkpoint; load it "
+                             "with fastdiff.latent.LatentDiffusion.load(fastdiff.pipeline.resolve_checkpoint("
+                             f"{str(name_or_path)!r})) (fastdiff generate -c {name_or_path} does)")
+        return cls(load_checkpoint(path, weights=weights), device=device, backend=backend)
 
     # --- inputs -------------------------------------------------------------------------------------
     def _label_id(self, label: str | int | None) -> int:

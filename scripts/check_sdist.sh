@@ -47,12 +47,17 @@ assert hasattr(torch.ops.fastdiff_cpp, "posterior"), "fastdiff_cpp::posterior is
 missing = [p for p in ["assets/README.md", "assets/tokenizer.json", "assets/tokenizer.md", "_build_info.json",
                        *[f"assets/{m}/{f}" for m in ("discrete", "continuous", "causal_lm", "classifier")
                          for f in ("config.json", "model.safetensors", "tokenizer.json", "command.txt",
-                                   "train_log.jsonl")]] if not (pkg / p).is_file()]
+                                   "train_log.jsonl")],
+                       *[f"assets/latent/{f}" for f in ("latent.json", "autoencoder.safetensors", "denoiser.safetensors",
+                                                         "command.txt", "train_log.jsonl", "plm/config.json",
+                                                         "plm/model.safetensors", "plm/fastdiff_tokenizer.json")]]
+           if not (pkg / p).is_file()]
 assert not missing, f"not installed: {missing}"
 print("installed package ok:", pkg, json.dumps(info))
 EOF
 "$WORK/venv/bin/fastdiff" info
 "$WORK/venv/bin/fastdiff" generate -n 2 --steps 4 --no-progress
+"$WORK/venv/bin/fastdiff" generate -c latent -n 2 --steps 4
 # The op tests on the C++ backend against the installed package (the tests ship in the sdist).
 tar -xzf "$SDIST" -C "$WORK/run" --strip-components=1 --wildcards '*/tests/*'
 FASTDIFF_TEST_BACKENDS=cpp "$VPY" -m pytest -q -p no:cacheprovider tests/ops -x

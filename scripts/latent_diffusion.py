@@ -18,11 +18,16 @@ output), and from the latents of real held-out chunks (the autoencoder's round t
 of the generated text's fluency comes from the decoder's own language model rather than from the diffusion.
 
 ``stage`` calls :func:`fastdiff.latent.run_stages` (what ``fastdiff train --family latent --stage S`` runs)
-with batch 16 and a wall-time cap; the step counts reached are in the checkpoint's latent.json and
-train_log.jsonl. Without a time cap, the command line does the same:
+with batch 16, a wall-time cap and no copy phase in stage plm (``plm-copy`` is that phase here); the step
+counts reached are in the checkpoint's latent.json and train_log.jsonl. Without time caps, the command line
+runs the same phases (stage plm's copy phase is ``LatentConfig.plm_copy_steps``, lr ``plm_copy_lr``):
 
     fastdiff train --family latent --out runs/latent --batch-size 16 --threads 1 \\
-        --set plm_steps=777 --set ae_steps=... --set diffusion_steps=...
+        --set plm_steps=777 --set plm_copy_steps=1149 --set ae_steps=985 --set diffusion_steps=3444
+
+(the PLM phases' learning rate is constant after the warm-up either way; the ae and diffusion stages' cosine
+decay spans their step count, 100000 in the capped runs, so those two stages are not the same run). The
+shipped copy of this run is ``fastdiff/assets/latent`` (``fastdiff generate -c latent``; its command.txt).
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ def _say(t0: float) -> "callable":
 
 
 def cmd_stage(a: argparse.Namespace) -> None:
-    cfg = LatentConfig(seq_len=a.seq_len, batch_size=a.batch_size, plm_steps=100000, ae_steps=100000,
-                       diffusion_steps=100000)
+    cfg = LatentConfig(seq_len=a.seq_len, batch_size=a.batch_size, plm_steps=100000, plm_copy_steps=0,
+                       ae_steps=100000, diffusion_steps=100000)
     run_stages(cfg, a.out, stage=a.stage, max_seconds=a.minutes * 60, log_every=25, print_fn=_say(time.time()))
 
 
@@ -57,10 +62,10 @@ def cmd_plm_copy(a: argparse.Namespace) -> None:
     p = PLM.load(d)
     x = latent_data(python_docs(), p, a.seq_len, "lm", "train")[0]
     rows = train_plm(p, x, steps=100000, batch_size=a.batch_size, lr=2e-3, warmup=50, mask_rate=a.mask_rate, seed=1,
-                     max_seconds=a.minutes * 60, log_every=25, print_fn=_say(time.time()))
+                     max_seconds=a.minutes * 60, log_every=25, print_fn=_say(time.time()), stage="plm-copy")
     p.save(d)
     with open(Path(a.out) / "train_log.jsonl", "a", encoding="utf-8") as f:
-        f.writelines(json.dumps({**r, "stage": "plm-copy"}) + "\n" for r in rows)
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def cmd_copycheck(a: argparse.Namespace) -> None:

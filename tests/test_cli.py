@@ -29,9 +29,12 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_bundled_checkpoints_are_small_and_complete() -> None:
     for name in BUNDLED:
         d = bundled_path(name)
-        size = sum(f.stat().st_size for f in d.iterdir())
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
         assert size < 8 * 2**20, f"{name}: {size} bytes"
-        for f in ("config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl", "command.txt"):
+        files = ("config.json", "model.safetensors", "tokenizer.json") if name != "latent" else (
+            "latent.json", "autoencoder.safetensors", "denoiser.safetensors", "latent_config.json",
+            "plm/config.json", "plm/model.safetensors", "plm/fastdiff_tokenizer.json")
+        for f in (*files, "train_log.jsonl", "command.txt"):
             assert (d / f).is_file(), f"{name}/{f}"
         log = [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
         assert log and all(isinstance(r, dict) for r in log)

@@ -68,6 +68,9 @@ def test_no_compiler_installs_pure_python_and_records_why(source_copy, tmp_path)
     for m in ("discrete", "continuous", "causal_lm", "classifier"):
         for f in ("config.json", "model.safetensors", "tokenizer.json", "command.txt", "train_log.jsonl"):
             assert f"fastdiff/assets/{m}/{f}" in names, f"{m}/{f} missing"
+    for f in ("latent.json", "autoencoder.safetensors", "denoiser.safetensors", "command.txt", "train_log.jsonl",
+              "plm/config.json", "plm/generation_config.json", "plm/model.safetensors", "plm/fastdiff_tokenizer.json"):
+        assert f"fastdiff/assets/latent/{f}" in names, f"latent/{f} missing"
     for f in ("fastdiff/assets/README.md", "fastdiff/assets/tokenizer.json", "fastdiff/assets/tokenizer.md",
               "fastdiff/kernels/posterior.py", "fastdiff/ops/backends/cpp/posterior.py",
               "fastdiff/ops/backends/cuda/posterior.py", "fastdiff/ops/backends/triton/posterior.py"):

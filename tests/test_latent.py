@@ -296,7 +296,8 @@ def _corpus(tmp_path: Path) -> Path:
 
 TINY = ["--set", "plm_width=16", "--set", "plm_layers=1", "--set", "plm_heads=2", "--set", "n_latents=2",
         "--set", "d_latent=8", "--set", "ae_width=16", "--set", "ae_layers=1", "--set", "ae_heads=2",
-        "--width", "16", "--layers", "1", "--heads", "2", "--T", "20", "--batch-size", "4", "--warmup", "1"]
+        "--width", "16", "--layers", "1", "--heads", "2", "--T", "20", "--batch-size", "4", "--warmup", "1",
+        "--set", "plm_copy_steps=2"]
 
 
 def test_cli_train_generate_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -314,7 +315,7 @@ def test_cli_train_generate_eval_end_to_end(tmp_path: Path, capsys: pytest.Captu
     capsys.readouterr()
     assert is_latent_checkpoint(out) and is_latent_checkpoint(tmp_path / "exp")
     stages = [json.loads(line)["stage"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert stages[0] == "plm" and stages[-1] == "diffusion" and "ae" in stages
+    assert stages[0] == "plm" and stages[-1] == "diffusion" and "ae" in stages and "plm-copy" in stages
     assert main(["generate", "-c", str(out), "-n", "3", "--steps", "4", "--quiet"]) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert [line.split(" ")[0] for line in lines] == ["[0]", "[1]", "[2]"]
@@ -332,11 +333,51 @@ def test_cli_train_generate_eval_end_to_end(tmp_path: Path, capsys: pytest.Captu
     assert json.loads((out / "latent.json").read_text())["diffusion_steps"] == 2
 
 
+def test_stage_plm_runs_the_copy_phase_of_plm_copy_steps(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``plm_copy_steps`` (the bundled PLM's second, copy-only phase) is run by stage plm after the masking
+    phase, logged as "plm-copy" and recorded in latent.json; 0 skips it. The copied PLM is exactly the
+    masking-phase PLM trained further by train_plm with mask rate 0, ``plm_copy_lr``, warm-up
+    PLM_COPY_WARMUP and seed + 1 (what scripts/latent_diffusion.py plm-copy ran for the shipped one)."""
+    from fastdiff.cli import main
+    from fastdiff.data import corpus
+    from fastdiff.latent import PLM, latent_data
+    from fastdiff.latent.train import PLM_COPY_WARMUP
+
+    data = _corpus(tmp_path)
+    tok = _tokenizer()
+    tok.save(tmp_path / "tok.json")
+    base = ["train", "--family", "latent", "--task", "lm", "--seq-len", "8", "--data", str(data), "--tokenizer",
+            str(tmp_path / "tok.json"), "--no-progress", "--log-every", "1", "--stage", "plm", "--steps", "2", *TINY]
+    assert main([*base, "--out", str(tmp_path / "a"), "--set", "plm_copy_steps=0"]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--set", "plm_copy_steps=3", "--set", "plm_copy_lr=5e-3"]) == 0
+    capsys.readouterr()
+
+    def log(run: str) -> list[tuple[str, int]]:
+        return [(r["stage"], r["step"]) for r in map(json.loads, (tmp_path / run / "train_log.jsonl").read_text()
+                                                          .splitlines())]
+
+    assert log("a") == [("plm", 1), ("plm", 2)]
+    assert log("b") == [("plm", 1), ("plm", 2), ("plm-copy", 1), ("plm-copy", 2), ("plm-copy", 3)]
+    assert json.loads((tmp_path / "a" / "latent.json").read_text())["plm_copy_steps"] == 0
+    assert json.loads((tmp_path / "b" / "latent.json").read_text())["plm_copy_steps"] == 3
+    assert json.loads((tmp_path / "b" / "latent_config.json").read_text())["plm_copy_steps"] == 3
+    plm_a, plm_b = PLM.load(tmp_path / "a" / "plm"), PLM.load(tmp_path / "b" / "plm")
+    tokens = latent_data(corpus.load_texts([str(data)]), plm_a, 8, "lm", "train")[0]
+    train_plm(plm_a, tokens, steps=3, batch_size=4, lr=5e-3, warmup=PLM_COPY_WARMUP, mask_rate=0.0, seed=1,
+              print_fn=lambda s: None)
+    a, b = plm_a.model.state_dict(), plm_b.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a0 = PLM.load(tmp_path / "a" / "plm").model.state_dict()
+    assert not all(torch.equal(a0[k], b[k]) for k in a0)  # the phase did change the weights
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--kind", "uniform"], "--kind: not used by --family latent"),
     (["--steps", "3"], "--steps: with --stage all"),
     (["--set", "n_latent=3"], "unknown LatentConfig fields ['n_latent']"),
     (["--set", "n_latents=0"], "n_latents: must be >= 1"),
+    (["--set", "plm_copy_steps=-1"], "plm_copy_steps: must be >= 0"),
+    (["--set", "plm_copy_lr=0"], "plm_copy_lr"),
     (["--stage", "diffusion"], "holds none"),
     (["--stage", "plm", "--plm", "x"], "--plm: used by --stage ae or all"),
     (["--device", "cuda"], "--device: --family latent trains on the CPU"),
@@ -412,3 +453,71 @@ def test_any_hf_seq2seq_directory_as_the_plm(tmp_path: Path, capsys: pytest.Capt
         PLM.load(tmp_path / "bert")
     with pytest.raises(InputFileNotFoundError, match=r"plm: .* \(no config.json\)"):
         PLM.load(tmp_path)
+
+
+# --- the bundled checkpoint (fastdiff/assets/latent) -----------------------------------------------------
+def test_bundled_latent_json_names_files_that_ship() -> None:
+    """latent.json's PLM is the relative plm/ inside the package (no path of the machine that trained it),
+    every file it needs exists, and each is matched by a package-data glob of pyproject.toml (what a wheel
+    installs; the glob expanded as setuptools does, from the package directory)."""
+    import glob
+
+    from fastdiff.latent.model import AE_FILE, CONFIG_FILE, DENOISER_FILE
+    from fastdiff.pipeline import bundled_path
+
+    d = bundled_path("latent")
+    cfg = json.loads((d / CONFIG_FILE).read_text())
+    assert cfg["format"] == "fastdiff-latent/1" and cfg["plm"] == "plm"
+    needed = [CONFIG_FILE, AE_FILE, DENOISER_FILE, "plm/config.json", "plm/model.safetensors",
+              "plm/fastdiff_tokenizer.json", "plm/generation_config.json", "command.txt", "train_log.jsonl"]
+    assert all((d / f).is_file() for f in needed), [f for f in needed if not (d / f).is_file()]
+    pkg = d.parent.parent
+    pyproject = pkg.parent / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("an installed package (no pyproject.toml beside it)")
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["fastdiff"]
+    installed = {f for g in globs for f in glob.glob(g, root_dir=pkg)}
+    shipped = {str(f.relative_to(pkg)) for f in d.rglob("*") if f.is_file()}
+    assert shipped <= installed, sorted(shipped - installed)
+    assert {f"assets/latent/{f}" for f in needed} <= shipped
+
+
+@pytest.fixture(scope="module")
+def bundled() -> LatentDiffusion:
+    from fastdiff.pipeline import bundled_path
+
+    torch.set_num_threads(1)
+    return LatentDiffusion.load(bundled_path("latent"))
+
+
+def test_bundled_latent_generates_from_the_command_line(bundled: LatentDiffusion, capsys: pytest.CaptureFixture
+                                                        ) -> None:
+    from fastdiff.cli import main
+    from fastdiff.pipeline import TextDiffusion
+
+    cfg = bundled.autoencoder.config
+    assert (cfg["n_latents"], cfg["d_latent"], bundled.seq_len) == (16, 64, 64)
+    assert bundled.label_names == ["reference", "library"]
+    assert main(["generate", "-c", "latent", "-n", "2", "--steps", "8", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert lines[0].startswith("fastdiff generate: latent (latent, 16 x 64 latents -> 64 tokens, step 3444)")
+    assert [line.split(" ")[0] for line in lines[1:]] == ["[0]", "[1]"]
+    want = bundled.generate(2, steps=8, seed=0)
+    assert [line[4:] for line in lines[1:]] == [" ".join(t.split()) for t in want]
+    assert all(len(t.split()) >= 5 for t in want)  # text, not an empty decoding
+    # TextDiffusion (token-space checkpoints) names the class that loads this one
+    with pytest.raises(InputError, match=r"latent-diffusion .*LatentDiffusion\.load"):
+        TextDiffusion.load("latent")
+
+
+def test_bundled_latent_evaluates_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fastdiff.cli import main
+
+    out = tmp_path / "e.json"
+    assert main(["eval", "-c", "latent", "--samples", "2", "--steps", "2", "--fit-rows", "2", "--lm", "none",
+                 "--classifier", "none", "--threads", "1", "--json", str(out)]) == 0
+    capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert res["checkpoint"]["family"] == "latent" and res["checkpoint"]["step"] == 3444
+    assert res["reconstruction"]["rows"] == 2 and "distinct_2" in res["samples"]

@@ -346,7 +346,7 @@ def plan_batch(td: TextDiffusion, device: str | torch.device, *, num_samples: in
 # --- sampling options (generate, eval) ------------------------------------------------------------------
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "-c", default="discrete",
-                   help="bundled name (discrete, continuous) or a checkpoint directory")
+                   help="bundled name (discrete, bd3, continuous, latent) or a checkpoint directory")
     p.add_argument("--strategy", help="ancestral | confidence | threshold | remask | ar_ancestral (discrete), "
                                       "ddpm | ddim | ar (continuous); default: ancestral (discrete), ddim (continuous)")
     p.add_argument("--steps", type=positive_int, default=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
@@ -52,10 +53,11 @@ def command(args: argparse.Namespace) -> int:
     from .. import evaluation
     from ..pipeline import TextDiffusion
 
-    from ..latent import is_latent_checkpoint
+    from .generate import latent_checkpoint
 
-    if is_latent_checkpoint(args.checkpoint):
-        return _eval_latent(args)
+    latent = latent_checkpoint(args.checkpoint)
+    if latent is not None:
+        return _eval_latent(args, latent)
     _configure_threads(args)
     device = _check_device(args.device)
     _check_backend(args.backend, _device(device))
@@ -155,7 +157,7 @@ def _print_eval(res: dict) -> None:
         _print_fit(res["fit"])
 
 
-def _eval_latent(args: argparse.Namespace) -> int:
+def _eval_latent(args: argparse.Namespace, path: Path) -> int:
     """``fastdiff eval -c <latent checkpoint>``: the scores :func:`fastdiff.evaluation.evaluate` gives the
     other families (the generated texts re-encoded with the scorers' tokenizer, the bundled one), and, in
     place of the model fit, the autoencoder's round trip on ``--fit-rows`` held-out chunks (exact match,
@@ -178,7 +180,7 @@ def _eval_latent(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, "--json")
     _configure_threads(args)
-    model = LatentDiffusion.load(args.checkpoint)
+    model = LatentDiffusion.load(path)
     if model.denoiser is None:
         raise InputError(f"--checkpoint: {args.checkpoint} holds only a latent autoencoder (no diffusion stage yet)")
     steps = args.steps or 64

@@ -7,6 +7,7 @@ import argparse
 import json
 import shutil
 import sys
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from ..errors import InputError
@@ -70,10 +71,9 @@ def command(args: argparse.Namespace) -> int:
 
     if is_glyph_checkpoint(args.checkpoint):
         return _generate_glyph(args)
-    from ..latent import is_latent_checkpoint
-
-    if is_latent_checkpoint(args.checkpoint):
-        return _generate_latent(args)
+    latent = latent_checkpoint(args.checkpoint)
+    if latent is not None:
+        return _generate_latent(args, latent)
     threads = _configure_threads(args)
     device = _check_device(args.device)
     _check_backend(args.backend, _device(device))
@@ -114,6 +114,16 @@ def _generate_glyph(args: argparse.Namespace) -> int:
     return 0
 
 
+def latent_checkpoint(checkpoint: str) -> Path | None:
+    """The directory of ``-c`` when it is a latent-diffusion checkpoint (a bundled name, e.g. ``latent``, or a
+    directory; :func:`fastdiff.pipeline.resolve_checkpoint`'s order), else None."""
+    from ..latent import is_latent_checkpoint
+    from ..pipeline import ASSETS, BUNDLED
+
+    path = ASSETS / BUNDLED[checkpoint] if checkpoint in BUNDLED else Path(checkpoint)
+    return path if is_latent_checkpoint(path) else None
+
+
 def latent_unsupported(args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """InputError naming the first option in ``names`` that was given (a latent-diffusion checkpoint
     samples with DDIM / DDPM on the CPU and takes only -n, --steps, --strategy, --eta, --label,
@@ -135,7 +145,7 @@ LATENT_UNSUPPORTED = ("--length", "--batch-size", "--temperature", "--top-k", "-
                       "--block-size", "--micro-batch", "--cache", "--device", "--backend")
 
 
-def _generate_latent(args: argparse.Namespace) -> int:
+def _generate_latent(args: argparse.Namespace, path: Path) -> int:
     """``fastdiff generate -c <latent checkpoint>``: LD4LG (``fastdiff train --family latent`` trains one),
     DDIM / DDPM steps over the latents on the CPU, decoded greedily by the PLM's decoder, one line per
     sample."""
@@ -149,7 +159,7 @@ def _generate_latent(args: argparse.Namespace) -> int:
     if args.output:
         check_writable(args.output, "--output")
     _configure_threads(args)
-    model = LatentDiffusion.load(args.checkpoint)
+    model = LatentDiffusion.load(path)
     if model.denoiser is None:
         raise InputError(f"--checkpoint: {args.checkpoint} holds only a latent autoencoder (no diffusion stage yet); "
                          "train it with fastdiff train --family latent --stage diffusion")

@@ -95,7 +95,11 @@ class PLM:
         p = Path(path)
         if not (p / "config.json").is_file():
             raise InputFileNotFoundError(f"plm: {str(path)!r} is not a Hugging Face model directory (no config.json)")
-        from transformers import AutoModelForSeq2SeqLM
+        try:
+            from transformers import AutoModelForSeq2SeqLM
+        except ImportError as e:  # the optional hf extra; the bundled latent checkpoint needs it too
+            raise InputError(f"plm: loading the encoder-decoder in {str(path)!r} needs transformers: "
+                             "pip install 'fastdiff[hf]'") from e
 
         try:
             model = AutoModelForSeq2SeqLM.from_pretrained(str(p))
@@ -235,10 +239,12 @@ def build_small_plm(tokenizer: Any, *, length: int, width: int = 128, layers: in
 
 def train_plm(plm: PLM, tokens: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
               warmup: int = 100, mask_rate: float = 0.15, seed: int = 0, max_seconds: float | None = None,
-              log_every: int = 50, print_fn: Callable[[str], None] = print) -> list[dict]:
+              log_every: int = 50, print_fn: Callable[[str], None] = print, stage: str = "plm") -> list[dict]:
     """Train ``plm`` (unfrozen for the duration) on ``(N, L)`` chunks ``tokens``: BART's token masking
     (each token replaced by ``[MASK]`` with probability ``mask_rate``), the decoder reconstructing the
-    original chunk. Returns the log rows; ``plm`` is frozen and in eval mode again afterwards."""
+    original chunk; the learning rate warms up linearly over ``warmup`` steps, then stays at ``lr``.
+    Returns the log rows (``stage``: their "stage" entry); ``plm`` is frozen and in eval mode again
+    afterwards."""
     import time
 
     steps = _checks.positive_int("steps", steps)
@@ -271,7 +277,7 @@ def train_plm(plm: PLM, tokens: torch.Tensor, *, steps: int, batch_size: int = 3
         elapsed = time.perf_counter() - start
         done = step == steps or (max_seconds is not None and elapsed >= max_seconds)
         if step % log_every == 0 or done:
-            rows.append({"stage": "plm", "step": step, "loss": running / count, "seconds": round(elapsed, 1)})
+            rows.append({"stage": stage, "step": step, "loss": running / count, "seconds": round(elapsed, 1)})
             print_fn(json.dumps(rows[-1]))
             running, count = 0.0, 0
         if done:

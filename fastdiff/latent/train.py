@@ -1,7 +1,8 @@
 """Training of a :class:`~fastdiff.latent.model.LatentDiffusion` model, in LD4LG's stages:
 
 1. ``plm`` (only without a pretrained encoder-decoder): a small BART-style model trained here on the corpus
-   (:func:`~fastdiff.latent.plm.train_plm`), then frozen;
+   (:func:`~fastdiff.latent.plm.train_plm`: ``plm_steps`` of token masking, then ``plm_copy_steps`` of plain
+   copying, mask rate 0), then frozen;
 2. ``ae``: the compressor and reconstructor on the frozen PLM (:func:`train_autoencoder`);
 3. ``diffusion``: the SED denoiser on the normalised latents of the training chunks, computed once with
    the frozen PLM and autoencoder (:func:`train_diffusion`).
@@ -34,6 +35,8 @@ __all__ = ["STAGES", "LatentConfig", "latent_data", "latent_scale", "reconstruct
 
 #: the stages of :func:`run_stages`; "all" = plm (without --plm), ae, diffusion
 STAGES = ("plm", "ae", "diffusion", "all")
+#: the warm-up steps of stage plm's copy phase (``LatentConfig.plm_copy_steps``)
+PLM_COPY_WARMUP = 50
 
 
 @dataclasses.dataclass
@@ -53,6 +56,11 @@ class LatentConfig:
     plm_steps: int = 3000
     plm_lr: float = 1e-3
     plm_mask_rate: float = 0.15
+    # then the copy phase: mask rate 0 (the decoder reproduces its input), lr plm_copy_lr, warm-up
+    # PLM_COPY_WARMUP, seed + 1; 0 steps skips it. 1149 and 2e-3: the bundled checkpoint's PLM
+    # (fastdiff/assets/latent/command.txt), so the command line runs its recipe.
+    plm_copy_steps: int = 1149
+    plm_copy_lr: float = 2e-3
     # the autoencoder (stage ae)
     n_latents: int = 16
     d_latent: int = 64
@@ -80,7 +88,7 @@ class LatentConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.type in ("int", int):
-                _checks.positive_int(f.name, v, 0 if f.name == "seed" or f.name == "warmup" else 1)
+                _checks.positive_int(f.name, v, 0 if f.name in ("seed", "warmup", "plm_copy_steps") else 1)
             elif f.type in ("float", float):
                 _checks.real(f.name, v, 0.0, lo_open=f.name.endswith("lr"))
             elif f.type in ("bool", bool) and not isinstance(v, bool):
@@ -260,15 +268,17 @@ def run_stages(cfg: LatentConfig, out: str | Path, *, stage: str = "all", docs: 
                print_fn: Callable[[str], None] = print) -> LatentDiffusion:
     """Run ``stage`` ("plm", "ae", "diffusion" or "all") of ``cfg`` into the checkpoint directory ``out``.
 
-    * "plm": a small encoder-decoder over ``tokenizer`` (default: the bundled one) trained on ``docs``,
+    * "plm": a small encoder-decoder over ``tokenizer`` (default: the bundled one) trained on ``docs``
+      (``plm_steps`` of token masking, then ``plm_copy_steps`` of copying, logged as stage "plm-copy"),
       saved into ``out/plm`` with a fresh autoencoder (so ``out`` is already a loadable checkpoint).
     * "ae": needs ``plm`` (a Hugging Face directory, recorded by its absolute path) or ``out`` holding a
       checkpoint (its PLM); trains the autoencoder, records the latents' scale.
     * "diffusion": needs ``out`` holding a checkpoint with a trained autoencoder; trains a fresh denoiser.
     * "all": plm (unless ``plm`` is given), ae, diffusion.
 
-    ``steps`` replaces the chosen stage's step count (not with "all"); ``max_seconds`` caps each stage's
-    wall time. Returns the model as saved.
+    ``steps`` replaces the chosen stage's step count (not with "all"; for "plm", the masking phase's);
+    ``max_seconds`` caps each stage's wall time (each of the two PLM phases on its own). Returns the model
+    as saved.
     """
     from ..data import default_tokenizer, python_docs
 
@@ -321,11 +331,20 @@ def run_stages(cfg: LatentConfig, out: str | Path, *, stage: str = "all", docs: 
                              log_every=log_every, print_fn=print_fn)
             with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+            copy_steps = 0
+            if cfg.plm_copy_steps:
+                print_fn(f"stage plm, copy phase: {cfg.plm_copy_steps} steps, mask rate 0, lr {cfg.plm_copy_lr:g}")
+                copy = train_plm(p, tokens, steps=cfg.plm_copy_steps, batch_size=cfg.batch_size, lr=cfg.plm_copy_lr,
+                                 warmup=PLM_COPY_WARMUP, mask_rate=0.0, seed=cfg.seed + 1, max_seconds=max_seconds,
+                                 log_every=log_every, print_fn=print_fn, stage="plm-copy")
+                with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in copy)
+                copy_steps = copy[-1]["step"]
             torch.manual_seed(cfg.seed + 1)
             ae = LatentAutoencoder(p.d_model, cfg.seq_len, cfg.n_latents, cfg.d_latent, cfg.ae_width,
                                    cfg.ae_layers, cfg.ae_heads)
             model = LatentDiffusion(p, ae)
-            model.save(out, fp16=fp16, plm_steps=rows[-1]["step"], ae_trained=False)
+            model.save(out, fp16=fp16, plm_steps=rows[-1]["step"], plm_copy_steps=copy_steps, ae_trained=False)
         elif st == "ae":
             assert model is not None
             tokens, _, _ = latent_data(docs, model.plm, cfg.seq_len, cfg.task, "train", cfg.balance)
