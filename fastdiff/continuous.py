@@ -33,6 +33,7 @@ __all__ = [
     "clamp_hook",
     "rounding_loss",
     "anchor_loss",
+    "step_pairs",
     "ar_timesteps",
     "ar_step_pairs",
     "ar_ddim_step",
@@ -439,6 +440,17 @@ class TokenEmbedding(nn.Module):
 
 
 # --- AR-Diffusion (Wu et al. 2023): position-dependent timesteps ------------------------------------
+def step_pairs(T: int, steps: int) -> list[tuple[int, int]]:
+    """``steps`` (t, s) pairs from ``T`` down to 0, evenly spaced and rounded (duplicates dropped): the grid
+    the image / latent diffusion loops of :mod:`fastdiff.glyph` and :mod:`fastdiff.latent` walk."""
+    T = _checks.positive_int("T", T)
+    steps = _checks.positive_int("steps", steps)
+    if steps > T:
+        raise InputError(f"steps: at most T = {T}, got {steps}")
+    ts = sorted({round(T * k / steps) for k in range(steps + 1)}, reverse=True)
+    return list(zip(ts[:-1], ts[1:]))
+
+
 def ar_timesteps(length: int, T: int, t: int | torch.Tensor, anchor: tuple[float, float] | None = None
                  ) -> torch.Tensor:
     """AR-Diffusion's token-level timesteps (Wu et al. 2023, §3.1): ``(..., length)`` int64 steps of the

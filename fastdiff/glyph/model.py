@@ -25,6 +25,7 @@ import torch
 from .. import _checks
 from .. import schedules as _schedules
 from ..continuous import GaussianDiffusion
+from ..continuous import step_pairs as step_grid
 from ..errors import InputError, InputFileNotFoundError, InputTypeError
 from .recognise import recognise, recognise_ids
 from .render import Layout, render, render_ids
@@ -45,16 +46,6 @@ def is_glyph_checkpoint(path: object) -> bool:
     except Exception:  # not a torch file: not ours
         return False
     return isinstance(ckpt, dict) and ckpt.get("format") == FORMAT
-
-
-def step_grid(T: int, steps: int) -> list[tuple[int, int]]:
-    """``steps`` (t, s) pairs from ``T`` down to 0, evenly spaced and rounded (duplicates dropped)."""
-    T = _checks.positive_int("T", T)
-    steps = _checks.positive_int("steps", steps)
-    if steps > T:
-        raise InputError(f"steps: at most T = {T}, got {steps}")
-    ts = sorted({round(T * k / steps) for k in range(steps + 1)}, reverse=True)
-    return list(zip(ts[:-1], ts[1:]))
 
 
 class GlyphDiffusion:

@@ -30,6 +30,7 @@ import torch
 from .. import _checks
 from .. import schedules as _schedules
 from ..continuous import GaussianDiffusion
+from ..continuous import step_pairs
 from ..errors import InputError, InputFileNotFoundError, InputTypeError
 from ..models.sed import SEDConfig, SEDDenoiser
 from .autoencoder import LatentAutoencoder
@@ -54,16 +55,6 @@ def is_latent_checkpoint(path: object) -> bool:
         return json.loads(f.read_text(encoding="utf-8")).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def step_pairs(T: int, steps: int) -> list[tuple[int, int]]:
-    """``steps`` (t, s) pairs from ``T`` down to 0, evenly spaced and rounded (duplicates dropped)."""
-    T = _checks.positive_int("T", T)
-    steps = _checks.positive_int("steps", steps)
-    if steps > T:
-        raise InputError(f"steps: at most T = {T}, got {steps}")
-    ts = sorted({round(T * k / steps) for k in range(steps + 1)}, reverse=True)
-    return list(zip(ts[:-1], ts[1:]))
 
 
 def build_denoiser(d_latent: int, num_labels: int = 0, *, width: int = 128, layers: int = 4, heads: int = 4,
