@@ -13,9 +13,9 @@ Sits with data / models (it uses :mod:`fastdiff.continuous`, :mod:`fastdiff.sche
 from .model import GlyphDiffusion, is_glyph_checkpoint, step_grid
 from .recognise import cell_distances, recognise, recognise_ids
 from .render import CHARSET, FONT, NORMALISE, REPLACEMENT_CHAR, Layout, glyph_bank, normalise, render, render_ids
-from .train import char_chunks, train
+from .train import char_chunks, shuffle_pairs, train
 from .unet import GlyphUNet, timestep_embedding
 
 __all__ = ["CHARSET", "FONT", "NORMALISE", "REPLACEMENT_CHAR", "GlyphDiffusion", "GlyphUNet", "Layout",
            "cell_distances", "char_chunks", "glyph_bank", "is_glyph_checkpoint", "normalise", "recognise", "recognise_ids", "render",
-           "render_ids", "step_grid", "timestep_embedding", "train"]
+           "render_ids", "shuffle_pairs", "step_grid", "timestep_embedding", "train"]

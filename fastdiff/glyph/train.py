@@ -3,6 +3,8 @@
 * :func:`char_chunks`: the bundled corpus (or any :class:`~fastdiff.data.Document` list) as fixed-length
   character chunks, labelled by source for the attribute task (the same split and classes as
   :func:`fastdiff.data.attribute_chunks`, which cuts token chunks instead).
+* :func:`shuffle_pairs`: text-to-text pairs for word-order restoration (source = a chunk's words in a seeded
+  random order, target = the chunk).
 * :func:`train`: Adam on :meth:`GlyphDiffusion.loss`, with checkpoints and a JSONL log.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +26,7 @@ from ..errors import InputError, InputTypeError
 from .model import GlyphDiffusion
 from .render import REPLACEMENT_CHAR, normalise
 
-__all__ = ["char_chunks", "train"]
+__all__ = ["char_chunks", "shuffle_pairs", "train"]
 
 
 def _chunks_of(text: str, length: int) -> list[str]:
@@ -74,6 +77,29 @@ def char_chunks(docs: Sequence[Document], length: int, split: str = "train", att
     texts = [t for p in per for t in p]
     labels = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(per)])
     return texts, labels
+
+
+def shuffle_pairs(texts: Sequence[str], seed: int = 0) -> list[tuple[str, str]]:
+    """Word-order restoration pairs ``(source, target)`` for text-to-text GlyphDiffusion (Li et al. 2023).
+
+    target = each text as given (e.g. a :func:`char_chunks` chunk); source = its space-separated words in
+    an order drawn by ``random.Random`` seeded from ``(seed, index)``, so a pair does not depend on the
+    other texts, and re-joined with single spaces (a chunk of single-spaced words keeps its length, so the
+    source fits the layout the target was cut for). Unlike :func:`fastdiff.data.word_order_source`
+    (sorted words, whole sentences), the order carries no hint of the answer and works on fixed-length
+    chunks. Texts of one word are their own source.
+    """
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InputTypeError(f"texts: expected a list of str, got {type(texts).__name__}")
+    seed = _checks.int64("seed", seed)
+    out = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputTypeError(f"texts: expected str items, got {type(text).__name__}")
+        words = text.split()
+        random.Random(f"{seed}:{i}").shuffle(words)
+        out.append((" ".join(words), text))
+    return out
 
 
 def train(model: GlyphDiffusion, texts: Sequence[str], *, labels: torch.Tensor | None = None,
