@@ -15,7 +15,7 @@ from fastdiff import continuous, schedules
 from fastdiff.data import Document
 from fastdiff.errors import InputError, InputFileNotFoundError, InputTypeError
 from fastdiff.glyph import (CHARSET, FONT, REPLACEMENT_CHAR, GlyphDiffusion, GlyphUNet, Layout, cell_distances,
-                            char_chunks, glyph_bank, normalise, recognise, render, step_grid, train)
+                            char_chunks, glyph_bank, normalise, recognise, render, shuffle_pairs, step_grid, train)
 from fastdiff.glyph.unet import SOURCE_PAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -473,3 +473,91 @@ def test_cli_generate_from_a_glyph_checkpoint(tmp_path, capsys) -> None:
     assert "--prompt: not available for a glyph-diffusion checkpoint" in capsys.readouterr().err
     assert main(["generate", "-c", str(tmp_path / "g.pt"), "--strategy", "ancestral"]) == 2
     assert "--strategy" in capsys.readouterr().err
+
+
+# --- text-to-text (source-conditioned) ----------------------------------------------------------------------------
+def test_shuffle_pairs() -> None:
+    texts = ["the quick brown fox jumps", "over the lazy dog and the cat", "one", ""]
+    pairs = shuffle_pairs(texts, seed=3)
+    assert [t for _, t in pairs] == texts
+    for s, t in pairs:
+        assert sorted(s.split()) == sorted(t.split())  # a permutation of the target's words
+        assert len(s) == len(t)  # single-spaced words keep their length
+    assert shuffle_pairs(texts, seed=3) == pairs  # seeded
+    # a pair depends on its text, index and seed only, not on the other texts
+    assert shuffle_pairs(texts[:2], seed=3) == pairs[:2]
+    many = ["a b c d e f g h"] * 20
+    sources = {s for s, _ in shuffle_pairs(many, seed=0)}
+    assert len(sources) > 10  # each index draws its own order
+    assert {s for s, _ in shuffle_pairs(many, seed=1)} != sources
+    # the orders look uniform: every word starts a source about equally often (8 words, 800 draws)
+    firsts = [s.split()[0] for s, _ in shuffle_pairs(["a b c d e f g h"] * 800, seed=0)]
+    assert all(60 <= firsts.count(w) <= 140 for w in "abcdefgh")
+    with pytest.raises(InputTypeError, match="texts"):
+        shuffle_pairs("a b c")
+    with pytest.raises(InputTypeError, match="texts"):
+        shuffle_pairs(["a", 3])
+    with pytest.raises(InputTypeError, match="seed"):
+        shuffle_pairs(["a"], seed=1.5)
+
+
+def test_source_conditioned_training_uses_the_source(tmp_path) -> None:
+    """A tiny text-to-text model trained to copy its source: the loss falls, and afterwards the true source
+    explains the target better than another pair's source (so the net reads it), and sampling depends on it."""
+    torch.manual_seed(0)
+    m = GlyphDiffusion.build(SMALL, T=50, base=8, width=16, depth=1, heads=2, source_len=4)
+    texts = ["abcd", "wxyz", "ab  ", "  yz"]
+    src = m.source_ids(texts)
+    x0 = m.encode(texts)
+
+    def loss(source: torch.Tensor) -> float:
+        with torch.no_grad():  # many (t, noise) draws, the same for both sources
+            return float(sum(m.loss(x0, source=source, cond_drop=0.0, generator=torch.Generator().manual_seed(k))
+                             for k in range(8)))
+
+    before = loss(src)
+    rows = train(m, texts, sources=texts, steps=80, batch_size=8, lr=3e-3, warmup=1, cond_drop=0.1,
+                 out_dir=tmp_path, log_every=40, save_every=80, print_fn=lambda s: None)
+    assert [r["step"] for r in rows] == [40, 80]
+    after = loss(src)
+    assert after < 0.5 * before, (before, after)
+    wrong = loss(src[[1, 0, 3, 2]])
+    assert after < 0.8 * wrong, (after, wrong)
+    a = m.sample_images(2, steps=5, seed=1, source=["abcd", "abcd"])
+    b = m.sample_images(2, steps=5, seed=1, source=["wxyz", "wxyz"])
+    assert (a - b).abs().max() > 1e-2
+    back = GlyphDiffusion.load(tmp_path / "last.pt")
+    assert back.net.source_len == 4 and not back.label_names
+    assert torch.equal(back.sample_images(2, steps=5, seed=1, source=["abcd", "abcd"]), a)
+    with pytest.raises(InputError, match="sources: expected 4 texts"):
+        train(m, texts, sources=texts[:3], steps=1)
+
+
+def test_cli_generate_with_a_source(tmp_path, capsys) -> None:
+    from fastdiff.cli import main
+
+    m = _model(labels=(), source_len=4)
+    m.save(tmp_path / "t2t.pt", step=1)
+    code = main(["generate", "-c", str(tmp_path / "t2t.pt"), "-n", "2", "--steps", "3", "--source", "ab c",
+                 "--guidance", "1.5", "--seed", "2", "--quiet", "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    # the same sampling loop written by hand: DDIM on the source's glyph ids, guided by the source-free output
+    ids = torch.tensor([[CHARSET.index(c) for c in "ab c"]] * 2)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, *SMALL.shape, generator=g)
+    with torch.no_grad():
+        for t, s in step_grid(100, 3):
+            tt = torch.full((2,), t)
+            none = m.net(x, tt)
+            out = none + 1.5 * (m.net(x, tt, source=ids) - none)
+            x = m.diffusion.ddim_step(out, x, t, s, eta=0.0, generator=g)
+    assert capsys.readouterr().out.split("\n")[:2] == m.decode(x)
+    # errors name the option
+    assert main(["generate", "-c", str(tmp_path / "t2t.pt"), "--source", "abcde"]) == 2
+    assert "--source: 5 characters, this checkpoint reads at most 4" in capsys.readouterr().err
+    assert main(["generate", "-c", str(tmp_path / "t2t.pt"), "--label", "a"]) == 2
+    assert "--label:" in capsys.readouterr().err
+    _model().save(tmp_path / "label.pt", step=1)
+    assert main(["generate", "-c", str(tmp_path / "label.pt"), "--source", "ab"]) == 2
+    err = capsys.readouterr().err
+    assert "--source:" in err and "without a source" in err and "train-t2t" in err

@@ -87,7 +87,8 @@ def command(args: argparse.Namespace) -> int:
 
 def _generate_glyph(args: argparse.Namespace) -> int:
     """``fastdiff generate -c <glyph checkpoint>``: GlyphDiffusion (``scripts/glyph_diffusion.py`` trains one),
-    DDIM / DDPM steps on the CPU, images read back as text, one line per sample."""
+    DDIM / DDPM steps on the CPU, images read back as text, one line per sample. ``--source``: the input of a
+    text-to-text checkpoint (``train-t2t``), the same for every sample."""
     from ..glyph import GlyphDiffusion
 
     unsupported = [name for name, on in (("--prompt", args.prompt), ("--template", args.template),
@@ -101,6 +102,15 @@ def _generate_glyph(args: argparse.Namespace) -> int:
         raise InputError(f"--strategy: a glyph-diffusion checkpoint samples with ddim or ddpm, got {strategy!r}")
     _configure_threads(args)
     model = GlyphDiffusion.load(args.checkpoint)
+    if args.source is not None:
+        if not model.net.source_len:
+            raise InputError(f"--source: {args.checkpoint} is a label-conditioned glyph checkpoint without a source "
+                             "(train a text-to-text one with scripts/glyph_diffusion.py train-t2t)")
+        if len(args.source) > model.net.source_len:
+            raise InputError(f"--source: {len(args.source)} characters, this checkpoint reads at most "
+                             f"{model.net.source_len}")
+    if args.label is not None and not model.label_names:
+        raise InputError(f"--label: {args.checkpoint} is a glyph checkpoint without labels")
     steps = args.steps or 50
     if not args.quiet:
         print(f"fastdiff generate: {args.checkpoint} (glyph, {model.layout.rows} x {model.layout.cols} characters, "
