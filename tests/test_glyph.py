@@ -561,3 +561,23 @@ def test_cli_generate_with_a_source(tmp_path, capsys) -> None:
     assert main(["generate", "-c", str(tmp_path / "label.pt"), "--source", "ab"]) == 2
     err = capsys.readouterr().err
     assert "--source:" in err and "without a source" in err and "train-t2t" in err
+
+
+def test_t2t_scores_of_the_script() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "glyph_diffusion.py"
+    spec = importlib.util.spec_from_file_location("glyph_diffusion_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    targets = ["ab ce", "zz  "]
+    got = mod.t2t_scores(["ab cd", "xy"], targets)
+    # by hand: "ab c" right of "ab ce" (4), nothing of "zz  " (the missing characters count wrong): 4 / 9
+    assert got["char_accuracy"] == pytest.approx(4 / 9)
+    assert got["exact_match"] == 0.0
+    assert got["bag_of_words"] == pytest.approx(1 / 3)  # "ab" of ab, ce, zz
+    assert 0.0 <= got["bleu"] < 100.0
+    same = mod.t2t_scores(["ab ce", "zz"], targets)  # trailing spaces do not matter for exact match
+    assert same["exact_match"] == 1.0 and same["bag_of_words"] == 1.0 and same["bleu"] == pytest.approx(100.0)
+    assert same["char_accuracy"] == pytest.approx(7 / 9)
