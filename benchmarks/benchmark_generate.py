@@ -47,19 +47,8 @@ LENGTHS = (32,) if SMALL else (256, 512)
 PROMPT, BLOCK, THRESHOLD = 32, 32, 0.9
 MASK = V - 1
 ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "1"))
-THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))  # torch threads for this module; 0: torch's default
 _RESULTS: dict[tuple[int, str], dict] = {}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    """``FASTDIFF_BENCH_THREADS=n``: torch's intra-op threads for this module (one thread keeps the figures
-    stable on a shared machine, where OpenMP threads fighting other processes spin)."""
-    n = torch.get_num_threads()
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ import time
 import pytest
 import torch
 
-from benchmarks.conftest import DEVICE, DIV, SMALL, check_tokens
+from benchmarks.conftest import DEVICE, DIV, SMALL, THREADS, check_tokens
 from fastdiff import _backends, _threads, discrete, ops, schedules
 from fastdiff.testing import busy, cores
 
@@ -54,7 +54,6 @@ BUNDLED = (256, 4096)  # (N, V): 4 samples x 64 tokens of the bundled discrete m
 LARGE = (512 // DIV, 32768 // DIV)
 NEAREST = {"bundled": (256, 4096, 128), "large": (1024 // DIV, 32768 // DIV, 128)}
 STEPS = 1 if SMALL else 16
-THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))
 BUDGET_S, MIN_ROUNDS, MAX_ROUNDS, SLOW_S = 1.0, 3, 30, 2.0
 _MEDIAN: dict[tuple, tuple[float, float]] = {}  # (case, mode, threads) -> the reference's (median, best)
 _OUTSIDE: dict[tuple, float] = {}  # sampler case -> the reference's median time outside the network

@@ -12,7 +12,6 @@ thread count (one thread: steadier figures on a shared machine).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -64,18 +63,7 @@ def mdlm_step(process, logits: torch.Tensor, x_t: torch.Tensor, t: int, s: int,
     return torch.where(x_t == mask, x_s, x_t)
 
 
-THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))  # torch threads; 0: torch's default
 
-
-@pytest.fixture(scope="session", autouse=True)
-def threads():
-    """``FASTDIFF_BENCH_THREADS=n``: ``n`` torch threads (the C++ kernel's too). Session-scoped, so that the
-    floors (``read_pass_time``, ``mdlm_time``) are timed on the same threads as the providers."""
-    n = torch.get_num_threads()
-    if THREADS > 0:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ multinomial). ``FASTDIFF_BENCH_THREADS=n`` runs the module on ``n`` torch thread
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -39,20 +38,10 @@ OP = "sample_categorical"
 FILTERS: dict[str, dict[str, float | int]] = {c.variant: dict(c.kwargs) for c in op_cases(OP)}  # the shared cases
 MODES = [grouped(m, f"{OP} {m} {LOGITS.label}") for m in FILTERS]
 SEED = 4321
-THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))  # torch threads for this module; 0: torch's default
 TOP_P = 0.9
 DISTS = {"normal": 1.0, "flat": 0.05, "peaked": 4.0}  # scale of the shared logits
 HF_BLOCK = 256
 
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    """``FASTDIFF_BENCH_THREADS=n``: this module on ``n`` torch threads (steadier on a shared machine)."""
-    n = torch.get_num_threads()
-    if THREADS > 0:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(n)
 
 
 def hf_top_p(logits: torch.Tensor, *, seed: int, top_p: float | None = None) -> torch.Tensor:

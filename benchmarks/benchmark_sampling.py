@@ -58,7 +58,6 @@ from fastdiff.sampling import sample
 B, L, V, STEPS = (16, 64, 1024, 16) if SMALL else (64, 128, 8192, 64)
 T, D, MASK = 1000, 64, (1024 if SMALL else 8192) - 1
 ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "3" if SMALL else "1"))
-THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))  # torch threads for this module; 0: torch's default
 SEED = 1234
 ETA = 0.05  # ReMDM rescale eta
 THRESHOLD = 0.9  # Fast-dLLM's default
@@ -87,16 +86,6 @@ class TimeFree(torch.nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.inner(x_t, torch.zeros_like(t))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    """``FASTDIFF_BENCH_THREADS=n`` runs this module on ``n`` torch threads (on a shared, loaded 2-core
-    machine one thread is steadier, and faster, than two OpenMP threads that spin-wait for each other)."""
-    n = torch.get_num_threads()
-    if THREADS > 0:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ read-pass floor is timed with the same count).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -31,17 +30,7 @@ SEED = 4321
 MODES = [grouped(m, f"{OP} {m} {LOGITS.label}") for m in ("greedy", "sampled")]
 TEMPERATURE = {"greedy": 0.0, "sampled": 1.0}
 PROVIDERS = (*OP_PROVIDERS, "torch-multipass", "llada")
-THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))  # torch threads for this module; 0: torch's default
 
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    """``FASTDIFF_BENCH_THREADS=n``: torch's intra-op threads for this module."""
-    n = torch.get_num_threads()
-    if THREADS:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(n)
 
 
 def _counters(cand: torch.Tensor, width: int) -> torch.Tensor:

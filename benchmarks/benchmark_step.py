@@ -39,7 +39,6 @@ from benchmarks.conftest import DEVICE, SMALL, run
 from fastdiff.sampling import Sampler, sample
 
 B, L, STEPS = (8, 32, 4) if SMALL else (64, 64, 16)
-THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))
 TEMPERATURE = 0.9  # the bundled checkpoint's generation default
 THRESHOLD = 0.9
 STRATEGIES = ("ancestral", "confidence", "threshold")
@@ -47,14 +46,6 @@ PROVIDERS = ("network", "step", "graph")
 TARGET = 0.05  # issue 16: the non-network time of a step at most 5% of the step
 _FLOOR: dict[str, float] = {}  # strategy -> best forward time (s) of its group's network provider
 
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    n = torch.get_num_threads()
-    if THREADS > 0:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

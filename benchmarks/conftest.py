@@ -125,6 +125,21 @@ def record_read(benchmark, logits: torch.Tensor, read_pass_s: float) -> None:
 # --------------------------------------------------------------------------------------------------
 # Session fixtures: inputs and floors, built once.
 # --------------------------------------------------------------------------------------------------
+THREADS = int(os.environ.get("FASTDIFF_BENCH_THREADS", "0"))  # torch threads; 0: torch's default
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bench_threads():
+    """``FASTDIFF_BENCH_THREADS=n``: the whole session on ``n`` torch intra-op threads (the C++ kernels' too).
+    Session-wide, so the floors (read pass, ``torch.mm``, the peers' steps) are timed on the same threads as
+    the providers; on a shared, loaded machine one thread is steadier (OpenMP threads spin-wait for each other)."""
+    n = torch.get_num_threads()
+    if THREADS > 0:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def embed_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """``x: (N, D)`` and ``W: (V, D)`` fp32 at the ``EMBED`` size."""
