@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,36 @@ def build_small_plm(tokenizer: Any, *, length: int, width: int = 128, layers: in
     return PLM(BartForConditionalGeneration(cfg), tokenizer)
 
 
+def fit(params: list[torch.nn.Parameter], batch_loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler, *, steps: int, stage: str, max_seconds: float | None,
+        log_every: int, emit: Callable[[dict], None], after_step: Callable[[], None] | None = None) -> list[dict]:
+    """The training loop of every latent stage: ``batch_loss()`` (it draws its own batch), gradients clipped
+    to norm 1, ``opt`` and ``sched`` stepped, then ``after_step()`` (an EMA update); the mean loss logged every
+    ``log_every`` steps and at the end as ``{"stage", "step", "loss", "seconds"}`` (``emit(row)`` for each);
+    stops after ``steps`` steps or ``max_seconds``. Returns the log rows."""
+    rows: list[dict] = []
+    start, running, count = time.perf_counter(), 0.0, 0
+    for step in range(1, steps + 1):
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step()
+        running, count = running + loss.item(), count + 1
+        elapsed = time.perf_counter() - start
+        done = step == steps or (max_seconds is not None and elapsed >= max_seconds)
+        if step % log_every == 0 or done:
+            rows.append({"stage": stage, "step": step, "loss": running / count, "seconds": round(elapsed, 1)})
+            emit(rows[-1])
+            running, count = 0.0, 0
+        if done:
+            break
+    return rows
+
+
 def train_plm(plm: PLM, tokens: torch.Tensor, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
               warmup: int = 100, mask_rate: float = 0.15, seed: int = 0, max_seconds: float | None = None,
               log_every: int = 50, print_fn: Callable[[str], None] = print, stage: str = "plm") -> list[dict]:
@@ -245,8 +276,6 @@ def train_plm(plm: PLM, tokens: torch.Tensor, *, steps: int, batch_size: int = 3
     original chunk; the learning rate warms up linearly over ``warmup`` steps, then stays at ``lr``.
     Returns the log rows (``stage``: their "stage" entry); ``plm`` is frozen and in eval mode again
     afterwards."""
-    import time
-
     steps = _checks.positive_int("steps", steps)
     batch_size = _checks.positive_int("batch_size", batch_size)
     mask_rate = _checks.real("mask_rate", mask_rate, 0.0, 1.0, hi_open=True)
@@ -261,27 +290,15 @@ def train_plm(plm: PLM, tokens: torch.Tensor, *, steps: int, batch_size: int = 3
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(1, warmup)))
     mask_id = getattr(plm.tokenizer, "mask_id", plm.tokenizer.pad_id)
-    rows: list[dict] = []
-    start, running, count = time.perf_counter(), 0.0, 0
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         x = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=g)]
         noisy = x.masked_fill(torch.rand(x.shape, generator=g) < mask_rate, mask_id)
         labels = x.masked_fill(x == plm.tokenizer.pad_id, -100)
-        loss = model(input_ids=noisy, attention_mask=(x != plm.tokenizer.pad_id).long(), labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running, count = running + loss.item(), count + 1
-        elapsed = time.perf_counter() - start
-        done = step == steps or (max_seconds is not None and elapsed >= max_seconds)
-        if step % log_every == 0 or done:
-            rows.append({"stage": stage, "step": step, "loss": running / count, "seconds": round(elapsed, 1)})
-            print_fn(json.dumps(rows[-1]))
-            running, count = 0.0, 0
-        if done:
-            break
+        return model(input_ids=noisy, attention_mask=(x != plm.tokenizer.pad_id).long(), labels=labels).loss
+
+    rows = fit(list(model.parameters()), batch_loss, opt, sched, steps=steps, stage=stage, max_seconds=max_seconds,
+               log_every=log_every, emit=lambda row: print_fn(json.dumps(row)))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from .. import _checks
 from ..errors import InputError, InputTypeError
 from .autoencoder import LatentAutoencoder
 from .model import LatentDiffusion, is_latent_checkpoint
-from .plm import PLM, build_small_plm, train_plm
+from .plm import PLM, build_small_plm, fit, train_plm
 
 __all__ = ["STAGES", "LatentConfig", "latent_data", "latent_scale", "reconstruction_scores", "run_stages",
            "train_autoencoder", "train_diffusion"]
@@ -127,12 +126,14 @@ def latent_data(docs: Sequence[Any], plm: PLM, length: int, task: str = "attribu
     return toks, labels, names
 
 
-def _log(rows: list[dict], row: dict, out: Path | None, print_fn: Callable[[str], None]) -> None:
-    rows.append(row)
-    print_fn(json.dumps(row))
-    if out is not None:
-        with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+def _emitter(out: Path | None, print_fn: Callable[[str], None]) -> Callable[[dict], None]:
+    """A log row printed, and appended to ``out/train_log.jsonl`` when ``out`` is given."""
+    def emit(row: dict) -> None:
+        print_fn(json.dumps(row))
+        if out is not None:
+            with open(out / "train_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    return emit
 
 
 def _schedule(opt: torch.optim.Optimizer, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -159,26 +160,14 @@ def train_autoencoder(model: LatentDiffusion, tokens: torch.Tensor, *, steps: in
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     sched = _schedule(opt, warmup, steps)
     pad = plm.tokenizer.pad_id
-    rows: list[dict] = []
     ae.train()
-    start, running, count = time.perf_counter(), 0.0, 0
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         x = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=g)]
-        loss = ae.loss(plm, x, x != pad, noise=noise, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running, count = running + loss.item(), count + 1
-        elapsed = time.perf_counter() - start
-        done = step == steps or (max_seconds is not None and elapsed >= max_seconds)
-        if step % log_every == 0 or done:
-            _log(rows, {"stage": "ae", "step": step, "loss": running / count, "seconds": round(elapsed, 1)},
-                 out, print_fn)
-            running, count = 0.0, 0
-        if done:
-            break
+        return ae.loss(plm, x, x != pad, noise=noise, generator=g)
+
+    rows = fit(list(ae.parameters()), batch_loss, opt, sched, steps=steps, stage="ae", max_seconds=max_seconds,
+               log_every=log_every, emit=_emitter(out, print_fn))
     ae.eval()
     return rows
 
@@ -213,33 +202,23 @@ def train_diffusion(model: LatentDiffusion, tokens: torch.Tensor, labels: torch.
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     sched = _schedule(opt, warmup, steps)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if ema_decay else None
-    rows: list[dict] = []
     net.train()
-    start, running, count = time.perf_counter(), 0.0, 0
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, z.shape[0], (batch_size,), generator=g)
-        loss = model.loss(z[idx], None if labels is None else labels[idx], cond_drop=cond_drop, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in net.state_dict().items():
-                    if v.is_floating_point():
-                        ema[k].mul_(ema_decay).add_(v, alpha=1 - ema_decay)
-                    else:
-                        ema[k].copy_(v)
-        running, count = running + loss.item(), count + 1
-        elapsed = time.perf_counter() - start
-        done = step == steps or (max_seconds is not None and elapsed >= max_seconds)
-        if step % log_every == 0 or done:
-            _log(rows, {"stage": "diffusion", "step": step, "loss": running / count, "seconds": round(elapsed, 1)},
-                 out, print_fn)
-            running, count = 0.0, 0
-        if done:
-            break
+        return model.loss(z[idx], None if labels is None else labels[idx], cond_drop=cond_drop, generator=g)
+
+    @torch.no_grad()
+    def update_ema() -> None:
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                ema[k].mul_(ema_decay).add_(v, alpha=1 - ema_decay)
+            else:
+                ema[k].copy_(v)
+
+    rows = fit(list(net.parameters()), batch_loss, opt, sched, steps=steps, stage="diffusion",
+               max_seconds=max_seconds, log_every=log_every, emit=_emitter(out, print_fn),
+               after_step=update_ema if ema is not None else None)
     if ema is not None:
         net.load_state_dict(ema)
     net.eval()
