@@ -168,21 +168,13 @@ def _eval_latent(args: argparse.Namespace, path: Path) -> int:
 
     from .. import evaluation, metrics
     from ..data import corpus, datasets, default_tokenizer
-    from ..latent import LatentDiffusion, latent_data, reconstruction_scores
-    from .generate import LATENT_UNSUPPORTED, latent_unsupported
+    from ..latent import latent_data, reconstruction_scores
+    from .generate import LATENT_UNSUPPORTED, latent_unsupported, load_latent
 
     latent_unsupported(args, LATENT_UNSUPPORTED)
     if args.label is not None:
         raise InputError("--label: eval scores every label of a label-conditioned checkpoint; drop --label")
-    strategy = args.strategy or "ddim"
-    if strategy not in ("ddim", "ddpm"):
-        raise InputError(f"--strategy: a latent-diffusion checkpoint samples with ddim or ddpm, got {strategy!r}")
-    if args.json:
-        check_writable(args.json, "--json")
-    _configure_threads(args)
-    model = LatentDiffusion.load(path)
-    if model.denoiser is None:
-        raise InputError(f"--checkpoint: {args.checkpoint} holds only a latent autoencoder (no diffusion stage yet)")
+    model, strategy = load_latent(args, path, args.json, "--json")
     steps = args.steps or 64
     if steps > model.diffusion.T:
         raise InputError(f"--steps: at most the checkpoint's T = {model.diffusion.T}, got {steps}")

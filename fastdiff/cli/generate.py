@@ -8,7 +8,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ._common import (
@@ -155,24 +155,31 @@ LATENT_UNSUPPORTED = ("--length", "--batch-size", "--temperature", "--top-k", "-
                       "--block-size", "--micro-batch", "--cache", "--device", "--backend")
 
 
-def _generate_latent(args: argparse.Namespace, path: Path) -> int:
-    """``fastdiff generate -c <latent checkpoint>``: LD4LG (``fastdiff train --family latent`` trains one),
-    DDIM / DDPM steps over the latents on the CPU, decoded greedily by the PLM's decoder, one line per
-    sample."""
+def load_latent(args: argparse.Namespace, path: Path, out: str | None, out_flag: str) -> tuple[Any, str]:
+    """The checks and loading that ``generate`` and ``eval`` share for a latent checkpoint, in the CLI's order
+    (options, then the output path, then the files): ``(LatentDiffusion, strategy)``."""
     from ..latent import LatentDiffusion
 
-    latent_unsupported(args, ("--prompt", "--template", "--source", "--trajectory", "--stream",
-                              "--classifier-scale", *LATENT_UNSUPPORTED))
     strategy = args.strategy or "ddim"
     if strategy not in ("ddim", "ddpm"):
         raise InputError(f"--strategy: a latent-diffusion checkpoint samples with ddim or ddpm, got {strategy!r}")
-    if args.output:
-        check_writable(args.output, "--output")
+    if out:
+        check_writable(out, out_flag)
     _configure_threads(args)
     model = LatentDiffusion.load(path)
     if model.denoiser is None:
         raise InputError(f"--checkpoint: {args.checkpoint} holds only a latent autoencoder (no diffusion stage yet); "
                          "train it with fastdiff train --family latent --stage diffusion")
+    return model, strategy
+
+
+def _generate_latent(args: argparse.Namespace, path: Path) -> int:
+    """``fastdiff generate -c <latent checkpoint>``: LD4LG (``fastdiff train --family latent`` trains one),
+    DDIM / DDPM steps over the latents on the CPU, decoded greedily by the PLM's decoder, one line per
+    sample."""
+    latent_unsupported(args, ("--prompt", "--template", "--source", "--trajectory", "--stream",
+                              "--classifier-scale", *LATENT_UNSUPPORTED))
+    model, strategy = load_latent(args, path, args.output, "--output")
     if args.label is not None and not model.num_labels:
         raise InputError("--label: this latent checkpoint was trained without labels")
     label = args.label
