@@ -168,6 +168,383 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
   return kept;
 }
 
+// ---- top-p on float32 rows: a threshold search over the stored weights ------------------------------
+// The float32 weights e_j = exp((x_j - M) / temp) (0 below the top-k threshold) are written once to a
+// row-sized scratch that stays in L2, with their float64 sum S. The kept set is {e >= tau}: tau is the
+// smallest weight whose "mass strictly above" A(tau) = sum_{e > tau} e is below P = top_p * S (the
+// reference's tie-inclusive nucleus, on these weights). A bracket lo < tau <= hi (A(lo) >= P: nothing
+// <= lo is kept; A(hi) < P: everything >= hi is kept) is narrowed by vectorised passes over the stored
+// weights, each evaluating A(t) and #{e >= t} at one trial t:
+//   * the first t from a normal fit of the weighted logits (their mean and spread under the weights,
+//     taken in the exp pass): a smooth row's nucleus edge lies near mean - Phi^-1(top_p) * spread;
+//   * then Newton-like steps on h = logit(A / S) against log t (the slope from the last two trials),
+//     each aimed about kBand / 4 categories past the predicted edge, away from the last trial, so that
+//     the edge is soon bracketed closely from both sides (two or three passes on smooth rows);
+//   * a run of steps that do not halve the bracket's float32 bit patterns is followed by their
+//     bisection, so the search ends on any row, ties included.
+// Once at most kBand weights can lie strictly inside, one pass sums the weights >= hi per CDF chunk and
+// collects the few inside; those are sorted and walked, tie groups whole, as the reference's sorted walk
+// does, and added to their chunks' sums if kept. The draw then reads these chunk sums (no exp pass).
+//
+// Exactness: the passes sum in float32 lanes within blocks of kBlock, four accumulators of eight lanes (the
+// lanes' arithmetic is fixed by the vector types, whatever width a clone lowers them to): at most 10
+// roundings deep, so within kSumErr of the block's sum; the blocks are combined in float64. A comparison with P that this bound cannot decide is made again with a
+// float64 pass (topp_mass_f64), so every decision is the one float64 sums of these weights give.
+//
+// Memory: the row's max pass is the only read from memory; the exp pass prefetches the next row into L2,
+// so that the next row's max pass reads L2 (the plain draw's fused pass overlaps the two instead).
+constexpr int64_t kBand = 48;
+constexpr int64_t kBlock = 256;   // a multiple of 32; CH is one too
+constexpr double kSumErr = 8e-7;  // > 10 roundings of 2^-24: 8 in each accumulator lane, 2 joining the four
+
+// GCC vector extensions: eight float32 lanes (one AVX2 register, half an AVX-512 one, two SSE ones: each
+// target clone lowers them to its own width); block sums are widened to float64 as vectors, so no pass
+// reduces horizontally inside the row.
+// (-Wpsabi: the helpers taking and returning them are always inlined, so no call crosses an ABI.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+
+FASTDIFF_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+FASTDIFF_INLINE double hsum(v8d v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+FASTDIFF_INLINE int64_t hsum(v8i v) {
+  int64_t s = 0;
+  for (int k = 0; k < 8; ++k) s += v[k];
+  return s;
+}
+
+FASTDIFF_INLINE int any_set(v8i v) {  // a horizontal OR in three shuffles
+  v |= __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v |= __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v |= __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+
+// Writes e_j and returns their float64 sum; m1, m2: sum e_j z_j, sum e_j z_j^2 (z_j = (x_j - M) / temp),
+// from every fourth group of 16 (only a first guess is made from them). Prefetches next[0, next_bytes)
+// into L2 meanwhile. The exp loop has no reduction (as eprobs_f32: the widest vectors, no lane spills);
+// the sums are a second loop, by chunks of CH from L1. (A float64 reduction in the `omp simd` exp loop
+// itself made GCC spill its simd-lane copies to a stack array it assumed 64-byte aligned, which a target
+// clone's frame is not: the AVX-512 clone faulted; one 16-lane vector-extension loop was 5x slower.)
+FASTDIFF_CLONES double topp_weights_f32(const float* x, int64_t n, float M, float inv_t, float thr, float* out,
+                                        double* m1, double* m2, const char* next, int64_t next_bytes) {
+  const v8f Mv = v8f{} + M, iv = v8f{} + inv_t, zero = {};
+  v8d a0 = {}, a1 = {};
+  v8f s1 = {}, s2 = {};
+  const int64_t bpe = next != nullptr && n > 0 ? (next_bytes + n - 1) / n : 0;  // bytes per element
+  int64_t lo = 0;
+  for (; lo < n; lo += CH) {
+    const int64_t hi = std::min(n, lo + CH);
+    if (bpe > 0) {
+      for (int64_t b = lo * bpe; b < std::min(next_bytes, hi * bpe); b += 64) __builtin_prefetch(next + b, 0, 2);
+    }
+#pragma omp simd
+    for (int64_t i = lo; i < hi; ++i) {
+      const float e = exp_f32_nonpos((x[i] - M) * inv_t);
+      out[i] = x[i] >= thr ? e : 0.0f;
+    }
+    if (hi - lo < CH) break;
+    for (int64_t i = lo; i < hi; i += 32) {
+      a0 += __builtin_convertvector(load8(out + i), v8d) + __builtin_convertvector(load8(out + i + 8), v8d);
+      a1 += __builtin_convertvector(load8(out + i + 16), v8d) + __builtin_convertvector(load8(out + i + 24), v8d);
+    }
+    for (int64_t i = lo; i < hi; i += 64) {
+      const v8f e0 = load8(out + i), e1 = load8(out + i + 8);
+      const v8f z0 = (load8(x + i) - Mv) * iv, z1 = (load8(x + i + 8) - Mv) * iv;
+      const v8f ez0 = e0 > zero ? e0 * z0 : zero, ez1 = e1 > zero ? e1 * z1 : zero;
+      s1 += ez0 + ez1;
+      s2 += ez0 * z0 + ez1 * z1;
+    }
+  }
+  double s = hsum(a0 + a1);
+  double r1 = 4.0 * hsum(__builtin_convertvector(s1, v8d)), r2 = 4.0 * hsum(__builtin_convertvector(s2, v8d));
+  for (int64_t i = lo; i < n; ++i) {  // the partial last chunk, whole
+    const float z = (x[i] - M) * inv_t;
+    s += static_cast<double>(out[i]);
+    if (out[i] > 0.0f) {
+      r1 += static_cast<double>(out[i] * z);
+      r2 += static_cast<double>(out[i] * z * z);
+    }
+  }
+  *m1 = r1;
+  *m2 = r2;
+  return s;
+}
+
+// A(t) = sum of e > t (float32 within blocks of kBlock, float64 across) and #{e >= t}.
+struct MassAt {
+  double above;
+  int64_t ge;
+};
+
+FASTDIFF_CLONES MassAt topp_mass_f32(const float* e, int64_t n, float t) {
+  const v8f tv = v8f{} + t, zero = {};
+  v8d acc = {};
+  v8i c0 = {}, c1 = {};
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    v8f b0 = {}, b1 = {}, b2 = {}, b3 = {};
+    for (int64_t j = i; j < i + kBlock; j += 32) {
+      const v8f x0 = load8(e + j), x1 = load8(e + j + 8), x2 = load8(e + j + 16), x3 = load8(e + j + 24);
+      b0 += x0 > tv ? x0 : zero;
+      b1 += x1 > tv ? x1 : zero;
+      b2 += x2 > tv ? x2 : zero;
+      b3 += x3 > tv ? x3 : zero;
+      c0 -= (x0 >= tv) + (x1 >= tv);  // a true comparison is -1
+      c1 -= (x2 >= tv) + (x3 >= tv);
+    }
+    acc += __builtin_convertvector((b0 + b1) + (b2 + b3), v8d);
+  }
+  MassAt m{hsum(acc), hsum(c0 + c1)};
+  for (; i < n; ++i) {
+    m.above += e[i] > t ? static_cast<double>(e[i]) : 0.0;
+    m.ge += e[i] >= t ? 1 : 0;
+  }
+  return m;
+}
+
+// sum of e > t (or >= t) in float64 throughout (the comparisons the float32 blocks cannot decide).
+FASTDIFF_CLONES double topp_mass_f64(const float* e, int64_t n, float t, bool inclusive) {
+  const v8f tv = v8f{} + t, zero = {};
+  v8d a0 = {}, a1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v8f x0 = load8(e + i), x1 = load8(e + i + 8);
+    const v8f k0 = inclusive ? (x0 >= tv ? x0 : zero) : (x0 > tv ? x0 : zero);
+    const v8f k1 = inclusive ? (x1 >= tv ? x1 : zero) : (x1 > tv ? x1 : zero);
+    a0 += __builtin_convertvector(k0, v8d);
+    a1 += __builtin_convertvector(k1, v8d);
+  }
+  double s = hsum(a0 + a1);
+  for (; i < n; ++i) s += (inclusive ? e[i] >= t : e[i] > t) ? static_cast<double>(e[i]) : 0.0;
+  return s;
+}
+
+// Per CDF chunk c: E[c] = sum of e >= hi in it (float32 lanes per half chunk of kBlock); returns their
+// float64 total. band: the indices of lo < e < hi (at most cap; band has room for cap + 32), found by
+// groups of 32, each then scanned without branches.
+static_assert(CH == 2 * kBlock, "a CDF chunk is two blocks");
+FASTDIFF_CLONES double topp_collect_f32(const float* e, int64_t n, float lo, float hi, double* E, int64_t* band,
+                                        int64_t cap, int64_t* nband) {
+  const v8f lov = v8f{} + lo, hiv = v8f{} + hi, zero = {};
+  double G = 0.0;
+  int64_t nb = 0;
+  auto scan = [&](int64_t a, int64_t b) {
+    for (int64_t j = a; j < b; ++j) {
+      band[nb] = j;
+      nb += (e[j] > lo) & (e[j] < hi);
+    }
+    nb = std::min(nb, cap);
+  };
+  int64_t c = 0, i = 0;
+  for (; i + CH <= n; i += CH, ++c) {
+    v8d ec = {};
+    for (int64_t h = i; h < i + CH; h += kBlock) {
+      v8f b0 = {}, b1 = {}, b2 = {}, b3 = {};
+      for (int64_t j = h; j < h + kBlock; j += 32) {
+        const v8f x0 = load8(e + j), x1 = load8(e + j + 8), x2 = load8(e + j + 16), x3 = load8(e + j + 24);
+        const v8i k0 = x0 >= hiv, k1 = x1 >= hiv, k2 = x2 >= hiv, k3 = x3 >= hiv;
+        b0 += k0 ? x0 : zero;
+        b1 += k1 ? x1 : zero;
+        b2 += k2 ? x2 : zero;
+        b3 += k3 ? x3 : zero;
+        const v8i in = ((x0 > lov) & ~k0) | ((x1 > lov) & ~k1) | ((x2 > lov) & ~k2) | ((x3 > lov) & ~k3);
+        if (__builtin_expect(any_set(in) != 0, 0)) scan(j, j + 32);
+      }
+      ec += __builtin_convertvector((b0 + b1) + (b2 + b3), v8d);
+    }
+    E[c] = hsum(ec);
+    G += E[c];
+  }
+  if (i < n) {
+    double s = 0.0;
+    for (int64_t j = i; j < n; ++j) s += e[j] >= hi ? static_cast<double>(e[j]) : 0.0;
+    scan(i, n);
+    E[c] = s;
+    G += s;
+  }
+  *nband = nb;
+  return G;
+}
+
+// The inverse-CDF draw over the kept weights (stored e >= tau), as AffineRow::draw does it: the chunk
+// sums E locate the chunk where the cumulative weight crosses u * W, sums of 32 stored weights the
+// sub-chunk, and only that one is walked with float64 weights (ew, as the reference computes them). A
+// (sub-)chunk is entered whenever its float32 sum could reach the target within its error.
+int64_t topp_draw(const float* x, const float* e, int64_t V, float M, double temp, float tau, const double* E,
+                  double u) {
+  constexpr int64_t SUB = 32;
+  const int64_t nch = (V + CH - 1) / CH;
+  double W = 0.0;
+  for (int64_t c = 0; c < nch; ++c) W += E[c];
+  const double target = u * W, zM = static_cast<double>(M) / temp;
+  double cum = 0.0;
+  auto near = [&](double w) { return cum + w * (1.0 + 1e-5) + 1e-6 * W >= target; };
+  for (int64_t lo = 0, c = 0; lo < V; lo += CH, ++c) {
+    const int64_t hi = std::min(V, lo + CH);
+    if (!near(E[c])) {
+      cum += E[c];
+      continue;
+    }
+    for (int64_t slo = lo; slo < hi; slo += SUB) {
+      const int64_t shi = std::min(hi, slo + SUB);
+      double ws = 0.0;
+      for (int64_t j = slo; j < shi; ++j) ws += e[j] >= tau ? static_cast<double>(e[j]) : 0.0;
+      if (!near(ws)) {
+        cum += ws;
+        continue;
+      }
+      for (int64_t j = slo; j < shi; ++j) {
+        if (!(e[j] >= tau)) continue;
+        cum += ew(static_cast<double>(x[j]), temp, zM);
+        if (cum > target) return j;
+      }
+    }
+  }
+  for (int64_t j = V - 1; j >= 0; --j) {
+    if (e[j] >= tau && e[j] > 0.0f) return j;
+  }
+  return V - 1;
+}
+
+inline float float_mid(float a, float b) {  // the middle float32 bit pattern of 0 <= a < b
+  uint32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  const uint32_t im = ia + (ib - ia) / 2;
+  float m;
+  std::memcpy(&m, &im, 4);
+  return m;
+}
+
+inline uint32_t float_bits(float a) {
+  uint32_t i;
+  std::memcpy(&i, &a, 4);
+  return i;
+}
+
+// Scratch of one thread's rows.
+struct TopPWork {
+  std::vector<float> e;
+  std::vector<int64_t> band;
+  std::vector<std::pair<float, int64_t>> vals;
+};
+
+// The smallest kept weight tau of the top-p set of a float32 row (kept: the stored e >= tau); fills E with
+// the kept weights' chunk sums. next / next_bytes: the next row's storage, prefetched meanwhile.
+float top_p_search_f32(const float* x, int64_t V, float M, double temp, float thr, double top_p, TopPWork& w,
+                       double* E, const char* next, int64_t next_bytes) {
+  w.e.resize(V);
+  float* e = w.e.data();
+  double m1, m2;
+  const double S = topp_weights_f32(x, V, M, static_cast<float>(1.0 / temp), thr, e, &m1, &m2, next, next_bytes);
+  const double P = top_p * S;
+  // A(t) < P, decided on the float32-block sum As unless within its error bound.
+  auto below = [&](double As, float t) {
+    const double err = kSumErr * As + 1e-300;
+    if (As + err < P) return true;
+    if (As - err >= P) return false;
+    return topp_mass_f64(e, V, t, false) < P;
+  };
+  // The bracket, also as log t and h = logit(A / S); ge_lo = #{e >= lo} bounds the count strictly
+  // inside from above with ge_hi = #{e >= hi} (V and 0 before they first move: bounds).
+  float lo = 0.0f, hi = 1.0f;  // A(0) = S >= P; A(1) = 0 < P (every weight is <= 1)
+  int64_t ge_lo = V, ge_hi = 0;
+  auto h = [&](double A) {
+    const double q = std::min(std::max(A / S, 1e-12), 1.0 - 1e-12);
+    return std::log(q / (1.0 - q));
+  };
+  const double target = h(P);
+  double ulo = -88.0, uhi = 0.0;  // below e^-87.3 every weight is 0
+  const double mu = m1 / S, sd = std::sqrt(std::max(m2 / S - mu * mu, 1e-12));
+  double u = mu - sd * std::log(top_p / (1.0 - top_p)) / 1.702;  // Phi^-1(p) ~ logit(p) / 1.702
+  double ucur = u, hcur = 0.0, uprev = 0.0, hprev = 0.0;         // the last two trials
+  int64_t gecur = 0, geprev = 0;
+  bool last_hi = false, bisect = false;
+  int slow = 0;  // consecutive steps that did not halve the bracket's bit patterns
+  for (int it = 0; it < 128 && ge_lo - ge_hi > kBand; ++it) {
+    const uint32_t width = float_bits(hi) - float_bits(lo);
+    if (it > 0) {
+      u = 0.5 * (ulo + uhi);
+      if (!bisect) {
+        const double slope = it > 1 && ucur != uprev ? (hcur - hprev) / (ucur - uprev) : -1.702 / sd;
+        if (slope < 0.0) {
+          double us = ucur + (target - hcur) / slope;
+          if (it > 1 && gecur != geprev) {
+            const double density = std::fabs(static_cast<double>(gecur - geprev) / (ucur - uprev));
+            us += (last_hi ? -1.0 : 1.0) * (kBand / 4.0) / density;
+          }
+          if (us > ulo && us < uhi) u = us;
+        }
+      }
+    }
+    float t = static_cast<float>(std::exp(u));
+    if (!(t > lo && t < hi)) t = float_mid(lo, hi);
+    if (!(t > lo && t < hi)) break;  // adjacent floats: nothing lies strictly between
+    const MassAt m = topp_mass_f32(e, V, t);
+    uprev = ucur;
+    hprev = hcur;
+    geprev = gecur;
+    ucur = std::log(static_cast<double>(t));
+    hcur = h(m.above);
+    gecur = m.ge;
+    last_hi = below(m.above, t);
+    if (last_hi) {
+      hi = t;
+      uhi = ucur;
+      ge_hi = m.ge;
+    } else {
+      lo = t;
+      ulo = ucur;
+      ge_lo = m.ge;
+    }
+    slow = (float_bits(hi) - float_bits(lo)) * 2 > width ? slow + 1 : 0;
+    bisect = !bisect && slow >= 3;
+  }
+  const int64_t cap = std::max<int64_t>(ge_lo - ge_hi, 0);
+  w.band.resize(static_cast<size_t>(cap + 32));
+  int64_t nb;
+  double G = topp_collect_f32(e, V, lo, hi, E, w.band.data(), cap, &nb);
+  w.vals.resize(nb);
+  for (int64_t i = 0; i < nb; ++i) w.vals[i] = {e[w.band[i]], w.band[i]};
+  std::sort(w.vals.begin(), w.vals.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  // The walk, most probable first, tie groups whole: a group is kept iff the mass above it is < P. Its
+  // comparisons are made on the float32-lane G; if one falls within G's error bound, G is summed again
+  // in float64 and the walk repeated.
+  size_t kept_n = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const double err = pass == 0 ? kSumErr * G + 1e-300 : 0.0;
+    double g = G;
+    bool unsure = false;
+    kept_n = 0;
+    for (size_t i = 0; i < w.vals.size();) {
+      if (g + err >= P && g - err < P) unsure = true;
+      if (!(g < P)) break;
+      size_t k = i;
+      while (k < w.vals.size() && w.vals[k].first == w.vals[i].first) g += static_cast<double>(w.vals[k++].first);
+      kept_n = k;
+      i = k;
+    }
+    if (!unsure) break;
+    G = topp_mass_f64(e, V, hi, true);
+  }
+  float tau = hi;
+  for (size_t i = 0; i < kept_n; ++i) {
+    E[w.vals[i].second / CH] += static_cast<double>(w.vals[i].first);
+    tau = w.vals[i].first;
+  }
+  return tau;
+}
+
 template <typename T, typename C>
 void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint64_t seed, uint64_t offset,
                  uint64_t row0, double temp, int64_t top_k, double top_p, int64_t* tokens, int* status) {
@@ -176,6 +553,7 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
     std::vector<C> buf, xmin, cmax, ebuf;
     std::vector<double> chunks, mass;
     std::vector<std::pair<double, C>> pairs;
+    TopPWork topp;
     int local = kOk;
     for (int64_t r = r0; r < r1; ++r) {
       const C* x = load_row<T, C>(logits + r * row_stride, V, buf);
@@ -203,7 +581,20 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
       }
       C thr = static_cast<C>(-kInf);
       if (top_k > 0 && top_k < V) thr = top_k_threshold(x, V, top_k, temp, static_cast<double>(M) / temp);
-      if (top_p < 1.0) thr = top_p_threshold(x, V, M, temp, thr, top_p, mass, xmin, pairs, ebuf);
+      if (top_p < 1.0) {
+        if constexpr (std::is_same<C, float>::value) {
+          const bool more = r + 1 < r1;  // prefetch this thread's next row while this one is searched
+          const float tau = top_p_search_f32(
+              x, V, M, temp, thr, top_p, topp, chunks.data(),
+              more ? reinterpret_cast<const char*>(logits + (r + 1) * row_stride) : nullptr,
+              more ? V * static_cast<int64_t>(sizeof(T)) : 0);
+          tokens[r] = topp_draw(x, topp.e.data(), V, M, temp, tau, chunks.data(),
+                                row_uniform(seed, offset, row0 + static_cast<uint64_t>(r)));
+          continue;
+        } else {
+          thr = top_p_threshold(x, V, M, temp, thr, top_p, mass, xmin, pairs, ebuf);
+        }
+      }
       AffineRow<C> row{x, V, M, temp, thr, -1, -1, 1.0, 0.0, 0.0};
       if (filtered) row.chunk_e(chunks.data());
       const double W = row.chunk_w(chunks.data());
