@@ -1,8 +1,10 @@
 // sample_categorical on the CPU: temperature, top-k and top-p with the reference's tie-inclusive sets
 // (fastdiff.ops.filter_weights), then the inverse-CDF draw with the row's Philox uniform. Rows in parallel
 // (parallel.h); the row machinery is shared with posterior.cpp in rows.h. top-k ranks x/temp - max/temp in
-// float64 with a size-k heap; top-p finds the crossing bucket of a 1024-bucket histogram of the weights'
-// float32 bit patterns, splits a large one by the next 12 bits, and sorts only the crossing part.
+// float64 with a size-k heap. top-p on float32 rows (wider than kExactV) is a threshold search over the
+// row's stored float32 weights, a few vectorised passes (top_p_search_f32); on float64 rows it finds the
+// crossing bucket of a 1024-bucket histogram of the weights' float32 bit patterns, splits a large one by
+// the next 12 bits, and sorts only the crossing part.
 #include "parallel.h"
 #include "rows.h"
 

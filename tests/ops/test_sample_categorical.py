@@ -631,3 +631,105 @@ def test_top_p_draws_stay_in_the_full_sort_set(backend, scale, top_p):
     w = _sorted_filter_weights(row.double()[None], None, top_p)[0].numpy()
     want = np.array([O.inverse_cdf(w, O.row_uniform(5, 0, r)) for r in range(n)])
     assert int((out.numpy() != want).sum()) <= (0 if backend == "reference" else 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The C++ top-p search on wide float32 rows (V > 2048): rows built to reach each of its paths
+# --------------------------------------------------------------------------------------------------------
+def _wide_row(kind: str, V: int) -> tuple[torch.Tensor, float]:
+    """A float32 row of ``V`` logits and a top_p for each path of the search (sample_categorical.cpp)."""
+    g = C.gen(V + len(kind))
+    noise = torch.randn(V, generator=g)
+    if kind == "tie-at-edge":  # 3 tokens above a tie group of 10 that holds the nucleus edge: all 10 kept
+        x = noise - 4.0
+        x[[7, V // 2, V - 1]] = 5.0
+        x[torch.arange(11, 11 + 10 * 97, 97)] = 4.0
+        return x, 0.5
+    if kind == "flat-tie":  # the edge inside a tie group of almost the whole row (the bisection path)
+        x = torch.zeros(V)
+        x[[0, 5, V - 2]] = 3.0
+        return x, 0.3
+    if kind == "peaked":  # one token above top_p alone
+        x = noise
+        x[V // 3] = 30.0
+        return x, 0.9
+    if kind == "bimodal":  # the normal fit's guess falls between two clusters
+        x = noise * 0.1
+        x[torch.arange(3, V, V // 12)[:12]] = 8.0 + noise[:12] * 0.1
+        return x, 0.6
+    if kind == "quantized":  # bf16-like steps: many exact ties everywhere
+        return (noise * 3).round(decimals=1).to(torch.bfloat16).float(), 0.8
+    if kind == "neg-inf":
+        x = noise * 2
+        x[::3] = float("-inf")
+        return x, 0.7
+    if kind == "tiny-p":
+        return noise * 2, 1e-6
+    if kind == "near-one":
+        return noise * 2, 1.0 - 1e-6
+    raise AssertionError(kind)
+
+
+def _kept(x: torch.Tensor, top_p: float, tol: float = 0.0) -> np.ndarray:
+    """The tie-inclusive top-p set of the definition in float64 (a category is kept iff the probability
+    strictly above it is < top_p), at top_p + tol: a superset (tol > 0) or subset (tol < 0) that float32
+    weights' rounding (~1e-7 of the mass) cannot cross."""
+    z = x.double().numpy()
+    fin = np.isfinite(z)
+    w = np.where(fin, np.exp(np.where(fin, z - z[fin].max(), 0.0)), 0.0)
+    p = w / w.sum()
+    vals, counts = np.unique(p[p > 0], return_counts=True)
+    group = (vals * counts)[::-1]  # descending values
+    above = np.cumsum(group) - group
+    kept_vals = vals[::-1][above < top_p + tol]
+    return (p >= kept_vals.min()) & (p > 0)
+
+
+@pytest.mark.parametrize("kind", ["tie-at-edge", "flat-tie", "peaked", "bimodal", "quantized", "neg-inf", "tiny-p",
+                                  "near-one"])
+@pytest.mark.parametrize("backend,V", C.cases({"cpp": [2049, 5003, 50257]}))
+def test_cpp_top_p_search_on_wide_rows(backend, V, kind):
+    """Drawn tokens lie in the float64 definition's kept set, every kept token of a small set is drawn, and
+    the frequencies follow the kept weights (chi-square)."""
+    x, top_p = _wide_row(kind, V)
+    tol = min(1e-6, top_p / 2)
+    kept, inner = _kept(x, top_p, tol), _kept(x, top_p, -tol)
+    n = 20_000
+    out = ops.sample_categorical(x.expand(n, V), seed=11, offset=2, top_p=top_p, backend=backend)
+    counts = np.bincount(out.numpy(), minlength=V)
+    drawn = counts > 0
+    assert not bool((drawn & ~kept).any()), f"{kind}: drew {np.nonzero(drawn & ~kept)[0][:5]} outside the nucleus"
+    idx = np.nonzero(inner)[0]
+    if len(idx) <= 200:
+        assert bool(drawn[idx].all()), f"{kind}: kept tokens never drawn: {idx[~drawn[idx]][:5]}"
+        z = x.double().numpy()
+        w = np.exp(z[idx] - z[idx].max())
+        if len(idx) > 1:
+            assert stats.chisquare(counts[idx], w / w.sum() * n).pvalue > 1e-6
+    else:  # a large set: the kept mass drawn matches, per decile of the kept tokens by weight
+        z = x.double().numpy()[idx]
+        w = np.exp(z - z.max())
+        order = np.argsort(-w, kind="stable")
+        bins = np.array_split(order, 10)
+        exp_n = np.array([w[b].sum() for b in bins]) / w.sum() * n
+        got_n = np.array([counts[idx[b]].sum() for b in bins])
+        assert stats.chisquare(got_n, exp_n).pvalue > 1e-6
+
+
+@pytest.mark.parametrize("backend", C.backends("cpp"))
+def test_cpp_top_p_search_with_top_k_and_temperature(backend):
+    """top-k before top-p and a temperature: the kept set of both filters, on a wide row."""
+    V, n = 50257, 20_000
+    x = torch.randn(V, generator=C.gen(5)) * 2
+    out = ops.sample_categorical(x.expand(n, V), seed=3, top_k=300, top_p=0.8, temperature=0.7, backend=backend)
+    z = x.double().numpy() / 0.7
+    top = np.argsort(-z, kind="stable")[:300]
+    sub = np.full(V, -np.inf)
+    sub[top] = z[top]
+    kept = _kept(torch.from_numpy(sub), 0.8, 1e-6)
+    assert bool((kept == _kept(torch.from_numpy(sub), 0.8, -1e-6)).all()), "the row is meant to be decisive"
+    counts = np.bincount(out.numpy(), minlength=V)
+    assert not bool(((counts > 0) & ~kept).any())
+    idx = np.nonzero(kept)[0]
+    w = np.exp(sub[idx] - sub[idx].max())
+    assert stats.chisquare(counts[idx], w / w.sum() * n).pvalue > 1e-6
