@@ -193,6 +193,26 @@ def test_graphs_are_captured_once_per_static_shape_and_replayed() -> None:
     assert out.stats["cuda_graph"] == {"captures": 2, "replays": len(steps)}
 
 
+def test_a_replaced_parameter_is_captured_anew() -> None:
+    """A callback that replaces a weight tensor between steps (not in place): the next step captures a graph
+    reading the new storage, so the tokens stay the eager run's (same callback)."""
+    def swap(model: LMBidir):
+        def cb(step) -> None:
+            if step.step == 3:
+                model.out = nn.Parameter(model.out.detach() * -1.0)
+        return cb
+
+    runs = []
+    for graph in (True, False):
+        m = LMBidir()
+        kw = dict(max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp")
+        if graph:
+            kw.update(cuda_graph=True, _graph_kit=KIT)
+        runs.append(fastdiff.generate(m, PROMPTS, callback=swap(m), **kw))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].stats["cuda_graph"]["captures"] == 2
+
+
 def test_graphs_beyond_the_bound_are_released_and_recaptured(monkeypatch) -> None:
     monkeypatch.setattr(_graph, "MAX_GRAPHS", 1)
     kw = dict(max_new_tokens=16, steps=16, block_length=4, cache="prefix")

@@ -6,9 +6,10 @@ Why: at small batches a decoding step is dozens of short kernel launches (the la
 per-row kernel, its sorts), each paying the host's launch cost; one replay launches them all at once.
 
 What is captured, per key (the batch and sequence length, the step's window ``[lo, e)`` of decided
-positions, and for the caches the window the network runs on): one :class:`GenerateGraphs` per
-``generate`` call (its graphs are released with it; the model, its parameters, dtype and device are
-those of the call), at most :data:`MAX_GRAPHS` entries, the least recently replayed released first.
+positions, the model's parameter and buffer storage (addresses, dtypes, devices), and for the caches the
+window the network runs on): one :class:`GenerateGraphs` per ``generate`` call (its graphs are released
+with it; a later call captures again), at most :data:`MAX_GRAPHS` entries, the least recently replayed
+released first.
 
 * static inputs, shared by every graph of the call: the sequence ``x (B, P + N)`` int64, the time input
   ``t (B,)`` (a fastdiff denoiser's step; ignored by time-free models), LLaDA's per-row count ``k (B,)``
@@ -204,6 +205,15 @@ class GenerateGraphs:
         self.captures = 0
         self.replays = 0
 
+    def _weights(self) -> tuple:
+        """The model's parameter and buffer storage (address, dtype, device): a callback that replaces a
+        tensor of the model (rather than updating it in place) between steps makes the next step capture
+        anew, since a graph reads the addresses it was captured with."""
+        model = self.run.lm.model
+        if not isinstance(model, torch.nn.Module):
+            return ()
+        return tuple((t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+
     # ---- the captured body ----------------------------------------------------------------------
     def _select(self, logits: torch.Tensor, c0: int, uniform: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         run = self.run
@@ -294,7 +304,7 @@ class GenerateGraphs:
         block's first step with a cache): the decided positions ``(B, e - lo)``."""
         run = self.run
         V = run.mask_id + 1
-        key = ("fill" if fill else "full", run.B, run.L, lo, e)
+        key = ("fill" if fill else "full", run.B, run.L, lo, e, self._weights())
         holder: dict = {}
 
         def make() -> dict:
@@ -329,7 +339,7 @@ class GenerateGraphs:
             raise RuntimeError("cuda_graph: a cached window step without its block's first-step graph")
         self.entries.move_to_end(fill["key"])
         holder = fill["holder"]
-        key = ("window", s, end, e)
+        key = ("window", s, end, e, self._weights())
         entry = fill["windows"].get(key)
         if entry is None:
             uniform = self._uniform(e - s)
