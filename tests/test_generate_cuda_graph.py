@@ -185,6 +185,28 @@ def test_padding_and_time_conditioning_through_the_graphs() -> None:
         assert_same_run(graphed, run_steps(model, ids, False, attention_mask=am, **kw))
 
 
+def tiny_llama(vocab: int = V):
+    """A tiny Hugging Face Llama behind fastdiff's bidirectional adapter (its kv_forward / kv_window, its
+    logits_to_keep, a frozen dataclass cache)."""
+    transformers = pytest.importorskip("transformers")
+    from fastdiff.models import HFBidirectional
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation="sdpa", initializer_range=0.2)
+    return HFBidirectional(transformers.LlamaForCausalLM(cfg).eval(), mask_id=MASK)
+
+
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+def test_a_hugging_face_model_through_the_graphs(cache: str | None) -> None:
+    m = tiny_llama()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 8, 7]])
+    am = (torch.arange(6)[None, :] >= torch.tensor([2, 0, 3])[:, None]).long()
+    kw = dict(attention_mask=am, cache=cache, temperature=0.5, seed=7, preset="fast_dllm", threshold=0.2)
+    assert_same_run(run_steps(m, ids, True, **kw), run_steps(m, ids, False, **kw))
+
+
 def test_graphs_are_captured_once_per_static_shape_and_replayed() -> None:
     steps, out = run_steps(sed(), PROMPTS, True, cache="dual")
     # two blocks: each a first-step graph (kv_forward) and a window graph, every step a replay
@@ -370,6 +392,19 @@ def test_cuda_graph_generation_replays_the_eager_tokens_on_gpu(cache: str | None
     assert torch.equal(graphed.sequences, eager.sequences)
     assert graphed.stats["network_calls"] == eager.stats["network_calls"]
     assert graphed.stats["cuda_graph"]["replays"] == len(graphed_steps)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_cuda_graph_generation_of_a_hugging_face_model_on_gpu(cache: str | None) -> None:
+    m = tiny_llama().cuda()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
+    args = dict(max_new_tokens=16, steps=16, block_length=8, cache=cache, temperature=0.7, seed=2)
+    eager = fastdiff.generate(m, ids, am, **args)
+    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, **args)
+    assert torch.equal(graphed.sequences, eager.sequences)
 
 
 @pytest.mark.gpu
