@@ -229,7 +229,11 @@ class GenerateGraphs:
         lm = self.run.lm
         calls, rows, seconds = lm.calls, lm.rows, lm.seconds
         try:
-            replay, outs = self.capture(body)
+            if self.x.device.type == "cuda":
+                with torch.cuda.device(self.x.device):  # the graph, its pool and side stream on the tensors' device
+                    replay, outs = self.capture(body)
+            else:
+                replay, outs = self.capture(body)
         except InputError:
             raise
         except (RuntimeError, TypeError, ValueError) as e:
@@ -265,12 +269,15 @@ class GenerateGraphs:
         run = self.run
         cuda = self.x.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.x.device)
         t0 = time.perf_counter()
         calls, rows = run.lm.calls, run.lm.rows
-        entry["replay"]()
         if cuda:
-            torch.cuda.synchronize()
+            with torch.cuda.device(self.x.device):
+                entry["replay"]()
+            torch.cuda.synchronize(self.x.device)
+        else:
+            entry["replay"]()
         run.lm.calls, run.lm.rows = calls + 1, rows + run.B  # one network call, as the eager step makes
         run.lm.seconds += time.perf_counter() - t0
         self.replays += 1
@@ -335,7 +342,7 @@ class GenerateGraphs:
         run = self.run
         V = run.mask_id + 1
         fill = self._fill_entry
-        if fill is None or fill["key"] not in self.entries:
+        if fill is None or fill["key"] not in self.entries or fill["key"][4] != e:
             raise RuntimeError("cuda_graph: a cached window step without its block's first-step graph")
         self.entries.move_to_end(fill["key"])
         holder = fill["holder"]
