@@ -53,6 +53,10 @@ their shapes change between steps: Dream's counts, MDLM's reuse, BD3-LM's growin
 that cannot be captured (it reads tensor values on the host, synchronises, changes shapes with values)
 raises ``InputError`` naming ``cuda_graph`` at its first capture.
 
+Statistics: ``network_calls`` and ``sequences_evaluated`` count one call per replay, as the eager steps
+count theirs (the capture's calls are not counted); ``model_time_s`` is the replays' time, which covers the
+selection as well as the forward; ``stats["cuda_graph"]`` holds ``captures`` and ``replays``.
+
 The device-independent plumbing (keys, static buffers, counters, cache pairing, status check, statistics)
 runs on CPU in tests/test_generate_cuda_graph.py with a stand-in capture and op; the CUDA path itself has
 only been compile-checked where no GPU was at hand (the same file runs it on one).
