@@ -127,6 +127,11 @@ def check_device(o: Any, device: torch.device) -> None:
     if name != "cuda":
         raise InputError(f"cuda_graph: select_tokens runs on the {name!r} backend here (FASTDIFF_BACKEND or an "
                          "install without the CUDA extension); the graph replays the CUDA kernel")
+    from ..ops.backends.cuda import _C
+
+    if not hasattr(_C, "select_rows_counters"):
+        raise InputError("cuda_graph: the built CUDA extension predates select_rows_counters; rebuild it "
+                         "(python setup.py build_ext --inplace)")
 
 
 def cuda_capture(body: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Callable[[], None], tuple[torch.Tensor, ...]]:
