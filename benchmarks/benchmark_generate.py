@@ -17,6 +17,10 @@ Providers (group ``generate N=<N>``):
 * ``fastdiff``: ``generate(preset="llada")``; ``fastdiff-prefix`` / ``fastdiff-dual``: with Fast-dLLM's
   caches; ``fastdiff-threshold``: ``preset="fast_dllm", threshold=0.9`` uncached; ``fastdiff-dual-threshold``:
   the same with the dual cache.
+* ``fastdiff-graph``, ``fastdiff-dual-graph``, ``fastdiff-dual-threshold-graph`` (CUDA only; skipped elsewhere):
+  ``fastdiff``, ``fastdiff-dual``, ``fastdiff-dual-threshold`` with ``cuda_graph=True`` (each step's forward and
+  selection replayed as a CUDA graph; the captures happen inside the timed call); ``speedup_vs_eager`` and the
+  tokens checked equal to the eager run's.
 
 ``FASTDIFF_BENCH_THREADS=n`` sets torch's threads for the module. ``extra_info``: ``tokens_per_s``, ``network_calls``, ``model_time_s``, ``overhead_fraction`` (1 − network time /
 wall time: the non-network part of the steps; the target is ≤ 10%), ``speedup_vs_llada`` (tokens/s ÷ the
@@ -177,6 +181,10 @@ PROVIDERS = {
     "fastdiff-dual": dict(preset="llada", cache="dual"),
     "fastdiff-threshold": dict(preset="fast_dllm", threshold=THRESHOLD),
     "fastdiff-dual-threshold": dict(preset="fast_dllm", threshold=THRESHOLD, cache="dual"),
+    # CUDA only (skipped elsewhere): the same runs with each step replayed as a CUDA graph (the same tokens)
+    "fastdiff-graph": dict(preset="llada", cuda_graph=True),
+    "fastdiff-dual-graph": dict(preset="llada", cache="dual", cuda_graph=True),
+    "fastdiff-dual-threshold-graph": dict(preset="fast_dllm", threshold=THRESHOLD, cache="dual", cuda_graph=True),
 }
 #: the uncached run each cached run is compared with
 UNCACHED = {"fastdiff-prefix": "fastdiff", "fastdiff-dual": "fastdiff", "fastdiff-dual-threshold": "fastdiff-threshold",
@@ -187,6 +195,8 @@ UNCACHED = {"fastdiff-prefix": "fastdiff", "fastdiff-dual": "fastdiff", "fastdif
                                for n in LENGTHS])
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_generate(benchmark, lm: HFBidirectional, prompt: torch.Tensor, N: int, provider: str) -> None:
+    if (PROVIDERS[provider] or {}).get("cuda_graph") and DEVICE.type != "cuda":
+        pytest.skip("cuda_graph=True needs a CUDA device")
     stats: dict = {}
 
     def call() -> torch.Tensor:
@@ -222,6 +232,10 @@ def test_generate(benchmark, lm: HFBidirectional, prompt: torch.Tensor, N: int, 
         diff = int((ref["tokens"] != out[:, PROMPT:].cpu()).sum())
         info["tokens_differing"] = diff
         info["fraction_differing"] = diff / out[:, PROMPT:].numel()
+    eager = _RESULTS.get((N, provider.removesuffix("-graph"))) if provider.endswith("-graph") else None
+    if eager is not None:  # the graphs replay the eager steps: the same tokens
+        info["speedup_vs_eager"] = info["tokens_per_s"] / eager["rate"]
+        assert torch.equal(eager["tokens"], out[:, PROMPT:].cpu())
     if provider == "fastdiff":  # fastdiff's LLaDA preset is LLaDA's algorithm: the same tokens, greedy
         peer = _RESULTS.get((N, "llada-loop"))
         if peer is not None:

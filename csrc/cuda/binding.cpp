@@ -363,6 +363,49 @@ std::tuple<Tensor, Tensor, Tensor> select_tokens(const Tensor& logits, const Ten
   return {tokens, conf, sel};
 }
 
+// select_tokens' per-row kernel on every (b, l) row of logits (B, L, V), candidate or not, with (seed, offset) read
+// on the device from seed_offset (2,) int64: nothing here reads a value on the host (no nonzero, no status check),
+// so a CUDA graph can capture it (fastdiff/generation/_graph.py, which masks the candidates, checks the status after
+// the replay and selects with ATen as select_tokens above does). Returns (tokens, keys float64, status int32), (B, L).
+std::tuple<Tensor, Tensor, Tensor> select_rows_counters(const Tensor& logits, const OptTensor& counter_rows,
+                                                        int64_t rule, double temperature, int64_t exclude,
+                                                        const Tensor& seed_offset) {
+  check_cuda(logits, "logits", logits);
+  const DType dt = dtype_of(logits, "logits");
+  TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(2) >= 1, "logits: expected shape (B, L, V)");
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(V <= 1 || logits.stride(2) == 1, "logits: the last dimension must be contiguous");
+  TORCH_CHECK_VALUE(logits.stride(0) >= 0 && logits.stride(1) >= 0, "logits: negative stride");
+  TORCH_CHECK_VALUE(rule >= 0 && rule <= 5, "select_rows_counters: rule out of range");
+  TORCH_CHECK_VALUE(temperature >= 0.0, "temperature: must be non-negative, got ", temperature);
+  TORCH_CHECK_VALUE(exclude >= -1 && exclude < V, "exclude: out of range");
+  check_vec(seed_offset, "seed_offset", 2, at::kLong, logits);
+  if (temperature > 0.0) {
+    TORCH_CHECK_VALUE(counter_rows.has_value(), "counter_rows: required when temperature > 0");
+    check_cuda(*counter_rows, "counter_rows", logits);
+    TORCH_CHECK_VALUE(counter_rows->scalar_type() == at::kLong && counter_rows->dim() == 2 &&
+                          counter_rows->size(0) == B && counter_rows->size(1) == L,
+                      "counter_rows: expected a (B, L) int64 tensor");
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t M = B * L;
+  Tensor tok = at::zeros({M}, logits.options().dtype(at::kLong));
+  Tensor key = at::zeros({M}, logits.options().dtype(at::kDouble));
+  Tensor status = at::zeros({M}, logits.options().dtype(at::kInt));
+  if (M) {
+    const Tensor pos = at::arange(M, logits.options().dtype(at::kLong));
+    const Tensor row_off = (at::div(pos, L, "floor") * logits.stride(0) + at::remainder(pos, L) * logits.stride(1))
+                               .contiguous();
+    const Tensor counters = temperature > 0.0 ? counter_rows->reshape(-1).contiguous() : row_off;
+    check_launch(select_tokens_counters_launch(logits.data_ptr(), row_off.data_ptr<int64_t>(),
+                                               counters.data_ptr<int64_t>(), M, V, dt, exclude, static_cast<int>(rule),
+                                               temperature, seed_offset.data_ptr<int64_t>(), tok.data_ptr<int64_t>(),
+                                               key.data_ptr<double>(), status.data_ptr<int>(), stream_of(logits)),
+                 "select_rows_counters");
+  }
+  return {tok.reshape({B, L}), key.reshape({B, L}), status.reshape({B, L})};
+}
+
 }  // namespace
 }  // namespace fastdiff
 
@@ -408,4 +451,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("posterior_counters", &posterior_counters, py::arg("logits"), py::arg("x_t"), py::arg("t"), py::arg("s"),
         py::arg("kind"), py::arg("mask_id"), py::arg("temperature"), py::arg("a_t"), py::arg("a_s"),
         py::arg("ab_table"), py::arg("fact1"), py::arg("qbar_s"), py::arg("pair"), py::arg("counters"));
+  m.def("select_rows_counters", &select_rows_counters, py::arg("logits"), py::arg("counter_rows"), py::arg("rule"),
+        py::arg("temperature"), py::arg("exclude"), py::arg("seed_offset"));
 }

@@ -92,5 +92,11 @@ cudaError_t sample_categorical_launch(const void* logits, int64_t ld, int64_t N,
 cudaError_t select_tokens_launch(const void* logits, const int64_t* row_off, const int64_t* counters, int64_t M,
                                  int64_t V, DType dtype, int64_t exclude, int rule, double temperature, uint64_t seed,
                                  uint64_t offset, int64_t* tok, double* key, int* status, cudaStream_t stream);
+// The same per row with (seed, offset) read by the kernel from `seed_offset`, a device array of two int64 (the
+// op a CUDA graph of fastdiff.generate captures: a replay draws with the values written there before it).
+cudaError_t select_tokens_counters_launch(const void* logits, const int64_t* row_off, const int64_t* counters,
+                                          int64_t M, int64_t V, DType dtype, int64_t exclude, int rule,
+                                          double temperature, const int64_t* seed_offset, int64_t* tok, double* key,
+                                          int* status, cudaStream_t stream);
 
 }  // namespace fastdiff

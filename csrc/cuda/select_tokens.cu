@@ -18,8 +18,14 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 _select_tokens_kernel(const T* __restrict__ logits, const int64_t* __restrict__ row_off,
                       const int64_t* __restrict__ counters, int64_t M, int64_t V, int64_t exclude, int rule,
-                      double temperature, uint64_t seed, uint64_t offset, int64_t* __restrict__ tok_out,
-                      double* __restrict__ key_out, int* __restrict__ status_out) {
+                      double temperature, uint64_t seed, uint64_t offset, const int64_t* __restrict__ seed_offset,
+                      int64_t* __restrict__ tok_out, double* __restrict__ key_out, int* __restrict__ status_out) {
+  // seed_offset: (seed, offset) read on the device (a CUDA graph replay finds its step's values there), else the
+  // host's arguments
+  if (seed_offset != nullptr) {
+    seed = static_cast<uint64_t>(seed_offset[0]);
+    offset = static_cast<uint64_t>(seed_offset[1]);
+  }
   __shared__ RowScratch sm;
   const double tq = temperature > 0.0 ? temperature : 1.0;
   for (int64_t r = blockIdx.x; r < M; r += gridDim.x) {
@@ -103,33 +109,51 @@ _select_tokens_kernel(const T* __restrict__ logits, const int64_t* __restrict__ 
 template <typename T>
 cudaError_t select_launch_t(const void* logits, const int64_t* row_off, const int64_t* counters, int64_t M, int64_t V,
                             int64_t exclude, int rule, double temperature, uint64_t seed, uint64_t offset,
-                            int64_t* tok, double* key, int* status, cudaStream_t stream) {
+                            const int64_t* seed_offset, int64_t* tok, double* key, int* status, cudaStream_t stream) {
   _select_tokens_kernel<T><<<grid_for(M), kThreads, 0, stream>>>(static_cast<const T*>(logits), row_off, counters, M,
-                                                                 V, exclude, rule, temperature, seed, offset, tok, key,
-                                                                 status);
+                                                                 V, exclude, rule, temperature, seed, offset,
+                                                                 seed_offset, tok, key, status);
   return last_launch_error();
+}
+}  // namespace
+
+namespace {
+cudaError_t select_dispatch(const void* logits, const int64_t* row_off, const int64_t* counters, int64_t M, int64_t V,
+                            DType dtype, int64_t exclude, int rule, double temperature, uint64_t seed, uint64_t offset,
+                            const int64_t* seed_offset, int64_t* tok, double* key, int* status, cudaStream_t stream) {
+  if (M <= 0 || V <= 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat32:
+      return select_launch_t<float>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset,
+                                    seed_offset, tok, key, status, stream);
+    case DType::kFloat64:
+      return select_launch_t<double>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset,
+                                     seed_offset, tok, key, status, stream);
+    case DType::kFloat16:
+      return select_launch_t<__half>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset,
+                                     seed_offset, tok, key, status, stream);
+    case DType::kBFloat16:
+      return select_launch_t<__nv_bfloat16>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset,
+                                            seed_offset, tok, key, status, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 }  // namespace
 
 cudaError_t select_tokens_launch(const void* logits, const int64_t* row_off, const int64_t* counters, int64_t M,
                                  int64_t V, DType dtype, int64_t exclude, int rule, double temperature, uint64_t seed,
                                  uint64_t offset, int64_t* tok, double* key, int* status, cudaStream_t stream) {
-  if (M <= 0 || V <= 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32:
-      return select_launch_t<float>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset, tok,
-                                    key, status, stream);
-    case DType::kFloat64:
-      return select_launch_t<double>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset, tok,
-                                     key, status, stream);
-    case DType::kFloat16:
-      return select_launch_t<__half>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset, tok,
-                                     key, status, stream);
-    case DType::kBFloat16:
-      return select_launch_t<__nv_bfloat16>(logits, row_off, counters, M, V, exclude, rule, temperature, seed, offset,
-                                            tok, key, status, stream);
-  }
-  return cudaErrorInvalidValue;
+  return select_dispatch(logits, row_off, counters, M, V, dtype, exclude, rule, temperature, seed, offset, nullptr,
+                         tok, key, status, stream);
+}
+
+cudaError_t select_tokens_counters_launch(const void* logits, const int64_t* row_off, const int64_t* counters,
+                                          int64_t M, int64_t V, DType dtype, int64_t exclude, int rule,
+                                          double temperature, const int64_t* seed_offset, int64_t* tok, double* key,
+                                          int* status, cudaStream_t stream) {
+  if (seed_offset == nullptr) return cudaErrorInvalidValue;
+  return select_dispatch(logits, row_off, counters, M, V, dtype, exclude, rule, temperature, 0, 0, seed_offset, tok,
+                         key, status, stream);
 }
 
 }  // namespace fastdiff

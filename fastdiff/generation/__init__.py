@@ -60,6 +60,19 @@ positions' keys and values from the cache, refreshed at the next block. Approxim
 those of the block's first step (Fast-dLLM reports the effect as small; ``benchmarks/`` measures it).
 ``cache="kv"`` (bd3lm): exact.
 
+CUDA graphs
+-----------
+``cuda_graph=True`` (llada / fast_dllm, CUDA tensors): every step's network forward and fused selection
+replayed as one CUDA graph per static shape (the window of decided positions, and with a cache the
+window the network runs on), the step's inputs (sequence, time, LLaDA's count, the random counters) copied
+into static buffers before each replay; with ``cache="prefix"`` / ``"dual"`` a block's first step
+(``kv_forward``) is its own graph whose cache the block's window graph reads, so the cache is refreshed at
+each block start as eagerly. The tokens are the eager path's. Host-side between replays, as eagerly: the
+masked columns, the end of a block, the write of the decided tokens. Out of scope, refused with
+``InputError`` naming ``cuda_graph`` before any network call: the other presets, ``logits_processor``,
+``top_k`` / ``top_p``, ``factor``, ``cfg_scale > 0``, a non-CUDA device or ``select_tokens`` backend.
+Details: :mod:`fastdiff.generation._graph`.
+
 Randomness
 ----------
 ``seed``: an int, or a ``torch.Generator`` from which one 63-bit seed is drawn. Every draw uses fastdiff's
@@ -82,6 +95,7 @@ from .. import _checks
 from .. import random as _random
 from ..errors import InputError, InputTypeError
 from ._lm import LM, is_fastdiff_denoiser, unwrap_logits
+from . import _graph
 from ._loops import LOOPS, GenerationStep, Run
 
 __all__ = ["GenerateOutput", "GenerationStep", "PRESETS", "generate", "iterate", "unwrap_logits"]
@@ -327,6 +341,7 @@ def iterate(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: 
             noise_removal: bool = True, vocab_size: int | None = None, suppress_mask: bool | None = None,
             seed: int | torch.Generator = 0,
             logits_processor: object = None, output_scores: bool = False, backend: str = "auto",
+            cuda_graph: bool = False, _graph_kit: tuple | None = None,
             _result: dict | None = None) -> Iterator[GenerationStep]:
     """The steps of :func:`generate`, one :class:`GenerationStep` after each (arguments as there). The
     final :class:`GenerateOutput` is what :func:`generate` returns for the same arguments."""
@@ -352,7 +367,15 @@ def iterate(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: 
         raise InputTypeError(f"output_scores: expected True or False, got {output_scores!r}")
     seed_i = _seed(seed)
     procs = _processors(logits_processor)
+    if not isinstance(cuda_graph, bool):
+        raise InputTypeError(f"cuda_graph: expected True or False, got {cuda_graph!r}")
+    if cuda_graph:
+        why = _graph.unsupported(o, procs)
+        if why is not None:
+            raise InputError(f"cuda_graph: {why}; use cuda_graph=False")
     ids, am_p, lengths, side = _prompts(input_ids, attention_mask)
+    if cuda_graph and _graph_kit is None:
+        _graph.check_device(o, ids.device)
     B, P = ids.shape
     N = max_new_tokens
     vocab = o.vocab_size or _model_attr(model, "vocab_size")
@@ -398,6 +421,9 @@ def iterate(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: 
               o=o, processors=procs)
     if output_scores:
         run.scores = torch.full((B, N), float("nan"), dtype=torch.float32, device=dev)
+    if cuda_graph:
+        capture, op = _graph_kit if _graph_kit is not None else (None, None)
+        run.graphs = _graph.GenerateGraphs(run, capture=capture, op=op)
     t0 = time.perf_counter()
     from ..sampling import _eval_mode
 
@@ -435,6 +461,8 @@ def _finish(run: Run, lengths: torch.Tensor, side: str, t0: float) -> GenerateOu
              "steps": run.steps, "time_s": dt, "model_time_s": run.lm.seconds, "tokens_generated": tokens,
              "tokens_per_s": tokens / dt, "overhead_fraction": max(0.0, 1.0 - run.lm.seconds / dt),
              "cache": o.cache, "batch": B, "prompt_length": P, "max_new_tokens": N}
+    if run.graphs is not None:
+        stats["cuda_graph"] = {"captures": run.graphs.captures, "replays": run.graphs.replays}
     return GenerateOutput(sequences=x, lengths=lengths + n_gen, finished=finished, scores=run.scores, stats=stats)
 
 
@@ -487,6 +515,17 @@ logits_processor : HF-style processors ``proc(input_ids, scores) -> scores``, ap
 callback : called with a :class:`GenerationStep` after every step.
 output_scores : bool, fill ``GenerateOutput.scores``.
 backend : the ops' backend ("auto", "reference", "cpp", "cuda", "triton").
+cuda_graph : bool (default False). True: each LLaDA / Fast-dLLM step (the network's forward on the step's
+    window and the fused selection of :func:`fastdiff.ops.select_tokens`) is captured once per static
+    shape in a CUDA graph and replayed (fewer kernel launches at small batches); the tokens equal those of
+    ``cuda_graph=False``. With ``cache="prefix"`` / ``"dual"`` a block's first step (``kv_forward``) is one
+    graph and its later steps another, reading the cache the first one refreshes. The masked columns, the
+    end of a block and the write of the decided tokens stay on the host between replays. Only presets
+    "llada" / "fast_dllm" without ``logits_processor``, ``top_k`` / ``top_p``, ``factor`` or
+    ``cfg_scale``, on CUDA tensors, with the CUDA ``select_tokens`` kernel (backend "auto" or "cuda");
+    anything else raises InputError naming ``cuda_graph`` before any network call, and a model that
+    cannot be captured (it reads tensor values on the host) raises it at the first capture. Graphs live
+    for the call (``stats["cuda_graph"]`` counts captures and replays). See :mod:`fastdiff.generation._graph`.
 
 Returns
 -------

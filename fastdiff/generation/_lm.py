@@ -114,7 +114,9 @@ class LM:
         self.exact_kv = callable(getattr(model, "new_cache", None)) and callable(getattr(model, "extend_cache", None))
 
     # --------------------------------------------------------------------------------------------
-    def _time(self, B: int, t: float | int, device: torch.device) -> torch.Tensor:
+    def _time(self, B: int, t: float | int | torch.Tensor, device: torch.device) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):  # a CUDA graph's static (B,) time buffer (generation/_graph.py)
+            return t
         if self.fastdiff:
             return torch.full((B,), int(t), dtype=torch.int64, device=device)
         return torch.full((B,), float(t), dtype=torch.float32, device=device)
@@ -143,11 +145,12 @@ class LM:
         return fn(x, **kw)
 
     def _timed(self, thunk: Callable[[], object], x: torch.Tensor) -> object:
-        if x.device.type == "cuda":
+        sync = x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()  # no sync in a capture
+        if sync:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = thunk()
-        if x.device.type == "cuda":
+        if sync:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - t0
         self.calls += 1

@@ -52,6 +52,7 @@ class Run:
     scores: torch.Tensor | None = None
     draws: int = 0
     steps: int = 0
+    graphs: Any = None  # a _graph.GenerateGraphs when cuda_graph=True (llada / fast_dllm)
 
     @property
     def B(self) -> int:
@@ -252,20 +253,26 @@ def llada_loop(run: Run) -> Iterator[GenerationStep]:
                 # from the first of them (the model computes only those when it takes logits_to_keep)
                 lo, _ = _masked_span(run, 0, e)
                 lo = min(lo, s)
-                if o.cache is None and o.cfg_scale > 0:
-                    logits = _guided(run, t, (lo, e))
-                elif o.cache is None:
-                    logits = run.lm(run.x, t, run.am, run.pos, V, keep=(lo, e))
+                if run.graphs is not None:  # the same step replayed as a CUDA graph (generation/_graph.py)
+                    chosen = run.graphs.full(lo, e, t, k, fill=o.cache is not None)
                 else:
-                    logits, kvc = run.lm.kv_forward(run.x, t, run.am, run.pos, V, keep=(lo, e))
-                cand = run.x[:, lo:e] == mask
-                chosen = _decide(run, logits, lo, cand, k)
+                    if o.cache is None and o.cfg_scale > 0:
+                        logits = _guided(run, t, (lo, e))
+                    elif o.cache is None:
+                        logits = run.lm(run.x, t, run.am, run.pos, V, keep=(lo, e))
+                    else:
+                        logits, kvc = run.lm.kv_forward(run.x, t, run.am, run.pos, V, keep=(lo, e))
+                    cand = run.x[:, lo:e] == mask
+                    chosen = _decide(run, logits, lo, cand, k)
                 new = _full(run, chosen, lo)
             else:
                 end = run.L if o.cache == "prefix" else e
-                logits = run.lm.kv_window(run.x, s, end, t, kvc, run.am, run.pos, V, keep_to=e)
-                cand = run.x[:, s:e] == mask
-                chosen = _decide(run, logits[:, :e - s], s, cand, k)
+                if run.graphs is not None:  # reads the cache of the block's first-step graph
+                    chosen = run.graphs.window(s, end, e, t, k)
+                else:
+                    logits = run.lm.kv_window(run.x, s, end, t, kvc, run.am, run.pos, V, keep_to=e)
+                    cand = run.x[:, s:e] == mask
+                    chosen = _decide(run, logits[:, :e - s], s, cand, k)
                 new = _full(run, chosen, s)
             i += 1
             yield run.step_done(new, blk)

@@ -77,11 +77,18 @@ class _KeptOutput:
                 break
 
 
+def _capturing() -> bool:
+    """True while a CUDA graph is being captured (``fastdiff.generate(..., cuda_graph=True)``): the value
+    checks of ``logits_to_keep``, which read it on the host, are skipped then (the positions are the ones
+    fastdiff.generate builds, checked by the eager calls); shapes and dtypes are still checked."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _check_keep(keep: object, L: int) -> torch.Tensor:
     """``logits_to_keep``: a 1-D integer tensor of positions in ``[0, L)``."""
     if not isinstance(keep, torch.Tensor) or keep.ndim != 1 or keep.is_floating_point() or keep.dtype == torch.bool:
         raise InputTypeError("logits_to_keep: expected a 1-D integer tensor of positions")
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= L):
+    if keep.numel() and not _capturing() and (int(keep.min()) < 0 or int(keep.max()) >= L):
         raise InputError(f"logits_to_keep: positions must lie in [0, {L})")
     return keep.to(torch.int64)
 
@@ -340,7 +347,7 @@ class HFBidirectional(nn.Module):
         keep = None
         if logits_to_keep is not None:
             idx = _check_keep(logits_to_keep, L)
-            if bool(((idx < start) | (idx >= end)).any()):
+            if not _capturing() and bool(((idx < start) | (idx >= end)).any()):
                 raise InputError(f"logits_to_keep: positions must lie in the window [{start}, {end})")
             keep = self._keep(idx, q_lo, L)
         out = self._run(q_ids, keys_ok, pos[:, q_lo:end], cache=_new_dynamic_cache(outside), keep=keep)

@@ -29,3 +29,13 @@ def select_tokens(logits: torch.Tensor, candidates: torch.Tensor, counter_rows: 
         if str(e).startswith("logits: ") and not isinstance(e, InputError):
             raise InputError(str(e).split("\n")[0]) from None
         raise
+
+
+def select_rows_counters(logits: torch.Tensor, counter_rows: torch.Tensor | None, rule: int, temperature: float,
+                         exclude: int, seed_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-row kernel of :func:`select_tokens` on every ``(b, l)`` row of ``logits (B, L, V)``, with
+    ``(seed, offset)`` read on the device from ``seed_offset`` ((2,) int64): ``(tokens int64, keys float64,
+    status int32)``, all ``(B, L)`` (status 0, or 4 NaN / 3 +inf / 2 every logit -inf; such a row's token
+    and key are 0). Reads no value on the host, so a CUDA graph can capture it and a replay draws with the
+    counters written into ``seed_offset`` before it (:mod:`fastdiff.generation._graph`)."""
+    return tuple(_C.select_rows_counters(logits, counter_rows, rule, temperature, exclude, seed_offset))

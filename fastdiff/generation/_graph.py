@@ -1,0 +1,384 @@
+"""CUDA graphs of whole LLaDA / Fast-dLLM steps in :func:`fastdiff.generate` (``cuda_graph=True``): the
+network's forward on the step's window and the fused selection (:func:`fastdiff.ops.select_tokens`'s
+CUDA kernel) captured in one ``torch.cuda.CUDAGraph`` per static shape, replayed every step.
+
+Why: at small batches a decoding step is dozens of short kernel launches (the layers, the selection's
+per-row kernel, its sorts), each paying the host's launch cost; one replay launches them all at once.
+
+What is captured, per key (the batch and sequence length, the step's window ``[lo, e)`` of decided
+positions, the model's parameter and buffer storage (addresses, dtypes, devices), and for the caches the
+window the network runs on): one :class:`GenerateGraphs` per ``generate`` call (its graphs are released
+with it; a later call captures again), at most :data:`MAX_GRAPHS` entries, the least recently replayed
+released first.
+
+* static inputs, shared by every graph of the call: the sequence ``x (B, P + N)`` int64, the time input
+  ``t (B,)`` (a fastdiff denoiser's step; ignored by time-free models), LLaDA's per-row count ``k (B,)``
+  int64, and ``seed_offset (2,)`` int64 (the uint64 counter words' bits); per graph, the uniforms
+  ``(B, W)`` float64 of ``remasking="random"``. Before each replay the loop copies the step's values into
+  them (the uniforms are drawn outside the graph with the eager path's counters).
+* the body: the forward (``cache=None``: the whole sequence, logits kept on ``[lo, e)``; the block's first
+  step with ``cache="prefix"`` / ``"dual"``: ``kv_forward`` over the whole sequence, which also fills the
+  cache; the later steps: ``kv_window`` over ``[s, L)`` (prefix) or ``[s, e)`` (dual) reading that cache),
+  the candidates ``x == mask_id`` on the window, the counter rows, and
+  ``fastdiff_cuda::select_rows_counters``: select_tokens' per-row kernel on every row of the window with
+  ``(seed, offset)`` read from ``seed_offset`` (a kernel taking them as host ints would replay the captured
+  ones), then, with ATen as select_tokens' binding does it, the candidates' tokens, scores and the top-k /
+  threshold selection (:func:`select_dense`).
+* static outputs: tokens, scores, the selection, each row's value status and the logits.
+
+Caches: the block's first step is its own graph (``kv_forward`` + selection) whose static outputs include
+the cache it builds; the block's window graph is captured reading that cache object, so every replay of
+the first-step graph (at the block's start, on that block's sequence) refreshes in place the keys and
+values the window graph reads, as the eager loop's new ``kv_forward`` does. A window graph lives with its
+block's first-step graph (released with it). The cache protocol's rule that ``kv_window`` does not modify
+the cache is what makes the replays exact.
+
+Outside the graph, on the host, as the eager loop does it: which columns are masked (the window
+``[lo, e)``: part of the key, so a step whose window moves replays another graph), LLaDA's schedule ``k``,
+the end-of-block test, the write of the selected tokens into ``x`` and of the scores, and the value check:
+after each replay the candidates' status (NaN, ``+inf``, every logit ``-inf``) raises the eager path's
+:class:`~fastdiff.errors.InputError` before the tokens are used (the kernel draws nothing out of bounds
+meanwhile). The tokens equal the eager path's exactly: the same network kernels on the same shapes, the
+same per-row kernel, counters and selection.
+
+Scope (:func:`unsupported`, checked before any network call; the same answer on every backend): presets
+``"llada"`` / ``"fast_dllm"`` with top-k (LLaDA's schedule) or ``threshold`` selection, ``remasking``
+``"low_confidence"`` or ``"random"``, any temperature, ``cache`` None / ``"prefix"`` / ``"dual"``,
+padding, ``eos_token_id`` (applied after the loop; it changes no shape), ``output_scores``, callbacks.
+Refused with ``InputError`` naming ``cuda_graph``: the other presets (their selection runs on the host or
+their shapes change between steps: Dream's counts, MDLM's reuse, BD3-LM's growing cache),
+``logits_processor`` (Python on the host between network and selection), ``top_k`` / ``top_p`` and the
+``factor`` rule (the gathered path), ``cfg_scale > 0``; then, on the device, tensors off CUDA and a
+``backend`` whose ``select_tokens`` is not the CUDA kernel (the graph's op must be the eager op's). A model
+that cannot be captured (it reads tensor values on the host, synchronises, changes shapes with values)
+raises ``InputError`` naming ``cuda_graph`` at its first capture.
+
+Statistics: ``network_calls`` and ``sequences_evaluated`` count one call per replay, as the eager steps
+count theirs (the capture's calls are not counted); ``model_time_s`` is the replays' time, which covers the
+selection as well as the forward; ``stats["cuda_graph"]`` holds ``captures`` and ``replays``.
+
+The device-independent plumbing (keys, static buffers, counters, cache pairing, status check, statistics)
+runs on CPU in tests/test_generate_cuda_graph.py with a stand-in capture and op; the CUDA path itself has
+only been compile-checked where no GPU was at hand (the same file runs it on one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import random as _random
+from ..errors import InputError
+from ..ops._common import check_finite_above
+from ..ops._plan import int64_bits
+from ..ops.select_tokens import KERNEL, MODE_ALL, MODE_THRESHOLD, MODE_TOP_K, RULE_CODES
+from . import _select as sel
+
+if TYPE_CHECKING:
+    from ._loops import Run
+
+WARMUP = 2
+#: top-level graphs kept per call (a cache's first-step graph counts once, with its window graph)
+MAX_GRAPHS = 8
+
+#: a capture: ``capture(body) -> (replay, outputs)``; ``replay()`` recomputes ``outputs`` in place
+Capture = Callable[[Callable[[], tuple[torch.Tensor, ...]]], tuple[Callable[[], None], tuple[torch.Tensor, ...]]]
+#: the selection op: ``op(logits, candidates, counter_rows, k, uniform, seed_offset, rule, temperature,
+#: threshold, mode, exclude) -> (tokens, confidence, selected, status)``, all ``(B, W)``
+SelectOp = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+_STATUS_MESSAGES = {4: "model output: the logits contain NaN", 3: "model output: the logits contain +inf",
+                    2: "model output: a position has every logit at -inf (no token can be drawn)"}
+
+
+def unsupported(o: Any, processors: list) -> str | None:
+    """Why a ``cuda_graph=True`` generation cannot be captured (None: it can), from the options alone."""
+    if o.preset not in ("llada", "fast_dllm"):
+        return (f"preset {o.preset!r} is not captured (only the LLaDA / Fast-dLLM loops: the others select on "
+                "the host or change shapes between steps)")
+    if processors:
+        return "logits_processor runs on the host between the network and the selection"
+    if o.top_k is not None or o.top_p is not None:
+        return "top_k / top_p filtering draws on the host-gathered candidate rows"
+    if o.factor is not None:
+        return "Fast-dLLM's factor rule selects on the host"
+    if o.cfg_scale > 0:
+        return "classifier-free guidance (cfg_scale > 0) is not captured"
+    return None
+
+
+def check_device(o: Any, device: torch.device) -> None:
+    """The device half of the decision: CUDA tensors and the CUDA ``select_tokens`` kernel for the eager op."""
+    if device.type != "cuda":
+        raise InputError(f"cuda_graph: CUDA graphs need a CUDA device; input_ids are on {device}")
+    if o.backend not in ("auto", "cuda"):
+        raise InputError(f"cuda_graph: backend {o.backend!r} is not the CUDA select_tokens kernel the graph replays "
+                         "(use backend='auto' or 'cuda')")
+    from ..ops import _dispatch
+
+    try:
+        name = _dispatch.choose("select_tokens", KERNEL, o.backend, str(device))
+    except _dispatch.BackendUnavailableError as e:
+        raise InputError(f"cuda_graph: {e}") from None
+    if name != "cuda":
+        raise InputError(f"cuda_graph: select_tokens runs on the {name!r} backend here (FASTDIFF_BACKEND or an "
+                         "install without the CUDA extension); the graph replays the CUDA kernel")
+    from ..ops.backends.cuda import _C
+
+    if not hasattr(_C, "select_rows_counters"):
+        raise InputError("cuda_graph: the built CUDA extension predates select_rows_counters; rebuild it "
+                         "(python setup.py build_ext --inplace)")
+
+
+def cuda_capture(body: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Callable[[], None], tuple[torch.Tensor, ...]]:
+    """Warm ``body`` up on a side stream, capture it in a ``torch.cuda.CUDAGraph``: ``(graph.replay, outputs)``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = body()
+    return graph.replay, outs
+
+
+def select_dense(tok: torch.Tensor, key: torch.Tensor, status: torch.Tensor, candidates: torch.Tensor,
+                 k: torch.Tensor | None, uniform: torch.Tensor | None, threshold: float, mode: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_tokens' output from per-row results on every row (``tok``, float64 ``key``, ``status``,
+    ``(B, W)``): the candidates' tokens (0 elsewhere), float32 scores (``-inf`` elsewhere), the selection
+    (ties to the lower position, candidates first: the two stable sorts of select_tokens' binding) and the
+    candidates' status (0 elsewhere). Only device ops that read no value on the host (capturable)."""
+    B, W = candidates.shape
+    if uniform is not None:
+        key = uniform.to(torch.float64)
+    key = torch.where(candidates, key, torch.full((), float("-inf"), dtype=torch.float64, device=key.device))
+    tokens = torch.where(candidates, tok, torch.zeros((), dtype=tok.dtype, device=tok.device))
+    conf = torch.where(candidates, key.float(), torch.full((), float("-inf"), dtype=torch.float32, device=key.device))
+    status = torch.where(candidates, status, torch.zeros((), dtype=status.dtype, device=status.device))
+    if mode == MODE_ALL:
+        return tokens, conf, candidates.clone(), status
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(candidates.gather(1, order).to(torch.int8), dim=1, descending=True,
+                                       stable=True).indices)
+    if mode == MODE_TOP_K:
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(W, device=order.device).expand_as(order))
+        return tokens, conf, candidates & (rank < k[:, None]), status
+    chosen = candidates & (key >= threshold)
+    if W:
+        best = torch.zeros_like(chosen).scatter_(1, order[:, :1], True)
+        chosen = chosen | (best & candidates.any(1, keepdim=True))
+    return tokens, conf, chosen, status
+
+
+def cuda_select(logits: torch.Tensor, candidates: torch.Tensor, counter_rows: torch.Tensor | None,
+                k: torch.Tensor | None, uniform: torch.Tensor | None, seed_offset: torch.Tensor, rule: int,
+                temperature: float, threshold: float, mode: int, exclude: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The graph's selection on CUDA: ``fastdiff_cuda::select_rows_counters`` then :func:`select_dense`."""
+    from ..ops.backends.cuda.select_tokens import select_rows_counters
+
+    tok, key, status = select_rows_counters(logits, counter_rows, rule, temperature, exclude, seed_offset)
+    return select_dense(tok, key, status, candidates, k, uniform, threshold, mode)
+
+
+class GenerateGraphs:
+    """The captured steps of one ``generate`` call (see the module docstring). ``capture`` and ``op``
+    default to :func:`cuda_capture` and :func:`cuda_select`; the tests pass stand-ins to run the plumbing
+    on CPU."""
+
+    def __init__(self, run: Run, *, capture: Capture | None = None, op: SelectOp | None = None) -> None:
+        self.run = run
+        self.capture = capture or cuda_capture
+        self.op = op or cuda_select
+        o, lm = run.o, run.lm
+        dev = run.x.device
+        B = run.B
+        self.x = run.x.clone()
+        self.t = torch.zeros(B, dtype=torch.int64 if lm.fastdiff else torch.float32, device=dev)
+        self.k = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.seed_offset = torch.zeros(2, dtype=torch.int64, device=dev)
+        self.rule = RULE_CODES["random" if o.remasking == "random" else "llada"]
+        self.mode = MODE_THRESHOLD if o.threshold is not None else MODE_TOP_K
+        self.threshold = 0.0 if o.threshold is None else float(o.threshold)
+        self.exclude = run.mask_id if o.suppress_mask else -1
+        self.temperature = float(o.temperature)
+        self.entries: OrderedDict[tuple, dict] = OrderedDict()  # least recently replayed first
+        self._fill_entry: dict | None = None  # the current block's first-step graph (caches)
+        self.captures = 0
+        self.replays = 0
+
+    def _weights(self) -> tuple:
+        """The model's parameter and buffer storage (address, dtype, device): a callback that replaces a
+        tensor of the model (rather than updating it in place) between steps makes the next step capture
+        anew, since a graph reads the addresses it was captured with."""
+        model = self.run.lm.model
+        if not isinstance(model, torch.nn.Module):
+            return ()
+        return tuple((t.data_ptr(), t.dtype, t.device) for t in (*model.parameters(), *model.buffers()))
+
+    # ---- the captured body ----------------------------------------------------------------------
+    def _select(self, logits: torch.Tensor, c0: int, uniform: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        run = self.run
+        W = logits.shape[1]
+        if logits.stride(-1) != 1 and logits.shape[-1] != 1:
+            logits = logits.contiguous()
+        cand = self.x[:, c0:c0 + W] == run.mask_id
+        rows = sel.rank_counters(cand, run.L) if self.temperature > 0 else None
+        return self.op(logits, cand, rows, self.k if self.mode == MODE_TOP_K else None, uniform, self.seed_offset,
+                       self.rule, self.temperature, self.threshold, self.mode, self.exclude) + (logits,)
+
+    def _build(self, key: tuple, body: Callable[[], tuple[torch.Tensor, ...]]) -> dict:
+        lm = self.run.lm
+        calls, rows, seconds = lm.calls, lm.rows, lm.seconds
+        try:
+            if self.x.device.type == "cuda":
+                with torch.cuda.device(self.x.device):  # the graph, its pool and side stream on the tensors' device
+                    replay, outs = self.capture(body)
+            else:
+                replay, outs = self.capture(body)
+        except InputError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise InputError(f"cuda_graph: the step could not be captured in a CUDA graph ({type(e).__name__}: "
+                             f"{e}); a model that reads tensor values on the host, synchronises or changes shapes "
+                             "with them cannot be replayed: use cuda_graph=False") from e
+        finally:
+            lm.calls, lm.rows, lm.seconds = calls, rows, seconds  # the capture's calls are not the run's
+        self.captures += 1
+        return {"key": key, "replay": replay, "outs": outs, "windows": OrderedDict()}
+
+    def _uniform(self, W: int) -> torch.Tensor | None:
+        if self.rule != RULE_CODES["random"]:
+            return None
+        return torch.zeros(self.run.B, W, dtype=torch.float64, device=self.x.device)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _prepare(self, t: float | int, k: torch.Tensor | None, c0: int, entry: dict) -> None:
+        """The step's values into the static inputs, drawing the counters in the eager path's order."""
+        run = self.run
+        self.x.copy_(run.x)
+        self.t.fill_(int(t) if run.lm.fastdiff else float(t))
+        if k is not None:
+            self.k.copy_(k)
+        offset = run.next_offset()
+        self.seed_offset.copy_(torch.tensor([int64_bits(run.seed), int64_bits(offset)], dtype=torch.int64))
+        if entry["uniform"] is not None:
+            W = entry["uniform"].shape[1]
+            u = _random.uniform((run.B, run.L), seed=run.seed, offset=run.next_offset(), device=self.x.device)
+            entry["uniform"].copy_(u[:, c0:c0 + W])
+
+    def _replay(self, entry: dict, c0: int) -> torch.Tensor:
+        run = self.run
+        cuda = self.x.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.x.device)
+        t0 = time.perf_counter()
+        calls, rows = run.lm.calls, run.lm.rows
+        if cuda:
+            with torch.cuda.device(self.x.device):
+                entry["replay"]()
+            torch.cuda.synchronize(self.x.device)
+        else:
+            entry["replay"]()
+        run.lm.calls, run.lm.rows = calls + 1, rows + run.B  # one network call, as the eager step makes
+        run.lm.seconds += time.perf_counter() - t0
+        self.replays += 1
+        tokens, conf, chosen, status, logits = entry["outs"][:5]
+        cand = self.x[:, c0:c0 + tokens.shape[1]] == run.mask_id
+        if logits.dtype == torch.float64 and 0 < self.temperature < 1 and bool(cand.any()):
+            try:  # select_tokens' check of a float64 z / T that overflows, worded as the eager loop words it
+                check_finite_above("logits", logits[cand], self.temperature)
+            except InputError as e:
+                raise InputError(sel._VALUE_MESSAGES.get(str(e), str(e))) from None
+        worst = int(status.max()) if status.numel() else 0
+        if worst:
+            raise InputError(_STATUS_MESSAGES[worst])
+        W = tokens.shape[1]
+        win = run.x[:, c0:c0 + W]
+        run.x[:, c0:c0 + W] = torch.where(chosen, tokens, win)
+        run.record(chosen, c0, conf)
+        return chosen
+
+    def _entry(self, key: tuple, make: Callable[[], dict]) -> dict:
+        entry = self.entries.get(key)
+        if entry is None:
+            while len(self.entries) >= MAX_GRAPHS:
+                self.entries.popitem(last=False)  # its graphs and static tensors go with the last reference
+            entry = self.entries[key] = make()
+        self.entries.move_to_end(key)
+        return entry
+
+    def full(self, lo: int, e: int, t: float | int, k: torch.Tensor | None, fill: bool) -> torch.Tensor:
+        """A step over the whole sequence, the logits kept on ``[lo, e)`` (``fill``: ``kv_forward``, the
+        block's first step with a cache): the decided positions ``(B, e - lo)``."""
+        run = self.run
+        V = run.mask_id + 1
+        key = ("fill" if fill else "full", run.B, run.L, lo, e, self._weights())
+        holder: dict = {}
+
+        def make() -> dict:
+            uniform = self._uniform(e - lo)
+
+            def body() -> tuple[torch.Tensor, ...]:
+                if fill:
+                    logits, holder["cache"] = run.lm.kv_forward(self.x, self.t, run.am, run.pos, V, keep=(lo, e))
+                else:
+                    logits = run.lm(self.x, self.t, run.am, run.pos, V, keep=(lo, e))
+                return self._select(logits, lo, uniform)
+
+            self._fill_static(t, k, lo, uniform)
+            entry = self._build(key, body)
+            entry["uniform"], entry["holder"] = uniform, holder
+            return entry
+
+        entry = self._entry(key, make)
+        self._prepare(t, k, lo, entry)
+        chosen = self._replay(entry, lo)
+        if fill:
+            self._fill_entry = entry
+        return chosen
+
+    def window(self, s: int, end: int, e: int, t: float | int, k: torch.Tensor | None) -> torch.Tensor:
+        """A later step of a cached block: ``kv_window`` over ``[s, end)`` reading the cache of the block's
+        first-step graph, the logits of ``[s, e)``: the decided positions ``(B, e - s)``."""
+        run = self.run
+        V = run.mask_id + 1
+        fill = self._fill_entry
+        if fill is None or fill["key"] not in self.entries or fill["key"][4] != e:
+            raise RuntimeError("cuda_graph: a cached window step without its block's first-step graph")
+        self.entries.move_to_end(fill["key"])
+        holder = fill["holder"]
+        key = ("window", s, end, e, self._weights())
+        entry = fill["windows"].get(key)
+        if entry is None:
+            uniform = self._uniform(e - s)
+
+            def body() -> tuple[torch.Tensor, ...]:
+                logits = run.lm.kv_window(self.x, s, end, self.t, holder["cache"], run.am, run.pos, V, keep_to=e)
+                return self._select(logits[:, :e - s], s, uniform)
+
+            self._fill_static(t, k, s, uniform)
+            entry = self._build(key, body)
+            entry["uniform"] = uniform
+            fill["windows"][key] = entry
+        self._prepare(t, k, s, entry)
+        return self._replay(entry, s)
+
+    def _fill_static(self, t: float | int, k: torch.Tensor | None, c0: int, uniform: torch.Tensor | None) -> None:
+        """The capture's input values: this step's (its draws use offset 0 and do not advance the run's
+        counter; the replay that follows recomputes everything with the step's own counters)."""
+        run = self.run
+        self.x.copy_(run.x)
+        self.t.fill_(int(t) if run.lm.fastdiff else float(t))
+        if k is not None:
+            self.k.copy_(k)
+        self.seed_offset.copy_(torch.tensor([int64_bits(run.seed), 0], dtype=torch.int64))
+        if uniform is not None:
+            uniform.fill_(0.5)

@@ -1,0 +1,447 @@
+"""``fastdiff.generate(..., cuda_graph=True)``: LLaDA / Fast-dLLM steps (forward + fused selection) replayed
+as CUDA graphs (:mod:`fastdiff.generation._graph`).
+
+On CPU: the device-independent plumbing, run through generate's own loop with a stand-in capture (the
+outputs of one run of the body are the static outputs; a "replay" re-runs the body and writes its results
+into them, what a graph replay does to its static tensors) and a stand-in op (the C++ ``select_tokens``
+with ``(seed, offset)`` read from the counter buffer, the rows' value status computed beside it). Every
+step's sequence must equal the eager run's exactly (no cache, prefix and dual cache; greedy and sampled;
+top-k, threshold, random remasking; padding; scores); breaking any per-step refresh (sequence, time,
+count, counters, uniforms) must break that equality; the scope errors, the capture error and the value
+check; the dense selection against select_tokens' reference.
+
+On a GPU (``gpu`` marker): the real capture against eager, and the device-counter kernel against
+select_tokens' CUDA op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastdiff
+from fastdiff import ops
+from fastdiff.errors import InputError, InputTypeError
+from fastdiff.generation import _graph
+from fastdiff.generation._graph import GenerateGraphs, select_dense
+from fastdiff.models import SEDConfig, SEDDenoiser
+from fastdiff.ops.select_tokens import MODE_THRESHOLD, MODE_TOP_K, RULES, _select
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V, MASK = 24, 23
+
+
+class LMBidir(nn.Module):
+    """A tiny bidirectional LM in the LM calling convention (time-free; padding mask and positions)."""
+
+    def __init__(self, seed: int = 0, width: int = 16) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = nn.Parameter(torch.randn(V, width, generator=g))
+        self.pos = nn.Parameter(torch.randn(64, width, generator=g) * 0.5)
+        self.wq = nn.Parameter(torch.randn(width, width, generator=g) / width**0.5)
+        self.wk = nn.Parameter(torch.randn(width, width, generator=g) / width**0.5)
+        self.out = nn.Parameter(torch.randn(width, V, generator=g) * 2 / width**0.5)
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        B, L = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        h = self.emb[input_ids] + self.pos[position_ids]
+        s = (h @ self.wq) @ (h @ self.wk).transpose(1, 2)
+        if attention_mask is not None:
+            s = s.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
+        h = h + torch.softmax(s, -1) @ h
+        return h @ self.out
+
+
+def sed(seed: int = 0) -> SEDDenoiser:
+    """A bidirectional, time-conditioned SED model (Fast-dLLM's caches are approximate on it, and its
+    logits depend on the step: a stale time buffer shows)."""
+    m = SEDDenoiser(SEDConfig(vocab_size=V, width=32, layers=2, heads=4, rel_freqs=8)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every weight random (the zero-initialised output and modulation layers too)
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (4 if p.ndim == 2 else 1) / p.shape[-1] ** 0.5)
+    return m
+
+
+def fake_capture(body):
+    """A stand-in for a CUDA graph: one run's outputs are the static outputs; a replay re-runs the body and
+    writes its results into them."""
+    outs = body()
+
+    def replay() -> None:
+        for static, new in zip(outs, body()):
+            static.copy_(new)
+
+    return replay, outs
+
+
+def row_status(logits: torch.Tensor, exclude: int) -> torch.Tensor:
+    """Each row's value status as the CUDA kernel reports it (4 NaN, 3 +inf, 2 every logit -inf, else 0)."""
+    z = logits.double().clone()
+    if exclude >= 0:
+        z[..., exclude] = float("-inf")
+    st = torch.zeros(logits.shape[:2], dtype=torch.int32)
+    st = torch.where((z == float("-inf")).all(-1), 2, st)
+    st = torch.where(torch.isposinf(z).any(-1), 3, st)
+    return torch.where(torch.isnan(z).any(-1), 4, st).to(torch.int32)
+
+
+def cpu_op(logits, cand, counter_rows, k, uniform, seed_offset, rule, temperature, threshold, mode, exclude):
+    """The stand-in op: the C++ select_tokens with (seed, offset) read from the counter buffer."""
+    status = torch.where(cand, row_status(logits, exclude), 0).to(torch.int32)
+    if bool(status.any()):
+        B, W = cand.shape
+        return (torch.zeros(B, W, dtype=torch.int64), torch.full((B, W), float("-inf")),
+                torch.zeros(B, W, dtype=torch.bool), status)
+    seed, offset = [v % 2**64 for v in seed_offset.tolist()]
+    tokens, conf, chosen = ops.select_tokens(
+        logits, cand, confidence=RULES[rule], temperature=temperature, seed=seed, offset=offset,
+        counter_rows=counter_rows, k=k if mode == MODE_TOP_K else None,
+        threshold=threshold if mode == MODE_THRESHOLD else None, exclude=None if exclude < 0 else exclude,
+        uniform=uniform, backend="cpp")
+    return tokens, conf, chosen, status
+
+
+KIT = (fake_capture, cpu_op)
+
+
+def run_steps(model: nn.Module, ids: torch.Tensor, graph: bool, **kw: object) -> tuple:
+    """Every step's sequence and revealed positions, and the output."""
+    seen = []
+    kw = dict(dict(max_new_tokens=16, steps=16, block_length=8, mask_id=MASK, backend="cpp"), **kw)
+    if graph:
+        kw.update(cuda_graph=True, _graph_kit=KIT)
+    out = fastdiff.generate(model, ids, callback=lambda s: seen.append((s.tokens.clone(), s.revealed.clone())),
+                            **kw)
+    return seen, out
+
+
+def assert_same_run(a: tuple, b: tuple) -> None:
+    (steps_a, out_a), (steps_b, out_b) = a, b
+    assert len(steps_a) == len(steps_b)
+    for i, ((ta, ra), (tb, rb)) in enumerate(zip(steps_a, steps_b)):
+        assert torch.equal(ra, rb), f"step {i + 1}: other positions decided"
+        assert torch.equal(ta, tb), f"step {i + 1}: other tokens"
+    assert torch.equal(out_a.sequences, out_b.sequences)
+    assert out_a.stats["network_calls"] == out_b.stats["network_calls"]
+    if out_a.scores is not None:
+        assert torch.equal(torch.nan_to_num(out_a.scores, -1.0), torch.nan_to_num(out_b.scores, -1.0))
+
+
+PROMPTS = torch.randint(0, MASK, (3, 6), generator=torch.Generator().manual_seed(1))
+
+CASES = {
+    "llada-greedy": dict(),
+    "llada-sampled": dict(temperature=0.9, seed=5),
+    "llada-uneven-k": dict(steps=6, block_length=8),  # k = 3, 3, 2 per block
+    "llada-random-remasking": dict(remasking="random", seed=2),
+    "llada-random-sampled": dict(remasking="random", temperature=0.7, seed=3),
+    "fast_dllm-threshold": dict(preset="fast_dllm", threshold=0.3),
+    "fast_dllm-threshold-sampled": dict(preset="fast_dllm", threshold=0.25, temperature=0.8, seed=9),
+    "scores-eos": dict(output_scores=True, eos_token_id=3, pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_graph_plumbing_gives_the_eager_steps_without_cache(case: str) -> None:
+    kw = CASES[case]
+    assert_same_run(run_steps(LMBidir(), PROMPTS, True, **kw), run_steps(LMBidir(), PROMPTS, False, **kw))
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("case", ["llada-greedy", "llada-sampled", "llada-uneven-k", "llada-random-sampled",
+                                  "fast_dllm-threshold", "fast_dllm-threshold-sampled", "scores-eos"])
+def test_graph_plumbing_gives_the_eager_steps_with_a_cache(case: str, cache: str) -> None:
+    kw = dict(CASES[case], cache=cache)
+    m = sed()
+    graphed = run_steps(m, PROMPTS, True, **kw)
+    eager = run_steps(m, PROMPTS, False, **kw)
+    assert_same_run(graphed, eager)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_the_approximate_cache_changes_the_tokens_of_the_test_model(cache: str) -> None:
+    """On this bidirectional model a cached run differs from the uncached one, so the equality above
+    holds the graphs to the cache's (approximate) keys and values, refreshed at each block start."""
+    m = sed()
+    cached = run_steps(m, PROMPTS, False, cache=cache)[1].sequences
+    assert not torch.equal(cached, run_steps(m, PROMPTS, False)[1].sequences)
+
+
+def test_padding_and_time_conditioning_through_the_graphs() -> None:
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 8, 7]])
+    am = (torch.arange(6)[None, :] >= torch.tensor([2, 0, 3])[:, None]).long()
+    for model, kw in ((LMBidir(), dict(temperature=0.6, seed=4)), (sed(), dict(cache="prefix"))):
+        graphed = run_steps(model, ids, True, attention_mask=am, **kw)
+        assert_same_run(graphed, run_steps(model, ids, False, attention_mask=am, **kw))
+
+
+def tiny_llama(vocab: int = V):
+    """A tiny Hugging Face Llama behind fastdiff's bidirectional adapter (its kv_forward / kv_window, its
+    logits_to_keep, a frozen dataclass cache)."""
+    transformers = pytest.importorskip("transformers")
+    from fastdiff.models import HFBidirectional
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation="sdpa", initializer_range=0.2)
+    return HFBidirectional(transformers.LlamaForCausalLM(cfg).eval(), mask_id=MASK)
+
+
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+def test_a_hugging_face_model_through_the_graphs(cache: str | None) -> None:
+    m = tiny_llama()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 8, 7]])
+    am = (torch.arange(6)[None, :] >= torch.tensor([2, 0, 3])[:, None]).long()
+    kw = dict(attention_mask=am, cache=cache, temperature=0.5, seed=7, preset="fast_dllm", threshold=0.2)
+    assert_same_run(run_steps(m, ids, True, **kw), run_steps(m, ids, False, **kw))
+
+
+def test_graphs_are_captured_once_per_static_shape_and_replayed() -> None:
+    steps, out = run_steps(sed(), PROMPTS, True, cache="dual")
+    # two blocks: each a first-step graph (kv_forward) and a window graph, every step a replay
+    assert out.stats["cuda_graph"] == {"captures": 4, "replays": len(steps)}
+    steps, out = run_steps(LMBidir(), PROMPTS, True)
+    assert out.stats["cuda_graph"] == {"captures": 2, "replays": len(steps)}
+
+
+def test_a_replaced_parameter_is_captured_anew() -> None:
+    """A callback that replaces a weight tensor between steps (not in place): the next step captures a graph
+    reading the new storage, so the tokens stay the eager run's (same callback)."""
+    def swap(model: LMBidir):
+        def cb(step) -> None:
+            if step.step == 3:
+                model.out = nn.Parameter(model.out.detach() * -1.0)
+        return cb
+
+    runs = []
+    for graph in (True, False):
+        m = LMBidir()
+        kw = dict(max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp")
+        if graph:
+            kw.update(cuda_graph=True, _graph_kit=KIT)
+        runs.append(fastdiff.generate(m, PROMPTS, callback=swap(m), **kw))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert runs[0].stats["cuda_graph"]["captures"] == 2
+
+
+def test_graphs_beyond_the_bound_are_released_and_recaptured(monkeypatch) -> None:
+    monkeypatch.setattr(_graph, "MAX_GRAPHS", 1)
+    kw = dict(max_new_tokens=16, steps=16, block_length=4, cache="prefix")
+    assert_same_run(run_steps(sed(), PROMPTS, True, **kw), run_steps(sed(), PROMPTS, False, **kw))
+
+
+# ---- the equality above fails when a per-step input is not refreshed before a replay --------------------
+def _stale_prepare(skip: str):
+    real = GenerateGraphs._prepare
+
+    def prepare(self, t, k, c0, entry):
+        saved = {"x": self.x.clone(), "t": self.t.clone(), "k": self.k.clone(),
+                 "seed_offset": self.seed_offset.clone(),
+                 "uniform": None if entry["uniform"] is None else entry["uniform"].clone()}
+        real(self, t, k, c0, entry)
+        if skip == "offset":  # the counters of the capture (offset 0) rather than the step's
+            self.seed_offset[1] = 0
+        elif saved[skip] is not None:
+            (entry["uniform"] if skip == "uniform" else getattr(self, skip)).copy_(saved[skip])
+
+    return prepare
+
+
+@pytest.mark.parametrize("skip,kw", [
+    ("x", dict()),
+    ("x", dict(cache="dual")),
+    ("t", dict(cache="prefix")),
+    ("k", dict(steps=6, block_length=8)),
+    ("offset", dict(temperature=0.9, seed=5)),
+    ("uniform", dict(remasking="random", seed=2)),
+])
+def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: dict) -> None:
+    model = sed() if skip == "t" else LMBidir() if "cache" not in kw else sed()
+    eager = run_steps(model, PROMPTS, False, **kw)
+    assert_same_run(run_steps(model, PROMPTS, True, **kw), eager)
+    monkeypatch.setattr(GenerateGraphs, "_prepare", _stale_prepare(skip))
+    with pytest.raises(AssertionError):
+        assert_same_run(run_steps(model, PROMPTS, True, **kw), eager)
+
+
+# ---- scope, errors ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,why", [
+    (dict(preset="dream", block_length=None), "preset 'dream'"),
+    (dict(preset="mdlm", block_length=None, temperature=1.0), "preset 'mdlm'"),
+    (dict(top_k=3), "top_k"),
+    (dict(top_p=0.9), "top_p"),
+    (dict(preset="fast_dllm", factor=1.0), "factor"),
+    (dict(cfg_scale=1.0), "cfg_scale"),
+    (dict(logits_processor=lambda ids, s: s), "logits_processor"),
+])
+def test_out_of_scope_runs_are_refused_before_any_network_call(kw: dict, why: str) -> None:
+    m = LMBidir()
+    for kit in (KIT, None):  # the same decision whatever the device half would say
+        with pytest.raises(InputError, match=f"cuda_graph: .*{why}"):
+            fastdiff.generate(m, PROMPTS, max_new_tokens=8, steps=8, mask_id=MASK, cuda_graph=True, _graph_kit=kit,
+                              **{"block_length": 8, **kw})
+    assert m.calls == 0
+
+
+def test_device_half_of_the_decision() -> None:
+    m = LMBidir()
+    with pytest.raises(InputError, match="cuda_graph: CUDA graphs need a CUDA device; input_ids are on cpu"):
+        fastdiff.generate(m, PROMPTS, max_new_tokens=8, steps=8, mask_id=MASK, cuda_graph=True)
+    with pytest.raises(InputTypeError, match="cuda_graph: expected True or False"):
+        fastdiff.generate(m, PROMPTS, max_new_tokens=8, steps=8, mask_id=MASK, cuda_graph=1)
+    assert m.calls == 0
+    o = type("O", (), {"backend": "cpp"})()
+    with pytest.raises(InputError, match="cuda_graph: backend 'cpp' is not the CUDA select_tokens kernel"):
+        _graph.check_device(o, torch.device("cuda", 0))
+    o.backend = "triton"
+    with pytest.raises(InputError, match="cuda_graph: backend 'triton'"):
+        _graph.check_device(o, torch.device("cuda", 0))
+
+
+def test_a_body_that_cannot_be_captured_raises_naming_cuda_graph() -> None:
+    def failing(body):
+        body()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(InputError, match="cuda_graph: the step could not be captured"):
+        fastdiff.generate(LMBidir(), PROMPTS, max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp",
+                          cuda_graph=True, _graph_kit=(failing, cpu_op))
+
+
+@pytest.mark.parametrize("bad,msg", [(float("nan"), "contain NaN"), (float("inf"), r"contain \+inf"),
+                                     (float("-inf"), "every logit at -inf")])
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_bad_logits_raise_the_eager_error_after_a_replay(bad: float, msg: str, cache: str | None) -> None:
+    class Bad(LMBidir):
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            out = super().forward(input_ids, attention_mask, position_ids)
+            return torch.where(input_ids[..., None] == MASK, torch.full_like(out, bad), out) if bad < 0 else \
+                torch.where((input_ids == MASK)[..., None] & (torch.arange(V) == 2), bad, out)
+
+        def kv_forward(self, x, t, **kw):
+            return self.forward(x, **kw), None
+
+        def kv_window(self, x_win, t, *, cache, start, **kw):
+            return self.forward(x_win)
+
+    kw = dict(max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp", cache=cache)
+    with pytest.raises(InputError, match=f"model output: .*{msg}") as eager:
+        fastdiff.generate(Bad(), PROMPTS, **kw)
+    with pytest.raises(InputError, match=f"model output: .*{msg}") as graphed:
+        fastdiff.generate(Bad(), PROMPTS, cuda_graph=True, _graph_kit=KIT, **kw)
+    assert str(graphed.value) == str(eager.value)
+
+
+@pytest.mark.parametrize("mode", ["top_k", "threshold"])
+def test_dense_selection_equals_the_reference_selection(mode: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        B, W = 4, 9
+        key = torch.randint(0, 4, (B, W), generator=g).double() / 4  # many ties
+        cand = torch.rand(B, W, generator=g) < 0.6
+        cand[0] = False  # a row without candidates
+        tok = torch.randint(0, V, (B, W), generator=g)
+        k = torch.randint(0, 5, (B,), generator=g)
+        status = torch.zeros(B, W, dtype=torch.int32)
+        want_key = torch.where(cand, key, float("-inf"))
+        if mode == "top_k":
+            want = _select(want_key, cand, k, None)
+            got = select_dense(tok, key, status, cand, k, None, 0.0, MODE_TOP_K)
+        else:
+            want = _select(want_key, cand, None, 0.5)
+            got = select_dense(tok, key, status, cand, None, None, 0.5, MODE_THRESHOLD)
+        assert torch.equal(got[2], want), trial
+        assert torch.equal(got[0], torch.where(cand, tok, 0))
+        assert torch.equal(got[1], torch.where(cand, key.float(), float("-inf")))
+
+
+# ------------------------------------------------------------------------------------------------
+# on a GPU
+# ------------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cache", [None, "prefix", "dual"])
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, seed=3), dict(preset="fast_dllm", threshold=0.3),
+                                dict(remasking="random", temperature=0.5, seed=1)],
+                         ids=["greedy", "sampled", "threshold", "random"])
+def test_cuda_graph_generation_replays_the_eager_tokens_on_gpu(cache: str | None, kw: dict) -> None:
+    m = sed().cuda()
+    ids = PROMPTS.cuda()
+    args = dict(max_new_tokens=32, steps=32, block_length=8, mask_id=MASK, cache=cache, **kw)
+    eager_steps, graphed_steps = [], []
+    eager = fastdiff.generate(m, ids, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
+    graphed = fastdiff.generate(m, ids, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
+                                **args)
+    assert len(eager_steps) == len(graphed_steps)
+    for a, b in zip(eager_steps, graphed_steps):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
+    assert graphed.stats["cuda_graph"]["replays"] == len(graphed_steps)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cache", [None, "dual"])
+def test_cuda_graph_generation_of_a_hugging_face_model_on_gpu(cache: str | None) -> None:
+    m = tiny_llama().cuda()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
+    args = dict(max_new_tokens=16, steps=16, block_length=8, cache=cache, temperature=0.7, seed=2)
+    eager = fastdiff.generate(m, ids, am, **args)
+    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, **args)
+    assert torch.equal(graphed.sequences, eager.sequences)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_generation_with_an_lm_and_padding_on_gpu() -> None:
+    m = LMBidir().cuda()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
+    args = dict(max_new_tokens=16, steps=8, block_length=8, mask_id=MASK, temperature=0.7, seed=2,
+                output_scores=True)
+    eager = fastdiff.generate(m, ids, am, **args)
+    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, **args)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("rule", ["llada", "prob", "margin", "entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_select_rows_counters_equals_select_tokens_on_gpu(rule: str, dtype: torch.dtype) -> None:
+    from fastdiff.generation._select import rank_counters
+    from fastdiff.ops._plan import int64_bits
+    from fastdiff.ops.select_tokens import RULE_CODES
+
+    g = torch.Generator().manual_seed(0)
+    B, W = 4, 40
+    logits = (torch.randn(B, W, 300, generator=g) * 3).to(dtype).cuda()
+    cand = (torch.rand(B, W, generator=g) < 0.5).cuda()
+    k = torch.tensor([0, 3, 50, 7]).cuda()
+    rows = rank_counters(cand, 64)
+    for temperature, seed, offset in ((0.0, 0, 0), (0.8, 2**64 - 1, 5), (1.3, 123, 2**63 + 1)):
+        want = ops.select_tokens(logits, cand, confidence=rule, temperature=temperature, seed=seed, offset=offset,
+                                 counter_rows=rows, k=k, exclude=299, backend="cuda")
+        so = torch.tensor([int64_bits(seed), int64_bits(offset)], device="cuda")
+        got = _graph.cuda_select(logits, cand, rows if temperature > 0 else None, k, None, so, RULE_CODES[rule],
+                                 temperature, 0.0, MODE_TOP_K, 299)
+        for a, b in zip(got[:3], want):
+            assert torch.equal(a, b)
+        assert int(got[3].max()) == 0
