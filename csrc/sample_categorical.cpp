@@ -231,17 +231,21 @@ FASTDIFF_INLINE int any_set(v8i v) {  // a horizontal OR in three shuffles
   return v[0];
 }
 
-// Writes e_j and returns their float64 sum; m1, m2: sum e_j z_j, sum e_j z_j^2 (z_j = (x_j - M) / temp),
-// from every fourth group of 16 (only a first guess is made from them). Prefetches next[0, next_bytes)
-// into L2 meanwhile. The exp loop has no reduction (as eprobs_f32: the widest vectors, no lane spills);
-// the sums are a second loop, by chunks of CH from L1. (A float64 reduction in the `omp simd` exp loop
+// Writes e_j; *mom: the moments below (z_j = (x_j - M) / temp) from every fourth group of 16, for a first
+// guess only (the exact sum of the weights comes from the first search pass). Prefetches next[0,
+// next_bytes) into L2 meanwhile. The exp loop has no reduction (as eprobs_f32: the widest vectors, no lane
+// spills); the moments are a second loop, by chunks of CH from L1. (A float64 reduction in the `omp simd` exp loop
 // itself made GCC spill its simd-lane copies to a stack array it assumed 64-byte aligned, which a target
 // clone's frame is not: the AVX-512 clone faulted; one 16-lane vector-extension loop was 5x slower.)
-FASTDIFF_CLONES double topp_weights_f32(const float* x, int64_t n, float M, float inv_t, float thr, float* out,
-                                        double* m1, double* m2, const char* next, int64_t next_bytes) {
-  const v8f Mv = v8f{} + M, iv = v8f{} + inv_t, zero = {};
-  v8d a0 = {}, a1 = {};
-  v8f s1 = {}, s2 = {};
+struct Moments {
+  double w0, w1, w2;  // sum e, sum e z, sum e z^2: the logits' spread under the weights
+  double n0, n1, n2;  // count, sum z, sum z^2 of the categories with e > 0: their spread by count
+};
+
+FASTDIFF_CLONES void topp_weights_f32(const float* x, int64_t n, float M, float inv_t, float thr, float* out,
+                                      Moments* mom, const char* next, int64_t next_bytes) {
+  const v8f Mv = v8f{} + M, iv = v8f{} + inv_t, zero = {}, one = zero + 1.0f;
+  v8f s0 = {}, s1 = {}, s2 = {}, c0 = {}, c1 = {}, c2 = {};
   const int64_t bpe = next != nullptr && n > 0 ? (next_bytes + n - 1) / n : 0;  // bytes per element
   int64_t lo = 0;
   for (; lo < n; lo += CH) {
@@ -255,31 +259,34 @@ FASTDIFF_CLONES double topp_weights_f32(const float* x, int64_t n, float M, floa
       out[i] = x[i] >= thr ? e : 0.0f;
     }
     if (hi - lo < CH) break;
-    for (int64_t i = lo; i < hi; i += 32) {
-      a0 += __builtin_convertvector(load8(out + i), v8d) + __builtin_convertvector(load8(out + i + 8), v8d);
-      a1 += __builtin_convertvector(load8(out + i + 16), v8d) + __builtin_convertvector(load8(out + i + 24), v8d);
-    }
     for (int64_t i = lo; i < hi; i += 64) {
       const v8f e0 = load8(out + i), e1 = load8(out + i + 8);
       const v8f z0 = (load8(x + i) - Mv) * iv, z1 = (load8(x + i + 8) - Mv) * iv;
-      const v8f ez0 = e0 > zero ? e0 * z0 : zero, ez1 = e1 > zero ? e1 * z1 : zero;
+      const v8i p0 = e0 > zero, p1 = e1 > zero;
+      const v8f ez0 = p0 ? e0 * z0 : zero, ez1 = p1 ? e1 * z1 : zero;
+      s0 += e0 + e1;
       s1 += ez0 + ez1;
       s2 += ez0 * z0 + ez1 * z1;
+      const v8f y0 = p0 ? z0 : zero, y1 = p1 ? z1 : zero;
+      c0 += (p0 ? one : zero) + (p1 ? one : zero);
+      c1 += y0 + y1;
+      c2 += y0 * y0 + y1 * y1;
     }
   }
-  double s = hsum(a0 + a1);
-  double r1 = 4.0 * hsum(__builtin_convertvector(s1, v8d)), r2 = 4.0 * hsum(__builtin_convertvector(s2, v8d));
+  auto wide = [](v8f v) { return 4.0 * hsum(__builtin_convertvector(v, v8d)); };  // a quarter was sampled
+  Moments m{wide(s0), wide(s1), wide(s2), wide(c0), wide(c1), wide(c2)};
   for (int64_t i = lo; i < n; ++i) {  // the partial last chunk, whole
-    const float z = (x[i] - M) * inv_t;
-    s += static_cast<double>(out[i]);
-    if (out[i] > 0.0f) {
-      r1 += static_cast<double>(out[i] * z);
-      r2 += static_cast<double>(out[i] * z * z);
+    const double z = static_cast<double>((x[i] - M) * inv_t), e = static_cast<double>(out[i]);
+    m.w0 += e;
+    if (e > 0.0) {
+      m.w1 += e * z;
+      m.w2 += e * z * z;
+      m.n0 += 1.0;
+      m.n1 += z;
+      m.n2 += z * z;
     }
   }
-  *m1 = r1;
-  *m2 = r2;
-  return s;
+  *mom = m;
 }
 
 // A(t) = sum of e > t (float32 within blocks of kBlock, float64 across) and #{e >= t}.
@@ -288,13 +295,15 @@ struct MassAt {
   int64_t ge;
 };
 
-FASTDIFF_CLONES MassAt topp_mass_f32(const float* e, int64_t n, float t) {
+// (kTotal: also the sum of every weight, *total, in the same blocks.)
+template <bool kTotal>
+FASTDIFF_INLINE MassAt topp_mass_body(const float* e, int64_t n, float t, double* total) {
   const v8f tv = v8f{} + t, zero = {};
-  v8d acc = {};
+  v8d acc = {}, all = {};
   v8i c0 = {}, c1 = {};
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
-    v8f b0 = {}, b1 = {}, b2 = {}, b3 = {};
+    v8f b0 = {}, b1 = {}, b2 = {}, b3 = {}, d0 = {}, d1 = {};
     for (int64_t j = i; j < i + kBlock; j += 32) {
       const v8f x0 = load8(e + j), x1 = load8(e + j + 8), x2 = load8(e + j + 16), x3 = load8(e + j + 24);
       b0 += x0 > tv ? x0 : zero;
@@ -303,15 +312,31 @@ FASTDIFF_CLONES MassAt topp_mass_f32(const float* e, int64_t n, float t) {
       b3 += x3 > tv ? x3 : zero;
       c0 -= (x0 >= tv) + (x1 >= tv);  // a true comparison is -1
       c1 -= (x2 >= tv) + (x3 >= tv);
+      if (kTotal) {
+        d0 += x0 + x1;
+        d1 += x2 + x3;
+      }
     }
     acc += __builtin_convertvector((b0 + b1) + (b2 + b3), v8d);
+    if (kTotal) all += __builtin_convertvector(d0 + d1, v8d);
   }
   MassAt m{hsum(acc), hsum(c0 + c1)};
+  double s = hsum(all);
   for (; i < n; ++i) {
     m.above += e[i] > t ? static_cast<double>(e[i]) : 0.0;
     m.ge += e[i] >= t ? 1 : 0;
+    s += static_cast<double>(e[i]);
   }
+  if (kTotal) *total = s;
   return m;
+}
+
+FASTDIFF_CLONES MassAt topp_mass_f32(const float* e, int64_t n, float t) {
+  return topp_mass_body<false>(e, n, t, nullptr);
+}
+
+FASTDIFF_CLONES MassAt topp_mass_total_f32(const float* e, int64_t n, float t, double* total) {
+  return topp_mass_body<true>(e, n, t, total);
 }
 
 // sum of e > t (or >= t) in float64 throughout (the comparisons the float32 blocks cannot decide).
@@ -447,15 +472,21 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
                        double* E, const char* next, int64_t next_bytes) {
   w.e.resize(V);
   float* e = w.e.data();
-  double m1, m2;
-  const double S = topp_weights_f32(x, V, M, static_cast<float>(1.0 / temp), thr, e, &m1, &m2, next, next_bytes);
-  const double P = top_p * S;
-  // A(t) < P, decided on the float32-block sum As unless within its error bound.
-  auto below = [&](double As, float t) {
-    const double err = kSumErr * As + 1e-300;
+  Moments mo;
+  topp_weights_f32(x, V, M, static_cast<float>(1.0 / temp), thr, e, &mo, next, next_bytes);
+  // S, the weights' sum, comes from the first search pass in float32 blocks (within kSumErr * S), so P is
+  // known to within errP. A comparison with P that these bounds cannot decide is made again in float64:
+  // S and the mass exactly (exact_P, exact_below).
+  double S = 0.0, P = 0.0, errP = 0.0, Pexact = -1.0;
+  auto exact_P = [&]() {
+    if (Pexact < 0.0) Pexact = top_p * topp_mass_f64(e, V, 0.0f, true);
+    return Pexact;
+  };
+  auto below = [&](double As, float t) {  // A(t) < P
+    const double err = kSumErr * As + errP + 1e-300;
     if (As + err < P) return true;
     if (As - err >= P) return false;
-    return topp_mass_f64(e, V, t, false) < P;
+    return topp_mass_f64(e, V, t, false) < exact_P();
   };
   // The bracket, also as log t and h = logit(A / S); ge_lo = #{e >= lo} bounds the count strictly
   // inside from above with ge_hi = #{e >= hi} (V and 0 before they first move: bounds).
@@ -465,9 +496,16 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
     const double q = std::min(std::max(A / S, 1e-12), 1.0 - 1e-12);
     return std::log(q / (1.0 - q));
   };
-  const double target = h(P);
+  const double target = std::log(top_p / (1.0 - top_p));  // h(P)
   double ulo = -88.0, uhi = 0.0;  // below e^-87.3 every weight is 0
-  const double mu = m1 / S, sd = std::sqrt(std::max(m2 / S - mu * mu, 1e-12));
+  const double mu = mo.w1 / mo.w0, sd = std::sqrt(std::max(mo.w2 / mo.w0 - mu * mu, 1e-12));
+  // Categories per unit of log t near u, by a normal fit of the logits by count (the aim past the edge
+  // before two trials have measured it).
+  const double cm = mo.n1 / std::max(mo.n0, 1.0), cs = std::sqrt(std::max(mo.n2 / std::max(mo.n0, 1.0) - cm * cm, 1e-12));
+  auto model_density = [&](double uu) {
+    const double q = (uu - cm) / cs;
+    return mo.n0 * std::exp(-0.5 * q * q) / (cs * 2.5066282746310002);
+  };
   double u = mu - sd * std::log(top_p / (1.0 - top_p)) / 1.702;  // Phi^-1(p) ~ logit(p) / 1.702
   double ucur = u, hcur = 0.0, uprev = 0.0, hprev = 0.0;         // the last two trials
   int64_t gecur = 0, geprev = 0;
@@ -481,10 +519,10 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
         const double slope = it > 1 && ucur != uprev ? (hcur - hprev) / (ucur - uprev) : -1.702 / sd;
         if (slope < 0.0) {
           double us = ucur + (target - hcur) / slope;
-          if (it > 1 && gecur != geprev) {
-            const double density = std::fabs(static_cast<double>(gecur - geprev) / (ucur - uprev));
-            us += (last_hi ? -1.0 : 1.0) * (kBand / 4.0) / density;
-          }
+          const double density = it > 1 && gecur != geprev
+                                     ? std::fabs(static_cast<double>(gecur - geprev) / (ucur - uprev))
+                                     : model_density(us);
+          if (density > 0.0) us += (last_hi ? -1.0 : 1.0) * (kBand / 4.0) / density;
           if (us > ulo && us < uhi) u = us;
         }
       }
@@ -492,7 +530,14 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
     float t = static_cast<float>(std::exp(u));
     if (!(t > lo && t < hi)) t = float_mid(lo, hi);
     if (!(t > lo && t < hi)) break;  // adjacent floats: nothing lies strictly between
-    const MassAt m = topp_mass_f32(e, V, t);
+    MassAt m;
+    if (it == 0) {
+      m = topp_mass_total_f32(e, V, t, &S);
+      P = top_p * S;
+      errP = top_p * kSumErr * S;
+    } else {
+      m = topp_mass_f32(e, V, t);
+    }
     uprev = ucur;
     hprev = hcur;
     geprev = gecur;
@@ -523,14 +568,19 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
   // comparisons are made on the float32-lane G; if one falls within G's error bound, G is summed again
   // in float64 and the walk repeated.
   size_t kept_n = 0;
+  if (S == 0.0) {  // the search made no pass (at most kBand weights in the row): S in float64 now
+    S = topp_mass_f64(e, V, 0.0f, true);
+    P = top_p * S;
+  }
   for (int pass = 0; pass < 2; ++pass) {
-    const double err = pass == 0 ? kSumErr * G + 1e-300 : 0.0;
+    const double err = pass == 0 ? kSumErr * G + errP + 1e-300 : 0.0;
+    const double Pw = pass == 0 ? P : exact_P();
     double g = G;
     bool unsure = false;
     kept_n = 0;
     for (size_t i = 0; i < w.vals.size();) {
-      if (g + err >= P && g - err < P) unsure = true;
-      if (!(g < P)) break;
+      if (g + err >= Pw && g - err < Pw) unsure = true;
+      if (!(g < Pw)) break;
       size_t k = i;
       while (k < w.vals.size() && w.vals[k].first == w.vals[i].first) g += static_cast<double>(w.vals[k++].first);
       kept_n = k;
