@@ -57,13 +57,114 @@ def _tile_weights(base, offs, V, temperature, m, k_lo, p_lo, XDT: tl.constexpr, 
     return w, ok
 
 
+@triton.jit
+def _top_p_search(base, V, temperature, m, k_lo, top_p, XDT: tl.constexpr, WDT: tl.constexpr, KEY: tl.constexpr,
+                  SIGN_OFF: tl.constexpr, TOPK: tl.constexpr, K: tl.constexpr, SBLOCK: tl.constexpr):
+    """The top-p threshold ``x*`` (the bits of the smallest kept weight), the kept total ``Σ_{w >= x*} w`` and
+    the number of passes over the row it took.
+
+    ``M(b) = Σ_{key(w) > b} w`` (``key``: the bits of the non-negative double ``w``, an order-preserving
+    integer) is non-increasing, and ``x*`` is the smallest present key with ``M(x*) < p·W``. Each pass splits
+    the bracket ``[lo, hi]`` of keys into ``K`` equal sub-ranges and takes, per sub-range, the mass, the count
+    and the smallest and largest present key at once (``[SBLOCK, K]`` comparisons): ``M`` at every edge is
+    then a suffix sum, the crossing sub-range holds ``x*``, and the next bracket is its smallest to largest
+    present key (so a bracket of one key, or of two single categories, is settled without another pass).
+    The first pass splits ``[2**-(K/2), 1)`` into ``K`` half octaves, with the weights equal to 1 (the
+    maximum) above and the smaller ones below; it also gives ``W``. Later passes carry the mass above the bracket, so
+    every edge's ``M`` is a suffix sum of one pass's non-negative terms with one reduction shape: monotone,
+    and the decisions agree from pass to pass."""
+    BIG: tl.constexpr = 0x7FFFFFFFFFFFFFFF
+    kk = tl.arange(0, K)
+    lanes = tl.arange(0, SBLOCK)
+    one_bits = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)
+    lo = tl.full((), 1023 - K // 2, tl.int64) << 52  # 2**-(K/2): the first pass splits each octave in two
+    hi = one_bits - 1
+    first = lo > 0  # True, as a runtime scalar
+    done = tl.zeros((), tl.int32)
+    xstar = lo * 0
+    Wf = tl.zeros((), tl.float64)
+    W = tl.zeros((), tl.float64)
+    M_top = tl.zeros((), tl.float64)  # the mass above the bracket (later passes)
+    n_pass = tl.zeros((), tl.int32)
+    while (done == 0) & (n_pass < 80):
+        step = (hi - lo + K) // K  # ceil((hi - lo + 1) / K) >= 1
+        mass = tl.zeros((K,), tl.float64)
+        cnt = tl.zeros((K,), tl.int32)
+        kmin = tl.full((K,), BIG, tl.int64)
+        kmax = tl.full((K,), -1, tl.int64)
+        m_above = tl.zeros((), tl.float64)
+        m_below = tl.zeros((), tl.float64)
+        b_cnt = tl.zeros((), tl.int32)
+        b_min = lo * 0 + BIG
+        b_max = lo * 0 - 1
+        for v0 in range(0, V, SBLOCK):
+            w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, 0, XDT, WDT, KEY, SIGN_OFF, TOPK, False)
+            key = w.to(tl.int64, bitcast=True)
+            pos = ok & (key > 0)
+            inb = pos & (key >= lo) & (key <= hi)
+            idx = tl.where(inb, (tl.where(inb, key, lo) - lo) // step, -1)
+            oh = idx[:, None] == kk[None, :]
+            mass += tl.sum(tl.where(oh, w[:, None], 0.0), axis=0)
+            cnt += tl.sum(oh.to(tl.int32), axis=0)
+            kmin = tl.minimum(kmin, tl.min(tl.where(oh, key[:, None], BIG), axis=0))
+            kmax = tl.maximum(kmax, tl.max(tl.where(oh, key[:, None], -1), axis=0))
+            m_above += tl.sum(tl.where(pos & (key > hi), w, 0.0), axis=0)
+            below = pos & (key < lo)
+            m_below += tl.sum(tl.where(below, w, 0.0), axis=0)
+            b_cnt += tl.sum(below.to(tl.int32), axis=0)
+            b_min = tl.minimum(b_min, tl.min(tl.where(below, key, BIG), axis=0))
+            b_max = tl.maximum(b_max, tl.max(tl.where(below, key, -1), axis=0))
+        n_pass += 1
+        top = tl.where(first, m_above, M_top)
+        # M at the lower edge of each sub-range (incl.) and at its upper edge (excl.): suffix sums, one shape
+        m_lo = top + tl.sum(tl.where(kk[None, :] >= kk[:, None], mass[None, :], 0.0), axis=1)
+        m_hi = top + tl.sum(tl.where(kk[None, :] > kk[:, None], mass[None, :], 0.0), axis=1)
+        M0 = tl.max(tl.where(kk == 0, m_lo, 0.0), axis=0)  # M(lo - 1)
+        W = tl.where(first, M0 + m_below, W)
+        # the crossing sub-range: the last whose lower edge still has M >= p·W (sub-range 0 at least)
+        j = tl.sum(((kk >= 1) & (m_lo / W >= top_p)).to(tl.int32), axis=0)
+        sel = kk == j
+        r_min = tl.min(tl.where(sel, kmin, BIG), axis=0)
+        r_max = tl.max(tl.where(sel, kmax, -1), axis=0)
+        r_cnt = tl.sum(tl.where(sel, cnt, 0), axis=0)
+        r_lo = tl.sum(tl.where(sel, m_lo, 0.0), axis=0)
+        r_hi = tl.sum(tl.where(sel, m_hi, 0.0), axis=0)
+        # first pass only: the crossing may lie below 2**-(K/2), or at the maximum weight 1
+        at_top = first & (top / W >= top_p)
+        at_bottom = first & (M0 / W < top_p)
+        r_min = tl.where(at_top, one_bits, tl.where(at_bottom, b_min, r_min))
+        r_max = tl.where(at_top, one_bits, tl.where(at_bottom, b_max, r_max))
+        r_cnt = tl.where(at_top, 1, tl.where(at_bottom, b_cnt, r_cnt))
+        r_lo = tl.where(at_top, top, tl.where(at_bottom, W, r_lo))
+        r_hi = tl.where(at_top, 0.0, tl.where(at_bottom, M0, r_hi))
+        # an empty crossing sub-range (later passes, sub-range 0, by rounding against the last pass): every key
+        # of the bracket is kept, x* is its smallest
+        empty = r_cnt == 0
+        r_min = tl.where(empty, tl.min(kmin, axis=0), r_min)
+        r_max = tl.where(empty, r_min, r_max)
+        # settled: one key left, or two single categories (M(smaller) = M above the pair + the larger weight)
+        single = r_min == r_max
+        two = (r_cnt == 2) & (r_min != r_max)
+        m_min = r_hi + r_max.to(tl.float64, bitcast=True)
+        take_min = single | empty | (m_min / W < top_p)
+        xstar = tl.where(take_min, r_min, r_max)
+        Wf = tl.where(take_min, r_lo, m_min)
+        done = (single | two | empty).to(tl.int32)
+        lo = r_min
+        hi = r_max
+        M_top = r_hi
+        first = lo < 0  # False from now on
+    return xstar, Wf, n_pass
+
+
 @triton.jit(do_not_specialize=["temperature_bits", "top_k", "top_p_bits", "seed_lo", "seed_hi", "off_lo", "off_hi",
                                "row_lo", "row_hi"])
 def _sample_categorical_fwd_kernel(
     logits_ptr, stride_l, tok_ptr, V, temperature_bits, top_k, top_p_bits, seed_lo, seed_hi, off_lo, off_hi,
-    row_lo, row_hi,
+    row_lo, row_hi, stats_ptr,
     GREEDY: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     XDT: tl.constexpr, WDT: tl.constexpr, KEY: tl.constexpr, SIGN_OFF: tl.constexpr, BLOCK: tl.constexpr,
+    KSPLIT: tl.constexpr = 32, SBLOCK: tl.constexpr = 128, STATS: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_l
@@ -124,37 +225,20 @@ def _sample_categorical_fwd_kernel(
                 # the count is constant between present keys: snap to them (ends in ~log2(V) steps)
                 k_lo = tl.where(cnt >= top_k, up, k_lo)
                 k_hi = tl.where(cnt >= top_k, k_hi, down)
-        # top-p: the smallest x (bits of a non-negative double) with mass(w > x) < p · W
+        # top-p: the smallest x (bits of a non-negative double) with mass(w > x) < p · W, by a K-ary search
         p_lo = tl.zeros((), tl.int64)
         if HAS_TOPP:
-            W = tl.zeros((), tl.float64)
-            for v0 in range(0, V, BLOCK):
-                w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
-                                      HAS_TOPK, False)
-                W += tl.sum(w, axis=0)
-            p_hi = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)  # max w = exp(0) = 1
-            while p_lo < p_hi:
-                mid = (p_lo >> 1) + (p_hi >> 1) + (p_lo & p_hi & 1)
-                above = tl.zeros((), tl.float64)
-                up = p_hi  # the smallest present key > mid
-                down = p_lo  # the largest present key <= mid
-                for v0 in range(0, V, BLOCK):
-                    w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY,
-                                          SIGN_OFF, HAS_TOPK, False)
-                    key = w.to(tl.int64, bitcast=True)
-                    gt = ok & (key > mid)
-                    above += tl.sum(tl.where(gt, w, 0.0), axis=0)
-                    up = tl.minimum(up, tl.min(tl.where(gt, key, p_hi), axis=0))
-                    down = tl.maximum(down, tl.max(tl.where(ok & (key <= mid), key, p_lo), axis=0))
-                # M(x) is constant between present weights: snap to them
-                small = above / W < top_p
-                p_hi = tl.where(small, down, p_hi)
-                p_lo = tl.where(small, p_lo, up)
-        # the kept total (filters only), then the scan
-        if HAS_TOPK or HAS_TOPP:
+            p_lo, Wp, n_pass = _top_p_search(base, V, temperature, m, k_lo, top_p, XDT, WDT, KEY, SIGN_OFF,
+                                             HAS_TOPK, KSPLIT, SBLOCK)
+            Wf = Wp
+            if STATS:  # (passes of the search, threshold bits, kept total's bits) of each row
+                tl.store(stats_ptr + row * 3, n_pass.to(tl.int64))
+                tl.store(stats_ptr + row * 3 + 1, p_lo)
+                tl.store(stats_ptr + row * 3 + 2, Wp.to(tl.int64, bitcast=True))
+        elif HAS_TOPK:  # the kept total of the top-k set, then the scan
             for v0 in range(0, V, BLOCK):
                 w, _ = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
-                                     HAS_TOPK, HAS_TOPP)
+                                     HAS_TOPK, False)
                 Wf += tl.sum(w, axis=0)
         target = _common.row_uniform(row + _common.join64(row_lo, row_hi), seed_lo, seed_hi, off_lo, off_hi) * Wf
         acc = tl.zeros((), tl.float64)
