@@ -156,13 +156,15 @@ _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_
     bool one_hot = ok && a.kind == PosteriorKind::kAbsorbing && xt != a.mask_id;
     PosteriorRow<T> R(a, x, xt);
     double total = 0.0;
-    // counters: (seed, offset, row0) read on the device, where a CUDA graph replay finds its step's values
-    const double u = !kSample ? 0.0
-        : counters == nullptr
-        ? row_uniform(seed, offset, row0 + static_cast<uint64_t>(row))
-        : row_uniform(static_cast<uint64_t>(counters[0]), static_cast<uint64_t>(counters[1]),
-                      static_cast<uint64_t>(counters[2]) + static_cast<uint64_t>(row));
-    if (kSample && ok && !one_hot && mask_shortcut(a, row, u)) one_hot = true;  // stays the mask, row unread
+    double u = 0.0;
+    if (kSample && ok && !one_hot) {
+      // counters: (seed, offset, row0) read on the device, where a CUDA graph replay finds its step's values
+      u = counters == nullptr
+          ? row_uniform(seed, offset, row0 + static_cast<uint64_t>(row))
+          : row_uniform(static_cast<uint64_t>(counters[0]), static_cast<uint64_t>(counters[1]),
+                        static_cast<uint64_t>(counters[2]) + static_cast<uint64_t>(row));
+      one_hot = mask_shortcut(a, row, u);  // the row stays the mask; its logits are never read
+    }
     if (ok && !one_hot) {
       ok = posterior_row_setup(R, row, stage_p ? p_stage : nullptr, sm);
       if (ok) {

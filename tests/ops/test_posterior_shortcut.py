@@ -126,8 +126,8 @@ def _shortcut_case(V: int, mask_at: str, dtype: torch.dtype, seed: int = 8):
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("mask_at", ["first", "last"])
 @pytest.mark.parametrize("bad,match", [(float("nan"), "contains NaN"), (float("inf"), "contains +inf"),
-                                       ("row", "a row has every logit at -inf"), ("mask-only", "a masked row (x_t == mask_id)"),
-                                       ("nan-mask", "contains NaN")])
+                                       ("row", "a row has every logit at -inf"),
+                                       ("mask-only", "a masked row (x_t == mask_id)"), ("nan-mask", "contains NaN")])
 def test_a_shortcut_row_is_still_value_checked(bad, match, mask_at, dtype):
     """A bad value in a row that stays masked (its draw decided without its logits) raises the reference's
     InputError on every backend (the C++ kernel in its own pass, the others in the public op), in the same
