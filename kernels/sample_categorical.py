@@ -67,8 +67,59 @@ def _tile_weights(base, offs, V, temperature, m, k_lo, p_lo, XDT: tl.constexpr, 
 
 
 @triton.jit
-def _top_p_search(base, V, temperature, m, k_lo, top_p, XDT: tl.constexpr, WDT: tl.constexpr, KEY: tl.constexpr,
-                  SIGN_OFF: tl.constexpr, TOPK: tl.constexpr, K: tl.constexpr, SBLOCK: tl.constexpr):
+def _top_p_guess(base, V, temperature, top_p, XDT: tl.constexpr, WDT: tl.constexpr, K: tl.constexpr,
+                 SBLOCK: tl.constexpr):
+    """Pass 1 of top-p without top-k: the row's maximum ``m`` and a guess of the bracket of weight keys that
+    holds the threshold, from the same read.
+
+    Besides the online maximum, a histogram of the weights over ``K`` buckets of half an octave each,
+    ``floor(z / (ln 2 / 2))`` on an absolute grid of ``z = x / temperature``, the top bucket the running
+    maximum's: when the maximum moves up, the buckets shift by whole buckets (those leaving the window join
+    the mass below) and every mass is rescaled, as the online softmax sum is. The bucket where the mass from
+    the top crosses ``p·Σ w`` is the guess, widened by a relative 1e-6 for rounding; a crossing below the
+    window gives the default bracket. Only a guess: the search's first pass checks it exactly."""
+    H: tl.constexpr = 0.34657359027997264  # ln(2) / 2
+    LIM: tl.constexpr = 1125899906842624.0  # 2**50: grid indices stay in int64
+    kk = tl.arange(0, K)
+    lanes = tl.arange(0, SBLOCK)
+    m = tl.full((), float("-inf"), WDT)
+    G = tl.zeros((), tl.int64) - 1125899906842624
+    hist = tl.zeros((K,), tl.float64)
+    h_below = tl.zeros((), tl.float64)
+    for v0 in range(0, V, SBLOCK):
+        offs = v0 + lanes
+        ok = offs < V
+        y = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT).to(WDT)
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
+        G_new = tl.floor(tl.minimum(tl.maximum(m_new / temperature / H, -LIM), LIM)).to(tl.int64)
+        d = G_new - G  # >= 0: the window moves up by d buckets
+        scale = tl.exp((m - m_ref) / temperature).to(tl.float64)
+        h_below = (h_below + tl.sum(tl.where(kk < d, hist, 0.0), axis=0)) * scale
+        hist = tl.sum(tl.where(kk[None, :] == kk[:, None] + d, hist[None, :], 0.0), axis=1) * scale
+        e = tl.exp((y - m_ref) / temperature).to(tl.float64)
+        g = tl.floor(tl.minimum(tl.maximum(y / temperature / H, -LIM), LIM)).to(tl.int64)
+        i = g - G_new + (K - 1)
+        hist += tl.sum(tl.where(i[:, None] == kk[None, :], e[:, None], 0.0), axis=0)
+        h_below += tl.sum(tl.where(i < 0, e, 0.0), axis=0)
+        m = m_new
+        G = G_new
+    W = tl.sum(hist, axis=0) + h_below
+    suffix = tl.sum(tl.where(kk[None, :] >= kk[:, None], hist[None, :], 0.0), axis=1)
+    j = tl.sum((suffix / W >= top_p).to(tl.int32), axis=0) - 1  # the crossing bucket, -1: below the window
+    edge = (G - (K - 1) + j).to(tl.float64) * H - m / temperature  # log of its lower edge's weight
+    one_bits = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)
+    lo = tl.maximum((tl.exp(edge) * (1.0 - 1e-6)).to(tl.int64, bitcast=True), 1)
+    hi = tl.minimum((tl.exp(edge + H) * (1.0 + 1e-6)).to(tl.int64, bitcast=True), one_bits)
+    lo = tl.where(j >= 0, lo, tl.full((), 1023 - K // 2, tl.int64) << 52)
+    hi = tl.where(j >= 0, hi, one_bits - 1)
+    return m, lo, hi
+
+
+@triton.jit
+def _top_p_search(base, V, temperature, m, k_lo, top_p, lo, hi, XDT: tl.constexpr, WDT: tl.constexpr,
+                  KEY: tl.constexpr, SIGN_OFF: tl.constexpr, TOPK: tl.constexpr, K: tl.constexpr,
+                  SBLOCK: tl.constexpr):
     """The top-p threshold ``x*`` (the bits of the smallest kept weight), the kept total ``Σ_{w >= x*} w`` and
     the number of passes over the row it took.
 
@@ -78,17 +129,15 @@ def _top_p_search(base, V, temperature, m, k_lo, top_p, XDT: tl.constexpr, WDT: 
     and the smallest and largest present key at once (``[SBLOCK, K]`` comparisons): ``M`` at every edge is
     then a suffix sum, the crossing sub-range holds ``x*``, and the next bracket is its smallest to largest
     present key (so a bracket of one key, or of two single categories, is settled without another pass).
-    The first pass splits ``[2**-(K/2), 1)`` into ``K`` half octaves, with the weights equal to 1 (the
-    maximum) above and the smaller ones below; it also gives ``W``. Later passes carry the mass above the bracket, so
+    The first bracket ``[lo, hi]`` is a guess (:func:`_top_p_guess`, or ``[2**-(K/2), 1)`` in half octaves):
+    the first pass also takes the mass, count and extreme keys above and below it, so a crossing outside
+    it moves the bracket there; it also gives ``W``. Later passes carry the mass above the bracket, so
     every edge's ``M`` is a suffix sum of one pass's non-negative terms with one reduction shape: monotone,
     and the decisions agree from pass to pass."""
     BIG: tl.constexpr = 0x7FFFFFFFFFFFFFFF
     kk = tl.arange(0, K)
     lanes = tl.arange(0, SBLOCK)
-    one_bits = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)
-    lo = tl.full((), 1023 - K // 2, tl.int64) << 52  # 2**-(K/2): the first pass splits each octave in two
-    hi = one_bits - 1
-    first = lo > 0  # True, as a runtime scalar
+    first = lo >= 0  # True, as a runtime scalar
     done = tl.zeros((), tl.int32)
     xstar = lo * 0
     Wf = tl.zeros((), tl.float64)
@@ -106,6 +155,9 @@ def _top_p_search(base, V, temperature, m, k_lo, top_p, XDT: tl.constexpr, WDT: 
         b_cnt = tl.zeros((), tl.int32)
         b_min = lo * 0 + BIG
         b_max = lo * 0 - 1
+        a_cnt = tl.zeros((), tl.int32)
+        a_min = lo * 0 + BIG
+        a_max = lo * 0 - 1
         for v0 in range(0, V, SBLOCK):
             w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, 0, XDT, WDT, KEY, SIGN_OFF, TOPK, False)
             key = w.to(tl.int64, bitcast=True)
@@ -117,7 +169,11 @@ def _top_p_search(base, V, temperature, m, k_lo, top_p, XDT: tl.constexpr, WDT: 
             cnt += tl.sum(oh.to(tl.int32), axis=0)
             kmin = tl.minimum(kmin, tl.min(tl.where(oh, key[:, None], BIG), axis=0))
             kmax = tl.maximum(kmax, tl.max(tl.where(oh, key[:, None], -1), axis=0))
-            m_above += tl.sum(tl.where(pos & (key > hi), w, 0.0), axis=0)
+            above = pos & (key > hi)
+            m_above += tl.sum(tl.where(above, w, 0.0), axis=0)
+            a_cnt += tl.sum(above.to(tl.int32), axis=0)
+            a_min = tl.minimum(a_min, tl.min(tl.where(above, key, BIG), axis=0))
+            a_max = tl.maximum(a_max, tl.max(tl.where(above, key, -1), axis=0))
             below = pos & (key < lo)
             m_below += tl.sum(tl.where(below, w, 0.0), axis=0)
             b_cnt += tl.sum(below.to(tl.int32), axis=0)
@@ -138,12 +194,12 @@ def _top_p_search(base, V, temperature, m, k_lo, top_p, XDT: tl.constexpr, WDT: 
         r_cnt = tl.sum(tl.where(sel, cnt, 0), axis=0)
         r_lo = tl.sum(tl.where(sel, m_lo, 0.0), axis=0)
         r_hi = tl.sum(tl.where(sel, m_hi, 0.0), axis=0)
-        # first pass only: the crossing may lie below 2**-(K/2), or at the maximum weight 1
+        # first pass only: the crossing may lie below or above the guessed bracket
         at_top = first & (top / W >= top_p)
         at_bottom = first & (M0 / W < top_p)
-        r_min = tl.where(at_top, one_bits, tl.where(at_bottom, b_min, r_min))
-        r_max = tl.where(at_top, one_bits, tl.where(at_bottom, b_max, r_max))
-        r_cnt = tl.where(at_top, 1, tl.where(at_bottom, b_cnt, r_cnt))
+        r_min = tl.where(at_top, a_min, tl.where(at_bottom, b_min, r_min))
+        r_max = tl.where(at_top, a_max, tl.where(at_bottom, b_max, r_max))
+        r_cnt = tl.where(at_top, a_cnt, tl.where(at_bottom, b_cnt, r_cnt))
         r_lo = tl.where(at_top, top, tl.where(at_bottom, W, r_lo))
         r_hi = tl.where(at_top, 0.0, tl.where(at_bottom, M0, r_hi))
         # an empty crossing sub-range (later passes, sub-range 0, by rounding against the last pass): every key
@@ -200,7 +256,11 @@ def _sample_categorical_fwd_kernel(
             k_lo = tl.full((), SIGN_OFF, KEY)
             k_hi = -k_lo - 1
         Wf = tl.zeros((), tl.float64)  # without filters: the total, kept online (no extra pass)
-        for v0 in range(0, V, BLOCK):
+        p_lo0 = tl.full((), 1023 - KSPLIT // 2, tl.int64) << 52  # top-p's first bracket: [2**-(K/2), 1)
+        p_hi0 = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True) - 1
+        if HAS_TOPP and not HAS_TOPK:  # pass 1 with the top-p guess
+            m, p_lo0, p_hi0 = _top_p_guess(base, V, temperature, top_p, XDT, WDT, KSPLIT, SBLOCK)
+        for v0 in range(0, V if not (HAS_TOPP and not HAS_TOPK) else 0, BLOCK):
             offs = v0 + lanes
             ok = offs < V
             x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
@@ -237,8 +297,8 @@ def _sample_categorical_fwd_kernel(
         # top-p: the smallest x (bits of a non-negative double) with mass(w > x) < p · W, by a K-ary search
         p_lo = tl.zeros((), tl.int64)
         if HAS_TOPP:
-            p_lo, Wp, n_pass = _top_p_search(base, V, temperature, m, k_lo, top_p, XDT, WDT, KEY, SIGN_OFF,
-                                             HAS_TOPK, KSPLIT, SBLOCK)
+            p_lo, Wp, n_pass = _top_p_search(base, V, temperature, m, k_lo, top_p, p_lo0, p_hi0, XDT, WDT, KEY,
+                                             SIGN_OFF, HAS_TOPK, KSPLIT, SBLOCK)
             Wf = Wp
             if STATS:  # (passes of the search, threshold bits, kept total's bits) of each row
                 tl.store(stats_ptr + row * 3, n_pass.to(tl.int64))
