@@ -17,14 +17,16 @@ Per row, in ``BLOCK`` tiles (``w = exp((x - max x) / temperature)``, shifted bef
   by a 32-way search over the bits of the non-negative double weights (:func:`_top_p_search`): each
   pass over the row splits the bracket into 32 sub-ranges and takes all their masses at once
   (``[tile, 32]`` comparisons), snapping the next bracket to the present weights of the crossing
-  sub-range; one key, or two single categories, left in it settle the search without another pass. The
-  first pass covers ``[2**-16, 1)`` in half octaves and gives ``Σ w``; the kept total comes from the
-  same sums. Passes of the search, measured with the kernel's ``STATS`` output on rows of
-  ``2·N(0, 1)`` logits times 0.05 / 1 / 4 (the ``flat`` / ``normal`` / ``peaked`` rows of
+  sub-range; one key, or two single categories, left in it settle the search without another pass.
+  Without top-k the first bracket is guessed in pass 1 (:func:`_top_p_guess`: an online histogram of
+  half octaves next to the online maximum), else it is ``[2**-16, 1)`` in half octaves; the search's
+  first pass checks it (and gives ``Σ w``), and the kept total comes from the same sums. Passes of the
+  search, measured with the kernel's ``STATS`` output (``TRITON_INTERPRET=1``, 4 rows each) on rows of
+  ``2·N(0, 1)`` logits times 1 / 0.05 / 4 (the ``normal`` / ``flat`` / ``peaked`` rows of
   ``benchmarks/benchmark_sample_categorical.py``), top-p 0.9: PASSES_32768 at V = 32768 and
-  PASSES_50257 at V = 50257; a top-p draw then reads the row 1 (max) + that + the scan, a plain draw
-  1 + the scan. At most 14 passes on any row (each pass divides the bracket's span of keys, at most
-  2**62, by 32);
+  PASSES_50257 at V = 50257. A top-p draw (no top-k) then reads the row 1 + that many times plus
+  the scan to the drawn token, a plain draw once plus the scan. At most 14 search passes on any row
+  (each divides the bracket's span of keys, at most 2**62, by 32);
 * the draw: ``min{j : cumsum(w)_j > u·Σ w}`` over the kept weights, float64 CDF, ``u`` the float64
   uniform of Philox counter ``(row_offset + row, offset)``, stopping at the first tile that crosses; if rounding
   leaves none, the last positive-weight category.
@@ -111,8 +113,9 @@ def _top_p_guess(base, V, temperature, top_p, XDT: tl.constexpr, WDT: tl.constex
     one_bits = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)
     lo = tl.maximum((tl.exp(edge) * (1.0 - 1e-6)).to(tl.int64, bitcast=True), 1)
     hi = tl.minimum((tl.exp(edge + H) * (1.0 + 1e-6)).to(tl.int64, bitcast=True), one_bits)
-    lo = tl.where(j >= 0, lo, tl.full((), 1023 - K // 2, tl.int64) << 52)
-    hi = tl.where(j >= 0, hi, one_bits - 1)
+    use = (j >= 0) & (lo <= hi)  # (a grid clamped at 2**50 buckets can give an empty bracket: not used)
+    lo = tl.where(use, lo, tl.full((), 1023 - K // 2, tl.int64) << 52)
+    hi = tl.where(use, hi, one_bits - 1)
     return m, lo, hi
 
 

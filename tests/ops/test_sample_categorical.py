@@ -737,3 +737,18 @@ def test_triton_top_p_weights_spread_over_every_bit(backend):
         seen += _check_top_p_search(x.to(_triton_dev()), p)
     assert max(seen) > 3  # deep crossings really take several passes
     _check_against_reference(backend, x.to(_triton_dev()), dict(top_p=p))
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+@pytest.mark.parametrize("temperature", [1e-30, 1e-5, 0.7, 1e30])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_triton_top_p_extreme_temperatures_and_magnitudes(backend, temperature, dtype):
+    """Logits / temperature far outside the first bracket's guess grid (clamped at 2**50 buckets) or all within
+    one bucket: the guess may be useless, the kept set must still be exact."""
+    x = torch.randn(3, 40, generator=C.gen(1)) * 3
+    x[1] *= 1e6
+    x[2, 7] = x[2, 20] = x[2].max()  # a tie at the top
+    x = x.to(_triton_dev(), dtype)
+    for p in (0.3, 0.9):
+        _check_top_p_search(x, p, temperature=temperature)
+        _check_against_reference(backend, x, dict(top_p=p, temperature=temperature))
