@@ -23,10 +23,11 @@ Per row, in ``BLOCK`` tiles (``w = exp((x - max x) / temperature)``, shifted bef
   first pass checks it (and gives ``Σ w``), and the kept total comes from the same sums. Passes of the
   search, measured with the kernel's ``STATS`` output (``TRITON_INTERPRET=1``, 4 rows each) on rows of
   ``2·N(0, 1)`` logits times 1 / 0.05 / 4 (the ``normal`` / ``flat`` / ``peaked`` rows of
-  ``benchmarks/benchmark_sample_categorical.py``), top-p 0.9: PASSES_32768 at V = 32768 and
-  PASSES_50257 at V = 50257. A top-p draw (no top-k) then reads the row 1 + that many times plus
-  the scan to the drawn token, a plain draw once plus the scan. At most 14 search passes on any row
-  (each divides the bracket's span of keys, at most 2**62, by 32);
+  ``benchmarks/benchmark_sample_categorical.py``), top-p 0.9: 2-3 / 3 / 1 at V = 32768 and
+  3 / 3-4 / 1 at V = 50257 (top-p 0.5: 2 / 3-4 / 1 at both). A top-p draw (no top-k) reads the row
+  1 + that many times plus the scan to the drawn token, a plain draw once plus the scan: issue 16's
+  "at most 2x a plain draw" holds in passes on peaked rows, not on normal or flat ones (about 3x).
+  At most 14 search passes on any row (each divides the bracket's span of keys, at most 2**62, by 32);
 * the draw: ``min{j : cumsum(w)_j > u·Σ w}`` over the kept weights, float64 CDF, ``u`` the float64
   uniform of Philox counter ``(row_offset + row, offset)``, stopping at the first tile that crosses; if rounding
   leaves none, the last positive-weight category.
