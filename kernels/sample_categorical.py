@@ -264,21 +264,22 @@ def _sample_categorical_fwd_kernel(
         p_hi0 = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True) - 1
         if HAS_TOPP and not HAS_TOPK:  # pass 1 with the top-p guess
             m, p_lo0, p_hi0 = _top_p_guess(base, V, temperature, top_p, XDT, WDT, KSPLIT, SBLOCK)
-        for v0 in range(0, V if not (HAS_TOPP and not HAS_TOPK) else 0, BLOCK):
-            offs = v0 + lanes
-            ok = offs < V
-            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-            y = x.to(WDT)
-            m_new = tl.maximum(m, tl.max(y, axis=0))  # the max logit; shifting before scaling keeps the digits
-            if not (HAS_TOPK or HAS_TOPP):              # that x/T - max(x/T) loses when |x/T| is large
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
-                Wf = (Wf * tl.exp((m - m_ref) / temperature).to(tl.float64)
-                      + tl.sum(tl.exp((y - m_ref) / temperature).to(tl.float64), axis=0))
-            m = m_new
-            if HAS_TOPK:
-                key = _order_key(x, KEY, SIGN_OFF)
-                k_lo = tl.minimum(k_lo, tl.min(tl.where(ok, key, SIGN_OFF), axis=0))
-                k_hi = tl.maximum(k_hi, tl.max(tl.where(ok, key, -SIGN_OFF - 1), axis=0))
+        else:
+            for v0 in range(0, V, BLOCK):
+                offs = v0 + lanes
+                ok = offs < V
+                x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+                y = x.to(WDT)
+                m_new = tl.maximum(m, tl.max(y, axis=0))  # the max logit; shifting before scaling keeps the digits
+                if not (HAS_TOPK or HAS_TOPP):              # that x/T - max(x/T) loses when |x/T| is large
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
+                    Wf = (Wf * tl.exp((m - m_ref) / temperature).to(tl.float64)
+                          + tl.sum(tl.exp((y - m_ref) / temperature).to(tl.float64), axis=0))
+                m = m_new
+                if HAS_TOPK:
+                    key = _order_key(x, KEY, SIGN_OFF)
+                    k_lo = tl.minimum(k_lo, tl.min(tl.where(ok, key, SIGN_OFF), axis=0))
+                    k_hi = tl.maximum(k_hi, tl.max(tl.where(ok, key, -SIGN_OFF - 1), axis=0))
         # top-k: the largest key tau with #{key >= tau} >= k (the k-th largest logit)
         if HAS_TOPK:
             while k_lo < k_hi:
