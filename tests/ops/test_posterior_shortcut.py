@@ -22,6 +22,7 @@ from fastdiff.errors import InputError
 from fastdiff.ops._plan import int64_bits, posterior_plan
 from tests import _oracles as O
 from tests.ops import _cases as C
+from tests.ops import _triton_compile as _tc
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 STEPS = 20
@@ -250,3 +251,22 @@ def test_cuda_shortcut_rows_are_value_checked(backend):
     logits[r, 3] = float("nan")
     with pytest.raises(InputError, match="x0_logits: contains NaN"):
         ops.posterior_sample(process, logits.cuda(), xt.cuda(), t.cuda(), s.cuda(), seed=0, backend=backend)
+
+
+@pytest.mark.skipif(not C.HAVE_TRITON or not _tc.ptxas_available(), reason="needs Triton with its NVIDIA backend")
+def test_triton_posterior_kernel_compiles_for_a_gpu():
+    """The interpreter never compiles the kernel: the sampling configurations with the shortcut (absorbing,
+    float32 and float64 logits) and the others compile for sm_90 (Triton's whole pipeline and ptxas, no GPU
+    needed) without register spills."""
+    from fastdiff.kernels.posterior import _posterior_fwd_kernel as kernel
+
+    types = {n: "*fp64" for n in kernel.arg_names if n.endswith("_ptr")}
+    types.update(logits_ptr="*fp32", xt_ptr="*i64", t_ptr="*i64", s_ptr="*i64", pair_ptr="*i64", probs_ptr="*fp32",
+                 tok_ptr="*i64", stride_l="i64", V="i32", n_tab="i32", mask_id="i32", temperature_bits="i64",
+                 seed_lo="i32", seed_hi="i32", off_lo="i32", off_hi="i32", row_lo="i32", row_hi="i32")
+    configs = []
+    for kind, f64 in ((0, False), (0, True), (1, False), (2, False)):
+        consts = dict(KIND=kind, SAMPLE=True, WDT="tl.float64" if f64 else "tl.float32", BLOCK=4096, BLOCK_I=32)
+        configs.append((dict(types, logits_ptr="*fp64" if f64 else "*fp32"), consts, 8))
+    for (_, consts, _), res in zip(configs, _tc.compile_sm90("posterior", "_posterior_fwd_kernel", configs)):
+        assert res["error"] is None and res["spill"] == 0, (consts, res)

@@ -21,6 +21,7 @@ from fastdiff.errors import InputError, InputTypeError
 from fastdiff.ops import filter_weights
 from tests import _oracles as O
 from tests.ops import _cases as C
+from tests.ops import _triton_compile as _tc
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 
@@ -752,3 +753,26 @@ def test_triton_top_p_extreme_temperatures_and_magnitudes(backend, temperature, 
     for p in (0.3, 0.9):
         _check_top_p_search(x, p, temperature=temperature)
         _check_against_reference(backend, x, dict(top_p=p, temperature=temperature))
+
+
+@pytest.mark.skipif(not C.HAVE_TRITON or not _tc.ptxas_available(), reason="needs Triton with its NVIDIA backend")
+def test_triton_top_p_kernel_compiles_for_a_gpu():
+    """The interpreter never compiles the kernel: compile top-p configurations the launcher uses for sm_90
+    (Triton's whole pipeline and ptxas, no GPU needed); no register spills at the wide tiles (a 16-category
+    tile on 4 warps spills a few bytes: only compiled)."""
+    glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
+    types = {"logits_ptr": "*fp32", "stride_l": "i64", "tok_ptr": "*i64", "V": "i32", "temperature_bits": "i64",
+             "top_k": "i64", "top_p_bits": "i64", "seed_lo": "i32", "seed_hi": "i32", "off_lo": "i32",
+             "off_hi": "i32", "row_lo": "i32", "row_hi": "i32", "stats_ptr": "*i64"}
+    configs = []
+    for f64, top_k, block in ((False, False, 4096), (False, True, 4096), (True, False, 4096), (False, False, 1024),
+                              (False, False, 16)):
+        consts = dict(GREEDY=False, HAS_TOPK=top_k, HAS_TOPP=True, XDT="tl.float64" if f64 else "tl.float32",
+                      WDT="tl.float64", KEY="tl.int64" if f64 else "tl.int32",
+                      SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF, BLOCK=block, KSPLIT=glue.TOPP_SPLIT,
+                      SBLOCK=min(block, glue.TOPP_TILE), STATS=False)
+        configs.append((dict(types, logits_ptr="*fp64" if f64 else "*fp32"), consts, 8 if block >= 2048 else 4))
+    for (_, consts, _), res in zip(configs, _tc.compile_sm90("sample_categorical", "_sample_categorical_fwd_kernel",
+                                                             configs)):
+        assert res["error"] is None, (consts, res["error"])
+        assert res["spill"] == 0 or consts["BLOCK"] < 1024, (consts, res)
