@@ -21,6 +21,12 @@ per-token schedule, 2 uniform, 3 matrix):
 CDF are float64. A kernel draw differs from the reference only when ``u·Z`` lies within rounding of
 a cumulative boundary. Absorbing rows with ``x_t ≠ mask`` keep ``x_t`` and never read their logits;
 rows with ``Z = 0`` (``x_t`` unreachable from the x0 distribution) keep ``x_t`` too.
+
+The mask shortcut (posterior_sample, absorbing with a scalar schedule and the mask the first or last
+category, as the reference's ``_affine_sample`` and the C++ kernel): the mask's share ``1 - a_s`` of
+``Z = 1 - a_t`` is the first (last) interval of the index-order CDF, so a masked row whose ``u·(1 - a_t)``
+falls in it is decided before pass 1, with the reference's float64 operations (the same decision), and
+its logits are never read; the public op has already checked their values.
 """
 
 from __future__ import annotations
@@ -108,6 +114,21 @@ def _posterior_fwd_kernel(
     keep = xt < 0  # False, as a runtime scalar
     if KIND <= 1:
         keep = xt != mask_id
+    u = tl.zeros((), tl.float64)
+    if SAMPLE:
+        u = _common.row_uniform(row + _common.join64(row_lo, row_hi), seed_lo, seed_hi, off_lo, off_hi)
+    if KIND == 0 and SAMPLE:
+        # The mask shortcut (the reference's _affine_sample): with the mask the last (first) category, its
+        # closed-form share 1 - a_s of W = 1 - a_t is the last [a_s - a_t, W) (first [0, 1 - a_s)) of the
+        # index-order CDF. A masked row whose u * W falls there, or with no weight at all, stays the mask
+        # without reading its logits (the public op has checked their values): the reference's float64
+        # operations, so the same decision. Only for a decreasing schedule (both shares non-negative).
+        W1 = 1.0 - a_t
+        t1 = u * W1
+        at_end = (mask_id == V - 1) & (t1 >= a_s - a_t)
+        at_start = (mask_id != V - 1) & (mask_id == 0) & (t1 < 1.0 - a_s)
+        decreasing = (a_s >= a_t) & (a_s <= 1.0)
+        keep = keep | (decreasing & ((W1 <= 0.0) | at_end | at_start))
     m = tl.full((), float("-inf"), WDT)
     S = tl.zeros((), tl.float64)
     S1t = tl.zeros((), tl.float64)
@@ -166,7 +187,7 @@ def _posterior_fwd_kernel(
     if SAMPLE:
         tok = xt
         if not keep:
-            target = _common.row_uniform(row + _common.join64(row_lo, row_hi), seed_lo, seed_hi, off_lo, off_hi) * Z
+            target = u * Z
             acc = tl.zeros((), tl.float64)
             found = xt * 0 - 1
             if KIND <= 1:  # the draw lands on the mask column: known from pass 1, no scan

@@ -1,5 +1,5 @@
-"""``sample_categorical`` in Triton: one program per row; temperature, tie-inclusive top-k / top-p by
-exact threshold bisection, and the reference's counter-based inverse-CDF draw.
+"""``sample_categorical`` in Triton: one program per row; temperature, tie-inclusive top-k by exact threshold
+bisection, top-p by an exact 32-way threshold search, and the reference's counter-based inverse-CDF draw.
 
 Per row, in ``BLOCK`` tiles (``w = exp((x - max x) / temperature)``, shifted before it is scaled):
 
@@ -13,9 +13,21 @@ Per row, in ``BLOCK`` tiles (``w = exp((x - max x) / temperature)``, shifted bef
   ``key >= τ``, so ties are kept whole;
 * top-p keeps ``v`` iff the mass of categories strictly more probable than ``v`` is below ``p``
   (after top-k). The mass above ``x``, ``M(x) = Σ_{w > x} w / Σ w``, is non-increasing in ``x``, so
-  the kept set is ``{w >= x*}`` with ``x*`` the smallest float64 (by its bit pattern) with
-  ``M(x*) < p``: found by bisection over the bits of non-negative doubles, snapped to present
-  weights as above (at most 62 passes);
+  the kept set is ``{w >= x*}`` with ``x*`` the smallest present weight with ``M(x*) < p``. It is found
+  by a 32-way search over the bits of the non-negative double weights (:func:`_top_p_search`): each
+  pass over the row splits the bracket into 32 sub-ranges and takes all their masses at once
+  (``[tile, 32]`` comparisons), snapping the next bracket to the present weights of the crossing
+  sub-range; one key, or two single categories, left in it settle the search without another pass.
+  Without top-k the first bracket is guessed in pass 1 (:func:`_top_p_guess`: an online histogram of
+  half octaves next to the online maximum), else it is ``[2**-16, 1)`` in half octaves; the search's
+  first pass checks it (and gives ``Σ w``), and the kept total comes from the same sums. Passes of the
+  search, measured with the kernel's ``STATS`` output (``TRITON_INTERPRET=1``, 4 rows each) on rows of
+  ``2·N(0, 1)`` logits times 1 / 0.05 / 4 (the ``normal`` / ``flat`` / ``peaked`` rows of
+  ``benchmarks/benchmark_sample_categorical.py``), top-p 0.9: 2-3 / 3 / 1 at V = 32768 and
+  3 / 3-4 / 1 at V = 50257 (top-p 0.5: 2 / 3-4 / 1 at both). A top-p draw (no top-k) reads the row
+  1 + that many times plus the scan to the drawn token, a plain draw once plus the scan: issue 16's
+  "at most 2x a plain draw" holds in passes on peaked rows, not on normal or flat ones (about 3x).
+  At most 14 search passes on any row (each divides the bracket's span of keys, at most 2**62, by 32);
 * the draw: ``min{j : cumsum(w)_j > u·Σ w}`` over the kept weights, float64 CDF, ``u`` the float64
   uniform of Philox counter ``(row_offset + row, offset)``, stopping at the first tile that crosses; if rounding
   leaves none, the last positive-weight category.
@@ -57,13 +69,171 @@ def _tile_weights(base, offs, V, temperature, m, k_lo, p_lo, XDT: tl.constexpr, 
     return w, ok
 
 
+@triton.jit
+def _top_p_guess(base, V, temperature, top_p, XDT: tl.constexpr, WDT: tl.constexpr, K: tl.constexpr,
+                 SBLOCK: tl.constexpr):
+    """Pass 1 of top-p without top-k: the row's maximum ``m`` and a guess of the bracket of weight keys that
+    holds the threshold, from the same read.
+
+    Besides the online maximum, a histogram of the weights over ``K`` buckets of half an octave each,
+    ``floor(z / (ln 2 / 2))`` on an absolute grid of ``z = x / temperature``, the top bucket the running
+    maximum's: when the maximum moves up, the buckets shift by whole buckets (those leaving the window join
+    the mass below) and every mass is rescaled, as the online softmax sum is. The bucket where the mass from
+    the top crosses ``p·Σ w`` is the guess, widened by a relative 1e-6 for rounding; a crossing below the
+    window gives the default bracket. Only a guess: the search's first pass checks it exactly."""
+    H: tl.constexpr = 0.34657359027997264  # ln(2) / 2
+    LIM: tl.constexpr = 1125899906842624.0  # 2**50: grid indices stay in int64
+    kk = tl.arange(0, K)
+    lanes = tl.arange(0, SBLOCK)
+    m = tl.full((), float("-inf"), WDT)
+    G = tl.zeros((), tl.int64) - 1125899906842624
+    hist = tl.zeros((K,), tl.float64)
+    h_below = tl.zeros((), tl.float64)
+    for v0 in range(0, V, SBLOCK):
+        offs = v0 + lanes
+        ok = offs < V
+        y = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT).to(WDT)
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
+        G_new = tl.floor(tl.minimum(tl.maximum(m_new / temperature / H, -LIM), LIM)).to(tl.int64)
+        d = G_new - G  # >= 0: the window moves up by d buckets
+        scale = tl.exp((m - m_ref) / temperature).to(tl.float64)
+        h_below = (h_below + tl.sum(tl.where(kk < d, hist, 0.0), axis=0)) * scale
+        hist = tl.sum(tl.where(kk[None, :] == kk[:, None] + d, hist[None, :], 0.0), axis=1) * scale
+        e = tl.exp((y - m_ref) / temperature).to(tl.float64)
+        g = tl.floor(tl.minimum(tl.maximum(y / temperature / H, -LIM), LIM)).to(tl.int64)
+        i = g - G_new + (K - 1)
+        hist += tl.sum(tl.where(i[:, None] == kk[None, :], e[:, None], 0.0), axis=0)
+        h_below += tl.sum(tl.where(i < 0, e, 0.0), axis=0)
+        m = m_new
+        G = G_new
+    W = tl.sum(hist, axis=0) + h_below
+    suffix = tl.sum(tl.where(kk[None, :] >= kk[:, None], hist[None, :], 0.0), axis=1)
+    j = tl.sum((suffix / W >= top_p).to(tl.int32), axis=0) - 1  # the crossing bucket, -1: below the window
+    edge = (G - (K - 1) + j).to(tl.float64) * H - m / temperature  # log of its lower edge's weight
+    one_bits = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)
+    lo = tl.maximum((tl.exp(edge) * (1.0 - 1e-6)).to(tl.int64, bitcast=True), 1)
+    hi = tl.minimum((tl.exp(edge + H) * (1.0 + 1e-6)).to(tl.int64, bitcast=True), one_bits)
+    use = (j >= 0) & (lo <= hi)  # (a grid clamped at 2**50 buckets can give an empty bracket: not used)
+    lo = tl.where(use, lo, tl.full((), 1023 - K // 2, tl.int64) << 52)
+    hi = tl.where(use, hi, one_bits - 1)
+    return m, lo, hi
+
+
+@triton.jit
+def _top_p_search(base, V, temperature, m, k_lo, top_p, lo, hi, XDT: tl.constexpr, WDT: tl.constexpr,
+                  KEY: tl.constexpr, SIGN_OFF: tl.constexpr, TOPK: tl.constexpr, K: tl.constexpr,
+                  SBLOCK: tl.constexpr):
+    """The top-p threshold ``x*`` (the bits of the smallest kept weight), the kept total ``Σ_{w >= x*} w`` and
+    the number of passes over the row it took.
+
+    ``M(b) = Σ_{key(w) > b} w`` (``key``: the bits of the non-negative double ``w``, an order-preserving
+    integer) is non-increasing, and ``x*`` is the smallest present key with ``M(x*) < p·W``. Each pass splits
+    the bracket ``[lo, hi]`` of keys into ``K`` equal sub-ranges and takes, per sub-range, the mass, the count
+    and the smallest and largest present key at once (``[SBLOCK, K]`` comparisons): ``M`` at every edge is
+    then a suffix sum, the crossing sub-range holds ``x*``, and the next bracket is its smallest to largest
+    present key (so a bracket of one key, or of two single categories, is settled without another pass).
+    The first bracket ``[lo, hi]`` is a guess (:func:`_top_p_guess`, or ``[2**-(K/2), 1)`` in half octaves):
+    the first pass also takes the mass, count and extreme keys above and below it, so a crossing outside
+    it moves the bracket there; it also gives ``W``. Later passes carry the mass above the bracket, so
+    every edge's ``M`` is a suffix sum of one pass's non-negative terms with one reduction shape: monotone,
+    and the decisions agree from pass to pass."""
+    BIG: tl.constexpr = 0x7FFFFFFFFFFFFFFF
+    kk = tl.arange(0, K)
+    lanes = tl.arange(0, SBLOCK)
+    first = lo >= 0  # True, as a runtime scalar
+    done = tl.zeros((), tl.int32)
+    xstar = lo * 0
+    Wf = tl.zeros((), tl.float64)
+    W = tl.zeros((), tl.float64)
+    M_top = tl.zeros((), tl.float64)  # the mass above the bracket (later passes)
+    n_pass = tl.zeros((), tl.int32)
+    while (done == 0) & (n_pass < 80):
+        step = (hi - lo + K) // K  # ceil((hi - lo + 1) / K) >= 1
+        mass = tl.zeros((K,), tl.float64)
+        cnt = tl.zeros((K,), tl.int32)
+        kmin = tl.full((K,), BIG, tl.int64)
+        kmax = tl.full((K,), -1, tl.int64)
+        m_above = tl.zeros((), tl.float64)
+        m_below = tl.zeros((), tl.float64)
+        b_cnt = tl.zeros((), tl.int32)
+        b_min = lo * 0 + BIG
+        b_max = lo * 0 - 1
+        a_cnt = tl.zeros((), tl.int32)
+        a_min = lo * 0 + BIG
+        a_max = lo * 0 - 1
+        for v0 in range(0, V, SBLOCK):
+            w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, 0, XDT, WDT, KEY, SIGN_OFF, TOPK, False)
+            key = w.to(tl.int64, bitcast=True)
+            pos = ok & (key > 0)
+            inb = pos & (key >= lo) & (key <= hi)
+            idx = tl.where(inb, (tl.where(inb, key, lo) - lo) // step, -1)
+            oh = idx[:, None] == kk[None, :]
+            mass += tl.sum(tl.where(oh, w[:, None], 0.0), axis=0)
+            cnt += tl.sum(oh.to(tl.int32), axis=0)
+            kmin = tl.minimum(kmin, tl.min(tl.where(oh, key[:, None], BIG), axis=0))
+            kmax = tl.maximum(kmax, tl.max(tl.where(oh, key[:, None], -1), axis=0))
+            above = pos & (key > hi)
+            m_above += tl.sum(tl.where(above, w, 0.0), axis=0)
+            a_cnt += tl.sum(above.to(tl.int32), axis=0)
+            a_min = tl.minimum(a_min, tl.min(tl.where(above, key, BIG), axis=0))
+            a_max = tl.maximum(a_max, tl.max(tl.where(above, key, -1), axis=0))
+            below = pos & (key < lo)
+            m_below += tl.sum(tl.where(below, w, 0.0), axis=0)
+            b_cnt += tl.sum(below.to(tl.int32), axis=0)
+            b_min = tl.minimum(b_min, tl.min(tl.where(below, key, BIG), axis=0))
+            b_max = tl.maximum(b_max, tl.max(tl.where(below, key, -1), axis=0))
+        n_pass += 1
+        top = tl.where(first, m_above, M_top)
+        # M at the lower edge of each sub-range (incl.) and at its upper edge (excl.): suffix sums, one shape
+        m_lo = top + tl.sum(tl.where(kk[None, :] >= kk[:, None], mass[None, :], 0.0), axis=1)
+        m_hi = top + tl.sum(tl.where(kk[None, :] > kk[:, None], mass[None, :], 0.0), axis=1)
+        M0 = tl.max(tl.where(kk == 0, m_lo, 0.0), axis=0)  # M(lo - 1)
+        W = tl.where(first, M0 + m_below, W)
+        # the crossing sub-range: the last whose lower edge still has M >= p·W (sub-range 0 at least)
+        j = tl.sum(((kk >= 1) & (m_lo / W >= top_p)).to(tl.int32), axis=0)
+        sel = kk == j
+        r_min = tl.min(tl.where(sel, kmin, BIG), axis=0)
+        r_max = tl.max(tl.where(sel, kmax, -1), axis=0)
+        r_cnt = tl.sum(tl.where(sel, cnt, 0), axis=0)
+        r_lo = tl.sum(tl.where(sel, m_lo, 0.0), axis=0)
+        r_hi = tl.sum(tl.where(sel, m_hi, 0.0), axis=0)
+        # first pass only: the crossing may lie below or above the guessed bracket
+        at_top = first & (top / W >= top_p)
+        at_bottom = first & (M0 / W < top_p)
+        r_min = tl.where(at_top, a_min, tl.where(at_bottom, b_min, r_min))
+        r_max = tl.where(at_top, a_max, tl.where(at_bottom, b_max, r_max))
+        r_cnt = tl.where(at_top, a_cnt, tl.where(at_bottom, b_cnt, r_cnt))
+        r_lo = tl.where(at_top, top, tl.where(at_bottom, W, r_lo))
+        r_hi = tl.where(at_top, 0.0, tl.where(at_bottom, M0, r_hi))
+        # an empty crossing sub-range (later passes, sub-range 0, by rounding against the last pass): every key
+        # of the bracket is kept, x* is its smallest
+        empty = r_cnt == 0
+        r_min = tl.where(empty, tl.min(kmin, axis=0), r_min)
+        r_max = tl.where(empty, r_min, r_max)
+        # settled: one key left, or two single categories (M(smaller) = M above the pair + the larger weight)
+        single = r_min == r_max
+        two = (r_cnt == 2) & (r_min != r_max)
+        m_min = r_hi + r_max.to(tl.float64, bitcast=True)
+        take_min = single | empty | (m_min / W < top_p)
+        xstar = tl.where(take_min, r_min, r_max)
+        Wf = tl.where(take_min, r_lo, m_min)
+        done = (single | two | empty).to(tl.int32)
+        lo = r_min
+        hi = r_max
+        M_top = r_hi
+        first = lo < 0  # False from now on
+    return xstar, Wf, n_pass
+
+
 @triton.jit(do_not_specialize=["temperature_bits", "top_k", "top_p_bits", "seed_lo", "seed_hi", "off_lo", "off_hi",
                                "row_lo", "row_hi"])
 def _sample_categorical_fwd_kernel(
     logits_ptr, stride_l, tok_ptr, V, temperature_bits, top_k, top_p_bits, seed_lo, seed_hi, off_lo, off_hi,
-    row_lo, row_hi,
+    row_lo, row_hi, stats_ptr,
     GREEDY: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_TOPP: tl.constexpr,
     XDT: tl.constexpr, WDT: tl.constexpr, KEY: tl.constexpr, SIGN_OFF: tl.constexpr, BLOCK: tl.constexpr,
+    KSPLIT: tl.constexpr = 32, SBLOCK: tl.constexpr = 128, STATS: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_l
@@ -90,21 +260,26 @@ def _sample_categorical_fwd_kernel(
             k_lo = tl.full((), SIGN_OFF, KEY)
             k_hi = -k_lo - 1
         Wf = tl.zeros((), tl.float64)  # without filters: the total, kept online (no extra pass)
-        for v0 in range(0, V, BLOCK):
-            offs = v0 + lanes
-            ok = offs < V
-            x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
-            y = x.to(WDT)
-            m_new = tl.maximum(m, tl.max(y, axis=0))  # the max logit; shifting before scaling keeps the digits
-            if not (HAS_TOPK or HAS_TOPP):              # that x/T - max(x/T) loses when |x/T| is large
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
-                Wf = (Wf * tl.exp((m - m_ref) / temperature).to(tl.float64)
-                      + tl.sum(tl.exp((y - m_ref) / temperature).to(tl.float64), axis=0))
-            m = m_new
-            if HAS_TOPK:
-                key = _order_key(x, KEY, SIGN_OFF)
-                k_lo = tl.minimum(k_lo, tl.min(tl.where(ok, key, SIGN_OFF), axis=0))
-                k_hi = tl.maximum(k_hi, tl.max(tl.where(ok, key, -SIGN_OFF - 1), axis=0))
+        p_lo0 = tl.full((), 1023 - KSPLIT // 2, tl.int64) << 52  # top-p's first bracket: [2**-(K/2), 1)
+        p_hi0 = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True) - 1
+        if HAS_TOPP and not HAS_TOPK:  # pass 1 with the top-p guess
+            m, p_lo0, p_hi0 = _top_p_guess(base, V, temperature, top_p, XDT, WDT, KSPLIT, SBLOCK)
+        else:
+            for v0 in range(0, V, BLOCK):
+                offs = v0 + lanes
+                ok = offs < V
+                x = tl.load(base + offs, mask=ok, other=float("-inf")).to(XDT)
+                y = x.to(WDT)
+                m_new = tl.maximum(m, tl.max(y, axis=0))  # the max logit; shifting before scaling keeps the digits
+                if not (HAS_TOPK or HAS_TOPP):              # that x/T - max(x/T) loses when |x/T| is large
+                    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # leading tiles all -inf: no NaN
+                    Wf = (Wf * tl.exp((m - m_ref) / temperature).to(tl.float64)
+                          + tl.sum(tl.exp((y - m_ref) / temperature).to(tl.float64), axis=0))
+                m = m_new
+                if HAS_TOPK:
+                    key = _order_key(x, KEY, SIGN_OFF)
+                    k_lo = tl.minimum(k_lo, tl.min(tl.where(ok, key, SIGN_OFF), axis=0))
+                    k_hi = tl.maximum(k_hi, tl.max(tl.where(ok, key, -SIGN_OFF - 1), axis=0))
         # top-k: the largest key tau with #{key >= tau} >= k (the k-th largest logit)
         if HAS_TOPK:
             while k_lo < k_hi:
@@ -124,37 +299,20 @@ def _sample_categorical_fwd_kernel(
                 # the count is constant between present keys: snap to them (ends in ~log2(V) steps)
                 k_lo = tl.where(cnt >= top_k, up, k_lo)
                 k_hi = tl.where(cnt >= top_k, k_hi, down)
-        # top-p: the smallest x (bits of a non-negative double) with mass(w > x) < p · W
+        # top-p: the smallest x (bits of a non-negative double) with mass(w > x) < p · W, by a K-ary search
         p_lo = tl.zeros((), tl.int64)
         if HAS_TOPP:
-            W = tl.zeros((), tl.float64)
-            for v0 in range(0, V, BLOCK):
-                w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
-                                      HAS_TOPK, False)
-                W += tl.sum(w, axis=0)
-            p_hi = tl.full((), 1.0, tl.float64).to(tl.int64, bitcast=True)  # max w = exp(0) = 1
-            while p_lo < p_hi:
-                mid = (p_lo >> 1) + (p_hi >> 1) + (p_lo & p_hi & 1)
-                above = tl.zeros((), tl.float64)
-                up = p_hi  # the smallest present key > mid
-                down = p_lo  # the largest present key <= mid
-                for v0 in range(0, V, BLOCK):
-                    w, ok = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY,
-                                          SIGN_OFF, HAS_TOPK, False)
-                    key = w.to(tl.int64, bitcast=True)
-                    gt = ok & (key > mid)
-                    above += tl.sum(tl.where(gt, w, 0.0), axis=0)
-                    up = tl.minimum(up, tl.min(tl.where(gt, key, p_hi), axis=0))
-                    down = tl.maximum(down, tl.max(tl.where(ok & (key <= mid), key, p_lo), axis=0))
-                # M(x) is constant between present weights: snap to them
-                small = above / W < top_p
-                p_hi = tl.where(small, down, p_hi)
-                p_lo = tl.where(small, p_lo, up)
-        # the kept total (filters only), then the scan
-        if HAS_TOPK or HAS_TOPP:
+            p_lo, Wp, n_pass = _top_p_search(base, V, temperature, m, k_lo, top_p, p_lo0, p_hi0, XDT, WDT, KEY,
+                                             SIGN_OFF, HAS_TOPK, KSPLIT, SBLOCK)
+            Wf = Wp
+            if STATS:  # (passes of the search, threshold bits, kept total's bits) of each row
+                tl.store(stats_ptr + row * 3, n_pass.to(tl.int64))
+                tl.store(stats_ptr + row * 3 + 1, p_lo)
+                tl.store(stats_ptr + row * 3 + 2, Wp.to(tl.int64, bitcast=True))
+        elif HAS_TOPK:  # the kept total of the top-k set, then the scan
             for v0 in range(0, V, BLOCK):
                 w, _ = _tile_weights(base, v0 + lanes, V, temperature, m, k_lo, p_lo, XDT, WDT, KEY, SIGN_OFF,
-                                     HAS_TOPK, HAS_TOPP)
+                                     HAS_TOPK, False)
                 Wf += tl.sum(w, axis=0)
         target = _common.row_uniform(row + _common.join64(row_lo, row_hi), seed_lo, seed_hi, off_lo, off_hi) * Wf
         acc = tl.zeros((), tl.float64)

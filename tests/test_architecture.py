@@ -194,7 +194,8 @@ def test_lazy_attributes_load_on_first_use() -> None:
 #: not just document it (their tl.constexpr arguments are annotated, and so is every plain Python function in
 #: kernels/). models/sed.py and evaluation.py have other owners just now.
 ANNOTATION_ALLOW = {
-    "kernels/": 149,  # + 19: kernels/select_tokens.py (its run-time @triton.jit arguments)
+    "kernels/": 164,  # + 19: kernels/select_tokens.py (its run-time @triton.jit arguments)
+    # + 15: kernels/sample_categorical.py's top-p search and guess (@triton.jit helpers) and its stats pointer
     "fastdiff/models/sed.py": 3,
     "fastdiff/evaluation.py": 12,
 }

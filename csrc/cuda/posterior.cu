@@ -125,6 +125,22 @@ __device__ double posterior_total(const PosteriorRow<T>& R, RowScratch& sm) {
   return 0.0;
 }
 
+// The mask shortcut of a masked absorbing row with a scalar schedule (the reference's _affine_sample, the C++
+// posterior_row): the mask's weight is 1 - a_s out of W = 1 - a_t in closed form, and with the mask the last
+// (first) category its interval of the index-order CDF is the last [a_s - a_t, W) (first [0, 1 - a_s)). When
+// u * W falls in it, or the row has no weight (W = 0, x_t kept), the row stays the mask and its logits are
+// never read (the public op has checked their values). The same float64 operations as the reference, so the
+// decision is the reference's exactly. Only for a decreasing schedule (both shares non-negative).
+__device__ __forceinline__ bool mask_shortcut(const PosteriorArgs& a, int64_t row, double u) {
+  if (a.kind != PosteriorKind::kAbsorbing || a.ab_table != nullptr) return false;
+  const bool last = a.mask_id == a.V - 1;
+  if (!last && a.mask_id != 0) return false;
+  const double a_t = a.a_t[row], a_s = a.a_s[row], W = 1.0 - a_t;
+  if (!(a_s >= a_t && a_s <= 1.0)) return false;
+  const double target = u * W;
+  return !(W > 0.0) || (last ? target >= a_s - a_t : target < 1.0 - a_s);
+}
+
 template <typename T, typename O, bool kSample>
 __global__ void __launch_bounds__(kThreads)
 _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_t row0, int64_t* __restrict__ tokens,
@@ -140,6 +156,15 @@ _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_
     bool one_hot = ok && a.kind == PosteriorKind::kAbsorbing && xt != a.mask_id;
     PosteriorRow<T> R(a, x, xt);
     double total = 0.0;
+    double u = 0.0;
+    if (kSample && ok && !one_hot) {
+      // counters: (seed, offset, row0) read on the device, where a CUDA graph replay finds its step's values
+      u = counters == nullptr
+          ? row_uniform(seed, offset, row0 + static_cast<uint64_t>(row))
+          : row_uniform(static_cast<uint64_t>(counters[0]), static_cast<uint64_t>(counters[1]),
+                        static_cast<uint64_t>(counters[2]) + static_cast<uint64_t>(row));
+      one_hot = mask_shortcut(a, row, u);  // the row stays the mask; its logits are never read
+    }
     if (ok && !one_hot) {
       ok = posterior_row_setup(R, row, stage_p ? p_stage : nullptr, sm);
       if (ok) {
@@ -160,11 +185,6 @@ _posterior_kernel(const PosteriorArgs a, uint64_t seed, uint64_t offset, uint64_
         for (int64_t j = threadIdx.x; j < V; j += blockDim.x) out[j] = j == xt ? O(1) : O(0);
       }
     } else if (kSample) {
-      // counters: (seed, offset, row0) read on the device, where a CUDA graph replay finds its step's values
-      const double u = counters == nullptr
-          ? row_uniform(seed, offset, row0 + static_cast<uint64_t>(row))
-          : row_uniform(static_cast<uint64_t>(counters[0]), static_cast<uint64_t>(counters[1]),
-                        static_cast<uint64_t>(counters[2]) + static_cast<uint64_t>(row));
       const double target = u * total;
       const int64_t tok = cdf_draw(V, [&](int64_t j) { return R.weight(j); }, target, sm);
       if (threadIdx.x == 0) tokens[row] = tok >= 0 ? tok : xt;

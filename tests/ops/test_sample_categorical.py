@@ -21,6 +21,7 @@ from fastdiff.errors import InputError, InputTypeError
 from fastdiff.ops import filter_weights
 from tests import _oracles as O
 from tests.ops import _cases as C
+from tests.ops import _triton_compile as _tc
 
 F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
 
@@ -733,3 +734,145 @@ def test_cpp_top_p_search_with_top_k_and_temperature(backend):
     idx = np.nonzero(kept)[0]
     w = np.exp(sub[idx] - sub[idx].max())
     assert stats.chisquare(counts[idx], w / w.sum() * n).pvalue > 1e-6
+
+# Triton top-p: the K-ary threshold search (issue 16) at its limits, against the full sort's kept set
+# --------------------------------------------------------------------------------------------------------
+def _triton_top_p(x: torch.Tensor, top_p: float, top_k=None, temperature=1.0):
+    """The Triton kernel's top-p search per row, from its stats output: (passes over the row, the smallest kept
+    weight, the kept total)."""
+    glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
+    stats = torch.zeros(x.shape[0], 3, dtype=torch.int64, device=x.device)
+    glue._sample_categorical_fwd(x, 0, 0, float(temperature), top_k or 0, float(top_p), 0, stats=stats)
+    stats = stats.cpu()
+    return stats[:, 0], stats[:, 1].contiguous().view(F64), stats[:, 2].contiguous().view(F64)
+
+
+def _check_top_p_search(x: torch.Tensor, top_p: float, top_k=None, temperature=1.0, max_passes=14) -> list[int]:
+    """Per row: the kernel's kept set (weights exp((x - max) / temperature) in float64, as the kernel computes
+    them, at or above its threshold, within the top-k set) is the full sort's, except at a top-p near-tie
+    (a mass within 1e-12 of top_p); its threshold is the smallest kept weight, its kept total their sum; at
+    most ``max_passes`` passes. Returns the passes."""
+    passes, thr, total = _triton_top_p(x, top_p, top_k, temperature)
+    x64 = x.double().cpu()
+    w = torch.exp((x64 - x64.max(-1, keepdim=True).values) / temperature)  # the kernel's arithmetic
+    topk = filter_weights(x64 / temperature, top_k, None) > 0
+    want = _sorted_filter_weights(x64 / temperature, top_k, top_p) > 0
+    for r in range(x.shape[0]):
+        got = topk[r] & (w[r] >= thr[r])
+        if not torch.equal(got, want[r]):
+            assert _topp_boundary_distance((x64[r] / temperature).numpy(), top_k, top_p) < 1e-12, (r, top_p)
+            continue
+        kept = w[r][got]
+        assert float(thr[r]) == pytest.approx(float(kept.min()), rel=4e-16, abs=0), r
+        assert float(total[r]) == pytest.approx(float(kept.sum()), rel=1e-12), r
+        assert 1 <= int(passes[r]) <= max_passes, (r, int(passes[r]))
+    return passes.tolist()
+
+
+def _triton_dev():
+    return C.device("triton")
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+def test_triton_top_p_long_ties_across_the_crossing(backend):
+    """A tie group of 100 (spread over tiles: every third index) holds the crossing: kept whole, nothing below
+    it; the same with the group at the top (one value holding more than top_p)."""
+    V = 300
+    x = torch.randn(3, V, generator=C.gen(1)) - 4.0
+    x[0, 0] = 5.0
+    x[0, 1::3][:100] = 2.0  # mass above the group ~0.17, with it ~0.99: top_p 0.5 crosses inside
+    x[1, 5::3][:90] = 3.0  # the top group: one value, 90 categories
+    x[2, :150] = 1.0  # a long contiguous tie across the 128-category tiles, and one larger value
+    x[2, 200] = 1.5
+    for p in (0.5, 0.9):
+        _check_top_p_search(x.to(_triton_dev()), p)
+    _check_against_reference(backend, x.to(_triton_dev()), dict(top_p=0.5))
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+@pytest.mark.parametrize("top_p", [5e-324, 1e-12, 1e-3, 1 - 1e-9, 1 - 1e-15])
+def test_triton_top_p_near_0_and_near_1(backend, top_p):
+    """top_p near 0 keeps the maximum's tie group only; near 1 the crossing lies among the tiniest weights
+    (float64 logits down to -745: subnormal weights, far below the first pass's range), -inf never kept."""
+    V = 130
+    x = torch.randn(4, V, generator=C.gen(2), dtype=F64) * 3
+    x[1, 40] = x[1, 90] = x[1].max() + 1.0  # two equal maxima
+    x[2] = -torch.linspace(0, 745, V, dtype=F64)  # weights from 1 down through the subnormals
+    x[3, ::4] = float("-inf")
+    passes = _check_top_p_search(x.to(_triton_dev()), top_p)
+    if top_p <= 1e-12:
+        assert passes == [1, 1, 1, 1]  # settled by the first pass: the maximum alone holds top_p
+    _check_against_reference(backend, x.to(_triton_dev()), dict(top_p=top_p))
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+@pytest.mark.parametrize("dtype", C.DTYPES)
+def test_triton_top_p_dominant_token_minus_inf_and_ragged_rows(backend, dtype):
+    """One token holding >= top_p (kept alone); leading tiles of -inf; V not a multiple of the tile (7, 130,
+    300); with top-k and a temperature as well."""
+    for V in (7, 130, 300):
+        x = torch.randn(4, V, generator=C.gen(V)) * 2
+        x[0, V // 2] = 12.0  # ~all the mass
+        x[1, : min(V - 2, 140)] = float("-inf")  # leading tiles of -inf
+        x[2, ::2] = float("-inf")
+        x = x.to(_triton_dev(), dtype)
+        for kw in (dict(top_p=0.9), dict(top_p=0.3), dict(top_p=0.95, top_k=5), dict(top_p=0.7, temperature=0.6)):
+            passes = _check_top_p_search(x, kw["top_p"], kw.get("top_k"), kw.get("temperature", 1.0))
+            assert passes[0] == 1  # the dominant token settles it in the first pass
+            _check_against_reference(backend, x, kw)
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+def test_triton_top_p_weights_spread_over_every_bit(backend):
+    """Weights 0.6·(1 + 2**-i), i = 1..52, next to the maximum: their bit patterns differ at every scale, so
+    the search narrows five bits a pass; the crossing is placed at several depths. Passes stay within the
+    bound stated in the kernel (at most 14)."""
+    i = torch.arange(1, 53, dtype=F64)
+    z = torch.cat([torch.zeros(1, dtype=F64), np.log(0.6) + torch.log1p(2.0 ** -i), torch.full((20,), -30.0,
+                                                                                          dtype=F64)])
+    x = z.expand(3, -1).contiguous()
+    seen = []
+    for depth in (5, 30, 45):
+        W = float(torch.exp(z).sum())
+        p = (1.0 + float(torch.exp(z[1:depth]).sum()) + 0.5 * float(torch.exp(z[depth]))) / W
+        seen += _check_top_p_search(x.to(_triton_dev()), p)
+    assert max(seen) > 3  # deep crossings really take several passes
+    _check_against_reference(backend, x.to(_triton_dev()), dict(top_p=p))
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+@pytest.mark.parametrize("temperature", [1e-30, 1e-5, 0.7, 1e30])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_triton_top_p_extreme_temperatures_and_magnitudes(backend, temperature, dtype):
+    """Logits / temperature far outside the first bracket's guess grid (clamped at 2**50 buckets) or all within
+    one bucket: the guess may be useless, the kept set must still be exact."""
+    x = torch.randn(3, 40, generator=C.gen(1)) * 3
+    x[1] *= 1e6
+    x[2, 7] = x[2, 20] = x[2].max()  # a tie at the top
+    x = x.to(_triton_dev(), dtype)
+    for p in (0.3, 0.9):
+        _check_top_p_search(x, p, temperature=temperature)
+        _check_against_reference(backend, x, dict(top_p=p, temperature=temperature))
+
+
+@pytest.mark.skipif(not C.HAVE_TRITON or not _tc.ptxas_available(), reason="needs Triton with its NVIDIA backend")
+def test_triton_top_p_kernel_compiles_for_a_gpu():
+    """The interpreter never compiles the kernel: compile top-p configurations the launcher uses for sm_90
+    (Triton's whole pipeline and ptxas, no GPU needed); no register spills at the wide tiles (a 16-category
+    tile on 4 warps spills a few bytes: only compiled)."""
+    glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
+    types = {"logits_ptr": "*fp32", "stride_l": "i64", "tok_ptr": "*i64", "V": "i32", "temperature_bits": "i64",
+             "top_k": "i64", "top_p_bits": "i64", "seed_lo": "i32", "seed_hi": "i32", "off_lo": "i32",
+             "off_hi": "i32", "row_lo": "i32", "row_hi": "i32", "stats_ptr": "*i64"}
+    configs = []
+    for f64, top_k, block in ((False, False, 4096), (False, True, 4096), (True, False, 4096), (False, False, 1024),
+                              (False, False, 16)):
+        consts = dict(GREEDY=False, HAS_TOPK=top_k, HAS_TOPP=True, XDT="tl.float64" if f64 else "tl.float32",
+                      WDT="tl.float64", KEY="tl.int64" if f64 else "tl.int32",
+                      SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF, BLOCK=block, KSPLIT=glue.TOPP_SPLIT,
+                      SBLOCK=min(block, glue.TOPP_TILE), STATS=False)
+        configs.append((dict(types, logits_ptr="*fp64" if f64 else "*fp32"), consts, 8 if block >= 2048 else 4))
+    for (_, consts, _), res in zip(configs, _tc.compile_sm90("sample_categorical", "_sample_categorical_fwd_kernel",
+                                                             configs)):
+        assert res["error"] is None, (consts, res["error"])
+        assert res["spill"] == 0 or consts["BLOCK"] < 1024, (consts, res)

@@ -2,7 +2,9 @@
 :class:`~fastdiff.ops._plan.PosteriorPlan`, float64 throughout; pass 1 the max of ``logit / temperature``,
 pass 2 the exp-sum (and, per-token, the two sums of the mask weight and the total), closed-form totals where
 ``Σ p = 1`` makes them exact; the draw by a block-wide CDF scan in index order. The matrix kind stages the
-row's ``p`` in shared memory when it fits."""
+row's ``p`` in shared memory when it fits. A masked absorbing row (scalar schedule, the mask the first or last
+category) whose uniform falls in the mask's closed-form share stays the mask without either pass (the mask
+shortcut of the reference's ``_affine_sample``; the public op checks the values first)."""
 
 from __future__ import annotations
 

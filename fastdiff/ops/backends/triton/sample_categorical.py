@@ -1,7 +1,7 @@
 """``sample_categorical`` on the Triton backend: the launcher of ``kernels/sample_categorical.py`` (one program
-per row; temperature, tie-inclusive top-k / top-p by exact threshold bisection, the reference's counter-based
-inverse-CDF draw) and its custom op ``fastdiff_triton::sample_categorical`` (the schema of every backend,
-``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL`` in ``csrc/schema.h``)."""
+per row; temperature, tie-inclusive top-k by exact threshold bisection, top-p by an exact 32-way threshold
+search, the reference's counter-based inverse-CDF draw) and its custom op ``fastdiff_triton::sample_categorical``
+(the schema of every backend, ``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL`` in ``csrc/schema.h``)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,19 @@ from . import _launch as _common
 from . import use_ops
 from .. import python_op
 
+# top-p search: sub-ranges per pass, and the categories per [tile, sub-range] comparison block
+TOPP_SPLIT = 32
+TOPP_TILE = 256
+
 SCHEMA = "(Tensor logits, int seed, int offset, float temperature, int top_k, float top_p, int row_offset) -> Tensor"
 
 
 def _sample_categorical_fwd(logits: torch.Tensor, seed: int, offset: int, temperature: float, top_k: int, top_p: float,
-                            row_offset: int) -> torch.Tensor:
+                            row_offset: int, stats: torch.Tensor | None = None) -> torch.Tensor:
     """Launcher (``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL``): ``logits: (N, V)`` with unit column stride -> tokens
     ``(N,)`` int64. ``top_k = 0`` and ``top_p = 1.0`` mean no filter. The kernel takes the 64-bit counter
-    words as 32-bit halves."""
+    words as 32-bit halves. ``stats`` (int64 ``(N, 3)``, top-p only; tests and pass counts): per row the top-p
+    search's passes over the row, the bits of the smallest kept weight and of the kept total."""
     N, V = logits.shape
     tokens = torch.empty(N, dtype=torch.int64, device=logits.device)
     if N == 0:
@@ -36,11 +41,12 @@ def _sample_categorical_fwd(logits: torch.Tensor, seed: int, offset: int, temper
     BLOCK = _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096)
     _sample_categorical_fwd_kernel[(N,)](
         logits, logits.stride(0), tokens, V, _common.f64_bits(temperature), int(top_k), _common.f64_bits(top_p),
-        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
+        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, tokens if stats is None else stats,
         GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
         XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
         KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
-        BLOCK=BLOCK, num_warps=8 if BLOCK >= 2048 else 4,
+        BLOCK=BLOCK, KSPLIT=TOPP_SPLIT, SBLOCK=min(BLOCK, TOPP_TILE), STATS=stats is not None and has_topp,
+        num_warps=8 if BLOCK >= 2048 else 4,
     )
     return tokens
 
