@@ -179,11 +179,12 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
 // weights, each evaluating A(t) and #{e >= t} at one trial t:
 //   * the first t from a normal fit of the weighted logits (their mean and spread under the weights,
 //     taken in the exp pass): a smooth row's nucleus edge lies near mean - Phi^-1(top_p) * spread;
-//   * then Newton-like steps on h = logit(A / S) against log t (the slope from the last two trials),
+//   * then Newton-like steps on h = Phi^-1(A / S) against log t (the slope from the last two trials),
 //     each aimed about kBand / 4 categories past the predicted edge, away from the last trial, so that
 //     the edge is soon bracketed closely from both sides (two or three passes on smooth rows);
-//   * a run of steps that do not halve the bracket's float32 bit patterns is followed by their
-//     bisection, so the search ends on any row, ties included.
+//   * after three steps in a row that halve neither the count inside nor the bracket's float32 bit
+//     patterns, a bisection; the bisections alone empty the bracket in 32 steps, so the search ends on
+//     any row, ties included.
 // Once at most kBand weights can lie strictly inside, one pass sums the weights >= hi per CDF chunk and
 // collects the few inside; those are sorted and walked, tie groups whole, as the reference's sorted walk
 // does, and added to their chunks' sums if kept. The draw then reads these chunk sums (no exp pass).
@@ -224,7 +225,7 @@ FASTDIFF_INLINE int64_t hsum(v8i v) {
   return s;
 }
 
-FASTDIFF_INLINE int any_set(v8i v) {  // a horizontal OR in three shuffles
+FASTDIFF_INLINE int any_set(v8i v) {  // a horizontal OR in three shuffles (of bit masks: their union)
   v |= __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
   v |= __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
   v |= __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
@@ -289,10 +290,10 @@ FASTDIFF_CLONES void topp_weights_f32(const float* x, int64_t n, float M, float 
   *mom = m;
 }
 
-// A(t) = sum of e > t (float32 within blocks of kBlock, float64 across) and #{e >= t}.
+// A(t) = sum of e > t (float32 within blocks of kBlock, float64 across) and #{e > t}.
 struct MassAt {
   double above;
-  int64_t ge;
+  int64_t gt;
 };
 
 // (kTotal: also the sum of every weight, *total, in the same blocks.)
@@ -306,12 +307,13 @@ FASTDIFF_INLINE MassAt topp_mass_body(const float* e, int64_t n, float t, double
     v8f b0 = {}, b1 = {}, b2 = {}, b3 = {}, d0 = {}, d1 = {};
     for (int64_t j = i; j < i + kBlock; j += 32) {
       const v8f x0 = load8(e + j), x1 = load8(e + j + 8), x2 = load8(e + j + 16), x3 = load8(e + j + 24);
-      b0 += x0 > tv ? x0 : zero;
-      b1 += x1 > tv ? x1 : zero;
-      b2 += x2 > tv ? x2 : zero;
-      b3 += x3 > tv ? x3 : zero;
-      c0 -= (x0 >= tv) + (x1 >= tv);  // a true comparison is -1
-      c1 -= (x2 >= tv) + (x3 >= tv);
+      const v8i k0 = x0 > tv, k1 = x1 > tv, k2 = x2 > tv, k3 = x3 > tv;
+      b0 += k0 ? x0 : zero;
+      b1 += k1 ? x1 : zero;
+      b2 += k2 ? x2 : zero;
+      b3 += k3 ? x3 : zero;
+      c0 -= k0 + k1;  // a true comparison is -1
+      c1 -= k2 + k3;
       if (kTotal) {
         d0 += x0 + x1;
         d1 += x2 + x3;
@@ -324,7 +326,7 @@ FASTDIFF_INLINE MassAt topp_mass_body(const float* e, int64_t n, float t, double
   double s = hsum(all);
   for (; i < n; ++i) {
     m.above += e[i] > t ? static_cast<double>(e[i]) : 0.0;
-    m.ge += e[i] >= t ? 1 : 0;
+    m.gt += e[i] > t ? 1 : 0;
     s += static_cast<double>(e[i]);
   }
   if (kTotal) *total = s;
@@ -339,10 +341,11 @@ FASTDIFF_CLONES MassAt topp_mass_total_f32(const float* e, int64_t n, float t, d
   return topp_mass_body<true>(e, n, t, total);
 }
 
-// sum of e > t (or >= t) in float64 throughout (the comparisons the float32 blocks cannot decide).
-FASTDIFF_CLONES double topp_mass_f64(const float* e, int64_t n, float t, bool inclusive) {
+// sum of e > t (or >= t) in float64 throughout, and *total, the sum of every e (the comparisons the
+// float32 blocks cannot decide).
+FASTDIFF_CLONES double topp_mass_f64(const float* e, int64_t n, float t, bool inclusive, double* total) {
   const v8f tv = v8f{} + t, zero = {};
-  v8d a0 = {}, a1 = {};
+  v8d a0 = {}, a1 = {}, s0 = {}, s1 = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const v8f x0 = load8(e + i), x1 = load8(e + i + 8);
@@ -350,28 +353,35 @@ FASTDIFF_CLONES double topp_mass_f64(const float* e, int64_t n, float t, bool in
     const v8f k1 = inclusive ? (x1 >= tv ? x1 : zero) : (x1 > tv ? x1 : zero);
     a0 += __builtin_convertvector(k0, v8d);
     a1 += __builtin_convertvector(k1, v8d);
+    s0 += __builtin_convertvector(x0, v8d);
+    s1 += __builtin_convertvector(x1, v8d);
   }
-  double s = hsum(a0 + a1);
-  for (; i < n; ++i) s += (inclusive ? e[i] >= t : e[i] > t) ? static_cast<double>(e[i]) : 0.0;
+  double s = hsum(a0 + a1), all = hsum(s0 + s1);
+  for (; i < n; ++i) {
+    s += (inclusive ? e[i] >= t : e[i] > t) ? static_cast<double>(e[i]) : 0.0;
+    all += static_cast<double>(e[i]);
+  }
+  *total = all;
   return s;
 }
 
 // Per CDF chunk c: E[c] = sum of e >= hi in it (float32 lanes per half chunk of kBlock); returns their
-// float64 total. band: the indices of lo < e < hi (at most cap; band has room for cap + 32), found by
-// groups of 32, each then scanned without branches.
+// float64 total. band: the indices of lo < e < hi (at most cap; band has room for cap + 32), from a
+// bit mask per group of 32.
 static_assert(CH == 2 * kBlock, "a CDF chunk is two blocks");
 FASTDIFF_CLONES double topp_collect_f32(const float* e, int64_t n, float lo, float hi, double* E, int64_t* band,
                                         int64_t cap, int64_t* nband) {
   const v8f lov = v8f{} + lo, hiv = v8f{} + hi, zero = {};
   double G = 0.0;
   int64_t nb = 0;
-  auto scan = [&](int64_t a, int64_t b) {
+  auto scan = [&](int64_t a, int64_t b) {  // the row's tail
     for (int64_t j = a; j < b; ++j) {
       band[nb] = j;
       nb += (e[j] > lo) & (e[j] < hi);
     }
     nb = std::min(nb, cap);
   };
+  const v8i bit = {1, 2, 4, 8, 16, 32, 64, 128};
   int64_t c = 0, i = 0;
   for (; i + CH <= n; i += CH, ++c) {
     v8d ec = {};
@@ -384,8 +394,14 @@ FASTDIFF_CLONES double topp_collect_f32(const float* e, int64_t n, float lo, flo
         b1 += k1 ? x1 : zero;
         b2 += k2 ? x2 : zero;
         b3 += k3 ? x3 : zero;
-        const v8i in = ((x0 > lov) & ~k0) | ((x1 > lov) & ~k1) | ((x2 > lov) & ~k2) | ((x3 > lov) & ~k3);
-        if (__builtin_expect(any_set(in) != 0, 0)) scan(j, j + 32);
+        // lane l of vector v inside: bit 8 v + l of the group's mask
+        const v8i in = ((x0 > lov) & ~k0 & bit) | (((x1 > lov) & ~k1 & bit) << 8) |
+                       (((x2 > lov) & ~k2 & bit) << 16) | (((x3 > lov) & ~k3 & bit) << 24);
+        uint32_t mask = static_cast<uint32_t>(any_set(in));
+        while (__builtin_expect(mask != 0, 0) && nb < cap) {
+          band[nb++] = j + __builtin_ctz(mask);
+          mask &= mask - 1;
+        }
       }
       ec += __builtin_convertvector((b0 + b1) + (b2 + b3), v8d);
     }
@@ -443,6 +459,29 @@ int64_t topp_draw(const float* x, const float* e, int64_t V, float M, double tem
   return V - 1;
 }
 
+// The standard normal quantile Phi^-1(p), by P. J. Acklam's rational approximations (relative error about
+// 1e-9; only the search's trials are aimed with it).
+inline double normal_quantile(double p) {
+  static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+                             1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
+  static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+                             6.680131188771972e+01,  -1.328068155288572e+01};
+  static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+                             -2.549732539343734e+00, 4.374664141464968e+00,  2.938163982698783e+00};
+  static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+                             3.754408661907416e+00};
+  p = std::min(std::max(p, 1e-300), 1.0 - 1e-16);
+  auto tail = [&](double q) {
+    return (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+           ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+  };
+  if (p < 0.02425) return tail(std::sqrt(-2.0 * std::log(p)));
+  if (p > 1.0 - 0.02425) return -tail(std::sqrt(-2.0 * std::log1p(-p)));
+  const double q = p - 0.5, r = q * q;
+  return (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+         (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0);
+}
+
 inline float float_mid(float a, float b) {  // the middle float32 bit pattern of 0 <= a < b
   uint32_t ia, ib;
   std::memcpy(&ia, &a, 4);
@@ -476,27 +515,28 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
   topp_weights_f32(x, V, M, static_cast<float>(1.0 / temp), thr, e, &mo, next, next_bytes);
   // S, the weights' sum, comes from the first search pass in float32 blocks (within kSumErr * S), so P is
   // known to within errP. A comparison with P that these bounds cannot decide is made again in float64:
-  // S and the mass exactly (exact_P, exact_below).
+  // S and the mass in one pass (exact).
   double S = 0.0, P = 0.0, errP = 0.0, Pexact = -1.0;
-  auto exact_P = [&]() {
-    if (Pexact < 0.0) Pexact = top_p * topp_mass_f64(e, V, 0.0f, true);
-    return Pexact;
+  auto exact = [&](float t, bool inclusive) {  // the mass above t in float64; sets Pexact
+    double total;
+    const double A = topp_mass_f64(e, V, t, inclusive, &total);
+    Pexact = top_p * total;
+    return A;
   };
   auto below = [&](double As, float t) {  // A(t) < P
     const double err = kSumErr * As + errP + 1e-300;
     if (As + err < P) return true;
     if (As - err >= P) return false;
-    return topp_mass_f64(e, V, t, false) < exact_P();
+    const double A = exact(t, false);
+    return A < Pexact;
   };
-  // The bracket, also as log t and h = logit(A / S); ge_lo = #{e >= lo} bounds the count strictly
-  // inside from above with ge_hi = #{e >= hi} (V and 0 before they first move: bounds).
+  // The bracket, also as log t; gt_lo - gt_hi = #{lo < e <= hi} bounds the count strictly inside (V and 0
+  // before they first move: bounds).
   float lo = 0.0f, hi = 1.0f;  // A(0) = S >= P; A(1) = 0 < P (every weight is <= 1)
-  int64_t ge_lo = V, ge_hi = 0;
-  auto h = [&](double A) {
-    const double q = std::min(std::max(A / S, 1e-12), 1.0 - 1e-12);
-    return std::log(q / (1.0 - q));
-  };
-  const double target = std::log(top_p / (1.0 - top_p));  // h(P)
+  int64_t gt_lo = V, gt_hi = 0;
+  // h = Phi^-1(A / S): linear in log t, of slope -1 / spread, where the weighted logits are normal.
+  auto h = [&](double A) { return normal_quantile(A / S); };
+  const double target = normal_quantile(top_p);  // h(P)
   double ulo = -88.0, uhi = 0.0;  // below e^-87.3 every weight is 0
   const double mu = mo.w1 / mo.w0, sd = std::sqrt(std::max(mo.w2 / mo.w0 - mu * mu, 1e-12));
   // Categories per unit of log t near u, by a normal fit of the logits by count (the aim past the edge
@@ -506,21 +546,22 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
     const double q = (uu - cm) / cs;
     return mo.n0 * std::exp(-0.5 * q * q) / (cs * 2.5066282746310002);
   };
-  double u = mu - sd * std::log(top_p / (1.0 - top_p)) / 1.702;  // Phi^-1(p) ~ logit(p) / 1.702
+  double u = mu - sd * target;
   double ucur = u, hcur = 0.0, uprev = 0.0, hprev = 0.0;         // the last two trials
-  int64_t gecur = 0, geprev = 0;
+  int64_t gtcur = 0, gtprev = 0;
   bool last_hi = false, bisect = false;
-  int slow = 0;  // consecutive steps that did not halve the bracket's bit patterns
-  for (int it = 0; it < 128 && ge_lo - ge_hi > kBand; ++it) {
+  int slow = 0;  // consecutive steps that halved neither the count bound nor the bracket's bit patterns
+  for (int it = 0; it < 128 && gt_lo - gt_hi > kBand; ++it) {
     const uint32_t width = float_bits(hi) - float_bits(lo);
+    const int64_t count = gt_lo - gt_hi;
     if (it > 0) {
       u = 0.5 * (ulo + uhi);
       if (!bisect) {
-        const double slope = it > 1 && ucur != uprev ? (hcur - hprev) / (ucur - uprev) : -1.702 / sd;
+        const double slope = it > 1 && ucur != uprev ? (hcur - hprev) / (ucur - uprev) : -1.0 / sd;
         if (slope < 0.0) {
           double us = ucur + (target - hcur) / slope;
-          const double density = it > 1 && gecur != geprev
-                                     ? std::fabs(static_cast<double>(gecur - geprev) / (ucur - uprev))
+          const double density = it > 1 && gtcur != gtprev
+                                     ? std::fabs(static_cast<double>(gtcur - gtprev) / (ucur - uprev))
                                      : model_density(us);
           if (density > 0.0) us += (last_hi ? -1.0 : 1.0) * (kBand / 4.0) / density;
           if (us > ulo && us < uhi) u = us;
@@ -540,24 +581,25 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
     }
     uprev = ucur;
     hprev = hcur;
-    geprev = gecur;
+    gtprev = gtcur;
     ucur = std::log(static_cast<double>(t));
     hcur = h(m.above);
-    gecur = m.ge;
+    gtcur = m.gt;
     last_hi = below(m.above, t);
     if (last_hi) {
       hi = t;
       uhi = ucur;
-      ge_hi = m.ge;
+      gt_hi = m.gt;
     } else {
       lo = t;
       ulo = ucur;
-      ge_lo = m.ge;
+      gt_lo = m.gt;
     }
-    slow = (float_bits(hi) - float_bits(lo)) * 2 > width ? slow + 1 : 0;
+    const bool halved = (float_bits(hi) - float_bits(lo)) * 2 <= width || (gt_lo - gt_hi) * 2 <= count;
+    slow = halved ? 0 : slow + 1;
     bisect = !bisect && slow >= 3;
   }
-  const int64_t cap = std::max<int64_t>(ge_lo - ge_hi, 0);
+  const int64_t cap = std::max<int64_t>(gt_lo - gt_hi, 0);
   w.band.resize(static_cast<size_t>(cap + 32));
   int64_t nb;
   double G = topp_collect_f32(e, V, lo, hi, E, w.band.data(), cap, &nb);
@@ -569,12 +611,12 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
   // in float64 and the walk repeated.
   size_t kept_n = 0;
   if (S == 0.0) {  // the search made no pass (at most kBand weights in the row): S in float64 now
-    S = topp_mass_f64(e, V, 0.0f, true);
-    P = top_p * S;
+    exact(0.0f, true);
+    P = Pexact;
   }
   for (int pass = 0; pass < 2; ++pass) {
     const double err = pass == 0 ? kSumErr * G + errP + 1e-300 : 0.0;
-    const double Pw = pass == 0 ? P : exact_P();
+    const double Pw = pass == 0 ? P : Pexact;
     double g = G;
     bool unsure = false;
     kept_n = 0;
@@ -587,7 +629,7 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
       i = k;
     }
     if (!unsure) break;
-    G = topp_mass_f64(e, V, hi, true);
+    G = exact(hi, true);
   }
   float tau = hi;
   for (size_t i = 0; i < kept_n; ++i) {
