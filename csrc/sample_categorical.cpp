@@ -172,27 +172,32 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
 
 // ---- top-p on float32 rows: a threshold search over the stored weights ------------------------------
 // The float32 weights e_j = exp((x_j - M) / temp) (0 below the top-k threshold) are written once to a
-// row-sized scratch that stays in L2, with their float64 sum S. The kept set is {e >= tau}: tau is the
-// smallest weight whose "mass strictly above" A(tau) = sum_{e > tau} e is below P = top_p * S (the
-// reference's tie-inclusive nucleus, on these weights). A bracket lo < tau <= hi (A(lo) >= P: nothing
-// <= lo is kept; A(hi) < P: everything >= hi is kept) is narrowed by vectorised passes over the stored
-// weights, each evaluating A(t) and #{e >= t} at one trial t:
-//   * the first t from a normal fit of the weighted logits (their mean and spread under the weights,
-//     taken in the exp pass): a smooth row's nucleus edge lies near mean - Phi^-1(top_p) * spread;
-//   * then Newton-like steps on h = Phi^-1(A / S) against log t (the slope from the last two trials),
-//     each aimed about kBand / 4 categories past the predicted edge, away from the last trial, so that
-//     the edge is soon bracketed closely from both sides (two or three passes on smooth rows);
+// row-sized scratch that stays in L2. The kept set is {e >= tau}: tau is the smallest weight whose "mass
+// strictly above" A(tau) = sum_{e > tau} e is below P = top_p * S, S = sum e (the reference's
+// tie-inclusive nucleus, on these weights). A bracket lo < tau <= hi (A(lo) >= P: nothing <= lo is kept;
+// A(hi) < P: everything >= hi is kept) is narrowed by vectorised passes over the stored weights, each
+// evaluating A(t) and #{e > t} at one trial t (the first pass also S):
+//   * the first t from a normal fit of the weighted logits (their mean and spread under the weights, from
+//     a sample taken after the exp pass): a smooth row's nucleus edge lies near mean - Phi^-1(top_p) * spread;
+//   * then Newton-like steps on h = Phi^-1(A / S) against log t (the fit's slope, then the slope through
+//     the last two trials), each aimed about kBand / 4 categories past the predicted edge, away from the
+//     last trial, so that the edge is soon bracketed closely from both sides (two or three passes on
+//     smooth rows);
 //   * after three steps in a row that halve neither the count inside nor the bracket's float32 bit
 //     patterns, a bisection; the bisections alone empty the bracket in 32 steps, so the search ends on
 //     any row, ties included.
 // Once at most kBand weights can lie strictly inside, one pass sums the weights >= hi per CDF chunk and
-// collects the few inside; those are sorted and walked, tie groups whole, as the reference's sorted walk
-// does, and added to their chunks' sums if kept. The draw then reads these chunk sums (no exp pass).
+// collects those inside (a bit mask per 32); they are sorted and walked, tie groups whole, as the
+// reference's sorted walk does, and added to their chunks' sums if kept. The draw then reads these chunk
+// sums and the stored weights (no second exp pass).
 //
 // Exactness: the passes sum in float32 lanes within blocks of kBlock, four accumulators of eight lanes (the
 // lanes' arithmetic is fixed by the vector types, whatever width a clone lowers them to): at most 10
-// roundings deep, so within kSumErr of the block's sum; the blocks are combined in float64. A comparison with P that this bound cannot decide is made again with a
-// float64 pass (topp_mass_f64), so every decision is the one float64 sums of these weights give.
+// roundings deep, so within kSumErr of the block's sum, and combine the blocks in float64. A comparison
+// with P that these bounds (of the mass and of S) cannot decide is made again from one float64 pass
+// (topp_mass_f64), so every decision is the one float64 sums of these weights give. (Summing in float64
+// lanes throughout cost more than these rare extra passes: about 15% of rows of the benchmark's normal
+// logits, as of this writing.)
 //
 // Memory: the row's max pass is the only read from memory; the exp pass prefetches the next row into L2,
 // so that the next row's max pass reads L2 (the plain draw's fused pass overlaps the two instead).
@@ -232,7 +237,7 @@ FASTDIFF_INLINE int any_set(v8i v) {  // a horizontal OR in three shuffles (of b
   return v[0];
 }
 
-// Writes e_j; *mom: the moments below (z_j = (x_j - M) / temp) from every fourth group of 16, for a first
+// Writes e_j; *mom: the moments below (z_j = (x_j - M) / temp) from every eighth group of 16, for a first
 // guess only (the exact sum of the weights comes from the first search pass). Prefetches next[0,
 // next_bytes) into L2 meanwhile. The exp loop has no reduction (as eprobs_f32: the widest vectors, no lane
 // spills); the moments are a second loop, by chunks of CH from L1. (A float64 reduction in the `omp simd` exp loop
@@ -254,13 +259,18 @@ FASTDIFF_CLONES void topp_weights_f32(const float* x, int64_t n, float M, float 
     if (bpe > 0) {
       for (int64_t b = lo * bpe; b < std::min(next_bytes, hi * bpe); b += 64) __builtin_prefetch(next + b, 0, 2);
     }
+    if (thr == -kInfF) {  // no top-k: every weight (no select)
 #pragma omp simd
-    for (int64_t i = lo; i < hi; ++i) {
-      const float e = exp_f32_nonpos((x[i] - M) * inv_t);
-      out[i] = x[i] >= thr ? e : 0.0f;
+      for (int64_t i = lo; i < hi; ++i) out[i] = exp_f32_nonpos((x[i] - M) * inv_t);
+    } else {
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) {
+        const float e = exp_f32_nonpos((x[i] - M) * inv_t);
+        out[i] = x[i] >= thr ? e : 0.0f;
+      }
     }
     if (hi - lo < CH) break;
-    for (int64_t i = lo; i < hi; i += 64) {
+    for (int64_t i = lo; i < hi; i += 128) {
       const v8f e0 = load8(out + i), e1 = load8(out + i + 8);
       const v8f z0 = (load8(x + i) - Mv) * iv, z1 = (load8(x + i + 8) - Mv) * iv;
       const v8i p0 = e0 > zero, p1 = e1 > zero;
@@ -274,7 +284,7 @@ FASTDIFF_CLONES void topp_weights_f32(const float* x, int64_t n, float M, float 
       c2 += y0 * y0 + y1 * y1;
     }
   }
-  auto wide = [](v8f v) { return 4.0 * hsum(__builtin_convertvector(v, v8d)); };  // a quarter was sampled
+  auto wide = [](v8f v) { return 8.0 * hsum(__builtin_convertvector(v, v8d)); };  // an eighth was sampled
   Moments m{wide(s0), wide(s1), wide(s2), wide(c0), wide(c1), wide(c2)};
   for (int64_t i = lo; i < n; ++i) {  // the partial last chunk, whole
     const double z = static_cast<double>((x[i] - M) * inv_t), e = static_cast<double>(out[i]);
