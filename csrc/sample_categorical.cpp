@@ -551,7 +551,7 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
   const double mu = mo.w1 / mo.w0, sd = std::sqrt(std::max(mo.w2 / mo.w0 - mu * mu, 1e-12));
   // Categories per unit of log t near u, by a normal fit of the logits by count (the aim past the edge
   // before two trials have measured it).
-  const double cm = mo.n1 / std::max(mo.n0, 1.0), cs = std::sqrt(std::max(mo.n2 / std::max(mo.n0, 1.0) - cm * cm, 1e-12));
+  const double n0 = std::max(mo.n0, 1.0), cm = mo.n1 / n0, cs = std::sqrt(std::max(mo.n2 / n0 - cm * cm, 1e-12));
   auto model_density = [&](double uu) {
     const double q = (uu - cm) / cs;
     return mo.n0 * std::exp(-0.5 * q * q) / (cs * 2.5066282746310002);
