@@ -37,7 +37,7 @@ class Bidir(nn.Module):
         self.calls += 1
         B, L = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(L).expand(B, L)
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
         h = self.emb[input_ids] + self.pos[position_ids]
         s = (h @ self.wq) @ (h @ self.wk).transpose(1, 2)
         if attention_mask is not None:

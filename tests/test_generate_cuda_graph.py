@@ -27,37 +27,17 @@ from fastdiff.generation import _graph
 from fastdiff.generation._graph import GenerateGraphs, select_dense
 from fastdiff.models import SEDConfig, SEDDenoiser
 from fastdiff.ops.select_tokens import MODE_THRESHOLD, MODE_TOP_K, RULES, _select
+from tests.test_generate import Bidir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, MASK = 24, 23
 
 
-class LMBidir(nn.Module):
-    """A tiny bidirectional LM in the LM calling convention (time-free; padding mask and positions)."""
-
-    def __init__(self, seed: int = 0, width: int = 16) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.emb = nn.Parameter(torch.randn(V, width, generator=g))
-        self.pos = nn.Parameter(torch.randn(64, width, generator=g) * 0.5)
-        self.wq = nn.Parameter(torch.randn(width, width, generator=g) / width**0.5)
-        self.wk = nn.Parameter(torch.randn(width, width, generator=g) / width**0.5)
-        self.out = nn.Parameter(torch.randn(width, V, generator=g) * 2 / width**0.5)
-        self.calls = 0
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        self.calls += 1
-        B, L = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
-        h = self.emb[input_ids] + self.pos[position_ids]
-        s = (h @ self.wq) @ (h @ self.wk).transpose(1, 2)
-        if attention_mask is not None:
-            s = s.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
-        h = h + torch.softmax(s, -1) @ h
-        return h @ self.out
+def LMBidir(seed: int = 0) -> Bidir:  # noqa: N802
+    """test_generate's tiny bidirectional LM in the LM calling convention (time-free; padding mask and
+    positions), on this file's vocabulary."""
+    return Bidir(vocab=V, seed=seed)
 
 
 def sed(seed: int = 0) -> SEDDenoiser:
@@ -218,7 +198,7 @@ def test_graphs_are_captured_once_per_static_shape_and_replayed() -> None:
 def test_a_replaced_parameter_is_captured_anew() -> None:
     """A callback that replaces a weight tensor between steps (not in place): the next step captures a graph
     reading the new storage, so the tokens stay the eager run's (same callback)."""
-    def swap(model: LMBidir):
+    def swap(model: Bidir):
         def cb(step) -> None:
             if step.step == 3:
                 model.out = nn.Parameter(model.out.detach() * -1.0)
@@ -323,7 +303,7 @@ def test_a_body_that_cannot_be_captured_raises_naming_cuda_graph() -> None:
                                      (float("-inf"), "every logit at -inf")])
 @pytest.mark.parametrize("cache", [None, "dual"])
 def test_bad_logits_raise_the_eager_error_after_a_replay(bad: float, msg: str, cache: str | None) -> None:
-    class Bad(LMBidir):
+    class Bad(Bidir):
         def forward(self, input_ids, attention_mask=None, position_ids=None):
             out = super().forward(input_ids, attention_mask, position_ids)
             return torch.where(input_ids[..., None] == MASK, torch.full_like(out, bad), out) if bad < 0 else \
@@ -337,9 +317,9 @@ def test_bad_logits_raise_the_eager_error_after_a_replay(bad: float, msg: str, c
 
     kw = dict(max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp", cache=cache)
     with pytest.raises(InputError, match=f"model output: .*{msg}") as eager:
-        fastdiff.generate(Bad(), PROMPTS, **kw)
+        fastdiff.generate(Bad(vocab=V), PROMPTS, **kw)
     with pytest.raises(InputError, match=f"model output: .*{msg}") as graphed:
-        fastdiff.generate(Bad(), PROMPTS, cuda_graph=True, _graph_kit=KIT, **kw)
+        fastdiff.generate(Bad(vocab=V), PROMPTS, cuda_graph=True, _graph_kit=KIT, **kw)
     assert str(graphed.value) == str(eager.value)
 
 

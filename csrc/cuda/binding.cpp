@@ -282,23 +282,19 @@ Tensor sample_categorical(const Tensor& logits, int64_t seed, int64_t offset, do
 }
 
 // ---- select_tokens --------------------------------------------------------------------------------
-// FASTDIFF_SCHEMA_SELECT_TOKENS (schema.h): the kernel per candidate row, the selection here (ATen).
-std::tuple<Tensor, Tensor, Tensor> select_tokens(const Tensor& logits, const Tensor& candidates,
-                                                 const OptTensor& counter_rows, const OptTensor& k,
-                                                 const OptTensor& uniform, int64_t rule, double temperature,
-                                                 int64_t seed, int64_t offset, double threshold, int64_t mode,
-                                                 int64_t exclude) {
+// The checks of select_tokens' logits (B, L, V) shared by its two entry points: their dtype.
+DType check_select_logits(const Tensor& logits) {
   check_cuda(logits, "logits", logits);
   const DType dt = dtype_of(logits, "logits");
   TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(2) >= 1, "logits: expected shape (B, L, V)");
-  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
-  TORCH_CHECK_VALUE(V <= 1 || logits.stride(2) == 1, "logits: the last dimension must be contiguous");
+  TORCH_CHECK_VALUE(logits.size(2) <= 1 || logits.stride(2) == 1, "logits: the last dimension must be contiguous");
   TORCH_CHECK_VALUE(logits.stride(0) >= 0 && logits.stride(1) >= 0, "logits: negative stride");
-  check_cuda(candidates, "candidates", logits);
-  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kBool, "candidates: expected bool");
-  TORCH_CHECK_VALUE(candidates.dim() == 2 && candidates.size(0) == B && candidates.size(1) == L,
-                    "candidates: expected shape (B, L)");
-  TORCH_CHECK_VALUE(rule >= 0 && rule <= 5 && mode >= 0 && mode <= 2, "select_tokens: rule / mode out of range");
+  return dt;
+}
+
+// ... and of the draw's arguments: temperature, the excluded column, counter_rows (B, L) when sampling.
+void check_select_draw(const Tensor& logits, const OptTensor& counter_rows, double temperature, int64_t exclude) {
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
   TORCH_CHECK_VALUE(temperature >= 0.0, "temperature: must be non-negative, got ", temperature);
   TORCH_CHECK_VALUE(exclude >= -1 && exclude < V, "exclude: out of range");
   if (temperature > 0.0) {
@@ -308,6 +304,22 @@ std::tuple<Tensor, Tensor, Tensor> select_tokens(const Tensor& logits, const Ten
                           counter_rows->size(0) == B && counter_rows->size(1) == L,
                       "counter_rows: expected a (B, L) int64 tensor");
   }
+}
+
+// FASTDIFF_SCHEMA_SELECT_TOKENS (schema.h): the kernel per candidate row, the selection here (ATen).
+std::tuple<Tensor, Tensor, Tensor> select_tokens(const Tensor& logits, const Tensor& candidates,
+                                                 const OptTensor& counter_rows, const OptTensor& k,
+                                                 const OptTensor& uniform, int64_t rule, double temperature,
+                                                 int64_t seed, int64_t offset, double threshold, int64_t mode,
+                                                 int64_t exclude) {
+  const DType dt = check_select_logits(logits);
+  const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
+  check_cuda(candidates, "candidates", logits);
+  TORCH_CHECK_TYPE(candidates.scalar_type() == at::kBool, "candidates: expected bool");
+  TORCH_CHECK_VALUE(candidates.dim() == 2 && candidates.size(0) == B && candidates.size(1) == L,
+                    "candidates: expected shape (B, L)");
+  TORCH_CHECK_VALUE(rule >= 0 && rule <= 5 && mode >= 0 && mode <= 2, "select_tokens: rule / mode out of range");
+  check_select_draw(logits, counter_rows, temperature, exclude);
   if (rule == 5) {
     TORCH_CHECK_VALUE(uniform.has_value(), "uniform: required with the random rule");
     check_cuda(*uniform, "uniform", logits);
@@ -370,23 +382,11 @@ std::tuple<Tensor, Tensor, Tensor> select_tokens(const Tensor& logits, const Ten
 std::tuple<Tensor, Tensor, Tensor> select_rows_counters(const Tensor& logits, const OptTensor& counter_rows,
                                                         int64_t rule, double temperature, int64_t exclude,
                                                         const Tensor& seed_offset) {
-  check_cuda(logits, "logits", logits);
-  const DType dt = dtype_of(logits, "logits");
-  TORCH_CHECK_VALUE(logits.dim() == 3 && logits.size(2) >= 1, "logits: expected shape (B, L, V)");
+  const DType dt = check_select_logits(logits);
   const int64_t B = logits.size(0), L = logits.size(1), V = logits.size(2);
-  TORCH_CHECK_VALUE(V <= 1 || logits.stride(2) == 1, "logits: the last dimension must be contiguous");
-  TORCH_CHECK_VALUE(logits.stride(0) >= 0 && logits.stride(1) >= 0, "logits: negative stride");
   TORCH_CHECK_VALUE(rule >= 0 && rule <= 5, "select_rows_counters: rule out of range");
-  TORCH_CHECK_VALUE(temperature >= 0.0, "temperature: must be non-negative, got ", temperature);
-  TORCH_CHECK_VALUE(exclude >= -1 && exclude < V, "exclude: out of range");
   check_vec(seed_offset, "seed_offset", 2, at::kLong, logits);
-  if (temperature > 0.0) {
-    TORCH_CHECK_VALUE(counter_rows.has_value(), "counter_rows: required when temperature > 0");
-    check_cuda(*counter_rows, "counter_rows", logits);
-    TORCH_CHECK_VALUE(counter_rows->scalar_type() == at::kLong && counter_rows->dim() == 2 &&
-                          counter_rows->size(0) == B && counter_rows->size(1) == L,
-                      "counter_rows: expected a (B, L) int64 tensor");
-  }
+  check_select_draw(logits, counter_rows, temperature, exclude);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t M = B * L;
   Tensor tok = at::zeros({M}, logits.options().dtype(at::kLong));

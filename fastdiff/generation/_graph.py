@@ -76,12 +76,12 @@ from ..errors import InputError
 from ..ops._common import check_finite_above
 from ..ops._plan import int64_bits
 from ..ops.select_tokens import KERNEL, MODE_ALL, MODE_THRESHOLD, MODE_TOP_K, RULE_CODES
+from ..sampling._graph import capture_error, cuda_capture  # as fastdiff.sample's step graphs
 from . import _select as sel
 
 if TYPE_CHECKING:
     from ._loops import Run
 
-WARMUP = 2
 #: top-level graphs kept per call (a cache's first-step graph counts once, with its window graph)
 MAX_GRAPHS = 8
 
@@ -132,20 +132,6 @@ def check_device(o: Any, device: torch.device) -> None:
     if not hasattr(_C, "select_rows_counters"):
         raise InputError("cuda_graph: the built CUDA extension predates select_rows_counters; rebuild it "
                          "(python setup.py build_ext --inplace)")
-
-
-def cuda_capture(body: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Callable[[], None], tuple[torch.Tensor, ...]]:
-    """Warm ``body`` up on a side stream, capture it in a ``torch.cuda.CUDAGraph``: ``(graph.replay, outputs)``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = body()
-    return graph.replay, outs
 
 
 def select_dense(tok: torch.Tensor, key: torch.Tensor, status: torch.Tensor, candidates: torch.Tensor,
@@ -246,9 +232,7 @@ class GenerateGraphs:
         except InputError:
             raise
         except (RuntimeError, TypeError, ValueError) as e:
-            raise InputError(f"cuda_graph: the step could not be captured in a CUDA graph ({type(e).__name__}: "
-                             f"{e}); a model that reads tensor values on the host, synchronises or changes shapes "
-                             "with them cannot be replayed: use cuda_graph=False") from e
+            raise capture_error(e) from e
         finally:
             lm.calls, lm.rows, lm.seconds = calls, rows, seconds  # the capture's calls are not the run's
         self.captures += 1

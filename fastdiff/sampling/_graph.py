@@ -86,6 +86,13 @@ def unsupported(spec: Strategy, o: Options, process: Process) -> str | None:
     return None
 
 
+def capture_error(e: BaseException) -> InputError:
+    """The error naming ``cuda_graph`` for a step body that could not be captured (``e``: why)."""
+    return InputError(f"cuda_graph: the step could not be captured in a CUDA graph ({type(e).__name__}: {e}); a "
+                      "model that reads tensor values on the host, synchronises or changes shapes with them cannot "
+                      "be replayed: use cuda_graph=False")
+
+
 def cuda_capture(body: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[Callable[[], None], tuple[torch.Tensor, ...]]:
     """Warm ``body`` up on a side stream, capture it in a ``torch.cuda.CUDAGraph``: ``(graph.replay, outputs)``."""
     side = torch.cuda.Stream()
@@ -173,9 +180,7 @@ class StepGraphs:
         except InputError:
             raise
         except (RuntimeError, TypeError, ValueError) as e:
-            raise InputError(f"cuda_graph: the step could not be captured in a CUDA graph ({type(e).__name__}: "
-                             f"{e}); a model that reads tensor values on the host or changes shapes with them "
-                             "cannot be replayed: use cuda_graph=False") from e
+            raise capture_error(e) from e
         return replay, sx, skw, scalars, tokens, lr
 
     @staticmethod
