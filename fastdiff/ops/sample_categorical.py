@@ -137,16 +137,16 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
     if not bool(crossing.any()):
         return torch.zeros_like(S)
     above = torch.where(j > 0, incl.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(S[:, 0]))
-    sel = torch.eq(key, torch.where(crossing, B - 1 - j, -1)[:, None], out=_scratch(work, "sel", w, torch.bool))
-    flat = sel.view(-1).nonzero()[:, 0]  # the crossing bucket's members (zeros too), row by row
-    rows = flat // V
-    wv = w.reshape(-1)[flat]
+    flat = _members(key, torch.where(crossing, B - 1 - j, -1)[:, None], work)  # the crossing bucket's, row by row
+    rows = torch.div(flat, V, rounding_mode="floor")
+    wv = w.reshape(-1).index_select(0, flat)
     counts = torch.bincount(rows, minlength=n)
     L = int(counts.max())
-    pos = torch.arange(flat.numel(), device=w.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    pos = torch.arange(flat.numel(), device=w.device) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
     pad = torch.zeros(n, L, dtype=w.dtype, device=w.device)
-    pad[rows, pos] = wv
-    sw = pad.sort(dim=-1, descending=True).values  # order within ties is irrelevant below
+    pad.view(-1).index_copy_(0, rows * L + pos, wv)
+    # order within ties is irrelevant below; non-negative float64 sort as their int64 bit patterns (faster)
+    sw = pad.view(torch.int64).sort(dim=-1, descending=True).values.view(w.dtype)
     sp = sw / S  # the members' probabilities, as the definition's
     cum = sp.cumsum(-1)
     excl = torch.zeros_like(cum)
@@ -160,6 +160,25 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
     keep = (((above / S[:, 0])[:, None] + excl.gather(-1, first)) < top_p) & (sp > 0)
     kept_min = torch.where(keep, sw, torch.full_like(sw, float("inf"))).amin(-1)
     return torch.where(crossing, kept_min, torch.zeros_like(kept_min))[:, None]
+
+
+def _members(key: torch.Tensor, target: torch.Tensor, work: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flat (row-major) indices of the ``key: (n, V)`` entries equal to their row's ``target: (n, 1)``.
+
+    ``nonzero`` on the CPU costs about a plain pass per element scanned, so the boolean mask (padded to
+    whole 8-byte words with ``False``) is scanned as int64 words, 8x fewer elements, and only the words
+    holding a match are expanded to their 8 positions."""
+    total = key.numel()
+    words = -(-total // 8)
+    buf = work.get("sel")
+    if buf is None or buf.device != key.device or buf.numel() < 8 * words:
+        buf = work["sel"] = torch.empty(8 * words, dtype=torch.bool, device=key.device)
+    buf = buf[:8 * words]
+    buf[total:] = False
+    torch.eq(key, target, out=buf[:total].view(key.shape))
+    hit = buf.view(torch.int64).nonzero()[:, 0]
+    cand = (hit[:, None] * 8 + torch.arange(8, device=key.device)).view(-1)
+    return cand.masked_select(buf.index_select(0, cand))
 
 
 def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
