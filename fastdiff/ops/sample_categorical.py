@@ -167,7 +167,7 @@ def _members(key: torch.Tensor, target: torch.Tensor, work: dict[str, torch.Tens
 
     ``nonzero`` on the CPU costs about a plain pass per element scanned, so the boolean mask (padded to
     whole 8-byte words with ``False``) is scanned as int64 words, 8x fewer elements, and only the words
-    holding a match are expanded to their 8 positions."""
+    holding a match are read back as their 8 bytes."""
     total = key.numel()
     words = -(-total // 8)
     buf = work.get("sel")
@@ -176,9 +176,11 @@ def _members(key: torch.Tensor, target: torch.Tensor, work: dict[str, torch.Tens
     buf = buf[:8 * words]
     buf[total:] = False
     torch.eq(key, target, out=buf[:total].view(key.shape))
-    hit = buf.view(torch.int64).nonzero()[:, 0]
-    cand = (hit[:, None] * 8 + torch.arange(8, device=key.device)).view(-1)
-    return cand.masked_select(buf.index_select(0, cand))
+    words = buf.view(torch.int64)
+    hit = words.nonzero()[:, 0]
+    # the hit words' 8 bytes, in memory order (a view of int64 values as bytes keeps that order)
+    word, byte = words.index_select(0, hit).view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+    return hit.index_select(0, word) * 8 + byte
 
 
 def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
