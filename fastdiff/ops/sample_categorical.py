@@ -79,16 +79,21 @@ def _zero_below(x: torch.Tensor, thr: torch.Tensor, fill: float) -> None:
 
 # top-p without a sort: weights in [0, 1] are bucketed by the top bits of their float64 bit pattern (monotone
 # in the value for w >= 0): the exponent and ``m`` mantissa bits (2**m buckets per octave) of
-# ``w * 2**-_SCALE``: the top ``_OCTAVES`` octaves below 1 become the smallest normal exponents, so every
-# smaller w (subnormal or zero after the exact power-of-two scaling, zeros included) falls in the lowest
-# 2**m buckets, and the keys need no offset and no clamp (one pass fewer).
-_OCTAVES = 40
-_SCALE = 1022 - _OCTAVES  # 2**-40 * 2**-_SCALE = 2**-1022, the smallest normal float64
+# ``w * 2**-(1022 - O)``: the top ``O`` octaves below 1 become the smallest normal exponents, so every smaller w
+# (subnormal or zero after the exact power-of-two scaling, zeros included) falls in the lowest 2**m buckets,
+# and the keys need no offset and no clamp (one pass fewer). ``O`` and ``m`` are chosen per row: ``O`` the
+# octaves its weights span (at most ``_OCTAVES``), ``m`` the most bits that keep ``(O + 1) << m`` within the
+# budget of buckets, so a row of nearly equal weights (a "flat" row, the nucleus most of the vocabulary) gets
+# fine buckets instead of a crossing bucket of thousands of members, and a row spread over many octaves (a
+# "peaked" row) no lump of most of the row in its lowest buckets (a scatter_add into one bucket is a chain of
+# dependent additions, several times slower).
+_OCTAVES = 128
 
 
-def _bucket_bits(V: int) -> int:
-    """Mantissa bits ``m`` of the buckets: up to 6, with at most ~V / 2 buckets per row."""
-    return max(0, min(6, (V // (2 * _OCTAVES)).bit_length() - 1))
+def _bucket_budget(V: int) -> int:
+    """The largest bucket key per row: 2048 (a row of float64 bucket masses fits a 32 KiB L1 data cache; a
+    larger budget made the scatter_add slower than the finer buckets saved), at most ~V / 2."""
+    return max(1, min(2048, V // 2))
 
 
 def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -100,11 +105,18 @@ def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype
     return buf[:like.shape[0]]
 
 
-def _bucket_keys(w: torch.Tensor, m: int, out: torch.Tensor) -> torch.Tensor:
-    """int64 bucket of each ``w in [0, 1]`` in ``[0, (_OCTAVES + 1) << m]`` (``w = 1``: the last), into
-    ``out``: the bits of ``w * 2**-_SCALE`` (exact, or rounded monotonically into subnormals) >> (52 - m)."""
-    torch.mul(w, 2.0 ** -_SCALE, out=out.view(torch.float64))
-    return out.bitwise_right_shift_(52 - m)
+def _bucket_keys(w: torch.Tensor, budget: int, out: torch.Tensor) -> torch.Tensor:
+    """int64 bucket of each ``w in [0, 1]`` (rows ``(n, V)``) in ``[0, budget]``, into ``out``: per row, the bits
+    of ``w * 2**-(1022 - O)`` (exact, or rounded monotonically into subnormals) >> ``(52 - m)``, with ``O`` the
+    octaves of the row's smallest weight (``2**-O <= min w``, at most ``_OCTAVES`` and ``budget - 1``) and ``m``
+    the most bits with ``(O + 1) << m <= budget`` (``w = 1``: that key)."""
+    top = min(_OCTAVES, budget - 1)
+    wmin = w.amin(-1)
+    octaves = torch.where(wmin > 0, 1 - torch.frexp(wmin).exponent.to(torch.int64), top).clamp_(0, top)
+    scale = torch.tensor([2.0 ** (o - 1022) for o in range(top + 1)], dtype=w.dtype, device=w.device)
+    shift = torch.tensor([52 - ((budget // (o + 1)).bit_length() - 1) for o in range(top + 1)], device=w.device)
+    torch.mul(w, scale[octaves][:, None], out=out.view(torch.float64))
+    return out.bitwise_right_shift_(shift[octaves][:, None])
 
 
 def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,9 +139,9 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
     n, V = w.shape
     S = w.sum(-1, keepdim=True)  # as the definition's w.sum(-1): the same p = w / S
     # w in [0, 1] (its maximum is exp(0)): bucket keys in [0, B - 1], B - 1 the bucket of 1
-    m = _bucket_bits(V)
-    key = _bucket_keys(w, m, _scratch(work, "key", w, torch.int64))
-    B = ((_OCTAVES + 1) << m) + 1
+    budget = _bucket_budget(V)
+    key = _bucket_keys(w, budget, _scratch(work, "key", w, torch.int64))
+    B = budget + 1
     hist = torch.zeros(n, B, dtype=w.dtype, device=w.device).scatter_add_(1, key, w)
     incl = hist.flip(-1).cumsum(-1)  # weight of the buckets >= each bucket, most probable first
     j = (incl < top_p * S).sum(-1)  # the crossing bucket's position in that order (B: none, keep the row)
