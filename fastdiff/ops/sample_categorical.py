@@ -233,7 +233,9 @@ def _sample_categorical(logits: torch.Tensor, *, seed: int, offset: int, tempera
         w = _filter_weights(z, top_k, top_p, inplace=True, work=work)
         del z
         rows = torch.arange(r0, r0 + w.shape[0], device=logits.device)
-        out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows, start=row_offset))
+        # the top-p bucket keys' scratch is free again: the draw's cumulative sums reuse it
+        cdf = work["key"][:w.shape[0]].view(torch.float64) if "key" in work else None
+        out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows, start=row_offset), cdf)
     return out.reshape(logits.shape[:-1])
 
 
