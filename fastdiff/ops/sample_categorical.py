@@ -142,14 +142,21 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
     budget = _bucket_budget(V)
     key = _bucket_keys(w, budget, _scratch(work, "key", w, torch.int64))
     B = budget + 1
-    hist = torch.zeros(n, B, dtype=w.dtype, device=w.device).scatter_add_(1, key, w)
-    incl = hist.flip(-1).cumsum(-1)  # weight of the buckets >= each bucket, most probable first
-    j = (incl < top_p * S).sum(-1)  # the crossing bucket's position in that order (B: none, keep the row)
-    crossing = j < B
+    hist = work.get("hist")  # (n, B) tensors reused too: fresh ones cost page faults in the loop of row blocks
+    if hist is None or hist.shape != (n, B) or hist.device != w.device:
+        hist = work["hist"] = torch.empty(n, B, dtype=w.dtype, device=w.device)
+    hist.zero_().scatter_add_(1, key, w)
+    # In place, no flip (a fresh (n, B) tensor per block cost its page faults): the mass of the buckets <= each
+    # bucket; the mass from bucket b up is total - below[b - 1].
+    below = hist.cumsum_(-1)
+    total = below[:, -1:]
+    rest = total - top_p * S  # the crossing bucket is the highest b with below[b - 1] <= rest
+    crossing = rest[:, 0] >= 0  # else (the buckets' sum rounded below top_p * S) none: keep the row
     if not bool(crossing.any()):
         return torch.zeros_like(S)
-    above = torch.where(j > 0, incl.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(S[:, 0]))
-    flat = _members(key, torch.where(crossing, B - 1 - j, -1)[:, None], work)  # the crossing bucket's, row by row
+    b = (below[:, :-1] <= rest).sum(-1)  # below is non-decreasing: its prefix <= rest has b entries
+    above = total[:, 0] - below.gather(1, b[:, None])[:, 0]  # the mass of the buckets above b
+    flat = _members(key, torch.where(crossing, b, -1)[:, None], work)  # the crossing bucket's, row by row
     rows = torch.div(flat, V, rounding_mode="floor")
     wv = w.reshape(-1).index_select(0, flat)
     counts = torch.bincount(rows, minlength=n)
