@@ -147,14 +147,17 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
         hist = work["hist"] = torch.empty(n, B, dtype=w.dtype, device=w.device)
     hist.zero_().scatter_add_(1, key, w)
     # In place, no flip (a fresh (n, B) tensor per block cost its page faults): the mass of the buckets <= each
-    # bucket; the mass from bucket b up is total - below[b - 1].
+    # bucket; the mass from bucket c + 1 up is total - below[c] (exactly 0 over empty top buckets, whatever
+    # top_p; total - top_p * S would lose a top_p below float64 rounding of 1).
     below = hist.cumsum_(-1)
     total = below[:, -1:]
-    rest = total - top_p * S  # the crossing bucket is the highest b with below[b - 1] <= rest
-    crossing = rest[:, 0] >= 0  # else (the buckets' sum rounded below top_p * S) none: keep the row
+    target = top_p * S
+    crossing = total[:, 0] >= target[:, 0]  # else (the buckets' sum rounded below top_p * S) none: keep the row
     if not bool(crossing.any()):
         return torch.zeros_like(S)
-    b = (below[:, :-1] <= rest).sum(-1)  # below is non-decreasing: its prefix <= rest has b entries
+    # the crossing bucket b: the highest whose mass from b up reaches top_p * S; that mass does not increase
+    # with b, so b counts the c < B - 1 where it still does from c + 1
+    b = (total - below[:, :-1] >= target).sum(-1)
     above = total[:, 0] - below.gather(1, b[:, None])[:, 0]  # the mass of the buckets above b
     flat = _members(key, torch.where(crossing, b, -1)[:, None], work)  # the crossing bucket's, row by row
     rows = torch.div(flat, V, rounding_mode="floor")
