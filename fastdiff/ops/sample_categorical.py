@@ -108,10 +108,13 @@ def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype
 def _bucket_keys(w: torch.Tensor, budget: int, out: torch.Tensor) -> torch.Tensor:
     """int64 bucket of each ``w in [0, 1]`` (rows ``(n, V)``) in ``[0, budget]``, into ``out``: per row, the bits
     of ``w * 2**-(1022 - O)`` (exact, or rounded monotonically into subnormals) >> ``(52 - m)``, with ``O`` the
-    octaves of the row's smallest weight (``2**-O <= min w``, at most ``_OCTAVES`` and ``budget - 1``) and ``m``
-    the most bits with ``(O + 1) << m <= budget`` (``w = 1``: that key)."""
+    octaves of the row's smallest positive weight among every ``V // 256``-th (``2**-O <= that w``, at most
+    ``_OCTAVES`` and ``budget - 1``) and ``m`` the most bits with ``(O + 1) << m <= budget`` (``w = 1``: that
+    key). Any ``O`` gives monotone keys, hence the same result: the sample (not a pass over the row) only
+    leaves its few smaller weights, and zeros, to the linear buckets below ``2**-O``."""
     top = min(_OCTAVES, budget - 1)
-    wmin = w.amin(-1)
+    sample = w[:, ::max(1, w.shape[1] // 256)]
+    wmin = torch.where(sample > 0, sample, 1.0).amin(-1)
     octaves = torch.where(wmin > 0, 1 - torch.frexp(wmin).exponent.to(torch.int64), top).clamp_(0, top)
     scale = torch.tensor([2.0 ** (o - 1022) for o in range(top + 1)], dtype=w.dtype, device=w.device)
     shift = torch.tensor([52 - ((budget // (o + 1)).bit_length() - 1) for o in range(top + 1)], device=w.device)
