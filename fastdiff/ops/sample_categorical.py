@@ -206,11 +206,11 @@ def _members(key: torch.Tensor, target: torch.Tensor, work: dict[str, torch.Tens
     whole 8-byte words with ``False``) is scanned as int64 words, 8x fewer elements, and only the words
     holding a match are read back as their 8 bytes."""
     total = key.numel()
-    words = -(-total // 8)
+    padded = -(-total // 8) * 8
     buf = work.get("sel")
-    if buf is None or buf.device != key.device or buf.numel() < 8 * words:
-        buf = work["sel"] = torch.empty(8 * words, dtype=torch.bool, device=key.device)
-    buf = buf[:8 * words]
+    if buf is None or buf.device != key.device or buf.numel() < padded:
+        buf = work["sel"] = torch.empty(padded, dtype=torch.bool, device=key.device)
+    buf = buf[:padded]
     buf[total:] = False
     torch.eq(key, target, out=buf[:total].view(key.shape))
     words = buf.view(torch.int64)
