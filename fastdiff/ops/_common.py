@@ -213,13 +213,14 @@ def check_posterior_args(process: DiscreteProcess, x0_logits: torch.Tensor, x_t:
     return x_t, tt, ss
 
 
-def draw_from_weights(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def draw_from_weights(w: torch.Tensor, u: torch.Tensor, cdf: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse-CDF draw per row (see :mod:`fastdiff.random`): ``min{v : cumsum(w)_v > u · sum(w)}``.
 
     ``w: (n, V)`` non-negative float64 with a positive sum per row; ``u: (n,)`` in (0, 1). If rounding
     leaves ``u · sum`` at or above the last cumulative value, the last positive-weight category is taken.
+    ``cdf``: optionally a float64 scratch tensor shaped as ``w`` (not ``w``) for the cumulative sums.
     """
-    c = torch.cumsum(w, dim=-1)
+    c = torch.cumsum(w, dim=-1) if cdf is None else torch.cumsum(w, dim=-1, out=cdf)
     target = (u * c[:, -1]).unsqueeze(-1)
     idx = torch.searchsorted(c, target, right=True).squeeze(-1)
     V = w.shape[-1]

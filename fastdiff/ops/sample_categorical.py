@@ -79,16 +79,21 @@ def _zero_below(x: torch.Tensor, thr: torch.Tensor, fill: float) -> None:
 
 # top-p without a sort: weights in [0, 1] are bucketed by the top bits of their float64 bit pattern (monotone
 # in the value for w >= 0): the exponent and ``m`` mantissa bits (2**m buckets per octave) of
-# ``w * 2**-_SCALE``: the top ``_OCTAVES`` octaves below 1 become the smallest normal exponents, so every
-# smaller w (subnormal or zero after the exact power-of-two scaling, zeros included) falls in the lowest
-# 2**m buckets, and the keys need no offset and no clamp (one pass fewer).
-_OCTAVES = 40
-_SCALE = 1022 - _OCTAVES  # 2**-40 * 2**-_SCALE = 2**-1022, the smallest normal float64
+# ``w * 2**-(1022 - O)``: the top ``O`` octaves below 1 become the smallest normal exponents, so every smaller w
+# (subnormal or zero after the exact power-of-two scaling, zeros included) falls in the lowest 2**m buckets,
+# and the keys need no offset and no clamp (one pass fewer). ``O`` and ``m`` are chosen per row: ``O`` the
+# octaves its weights span (at most ``_OCTAVES``), ``m`` the most bits that keep ``(O + 1) << m`` within the
+# budget of buckets, so a row of nearly equal weights (a "flat" row, the nucleus most of the vocabulary) gets
+# fine buckets instead of a crossing bucket of thousands of members, and a row spread over many octaves (a
+# "peaked" row) no lump of most of the row in its lowest buckets (a scatter_add into one bucket is a chain of
+# dependent additions, several times slower).
+_OCTAVES = 128
 
 
-def _bucket_bits(V: int) -> int:
-    """Mantissa bits ``m`` of the buckets: up to 6, with at most ~V / 2 buckets per row."""
-    return max(0, min(6, (V // (2 * _OCTAVES)).bit_length() - 1))
+def _bucket_budget(V: int) -> int:
+    """The largest bucket key per row: 2048 (a row of float64 bucket masses fits a 32 KiB L1 data cache; a
+    larger budget made the scatter_add slower than the finer buckets saved), at most ~V / 2."""
+    return max(1, min(2048, V // 2))
 
 
 def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -100,11 +105,21 @@ def _scratch(work: dict[str, torch.Tensor], name: str, like: torch.Tensor, dtype
     return buf[:like.shape[0]]
 
 
-def _bucket_keys(w: torch.Tensor, m: int, out: torch.Tensor) -> torch.Tensor:
-    """int64 bucket of each ``w in [0, 1]`` in ``[0, (_OCTAVES + 1) << m]`` (``w = 1``: the last), into
-    ``out``: the bits of ``w * 2**-_SCALE`` (exact, or rounded monotonically into subnormals) >> (52 - m)."""
-    torch.mul(w, 2.0 ** -_SCALE, out=out.view(torch.float64))
-    return out.bitwise_right_shift_(52 - m)
+def _bucket_keys(w: torch.Tensor, budget: int, out: torch.Tensor) -> torch.Tensor:
+    """int64 bucket of each ``w in [0, 1]`` (rows ``(n, V)``) in ``[0, budget]``, into ``out``: per row, the bits
+    of ``w * 2**-(1022 - O)`` (exact, or rounded monotonically into subnormals) >> ``(52 - m)``, with ``O`` the
+    octaves of the row's smallest positive weight among every ``V // 256``-th (``2**-O <= that w``, at most
+    ``_OCTAVES`` and ``budget - 1``) and ``m`` the most bits with ``(O + 1) << m <= budget`` (``w = 1``: that
+    key). Any ``O`` gives monotone keys, hence the same result: the sample (not a pass over the row) only
+    leaves its few smaller weights, and zeros, to the linear buckets below ``2**-O``."""
+    top = min(_OCTAVES, budget - 1)
+    sample = w[:, ::max(1, w.shape[1] // 256)]
+    wmin = torch.where(sample > 0, sample, 1.0).amin(-1)
+    octaves = torch.where(wmin > 0, 1 - torch.frexp(wmin).exponent.to(torch.int64), top).clamp_(0, top)
+    scale = torch.tensor([2.0 ** (o - 1022) for o in range(top + 1)], dtype=w.dtype, device=w.device)
+    shift = torch.tensor([52 - ((budget // (o + 1)).bit_length() - 1) for o in range(top + 1)], device=w.device)
+    torch.mul(w, scale[octaves][:, None], out=out.view(torch.float64))
+    return out.bitwise_right_shift_(shift[octaves][:, None])
 
 
 def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -114,39 +129,61 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
 
     A radix select in a few passes instead of a full sort (the idea of the histogram / radix selections
     of GPU top-k / top-p samplers, e.g. "RadiK", Li et al. 2024, and FlashInfer's sampling kernels): one
-    per-row histogram of the weight per bucket of the weight's top bits (a ``scatter_add``), a cumulative
-    sum over the buckets, most probable first, finds the crossing bucket ``b*`` (the mass above it is
-    ``< top_p``, with it ``>= top_p``); every bucket above is kept whole, every bucket below dropped, and
-    only the members of ``b*`` are sorted (per row, padded) by their probability ``w / sum(w)`` to resolve
-    the boundary exactly, tie groups whole, as the full sort of the definition does. The masses are
-    summed in another order than a sorted cumulative sum, so a boundary within float64 rounding of
-    ``top_p`` may fall the other way (as may a tie of two probabilities whose weights differ in the last
-    bit and straddle a bucket edge). The kept set is upward closed in ``p``, hence in ``w``: a weight
-    threshold.
+    per-row histogram of the weight per bucket of the weight's top bits (a ``scatter_add``; the buckets per
+    row from its range, see :func:`_bucket_keys`), a cumulative sum over the buckets finds the crossing
+    bucket ``b*`` (the mass above it is ``< top_p``, with it ``>= top_p``); every bucket above is kept whole,
+    every bucket below dropped, and only the members of ``b*`` (found by :func:`_members`) are sorted (per
+    row, padded) by their probability ``w / sum(w)`` to resolve the boundary exactly, tie groups whole, as
+    the full sort of the definition does. The masses are summed in another order than a sorted cumulative
+    sum, so a boundary within float64 rounding of ``top_p`` may fall the other way (as may a tie of two
+    probabilities whose weights differ in the last bit and straddle a bucket edge). The kept set is upward
+    closed in ``p``, hence in ``w``: a weight threshold.
+
+    Cost (issue 16: at most 2x the reference's plain draw on the same logits): per row block, the passes
+    over the ``(n, V)`` weights are the sum, the bucket keys (a multiply and a shift), the ``scatter_add``,
+    one comparison for the crossing bucket's mask, and the final zeroing (:func:`_zero_below`); the rest is
+    on ``(n, 2049)`` bucket masses and the few crossing members. On one thread, 2048 x 32768 float32 logits,
+    ``top_p = 0.9`` (``FASTDIFF_BENCH_THREADS=1 pytest benchmarks/benchmark_sample_categorical.py -k
+    "top_p_cost and reference"``, ``ratio_to_plain``; ``scripts/time_top_p_ref.py`` for a quicker look),
+    a loaded 2-core machine, three runs each: "normal" logits 1.80-1.92 -> 1.75-1.84, "flat" 2.07-2.48 ->
+    1.69-1.78, "peaked" 2.03-2.12 -> 1.67-1.78 (before: 64 buckets an octave over 40 octaves for every row, a
+    ``nonzero`` over the whole mask, a fresh key tensor per call; top-p itself 0.59 / 0.72 / 0.66 s -> 0.55 /
+    0.56 / 0.55 s). Flat rows had crossing buckets of ~900 members, peaked rows ~70% of their weights in one
+    lowest bucket (a chain of dependent additions in the ``scatter_add``).
     """
     n, V = w.shape
     S = w.sum(-1, keepdim=True)  # as the definition's w.sum(-1): the same p = w / S
     # w in [0, 1] (its maximum is exp(0)): bucket keys in [0, B - 1], B - 1 the bucket of 1
-    m = _bucket_bits(V)
-    key = _bucket_keys(w, m, _scratch(work, "key", w, torch.int64))
-    B = ((_OCTAVES + 1) << m) + 1
-    hist = torch.zeros(n, B, dtype=w.dtype, device=w.device).scatter_add_(1, key, w)
-    incl = hist.flip(-1).cumsum(-1)  # weight of the buckets >= each bucket, most probable first
-    j = (incl < top_p * S).sum(-1)  # the crossing bucket's position in that order (B: none, keep the row)
-    crossing = j < B
+    budget = _bucket_budget(V)
+    key = _bucket_keys(w, budget, _scratch(work, "key", w, torch.int64))
+    B = budget + 1
+    hist = work.get("hist")  # (n, B) tensors reused too: fresh ones cost page faults in the loop of row blocks
+    if hist is None or hist.shape != (n, B) or hist.device != w.device:
+        hist = work["hist"] = torch.empty(n, B, dtype=w.dtype, device=w.device)
+    hist.zero_().scatter_add_(1, key, w)
+    # In place, no flip (a fresh (n, B) tensor per block cost its page faults): the mass of the buckets <= each
+    # bucket; the mass from bucket c + 1 up is total - below[c] (exactly 0 over empty top buckets, whatever
+    # top_p; total - top_p * S would lose a top_p below float64 rounding of 1).
+    below = hist.cumsum_(-1)
+    total = below[:, -1:]
+    target = top_p * S
+    crossing = total[:, 0] >= target[:, 0]  # else (the buckets' sum rounded below top_p * S) none: keep the row
     if not bool(crossing.any()):
         return torch.zeros_like(S)
-    above = torch.where(j > 0, incl.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(S[:, 0]))
-    sel = torch.eq(key, torch.where(crossing, B - 1 - j, -1)[:, None], out=_scratch(work, "sel", w, torch.bool))
-    flat = sel.view(-1).nonzero()[:, 0]  # the crossing bucket's members (zeros too), row by row
-    rows = flat // V
-    wv = w.reshape(-1)[flat]
+    # the crossing bucket b: the highest whose mass from b up reaches top_p * S; that mass does not increase
+    # with b, so b counts the c < B - 1 where it still does from c + 1
+    b = (total - below[:, :-1] >= target).sum(-1)
+    above = total[:, 0] - below.gather(1, b[:, None])[:, 0]  # the mass of the buckets above b
+    flat = _members(key, torch.where(crossing, b, -1)[:, None], work)  # the crossing bucket's, row by row
+    rows = torch.div(flat, V, rounding_mode="floor")
+    wv = w.reshape(-1).index_select(0, flat)
     counts = torch.bincount(rows, minlength=n)
     L = int(counts.max())
-    pos = torch.arange(flat.numel(), device=w.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    pos = torch.arange(flat.numel(), device=w.device) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
     pad = torch.zeros(n, L, dtype=w.dtype, device=w.device)
-    pad[rows, pos] = wv
-    sw = pad.sort(dim=-1, descending=True).values  # order within ties is irrelevant below
+    pad.view(-1).index_copy_(0, rows * L + pos, wv)
+    # order within ties is irrelevant below; non-negative float64 sort as their int64 bit patterns (faster)
+    sw = pad.view(torch.int64).sort(dim=-1, descending=True).values.view(w.dtype)
     sp = sw / S  # the members' probabilities, as the definition's
     cum = sp.cumsum(-1)
     excl = torch.zeros_like(cum)
@@ -160,6 +197,27 @@ def _top_p_threshold(w: torch.Tensor, top_p: float, work: dict[str, torch.Tensor
     keep = (((above / S[:, 0])[:, None] + excl.gather(-1, first)) < top_p) & (sp > 0)
     kept_min = torch.where(keep, sw, torch.full_like(sw, float("inf"))).amin(-1)
     return torch.where(crossing, kept_min, torch.zeros_like(kept_min))[:, None]
+
+
+def _members(key: torch.Tensor, target: torch.Tensor, work: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flat (row-major) indices of the ``key: (n, V)`` entries equal to their row's ``target: (n, 1)``.
+
+    ``nonzero`` on the CPU costs about a plain pass per element scanned, so the boolean mask (padded to
+    whole 8-byte words with ``False``) is scanned as int64 words, 8x fewer elements, and only the words
+    holding a match are read back as their 8 bytes."""
+    total = key.numel()
+    padded = -(-total // 8) * 8
+    buf = work.get("sel")
+    if buf is None or buf.device != key.device or buf.numel() < padded:
+        buf = work["sel"] = torch.empty(padded, dtype=torch.bool, device=key.device)
+    buf = buf[:padded]
+    buf[total:] = False
+    torch.eq(key, target, out=buf[:total].view(key.shape))
+    words = buf.view(torch.int64)
+    hit = words.nonzero()[:, 0]
+    # the hit words' 8 bytes, in memory order (a view of int64 values as bytes keeps that order)
+    word, byte = words.index_select(0, hit).view(torch.uint8).view(-1, 8).nonzero().unbind(1)
+    return hit.index_select(0, word) * 8 + byte
 
 
 def sample_categorical_ref(logits: torch.Tensor, *, seed: int, offset: int = 0, temperature: float = 1.0,
@@ -200,7 +258,9 @@ def _sample_categorical(logits: torch.Tensor, *, seed: int, offset: int, tempera
         w = _filter_weights(z, top_k, top_p, inplace=True, work=work)
         del z
         rows = torch.arange(r0, r0 + w.shape[0], device=logits.device)
-        out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows, start=row_offset))
+        # the top-p bucket keys' scratch is free again: the draw's cumulative sums reuse it
+        cdf = work["key"][:w.shape[0]].view(torch.float64) if "key" in work else None
+        out[r0:r0 + step] = draw_from_weights(w, _random.row_uniforms(seed, offset, rows, start=row_offset), cdf)
     return out.reshape(logits.shape[:-1])
 
 

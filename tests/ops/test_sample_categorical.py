@@ -616,6 +616,22 @@ def test_top_p_kept_set_equals_the_full_sort(top_k, top_p):
         assert torch.equal(got, want), (name, top_k, top_p)  # the kept weights themselves are exp(z - max)
 
 
+@pytest.mark.parametrize("top_p", [1e-9, 0.5, 0.9, 1 - 1e-9])
+def test_top_p_kept_set_equals_the_full_sort_rows_of_mixed_ranges(top_p):
+    """The reference buckets each row by its own range (octaves and bits per octave): one block of rows from
+    nearly equal weights to weights spread over far more octaves than the bucket budget, a row all -inf but
+    three, a row of one value, keeps exactly the full sort's set."""
+    g = C.gen(int(top_p * 1e6) + 17)
+    V = 5000
+    scales = torch.tensor([0.001, 0.05, 1.0, 8.0, 100.0, 1000.0, 2.0, 0.0], dtype=torch.float64)
+    z = torch.randn(len(scales), V, generator=g, dtype=torch.float64) * scales[:, None]
+    z[6, 3:] = float("-inf")
+    got = filter_weights(z, None, top_p)
+    want = _sorted_filter_weights(z, None, top_p)
+    assert torch.equal(got > 0, want > 0), top_p
+    assert torch.equal(got, want), top_p
+
+
 @pytest.mark.parametrize("backend", C.backends("reference", "cpp", "triton"))
 @pytest.mark.parametrize("scale,top_p", [(8.0, 0.9), (2.0, 0.9), (0.05, 0.9), (2.0, 0.3)])
 def test_top_p_draws_stay_in_the_full_sort_set(backend, scale, top_p):
