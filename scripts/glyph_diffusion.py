@@ -55,21 +55,28 @@ def _corpus(length: int, balance: bool) -> tuple[list[str], torch.Tensor, list[s
     return tr, trl, va, val
 
 
+def _build_and_train(a: argparse.Namespace, layout: Layout, texts: list[str], intro: str, **kw: object) -> None:
+    """Build the model of ``a``'s options (``kw``: its conditioning, label names or source length, plus the
+    training call's labels or sources), write ``command.txt`` and train it into ``a.out``."""
+    build = {k: kw.pop(k) for k in ("label_names", "source_len") if k in kw}
+    model = GlyphDiffusion.build(layout, schedule=a.schedule, T=a.T, parameterization=a.param, scale=a.scale,
+                                 base=a.base, width=a.width, depth=a.depth, heads=a.heads, **build)
+    n = sum(p.numel() for p in model.net.parameters())
+    print(f"{intro}, {n} parameters", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    train(model, texts, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, cond_drop=a.cond_drop,
+          seed=a.seed, out_dir=out, save_every=a.save_every, log_every=a.log_every, max_seconds=a.minutes * 60,
+          print_fn=lambda s: print(s, flush=True), **kw)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
     layout = Layout(cols=a.cols, rows=a.rows)
     tr, trl, _, _ = _corpus(layout.capacity, a.balance)
-    model = GlyphDiffusion.build(layout, schedule=a.schedule, T=a.T, parameterization=a.param, scale=a.scale,
-                                 label_names=["reference", "library"], base=a.base, width=a.width, depth=a.depth,
-                                 heads=a.heads)
-    n = sum(p.numel() for p in model.net.parameters())
-    print(f"{len(tr)} training chunks ({trl.bincount().tolist()} per label), {n} parameters", flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(sys.argv) + "\n")
-    train(model, tr, labels=trl, steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
-          cond_drop=a.cond_drop, seed=a.seed, out_dir=out, save_every=a.save_every, log_every=a.log_every,
-          max_seconds=a.minutes * 60, print_fn=lambda s: print(s, flush=True))
+    _build_and_train(a, layout, tr, f"{len(tr)} training chunks ({trl.bincount().tolist()} per label)",
+                     label_names=["reference", "library"], labels=trl)
 
 
 def cmd_train_t2t(a: argparse.Namespace) -> None:
@@ -77,17 +84,8 @@ def cmd_train_t2t(a: argparse.Namespace) -> None:
     layout = Layout(cols=a.cols, rows=a.rows)
     tr, _, _, _ = _corpus(layout.capacity, a.balance)
     pairs = shuffle_pairs(tr, seed=a.seed)
-    model = GlyphDiffusion.build(layout, schedule=a.schedule, T=a.T, parameterization=a.param, scale=a.scale,
-                                 source_len=layout.capacity, base=a.base, width=a.width, depth=a.depth,
-                                 heads=a.heads)
-    n = sum(p.numel() for p in model.net.parameters())
-    print(f"{len(pairs)} training pairs, {n} parameters; e.g. {pairs[0]!r}", flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(" ".join(sys.argv) + "\n")
-    train(model, [t for _, t in pairs], sources=[s for s, _ in pairs], steps=a.steps, batch_size=a.batch_size,
-          lr=a.lr, warmup=a.warmup, cond_drop=a.cond_drop, seed=a.seed, out_dir=out, save_every=a.save_every,
-          log_every=a.log_every, max_seconds=a.minutes * 60, print_fn=lambda s: print(s, flush=True))
+    _build_and_train(a, layout, [t for _, t in pairs], f"{len(pairs)} training pairs; e.g. {pairs[0]!r}",
+                     source_len=layout.capacity, sources=[s for s, _ in pairs])
 
 
 def t2t_scores(hyps: list[str], targets: list[str]) -> dict:
