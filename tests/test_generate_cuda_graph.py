@@ -113,6 +113,7 @@ def assert_same_run(a: tuple, b: tuple) -> None:
         assert torch.equal(ta, tb), f"step {i + 1}: other tokens"
     assert torch.equal(out_a.sequences, out_b.sequences)
     assert out_a.stats["network_calls"] == out_b.stats["network_calls"]
+    assert out_a.stats["sequences_evaluated"] == out_b.stats["sequences_evaluated"]
     if out_a.scores is not None:
         assert torch.equal(torch.nan_to_num(out_a.scores, -1.0), torch.nan_to_num(out_b.scores, -1.0))
 
@@ -128,6 +129,10 @@ CASES = {
     "fast_dllm-threshold": dict(preset="fast_dllm", threshold=0.3),
     "fast_dllm-threshold-sampled": dict(preset="fast_dllm", threshold=0.25, temperature=0.8, seed=9),
     "scores-eos": dict(output_scores=True, eos_token_id=3, pad_token_id=0),
+    "llada-cfg-greedy": dict(cfg_scale=1.5),
+    "llada-cfg-sampled": dict(cfg_scale=0.7, temperature=0.8, seed=6, output_scores=True),
+    "llada-cfg-random-remasking": dict(cfg_scale=2.0, remasking="random", temperature=0.5, seed=8),
+    "llada-cfg-uneven-k": dict(cfg_scale=1.0, steps=6, block_length=8, temperature=0.6, seed=4),
 }
 
 
@@ -157,10 +162,27 @@ def test_the_approximate_cache_changes_the_tokens_of_the_test_model(cache: str) 
     assert not torch.equal(cached, run_steps(m, PROMPTS, False)[1].sequences)
 
 
+def test_guidance_changes_the_tokens_of_the_test_models() -> None:
+    """cfg_scale changes the tokens of both test models (greedy and sampled), so the equalities of the
+    guided cases hold the graphs to the guidance arithmetic, not to an unguided step."""
+    for model in (LMBidir(), sed()):
+        for kw in (dict(), dict(temperature=0.8, seed=6)):
+            plain = run_steps(model, PROMPTS, False, **kw)[1].sequences
+            assert not torch.equal(run_steps(model, PROMPTS, False, cfg_scale=1.5, **kw)[1].sequences, plain)
+
+
+def test_guidance_through_the_graphs_calls_the_network_on_both_batches() -> None:
+    steps, out = run_steps(sed(), PROMPTS, True, cfg_scale=1.5, temperature=0.5, seed=1)
+    assert out.stats["sequences_evaluated"] == 2 * PROMPTS.shape[0] * out.stats["network_calls"]
+    assert out.stats["cuda_graph"]["replays"] == len(steps)
+    assert_same_run((steps, out), run_steps(sed(), PROMPTS, False, cfg_scale=1.5, temperature=0.5, seed=1))
+
+
 def test_padding_and_time_conditioning_through_the_graphs() -> None:
     ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 8, 7]])
     am = (torch.arange(6)[None, :] >= torch.tensor([2, 0, 3])[:, None]).long()
-    for model, kw in ((LMBidir(), dict(temperature=0.6, seed=4)), (sed(), dict(cache="prefix"))):
+    for model, kw in ((LMBidir(), dict(temperature=0.6, seed=4)), (sed(), dict(cache="prefix")),
+                      (LMBidir(), dict(cfg_scale=1.2, temperature=0.6, seed=4)), (sed(), dict(cfg_scale=0.8))):
         graphed = run_steps(model, ids, True, attention_mask=am, **kw)
         assert_same_run(graphed, run_steps(model, ids, False, attention_mask=am, **kw))
 
@@ -245,6 +267,9 @@ def _stale_prepare(skip: str):
     ("k", dict(steps=6, block_length=8)),
     ("offset", dict(temperature=0.9, seed=5)),
     ("uniform", dict(remasking="random", seed=2)),
+    ("x", dict(cfg_scale=1.5)),  # both halves of the guided batch come from the static sequence
+    ("t", dict(cfg_scale=1.5)),  # the 2B-row time input of the guided call
+    ("offset", dict(cfg_scale=1.5, temperature=0.9, seed=5)),
 ])
 def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: dict) -> None:
     model = sed() if skip == "t" else LMBidir() if "cache" not in kw else sed()
@@ -262,7 +287,6 @@ def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: di
     (dict(top_k=3), "top_k"),
     (dict(top_p=0.9), "top_p"),
     (dict(preset="fast_dllm", factor=1.0), "factor"),
-    (dict(cfg_scale=1.0), "cfg_scale"),
     (dict(logits_processor=lambda ids, s: s), "logits_processor"),
 ])
 def test_out_of_scope_runs_are_refused_before_any_network_call(kw: dict, why: str) -> None:
@@ -399,6 +423,30 @@ def test_cuda_graph_generation_with_an_lm_and_padding_on_gpu() -> None:
     graphed = fastdiff.generate(m, ids, am, cuda_graph=True, **args)
     assert torch.equal(graphed.sequences, eager.sequences)
     assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["sed", "lm"])
+@pytest.mark.parametrize("kw", [dict(cfg_scale=1.5), dict(cfg_scale=0.7, temperature=0.8, seed=3, output_scores=True),
+                                dict(cfg_scale=2.0, remasking="random", temperature=0.5, seed=1)],
+                         ids=["greedy", "sampled", "random"])
+def test_cuda_graph_generation_with_guidance_replays_the_eager_tokens_on_gpu(model: str, kw: dict) -> None:
+    m = (sed() if model == "sed" else LMBidir()).cuda()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
+    args = dict(max_new_tokens=16, steps=12, block_length=8, mask_id=MASK, **kw)
+    eager_steps, graphed_steps = [], []
+    eager = fastdiff.generate(m, ids, am, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
+    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
+                                **args)
+    assert len(eager_steps) == len(graphed_steps)
+    for a, b in zip(eager_steps, graphed_steps):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert graphed.stats["sequences_evaluated"] == eager.stats["sequences_evaluated"]
+    if eager.scores is not None:
+        assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
 
 
 @pytest.mark.gpu

@@ -78,6 +78,7 @@ from ..ops._plan import int64_bits
 from ..ops.select_tokens import KERNEL, MODE_ALL, MODE_THRESHOLD, MODE_TOP_K, RULE_CODES
 from ..sampling._graph import capture_error, cuda_capture  # as fastdiff.sample's step graphs
 from . import _select as sel
+from ._loops import _guided
 
 if TYPE_CHECKING:
     from ._loops import Run
@@ -106,8 +107,6 @@ def unsupported(o: Any, processors: list) -> str | None:
         return "top_k / top_p filtering draws on the host-gathered candidate rows"
     if o.factor is not None:
         return "Fast-dLLM's factor rule selects on the host"
-    if o.cfg_scale > 0:
-        return "classifier-free guidance (cfg_scale > 0) is not captured"
     return None
 
 
@@ -187,7 +186,12 @@ class GenerateGraphs:
         dev = run.x.device
         B = run.B
         self.x = run.x.clone()
-        self.t = torch.zeros(B, dtype=torch.int64 if lm.fastdiff else torch.float32, device=dev)
+        #: LLaDA's guidance runs the conditional and unconditional batch in one call of 2B rows
+        self.cfg = o.preset in ("llada", "fast_dllm") and o.cfg_scale > 0
+        self.call_rows = 2 * B if self.cfg else B
+        self.t = torch.zeros(self.call_rows, dtype=torch.int64 if lm.fastdiff else torch.float32, device=dev)
+        self.am2 = None if run.am is None or not self.cfg else torch.cat([run.am, run.am])
+        self.pos2 = None if run.pos is None or not self.cfg else torch.cat([run.pos, run.pos])
         self.k = torch.zeros(B, dtype=torch.int64, device=dev)
         self.seed_offset = torch.zeros(2, dtype=torch.int64, device=dev)
         self.rule = RULE_CODES["random" if o.remasking == "random" else "llada"]
@@ -271,7 +275,7 @@ class GenerateGraphs:
             torch.cuda.synchronize(self.x.device)
         else:
             entry["replay"]()
-        run.lm.calls, run.lm.rows = calls + 1, rows + run.B  # one network call, as the eager step makes
+        run.lm.calls, run.lm.rows = calls + 1, rows + self.call_rows  # one network call, as the eager step makes
         run.lm.seconds += time.perf_counter() - t0
         self.replays += 1
         tokens, conf, chosen, status, logits = entry["outs"][:5]
@@ -313,6 +317,8 @@ class GenerateGraphs:
             def body() -> tuple[torch.Tensor, ...]:
                 if fill:
                     logits, holder["cache"] = run.lm.kv_forward(self.x, self.t, run.am, run.pos, V, keep=(lo, e))
+                elif self.cfg:  # the eager loop's own guidance (_loops._guided) on the static inputs
+                    logits = _guided(run, self.t, (lo, e), self.x, self.am2, self.pos2)
                 else:
                     logits = run.lm(self.x, self.t, run.am, run.pos, V, keep=(lo, e))
                 return self._select(logits, lo, uniform)

@@ -112,17 +112,24 @@ def _masked_span(run: Run, lo: int, hi: int) -> tuple[int, int]:
     return lo + int(cols[0]), lo + int(cols[-1]) + 1
 
 
-def _guided(run: Run, t: float, keep: tuple[int, int] | None = None) -> torch.Tensor:
+def _guided(run: Run, t: float | int | torch.Tensor, keep: tuple[int, int] | None = None,
+            x: torch.Tensor | None = None, am2: torch.Tensor | None = None, pos2: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """LLaDA's unsupervised classifier-free guidance: the unconditional pass has the prompt region masked,
-    ``logits = un + (cfg_scale + 1)(cond - un)``, both passes in one batch."""
-    x, P = run.x, run.P
-    x_u = x.clone()
-    prompt = torch.zeros_like(x, dtype=torch.bool)
-    prompt[:, :P] = run.x[:, :P] != run.mask_id
-    x_u[prompt] = run.mask_id
-    am = None if run.am is None else torch.cat([run.am, run.am])
-    pos = None if run.pos is None else torch.cat([run.pos, run.pos])
-    out = run.lm(torch.cat([x, x_u]), t, am, pos, run.mask_id + 1, keep=keep)
+    ``logits = un + (cfg_scale + 1)(cond - un)``, both passes in one batch.
+
+    ``x`` (default ``run.x``), ``am2`` / ``pos2`` (default the run's mask and positions, doubled) and a
+    ``t`` tensor of ``2B`` rows are a CUDA graph's static inputs (generation/_graph.py, which captures this
+    function): only device ops that read no value on the host."""
+    x = run.x if x is None else x
+    P = run.P
+    prompt = (torch.arange(x.shape[1], device=x.device) < P)[None, :] & (x != run.mask_id)
+    x_u = torch.where(prompt, torch.full((), run.mask_id, dtype=x.dtype, device=x.device), x)
+    if am2 is None and run.am is not None:
+        am2 = torch.cat([run.am, run.am])
+    if pos2 is None and run.pos is not None:
+        pos2 = torch.cat([run.pos, run.pos])
+    out = run.lm(torch.cat([x, x_u]), t, am2, pos2, run.mask_id + 1, keep=keep)
     cond, un = out.float().chunk(2)
     return un + (run.o.cfg_scale + 1.0) * (cond - un)
 
