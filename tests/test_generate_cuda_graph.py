@@ -162,6 +162,50 @@ def test_the_approximate_cache_changes_the_tokens_of_the_test_model(cache: str) 
     assert not torch.equal(cached, run_steps(m, PROMPTS, False)[1].sequences)
 
 
+DREAM = dict(preset="dream", block_length=None, steps=8)
+DREAM_CASES = {
+    "maskgit-greedy": dict(alg="maskgit_plus"),
+    "maskgit-sampled": dict(alg="maskgit_plus", temperature=0.8, seed=3),
+    "margin-sampled": dict(alg="topk_margin", temperature=1.1, seed=4, top_p=1.0),
+    "entropy-greedy": dict(alg="entropy", steps=5),
+    "entropy-sampled-scores": dict(alg="entropy", temperature=0.6, seed=2, output_scores=True),
+    "alg_temp-greedy": dict(alg="maskgit_plus", alg_temp=0.5, seed=7),
+    "alg_temp-sampled": dict(alg="topk_margin", alg_temp=0.3, temperature=0.9, seed=1, output_scores=True),
+    "suppress-mask": dict(alg="maskgit_plus", temperature=0.7, seed=9, suppress_mask=True),
+}
+
+
+@pytest.mark.parametrize("case", list(DREAM_CASES))
+@pytest.mark.parametrize("model", ["lm", "sed"])
+def test_graph_plumbing_gives_the_eager_steps_of_dream(case: str, model: str) -> None:
+    """Dream's confidence algs (shifted logits, its per-step count, Gumbel-top-k with alg_temp) through
+    the graphs; the time-conditioned model shows a stale time input."""
+    kw = dict(DREAM, **DREAM_CASES[case])
+    m = LMBidir() if model == "lm" else sed()
+    graphed = run_steps(m, PROMPTS, True, **kw)
+    assert graphed[1].stats["cuda_graph"]["replays"] == len(graphed[0])
+    assert_same_run(graphed, run_steps(m, PROMPTS, False, **kw))
+
+
+def test_dream_with_padding_and_a_hugging_face_model_through_the_graphs() -> None:
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 8, 7]])
+    am = (torch.arange(6)[None, :] >= torch.tensor([2, 0, 3])[:, None]).long()
+    for m in (LMBidir(), tiny_llama()):  # the Llama adapter takes logits_to_keep: the window's logits only
+        for kw in (dict(alg="entropy", temperature=0.7, seed=5), dict(alg="maskgit_plus", alg_temp=0.4, seed=2)):
+            kw = dict(DREAM, attention_mask=am, **kw)
+            assert_same_run(run_steps(m, ids, True, **kw), run_steps(m, ids, False, **kw))
+
+
+def test_the_dream_options_change_the_tokens_of_the_test_model() -> None:
+    """alg_temp, the temperature and the alg each change the tokens here, so the equalities above hold the
+    graphs to each of them."""
+    m = LMBidir()
+    base = run_steps(m, PROMPTS, False, **DREAM, alg="maskgit_plus")[1].sequences
+    for kw in (dict(alg_temp=0.5, seed=7), dict(temperature=0.8, seed=3), dict(alg="entropy")):
+        assert not torch.equal(run_steps(m, PROMPTS, False, **{**DREAM, "alg": "maskgit_plus", **kw})[1].sequences,
+                               base), kw
+
+
 def test_guidance_changes_the_tokens_of_the_test_models() -> None:
     """cfg_scale changes the tokens of both test models (greedy and sampled), so the equalities of the
     guided cases hold the graphs to the guidance arithmetic, not to an unguided step."""
@@ -270,6 +314,12 @@ def _stale_prepare(skip: str):
     ("x", dict(cfg_scale=1.5)),  # both halves of the guided batch come from the static sequence
     ("t", dict(cfg_scale=1.5)),  # the 2B-row time input of the guided call
     ("offset", dict(cfg_scale=1.5, temperature=0.9, seed=5)),
+    ("x", dict(DREAM, alg="maskgit_plus")),
+    ("t", dict(DREAM, alg="entropy")),
+    ("k", dict(DREAM, alg="topk_margin")),
+    ("k", dict(DREAM, alg="maskgit_plus", alg_temp=0.5)),  # Gumbel-top-k's count
+    ("offset", dict(DREAM, alg="maskgit_plus", temperature=0.9, seed=5)),
+    ("uniform", dict(DREAM, alg="maskgit_plus", alg_temp=0.5, seed=2)),
 ])
 def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: dict) -> None:
     model = sed() if skip == "t" else LMBidir() if "cache" not in kw else sed()
@@ -282,8 +332,13 @@ def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: di
 
 # ---- scope, errors ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,why", [
-    (dict(preset="dream", block_length=None), "preset 'dream'"),
-    (dict(preset="mdlm", block_length=None, temperature=1.0), "preset 'mdlm'"),
+    (dict(preset="dream", block_length=None), "alg='origin'"),
+    (dict(preset="dream", block_length=None, alg="entropy", top_p=0.9), "top_p"),
+    (dict(preset="dream", block_length=None, alg="entropy", top_k=4), "top_k"),
+    (dict(preset="dream", block_length=None, alg="entropy", logits_processor=lambda ids, s: s), "logits_processor"),
+    (dict(preset="mdlm", block_length=None, temperature=1.0), "preset 'mdlm'.*posterior_sample"),
+    (dict(preset="duo", block_length=None, temperature=1.0, vocab_size=V), "preset 'duo'"),
+    (dict(preset="bd3lm", block_length=4), "preset 'bd3lm'"),
     (dict(top_k=3), "top_k"),
     (dict(top_p=0.9), "top_p"),
     (dict(preset="fast_dllm", factor=1.0), "factor"),
@@ -445,6 +500,31 @@ def test_cuda_graph_generation_with_guidance_replays_the_eager_tokens_on_gpu(mod
         assert torch.equal(a, b)
     assert torch.equal(graphed.sequences, eager.sequences)
     assert graphed.stats["sequences_evaluated"] == eager.stats["sequences_evaluated"]
+    if eager.scores is not None:
+        assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["sed", "lm", "llama"])
+@pytest.mark.parametrize("kw", [dict(alg="maskgit_plus"), dict(alg="topk_margin", temperature=0.8, seed=3),
+                                dict(alg="entropy", temperature=0.6, seed=2, output_scores=True),
+                                dict(alg="maskgit_plus", alg_temp=0.5, temperature=0.9, seed=1)],
+                         ids=["maskgit-greedy", "margin-sampled", "entropy-sampled", "alg_temp"])
+def test_cuda_graph_generation_of_dream_replays_the_eager_tokens_on_gpu(model: str, kw: dict) -> None:
+    m = (sed() if model == "sed" else LMBidir() if model == "lm" else tiny_llama()).cuda()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
+    args = dict(preset="dream", max_new_tokens=16, steps=8, mask_id=MASK, **kw)
+    eager_steps, graphed_steps = [], []
+    eager = fastdiff.generate(m, ids, am, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
+    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
+                                **args)
+    assert len(eager_steps) == len(graphed_steps)
+    for a, b in zip(eager_steps, graphed_steps):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
     if eager.scores is not None:
         assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
 

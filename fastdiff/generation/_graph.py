@@ -78,7 +78,7 @@ from ..ops._plan import int64_bits
 from ..ops.select_tokens import KERNEL, MODE_ALL, MODE_THRESHOLD, MODE_TOP_K, RULE_CODES
 from ..sampling._graph import capture_error, cuda_capture  # as fastdiff.sample's step graphs
 from . import _select as sel
-from ._loops import _guided
+from ._loops import _DREAM_RULES, _dream_dense, _guided
 
 if TYPE_CHECKING:
     from ._loops import Run
@@ -98,11 +98,21 @@ _STATUS_MESSAGES = {4: "model output: the logits contain NaN", 3: "model output:
 
 def unsupported(o: Any, processors: list) -> str | None:
     """Why a ``cuda_graph=True`` generation cannot be captured (None: it can), from the options alone."""
-    if o.preset not in ("llada", "fast_dllm"):
-        return (f"preset {o.preset!r} is not captured (only the LLaDA / Fast-dLLM loops: the others select on "
-                "the host or change shapes between steps)")
+    if o.preset in ("mdlm", "duo"):
+        return (f"preset {o.preset!r} is not captured (its ancestral step's posterior_sample takes the random "
+                "counters as host integers, and its cache decides on the host whether to call the network)")
+    if o.preset == "bd3lm":
+        return ("preset 'bd3lm' is not captured (its first-hitting step draws on the host-gathered candidate rows "
+                "one batch row at a time, and its KV cache is extended between blocks)")
     if processors:
         return "logits_processor runs on the host between the network and the selection"
+    if o.preset == "dream":
+        if o.alg == "origin":
+            return ("Dream's alg='origin' draws on the host-gathered candidate rows one batch row at a time (only "
+                    "the confidence algs maskgit_plus / topk_margin / entropy are captured)")
+        if o.top_k is not None or (o.top_p is not None and o.top_p < 1):
+            return "top_k / top_p filtering draws on the host-gathered candidate rows"
+        return None
     if o.top_k is not None or o.top_p is not None:
         return "top_k / top_p filtering draws on the host-gathered candidate rows"
     if o.factor is not None:
@@ -194,8 +204,13 @@ class GenerateGraphs:
         self.pos2 = None if run.pos is None or not self.cfg else torch.cat([run.pos, run.pos])
         self.k = torch.zeros(B, dtype=torch.int64, device=dev)
         self.seed_offset = torch.zeros(2, dtype=torch.int64, device=dev)
-        self.rule = RULE_CODES["random" if o.remasking == "random" else "llada"]
-        self.mode = MODE_THRESHOLD if o.threshold is not None else MODE_TOP_K
+        self.is_dream = o.preset == "dream"
+        if self.is_dream:  # Dream's confidence algs: top-k by its count, or every candidate for Gumbel-top-k
+            self.rule = RULE_CODES[_DREAM_RULES[o.alg]]
+            self.mode = MODE_ALL if o.alg_temp else MODE_TOP_K
+        else:
+            self.rule = RULE_CODES["random" if o.remasking == "random" else "llada"]
+            self.mode = MODE_THRESHOLD if o.threshold is not None else MODE_TOP_K
         self.threshold = 0.0 if o.threshold is None else float(o.threshold)
         self.exclude = run.mask_id if o.suppress_mask else -1
         self.temperature = float(o.temperature)
@@ -255,7 +270,8 @@ class GenerateGraphs:
         self.t.fill_(int(t) if run.lm.fastdiff else float(t))
         if k is not None:
             self.k.copy_(k)
-        offset = run.next_offset()
+        # Dream draws no counter offset at temperature 0 (its eager step neither); LLaDA always does
+        offset = run.next_offset() if not self.is_dream or self.temperature > 0 else 0
         self.seed_offset.copy_(torch.tensor([int64_bits(run.seed), int64_bits(offset)], dtype=torch.int64))
         if entry["uniform"] is not None:
             W = entry["uniform"].shape[1]
@@ -263,6 +279,19 @@ class GenerateGraphs:
             entry["uniform"].copy_(u[:, c0:c0 + W])
 
     def _replay(self, entry: dict, c0: int) -> torch.Tensor:
+        """Replay a LLaDA / Fast-dLLM step's graph, check its values, write the decided tokens and scores
+        into the run: the decided positions ``(B, W)`` of the window at ``c0``."""
+        run = self.run
+        tokens, conf, chosen = self._launch(entry, c0)[:3]
+        W = tokens.shape[1]
+        win = run.x[:, c0:c0 + W]
+        run.x[:, c0:c0 + W] = torch.where(chosen, tokens, win)
+        run.record(chosen, c0, conf)
+        return chosen
+
+    def _launch(self, entry: dict, c0: int) -> tuple[torch.Tensor, ...]:
+        """Replay ``entry``'s graph (timed, counted as one network call), then raise the eager path's
+        value error if the window's candidates had bad logits: the static outputs."""
         run = self.run
         cuda = self.x.device.type == "cuda"
         if cuda:
@@ -278,8 +307,8 @@ class GenerateGraphs:
         run.lm.calls, run.lm.rows = calls + 1, rows + self.call_rows  # one network call, as the eager step makes
         run.lm.seconds += time.perf_counter() - t0
         self.replays += 1
-        tokens, conf, chosen, status, logits = entry["outs"][:5]
-        cand = self.x[:, c0:c0 + tokens.shape[1]] == run.mask_id
+        status, logits = entry["outs"][3:5]
+        cand = self.x[:, c0:c0 + status.shape[1]] == run.mask_id
         if logits.dtype == torch.float64 and 0 < self.temperature < 1 and bool(cand.any()):
             try:  # select_tokens' check of a float64 z / T that overflows, worded as the eager loop words it
                 check_finite_above("logits", logits[cand], self.temperature)
@@ -288,11 +317,7 @@ class GenerateGraphs:
         worst = int(status.max()) if status.numel() else 0
         if worst:
             raise InputError(_STATUS_MESSAGES[worst])
-        W = tokens.shape[1]
-        win = run.x[:, c0:c0 + W]
-        run.x[:, c0:c0 + W] = torch.where(chosen, tokens, win)
-        run.record(chosen, c0, conf)
-        return chosen
+        return entry["outs"]
 
     def _entry(self, key: tuple, make: Callable[[], dict]) -> dict:
         entry = self.entries.get(key)
@@ -360,6 +385,37 @@ class GenerateGraphs:
             fill["windows"][key] = entry
         self._prepare(t, k, s, entry)
         return self._replay(entry, s)
+
+    def dream(self, lo: int, hi: int, t: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A Dream step (confidence algs): the forward with the logits of ``[lo, hi)``, select_tokens' per-row
+        kernel and selection on that window, then the eager step's dense results (:func:`_dream_dense`,
+        with ``alg_temp`` its Gumbel-top-``k`` on the step's uniforms ``(B, L)``): ``(chosen, confidences,
+        tokens)``, all ``(B, L)``, copies (the static outputs are the next replay's)."""
+        run = self.run
+        V = run.mask_id + 1
+        key = ("dream", run.B, run.L, lo, hi, self._weights())
+
+        def make() -> dict:
+            # alg_temp: the whole row's uniforms, as the eager step draws them (the window's view is the body's)
+            uniform = None if not run.o.alg_temp else torch.zeros(run.B, run.L, dtype=torch.float64,
+                                                                  device=self.x.device)
+
+            def body() -> tuple[torch.Tensor, ...]:
+                logits = run.lm(self.x, self.t, run.am, run.pos, V, keep=(lo, hi))
+                tokens, conf, chosen, status, logits = self._select(logits, lo, None)
+                cand = self.x == run.mask_id
+                full, conf_d, x0_d = _dream_dense(run, cand, lo, hi, tokens, conf, chosen, self.k, uniform)
+                return full, conf_d, x0_d, status, logits
+
+            self._fill_static(t, k, lo, uniform)
+            entry = self._build(key, body)
+            entry["uniform"] = uniform
+            return entry
+
+        entry = self._entry(key, make)
+        self._prepare(t, k, 0, entry)
+        full, conf_d, x0_d = self._launch(entry, lo)[:3]
+        return full.clone(), conf_d.clone(), x0_d.clone()
 
     def _fill_static(self, t: float | int, k: torch.Tensor | None, c0: int, uniform: torch.Tensor | None) -> None:
         """The capture's input values: this step's (its draws use offset 0 and do not advance the run's

@@ -315,6 +315,12 @@ def dream_loop(run: Run) -> Iterator[GenerationStep]:
         t, s = ts[i], ts[i + 1]
         last = i == o.steps - 1
         lo, hi = _masked_span(run, 0, L)
+        if run.graphs is not None:  # the same step replayed as a CUDA graph (generation/_graph.py)
+            chosen, conf_d, x0_d = run.graphs.dream(lo, hi, _dream_time(float(t)), _dream_k(run, cand, t, s, last))
+            run.x = torch.where(chosen, x0_d, run.x)
+            run.record(chosen, 0, conf_d)
+            yield run.step_done(chosen, 0)
+            continue
         logits = run.lm(run.x, _dream_time(float(t)), run.am, run.pos, V, keep=(lo, hi))
         if _dream_fusable(run):
             chosen, conf_d, x0_d = _dream_fused(run, logits, lo, hi, cand, t, s, last)
@@ -371,21 +377,39 @@ def _dream_fused(run: Run, logits: torch.Tensor, lo: int, hi: int, cand: torch.T
     of a CDF boundary; at temperature 0 the token is the argmax of the logits rather than of their float32
     softmax, which differ only between logits that round to the same probability."""
     o, mask = run.o, run.mask_id
-    B, L = run.B, run.L
+    L = run.L
     win = cand[:, lo:hi]
     offset = run.next_offset() if o.temperature > 0 else 0
-    mean = cand.sum().to(torch.float32) / B
-    n = sel.dream_count(mean, s, t, last)
-    k = torch.minimum(torch.full((B,), n, dtype=torch.int64, device=cand.device), cand.sum(1))
+    k = _dream_k(run, cand, t, s, last)
     tokens, conf, chosen = sel.fused_step(
         logits, win, backend=o.backend, confidence=_DREAM_RULES[o.alg], temperature=o.temperature, seed=run.seed,
         offset=offset, counter_rows=sel.rank_counters(win, L) if o.temperature > 0 else None,
         k=None if o.alg_temp else k, exclude=mask if o.suppress_mask else None)
+    u = None
+    if o.alg_temp:
+        u = _random.uniform((run.B, L), seed=run.seed, offset=run.next_offset(), device=run.x.device)
+    return _dream_dense(run, cand, lo, hi, tokens, conf, chosen, k, u)
+
+
+def _dream_k(run: Run, cand: torch.Tensor, t: torch.Tensor, s: torch.Tensor, last: bool) -> torch.Tensor:
+    """Dream's count per row this step: ``min(int(mean masked · (1 - s/t)), row's masked count)``, ``(B,)``."""
+    mean = cand.sum().to(torch.float32) / run.B
+    n = sel.dream_count(mean, s, t, last)
+    return torch.minimum(torch.full((run.B,), n, dtype=torch.int64, device=cand.device), cand.sum(1))
+
+
+def _dream_dense(run: Run, cand: torch.Tensor, lo: int, hi: int, tokens: torch.Tensor, conf: torch.Tensor,
+                 chosen: torch.Tensor, k: torch.Tensor, u: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Dream step's ``(chosen, confidences, tokens)`` on the whole ``(B, L)`` from select_tokens' window
+    results (``alg_temp``: Gumbel-top-``k`` with the uniforms ``u (B, L)``). Only device ops that read no
+    value on the host: the CUDA graph of a Dream step (generation/_graph.py) captures it."""
+    B, L = run.B, run.L
+    win = cand[:, lo:hi]
     conf_d = torch.full((B, L), float("-inf"), dtype=torch.float64, device=cand.device)
     conf_d[:, lo:hi] = torch.where(win, conf.double(), conf_d[:, lo:hi])
-    if o.alg_temp:
-        u = _random.uniform((B, L), seed=run.seed, offset=run.next_offset(), device=run.x.device)
-        full = sel.gumbel_top(conf_d, cand, k, o.alg_temp, u)
+    if u is not None:
+        full = sel.gumbel_top(conf_d, cand, k, run.o.alg_temp, u)
     else:
         full = torch.zeros(B, L, dtype=torch.bool, device=cand.device)
         full[:, lo:hi] = chosen
