@@ -172,6 +172,9 @@ DREAM_CASES = {
     "alg_temp-greedy": dict(alg="maskgit_plus", alg_temp=0.5, seed=7),
     "alg_temp-sampled": dict(alg="topk_margin", alg_temp=0.3, temperature=0.9, seed=1, output_scores=True),
     "suppress-mask": dict(alg="maskgit_plus", temperature=0.7, seed=9, suppress_mask=True),
+    "origin-greedy": dict(alg="origin"),
+    "origin-sampled": dict(alg="origin", temperature=0.9, seed=5, output_scores=True),
+    "origin-sampled-suppress-mask": dict(alg="origin", temperature=1.2, seed=6, suppress_mask=True, top_p=1.0),
 }
 
 
@@ -191,7 +194,8 @@ def test_dream_with_padding_and_a_hugging_face_model_through_the_graphs() -> Non
     ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 8, 7]])
     am = (torch.arange(6)[None, :] >= torch.tensor([2, 0, 3])[:, None]).long()
     for m in (LMBidir(), tiny_llama()):  # the Llama adapter takes logits_to_keep: the window's logits only
-        for kw in (dict(alg="entropy", temperature=0.7, seed=5), dict(alg="maskgit_plus", alg_temp=0.4, seed=2)):
+        for kw in (dict(alg="entropy", temperature=0.7, seed=5), dict(alg="maskgit_plus", alg_temp=0.4, seed=2),
+                   dict(alg="origin", temperature=0.8, seed=3)):
             kw = dict(DREAM, attention_mask=am, **kw)
             assert_same_run(run_steps(m, ids, True, **kw), run_steps(m, ids, False, **kw))
 
@@ -201,7 +205,7 @@ def test_the_dream_options_change_the_tokens_of_the_test_model() -> None:
     graphs to each of them."""
     m = LMBidir()
     base = run_steps(m, PROMPTS, False, **DREAM, alg="maskgit_plus")[1].sequences
-    for kw in (dict(alg_temp=0.5, seed=7), dict(temperature=0.8, seed=3), dict(alg="entropy")):
+    for kw in (dict(alg_temp=0.5, seed=7), dict(temperature=0.8, seed=3), dict(alg="entropy"), dict(alg="origin")):
         assert not torch.equal(run_steps(m, PROMPTS, False, **{**DREAM, "alg": "maskgit_plus", **kw})[1].sequences,
                                base), kw
 
@@ -291,11 +295,11 @@ def test_graphs_beyond_the_bound_are_released_and_recaptured(monkeypatch) -> Non
 def _stale_prepare(skip: str):
     real = GenerateGraphs._prepare
 
-    def prepare(self, t, k, c0, entry):
-        saved = {"x": self.x.clone(), "t": self.t.clone(), "k": self.k.clone(),
+    def prepare(self, t, k, c0, entry, p=None):
+        saved = {"x": self.x.clone(), "t": self.t.clone(), "k": self.k.clone(), "p": self.p.clone(),
                  "seed_offset": self.seed_offset.clone(),
                  "uniform": None if entry["uniform"] is None else entry["uniform"].clone()}
-        real(self, t, k, c0, entry)
+        real(self, t, k, c0, entry, p)
         if skip == "offset":  # the counters of the capture (offset 0) rather than the step's
             self.seed_offset[1] = 0
         elif saved[skip] is not None:
@@ -320,6 +324,9 @@ def _stale_prepare(skip: str):
     ("k", dict(DREAM, alg="maskgit_plus", alg_temp=0.5)),  # Gumbel-top-k's count
     ("offset", dict(DREAM, alg="maskgit_plus", temperature=0.9, seed=5)),
     ("uniform", dict(DREAM, alg="maskgit_plus", alg_temp=0.5, seed=2)),
+    ("uniform", dict(DREAM, alg="origin")),  # origin's coins
+    ("p", dict(DREAM, alg="origin")),  # origin's probability of deciding, 1 - s/t
+    ("offset", dict(DREAM, alg="origin", temperature=0.9, seed=5)),
 ])
 def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: dict) -> None:
     model = sed() if skip == "t" else LMBidir() if "cache" not in kw else sed()
@@ -332,7 +339,6 @@ def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: di
 
 # ---- scope, errors ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,why", [
-    (dict(preset="dream", block_length=None), "alg='origin'"),
     (dict(preset="dream", block_length=None, alg="entropy", top_p=0.9), "top_p"),
     (dict(preset="dream", block_length=None, alg="entropy", top_k=4), "top_k"),
     (dict(preset="dream", block_length=None, alg="entropy", logits_processor=lambda ids, s: s), "logits_processor"),
@@ -509,8 +515,10 @@ def test_cuda_graph_generation_with_guidance_replays_the_eager_tokens_on_gpu(mod
 @pytest.mark.parametrize("model", ["sed", "lm", "llama"])
 @pytest.mark.parametrize("kw", [dict(alg="maskgit_plus"), dict(alg="topk_margin", temperature=0.8, seed=3),
                                 dict(alg="entropy", temperature=0.6, seed=2, output_scores=True),
-                                dict(alg="maskgit_plus", alg_temp=0.5, temperature=0.9, seed=1)],
-                         ids=["maskgit-greedy", "margin-sampled", "entropy-sampled", "alg_temp"])
+                                dict(alg="maskgit_plus", alg_temp=0.5, temperature=0.9, seed=1),
+                                dict(alg="origin"), dict(alg="origin", temperature=0.9, seed=4)],
+                         ids=["maskgit-greedy", "margin-sampled", "entropy-sampled", "alg_temp", "origin-greedy",
+                              "origin-sampled"])
 def test_cuda_graph_generation_of_dream_replays_the_eager_tokens_on_gpu(model: str, kw: dict) -> None:
     m = (sed() if model == "sed" else LMBidir() if model == "lm" else tiny_llama()).cuda()
     ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()

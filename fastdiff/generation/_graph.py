@@ -107,9 +107,6 @@ def unsupported(o: Any, processors: list) -> str | None:
     if processors:
         return "logits_processor runs on the host between the network and the selection"
     if o.preset == "dream":
-        if o.alg == "origin":
-            return ("Dream's alg='origin' draws on the host-gathered candidate rows one batch row at a time (only "
-                    "the confidence algs maskgit_plus / topk_margin / entropy are captured)")
         if o.top_k is not None or (o.top_p is not None and o.top_p < 1):
             return "top_k / top_p filtering draws on the host-gathered candidate rows"
         return None
@@ -138,6 +135,14 @@ def check_device(o: Any, device: torch.device) -> None:
                          "install without the CUDA extension); the graph replays the CUDA kernel")
     from ..ops.backends.cuda import _C
 
+    if o.preset == "dream" and o.alg == "origin" and o.temperature > 0:
+        try:  # the eager origin step draws with sample_categorical; the graph's kernel reproduces the CUDA one
+            draw = _dispatch.choose("sample_categorical", "sample_categorical", o.backend, str(device))
+        except _dispatch.BackendUnavailableError as e:
+            raise InputError(f"cuda_graph: {e}") from None
+        if draw != "cuda":
+            raise InputError(f"cuda_graph: sample_categorical runs on the {draw!r} backend here; Dream's origin "
+                             "draw in the graph is the CUDA kernel's")
     if not hasattr(_C, "select_rows_counters"):
         raise InputError("cuda_graph: the built CUDA extension predates select_rows_counters; rebuild it "
                          "(python setup.py build_ext --inplace)")
@@ -205,7 +210,13 @@ class GenerateGraphs:
         self.k = torch.zeros(B, dtype=torch.int64, device=dev)
         self.seed_offset = torch.zeros(2, dtype=torch.int64, device=dev)
         self.is_dream = o.preset == "dream"
-        if self.is_dream:  # Dream's confidence algs: top-k by its count, or every candidate for Gumbel-top-k
+        self.origin = self.is_dream and o.alg == "origin"
+        #: Dream origin's probability of deciding a masked position this step (float64, refreshed per step)
+        self.p = torch.zeros((), dtype=torch.float64, device=dev)
+        if self.origin:  # origin: the kernel's draw of every candidate (its score unused), a coin per candidate
+            self.rule = RULE_CODES["prob"]
+            self.mode = MODE_ALL
+        elif self.is_dream:  # Dream's confidence algs: top-k by its count, or every candidate for Gumbel-top-k
             self.rule = RULE_CODES[_DREAM_RULES[o.alg]]
             self.mode = MODE_ALL if o.alg_temp else MODE_TOP_K
         else:
@@ -263,19 +274,24 @@ class GenerateGraphs:
         return torch.zeros(self.run.B, W, dtype=torch.float64, device=self.x.device)
 
     # ---- one step -----------------------------------------------------------------------------
-    def _prepare(self, t: float | int, k: torch.Tensor | None, c0: int, entry: dict) -> None:
+    def _prepare(self, t: float | int, k: torch.Tensor | None, c0: int, entry: dict, p: float | None = None) -> None:
         """The step's values into the static inputs, drawing the counters in the eager path's order."""
         run = self.run
         self.x.copy_(run.x)
         self.t.fill_(int(t) if run.lm.fastdiff else float(t))
         if k is not None:
             self.k.copy_(k)
-        # Dream draws no counter offset at temperature 0 (its eager step neither); LLaDA always does
-        offset = run.next_offset() if not self.is_dream or self.temperature > 0 else 0
+        if p is not None:
+            self.p.fill_(p)
+        u_offset = run.next_offset() if self.origin else None  # origin: its coins' uniforms, then the draw
+        # Dream's confidence algs draw no counter offset at temperature 0 (their eager step neither); LLaDA's
+        # and Dream origin's steps always take one
+        offset = run.next_offset() if not self.is_dream or self.origin or self.temperature > 0 else 0
         self.seed_offset.copy_(torch.tensor([int64_bits(run.seed), int64_bits(offset)], dtype=torch.int64))
         if entry["uniform"] is not None:
             W = entry["uniform"].shape[1]
-            u = _random.uniform((run.B, run.L), seed=run.seed, offset=run.next_offset(), device=self.x.device)
+            u_offset = run.next_offset() if u_offset is None else u_offset
+            u = _random.uniform((run.B, run.L), seed=run.seed, offset=u_offset, device=self.x.device)
             entry["uniform"].copy_(u[:, c0:c0 + W])
 
     def _replay(self, entry: dict, c0: int) -> torch.Tensor:
@@ -386,24 +402,34 @@ class GenerateGraphs:
         self._prepare(t, k, s, entry)
         return self._replay(entry, s)
 
-    def dream(self, lo: int, hi: int, t: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A Dream step (confidence algs): the forward with the logits of ``[lo, hi)``, select_tokens' per-row
-        kernel and selection on that window, then the eager step's dense results (:func:`_dream_dense`,
-        with ``alg_temp`` its Gumbel-top-``k`` on the step's uniforms ``(B, L)``): ``(chosen, confidences,
-        tokens)``, all ``(B, L)``, copies (the static outputs are the next replay's)."""
+    def dream(self, lo: int, hi: int, t: int, k: torch.Tensor | None, p: float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """A Dream step: the forward with the logits of ``[lo, hi)``, select_tokens' per-row kernel on that
+        window, then the eager step's dense results, ``(chosen, confidences, tokens)``, all ``(B, L)``,
+        copies (the static outputs are the next replay's).
+
+        * confidence algs (``k``: the step's count): the kernel's selection, then :func:`_dream_dense` (with
+          ``alg_temp`` its Gumbel-top-``k`` on the step's uniforms ``(B, L)``);
+        * ``alg="origin"`` (``p``: the probability of deciding a masked position this step): the kernel's
+          draw of every candidate (sample_categorical's draw, which the kernel reproduces) and the eager
+          step's coin ``u < p`` on the step's uniforms ``(B, L)``; no confidences (None)."""
         run = self.run
         V = run.mask_id + 1
         key = ("dream", run.B, run.L, lo, hi, self._weights())
 
         def make() -> dict:
-            # alg_temp: the whole row's uniforms, as the eager step draws them (the window's view is the body's)
-            uniform = None if not run.o.alg_temp else torch.zeros(run.B, run.L, dtype=torch.float64,
-                                                                  device=self.x.device)
+            # the whole row's uniforms, as the eager step draws them (alg_temp's Gumbel keys, origin's coins)
+            uniform = None if not (run.o.alg_temp or self.origin) else torch.zeros(
+                run.B, run.L, dtype=torch.float64, device=self.x.device)
 
             def body() -> tuple[torch.Tensor, ...]:
                 logits = run.lm(self.x, self.t, run.am, run.pos, V, keep=(lo, hi))
                 tokens, conf, chosen, status, logits = self._select(logits, lo, None)
                 cand = self.x == run.mask_id
+                if self.origin:
+                    x0_d = torch.zeros(run.B, run.L, dtype=torch.int64, device=cand.device)
+                    x0_d[:, lo:hi] = tokens
+                    return cand & (uniform < self.p), conf, x0_d, status, logits
                 full, conf_d, x0_d = _dream_dense(run, cand, lo, hi, tokens, conf, chosen, self.k, uniform)
                 return full, conf_d, x0_d, status, logits
 
@@ -413,9 +439,9 @@ class GenerateGraphs:
             return entry
 
         entry = self._entry(key, make)
-        self._prepare(t, k, 0, entry)
+        self._prepare(t, k, 0, entry, p)
         full, conf_d, x0_d = self._launch(entry, lo)[:3]
-        return full.clone(), conf_d.clone(), x0_d.clone()
+        return full.clone(), None if self.origin else conf_d.clone(), x0_d.clone()
 
     def _fill_static(self, t: float | int, k: torch.Tensor | None, c0: int, uniform: torch.Tensor | None) -> None:
         """The capture's input values: this step's (its draws use offset 0 and do not advance the run's

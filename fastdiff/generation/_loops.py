@@ -316,7 +316,12 @@ def dream_loop(run: Run) -> Iterator[GenerationStep]:
         last = i == o.steps - 1
         lo, hi = _masked_span(run, 0, L)
         if run.graphs is not None:  # the same step replayed as a CUDA graph (generation/_graph.py)
-            chosen, conf_d, x0_d = run.graphs.dream(lo, hi, _dream_time(float(t)), _dream_k(run, cand, t, s, last))
+            if o.alg == "origin":
+                chosen, conf_d, x0_d = run.graphs.dream(lo, hi, _dream_time(float(t)), None,
+                                                        1.0 if last else float(1 - s / t))
+            else:
+                chosen, conf_d, x0_d = run.graphs.dream(lo, hi, _dream_time(float(t)),
+                                                        _dream_k(run, cand, t, s, last))
             run.x = torch.where(chosen, x0_d, run.x)
             run.record(chosen, 0, conf_d)
             yield run.step_done(chosen, 0)
