@@ -26,6 +26,7 @@ from fastdiff.errors import InputError, InputTypeError
 from fastdiff.generation import _graph
 from fastdiff.generation._graph import GenerateGraphs, select_dense
 from fastdiff.models import SEDConfig, SEDDenoiser
+from fastdiff.ops.backends.cpp import posterior as cpp_posterior
 from fastdiff.ops.select_tokens import MODE_THRESHOLD, MODE_TOP_K, RULES, _select
 from tests.test_generate import Bidir
 
@@ -91,7 +92,16 @@ def cpu_op(logits, cand, counter_rows, k, uniform, seed_offset, rule, temperatur
     return tokens, conf, chosen, status
 
 
-KIT = (fake_capture, cpu_op)
+def cpu_posterior_op(plan, counters):
+    """The stand-in posterior op: the C++ posterior kernel with (seed, offset, row_offset) read from the
+    counter buffer (nothing drawn from bad logits: the check after the replay raises, as on CUDA)."""
+    if not bool(torch.isfinite(plan.logits.amax(-1)).all()) or bool(torch.isnan(plan.logits).any()):
+        return torch.zeros_like(plan.x_t)
+    seed, offset, row0 = [v % 2**64 for v in counters.tolist()]
+    return cpp_posterior.posterior(*plan.args(sample=True, seed=seed, offset=offset, row_offset=row0))
+
+
+KIT = (fake_capture, cpu_op, cpu_posterior_op)
 
 
 def run_steps(model: nn.Module, ids: torch.Tensor, graph: bool, **kw: object) -> tuple:
@@ -208,6 +218,119 @@ def test_the_dream_options_change_the_tokens_of_the_test_model() -> None:
     for kw in (dict(alg_temp=0.5, seed=7), dict(temperature=0.8, seed=3), dict(alg="entropy"), dict(alg="origin")):
         assert not torch.equal(run_steps(m, PROMPTS, False, **{**DREAM, "alg": "maskgit_plus", **kw})[1].sequences,
                                base), kw
+
+
+class SigmaLM(Bidir):
+    """test_generate's LM conditioned on MDLM's noise level (the ``sigma`` keyword): the logits scaled by
+    ``1 + sigma / 2``, so a stale time input shows."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(input_ids, attention_mask, position_ids)
+        return out * (1 + sigma[:, None, None] / 2)
+
+
+MDLM = dict(preset="mdlm", block_length=None, temperature=1.0, steps=12)
+MDLM_CASES = {
+    "mdlm": dict(),
+    "mdlm-tempered-seed": dict(temperature=0.7, seed=11),
+    "mdlm-no-noise-removal": dict(noise_removal=False, seed=3),
+    "mdlm-eps": dict(eps=0.2, steps=6, seed=5, suppress_mask=True),
+    "duo": dict(preset="duo", mask_id=None, vocab_size=V, seed=2),
+    "duo-tempered": dict(preset="duo", mask_id=None, vocab_size=V, temperature=0.8, seed=4, noise_removal=False),
+}
+
+
+@pytest.mark.parametrize("case", list(MDLM_CASES))
+@pytest.mark.parametrize("model", ["lm", "sigma", "sed"])
+def test_graph_plumbing_gives_the_eager_steps_of_mdlm_and_duo(case: str, model: str) -> None:
+    """MDLM / DUO's ancestral steps: forward + posterior kernel per graph, the step's schedule and counters
+    refreshed; the time-free LM reuses its last logits (MDLM's cache: no network call) between them."""
+    kw = dict(MDLM, **MDLM_CASES[case])
+    m = LMBidir() if model == "lm" else SigmaLM(vocab=V) if model == "sigma" else sed()
+    graphed = run_steps(m, PROMPTS, True, **kw)
+    eager = run_steps(m, PROMPTS, False, **kw)
+    assert_same_run(graphed, eager)
+    calls = graphed[1].stats["network_calls"] - (kw.get("noise_removal", True))  # the final argmax call is eager
+    assert graphed[1].stats["cuda_graph"] == {"captures": 1, "replays": calls}
+
+
+def test_mdlm_cache_reuses_the_graphs_logits() -> None:
+    """The time-free model: MDLM's cache skips the network on a step whose input did not change; the steps
+    that follow read the logits of the graph's last replay (equal to eager, fewer replays than steps)."""
+    kw = dict(MDLM, steps=40, max_new_tokens=8)
+    graphed = run_steps(LMBidir(), PROMPTS, True, **kw)
+    assert_same_run(graphed, run_steps(LMBidir(), PROMPTS, False, **kw))
+    assert graphed[1].stats["cuda_graph"]["replays"] < 40
+
+
+def test_mdlm_with_padding_through_the_graphs() -> None:
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 8, 7]])
+    am = (torch.arange(6)[None, :] >= torch.tensor([2, 0, 3])[:, None]).long()
+    for m in (SigmaLM(vocab=V), tiny_llama()):
+        for kw in (dict(MDLM, seed=1), dict(MDLM, preset="duo", mask_id=None, vocab_size=V, seed=6)):
+            if isinstance(m, Bidir) or kw["preset"] == "mdlm":
+                assert_same_run(run_steps(m, ids, True, attention_mask=am, **kw),
+                                run_steps(m, ids, False, attention_mask=am, **kw))
+
+
+def test_the_sigma_input_changes_the_tokens_of_the_test_model() -> None:
+    """SigmaLM's tokens depend on its time input, so the stale-time case below can fail."""
+    class Fixed(SigmaLM):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, sigma=None):
+            return super().forward(input_ids, attention_mask, position_ids, torch.ones_like(sigma))
+
+    kw = dict(MDLM, seed=1)
+    assert not torch.equal(run_steps(SigmaLM(vocab=V), PROMPTS, False, **kw)[1].sequences,
+                           run_steps(Fixed(vocab=V), PROMPTS, False, **kw)[1].sequences)
+
+
+def _stale_prepare_mdlm(skip: str):
+    real = GenerateGraphs._prepare_mdlm
+
+    def prepare(self, t, alpha_bar):
+        saved = {"x": self.x.clone(), "t": self.t.clone(), "alpha_bar": self.alpha_bar.clone()}
+        real(self, t, alpha_bar)
+        if skip == "offset":
+            self.counters[1] = 0
+        else:
+            getattr(self, skip).copy_(saved[skip])
+
+    return prepare
+
+
+@pytest.mark.parametrize("skip,kw", [
+    ("x", dict(MDLM)),
+    ("t", dict(MDLM)),
+    ("alpha_bar", dict(MDLM)),
+    ("offset", dict(MDLM)),
+    ("x", dict(MDLM, preset="duo", mask_id=None, vocab_size=V)),
+    ("alpha_bar", dict(MDLM, preset="duo", mask_id=None, vocab_size=V)),
+])
+def test_a_stale_static_input_of_mdlm_breaks_the_equality(monkeypatch, skip: str, kw: dict) -> None:
+    model = SigmaLM(vocab=V)
+    eager = run_steps(model, PROMPTS, False, **kw)
+    assert_same_run(run_steps(model, PROMPTS, True, **kw), eager)
+    monkeypatch.setattr(GenerateGraphs, "_prepare_mdlm", _stale_prepare_mdlm(skip))
+    with pytest.raises(AssertionError):
+        assert_same_run(run_steps(model, PROMPTS, True, **kw), eager)
+
+
+@pytest.mark.parametrize("bad,msg", [(float("nan"), "contains NaN"), (float("inf"), r"contains \+inf"),
+                                     (float("-inf"), "every logit")])
+def test_bad_logits_of_mdlm_raise_the_eager_error_after_a_replay(bad: float, msg: str) -> None:
+    class Bad(SigmaLM):
+        def forward(self, input_ids, attention_mask=None, position_ids=None, sigma=None):
+            out = super().forward(input_ids, attention_mask, position_ids, sigma)
+            col = torch.arange(V) == 2 if bad > 0 or bad != bad else torch.ones(V, dtype=torch.bool)
+            return torch.where((input_ids == MASK)[..., None] & col, bad, out)
+
+    kw = dict(MDLM, max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp")
+    with pytest.raises(InputError, match=f"x0_logits: .*{msg}") as eager:
+        fastdiff.generate(Bad(vocab=V), PROMPTS, **kw)
+    with pytest.raises(InputError, match=f"x0_logits: .*{msg}") as graphed:
+        fastdiff.generate(Bad(vocab=V), PROMPTS, cuda_graph=True, _graph_kit=KIT, **kw)
+    assert str(graphed.value) == str(eager.value)
 
 
 def test_guidance_changes_the_tokens_of_the_test_models() -> None:
@@ -342,8 +465,7 @@ def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: di
     (dict(preset="dream", block_length=None, alg="entropy", top_p=0.9), "top_p"),
     (dict(preset="dream", block_length=None, alg="entropy", top_k=4), "top_k"),
     (dict(preset="dream", block_length=None, alg="entropy", logits_processor=lambda ids, s: s), "logits_processor"),
-    (dict(preset="mdlm", block_length=None, temperature=1.0), "preset 'mdlm'.*posterior_sample"),
-    (dict(preset="duo", block_length=None, temperature=1.0, vocab_size=V), "preset 'duo'"),
+    (dict(preset="mdlm", block_length=None, temperature=1.0, top_k=3), "top_k"),
     (dict(preset="bd3lm", block_length=4), "preset 'bd3lm'"),
     (dict(top_k=3), "top_k"),
     (dict(top_p=0.9), "top_p"),
@@ -535,6 +657,27 @@ def test_cuda_graph_generation_of_dream_replays_the_eager_tokens_on_gpu(model: s
     assert graphed.stats["network_calls"] == eager.stats["network_calls"]
     if eager.scores is not None:
         assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["sed", "sigma", "lm"])
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7, seed=3, noise_removal=False),
+                                dict(preset="duo", mask_id=None, vocab_size=V, seed=2)], ids=["mdlm", "mdlm-t", "duo"])
+def test_cuda_graph_generation_of_mdlm_replays_the_eager_tokens_on_gpu(model: str, kw: dict) -> None:
+    m = (sed() if model == "sed" else SigmaLM(vocab=V) if model == "sigma" else LMBidir()).cuda()
+    ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
+    args = dict(dict(preset="mdlm", max_new_tokens=16, steps=20, mask_id=MASK, temperature=1.0), **kw)
+    eager_steps, graphed_steps = [], []
+    eager = fastdiff.generate(m, ids, am, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
+    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
+                                **args)
+    assert len(eager_steps) == len(graphed_steps)
+    for a, b in zip(eager_steps, graphed_steps):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
 
 
 @pytest.mark.gpu

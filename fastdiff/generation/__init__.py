@@ -422,8 +422,8 @@ def iterate(model: Callable[..., Any], input_ids: torch.Tensor, attention_mask: 
     if output_scores:
         run.scores = torch.full((B, N), float("nan"), dtype=torch.float32, device=dev)
     if cuda_graph:
-        capture, op = _graph_kit if _graph_kit is not None else (None, None)
-        run.graphs = _graph.GenerateGraphs(run, capture=capture, op=op)
+        capture, op, posterior_op = (tuple(_graph_kit) + (None,))[:3] if _graph_kit is not None else (None,) * 3
+        run.graphs = _graph.GenerateGraphs(run, capture=capture, op=op, posterior_op=posterior_op)
     t0 = time.perf_counter()
     from ..sampling import _eval_mode
 

@@ -74,9 +74,9 @@ import torch
 from .. import random as _random
 from ..errors import InputError
 from ..ops._common import check_finite_above
-from ..ops._plan import int64_bits
+from ..ops._plan import KIND_ABSORBING, KIND_UNIFORM, PosteriorPlan, int64_bits
 from ..ops.select_tokens import KERNEL, MODE_ALL, MODE_THRESHOLD, MODE_TOP_K, RULE_CODES
-from ..sampling._graph import capture_error, cuda_capture  # as fastdiff.sample's step graphs
+from ..sampling._graph import CounterOp, capture_error, cuda_capture, cuda_counter_op  # fastdiff.sample's
 from . import _select as sel
 from ._loops import _DREAM_RULES, _dream_dense, _guided
 
@@ -98,9 +98,6 @@ _STATUS_MESSAGES = {4: "model output: the logits contain NaN", 3: "model output:
 
 def unsupported(o: Any, processors: list) -> str | None:
     """Why a ``cuda_graph=True`` generation cannot be captured (None: it can), from the options alone."""
-    if o.preset in ("mdlm", "duo"):
-        return (f"preset {o.preset!r} is not captured (its ancestral step's posterior_sample takes the random "
-                "counters as host integers, and its cache decides on the host whether to call the network)")
     if o.preset == "bd3lm":
         return ("preset 'bd3lm' is not captured (its first-hitting step draws on the host-gathered candidate rows "
                 "one batch row at a time, and its KV cache is extended between blocks)")
@@ -118,23 +115,29 @@ def unsupported(o: Any, processors: list) -> str | None:
 
 
 def check_device(o: Any, device: torch.device) -> None:
-    """The device half of the decision: CUDA tensors and the CUDA ``select_tokens`` kernel for the eager op."""
+    """The device half of the decision: CUDA tensors and, for the eager op, the CUDA kernel the graph
+    replays (``select_tokens``'s; MDLM / DUO: ``posterior_sample``'s)."""
+    op, kernel, entry = ("posterior_sample", "posterior", "posterior_counters") \
+        if getattr(o, "preset", None) in ("mdlm", "duo") else ("select_tokens", KERNEL, "select_rows_counters")
     if device.type != "cuda":
         raise InputError(f"cuda_graph: CUDA graphs need a CUDA device; input_ids are on {device}")
     if o.backend not in ("auto", "cuda"):
-        raise InputError(f"cuda_graph: backend {o.backend!r} is not the CUDA select_tokens kernel the graph replays "
+        raise InputError(f"cuda_graph: backend {o.backend!r} is not the CUDA {op} kernel the graph replays "
                          "(use backend='auto' or 'cuda')")
     from ..ops import _dispatch
 
     try:
-        name = _dispatch.choose("select_tokens", KERNEL, o.backend, str(device))
+        name = _dispatch.choose(op, kernel, o.backend, str(device))
     except _dispatch.BackendUnavailableError as e:
         raise InputError(f"cuda_graph: {e}") from None
     if name != "cuda":
-        raise InputError(f"cuda_graph: select_tokens runs on the {name!r} backend here (FASTDIFF_BACKEND or an "
+        raise InputError(f"cuda_graph: {op} runs on the {name!r} backend here (FASTDIFF_BACKEND or an "
                          "install without the CUDA extension); the graph replays the CUDA kernel")
     from ..ops.backends.cuda import _C
 
+    if not hasattr(_C, entry):
+        raise InputError(f"cuda_graph: the built CUDA extension predates {entry}; rebuild it "
+                         "(python setup.py build_ext --inplace)")
     if o.preset == "dream" and o.alg == "origin" and o.temperature > 0:
         try:  # the eager origin step draws with sample_categorical; the graph's kernel reproduces the CUDA one
             draw = _dispatch.choose("sample_categorical", "sample_categorical", o.backend, str(device))
@@ -143,9 +146,6 @@ def check_device(o: Any, device: torch.device) -> None:
         if draw != "cuda":
             raise InputError(f"cuda_graph: sample_categorical runs on the {draw!r} backend here; Dream's origin "
                              "draw in the graph is the CUDA kernel's")
-    if not hasattr(_C, "select_rows_counters"):
-        raise InputError("cuda_graph: the built CUDA extension predates select_rows_counters; rebuild it "
-                         "(python setup.py build_ext --inplace)")
 
 
 def select_dense(tok: torch.Tensor, key: torch.Tensor, status: torch.Tensor, candidates: torch.Tensor,
@@ -193,10 +193,12 @@ class GenerateGraphs:
     default to :func:`cuda_capture` and :func:`cuda_select`; the tests pass stand-ins to run the plumbing
     on CPU."""
 
-    def __init__(self, run: Run, *, capture: Capture | None = None, op: SelectOp | None = None) -> None:
+    def __init__(self, run: Run, *, capture: Capture | None = None, op: SelectOp | None = None,
+                 posterior_op: CounterOp | None = None) -> None:
         self.run = run
         self.capture = capture or cuda_capture
         self.op = op or cuda_select
+        self.posterior_op = posterior_op or cuda_counter_op
         o, lm = run.o, run.lm
         dev = run.x.device
         B = run.B
@@ -209,6 +211,9 @@ class GenerateGraphs:
         self.pos2 = None if run.pos is None or not self.cfg else torch.cat([run.pos, run.pos])
         self.k = torch.zeros(B, dtype=torch.int64, device=dev)
         self.seed_offset = torch.zeros(2, dtype=torch.int64, device=dev)
+        #: MDLM / DUO: the posterior kernel's (seed, offset, row_offset) and the step's alpha_bar table (3,)
+        self.counters = torch.zeros(3, dtype=torch.int64, device=dev)
+        self.alpha_bar = torch.ones(3, dtype=torch.float64, device=dev)
         self.is_dream = o.preset == "dream"
         self.origin = self.is_dream and o.alg == "origin"
         #: Dream origin's probability of deciding a masked position this step (float64, refreshed per step)
@@ -309,6 +314,22 @@ class GenerateGraphs:
         """Replay ``entry``'s graph (timed, counted as one network call), then raise the eager path's
         value error if the window's candidates had bad logits: the static outputs."""
         run = self.run
+        self._play(entry)
+        status, logits = entry["outs"][3:5]
+        cand = self.x[:, c0:c0 + status.shape[1]] == run.mask_id
+        if logits.dtype == torch.float64 and 0 < self.temperature < 1 and bool(cand.any()):
+            try:  # select_tokens' check of a float64 z / T that overflows, worded as the eager loop words it
+                check_finite_above("logits", logits[cand], self.temperature)
+            except InputError as e:
+                raise InputError(sel._VALUE_MESSAGES.get(str(e), str(e))) from None
+        worst = int(status.max()) if status.numel() else 0
+        if worst:
+            raise InputError(_STATUS_MESSAGES[worst])
+        return entry["outs"]
+
+    def _play(self, entry: dict) -> None:
+        """Replay ``entry``'s graph, timed and counted as the eager step's one network call."""
+        run = self.run
         cuda = self.x.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.x.device)
@@ -323,17 +344,6 @@ class GenerateGraphs:
         run.lm.calls, run.lm.rows = calls + 1, rows + self.call_rows  # one network call, as the eager step makes
         run.lm.seconds += time.perf_counter() - t0
         self.replays += 1
-        status, logits = entry["outs"][3:5]
-        cand = self.x[:, c0:c0 + status.shape[1]] == run.mask_id
-        if logits.dtype == torch.float64 and 0 < self.temperature < 1 and bool(cand.any()):
-            try:  # select_tokens' check of a float64 z / T that overflows, worded as the eager loop words it
-                check_finite_above("logits", logits[cand], self.temperature)
-            except InputError as e:
-                raise InputError(sel._VALUE_MESSAGES.get(str(e), str(e))) from None
-        worst = int(status.max()) if status.numel() else 0
-        if worst:
-            raise InputError(_STATUS_MESSAGES[worst])
-        return entry["outs"]
 
     def _entry(self, key: tuple, make: Callable[[], dict]) -> dict:
         entry = self.entries.get(key)
@@ -442,6 +452,64 @@ class GenerateGraphs:
         self._prepare(t, k, 0, entry, p)
         full, conf_d, x0_d = self._launch(entry, lo)[:3]
         return full.clone(), None if self.origin else conf_d.clone(), x0_d.clone()
+
+    def mdlm(self, t: float | int, alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An MDLM / DUO ancestral step that calls the network: the forward on the whole sequence, the
+        generated region's float32 logits (the mask column at ``-inf``: SUBS; not for DUO) and the CUDA
+        posterior kernel reading its counters and the step's ``alpha_bar (3,)`` (``[1, 1 - move_s, 1 -
+        move_t]``, the eager step's schedule, ``t = 2``, ``s = 1``) from static buffers. Returns the drawn
+        region ``(B, N)`` (a copy) and the static logits ``(B, N, V)`` (valid until the next replay), after
+        the eager op's value check."""
+        run = self.run
+        P, N, B = run.P, run.N, run.B
+        absorbing = run.o.preset == "mdlm"
+        key = ("mdlm", B, run.L, self._weights())
+
+        def make() -> dict:
+            def body() -> tuple[torch.Tensor, ...]:
+                logits = run.lm(self.x, self.t, run.am, run.pos, run.mask_id + 1)
+                lg = logits[:, P:].float()
+                if absorbing:
+                    lg = lg.clone()
+                    lg[..., run.mask_id] = float("-inf")
+                V = lg.shape[-1]
+                rows = lg.reshape(-1, V)
+                if rows.stride(-1) != 1:
+                    rows = rows.contiguous()
+                x_t = self.x[:, P:].reshape(-1).contiguous()
+                n = x_t.shape[0]
+                t1 = torch.full((n,), 2, dtype=torch.int64, device=x_t.device)
+                s1 = torch.full((n,), 1, dtype=torch.int64, device=x_t.device)
+                plan = PosteriorPlan(KIND_ABSORBING if absorbing else KIND_UNIFORM, logits=rows, x_t=x_t, t=t1,
+                                     s=s1, vocab_size=V, temperature=self.temperature,
+                                     mask_id=run.mask_id if absorbing else -1,
+                                     a_t=self.alpha_bar.index_select(0, t1), a_s=self.alpha_bar.index_select(0, s1))
+                return self.posterior_op(plan, self.counters), lg
+
+            self.x.copy_(run.x)  # the capture's values: this step's, offset 0
+            self.t.fill_(int(t) if run.lm.fastdiff else float(t))
+            self.alpha_bar.copy_(alpha_bar)
+            self.counters.copy_(torch.tensor([int64_bits(run.seed), 0, 0], dtype=torch.int64))
+            return self._build(key, body)
+
+        entry = self._entry(key, make)
+        self._prepare_mdlm(t, alpha_bar)
+        self._play(entry)
+        tokens, lg = entry["outs"][:2]
+        region = self.x[:, P:]
+        check_finite_above("x0_logits", lg, self.temperature, mask_id=run.mask_id if absorbing else None,
+                           x_t=region)  # the eager op's check (and error), before the tokens are used
+        return tokens.reshape(B, N).clone(), lg
+
+    def _prepare_mdlm(self, t: float | int, alpha_bar: torch.Tensor) -> None:
+        """An MDLM / DUO step's values into the static inputs: sequence, time, schedule, counters (the eager
+        op's one offset, row offset 0)."""
+        run = self.run
+        self.x.copy_(run.x)
+        self.t.fill_(int(t) if run.lm.fastdiff else float(t))
+        self.alpha_bar.copy_(alpha_bar)
+        self.counters.copy_(torch.tensor([int64_bits(run.seed), int64_bits(run.next_offset()), 0],
+                                         dtype=torch.int64))
 
     def _fill_static(self, t: float | int, k: torch.Tensor | None, c0: int, uniform: torch.Tensor | None) -> None:
         """The capture's input values: this step's (its draws use offset 0 and do not advance the run's

@@ -464,8 +464,13 @@ def mdlm_loop(run: Run) -> Iterator[GenerationStep]:
         s = t - dt
         move_t, move_s = (1 - o.eps) * t, max(0.0, (1 - o.eps) * s)
         region = run.x[:, P:]
+        step = Schedule(torch.tensor([1.0, 1 - move_s, 1 - move_t], dtype=torch.float64), "mdlm-step")
+        new = None
         if cached is not None and reuse and last_x is not None and torch.equal(last_x, run.x):
             lg = cached
+        elif run.graphs is not None:  # forward + posterior kernel replayed as a CUDA graph (generation/_graph.py)
+            new, lg = run.graphs.mdlm(_mdlm_time(run, t, move_t), step.alpha_bar)
+            cached = lg  # the graph's static logits: replaced only by its next replay, a step that recomputes them
         else:
             logits = run.lm(run.x, _mdlm_time(run, t, move_t), run.am, run.pos, run.mask_id + 1)
             lg = logits[:, P:].float()
@@ -474,15 +479,14 @@ def mdlm_loop(run: Run) -> Iterator[GenerationStep]:
                 lg[..., mask] = float("-inf")
             cached = lg
         last_x = run.x.clone()
-        V = lg.shape[-1]
-        proc = Uniform(V, Schedule(torch.tensor([1.0, 1 - move_s, 1 - move_t], dtype=torch.float64), "mdlm-step")) \
-            if uniform else Absorbing(V, mask, Schedule(torch.tensor([1.0, 1 - move_s, 1 - move_t],
-                                                                     dtype=torch.float64), "mdlm-step"))
-        flat_rows = lg.reshape(-1, lg.shape[-1])
-        rows_b = torch.arange(run.B, device=run.x.device).repeat_interleave(N)
-        lgp = run.processed(flat_rows, rows_b).reshape(lg.shape) if run.processors else lg
-        new = ops.posterior_sample(proc, lgp, region, 2, 1, seed=run.seed, offset=run.next_offset(),
-                                   temperature=o.temperature if o.temperature > 0 else 1.0, backend=o.backend)
+        if new is None:
+            V = lg.shape[-1]
+            proc = Uniform(V, step) if uniform else Absorbing(V, mask, step)
+            flat_rows = lg.reshape(-1, lg.shape[-1])
+            rows_b = torch.arange(run.B, device=run.x.device).repeat_interleave(N)
+            lgp = run.processed(flat_rows, rows_b).reshape(lg.shape) if run.processors else lg
+            new = ops.posterior_sample(proc, lgp, region, 2, 1, seed=run.seed, offset=run.next_offset(),
+                                       temperature=o.temperature if o.temperature > 0 else 1.0, backend=o.backend)
         changed = new != region
         run.x = torch.cat([run.x[:, :P], new], 1)
         full = torch.zeros_like(run.x, dtype=torch.bool)
