@@ -333,6 +333,66 @@ def test_bad_logits_of_mdlm_raise_the_eager_error_after_a_replay(bad: float, msg
     assert str(graphed.value) == str(eager.value)
 
 
+def block_causal(seed: int = 3):
+    """The peers' tiny block-causal LM (block_size 4) with BD3-LM's exact KV protocol; its cached block call
+    reads the time input (logits scaled by ``1 + t / 500``), so a stale time input shows."""
+    from tests.peers.models import BlockCausalLM
+
+    class Timed(BlockCausalLM):
+        def forward(self, input_ids, t=None, **kw):
+            out = super().forward(input_ids, t, **kw)
+            return out if t is None else out * (1 + t[:, None, None] / 500)
+
+    return Timed(vocab=V, mask_id=MASK, seed=seed, block_size=4, mask_bias=0.0)
+
+
+def sed_block_causal(seed: int = 0) -> SEDDenoiser:
+    """A block-causal SED model (block_size 4; no time input, as SED's block-causal models) with its exact
+    KV cache."""
+    m = SEDDenoiser(SEDConfig(vocab_size=V, width=32, layers=2, heads=4, rel_freqs=8, block_size=4,
+                              time_conditioning="none")).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (4 if p.ndim == 2 else 1) / p.shape[-1] ** 0.5)
+    return m
+
+
+BD3 = dict(preset="bd3lm", block_length=4, temperature=1.0, steps=8)
+BD3_CASES = {
+    "sampled": dict(seed=3),
+    "tempered": dict(temperature=0.6, seed=8),
+    "greedy": dict(temperature=0.0, seed=2),
+    "kv": dict(cache="kv", seed=3),
+    "kv-greedy": dict(cache="kv", temperature=0.0, seed=5),
+    "kv-scores-eos": dict(cache="kv", seed=4, output_scores=True, eos_token_id=3, pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("case", list(BD3_CASES))
+@pytest.mark.parametrize("model", ["lm", "sed"])
+def test_graph_plumbing_gives_the_eager_steps_of_bd3lm(case: str, model: str) -> None:
+    """BD3-LM's first-hitting steps, block by block (a prompt of 6: the first block holds prompt tokens),
+    with and without the exact KV cache: one graph per block, replayed for its steps."""
+    kw = dict(BD3, **BD3_CASES[case])
+    m = block_causal() if model == "lm" else sed_block_causal()
+    graphed = run_steps(m, PROMPTS, True, **kw)
+    assert_same_run(graphed, run_steps(m, PROMPTS, False, **kw))
+    assert graphed[1].stats["cuda_graph"]["captures"] == 5  # blocks [4, 8) ... [20, 24)
+    assert graphed[1].stats["cuda_graph"]["replays"] == len(graphed[0])
+
+
+@pytest.mark.parametrize("cache", [None, "kv"])
+def test_the_seed_and_temperature_change_the_bd3lm_tokens_of_the_test_model(cache: str | None) -> None:
+    """The seed and the temperature change the block-causal LM's tokens, so the equalities above hold the
+    graphs to the draw and the pick."""
+    m = block_causal()
+    base = run_steps(m, PROMPTS, False, **BD3, seed=3, cache=cache)[1].sequences
+    for kw in (dict(seed=4), dict(seed=3, temperature=0.3)):
+        assert not torch.equal(run_steps(m, PROMPTS, False, **{**BD3, "cache": cache, **kw})[1].sequences, base), kw
+
+
 def test_guidance_changes_the_tokens_of_the_test_models() -> None:
     """cfg_scale changes the tokens of both test models (greedy and sampled), so the equalities of the
     guided cases hold the graphs to the guidance arithmetic, not to an unguided step."""
@@ -450,9 +510,16 @@ def _stale_prepare(skip: str):
     ("uniform", dict(DREAM, alg="origin")),  # origin's coins
     ("p", dict(DREAM, alg="origin")),  # origin's probability of deciding, 1 - s/t
     ("offset", dict(DREAM, alg="origin", temperature=0.9, seed=5)),
+    ("x", dict(BD3, seed=1)),
+    ("x", dict(BD3, seed=1, cache="kv")),
+    ("t", dict(BD3, seed=1, cache="kv")),
+    ("offset", dict(BD3, seed=1)),
+    ("uniform", dict(BD3, seed=1, temperature=0.0)),  # the pick of one position per row
 ])
 def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: dict) -> None:
     model = sed() if skip == "t" else LMBidir() if "cache" not in kw else sed()
+    if kw.get("preset") == "bd3lm":
+        model = block_causal()
     eager = run_steps(model, PROMPTS, False, **kw)
     assert_same_run(run_steps(model, PROMPTS, True, **kw), eager)
     monkeypatch.setattr(GenerateGraphs, "_prepare", _stale_prepare(skip))
@@ -466,7 +533,7 @@ def test_a_stale_static_input_breaks_the_equality(monkeypatch, skip: str, kw: di
     (dict(preset="dream", block_length=None, alg="entropy", top_k=4), "top_k"),
     (dict(preset="dream", block_length=None, alg="entropy", logits_processor=lambda ids, s: s), "logits_processor"),
     (dict(preset="mdlm", block_length=None, temperature=1.0, top_k=3), "top_k"),
-    (dict(preset="bd3lm", block_length=4), "preset 'bd3lm'"),
+    (dict(preset="bd3lm", block_length=4, temperature=1.0, top_p=0.5), "top_p"),
     (dict(top_k=3), "top_k"),
     (dict(top_p=0.9), "top_p"),
     (dict(preset="fast_dllm", factor=1.0), "factor"),
@@ -508,8 +575,8 @@ def test_a_body_that_cannot_be_captured_raises_naming_cuda_graph() -> None:
 
 @pytest.mark.parametrize("bad,msg", [(float("nan"), "contain NaN"), (float("inf"), r"contain \+inf"),
                                      (float("-inf"), "every logit at -inf")])
-@pytest.mark.parametrize("cache", [None, "dual"])
-def test_bad_logits_raise_the_eager_error_after_a_replay(bad: float, msg: str, cache: str | None) -> None:
+@pytest.mark.parametrize("case", [None, "dual", "bd3lm", "dream"])
+def test_bad_logits_raise_the_eager_error_after_a_replay(bad: float, msg: str, case: str | None) -> None:
     class Bad(Bidir):
         def forward(self, input_ids, attention_mask=None, position_ids=None):
             out = super().forward(input_ids, attention_mask, position_ids)
@@ -522,7 +589,13 @@ def test_bad_logits_raise_the_eager_error_after_a_replay(bad: float, msg: str, c
         def kv_window(self, x_win, t, *, cache, start, **kw):
             return self.forward(x_win)
 
-    kw = dict(max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp", cache=cache)
+    kw = dict(max_new_tokens=8, steps=8, mask_id=MASK, backend="cpp")
+    if case == "dual":
+        kw.update(cache="dual")
+    elif case == "bd3lm":
+        kw.update(preset="bd3lm", block_length=4, temperature=1.0)
+    elif case == "dream":
+        kw.update(preset="dream", alg="entropy")
     with pytest.raises(InputError, match=f"model output: .*{msg}") as eager:
         fastdiff.generate(Bad(vocab=V), PROMPTS, **kw)
     with pytest.raises(InputError, match=f"model output: .*{msg}") as graphed:
@@ -672,6 +745,27 @@ def test_cuda_graph_generation_of_mdlm_replays_the_eager_tokens_on_gpu(model: st
     eager_steps, graphed_steps = [], []
     eager = fastdiff.generate(m, ids, am, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
     graphed = fastdiff.generate(m, ids, am, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
+                                **args)
+    assert len(eager_steps) == len(graphed_steps)
+    for a, b in zip(eager_steps, graphed_steps):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cache", [None, "kv"])
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, seed=3), dict(temperature=0.0, seed=1),
+                                dict(temperature=0.7, seed=5, eos_token_id=3, pad_token_id=0)],
+                         ids=["sampled", "greedy", "eos"])
+def test_cuda_graph_generation_of_bd3lm_replays_the_eager_tokens_on_gpu(cache: str | None, kw: dict) -> None:
+    m = sed_block_causal().cuda()
+    ids = PROMPTS.cuda()
+    args = dict(preset="bd3lm", max_new_tokens=16, steps=16, block_length=4, mask_id=MASK, cache=cache, **kw)
+    eager_steps, graphed_steps = [], []
+    eager = fastdiff.generate(m, ids, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
+    graphed = fastdiff.generate(m, ids, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
                                 **args)
     assert len(eager_steps) == len(graphed_steps)
     for a, b in zip(eager_steps, graphed_steps):

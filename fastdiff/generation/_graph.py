@@ -98,9 +98,6 @@ _STATUS_MESSAGES = {4: "model output: the logits contain NaN", 3: "model output:
 
 def unsupported(o: Any, processors: list) -> str | None:
     """Why a ``cuda_graph=True`` generation cannot be captured (None: it can), from the options alone."""
-    if o.preset == "bd3lm":
-        return ("preset 'bd3lm' is not captured (its first-hitting step draws on the host-gathered candidate rows "
-                "one batch row at a time, and its KV cache is extended between blocks)")
     if processors:
         return "logits_processor runs on the host between the network and the selection"
     if o.preset == "dream":
@@ -138,14 +135,14 @@ def check_device(o: Any, device: torch.device) -> None:
     if not hasattr(_C, entry):
         raise InputError(f"cuda_graph: the built CUDA extension predates {entry}; rebuild it "
                          "(python setup.py build_ext --inplace)")
-    if o.preset == "dream" and o.alg == "origin" and o.temperature > 0:
-        try:  # the eager origin step draws with sample_categorical; the graph's kernel reproduces the CUDA one
+    if ((o.preset == "dream" and o.alg == "origin") or o.preset == "bd3lm") and o.temperature > 0:
+        try:  # these eager steps draw with sample_categorical; the graph's kernel reproduces the CUDA one
             draw = _dispatch.choose("sample_categorical", "sample_categorical", o.backend, str(device))
         except _dispatch.BackendUnavailableError as e:
             raise InputError(f"cuda_graph: {e}") from None
         if draw != "cuda":
-            raise InputError(f"cuda_graph: sample_categorical runs on the {draw!r} backend here; Dream's origin "
-                             "draw in the graph is the CUDA kernel's")
+            raise InputError(f"cuda_graph: sample_categorical runs on the {draw!r} backend here; the graph's draw "
+                             "is the CUDA kernel's")
 
 
 def select_dense(tok: torch.Tensor, key: torch.Tensor, status: torch.Tensor, candidates: torch.Tensor,
@@ -215,11 +212,12 @@ class GenerateGraphs:
         self.counters = torch.zeros(3, dtype=torch.int64, device=dev)
         self.alpha_bar = torch.ones(3, dtype=torch.float64, device=dev)
         self.is_dream = o.preset == "dream"
+        self.is_bd3lm = o.preset == "bd3lm"
         self.origin = self.is_dream and o.alg == "origin"
         #: Dream origin's probability of deciding a masked position this step (float64, refreshed per step)
         self.p = torch.zeros((), dtype=torch.float64, device=dev)
-        if self.origin:  # origin: the kernel's draw of every candidate (its score unused), a coin per candidate
-            self.rule = RULE_CODES["prob"]
+        if self.origin or self.is_bd3lm:  # the kernel's draw of every candidate (its score unused), then
+            self.rule = RULE_CODES["prob"]  # origin's coin per candidate / BD3-LM's one uniform position per row
             self.mode = MODE_ALL
         elif self.is_dream:  # Dream's confidence algs: top-k by its count, or every candidate for Gumbel-top-k
             self.rule = RULE_CODES[_DREAM_RULES[o.alg]]
@@ -228,7 +226,7 @@ class GenerateGraphs:
             self.rule = RULE_CODES["random" if o.remasking == "random" else "llada"]
             self.mode = MODE_THRESHOLD if o.threshold is not None else MODE_TOP_K
         self.threshold = 0.0 if o.threshold is None else float(o.threshold)
-        self.exclude = run.mask_id if o.suppress_mask else -1
+        self.exclude = run.mask_id if o.suppress_mask or self.is_bd3lm else -1  # BD3-LM always suppresses it
         self.temperature = float(o.temperature)
         self.entries: OrderedDict[tuple, dict] = OrderedDict()  # least recently replayed first
         self._fill_entry: dict | None = None  # the current block's first-step graph (caches)
@@ -289,15 +287,20 @@ class GenerateGraphs:
         if p is not None:
             self.p.fill_(p)
         u_offset = run.next_offset() if self.origin else None  # origin: its coins' uniforms, then the draw
-        # Dream's confidence algs draw no counter offset at temperature 0 (their eager step neither); LLaDA's
-        # and Dream origin's steps always take one
-        offset = run.next_offset() if not self.is_dream or self.origin or self.temperature > 0 else 0
+        # Dream's confidence algs and BD3-LM draw no counter offset at temperature 0 (their eager steps
+        # neither); LLaDA's and Dream origin's steps always take one
+        always = not (self.is_dream or self.is_bd3lm) or self.origin
+        offset = run.next_offset() if always or self.temperature > 0 else 0
         self.seed_offset.copy_(torch.tensor([int64_bits(run.seed), int64_bits(offset)], dtype=torch.int64))
         if entry["uniform"] is not None:
             W = entry["uniform"].shape[1]
             u_offset = run.next_offset() if u_offset is None else u_offset
-            u = _random.uniform((run.B, run.L), seed=run.seed, offset=u_offset, device=self.x.device)
-            entry["uniform"].copy_(u[:, c0:c0 + W])
+            if self.is_bd3lm:  # the block's own (B, W) draw, as the eager step makes it
+                entry["uniform"].copy_(_random.uniform((run.B, W), seed=run.seed, offset=u_offset,
+                                                       device=self.x.device))
+            else:
+                u = _random.uniform((run.B, run.L), seed=run.seed, offset=u_offset, device=self.x.device)
+                entry["uniform"].copy_(u[:, c0:c0 + W])
 
     def _replay(self, entry: dict, c0: int) -> torch.Tensor:
         """Replay a LLaDA / Fast-dLLM step's graph, check its values, write the decided tokens and scores
@@ -452,6 +455,46 @@ class GenerateGraphs:
         self._prepare(t, k, 0, entry, p)
         full, conf_d, x0_d = self._launch(entry, lo)[:3]
         return full.clone(), None if self.origin else conf_d.clone(), x0_d.clone()
+
+    def bd3lm(self, a: int, b: int, t: int, kv: object | None) -> torch.Tensor:
+        """A BD3-LM first-hitting step of block ``[a, b)``: the forward (``kv``: the block through the exact
+        KV cache the loop holds for this block; else the model on ``x[:, :b]``), the float32 logits with the
+        mask column at ``-inf``, select_tokens' per-row kernel drawing every candidate (sample_categorical's
+        draw, which the kernel reproduces; the argmax at temperature 0), then the eager step's pick of one
+        candidate per row, the argmax of the step's uniforms ``(B, b - a)`` over the candidates. Writes the
+        decided tokens into the run; returns the decided positions ``(B, b - a)`` (a copy). One graph per
+        block (its cache differs), replayed for the block's steps."""
+        run = self.run
+        V = run.mask_id + 1
+        W = b - a
+        key = ("bd3lm", run.B, run.L, a, b, id(kv), self._weights())
+
+        def make() -> dict:
+            uniform = torch.zeros(run.B, W, dtype=torch.float64, device=self.x.device)
+
+            def body() -> tuple[torch.Tensor, ...]:
+                if kv is not None:
+                    lg = run.lm.block(self.x[:, a:b], a, self.t, kv, V)
+                else:
+                    lg = run.lm(self.x[:, :b], self.t, None, None, V)[:, a:b]
+                lg = lg.float().clone()
+                lg[..., run.mask_id] = float("-inf")
+                tokens, conf, _, status, lg = self._select(lg, a, None)
+                cand = self.x[:, a:b] == run.mask_id
+                pick = torch.where(cand, uniform, torch.full_like(uniform, -1.0)).argmax(1)
+                chosen = torch.zeros_like(cand).scatter_(1, pick[:, None], cand.any(1, keepdim=True))
+                return tokens, conf, chosen, status, lg
+
+            self._fill_static(t, None, a, uniform)
+            entry = self._build(key, body)
+            entry["uniform"], entry["cache"] = uniform, kv  # the graph reads the cache's tensors: keep them
+            return entry
+
+        entry = self._entry(key, make)
+        self._prepare(t, None, a, entry)
+        tokens, _, chosen = self._launch(entry, a)[:3]
+        run.x[:, a:b] = torch.where(chosen, tokens, run.x[:, a:b])
+        return chosen.clone()
 
     def mdlm(self, t: float | int, alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """An MDLM / DUO ancestral step that calls the network: the forward on the whole sequence, the

@@ -538,6 +538,12 @@ def bd3lm_loop(run: Run) -> Iterator[GenerationStep]:
                 break
             n_left = int(cand.sum(1).max())
             t = max(1, round(1000 * n_left / (b - a)))
+            if run.graphs is not None:  # the same step replayed as a CUDA graph (generation/_graph.py)
+                chosen = run.graphs.bd3lm(a, b, t, kv)
+                full = torch.zeros_like(run.x, dtype=torch.bool)
+                full[:, a:b] = chosen
+                yield run.step_done(full, blk)
+                continue
             if kv is not None:
                 lg = run.lm.block(run.x[:, a:b], a, t, kv, V)
             else:
