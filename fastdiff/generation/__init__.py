@@ -62,16 +62,19 @@ those of the block's first step (Fast-dLLM reports the effect as small; ``benchm
 
 CUDA graphs
 -----------
-``cuda_graph=True`` (llada / fast_dllm, CUDA tensors): every step's network forward and fused selection
-replayed as one CUDA graph per static shape (the window of decided positions, and with a cache the
-window the network runs on), the step's inputs (sequence, time, LLaDA's count, the random counters) copied
-into static buffers before each replay; with ``cache="prefix"`` / ``"dual"`` a block's first step
-(``kv_forward``) is its own graph whose cache the block's window graph reads, so the cache is refreshed at
-each block start as eagerly. The tokens are the eager path's. Host-side between replays, as eagerly: the
-masked columns, the end of a block, the write of the decided tokens. Out of scope, refused with
-``InputError`` naming ``cuda_graph`` before any network call: the other presets, ``logits_processor``,
-``top_k`` / ``top_p``, ``factor``, ``cfg_scale > 0``, a non-CUDA device or ``select_tokens`` backend.
-Details: :mod:`fastdiff.generation._graph`.
+``cuda_graph=True`` (CUDA tensors, every preset): every step's network forward and its op replayed as one
+CUDA graph per static shape, the step's inputs (sequence, time, counts, the random counters and uniforms,
+MDLM's step schedule) copied into static buffers before each replay. LLaDA / Fast-dLLM: the forward on the
+step's window (with ``cfg_scale`` both guidance passes and their combination) and the fused selection; with
+``cache="prefix"`` / ``"dual"`` a block's first step (``kv_forward``) is its own graph whose cache the block's
+window graph reads, so the cache is refreshed at each block start as eagerly. Dream: the forward on the
+masked span and the fused selection (its four algs, ``alg_temp``). MDLM / DUO: the forward and the posterior
+kernel (MDLM's cache reuses the graph's logits; the final argmax call is eager). BD3-LM: one graph per
+block, with or without ``cache="kv"``. The tokens are the eager path's. Host-side between replays, as
+eagerly: the masked columns, the counts, the end of a block, the write of the decided tokens, the value
+check. Out of scope, refused with ``InputError`` naming ``cuda_graph`` before any network call:
+``logits_processor``, ``top_k`` / ``top_p`` (Dream: ``top_p < 1``), ``factor``, a non-CUDA device or kernel
+backend. Details: :mod:`fastdiff.generation._graph`.
 
 Randomness
 ----------
@@ -515,17 +518,19 @@ logits_processor : HF-style processors ``proc(input_ids, scores) -> scores``, ap
 callback : called with a :class:`GenerationStep` after every step.
 output_scores : bool, fill ``GenerateOutput.scores``.
 backend : the ops' backend ("auto", "reference", "cpp", "cuda", "triton").
-cuda_graph : bool (default False). True: each LLaDA / Fast-dLLM step (the network's forward on the step's
-    window and the fused selection of :func:`fastdiff.ops.select_tokens`) is captured once per static
-    shape in a CUDA graph and replayed (fewer kernel launches at small batches); the tokens equal those of
-    ``cuda_graph=False``. With ``cache="prefix"`` / ``"dual"`` a block's first step (``kv_forward``) is one
-    graph and its later steps another, reading the cache the first one refreshes. The masked columns, the
-    end of a block and the write of the decided tokens stay on the host between replays. Only presets
-    "llada" / "fast_dllm" without ``logits_processor``, ``top_k`` / ``top_p``, ``factor`` or
-    ``cfg_scale``, on CUDA tensors, with the CUDA ``select_tokens`` kernel (backend "auto" or "cuda");
-    anything else raises InputError naming ``cuda_graph`` before any network call, and a model that
-    cannot be captured (it reads tensor values on the host) raises it at the first capture. Graphs live
-    for the call (``stats["cuda_graph"]`` counts captures and replays). See :mod:`fastdiff.generation._graph`.
+cuda_graph : bool (default False). True: each step (the network's forward and the step's op: the fused
+    selection of :func:`fastdiff.ops.select_tokens`, for mdlm / duo the posterior kernel) is captured once
+    per static shape in a CUDA graph and replayed (fewer kernel launches at small batches); the tokens equal
+    those of ``cuda_graph=False``. Every preset: llada / fast_dllm (``cfg_scale``'s two passes in the same
+    graph; with ``cache="prefix"`` / ``"dual"`` a block's first step (``kv_forward``) is one graph and its
+    later steps another, reading the cache the first one refreshes), dream (all four algs, ``alg_temp``),
+    mdlm / duo, bd3lm (one graph per block, ``cache="kv"`` or not). The masked columns, the counts, the end
+    of a block and the write of the decided tokens stay on the host between replays. Not with
+    ``logits_processor``, ``top_k`` / ``top_p`` (dream: ``top_p < 1``) or ``factor``; only on CUDA tensors,
+    with the CUDA kernels (backend "auto" or "cuda"); anything else raises InputError naming ``cuda_graph``
+    before any network call, and a model that cannot be captured (it reads tensor values on the host) raises
+    it at the first capture. Graphs live for the call (``stats["cuda_graph"]`` counts captures and
+    replays). See :mod:`fastdiff.generation._graph`.
 
 Returns
 -------

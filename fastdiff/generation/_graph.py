@@ -1,64 +1,97 @@
-"""CUDA graphs of whole LLaDA / Fast-dLLM steps in :func:`fastdiff.generate` (``cuda_graph=True``): the
-network's forward on the step's window and the fused selection (:func:`fastdiff.ops.select_tokens`'s
-CUDA kernel) captured in one ``torch.cuda.CUDAGraph`` per static shape, replayed every step.
+"""CUDA graphs of whole generation steps in :func:`fastdiff.generate` (``cuda_graph=True``): the network's
+forward on the step's window and the step's op (:func:`fastdiff.ops.select_tokens`'s CUDA kernel; for MDLM /
+DUO the posterior kernel) captured in one ``torch.cuda.CUDAGraph`` per static shape, replayed every step.
 
 Why: at small batches a decoding step is dozens of short kernel launches (the layers, the selection's
 per-row kernel, its sorts), each paying the host's launch cost; one replay launches them all at once.
 
-What is captured, per key (the batch and sequence length, the step's window ``[lo, e)`` of decided
-positions, the model's parameter and buffer storage (addresses, dtypes, devices), and for the caches the
-window the network runs on): one :class:`GenerateGraphs` per ``generate`` call (its graphs are released
+What is captured, per key (the batch and sequence length, the step's window of decided positions, the
+model's parameter and buffer storage (addresses, dtypes, devices), and for the caches the window the
+network runs on / the block): one :class:`GenerateGraphs` per ``generate`` call (its graphs are released
 with it; a later call captures again), at most :data:`MAX_GRAPHS` entries, the least recently replayed
 released first.
 
 * static inputs, shared by every graph of the call: the sequence ``x (B, P + N)`` int64, the time input
-  ``t (B,)`` (a fastdiff denoiser's step; ignored by time-free models), LLaDA's per-row count ``k (B,)``
-  int64, and ``seed_offset (2,)`` int64 (the uint64 counter words' bits); per graph, the uniforms
-  ``(B, W)`` float64 of ``remasking="random"``. Before each replay the loop copies the step's values into
-  them (the uniforms are drawn outside the graph with the eager path's counters).
-* the body: the forward (``cache=None``: the whole sequence, logits kept on ``[lo, e)``; the block's first
-  step with ``cache="prefix"`` / ``"dual"``: ``kv_forward`` over the whole sequence, which also fills the
-  cache; the later steps: ``kv_window`` over ``[s, L)`` (prefix) or ``[s, e)`` (dual) reading that cache),
-  the candidates ``x == mask_id`` on the window, the counter rows, and
-  ``fastdiff_cuda::select_rows_counters``: select_tokens' per-row kernel on every row of the window with
-  ``(seed, offset)`` read from ``seed_offset`` (a kernel taking them as host ints would replay the captured
-  ones), then, with ATen as select_tokens' binding does it, the candidates' tokens, scores and the top-k /
-  threshold selection (:func:`select_dense`).
-* static outputs: tokens, scores, the selection, each row's value status and the logits.
+  ``t`` (``(B,)``; ``(2B,)`` with LLaDA's guidance; a fastdiff denoiser's step, MDLM's sigma; ignored by
+  time-free models), the per-row count ``k (B,)`` int64 (LLaDA's schedule, Dream's count), ``seed_offset
+  (2,)`` int64 (the uint64 counter words' bits), Dream origin's probability ``p`` (float64), and for MDLM /
+  DUO the posterior kernel's ``counters (3,)`` and the step's ``alpha_bar (3,)``; per graph, the uniforms
+  (float64: ``remasking="random"``'s ``(B, W)``, Dream's ``(B, L)`` for ``alg_temp`` and origin,
+  BD3-LM's block ``(B, b - a)``). Before each replay the loop copies the step's values into them (the
+  uniforms are drawn outside the graph with the eager path's counters, in its order).
+* the bodies, by preset:
+
+  - LLaDA / Fast-dLLM: the forward (``cache=None``: the whole sequence, logits kept on ``[lo, e)``;
+    ``cfg_scale > 0``: the eager loop's :func:`~fastdiff.generation._loops._guided` itself, the
+    conditional and the prompt-masked batch in one call of ``2B`` rows and ``un + (cfg_scale + 1)(cond -
+    un)`` in float32; the block's first step with ``cache="prefix"`` / ``"dual"``: ``kv_forward`` over the
+    whole sequence, which also fills the cache; the later steps: ``kv_window`` over ``[s, L)`` (prefix) or
+    ``[s, e)`` (dual) reading that cache), the candidates ``x == mask_id`` on the window, the counter rows,
+    and ``fastdiff_cuda::select_rows_counters``: select_tokens' per-row kernel on every row of the window
+    with ``(seed, offset)`` read from ``seed_offset`` (a kernel taking them as host ints would replay the
+    captured ones), then, with ATen as select_tokens' binding does it, the candidates' tokens, scores and
+    the top-k / threshold selection (:func:`select_dense`);
+  - Dream: the forward with the logits of the masked span ``[lo, hi)`` (shifted), the same kernel with
+    Dream's score (``maskgit_plus`` / ``topk_margin`` / ``entropy``) and top-``k`` selection, then the eager
+    step's dense results (:func:`~fastdiff.generation._loops._dream_dense`: with ``alg_temp`` its
+    Gumbel-top-``k``); ``alg="origin"``: the kernel's draw of every candidate and the eager coin ``u < p``;
+  - MDLM / DUO: the forward on the whole sequence, the generated region's float32 logits (the mask column
+    at ``-inf`` for MDLM), and ``fastdiff_cuda::posterior_counters`` (fastdiff.sample's graphs' kernel) on
+    the plan of the step's schedule ``[1, 1 - move_s, 1 - move_t]`` read from ``alpha_bar``;
+  - BD3-LM: per block, the forward (the model on ``x[:, :b]``, or with ``cache="kv"`` the block through the
+    exact KV cache of that block), the float32 logits with the mask column at ``-inf``, the kernel's draw
+    of every candidate, and the eager pick of one candidate per row (the argmax of the uniforms over the
+    candidates, as a scatter).
+
+  The kernel's draw at ``temperature > 0`` is sample_categorical's (select_tokens.cu forms its sums in
+  sample_categorical.cu's thread order and calls the same ``cdf_draw``), so Dream origin's and BD3-LM's
+  eager draws, made with sample_categorical on the host-gathered candidate rows, are the graph's; at
+  temperature 0 both are the first maximum.
+* static outputs: tokens, scores, the selection, each row's value status and the logits (MDLM: the drawn
+  region and the logits).
 
 Caches: the block's first step is its own graph (``kv_forward`` + selection) whose static outputs include
 the cache it builds; the block's window graph is captured reading that cache object, so every replay of
 the first-step graph (at the block's start, on that block's sequence) refreshes in place the keys and
 values the window graph reads, as the eager loop's new ``kv_forward`` does. A window graph lives with its
 block's first-step graph (released with it). The cache protocol's rule that ``kv_window`` does not modify
-the cache is what makes the replays exact.
+the cache is what makes the replays exact. BD3-LM's exact cache is extended between blocks on the host as
+eagerly; each block's graph reads the cache of its block (kept with the graph). MDLM's cache (a step whose
+input did not change reuses the last logits, no network call) reads the graph's static logits, unchanged
+since its last replay, and runs the eager posterior op on them; MDLM's final argmax call stays eager.
 
-Outside the graph, on the host, as the eager loop does it: which columns are masked (the window
-``[lo, e)``: part of the key, so a step whose window moves replays another graph), LLaDA's schedule ``k``,
-the end-of-block test, the write of the selected tokens into ``x`` and of the scores, and the value check:
-after each replay the candidates' status (NaN, ``+inf``, every logit ``-inf``) raises the eager path's
-:class:`~fastdiff.errors.InputError` before the tokens are used (the kernel draws nothing out of bounds
+Outside the graph, on the host, as the eager loop does it: which columns are masked (the window: part of
+the key, so a step whose window moves replays another graph; Dream's span moves as its first and last
+masked columns are decided, so it captures more often than LLaDA's block-aligned windows), the counts
+(LLaDA's schedule, Dream's ``int(mean · (1 - s/t))``), the end of a block, the write of the selected
+tokens into ``x`` and of the scores, and the value check: after each replay the candidates' status (NaN,
+``+inf``, every logit ``-inf``; MDLM: the posterior op's check of its logits) raises the eager path's
+:class:`~fastdiff.errors.InputError` before the tokens are used (the kernels draw nothing out of bounds
 meanwhile). The tokens equal the eager path's exactly: the same network kernels on the same shapes, the
-same per-row kernel, counters and selection.
+same per-row kernels, counters and selection.
 
-Scope (:func:`unsupported`, checked before any network call; the same answer on every backend): presets
-``"llada"`` / ``"fast_dllm"`` with top-k (LLaDA's schedule) or ``threshold`` selection, ``remasking``
-``"low_confidence"`` or ``"random"``, any temperature, ``cache`` None / ``"prefix"`` / ``"dual"``,
-padding, ``eos_token_id`` (applied after the loop; it changes no shape), ``output_scores``, callbacks.
-Refused with ``InputError`` naming ``cuda_graph``: the other presets (their selection runs on the host or
-their shapes change between steps: Dream's counts, MDLM's reuse, BD3-LM's growing cache),
-``logits_processor`` (Python on the host between network and selection), ``top_k`` / ``top_p`` and the
-``factor`` rule (the gathered path), ``cfg_scale > 0``; then, on the device, tensors off CUDA and a
-``backend`` whose ``select_tokens`` is not the CUDA kernel (the graph's op must be the eager op's). A model
-that cannot be captured (it reads tensor values on the host, synchronises, changes shapes with values)
-raises ``InputError`` naming ``cuda_graph`` at its first capture.
+Scope (:func:`unsupported`, checked before any network call; the same answer on every backend): every
+preset; LLaDA / Fast-dLLM with top-k (LLaDA's schedule) or ``threshold`` selection, ``remasking``
+``"low_confidence"`` or ``"random"``, ``cfg_scale``, ``cache`` None / ``"prefix"`` / ``"dual"``; Dream's
+four algs with ``alg_temp``; MDLM / DUO with or without ``noise_removal``; BD3-LM with or without
+``cache="kv"``; any temperature, padding, ``suppress_mask``, ``eos_token_id`` (applied after the loop; it
+changes no shape), ``output_scores``, callbacks. Refused with ``InputError`` naming ``cuda_graph``:
+``logits_processor`` (Python on the host between network and selection), ``top_k`` / ``top_p`` (Dream:
+``top_p < 1``; the filtered draw runs on the host-gathered candidate rows) and Fast-dLLM's ``factor`` rule
+(the gathered path: per-row draws and torch-computed scores on the host-gathered candidate rows, which the
+kernel's scores match only to float32 rounding); then, on the device, tensors off CUDA and a ``backend``
+whose kernel is not the CUDA one (``select_tokens``; MDLM / DUO ``posterior_sample``; Dream origin and
+BD3-LM sampling also ``sample_categorical``: the graph's op must be the eager op's). A model that cannot be
+captured (it reads tensor values on the host, synchronises, changes shapes with values) raises
+``InputError`` naming ``cuda_graph`` at its first capture.
 
-Statistics: ``network_calls`` and ``sequences_evaluated`` count one call per replay, as the eager steps
-count theirs (the capture's calls are not counted); ``model_time_s`` is the replays' time, which covers the
-selection as well as the forward; ``stats["cuda_graph"]`` holds ``captures`` and ``replays``.
+Statistics: ``network_calls`` and ``sequences_evaluated`` count one call per replay (``2B`` rows with
+guidance), as the eager steps count theirs (the capture's calls are not counted); ``model_time_s`` is the
+replays' time, which covers the op as well as the forward; ``stats["cuda_graph"]`` holds ``captures`` and
+``replays``.
 
 The device-independent plumbing (keys, static buffers, counters, cache pairing, status check, statistics)
-runs on CPU in tests/test_generate_cuda_graph.py with a stand-in capture and op; the CUDA path itself has
+runs on CPU in tests/test_generate_cuda_graph.py with a stand-in capture and ops; the CUDA path itself has
 only been compile-checked where no GPU was at hand (the same file runs it on one).
 """
 
@@ -107,7 +140,8 @@ def unsupported(o: Any, processors: list) -> str | None:
     if o.top_k is not None or o.top_p is not None:
         return "top_k / top_p filtering draws on the host-gathered candidate rows"
     if o.factor is not None:
-        return "Fast-dLLM's factor rule selects on the host"
+        return ("Fast-dLLM's factor rule takes the gathered path (per-row draws and torch-computed scores on the "
+                "host-gathered candidate rows, which the graph's kernel matches only to float32 rounding)")
     return None
 
 

@@ -52,7 +52,7 @@ class Run:
     scores: torch.Tensor | None = None
     draws: int = 0
     steps: int = 0
-    graphs: Any = None  # a _graph.GenerateGraphs when cuda_graph=True (llada / fast_dllm)
+    graphs: Any = None  # a _graph.GenerateGraphs when cuda_graph=True
 
     @property
     def B(self) -> int:
