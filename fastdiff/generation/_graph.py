@@ -109,7 +109,8 @@ from ..errors import InputError
 from ..ops._common import check_finite_above
 from ..ops._plan import KIND_ABSORBING, KIND_UNIFORM, PosteriorPlan, int64_bits
 from ..ops.select_tokens import KERNEL, MODE_ALL, MODE_THRESHOLD, MODE_TOP_K, RULE_CODES
-from ..sampling._graph import CounterOp, capture_error, cuda_capture, cuda_counter_op  # fastdiff.sample's
+# as fastdiff.sample's step graphs: the capture, its error, the posterior kernel reading its counters on the device
+from ..sampling._graph import CounterOp, capture_error, cuda_capture, cuda_counter_op
 from . import _select as sel
 from ._loops import _DREAM_RULES, _dream_dense, _guided
 
