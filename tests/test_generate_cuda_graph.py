@@ -1,17 +1,20 @@
-"""``fastdiff.generate(..., cuda_graph=True)``: LLaDA / Fast-dLLM steps (forward + fused selection) replayed
-as CUDA graphs (:mod:`fastdiff.generation._graph`).
+"""``fastdiff.generate(..., cuda_graph=True)``: each preset's steps (forward + fused selection or posterior
+kernel) replayed as CUDA graphs (:mod:`fastdiff.generation._graph`).
 
-On CPU: the device-independent plumbing, run through generate's own loop with a stand-in capture (the
+On CPU: the device-independent plumbing, run through generate's own loops with a stand-in capture (the
 outputs of one run of the body are the static outputs; a "replay" re-runs the body and writes its results
-into them, what a graph replay does to its static tensors) and a stand-in op (the C++ ``select_tokens``
-with ``(seed, offset)`` read from the counter buffer, the rows' value status computed beside it). Every
-step's sequence must equal the eager run's exactly (no cache, prefix and dual cache; greedy and sampled;
-top-k, threshold, random remasking; padding; scores); breaking any per-step refresh (sequence, time,
-count, counters, uniforms) must break that equality; the scope errors, the capture error and the value
-check; the dense selection against select_tokens' reference.
+into them, what a graph replay does to its static tensors) and stand-in ops (the C++ ``select_tokens`` with
+``(seed, offset)`` read from the counter buffer, the rows' value status computed beside it; the C++
+posterior kernel with its counters read from the buffer). Every step's sequence must equal the eager run's
+exactly: LLaDA / Fast-dLLM (no cache, prefix and dual cache; cfg_scale; greedy and sampled; top-k,
+threshold, random remasking; padding; scores), Dream (its four algs, alg_temp, suppress_mask, a Hugging
+Face model), MDLM / DUO (MDLM's cache reusing the graph's logits) and BD3-LM (with and without its KV
+cache). Breaking any per-step refresh (sequence, time, count, counters, uniforms, Dream origin's p, MDLM's
+schedule) must break that equality; the scope errors, the capture error and the value check; the dense
+selection against select_tokens' reference.
 
-On a GPU (``gpu`` marker): the real capture against eager, and the device-counter kernel against
-select_tokens' CUDA op.
+On a GPU (``gpu`` marker): the real capture against eager for every preset, and the device-counter kernel
+against select_tokens' CUDA op.
 """
 
 from __future__ import annotations
