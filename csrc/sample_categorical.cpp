@@ -186,10 +186,14 @@ C top_p_threshold(const C* x, int64_t V, C M, double temp, C thr, double top_p, 
 //   * after three steps in a row that halve neither the count inside nor the bracket's float32 bit
 //     patterns, a bisection; the bisections alone empty the bracket in 32 steps, so the search ends on
 //     any row, ties included.
-// Once at most kBand weights can lie strictly inside, one pass sums the weights >= hi per CDF chunk and
-// collects those inside (a bit mask per 32); they are sorted and walked, tie groups whole, as the
-// reference's sorted walk does, and added to their chunks' sums if kept. The draw then reads these chunk
-// sums and the stored weights (no second exp pass).
+// Once at most kBand weights can lie in (lo, hi], one pass sums the weights > hi per CDF chunk and
+// collects those in (lo, hi] (a bit mask per 32); they are sorted and walked, tie groups whole, as the
+// reference's sorted walk does, and added to their chunks' sums if kept. The walk orders and groups them
+// by their float64 weights (the reference's ties), not by the float32 ones: distinct logits within a
+// float32 rounding of each other share a float32 weight, and keeping such a group whole kept categories
+// the reference drops (a row of near-equal logits at the edge drew outside the float64 nucleus). The
+// band members not kept are zeroed in the scratch, so the kept set is exactly {stored e >= tau}. The draw
+// then reads these chunk sums and the stored weights (no second exp pass).
 //
 // Exactness: the passes sum in float32 lanes within blocks of kBlock, four accumulators of eight lanes (the
 // lanes' arithmetic is fixed by the vector types, whatever width a clone lowers them to): at most 10
@@ -375,9 +379,9 @@ FASTDIFF_CLONES double topp_mass_f64(const float* e, int64_t n, float t, bool in
   return s;
 }
 
-// Per CDF chunk c: E[c] = sum of e >= hi in it (float32 lanes per half chunk of kBlock); returns their
-// float64 total. band: the indices of lo < e < hi (at most cap; band has room for cap + 32), from a
-// bit mask per group of 32.
+// Per CDF chunk c: E[c] = sum of e > hi in it (float32 lanes per half chunk of kBlock); returns their
+// float64 total. band: the indices of lo < e <= hi (at most cap; band has room for cap + 32), from a
+// bit mask per group of 32. (hi's own weights are in the band: see the walk in top_p_search_f32.)
 static_assert(CH == 2 * kBlock, "a CDF chunk is two blocks");
 FASTDIFF_CLONES double topp_collect_f32(const float* e, int64_t n, float lo, float hi, double* E, int64_t* band,
                                         int64_t cap, int64_t* nband) {
@@ -387,7 +391,7 @@ FASTDIFF_CLONES double topp_collect_f32(const float* e, int64_t n, float lo, flo
   auto scan = [&](int64_t a, int64_t b) {  // the row's tail
     for (int64_t j = a; j < b; ++j) {
       band[nb] = j;
-      nb += (e[j] > lo) & (e[j] < hi);
+      nb += (e[j] > lo) & (e[j] <= hi);
     }
     nb = std::min(nb, cap);
   };
@@ -399,7 +403,7 @@ FASTDIFF_CLONES double topp_collect_f32(const float* e, int64_t n, float lo, flo
       v8f b0 = {}, b1 = {}, b2 = {}, b3 = {};
       for (int64_t j = h; j < h + kBlock; j += 32) {
         const v8f x0 = load8(e + j), x1 = load8(e + j + 8), x2 = load8(e + j + 16), x3 = load8(e + j + 24);
-        const v8i k0 = x0 >= hiv, k1 = x1 >= hiv, k2 = x2 >= hiv, k3 = x3 >= hiv;
+        const v8i k0 = x0 > hiv, k1 = x1 > hiv, k2 = x2 > hiv, k3 = x3 > hiv;
         b0 += k0 ? x0 : zero;
         b1 += k1 ? x1 : zero;
         b2 += k2 ? x2 : zero;
@@ -420,7 +424,7 @@ FASTDIFF_CLONES double topp_collect_f32(const float* e, int64_t n, float lo, flo
   }
   if (i < n) {
     double s = 0.0;
-    for (int64_t j = i; j < n; ++j) s += e[j] >= hi ? static_cast<double>(e[j]) : 0.0;
+    for (int64_t j = i; j < n; ++j) s += e[j] > hi ? static_cast<double>(e[j]) : 0.0;
     scan(i, n);
     E[c] = s;
     G += s;
@@ -512,7 +516,12 @@ inline uint32_t float_bits(float a) {
 struct TopPWork {
   std::vector<float> e;
   std::vector<int64_t> band;
-  std::vector<std::pair<float, int64_t>> vals;
+  struct Member {
+    double w;  // the reference's float64 weight of a member sharing its float32 weight (else 0): order, ties
+    float e;   // the stored float32 weight: the masses, as every other sum here
+    int64_t j;
+  };
+  std::vector<Member> vals;
 };
 
 // The smallest kept weight tau of the top-p set of a float32 row (kept: the stored e >= tau); fills E with
@@ -614,11 +623,25 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
   int64_t nb;
   double G = topp_collect_f32(e, V, lo, hi, E, w.band.data(), cap, &nb);
   w.vals.resize(nb);
-  for (int64_t i = 0; i < nb; ++i) w.vals[i] = {e[w.band[i]], w.band[i]};
-  std::sort(w.vals.begin(), w.vals.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
-  // The walk, most probable first, tie groups whole: a group is kept iff the mass above it is < P. Its
-  // comparisons are made on the float32-lane G; if one falls within G's error bound, G is summed again
-  // in float64 and the walk repeated.
+  for (int64_t i = 0; i < nb; ++i) w.vals[i] = {0.0, e[w.band[i]], w.band[i]};
+  using Member = TopPWork::Member;
+  std::sort(w.vals.begin(), w.vals.end(), [](const Member& a, const Member& b) { return a.e > b.e; });
+  // Only members that share a float32 weight need the float64 one (the reference's, ew): they are ordered
+  // by it within their float32 group. (A lone member keeps w = 0: groups never span two float32 values.)
+  const double zM = static_cast<double>(M) / temp;
+  for (size_t i = 0; i < w.vals.size();) {
+    size_t k = i + 1;
+    while (k < w.vals.size() && w.vals[k].e == w.vals[i].e) ++k;
+    if (k - i > 1) {
+      for (size_t q = i; q < k; ++q) w.vals[q].w = ew(static_cast<double>(x[w.vals[q].j]), temp, zM);
+      std::sort(w.vals.begin() + i, w.vals.begin() + k, [](const Member& a, const Member& b) { return a.w > b.w; });
+    }
+    i = k;
+  }
+  auto same = [](const Member& a, const Member& b) { return a.e == b.e && a.w == b.w; };
+  // The walk, most probable first, tie groups (equal float64 weights) whole: a group is kept iff the mass
+  // above it is < P. Its comparisons are made on the float32-lane G (the mass > hi); if one falls within
+  // G's error bound, G is summed again in float64 and the walk repeated.
   size_t kept_n = 0;
   if (S == 0.0) {  // the search made no pass (at most kBand weights in the row): S in float64 now
     exact(0.0f, true);
@@ -634,18 +657,20 @@ float top_p_search_f32(const float* x, int64_t V, float M, double temp, float th
       if (g + err >= Pw && g - err < Pw) unsure = true;
       if (!(g < Pw)) break;
       size_t k = i;
-      while (k < w.vals.size() && w.vals[k].first == w.vals[i].first) g += static_cast<double>(w.vals[k++].first);
+      while (k < w.vals.size() && same(w.vals[k], w.vals[i])) g += static_cast<double>(w.vals[k++].e);
       kept_n = k;
       i = k;
     }
     if (!unsure) break;
-    G = exact(hi, true);
+    G = exact(hi, false);
   }
-  float tau = hi;
+  // Kept: every e > hi and the walk's first kept_n members; the others are zeroed, so {e >= tau} is the set.
+  float tau = std::nextafter(hi, 2.0f);
   for (size_t i = 0; i < kept_n; ++i) {
-    E[w.vals[i].second / CH] += static_cast<double>(w.vals[i].first);
-    tau = w.vals[i].first;
+    E[w.vals[i].j / CH] += static_cast<double>(w.vals[i].e);
+    tau = std::min(tau, w.vals[i].e);
   }
+  for (size_t i = kept_n; i < w.vals.size(); ++i) e[w.vals[i].j] = 0.0f;
   return tau;
 }
 

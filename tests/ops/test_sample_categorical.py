@@ -680,6 +680,15 @@ def _wide_row(kind: str, V: int) -> tuple[torch.Tensor, float]:
         x = noise * 2
         x[::3] = float("-inf")
         return x, 0.7
+    if kind == "near-ties":  # distinct logits 1e-9 apart at the edge: float32 weights merge ~2 of them, the
+        x = noise - 30.0      # float64 ones do not (the reference's groups are the float64 weights')
+        x[0] = 0.0
+        x[1:2049] = (-0.5 + 1e-9 * torch.arange(2048, dtype=torch.float64)).float()
+        return x, 0.5
+    if kind == "near-ties-top":  # the same at the top of the row: the edge inside the max's float32 group
+        x = noise - 30.0
+        x[V - 2048:] = (1e-9 * torch.arange(2048, dtype=torch.float64)).float()
+        return x, 0.3
     if kind == "tiny-p":
         return noise * 2, 1e-6
     if kind == "near-one":
@@ -702,8 +711,8 @@ def _kept(x: torch.Tensor, top_p: float, tol: float = 0.0) -> np.ndarray:
     return (p >= kept_vals.min()) & (p > 0)
 
 
-@pytest.mark.parametrize("kind", ["tie-at-edge", "flat-tie", "peaked", "bimodal", "quantized", "neg-inf", "tiny-p",
-                                  "near-one"])
+@pytest.mark.parametrize("kind", ["tie-at-edge", "flat-tie", "peaked", "bimodal", "quantized", "neg-inf", "near-ties",
+                                  "near-ties-top", "tiny-p", "near-one"])
 @pytest.mark.parametrize("backend,V", C.cases({"cpp": [2049, 5003, 50257]}))
 def test_cpp_top_p_search_on_wide_rows(backend, V, kind):
     """Drawn tokens lie in the float64 definition's kept set, every kept token of a small set is drawn, and
