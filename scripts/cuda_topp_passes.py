@@ -7,7 +7,7 @@ The figures are from this model, not from a GPU: the kernel's search is mirrored
 digit of every key, the crossing rule, when it stops, when it compacts), only its float64 sums are added in
 another order (the kernel adds the lanes of a warp in lane order and the warps in warp order). Rows are the
 benchmark's (``benchmarks/benchmark_sample_categorical.py``): ``x`` standard normal times 2, ``normal`` = x,
-``flat`` = x / 20, ``peaked`` = 4 x.
+``flat`` = x / 20, ``peaked`` = 4 x, and ``normal-bf16`` (x rounded to bfloat16: ties everywhere).
 
 The search, over the uint64 bit patterns ("keys", monotone for w >= 0) of the weights w = exp(z - max z) in
 [0, 1], finds the smallest present key kappa with mass(w > kappa) < top_p * W, ties kept whole:
@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 
 NBINS = 256
 CAP = 2048  # candidates the kernel can finish in shared memory (the histogram's 8 x 256 doubles, reused)
 KEY_ONE = 0x3FF0000000000000  # the bit pattern of 1.0
+MAX_LEVELS = 16  # the kernel's kTopPMaxLevels (never reached)
 
 
 def _key(w: float) -> int:
@@ -47,37 +49,38 @@ def _shift_for(width: int, top: int) -> int:
     return s
 
 
-def topp_search(z: np.ndarray, top_p: float) -> dict:
+def topp_search(z: np.ndarray, top_p: float, lo0: int | None = None) -> dict:
     """One row of float64 scaled logits ``z`` (finite or -inf, at least one finite), ``0 < top_p < 1``: the
-    kernel's threshold key, kept total, W, passes over the row (histogram levels + the compaction pass) and
-    how it ended ("one" element, one "key", "sorted" in shared memory, or "none" crossed)."""
+    kernel's threshold key, kept total, W, passes over the row (histogram levels + the compaction pass), how it
+    ended ("one" element, one "key", "sorted" in shared memory, or "none" crossed) and whether level 0's
+    bottom bin was the crossing one. ``lo0`` replaces level 0's window floor (a key), only to reach the
+    bottom bin in a test: with the kernel's floor it never holds the crossing (its mass is below
+    (1 - top_p) / 2 < ulp(W) / 2 where that matters, so W rounds as the mass above it)."""
     V = z.shape[0]
     m = z.max()
     w = np.exp(z - m)  # the kernel's weights
-    keys = w.view(np.uint64).astype(np.uint64)
+    keys = w.view(np.uint64)
+    ikeys = keys.astype(object)  # Python ints: exact 64-bit key arithmetic
     pos = w > 0
-    zmin = z.min()
-    lo = max(_key(float(np.exp(zmin - m))), _key((1.0 - top_p) / (2.0 * V)))
-    hi = KEY_ONE
-    s = _shift_for(hi - lo, NBINS - 2)
-    # level 0: bin 0 below lo, bins 1.. over [lo, hi]
-    k = keys.astype(object)  # Python ints: exact 64-bit arithmetic
-    cand = pos
-    d = np.zeros(V, dtype=np.int64)
-    above_lo = pos & (keys >= np.uint64(lo))
-    d[above_lo] = [min(NBINS - 1, 1 + ((int(x) - lo) >> s)) for x in keys[above_lo]]
-    cnt = np.bincount(d[cand], minlength=NBINS)
-    sums = np.bincount(d[cand], weights=w[cand], minlength=NBINS)
-    W = 0.0
-    for b in range(NBINS - 1, -1, -1):
-        W += sums[b]
-    target = top_p * W
-    kmin = min(int(x) for x in keys[cand])
-    kmax = max(int(x) for x in keys[cand])
-    passes, above = 1, 0.0
-    level0 = True
-    del k
-    while True:
+    if lo0 is None:
+        lo0 = min(KEY_ONE, max(_key(float(np.exp(z.min() - m))), _key((1.0 - top_p) / (2.0 * V))))
+    lo, hi, base, bottom = 1, KEY_ONE, lo0, 1  # level 0: every positive weight is a candidate
+    s = _shift_for(KEY_ONE - lo0, NBINS - 2)
+    above, target, bottom_taken = 0.0, 0.0, False
+    for level in range(MAX_LEVELS):
+        # one histogram pass over the candidates (w > 0, lo <= key <= hi)
+        cand = pos & (keys >= np.uint64(lo)) & (keys <= np.uint64(hi))
+        d = np.zeros(V, dtype=np.int64)
+        d[cand] = [0 if k < base else min(NBINS - 1, bottom + ((k - base) >> s)) for k in ikeys[cand]]
+        cnt = np.bincount(d[cand], minlength=NBINS)
+        sums = np.bincount(d[cand], weights=w[cand], minlength=NBINS)
+        kmin, kmax = int(keys[cand].min()), int(keys[cand].max())
+        if level == 0:  # W from the bins, top down
+            W = 0.0
+            for b in range(NBINS - 1, -1, -1):
+                if cnt[b]:
+                    W += sums[b]
+            target = top_p * W
         acc, pick = above, -1
         for b in range(NBINS - 1, -1, -1):
             if cnt[b] == 0:
@@ -86,22 +89,21 @@ def topp_search(z: np.ndarray, top_p: float) -> dict:
                 pick = b
                 break
             acc += sums[b]
+        passes = level + 1
         if pick < 0:  # rounding: no bin crosses, every candidate is kept
-            return dict(threshold=max(lo, kmin), total=acc, W=W, passes=passes, end="none")
-        if level0:
-            if pick == 0:
-                blo, bhi = 1, lo - 1
-            else:
-                blo = lo + ((pick - 1) << s)
-                bhi = min(hi, lo + (pick << s) - 1)
+            return dict(threshold=lo, total=acc, W=W, passes=passes, end="none", bottom=bottom_taken, bin=0)
+        if bottom == 1 and pick == 0:  # level 0's bin of the keys below lo0
+            bottom_taken = True
+            blo, bhi = lo, base - 1
         else:
-            blo = lo + (pick << s)
+            blo = base + ((pick - bottom) << s)
             bhi = min(hi, blo + (1 << s) - 1)
         lo, hi = max(blo, kmin), min(bhi, kmax)
         above = acc
-        if cnt[pick] == 1 or lo == hi:
+        if cnt[pick] == 1 or lo == hi or level == MAX_LEVELS - 1:
             return dict(threshold=lo, total=above + sums[pick], W=W, passes=passes,
-                        end="one" if cnt[pick] == 1 else "key")
+                        end="one" if cnt[pick] == 1 else "key" if lo == hi else "cap", bottom=bottom_taken,
+                        bin=int(cnt[pick]))
         if cnt[pick] <= CAP:  # one pass copies the bin's members; a sort and a scan finish it
             inbin = pos & (keys >= np.uint64(lo)) & (keys <= np.uint64(hi))
             vals = np.sort(w[inbin])[::-1]  # descending
@@ -113,18 +115,10 @@ def topp_search(z: np.ndarray, top_p: float) -> dict:
             kappa = vals[kept_starts].min()
             last = np.nonzero(vals >= kappa)[0].max()
             return dict(threshold=_key(float(kappa)), total=above + excl[last] + vals[last], W=W,
-                        passes=passes + 1, end="sorted")
-        # a generic level over [lo, hi]
-        level0 = False
+                        passes=passes + 1, end="sorted", bottom=bottom_taken, bin=int(cnt[pick]))
+        base, bottom = lo, 0  # a generic level over [lo, hi]
         s = _shift_for(hi - lo, NBINS - 1)
-        cand = pos & (keys >= np.uint64(lo)) & (keys <= np.uint64(hi))
-        d = np.zeros(V, dtype=np.int64)
-        d[cand] = [(int(x) - lo) >> s for x in keys[cand]]
-        cnt = np.bincount(d[cand], minlength=NBINS)
-        sums = np.bincount(d[cand], weights=w[cand], minlength=NBINS)
-        kmin = min(int(x) for x in keys[cand])
-        kmax = max(int(x) for x in keys[cand])
-        passes += 1
+    raise AssertionError("unreachable")
 
 
 def old_levels(z: np.ndarray, top_p: float) -> int:
@@ -168,15 +162,19 @@ def main(argv: list[str] | None = None) -> None:
     for V in args.vocab:
         x = rng.standard_normal((args.rows, V)) * 2
         for top_p in args.top_p:
-            for name, scale in (("normal", 1.0), ("flat", 0.05), ("peaked", 4.0)):
-                res = [topp_search(x[r] * scale, top_p) for r in range(args.rows)]
+            for name, scale in (("normal", 1.0), ("flat", 0.05), ("peaked", 4.0), ("normal-bf16", 1.0)):
+                rows = x * scale
+                if name.endswith("bf16"):  # bf16 logits: ties everywhere
+                    rows = torch.from_numpy(rows).to(torch.bfloat16).double().numpy()
+                res = [topp_search(rows[r], top_p) for r in range(args.rows)]
                 p = np.array([r["passes"] for r in res])
-                ends = {e: sum(r["end"] == e for r in res) for e in ("one", "key", "sorted", "none")}
-                old = np.array([old_levels(x[r] * scale, top_p) for r in range(min(args.rows, 16))])
+                ends = {e: sum(r["end"] == e for r in res) for e in ("one", "key", "sorted", "none", "cap")}
+                old = np.array([old_levels(rows[r], top_p) for r in range(min(args.rows, 16))])
+                big = max(r["bin"] for r in res)
                 print(f"V={V:6d} top_p={top_p:<4} {name:7s} search passes: mean {p.mean():.2f} max {p.max()} "
                       f"-> row passes {2 + p.mean():.2f} ({(2 + p.mean()) / 3:.2f}x plain); ends {ends}; "
                       f"former levels mean {old.mean():.2f} -> row passes {4 + old.mean():.2f} "
-                      f"({(4 + old.mean()) / 3:.2f}x)")
+                      f"({(4 + old.mean()) / 3:.2f}x); largest final crossing bin {big}")
 
 
 if __name__ == "__main__":

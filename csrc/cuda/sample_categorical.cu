@@ -1,6 +1,23 @@
 // sample_categorical on CUDA: temperature (0: a first-maximum argmax), then tie-inclusive top-k / top-p by a
 // radix threshold search over order keys (no sort), then the inverse-CDF draw of the row's Philox uniform.
 // One block per row, weights and CDF in float64. Launchers: see launchers.h.
+//
+// Passes over the row (each reads the logits; those of a search also take exp):
+//   plain draw:        max, total, draw (the draw stops at the chunk holding the token);
+//   top-k (+ top-p):   max, byte-wise count levels (radix_threshold<false>), [W, byte-wise mass levels
+//                      (radix_threshold<true>)], total, draw;
+//   top-p alone:       max (with the smallest logit), topp_search, draw. topp_search's first level also gives
+//                      W (its bins hold every positive weight) and spreads its 255 bins over the key range of
+//                      [max(wmin, (1 - top_p) / (2 V)), 1], where the crossing lies (the byte-wise search's
+//                      first level is nearly useless: every weight in (2^-15, 1] has the top byte 0x3F); a
+//                      crossing bin of at most kCap = 2048 weights is copied into shared memory in one pass
+//                      and settled there (bitonic sort + block scan) instead of by more levels; the kept total
+//                      comes from the search (no pass of its own).
+// On the benchmark's rows (x = 2 N(0, 1): normal x, flat x / 20, peaked 4 x; V = 32768 and 50257, top_p 0.9
+// and 0.5), scripts/cuda_topp_passes.py (a NumPy model of this search, not a GPU run) gives topp_search 2
+// passes a row (normal, flat: level 0 + the copy) and 1-2 (peaked: mostly one element in level 0's crossing
+// bin), so top-p alone takes 3-4 passes against the plain draw's 3 (1.0-1.33x, counting the draw as a whole
+// pass); the byte-wise search it replaces took 3-4 levels + W + total: 6-8 passes (2.0-2.7x).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -233,7 +250,8 @@ template <class WFn>
 __device__ uint64_t topp_search(int64_t V, WFn wfn, double top_p, double wmin, SampleScratch& sm,
                                 double& kept_total) {
   const uint64_t kw = weight_key(wmin), kp = weight_key((1.0 - top_p) / (2.0 * static_cast<double>(V)));
-  const uint64_t lo0 = kw > kp ? kw : kp;  // <= kKeyOne: wmin <= 1, the bound < 1
+  uint64_t lo0 = kw > kp ? kw : kp;  // <= kKeyOne (wmin <= 1, the bound < 1) unless wmin is NaN (a row of
+  lo0 = lo0 < kKeyOne ? lo0 : kKeyOne;  // -inf only): clamped, so that the key arithmetic stays in range
   uint64_t lo = 1, hi = kKeyOne, base = lo0;  // level 0: every positive weight is a candidate
   int bottom = 1, s = shift_for(kKeyOne - lo0, 254);
   double above = 0.0, target = 0.0;
