@@ -109,10 +109,9 @@ def topp_search(z: np.ndarray, top_p: float, lo0: int | None = None) -> dict:
             vals = np.sort(w[inbin])[::-1]  # descending
             assert len(vals) == cnt[pick]
             excl = np.concatenate([[0.0], np.cumsum(vals)[:-1]])
-            start = np.ones(len(vals), dtype=bool)
-            start[1:] = vals[1:] != vals[:-1]
-            kept_starts = start & (above + excl < target)
-            kappa = vals[kept_starts].min()
+            # kappa: the smallest value whose exclusive prefix passes; a tie group's first member has the
+            # group's smallest prefix (the mass strictly above it), so groups are kept whole
+            kappa = vals[above + excl < target].min()
             last = np.nonzero(vals >= kappa)[0].max()
             return dict(threshold=_key(float(kappa)), total=above + excl[last] + vals[last], W=W,
                         passes=passes + 1, end="sorted", bottom=bottom_taken, bin=int(cnt[pick]))

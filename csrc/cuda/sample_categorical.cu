@@ -353,9 +353,10 @@ __device__ uint64_t topp_search(int64_t V, WFn wfn, double top_p, double wmin, S
       __syncthreads();
     }
   }
-  // Exclusive prefix masses in sorted order (kItems contiguous a thread, a block scan: fixed order). A tie
-  // group's first member sees the mass strictly above the group; the kept groups are those where
-  // above + that < target (the first always: above < target), kappa the smallest kept value.
+  // Exclusive prefix masses in sorted order (kItems contiguous a thread, a block scan: fixed order; they do
+  // not decrease). kappa: the smallest value v_i with above + prefix_i < target (i = 0 passes: above <
+  // target). A tie group's first member has the group's smallest prefix, the mass strictly above it, so the
+  // group passes iff its first member does: kept whole, as the definition wants.
   const int step = static_cast<int>(blockDim.x) * kItems;
   uint64_t kap = ~0ull, unused = 0ull;
   double running = 0.0;
@@ -373,7 +374,7 @@ __device__ uint64_t topp_search(int64_t V, WFn wfn, double top_p, double wmin, S
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int idx = i0 + i;
-      if (idx < n && (idx == 0 || sm.cand[idx - 1] != v[i]) && above + c < target) {
+      if (idx < n && above + c < target) {
         const uint64_t kv = weight_key(v[i]);
         kap = kv < kap ? kv : kap;
       }
