@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -133,7 +134,7 @@ def test_threshold_search_gives_the_reference_sets(kind, V, top_k, top_p):
 # the narrowing and the shared-memory finish are right; they do not run the CUDA code (the cuda backend's
 # tests in tests/ops/test_sample_categorical.py do, on a GPU).
 # --------------------------------------------------------------------------------------------------------
-def _load_topp_model():
+def _load_topp_model() -> ModuleType:
     path = Path(__file__).resolve().parents[1] / "scripts" / "cuda_topp_passes.py"
     spec = importlib.util.spec_from_file_location("cuda_topp_passes", path)
     mod = importlib.util.module_from_spec(spec)

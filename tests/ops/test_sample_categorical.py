@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -903,7 +904,7 @@ def test_triton_top_p_kernel_compiles_for_a_gpu():
 # itself is checked through its draws, on a GPU: the reference's tokens draw by draw (up to near-ties), inside
 # the float64 definition's kept set, every member of a small set drawn, the same tokens twice.
 # --------------------------------------------------------------------------------------------------------
-def _topp_model():
+def _topp_model() -> ModuleType:
     path = Path(__file__).resolve().parents[2] / "scripts" / "cuda_topp_passes.py"
     spec = importlib.util.spec_from_file_location("cuda_topp_passes", path)
     mod = importlib.util.module_from_spec(spec)
