@@ -964,9 +964,9 @@ def _cuda_topp_row(kind: str, V: int) -> tuple[torch.Tensor, float, str | None]:
 
 _CUDA_TOPP = [("edge-tie", 5003), ("edge-tie-mixed", 5003), ("equal", 7), ("equal", 2049), ("equal", 50257),
               ("big-tie", 6000), ("group-2048", 5000), ("group-2049", 5000), ("tiny", 300), ("tiny", 4099),
-              ("tiny-max-p", 4099), ("near-one", 3000), ("near-zero", 1000), ("peaked", 50257), ("normal", 255), ("normal", 256),
-              ("normal", 257), ("normal", 2047), ("normal", 2048), ("normal", 2049), ("normal", 50257),
-              ("flat", 50257)]
+              ("tiny-max-p", 4099), ("near-one", 3000), ("near-zero", 1000), ("peaked", 50257), ("normal", 255),
+              ("normal", 256), ("normal", 257), ("normal", 2047), ("normal", 2048), ("normal", 2049),
+              ("normal", 50257), ("flat", 50257)]
 
 
 @pytest.mark.parametrize("backend,kind,V", C.cases({"cuda": _CUDA_TOPP}))
