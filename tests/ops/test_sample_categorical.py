@@ -635,7 +635,7 @@ def test_top_p_kept_set_equals_the_full_sort_rows_of_mixed_ranges(top_p):
     assert torch.equal(got, want), top_p
 
 
-@pytest.mark.parametrize("backend", C.backends("reference", "cpp", "triton"))
+@pytest.mark.parametrize("backend", C.backends("reference", "cpp", "triton", "cuda"))
 @pytest.mark.parametrize("scale,top_p", [(8.0, 0.9), (2.0, 0.9), (0.05, 0.9), (2.0, 0.3)])
 def test_top_p_draws_stay_in_the_full_sort_set(backend, scale, top_p):
     """Every backend's draws (u all over (0, 1), many rows) lie in the full sort's kept set and are its
@@ -654,7 +654,8 @@ def test_top_p_draws_stay_in_the_full_sort_set(backend, scale, top_p):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The C++ top-p search on wide float32 rows (V > 2048): rows built to reach each of its paths
+# The C++ top-p search on wide float32 rows (V > 2048): rows built to reach each of its paths (run on the
+# CUDA backend too, on a GPU: its own search meets ties at the edge, flat ties, quantized rows there)
 # --------------------------------------------------------------------------------------------------------
 def _wide_row(kind: str, V: int) -> tuple[torch.Tensor, float]:
     """A float32 row of ``V`` logits and a top_p for each path of the search (sample_categorical.cpp)."""
@@ -707,7 +708,7 @@ def _kept(x: torch.Tensor, top_p: float, tol: float = 0.0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["tie-at-edge", "flat-tie", "peaked", "bimodal", "quantized", "neg-inf", "tiny-p",
                                   "near-one"])
-@pytest.mark.parametrize("backend,V", C.cases({"cpp": [2049, 5003, 50257]}))
+@pytest.mark.parametrize("backend,V", C.cases({"cpp": [2049, 5003, 50257], "cuda": [2049, 5003, 50257]}))
 def test_cpp_top_p_search_on_wide_rows(backend, V, kind):
     """Drawn tokens lie in the float64 definition's kept set, every kept token of a small set is drawn, and
     the frequencies follow the kept weights (chi-square)."""
@@ -715,7 +716,8 @@ def test_cpp_top_p_search_on_wide_rows(backend, V, kind):
     tol = min(1e-6, top_p / 2)
     kept, inner = _kept(x, top_p, tol), _kept(x, top_p, -tol)
     n = 20_000
-    out = ops.sample_categorical(x.expand(n, V), seed=11, offset=2, top_p=top_p, backend=backend)
+    out = ops.sample_categorical(x.expand(n, V).to(C.device(backend)), seed=11, offset=2, top_p=top_p,
+                                 backend=backend).cpu()
     counts = np.bincount(out.numpy(), minlength=V)
     drawn = counts > 0
     assert not bool((drawn & ~kept).any()), f"{kind}: drew {np.nonzero(drawn & ~kept)[0][:5]} outside the nucleus"
