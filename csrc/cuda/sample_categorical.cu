@@ -189,9 +189,10 @@ __device__ __forceinline__ int shift_for(uint64_t width, uint64_t top) {
 
 // One histogram pass of the top-p search. Candidates: w > 0 with clo <= key <= chi. Bin of a candidate:
 // key < base ? 0 : min(255, bottom + ((key - base) >> s)) (a level's bins never reach the clamp, it only
-// bounds the index). cnt: the count per bin; hsum[0]: the mass per bin (the lanes of a warp added one at a
-// time in lane order, the warps in warp order: deterministic); kmin / kmax: the smallest and largest
-// candidate key (every thread). Ends with a barrier after which thread 0 may read cnt and hsum[0].
+// bounds the index). cnt: the count per bin; hsum[0]: the mass per bin (per warp and batch of 32 elements the
+// bin's lanes summed in lane order, the batches in order, the warps in warp order: deterministic); kmin /
+// kmax: the smallest and largest candidate key (every thread). Ends with a barrier after which thread 0 may
+// read cnt and hsum[0].
 template <class WFn>
 __device__ void topp_histogram(int64_t V, WFn wfn, uint64_t clo, uint64_t chi, uint64_t base, int bottom, int s,
                                SampleScratch& sm, uint64_t& kmin, uint64_t& kmax) {
@@ -213,16 +214,25 @@ __device__ void topp_histogram(int64_t V, WFn wfn, uint64_t clo, uint64_t chi, u
       d = q >= 255u ? 255 : min(255, bottom + static_cast<int>(q));
     }
     if (in) {
-      atomicAdd(&sm.cnt[d], 1u);
       mn = key < mn ? key : mn;
       mx = key > mx ? key : mx;
     }
-    unsigned pending = __ballot_sync(kFullMask, in);
-    while (pending) {  // warp-uniform
-      const int l = __ffs(pending) - 1;
-      pending &= pending - 1;
-      if (lane == l) sm.hsum[warp][d] += wt;
-      __syncwarp();
+    const unsigned act = __ballot_sync(kFullMask, in);
+    if (act != 0u) {  // warp-uniform. The lanes of one bin: their weights summed in lane order (every lane
+      // takes each candidate lane's weight in turn, keeps its bin's), added by the bin's lowest lane; one
+      // shared update per bin and batch instead of one per lane in turn (bins are distinct among the leaders).
+      const unsigned peers = __match_any_sync(kFullMask, in ? d : -1);
+      double gsum = 0.0;
+      for (unsigned rest = act; rest != 0u; rest &= rest - 1) {  // warp-uniform trip count
+        const int l = __ffs(rest) - 1;
+        const double v = __shfl_sync(kFullMask, wt, l);
+        if ((peers >> l) & 1u) gsum += v;
+      }
+      if (in && lane == __ffs(peers) - 1) {
+        sm.hsum[warp][d] += gsum;
+        atomicAdd(&sm.cnt[d], static_cast<unsigned>(__popc(peers)));
+      }
+      __syncwarp();  // orders this batch's updates before the next batch's (another lane may lead a bin)
     }
   }
   __syncthreads();
