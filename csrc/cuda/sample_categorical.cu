@@ -21,7 +21,10 @@
 // (12 passes, 4x) on the same rows rounded to bf16, where the new search still takes 2. The final crossing bins
 // held at most ~1300 weights (flat, V = 50257, top_p 0.5), within kCap; a larger one costs one level more
 // (3 passes: 5 a row, 1.67x). Worst case: a tie group of more than kCap weights holding the crossing with
-// near-equal neighbours in its bins: levels until one key (<= ~9).
+// near-equal neighbours in its bins: levels until one key (<= ~9). These count reads of the row; a histogram
+// pass does more per element than a plain pass (the bin sums: a warp's lanes of one bin are summed by
+// shuffles, in lane order), so times need a GPU run (benchmarks/benchmark_sample_categorical.py,
+// test_top_p_cost, ratio_to_plain).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
