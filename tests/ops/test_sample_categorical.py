@@ -7,6 +7,9 @@ rejected before any kernel runs.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -632,7 +635,7 @@ def test_top_p_kept_set_equals_the_full_sort_rows_of_mixed_ranges(top_p):
     assert torch.equal(got, want), top_p
 
 
-@pytest.mark.parametrize("backend", C.backends("reference", "cpp", "triton"))
+@pytest.mark.parametrize("backend", C.backends("reference", "cpp", "triton", "cuda"))
 @pytest.mark.parametrize("scale,top_p", [(8.0, 0.9), (2.0, 0.9), (0.05, 0.9), (2.0, 0.3)])
 def test_top_p_draws_stay_in_the_full_sort_set(backend, scale, top_p):
     """Every backend's draws (u all over (0, 1), many rows) lie in the full sort's kept set and are its
@@ -651,7 +654,8 @@ def test_top_p_draws_stay_in_the_full_sort_set(backend, scale, top_p):
 
 
 # --------------------------------------------------------------------------------------------------------
-# The C++ top-p search on wide float32 rows (V > 2048): rows built to reach each of its paths
+# The C++ top-p search on wide float32 rows (V > 2048): rows built to reach each of its paths (run on the
+# CUDA backend too, on a GPU: its own search meets ties at the edge, flat ties, quantized rows there)
 # --------------------------------------------------------------------------------------------------------
 def _wide_row(kind: str, V: int) -> tuple[torch.Tensor, float]:
     """A float32 row of ``V`` logits and a top_p for each path of the search (sample_categorical.cpp)."""
@@ -713,7 +717,7 @@ def _kept(x: torch.Tensor, top_p: float, tol: float = 0.0) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["tie-at-edge", "flat-tie", "peaked", "bimodal", "quantized", "neg-inf", "near-ties",
                                   "near-ties-top", "tiny-p", "near-one"])
-@pytest.mark.parametrize("backend,V", C.cases({"cpp": [2049, 5003, 50257]}))
+@pytest.mark.parametrize("backend,V", C.cases({"cpp": [2049, 5003, 50257], "cuda": [2049, 5003, 50257]}))
 def test_cpp_top_p_search_on_wide_rows(backend, V, kind):
     """Drawn tokens lie in the float64 definition's kept set, every kept token of a small set is drawn, and
     the frequencies follow the kept weights (chi-square)."""
@@ -721,7 +725,8 @@ def test_cpp_top_p_search_on_wide_rows(backend, V, kind):
     tol = min(1e-6, top_p / 2)
     kept, inner = _kept(x, top_p, tol), _kept(x, top_p, -tol)
     n = 20_000
-    out = ops.sample_categorical(x.expand(n, V), seed=11, offset=2, top_p=top_p, backend=backend)
+    out = ops.sample_categorical(x.expand(n, V).to(C.device(backend)), seed=11, offset=2, top_p=top_p,
+                                 backend=backend).cpu()
     counts = np.bincount(out.numpy(), minlength=V)
     drawn = counts > 0
     assert not bool((drawn & ~kept).any()), f"{kind}: drew {np.nonzero(drawn & ~kept)[0][:5]} outside the nucleus"
@@ -901,3 +906,115 @@ def test_triton_top_p_kernel_compiles_for_a_gpu():
                                                              configs)):
         assert res["error"] is None, (consts, res["error"])
         assert res["spill"] == 0 or consts["BLOCK"] < 1024, (consts, res)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The CUDA top-p search (top-p alone: topp_search in csrc/cuda/sample_categorical.cu) on rows built for each
+# of its paths. Which path a row takes is checked on the NumPy model of the search
+# (scripts/cuda_topp_passes.py; tests/test_cuda_threshold_model.py checks the model's sets on CPU); the kernel
+# itself is checked through its draws, on a GPU: the reference's tokens draw by draw (up to near-ties), inside
+# the float64 definition's kept set, every member of a small set drawn, the same tokens twice.
+# --------------------------------------------------------------------------------------------------------
+def _topp_model() -> ModuleType:
+    path = Path(__file__).resolve().parents[2] / "scripts" / "cuda_topp_passes.py"
+    spec = importlib.util.spec_from_file_location("cuda_topp_passes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cuda_topp_row(kind: str, V: int) -> tuple[torch.Tensor, float, str | None]:
+    """A float64 row of ``V`` logits, its top_p, and how the search ends on it (None: not pinned)."""
+    g = C.gen(V + 13 * len(kind))
+    noise = torch.randn(V, generator=g, dtype=F64)
+    if kind == "edge-tie":  # 3 tokens above a tie group of 10 holding the crossing: the group alone in its bin
+        x = noise - 8.0
+        x[[1, V // 2, V - 1]] = 3.0
+        x[torch.arange(5, 5 + 10 * 7, 7)] = 2.0
+        return x, 0.5, "sorted"
+    if kind == "edge-tie-mixed":  # the same group with near-equal neighbours (other keys): the shared-memory sort
+        x = noise - 8.0
+        x[[1, V // 2, V - 1]] = 3.0
+        x[torch.arange(5, 5 + 10 * 7, 7)] = 2.0
+        x[torch.arange(6, 6 + 5 * 7, 7)] = 2.0 + 1e-7 * torch.arange(1, 6, dtype=F64)
+        return x, 0.5, "sorted"
+    if kind == "equal":  # every weight 1: one key at level 0, every token kept
+        return torch.full((V,), -1.25, dtype=F64), 0.5, "key"
+    if kind == "big-tie":  # 3000 equal weights hold the crossing, 500 near-equal ones share their bins: levels
+        x = noise - 20.0
+        x[0] = 0.0
+        x[1:3001] = -3.0
+        x[3001:3501] = -3.0 + 1e-9 * torch.arange(1, 501, dtype=F64)
+        return x, 0.5, "key"
+    if kind in ("group-2048", "group-2049"):  # a crossing bin of exactly the shared capacity, and one more
+        n = int(kind.split("-")[1])
+        x = noise - 30.0
+        x[0] = 0.0
+        x[1:n + 1] = -0.5 + 1e-9 * torch.arange(n, dtype=F64)  # distinct keys, one level-0 bin
+        return x, 0.5, "sorted"
+    if kind == "tiny":  # weights from 1 down through the subnormals, most below level 0's window (its bin 0)
+        return -torch.linspace(0.0, 745.0, V, dtype=F64), 1.0 - 1e-9, None
+    if kind == "tiny-max-p":  # the same with the largest top_p: the crossing near the window's floor
+        return -torch.linspace(0.0, 745.0, V, dtype=F64), 1.0 - 2.0 ** -53, None
+    if kind == "near-one":
+        return noise * 2, 1.0 - 2.0 ** -53, None
+    if kind == "near-zero":  # two equal maxima hold any tiny top_p (both kept)
+        x = noise * 2
+        x[[3, V - 2]] = x.max() + 1.0
+        return x, 1e-12, "sorted"
+    if kind == "peaked":
+        x = noise * 8
+        x[V // 3] = x.max() + 30.0
+        return x, 0.9, "one"
+    if kind == "normal":
+        return noise * 2, 0.9, None
+    if kind == "flat":
+        return noise * 0.1, 0.5, None
+    raise AssertionError(kind)
+
+
+_CUDA_TOPP = [("edge-tie", 5003), ("edge-tie-mixed", 5003), ("equal", 7), ("equal", 2049), ("equal", 50257),
+              ("big-tie", 6000), ("group-2048", 5000), ("group-2049", 5000), ("tiny", 300), ("tiny", 4099),
+              ("tiny-max-p", 4099), ("near-one", 3000), ("near-zero", 1000), ("peaked", 50257), ("normal", 255),
+              ("normal", 256), ("normal", 257), ("normal", 2047), ("normal", 2048), ("normal", 2049),
+              ("normal", 50257), ("flat", 50257)]
+
+
+@pytest.mark.parametrize("backend,kind,V", C.cases({"cuda": _CUDA_TOPP}))
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_cuda_top_p_search_paths(backend, kind, V, dtype):
+    """Ties at the crossing (the group alone in its bin, or with near-equal neighbours), all-equal rows (one key
+    at level 0), a tie group beyond the shared capacity (generic levels down to one key), crossing bins of
+    exactly the capacity and one more, weights below level 0's window (bin 0; it never holds the crossing:
+    see topp_search), top_p near 0 and near 1, V around the 256 bins and the 2048 capacity."""
+    x, top_p, end = _cuda_topp_row(kind, V)
+    x = x.to(dtype)
+    if end is not None:
+        res = _topp_model().topp_search(x.double().numpy(), top_p)
+        assert res["end"] == end, (kind, res)
+        assert not res["bottom"]
+    n = 2000 if V <= 6000 else 400
+    logits = x.expand(n, V).contiguous().to("cuda")
+    out = ops.sample_categorical(logits, seed=21, offset=4, top_p=top_p, backend=backend)
+    assert torch.equal(out, ops.sample_categorical(logits, seed=21, offset=4, top_p=top_p, backend=backend))
+    _check_against_reference(backend, logits, dict(top_p=top_p), seed=21, offset=4, max_near=2)
+    tol = min(1e-9, top_p / 2)
+    kept, inner = _kept(x, top_p, tol), _kept(x, top_p, -tol)
+    counts = np.bincount(out.cpu().numpy(), minlength=V)
+    assert not bool(((counts > 0) & ~kept).any()), f"{kind}: drew outside the nucleus"
+    idx = np.nonzero(inner)[0]
+    if 0 < len(idx) <= 20:
+        assert bool((counts[idx] > 0).all()), f"{kind}: kept tokens never drawn"
+
+
+@pytest.mark.parametrize("backend", C.backends("cuda"))
+def test_cuda_top_p_alone_and_with_top_k_agree_where_top_k_keeps_all(backend):
+    """top_k = V - 1 on a row whose smallest logit is far below the nucleus keeps the same set as top-p
+    alone: the byte-wise search (top-k + top-p) and topp_search give the same tokens, up to near-ties."""
+    V, n = 5000, 2000
+    x = torch.randn(V, generator=C.gen(9)) * 2
+    x[17] = -1e4
+    logits = x.expand(n, V).contiguous().to("cuda")
+    a = ops.sample_categorical(logits, seed=2, top_p=0.8, backend=backend)
+    b = ops.sample_categorical(logits, seed=2, top_p=0.8, top_k=V - 1, backend=backend)
+    assert int((a != b).sum()) <= 2
