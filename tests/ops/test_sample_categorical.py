@@ -879,14 +879,15 @@ def test_triton_top_p_kernel_compiles_for_a_gpu():
     glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
     types = {"logits_ptr": "*fp32", "stride_l": "i64", "tok_ptr": "*i64", "V": "i32", "temperature_bits": "i64",
              "top_k": "i64", "top_p_bits": "i64", "seed_lo": "i32", "seed_hi": "i32", "off_lo": "i32",
-             "off_hi": "i32", "row_lo": "i32", "row_hi": "i32", "stats_ptr": "*i64"}
+             "off_hi": "i32", "row_lo": "i32", "row_hi": "i32", "stats_ptr": "*i64", "scratch_ptr": "*fp64"}
     configs = []
     for f64, top_k, block in ((False, False, 4096), (False, True, 4096), (True, False, 4096), (False, False, 1024),
                               (False, False, 16)):
         consts = dict(GREEDY=False, HAS_TOPK=top_k, HAS_TOPP=True, XDT="tl.float64" if f64 else "tl.float32",
                       WDT="tl.float64", KEY="tl.int64" if f64 else "tl.int32",
                       SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF, BLOCK=block, KSPLIT=glue.TOPP_SPLIT,
-                      SBLOCK=min(block, glue.TOPP_TILE), STATS=False)
+                      SBLOCK=min(block, glue.TOPP_TILE), STATS=False, CAP=glue.top_p_cap(block),
+                      GBLOCK=glue.guess_tile(block))
         configs.append((dict(types, logits_ptr="*fp64" if f64 else "*fp32"), consts, 8 if block >= 2048 else 4))
     for (_, consts, _), res in zip(configs, _tc.compile_sm90("sample_categorical", "_sample_categorical_fwd_kernel",
                                                              configs)):
