@@ -14,20 +14,26 @@ Per row, in ``BLOCK`` tiles (``w = exp((x - max x) / temperature)``, shifted bef
 * top-p keeps ``v`` iff the mass of categories strictly more probable than ``v`` is below ``p``
   (after top-k). The mass above ``x``, ``M(x) = Σ_{w > x} w / Σ w``, is non-increasing in ``x``, so
   the kept set is ``{w >= x*}`` with ``x*`` the smallest present weight with ``M(x*) < p``. It is found
-  by a 32-way search over the bits of the non-negative double weights (:func:`_top_p_search`): each
-  pass over the row splits the bracket into 32 sub-ranges and takes all their masses at once
-  (``[tile, 32]`` comparisons), snapping the next bracket to the present weights of the crossing
-  sub-range; one key, or two single categories, left in it settle the search without another pass.
-  Without top-k the first bracket is guessed in pass 1 (:func:`_top_p_guess`: an online histogram of
-  half octaves next to the online maximum), else it is ``[2**-16, 1)`` in half octaves; the search's
-  first pass checks it (and gives ``Σ w``), and the kept total comes from the same sums. Passes of the
-  search, measured with the kernel's ``STATS`` output (``TRITON_INTERPRET=1``, 4 rows each) on rows of
-  ``2·N(0, 1)`` logits times 1 / 0.05 / 4 (the ``normal`` / ``flat`` / ``peaked`` rows of
-  ``benchmarks/benchmark_sample_categorical.py``), top-p 0.9: 2-3 / 3 / 1 at V = 32768 and
-  3 / 3-4 / 1 at V = 50257 (top-p 0.5: 2 / 3-4 / 1 at both). A top-p draw (no top-k) reads the row
-  1 + that many times plus the scan to the drawn token, a plain draw once plus the scan: issue 16's
-  "at most 2x a plain draw" holds in passes on peaked rows, not on normal or flat ones (about 3x).
-  At most 14 search passes on any row (each divides the bracket's span of keys, at most 2**62, by 32);
+  by a search over the bits of the non-negative double weights (:func:`_top_p_search`): each pass over
+  the row splits the bracket into 32 sub-ranges and takes all their masses at once (``[tile, 32]``
+  comparisons), and copies the bracket's categories, in row order, to a per-row float64 scratch of
+  ``CAP`` slots (4096, or the row's length rounded up to a power of 2 if smaller). A bracket that holds
+  the crossing and at most ``CAP`` categories is settled from the copy, sorted, in that same pass;
+  otherwise the next bracket is the crossing sub-range's present weights (one key, or two single
+  categories, left in it settle the search without another pass too). Without top-k the first bracket
+  is guessed in pass 1 (:func:`_top_p_guess`: online histograms next to the online maximum, of half
+  octaves and, over the octave below the maximum, of 1/64 octaves), else it is ``[2**-16, 1)`` in half
+  octaves; the search's first pass checks it (and gives ``Σ w``), and the kept total comes from the
+  same sums. Passes of the search, counted with the kernel's ``STATS`` output
+  (``scripts/triton_top_p_passes.py``: ``TRITON_INTERPRET=1``, 4 rows each) on rows of ``2·N(0, 1)``
+  logits times 1 / 0.05 / 4 (the ``normal`` / ``flat`` / ``peaked`` rows of
+  ``benchmarks/benchmark_sample_categorical.py``), top-p 0.9 and 0.5, at V = 32768 and 50257: 1 on every
+  row (the guessed bracket holds at most ~2900 categories there; before the copy and the fine histogram:
+  2-3 / 3 / 1 and 2 / 3-4 / 1). A top-p draw (no top-k) reads the row twice plus the scan to the drawn
+  token, a plain draw once plus the scan: issue 16's "at most 2x a plain draw" holds in passes over the
+  row on the three rows (the two passes do more arithmetic per category than a plain draw's: ``[tile, 96]``
+  and ``[tile, 32]`` comparisons, and a sort of ``CAP`` weights; not timed on a GPU). At most 14 search
+  passes on any row (each divides the bracket's span of keys, at most 2**62, by 32);
 * the draw: ``min{j : cumsum(w)_j > u·Σ w}`` over the kept weights, float64 CDF, ``u`` the float64
   uniform of Philox counter ``(row_offset + row, offset)``, stopping at the first tile that crosses; if rounding
   leaves none, the last positive-weight category.
@@ -159,7 +165,18 @@ def _top_p_search(base, scratch, V, temperature, m, k_lo, top_p, lo, hi, XDT: tl
     the first pass also takes the mass, count and extreme keys above and below it, so a crossing outside
     it moves the bracket there; it also gives ``W``. Later passes carry the mass above the bracket, so
     every edge's ``M`` is a suffix sum of one pass's non-negative terms with one reduction shape: monotone,
-    and the decisions agree from pass to pass."""
+    and the decisions agree from pass to pass.
+
+    Compaction: each pass also copies the bracket's weights to ``scratch`` (``CAP`` float64 slots of this row;
+    slot = the running count before the tile + the in-tile ``cumsum`` of the in-bracket mask: one program per
+    row, no atomics). When the crossing lies in the bracket (always after the first pass; in the first, when
+    neither the mass above nor the mass from the bracket's bottom decides otherwise) and the bracket holds at
+    most ``CAP`` categories, the copy is sorted descending and ``c_i = M_top + cumsum(sorted)_i`` (``M_top``
+    the mass above the bracket, as above) is non-decreasing: the crossing is the first ``i`` with
+    ``c_i >= p·W``, ``x*`` its weight (its tie group's mass above is ``c`` before the group's first member,
+    below ``p·W``; the next smaller weight's is at least ``c_i``), so ties are kept whole; the kept total is
+    ``M_top`` + the sorted weights ``>= x*``. If rounding leaves no ``c_i`` at ``p·W`` (the pass's sub-range
+    sums said the bracket reaches it), ``x*`` is the bracket's smallest weight."""
     BIG: tl.constexpr = 0x7FFFFFFFFFFFFFFF
     kk = tl.arange(0, K)
     lanes = tl.arange(0, SBLOCK)
