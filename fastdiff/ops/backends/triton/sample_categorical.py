@@ -1,6 +1,7 @@
 """``sample_categorical`` on the Triton backend: the launcher of ``kernels/sample_categorical.py`` (one program
 per row; temperature, tie-inclusive top-k by exact threshold bisection, top-p by an exact 32-way threshold
-search, the reference's counter-based inverse-CDF draw) and its custom op ``fastdiff_triton::sample_categorical``
+search that sorts a copy of its bracket once it holds at most ``top_p_cap(V)`` categories, the reference's
+counter-based inverse-CDF draw) and its custom op ``fastdiff_triton::sample_categorical``
 (the schema of every backend, ``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL`` in ``csrc/schema.h``)."""
 
 from __future__ import annotations
