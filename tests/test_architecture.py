@@ -194,8 +194,9 @@ def test_lazy_attributes_load_on_first_use() -> None:
 #: not just document it (their tl.constexpr arguments are annotated, and so is every plain Python function in
 #: kernels/). models/sed.py and evaluation.py have other owners just now.
 ANNOTATION_ALLOW = {
-    "kernels/": 164,  # + 19: kernels/select_tokens.py (its run-time @triton.jit arguments)
+    "kernels/": 166,  # + 19: kernels/select_tokens.py (its run-time @triton.jit arguments)
     # + 15: kernels/sample_categorical.py's top-p search and guess (@triton.jit helpers) and its stats pointer
+    # + 2: kernels/sample_categorical.py's top-p scratch pointer (the kernel's and the search's)
     "fastdiff/models/sed.py": 3,
     "fastdiff/evaluation.py": 12,
 }

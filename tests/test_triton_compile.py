@@ -89,11 +89,12 @@ for dt in ("bf16", "fp32", "fp64"):
                                (False, False, True), (False, True, True)):
         types = dict(logits_ptr=P(dt), stride_l="i32", tok_ptr="*i64", V="i32", temperature_bits="i64",
                      top_k="i32", top_p_bits="i64", seed_lo="i64", seed_hi="i32", off_lo="i32", off_hi="i32",
-                     row_lo="i64", row_hi="i32", stats_ptr="*i64")
+                     row_lo="i64", row_hi="i32", stats_ptr="*i64", scratch_ptr="*fp64")
         check(sc._sample_categorical_fwd_kernel, types, dict(
               GREEDY=greedy, HAS_TOPK=topk, HAS_TOPP=topp, XDT=wdt, WDT=tl.float64 if (f64 or topp) else tl.float32,
               KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF, BLOCK=4096,
-              KSPLIT=scg.TOPP_SPLIT, SBLOCK=scg.TOPP_TILE, STATS=False),
+              KSPLIT=scg.TOPP_SPLIT, SBLOCK=scg.TOPP_TILE, STATS=False, CAP=scg.TOPP_CAP,
+              GBLOCK=scg.guess_tile(4096)),
               f"sample {dt} " + ("greedy" if greedy else f"topk={topk} topp={topp}"))
 print("\n".join(failures) if failures else "ok")
 sys.exit(1 if failures else 0)

@@ -804,9 +804,13 @@ def _triton_dev():
 
 
 @pytest.mark.parametrize("backend", C.backends("triton"))
-def test_triton_top_p_long_ties_across_the_crossing(backend):
+@pytest.mark.parametrize("cap", [None, 2], ids=["cap=launch", "cap=2"])
+def test_triton_top_p_long_ties_across_the_crossing(backend, cap, monkeypatch):
     """A tie group of 100 (spread over tiles: every third index) holds the crossing: kept whole, nothing below
-    it; the same with the group at the top (one value holding more than top_p)."""
+    it; the same with the group at the top (one value holding more than top_p). With the launch's compaction
+    capacity (the sort settles the bracket) and with 2 (the 32-way search settles it)."""
+    if cap is not None:
+        _set_cap(monkeypatch, cap)
     V = 300
     x = torch.randn(3, V, generator=C.gen(1)) - 4.0
     x[0, 0] = 5.0
@@ -853,10 +857,14 @@ def test_triton_top_p_dominant_token_minus_inf_and_ragged_rows(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", C.backends("triton"))
-def test_triton_top_p_weights_spread_over_every_bit(backend):
+@pytest.mark.parametrize("cap", [None, 2], ids=["cap=launch", "cap=2"])
+def test_triton_top_p_weights_spread_over_every_bit(backend, cap, monkeypatch):
     """Weights 0.6·(1 + 2**-i), i = 1..52, next to the maximum: their bit patterns differ at every scale, so
-    the search narrows five bits a pass; the crossing is placed at several depths. Passes stay within the
-    bound stated in the kernel (at most 14)."""
+    the 32-way search (a compaction capacity of 2) narrows five bits a pass; the crossing is placed at several
+    depths. Passes stay within the bound stated in the kernel (at most 14); with the launch's capacity (the
+    row fits) at most 2."""
+    if cap is not None:
+        _set_cap(monkeypatch, cap)
     i = torch.arange(1, 53, dtype=F64)
     z = torch.cat([torch.zeros(1, dtype=F64), np.log(0.6) + torch.log1p(2.0 ** -i), torch.full((20,), -30.0,
                                                                                           dtype=F64)])
@@ -866,7 +874,7 @@ def test_triton_top_p_weights_spread_over_every_bit(backend):
         W = float(torch.exp(z).sum())
         p = (1.0 + float(torch.exp(z[1:depth]).sum()) + 0.5 * float(torch.exp(z[depth]))) / W
         seen += _check_top_p_search(x.to(_triton_dev()), p)
-    assert max(seen) > 3  # deep crossings really take several passes
+    assert max(seen) > 3 if cap == 2 else max(seen) <= 2  # deep crossings take several passes of the 32-way search
     _check_against_reference(backend, x.to(_triton_dev()), dict(top_p=p))
 
 
@@ -885,6 +893,110 @@ def test_triton_top_p_extreme_temperatures_and_magnitudes(backend, temperature, 
         _check_against_reference(backend, x, dict(top_p=p, temperature=temperature))
 
 
+# Triton top-p: the search's compaction (a bracket of at most TOPP_CAP categories copied during its pass and settled
+# by sorting the copy), at and across the capacity, against the full sort's kept set (an independent float64 oracle)
+# --------------------------------------------------------------------------------------------------------
+def _set_cap(monkeypatch, cap: int) -> None:
+    glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
+    monkeypatch.setattr(glue, "TOPP_CAP", cap)
+
+
+def _bracket_row(V: int, n: int, values: np.ndarray, tie: slice | None, seed: int) -> tuple[torch.Tensor, float]:
+    """One float64 row: the maximum 0 (first), ``n`` categories at ``values`` (scattered over the row's tiles
+    between the first and the last; ``tie``: a run of them set equal), the rest at -30; and the top_p whose
+    crossing lies in the middle of the tie group (or of the ``n``), so the kept set ends inside the bracket."""
+    vals = np.array(values[:n], dtype=np.float64)
+    if tie is not None:
+        vals[tie] = vals[(tie.start + tie.stop) // 2]
+    x = torch.full((1, V), -30.0, dtype=F64)
+    where = torch.randperm(V - 2, generator=C.gen(seed))[:n] + 1
+    x[0, 0] = 0.0
+    x[0, where] = torch.from_numpy(vals)
+    w = np.exp(x[0].numpy())
+    W = w.sum()
+    mid = vals[(tie.start + tie.stop) // 2] if tie is not None else np.sort(vals)[n // 2]
+    above = w[w > np.exp(mid)].sum()
+    group = w[w == np.exp(mid)].sum()
+    return x, float((above + 0.5 * group) / W)
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+@pytest.mark.parametrize("tie", [False, True], ids=["distinct", "tie-at-crossing"])
+def test_triton_top_p_guessed_bracket_at_the_capacity(backend, extra, tie, monkeypatch):
+    """The guess pass brackets the crossing with one 1/64-octave bucket holding ``cap + extra`` categories: at
+    most ``cap`` are settled in the search's first pass (from the sorted copy), one more needs a further pass;
+    the kept set is the definition's either way, a tie group straddling the crossing kept whole."""
+    cap = 64
+    _set_cap(monkeypatch, cap)
+    n = cap + extra
+    x, p = _bracket_row(300, n, -0.3 + 1e-5 * np.arange(n), slice(20, 40) if tie else None, seed=n)
+    passes = _check_top_p_search(x.to(_triton_dev()), p)
+    assert passes == [1] if n <= cap else passes[0] >= 2, (n, passes)
+    _check_against_reference(backend, x.to(_triton_dev()), dict(top_p=p))
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_triton_top_p_top_k_bracket_at_the_capacity(backend, extra, monkeypatch):
+    """With top-k there is no guess: the first bracket is [2**-16, 1), here holding ``cap + extra`` categories
+    (weights 0.55 .. 0.6, in one of its 32 sub-ranges, so the 32-way split alone cannot settle them in one pass;
+    the maximum above the bracket, the rest below): settled in one pass up to ``cap``; a tie group across the
+    crossing kept whole."""
+    cap = 32
+    _set_cap(monkeypatch, cap)
+    n = cap + extra
+    vals = np.log(0.55 + 0.05 * torch.rand(n, generator=C.gen(7 + n), dtype=F64).numpy())
+    x, p = _bracket_row(200, n, vals, slice(3, 9), seed=n)
+    x[0, 199] = float("-inf")  # (one of the -30s) top-k = V - 1 drops it: the top-k path, without the guess
+    for p_ in (p, 0.5):
+        passes = _check_top_p_search(x.to(_triton_dev()), p_, top_k=199)
+        assert passes == [1] if n <= cap else passes[0] >= 2, (n, passes)
+    _check_against_reference(backend, x.to(_triton_dev()), dict(top_p=p, top_k=199))
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+def test_triton_top_p_bracket_at_the_launch_capacity(backend):
+    """The launcher's own capacity (4096 at this V): a guessed bracket of exactly that many categories is settled in
+    the first search pass, one more is not; both kept sets are the definition's."""
+    glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
+    V = 4300
+    cap = glue.top_p_cap(V)
+    assert cap == 4096
+    for n in (cap, cap + 1):
+        x, p = _bracket_row(V, n, -0.3 + 1e-7 * np.arange(n), slice(1000, 1100), seed=n)
+        passes = _check_top_p_search(x.to(_triton_dev()), p)
+        assert passes == [1] if n <= cap else passes[0] >= 2, (n, passes)
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
+@pytest.mark.parametrize("dtype", C.DTYPES)
+@pytest.mark.parametrize("cap", [None, 16], ids=["cap=launch", "cap=16"])
+def test_triton_top_p_compaction_on_mixed_rows(backend, dtype, cap, monkeypatch):
+    """Normal, flat (most of the vocabulary kept) and peaked rows, an all-equal row, rows with -inf entries (and
+    leading -inf tiles), top_p from tiny to near 1, with and without top-k, every logit dtype: with the launch's
+    capacity (the rows fit: settled by the sort) and with 16 (the 32-way search first, then the sort): the kept
+    set is the full sort's, the kept total their sum."""
+    if cap is not None:
+        _set_cap(monkeypatch, cap)
+    V = 200  # (the interpreter's sort of the copy, 256 slots here, is slow)
+    x = torch.randn(7, V, generator=C.gen(11)) * 2
+    x[1] /= 20  # flat
+    x[2] *= 4  # peaked
+    x[3] = 0.5  # all equal
+    x[4, ::3] = float("-inf")
+    x[5, :140] = float("-inf")  # a leading tile of -inf
+    x[6, 20:180] = x[6, 20:180].round()  # long tie groups
+    x = x.to(_triton_dev(), dtype)
+    for top_p in (1e-9, 0.9, 1 - 1e-9):
+        for top_k in (None, 50):
+            passes = _check_top_p_search(x, top_p, top_k)
+            if cap is None:  # every bracket fits the launch's capacity: settled in the first pass that holds the
+                assert max(passes) <= 2, (top_p, top_k, passes)  # crossing (the second, after a wrong guess)
+    _check_against_reference(backend, x, dict(top_p=0.9))
+    _check_against_reference(backend, x, dict(top_p=0.6, top_k=50, temperature=0.8))
+
+
 @pytest.mark.skipif(not C.HAVE_TRITON or not _tc.ptxas_available(), reason="needs Triton with its NVIDIA backend")
 def test_triton_top_p_kernel_compiles_for_a_gpu():
     """The interpreter never compiles the kernel: compile top-p configurations the launcher uses for sm_90
@@ -893,14 +1005,15 @@ def test_triton_top_p_kernel_compiles_for_a_gpu():
     glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
     types = {"logits_ptr": "*fp32", "stride_l": "i64", "tok_ptr": "*i64", "V": "i32", "temperature_bits": "i64",
              "top_k": "i64", "top_p_bits": "i64", "seed_lo": "i32", "seed_hi": "i32", "off_lo": "i32",
-             "off_hi": "i32", "row_lo": "i32", "row_hi": "i32", "stats_ptr": "*i64"}
+             "off_hi": "i32", "row_lo": "i32", "row_hi": "i32", "stats_ptr": "*i64", "scratch_ptr": "*fp64"}
     configs = []
     for f64, top_k, block in ((False, False, 4096), (False, True, 4096), (True, False, 4096), (False, False, 1024),
                               (False, False, 16)):
         consts = dict(GREEDY=False, HAS_TOPK=top_k, HAS_TOPP=True, XDT="tl.float64" if f64 else "tl.float32",
                       WDT="tl.float64", KEY="tl.int64" if f64 else "tl.int32",
                       SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF, BLOCK=block, KSPLIT=glue.TOPP_SPLIT,
-                      SBLOCK=min(block, glue.TOPP_TILE), STATS=False)
+                      SBLOCK=min(block, glue.TOPP_TILE), STATS=False, CAP=glue.top_p_cap(block),
+                      GBLOCK=glue.guess_tile(block))
         configs.append((dict(types, logits_ptr="*fp64" if f64 else "*fp32"), consts, 8 if block >= 2048 else 4))
     for (_, consts, _), res in zip(configs, _tc.compile_sm90("sample_categorical", "_sample_categorical_fwd_kernel",
                                                              configs)):

@@ -1,6 +1,7 @@
 """``sample_categorical`` on the Triton backend: the launcher of ``kernels/sample_categorical.py`` (one program
 per row; temperature, tie-inclusive top-k by exact threshold bisection, top-p by an exact 32-way threshold
-search, the reference's counter-based inverse-CDF draw) and its custom op ``fastdiff_triton::sample_categorical``
+search that sorts a copy of its bracket once it holds at most ``top_p_cap(V)`` categories, the reference's
+counter-based inverse-CDF draw) and its custom op ``fastdiff_triton::sample_categorical``
 (the schema of every backend, ``FASTDIFF_SCHEMA_SAMPLE_CATEGORICAL`` in ``csrc/schema.h``)."""
 
 from __future__ import annotations
@@ -18,6 +19,21 @@ from .. import python_op
 # top-p search: sub-ranges per pass, and the categories per [tile, sub-range] comparison block
 TOPP_SPLIT = 32
 TOPP_TILE = 256
+# top-p: a search bracket of at most this many categories (a power of 2; at most the row's length rounded up to
+# one) is copied to a per-row float64 scratch during its pass and settled by sorting the copy, without another
+# pass over the row; the scratch, (N, cap) float64, is allocated only for top-p launches
+TOPP_CAP = 4096
+
+
+def top_p_cap(V: int) -> int:
+    """The compaction capacity of a top-p launch on rows of ``V`` categories."""
+    return min(TOPP_CAP, _common.next_pow2(V))
+
+
+def guess_tile(block: int) -> int:
+    """Categories per tile of the top-p guess pass ([tile, 2 * TOPP_SPLIT] comparisons): the search's tile on 8
+    warps, half of it on 4 (no register spills on sm_90, see tests/ops/test_sample_categorical.py)."""
+    return min(block, TOPP_TILE) if block >= 2048 else max(1, min(block, TOPP_TILE) // 2)
 
 SCHEMA = "(Tensor logits, int seed, int offset, float temperature, int top_k, float top_p, int row_offset) -> Tensor"
 
@@ -38,14 +54,18 @@ def _sample_categorical_fwd(logits: torch.Tensor, seed: int, offset: int, temper
     f64 = logits.dtype == torch.float64
     has_topk = 0 < top_k < V
     has_topp = top_p < 1.0
+    cap = top_p_cap(V)
+    scratch = (torch.empty(N, cap, dtype=torch.float64, device=logits.device) if has_topp and temperature != 0
+               else tokens)  # (not read without top-p)
     BLOCK = _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096)
     _sample_categorical_fwd_kernel[(N,)](
         logits, logits.stride(0), tokens, V, _common.f64_bits(temperature), int(top_k), _common.f64_bits(top_p),
-        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, tokens if stats is None else stats,
+        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, tokens if stats is None else stats, scratch,
         GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
         XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
         KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
         BLOCK=BLOCK, KSPLIT=TOPP_SPLIT, SBLOCK=min(BLOCK, TOPP_TILE), STATS=stats is not None and has_topp,
+        CAP=cap, GBLOCK=guess_tile(BLOCK),
         num_warps=8 if BLOCK >= 2048 else 4,
     )
     return tokens
