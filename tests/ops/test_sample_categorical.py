@@ -970,6 +970,31 @@ def test_triton_top_p_bracket_at_the_launch_capacity(backend):
 
 
 @pytest.mark.parametrize("backend", C.backends("triton"))
+def test_triton_top_p_launches_in_row_chunks_within_the_scratch_budget(backend, monkeypatch):
+    """A top-p call whose scratch would exceed TOPP_SCRATCH_BYTES runs in row chunks that reuse one scratch: the
+    same tokens as one launch (row_offset included, so every row keeps its counter), and the reference's."""
+    glue = importlib.import_module("fastdiff.ops.backends.triton.sample_categorical")
+    V, N = 120, 7
+    x = (torch.randn(N, V, generator=C.gen(4)) * 2).to(_triton_dev())
+    one = glue._sample_categorical_fwd(x, 9, 3, 1.0, 0, 0.8, 5)
+    seen = []
+    kernel = glue._sample_categorical_fwd_kernel
+
+    class Counting:  # records each launch's grid
+        def __getitem__(self, grid):
+            seen.append(grid[0])
+            return kernel[grid]
+
+    monkeypatch.setattr(glue, "_sample_categorical_fwd_kernel", Counting())
+    monkeypatch.setattr(glue, "TOPP_SCRATCH_BYTES", 3 * glue.top_p_cap(V) * 8)  # 3 rows a launch
+    chunked = glue._sample_categorical_fwd(x, 9, 3, 1.0, 0, 0.8, 5)
+    assert seen == [3, 3, 1]
+    assert torch.equal(chunked, one)
+    ref = ops.sample_categorical(x.cpu(), seed=9, offset=3, top_p=0.8, backend="reference", row_offset=5)
+    assert int((chunked.cpu() != ref).sum()) <= 1  # (a float32-CDF near-tie at most)
+
+
+@pytest.mark.parametrize("backend", C.backends("triton"))
 @pytest.mark.parametrize("dtype", C.DTYPES)
 @pytest.mark.parametrize("cap", [None, 16], ids=["cap=launch", "cap=16"])
 def test_triton_top_p_compaction_on_mixed_rows(backend, dtype, cap, monkeypatch):

@@ -23,6 +23,9 @@ TOPP_TILE = 256
 # one) is copied to a per-row float64 scratch during its pass and settled by sorting the copy, without another
 # pass over the row; the scratch, (N, cap) float64, is allocated only for top-p launches
 TOPP_CAP = 4096
+# top-p launches cover at most this many bytes of scratch each (64 MiB: 2048 rows at the full capacity); more rows
+# are launched in chunks that reuse it, so the scratch does not grow with the batch
+TOPP_SCRATCH_BYTES = 64 << 20
 
 
 def top_p_cap(V: int) -> int:
@@ -50,24 +53,31 @@ def _sample_categorical_fwd(logits: torch.Tensor, seed: int, offset: int, temper
         return tokens
     seed_lo, seed_hi = _common.split_seed(seed)
     off_lo, off_hi = _common.split_seed(offset)
-    row_lo, row_hi = _common.split_seed(row_offset)
     f64 = logits.dtype == torch.float64
     has_topk = 0 < top_k < V
     has_topp = top_p < 1.0
     cap = top_p_cap(V)
-    scratch = (torch.empty(N, cap, dtype=torch.float64, device=logits.device) if has_topp and temperature != 0
-               else tokens)  # (not read without top-p)
+    rows = N
+    scratch = tokens  # (not read without top-p)
+    if has_topp and temperature != 0:
+        rows = max(1, min(N, TOPP_SCRATCH_BYTES // (cap * 8)))
+        scratch = torch.empty(rows, cap, dtype=torch.float64, device=logits.device)
     BLOCK = _common.next_pow2(V, 16, _common.INTERPRET_BLOCK if _common.interpret() else 4096)
-    _sample_categorical_fwd_kernel[(N,)](
-        logits, logits.stride(0), tokens, V, _common.f64_bits(temperature), int(top_k), _common.f64_bits(top_p),
-        seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi, tokens if stats is None else stats, scratch,
-        GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
-        XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
-        KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
-        BLOCK=BLOCK, KSPLIT=TOPP_SPLIT, SBLOCK=min(BLOCK, TOPP_TILE), STATS=stats is not None and has_topp,
-        CAP=cap, GBLOCK=guess_tile(BLOCK),
-        num_warps=8 if BLOCK >= 2048 else 4,
-    )
+    for r0 in range(0, N, rows):  # one launch unless top-p's scratch would exceed TOPP_SCRATCH_BYTES
+        r1 = min(N, r0 + rows)
+        row_lo, row_hi = _common.split_seed(row_offset + r0)  # the counter rows of the whole call
+        out = tokens[r0:r1]
+        _sample_categorical_fwd_kernel[(r1 - r0,)](
+            logits[r0:r1], logits.stride(0), out, V, _common.f64_bits(temperature), int(top_k),
+            _common.f64_bits(top_p), seed_lo, seed_hi, off_lo, off_hi, row_lo, row_hi,
+            out if stats is None else stats[r0:r1], scratch,
+            GREEDY=temperature == 0, HAS_TOPK=has_topk, HAS_TOPP=has_topp,
+            XDT=tl.float64 if f64 else tl.float32, WDT=tl.float64 if (f64 or has_topp) else tl.float32,
+            KEY=tl.int64 if f64 else tl.int32, SIGN_OFF=0x7FFFFFFFFFFFFFFF if f64 else 0x7FFFFFFF,
+            BLOCK=BLOCK, KSPLIT=TOPP_SPLIT, SBLOCK=min(BLOCK, TOPP_TILE), STATS=stats is not None and has_topp,
+            CAP=cap, GBLOCK=guess_tile(BLOCK),
+            num_warps=8 if BLOCK >= 2048 else 4,
+        )
     return tokens
 
 
