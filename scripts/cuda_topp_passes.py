@@ -81,14 +81,7 @@ def topp_search(z: np.ndarray, top_p: float, lo0: int | None = None) -> dict:
                 if cnt[b]:
                     W += sums[b]
             target = top_p * W
-        acc, pick = above, -1
-        for b in range(NBINS - 1, -1, -1):
-            if cnt[b] == 0:
-                continue
-            if acc + sums[b] >= target:
-                pick = b
-                break
-            acc += sums[b]
+        acc, pick = crossing(cnt, sums, above, target)
         passes = level + 1
         if pick < 0:  # rounding: no bin crosses, every candidate is kept
             return dict(threshold=lo, total=acc, W=W, passes=passes, end="none", bottom=bottom_taken, bin=0)
@@ -120,33 +113,47 @@ def topp_search(z: np.ndarray, top_p: float, lo0: int | None = None) -> dict:
     raise AssertionError("unreachable")
 
 
-def old_levels(z: np.ndarray, top_p: float) -> int:
-    """Levels of the former byte-wise search (most significant byte of the key first, until the crossing bin
-    holds one element or the key is complete), for comparison."""
-    w = np.exp(z - z.max())
-    keys = w.view(np.uint64)
-    target = top_p * w.sum()
+def crossing(cnt: np.ndarray, sums: np.ndarray, above: float, target: float) -> tuple[float, int]:
+    """The kernels' crossing rule: from the top bin down, the first non-empty bin ``b`` with ``above + (the mass
+    of the bins over b) + sums[b] >= target``; returns (that mass above it, b), or (the total, -1) if none."""
+    acc = above
+    for b in range(len(cnt) - 1, -1, -1):
+        if cnt[b] == 0:
+            continue
+        if acc + sums[b] >= target:
+            return acc, b
+        acc += sums[b]
+    return acc, -1
+
+
+def byte_search(keys: np.ndarray, weights: np.ndarray, eligible: np.ndarray, target: float,
+                mass: bool) -> tuple[int, int]:
+    """The kernel's ``radix_threshold`` (top-k, top-k + top-p, and top-p before topp_search): most significant
+    byte of the uint64 keys first, 256 bins a level, until the crossing bin holds one element or the key is
+    complete. Returns (the threshold key, the levels it took)."""
+    mask64 = (1 << 64) - 1
     prefix, above = 0, 0.0
     for level in range(8):
         shift = 56 - 8 * level
-        mask = 0 if level == 0 else ((1 << 64) - 1) << (shift + 8) & ((1 << 64) - 1)
-        cand = (keys & np.uint64(mask)) == np.uint64(prefix)
-        d = ((keys >> np.uint64(shift)) & np.uint64(255)).astype(np.int64)
-        cnt = np.bincount(d[cand], minlength=256)
-        sums = np.bincount(d[cand], weights=w[cand], minlength=256)
-        acc, pick = above, -1
-        for b in range(255, -1, -1):
-            if cnt[b] and acc + sums[b] >= target:
-                pick = b
-                break
-            acc += sums[b]
+        hi_mask = 0 if level == 0 else (mask64 << (shift + 8)) & mask64
+        cand = eligible & ((keys & np.uint64(hi_mask)) == np.uint64(prefix))
+        digit = ((keys >> np.uint64(shift)) & np.uint64(255)).astype(np.int64)
+        cnt = np.bincount(digit[cand], minlength=256)
+        sums = np.bincount(digit[cand], weights=weights[cand], minlength=256) if mass else cnt.astype(np.float64)
+        acc, pick = crossing(cnt, sums, above, target)
         if pick < 0:
-            return level + 1
+            return prefix, level + 1
         prefix |= pick << shift
         above = acc
         if cnt[pick] == 1 or shift == 0:
-            return level + 1
-    return 8
+            return prefix, level + 1
+    return prefix, 8
+
+
+def old_levels(z: np.ndarray, top_p: float) -> int:
+    """Levels of the former byte-wise top-p search, for comparison."""
+    w = np.exp(z - z.max())
+    return byte_search(w.view(np.uint64), w, np.ones(len(w), dtype=bool), top_p * w.sum(), mass=True)[1]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,17 +12,14 @@ element or the key is complete (threshold = prefix with the remaining bits zero)
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 import numpy as np
 import pytest
 import torch
 
 from fastdiff.ops.sample_categorical import filter_weights
+from tests._scripts import load_script
 
-MASK64 = (1 << 64) - 1
+TOPP = load_script("cuda_topp_passes")  # the NumPy models of the kernel's searches
 
 
 def ordered_key(z: np.ndarray) -> np.ndarray:
@@ -36,29 +33,7 @@ def weight_key(w: np.ndarray) -> np.ndarray:
 
 
 def radix_threshold(keys: np.ndarray, weights: np.ndarray, eligible: np.ndarray, target: float, mass: bool) -> int:
-    prefix, above = 0, 0.0
-    for level in range(8):
-        shift = 56 - 8 * level
-        hi_mask = 0 if level == 0 else (MASK64 << (shift + 8)) & MASK64
-        cand = eligible & ((keys & np.uint64(hi_mask)) == np.uint64(prefix))
-        digit = ((keys >> np.uint64(shift)) & np.uint64(255)).astype(np.int64)
-        cnt = np.bincount(digit[cand], minlength=256)
-        sums = np.bincount(digit[cand], weights=weights[cand], minlength=256) if mass else cnt.astype(np.float64)
-        acc, pick = above, -1
-        for b in range(255, -1, -1):
-            if cnt[b] == 0:
-                continue
-            if acc + sums[b] >= target:
-                pick = b
-                break
-            acc += sums[b]
-        if pick < 0:
-            return prefix
-        prefix |= pick << shift
-        above = acc
-        if cnt[pick] == 1 or shift == 0:
-            return prefix
-    return prefix
+    return TOPP.byte_search(keys, weights, eligible, target, mass)[0]
 
 
 def kernel_weights(z: np.ndarray, top_k: int | None, top_p: float | None) -> np.ndarray:
@@ -134,15 +109,6 @@ def test_threshold_search_gives_the_reference_sets(kind, V, top_k, top_p):
 # the narrowing and the shared-memory finish are right; they do not run the CUDA code (the cuda backend's
 # tests in tests/ops/test_sample_categorical.py do, on a GPU).
 # --------------------------------------------------------------------------------------------------------
-def _load_topp_model() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "scripts" / "cuda_topp_passes.py"
-    spec = importlib.util.spec_from_file_location("cuda_topp_passes", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-TOPP = _load_topp_model()
 
 
 def _oracle_topp(z: np.ndarray, top_p: float) -> tuple[np.ndarray, float]:

@@ -635,6 +635,25 @@ def test_dense_selection_equals_the_reference_selection(mode: str) -> None:
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _replays_eager_on_gpu(m: torch.nn.Module, ids: torch.Tensor, am: torch.Tensor | None, args: dict,
+                          count: str = "network_calls") -> tuple[object, int]:
+    """Runs ``generate`` eagerly and with ``cuda_graph=True``; asserts every step's tokens, the sequences, the
+    ``count`` statistic and any scores equal. Returns the graphed output and its number of steps."""
+    eager_steps, graphed_steps = [], []
+    pos = (ids,) if am is None else (ids, am)
+    eager = fastdiff.generate(m, *pos, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
+    graphed = fastdiff.generate(m, *pos, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
+                                **args)
+    assert len(eager_steps) == len(graphed_steps)
+    for a, b in zip(eager_steps, graphed_steps):
+        assert torch.equal(a, b)
+    assert torch.equal(graphed.sequences, eager.sequences)
+    assert graphed.stats[count] == eager.stats[count]
+    if eager.scores is not None:
+        assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
+    return graphed, len(graphed_steps)
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("cache", [None, "prefix", "dual"])
@@ -645,16 +664,8 @@ def test_cuda_graph_generation_replays_the_eager_tokens_on_gpu(cache: str | None
     m = sed().cuda()
     ids = PROMPTS.cuda()
     args = dict(max_new_tokens=32, steps=32, block_length=8, mask_id=MASK, cache=cache, **kw)
-    eager_steps, graphed_steps = [], []
-    eager = fastdiff.generate(m, ids, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
-    graphed = fastdiff.generate(m, ids, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
-                                **args)
-    assert len(eager_steps) == len(graphed_steps)
-    for a, b in zip(eager_steps, graphed_steps):
-        assert torch.equal(a, b)
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
-    assert graphed.stats["cuda_graph"]["replays"] == len(graphed_steps)
+    graphed, steps = _replays_eager_on_gpu(m, ids, None, args)
+    assert graphed.stats["cuda_graph"]["replays"] == steps
 
 
 @pytest.mark.gpu
@@ -695,17 +706,7 @@ def test_cuda_graph_generation_with_guidance_replays_the_eager_tokens_on_gpu(mod
     ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
     am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
     args = dict(max_new_tokens=16, steps=12, block_length=8, mask_id=MASK, **kw)
-    eager_steps, graphed_steps = [], []
-    eager = fastdiff.generate(m, ids, am, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
-    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
-                                **args)
-    assert len(eager_steps) == len(graphed_steps)
-    for a, b in zip(eager_steps, graphed_steps):
-        assert torch.equal(a, b)
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert graphed.stats["sequences_evaluated"] == eager.stats["sequences_evaluated"]
-    if eager.scores is not None:
-        assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
+    _replays_eager_on_gpu(m, ids, am, args, "sequences_evaluated")
 
 
 @pytest.mark.gpu
@@ -722,17 +723,7 @@ def test_cuda_graph_generation_of_dream_replays_the_eager_tokens_on_gpu(model: s
     ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
     am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
     args = dict(preset="dream", max_new_tokens=16, steps=8, mask_id=MASK, **kw)
-    eager_steps, graphed_steps = [], []
-    eager = fastdiff.generate(m, ids, am, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
-    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
-                                **args)
-    assert len(eager_steps) == len(graphed_steps)
-    for a, b in zip(eager_steps, graphed_steps):
-        assert torch.equal(a, b)
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
-    if eager.scores is not None:
-        assert torch.equal(torch.nan_to_num(graphed.scores, -1.0), torch.nan_to_num(eager.scores, -1.0))
+    _replays_eager_on_gpu(m, ids, am, args)
 
 
 @pytest.mark.gpu
@@ -745,15 +736,7 @@ def test_cuda_graph_generation_of_mdlm_replays_the_eager_tokens_on_gpu(model: st
     ids = torch.tensor([[0, 0, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6]]).cuda()
     am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).cuda()
     args = dict(dict(preset="mdlm", max_new_tokens=16, steps=20, mask_id=MASK, temperature=1.0), **kw)
-    eager_steps, graphed_steps = [], []
-    eager = fastdiff.generate(m, ids, am, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
-    graphed = fastdiff.generate(m, ids, am, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
-                                **args)
-    assert len(eager_steps) == len(graphed_steps)
-    for a, b in zip(eager_steps, graphed_steps):
-        assert torch.equal(a, b)
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
+    _replays_eager_on_gpu(m, ids, am, args)
 
 
 @pytest.mark.gpu
@@ -766,15 +749,7 @@ def test_cuda_graph_generation_of_bd3lm_replays_the_eager_tokens_on_gpu(cache: s
     m = sed_block_causal().cuda()
     ids = PROMPTS.cuda()
     args = dict(preset="bd3lm", max_new_tokens=16, steps=16, block_length=4, mask_id=MASK, cache=cache, **kw)
-    eager_steps, graphed_steps = [], []
-    eager = fastdiff.generate(m, ids, callback=lambda s: eager_steps.append(s.tokens.clone()), **args)
-    graphed = fastdiff.generate(m, ids, cuda_graph=True, callback=lambda s: graphed_steps.append(s.tokens.clone()),
-                                **args)
-    assert len(eager_steps) == len(graphed_steps)
-    for a, b in zip(eager_steps, graphed_steps):
-        assert torch.equal(a, b)
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert graphed.stats["network_calls"] == eager.stats["network_calls"]
+    _replays_eager_on_gpu(m, ids, None, args)
 
 
 @pytest.mark.gpu

@@ -564,13 +564,9 @@ def test_cli_generate_with_a_source(tmp_path, capsys) -> None:
 
 
 def test_t2t_scores_of_the_script() -> None:
-    import importlib.util
-    from pathlib import Path
+    from tests._scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "glyph_diffusion.py"
-    spec = importlib.util.spec_from_file_location("glyph_diffusion_script", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("glyph_diffusion")
     targets = ["ab ce", "zz  "]
     got = mod.t2t_scores(["ab cd", "xy"], targets)
     # by hand: "ab c" right of "ab ce" (4), nothing of "zz  " (the missing characters count wrong): 4 / 9

@@ -70,6 +70,20 @@ struct SampleScratch {
   int state;
 };
 
+// The crossing rule of both threshold searches (thread 0, after a histogram pass): from the top bin down, the
+// first non-empty bin d with acc + mass(d) >= target, acc (in: the mass above the bins) becoming the mass above
+// it; -1 if none, acc then the total.
+template <class MassFn>
+__device__ __forceinline__ int crossing_bin(const unsigned* cnt, MassFn mass, double target, double& acc) {
+  for (int d = 255; d >= 0; --d) {
+    if (cnt[d] == 0u) continue;
+    const double tot = mass(d);
+    if (acc + tot >= target) return d;
+    acc += tot;
+  }
+  return -1;
+}
+
 // Threshold search without a sort. Over the eligible elements (elem(j, key, wt) returns eligibility, a
 // uint64 order key and a non-negative weight; count mode uses weight 1), find
 //     kappa = min{ key_v : sum of the weights of the elements with key > key_v  <  target }
@@ -120,16 +134,8 @@ __device__ uint64_t radix_threshold(int64_t V, double target, ElemFn elem, Sampl
     }
     if (threadIdx.x == 0) {
       double acc = above;
-      int pick = -1;
-      for (int d = 255; d >= 0; --d) {
-        if (sm.cnt[d] == 0u) continue;
-        const double tot = kMass ? sm.hsum[0][d] : static_cast<double>(sm.cnt[d]);
-        if (acc + tot >= target) {
-          pick = d;
-          break;
-        }
-        acc += tot;
-      }
+      const int pick = crossing_bin(
+          sm.cnt, [&](int d) { return kMass ? sm.hsum[0][d] : static_cast<double>(sm.cnt[d]); }, target, acc);
       int done = 1;  // no bin crosses: every remaining candidate is kept (threshold = prefix)
       if (pick >= 0) {
         prefix |= static_cast<uint64_t>(pick) << shift;
@@ -285,15 +291,7 @@ __device__ uint64_t topp_search(int64_t V, WFn wfn, double top_p, double wmin, S
         tgt = top_p * W;
       }
       double acc = above;
-      int pick = -1;
-      for (int d = 255; d >= 0; --d) {
-        if (sm.cnt[d] == 0u) continue;
-        if (acc + sm.hsum[0][d] >= tgt) {
-          pick = d;
-          break;
-        }
-        acc += sm.hsum[0][d];
-      }
+      const int pick = crossing_bin(sm.cnt, [&](int d) { return sm.hsum[0][d]; }, tgt, acc);
       uint64_t nlo = lo, nhi = hi;
       double total = acc;  // no bin crosses (rounding, never at level 0): every candidate is kept
       int st = kTopPDone;
@@ -401,30 +399,11 @@ __device__ uint64_t topp_search(int64_t V, WFn wfn, double top_p, double wmin, S
   }
   block_minmax_u64(kap, unused, sm);
   const double kd = __longlong_as_double(static_cast<long long>(kap));
-  // The kept part of the bin: the inclusive prefix at its last member >= kappa (the same scan again).
-  running = 0.0;
-  for (int b0 = 0; b0 < n; b0 += step) {
-    const int i0 = b0 + static_cast<int>(threadIdx.x) * kItems;
-    double v[kItems];
-    double local = 0.0;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      v[i] = i0 + i < n ? sm.cand[i0 + i] : 0.0;
-      local += v[i];
-    }
-    double chunk;
-    double c = running + block_exclusive_scan(local, sm.row.red, chunk);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int idx = i0 + i;
-      c += v[i];
-      if (idx < n && v[i] >= kd && (idx + 1 == n || sm.cand[idx + 1] < kd)) sm.total = above + c;  // one idx
-    }
-    running += chunk;
-  }
-  __syncthreads();
-  kept_total = sm.total;
-  __syncthreads();
+  // The kept part of the bin: its members >= kappa (a block sum in a fixed order, as the other totals; block_sum
+  // begins with a barrier, so the scan's use of sm.row.red is over).
+  double kept = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) kept += sm.cand[i] >= kd ? sm.cand[i] : 0.0;
+  kept_total = above + block_sum(kept, sm.row.red);
   return kap;
 }
 

@@ -7,8 +7,6 @@ rejected before any kernel runs.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -23,6 +21,7 @@ from fastdiff import random as R
 from fastdiff.errors import InputError, InputTypeError
 from fastdiff.ops import filter_weights
 from tests import _oracles as O
+from tests._scripts import load_script
 from tests.ops import _cases as C
 from tests.ops import _triton_compile as _tc
 
@@ -1054,11 +1053,7 @@ def test_triton_top_p_kernel_compiles_for_a_gpu():
 # the float64 definition's kept set, every member of a small set drawn, the same tokens twice.
 # --------------------------------------------------------------------------------------------------------
 def _topp_model() -> ModuleType:
-    path = Path(__file__).resolve().parents[2] / "scripts" / "cuda_topp_passes.py"
-    spec = importlib.util.spec_from_file_location("cuda_topp_passes", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("cuda_topp_passes")
 
 
 def _cuda_topp_row(kind: str, V: int) -> tuple[torch.Tensor, float, str | None]:
