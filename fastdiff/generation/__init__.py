@@ -68,7 +68,7 @@ MDLM's step schedule) copied into static buffers before each replay. LLaDA / Fas
 step's window (with ``cfg_scale`` both guidance passes and their combination) and the fused selection; with
 ``cache="prefix"`` / ``"dual"`` a block's first step (``kv_forward``) is its own graph whose cache the block's
 window graph reads, so the cache is refreshed at each block start as eagerly. Dream: the forward on the
-masked span and the fused selection (its four algs, ``alg_temp``). MDLM / DUO: the forward and the posterior
+generated region (one graph for the run) and the fused selection (its four algs, ``alg_temp``). MDLM / DUO: the forward and the posterior
 kernel (MDLM's cache reuses the graph's logits; the final argmax call is eager). BD3-LM: one graph per
 block, with or without ``cache="kv"``. The tokens are the eager path's. Host-side between replays, as
 eagerly: the masked columns, the counts, the end of a block, the write of the decided tokens, the value

@@ -31,7 +31,7 @@ released first.
     with ``(seed, offset)`` read from ``seed_offset`` (a kernel taking them as host ints would replay the
     captured ones), then, with ATen as select_tokens' binding does it, the candidates' tokens, scores and
     the top-k / threshold selection (:func:`select_dense`);
-  - Dream: the forward with the logits of the masked span ``[lo, hi)`` (shifted), the same kernel with
+  - Dream: the forward with the logits of ``[P, L)`` (shifted), the same kernel with
     Dream's score (``maskgit_plus`` / ``topk_margin`` / ``entropy``) and top-``k`` selection, then the eager
     step's dense results (:func:`~fastdiff.generation._loops._dream_dense`: with ``alg_temp`` its
     Gumbel-top-``k``); ``alg="origin"``: the kernel's draw of every candidate and the eager coin ``u < p``;
@@ -61,8 +61,8 @@ input did not change reuses the last logits, no network call) reads the graph's 
 since its last replay, and runs the eager posterior op on them; MDLM's final argmax call stays eager.
 
 Outside the graph, on the host, as the eager loop does it: which columns are masked (the window: part of
-the key, so a step whose window moves replays another graph; Dream's span moves as its first and last
-masked columns are decided, so it captures more often than LLaDA's block-aligned windows), the counts
+the key, so a step whose window moves replays another graph; LLaDA's windows are block-aligned and Dream's
+is the whole generated region ``[P, L)``, so a run captures once per block, or once), the counts
 (LLaDA's schedule, Dream's ``int(mean · (1 - s/t))``), the end of a block, the write of the selected
 tokens into ``x`` and of the scores, and the value check: after each replay the candidates' status (NaN,
 ``+inf``, every logit ``-inf``; MDLM: the posterior op's check of its logits) raises the eager path's

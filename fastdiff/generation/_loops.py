@@ -314,7 +314,11 @@ def dream_loop(run: Run) -> Iterator[GenerationStep]:
             break
         t, s = ts[i], ts[i + 1]
         last = i == o.steps - 1
-        lo, hi = _masked_span(run, 0, L)
+        # logits on [P, L) every step (from the first masked column if one lies in the prompt): a fixed window,
+        # so that cuda_graph=True captures one graph for the run (a window following the masked span moved
+        # whenever its first or last column was decided: a capture nearly every step on a left-to-right
+        # decode); the decided positions in it are no candidates, and the lm head's extra rows cost little
+        lo, hi = min(_masked_span(run, 0, L)[0], run.P), L
         if run.graphs is not None:  # the same step replayed as a CUDA graph (generation/_graph.py)
             if o.alg == "origin":
                 chosen, conf_d, x0_d = run.graphs.dream(lo, hi, _dream_time(float(t)), None,
