@@ -19,11 +19,12 @@ namespace {
 
 constexpr int kBuckets = 1024;  // top-p histogram: float32 bit patterns >> 20 of weights <= 1
 
-// Top-k threshold as a logit: the reference ranks d_j = x_j / temp - max / temp in float64 (values that
-// round to the same d tie) and keeps d_j >= the k-th largest d (ties kept). d is monotone in x, so the
-// kept set is {x_j >= the smallest logit whose d reaches that value}.
+// Top-k threshold as a logit: the reference ranks z_j = x_j / temp in float64, before the max is subtracted
+// (values that round to the same z tie; ranking z - max z instead would also tie logits that only the
+// subtraction's rounding merges, e.g. 1e-73 and 0 beside a max of 0.25), and keeps z_j >= the k-th largest
+// z (ties kept). z is monotone in x, so the kept set is {x_j >= the smallest logit whose z reaches it}.
 template <typename C>
-C top_k_threshold(const C* x, int64_t V, int64_t k, double temp, double zM) {
+C top_k_threshold(const C* x, int64_t V, int64_t k, double temp) {
   // The k largest raw logits (min-heap); a block of 64 whose max cannot enter is skipped.
   std::priority_queue<C, std::vector<C>, std::greater<C>> heap;
   int64_t j = 0;
@@ -40,16 +41,15 @@ C top_k_threshold(const C* x, int64_t V, int64_t k, double temp, double zM) {
       }
     }
   }
-  // d is monotone in x, so the k-th largest d is d(kx); smaller logits whose d rounds to it tie. They
+  // z is monotone in x, so the k-th largest z is z(kx); smaller logits whose z rounds to it tie. They
   // lie within 2^-40 (relative) of kx: only those are evaluated.
   const C kx = heap.top();
   if (!(kx > static_cast<C>(-kInf))) return kx;
-  const double kd = static_cast<double>(kx) / temp - zM;
-  const double lo = static_cast<double>(kx) -
-                    std::ldexp(std::max(std::fabs(static_cast<double>(kx)), std::fabs(zM * temp)), -40) - 1e-300;
+  const double kz = static_cast<double>(kx) / temp;
+  const double lo = static_cast<double>(kx) - std::ldexp(std::fabs(static_cast<double>(kx)), -40) - 1e-300;
   C thr = kx;
   for (int64_t i = 0; i < V; ++i) {
-    if (x[i] < kx && static_cast<double>(x[i]) >= lo && static_cast<double>(x[i]) / temp - zM >= kd) {
+    if (x[i] < kx && static_cast<double>(x[i]) >= lo && static_cast<double>(x[i]) / temp >= kz) {
       thr = std::min(thr, x[i]);
     }
   }
@@ -709,7 +709,7 @@ void sample_rows(const T* logits, int64_t N, int64_t V, int64_t row_stride, uint
         continue;
       }
       C thr = static_cast<C>(-kInf);
-      if (top_k > 0 && top_k < V) thr = top_k_threshold(x, V, top_k, temp, static_cast<double>(M) / temp);
+      if (top_k > 0 && top_k < V) thr = top_k_threshold(x, V, top_k, temp);
       if (top_p < 1.0) {
         if constexpr (std::is_same<C, float>::value) {
           const bool more = r + 1 < r1;  // prefetch this thread's next row while this one is searched

@@ -53,11 +53,15 @@ def _filter_weights(z: torch.Tensor, top_k: int | None, top_p: float | None, inp
     weights, so that a row block holds one full-size float64 tensor fewer; ``work`` keeps the top-p
     scratch tensors from one row block to the next (a fresh large tensor costs its page faults, on the
     CPU about as much as a pass)."""
-    zmax = z.max(dim=-1, keepdim=True).values
-    z = z.sub_(zmax) if inplace else z - zmax
     V = z.shape[-1]
     if top_k is not None and top_k < V:
+        # ranked on z itself, before the max is subtracted: z - max z would also tie logits that only the
+        # subtraction's rounding merges (1e-73 and 0 beside a max of 0.25), which the definition keeps apart
+        if not inplace:
+            z, inplace = z.clone(), True
         _zero_below(z, torch.topk(z, top_k, dim=-1).values[:, -1:], float("-inf"))  # exp(-inf) = 0
+    zmax = z.max(dim=-1, keepdim=True).values
+    z = z.sub_(zmax) if inplace else z - zmax
     w = z.exp_()
     if top_p is not None and top_p < 1.0:
         _zero_below(w, _top_p_threshold(w, top_p, {} if work is None else work), 0.0)

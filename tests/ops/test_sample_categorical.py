@@ -118,6 +118,26 @@ def _topp_set(p: np.ndarray, top_p: float) -> set[int]:
     return set(keep)
 
 
+@pytest.mark.parametrize("backend", C.backends("reference", "cpp", "triton"))
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_top_k_ranks_the_logits_before_the_max_is_subtracted(backend, dtype):
+    """top-k keeps v iff fewer than k logits are strictly larger: 1e-30 and 0 are distinct logits although
+    1e-30 - 0.25 and 0 - 0.25 round to the same float64 (found by tests/test_fuzz.py under ASan: the
+    reference and C++ ranked the shifted values and kept the zeros too). top_k = 2 keeps 0.25 and 1e-30 only."""
+    x = torch.tensor([0.0, float("-inf"), 1e-30, 0.25, 0.0, 0.0, -0.0], dtype=F64)
+    z = x.numpy()
+    kept = np.array([(z > v).sum() < 2 for v in z]) & np.isfinite(z)  # the definition, by counting
+    assert kept.tolist() == [False, False, True, True, False, False, False]
+    n = 300 if backend == "triton" else 4000  # (the interpreter is slow)
+    out = ops.sample_categorical(x.to(dtype).expand(n, 7).contiguous().to(C.device(backend)), seed=1, top_k=2,
+                                 backend=backend).cpu().numpy()
+    counts = np.bincount(out, minlength=7)
+    assert not counts[~kept].any(), counts
+    w = np.exp(z[kept] - 0.25)
+    assert stats.chisquare(counts[kept], w / w.sum() * len(out)).pvalue > 1e-6
+    assert torch.equal(filter_weights(x[None], 2, None)[0] > 0, torch.from_numpy(kept))
+
+
 @pytest.mark.parametrize("top_k,top_p", [(1, None), (5, None), (None, 0.5), (None, 0.9), (10, 0.8)])
 @pytest.mark.parametrize("backend", C.backends(C.AUTO_CPU, "cuda"))
 def test_top_k_top_p_sets_and_frequencies(backend, top_k, top_p):
